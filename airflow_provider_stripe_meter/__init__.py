@@ -1,0 +1,83 @@
+"""Apache Airflow provider that records usage-based billing in Stripe as meter events."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+
+_OPTIONAL_STR = {"type": ["string", "null"]}
+
+
+def get_provider_info() -> dict:
+    """Describe the provider to Airflow (entry point ``apache_airflow_provider``)."""
+    return {
+        "package-name": "airflow-provider-stripe-meter",
+        "name": "Stripe Meter",
+        "description": "Record usage-based billing in Stripe as meter events, exactly once.",
+        "versions": [__version__],
+        "integrations": [
+            {
+                "integration-name": "Stripe Billing",
+                "external-doc-url": "https://docs.stripe.com/billing/subscriptions/usage-based",
+                "tags": ["service"],
+            }
+        ],
+        "hooks": [
+            {
+                "integration-name": "Stripe Billing",
+                "python-modules": ["airflow_provider_stripe_meter.hooks.stripe"],
+            }
+        ],
+        "operators": [
+            {
+                "integration-name": "Stripe Billing",
+                "python-modules": [
+                    "airflow_provider_stripe_meter.operators.meter_event",
+                    "airflow_provider_stripe_meter.operators.meter_event_batch",
+                ],
+            }
+        ],
+        "connection-types": [
+            {
+                "hook-class-name": "airflow_provider_stripe_meter.hooks.stripe.StripeHook",
+                "hook-name": "Stripe",
+                "connection-type": "stripe",
+                "conn-fields": {
+                    "stripe_version": {
+                        "label": "Stripe API version",
+                        "schema": _OPTIONAL_STR,
+                        "description": "Pin an API version, e.g. 2026-07-29.dahlia; empty uses the SDK's.",
+                    },
+                    "stripe_account": {
+                        "label": "Connected account (Connect)",
+                        "schema": _OPTIONAL_STR,
+                        "description": "acct_... to act on behalf of a connected account.",
+                    },
+                    "max_network_retries": {
+                        "label": "Max network retries",
+                        "schema": {"type": ["integer", "null"], "default": 3, "minimum": 0},
+                        "description": "SDK retries of connection errors, 409 and 5xx (same Idempotency-Key).",
+                    },
+                    "timeout": {
+                        "label": "Request timeout (seconds)",
+                        "schema": {"type": ["number", "null"], "default": 30},
+                    },
+                    "api_base": {
+                        "label": "API base URL",
+                        "schema": _OPTIONAL_STR,
+                        "description": "Any Stripe-compatible server (a proxy, the local test server).",
+                    },
+                    "meter_events_api_base": {
+                        "label": "Meter events API base URL",
+                        "schema": _OPTIONAL_STR,
+                        "description": "Host of the v2 meter event stream; defaults to Stripe's.",
+                    },
+                },
+                "ui-field-behaviour": {
+                    "hidden-fields": ["host", "schema", "login", "port"],
+                    "relabeling": {"password": "API key"},
+                    "placeholders": {"password": "sk_live_... or rk_live_... (restricted key)"},
+                },
+            }
+        ],
+    }

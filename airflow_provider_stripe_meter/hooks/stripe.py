@@ -1,0 +1,289 @@
+"""Stripe hook: owns the ``stripe`` connection, the ``StripeClient`` and every Stripe call."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+from airflow.sdk import BaseHook
+
+from airflow_provider_stripe_meter.exceptions import (
+    StripeConfigurationError,
+    StripeDuplicateIdentifier,
+    StripeMeterError,
+    StripeRequestRejected,
+    StripeSessionExpired,
+    StripeTransientError,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator, Sequence
+
+    import stripe
+
+    from airflow_provider_stripe_meter.rules import MeterEvent
+
+DEFAULT_MAX_NETWORK_RETRIES = 3
+DEFAULT_TIMEOUT_SECONDS = 30.0
+DUPLICATE_IDENTIFIER_MESSAGE = "An event already exists with identifier"
+_EXTRA_KEYS = (
+    "stripe_version",
+    "stripe_account",
+    "max_network_retries",
+    "timeout",
+    "api_base",
+    "meter_events_api_base",
+)
+
+
+class StripeHook(BaseHook):
+    """
+    Talk to Stripe Billing's meter APIs with the API key of an Airflow ``stripe`` connection.
+
+    The API key lives in the connection's password. Extras (each may be overridden by the
+    argument of the same name): ``stripe_version``, ``stripe_account``, ``max_network_retries``,
+    ``timeout``, ``api_base`` and ``meter_events_api_base``.
+
+    .. seealso:: https://docs.stripe.com/api/billing/meter-event
+
+    :param stripe_conn_id: Airflow connection of type ``stripe``.
+    :param stripe_account: Connected account (``acct_...``) to act for, overriding the connection.
+    :param stripe_version: Stripe API version to pin, overriding the connection.
+    :param max_network_retries: SDK retries of connection errors, 409 and 5xx (default 3).
+    :param timeout: Seconds before an HTTP request is abandoned (default 30).
+    :param api_base: Base URL of a Stripe-compatible API server, overriding the connection.
+    :param meter_events_api_base: Base URL for the v2 meter event stream, overriding the connection.
+    """
+
+    conn_name_attr = "stripe_conn_id"
+    default_conn_name = "stripe_default"
+    conn_type = "stripe"
+    hook_name = "Stripe"
+
+    def __init__(
+        self,
+        stripe_conn_id: str = default_conn_name,
+        *,
+        stripe_account: str | None = None,
+        stripe_version: str | None = None,
+        max_network_retries: int | None = None,
+        timeout: float | None = None,
+        api_base: str | None = None,
+        meter_events_api_base: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.stripe_conn_id = stripe_conn_id
+        # Only arguments given explicitly override the connection; no I/O here (runs at DAG parse).
+        self._overrides = {
+            key: value
+            for key, value in {
+                "stripe_account": stripe_account,
+                "stripe_version": stripe_version,
+                "max_network_retries": max_network_retries,
+                "timeout": timeout,
+                "api_base": api_base,
+                "meter_events_api_base": meter_events_api_base,
+            }.items()
+            if value is not None
+        }
+
+    @classmethod
+    def get_ui_field_behaviour(cls) -> dict[str, Any]:
+        """Return the connection form's custom behaviour (also declared in ``get_provider_info``)."""
+        return {
+            "hidden_fields": ["host", "schema", "login", "port"],
+            "relabeling": {"password": "API key"},
+            "placeholders": {"password": "sk_live_... or rk_live_... (restricted key)"},
+        }
+
+    @cached_property
+    def _settings(self) -> dict[str, Any]:
+        """Read the connection once: the API key plus extras with argument overrides laid over."""
+        conn = self.get_connection(self.stripe_conn_id)
+        api_key = conn.password
+        if not api_key:
+            raise StripeConfigurationError(
+                f"Connection {self.stripe_conn_id!r} has no API key (password); "
+                "set it to a Stripe secret or restricted key (sk_... / rk_...)."
+            )
+        extras = {key: value for key, value in conn.extra_dejson.items() if key in _EXTRA_KEYS}
+        settings = {key: value for key, value in {**extras, **self._overrides}.items() if value not in (None, "")}
+        settings["api_key"] = api_key
+        return settings
+
+    @property
+    def max_network_retries(self) -> int:
+        """SDK-level retries for each request."""
+        return int(self._settings.get("max_network_retries", DEFAULT_MAX_NETWORK_RETRIES))
+
+    @property
+    def stripe_account(self) -> str | None:
+        """The connected account requests act for, if any."""
+        return self._settings.get("stripe_account")
+
+    def _new_client(self, api_key: str) -> stripe.StripeClient:
+        import stripe
+
+        settings = self._settings
+        base_addresses: dict[str, str] = {}
+        if settings.get("api_base"):
+            base_addresses["api"] = settings["api_base"]
+        if settings.get("meter_events_api_base"):
+            base_addresses["meter_events"] = settings["meter_events_api_base"]
+        timeout = float(settings.get("timeout", DEFAULT_TIMEOUT_SECONDS))
+        return stripe.StripeClient(
+            api_key,
+            stripe_account=settings.get("stripe_account"),
+            stripe_version=settings.get("stripe_version"),
+            base_addresses=base_addresses,  # type: ignore[arg-type]
+            # None would mean zero retries in stripe-python; always pass a number.
+            max_network_retries=self.max_network_retries,
+            http_client=stripe.RequestsClient(timeout=timeout),
+        )
+
+    @cached_property
+    def client(self) -> stripe.StripeClient:
+        """The ``stripe.StripeClient`` for this connection, built once per hook."""
+        return self._new_client(self._settings["api_key"])
+
+    def get_conn(self) -> stripe.StripeClient:
+        """Return the ``stripe.StripeClient`` for this connection."""
+        return self.client
+
+    def session_client(self, authentication_token: str) -> stripe.StripeClient:
+        """Return a client that authenticates with a v2 meter event session token."""
+        return self._new_client(authentication_token)
+
+    # -- error translation -------------------------------------------------------------------
+
+    def _scrub(self, text: str) -> str:
+        key = self._settings.get("api_key") if "_settings" in self.__dict__ else None
+        return text.replace(key, "***") if key else text
+
+    def translate_error(self, err: Exception) -> StripeMeterError:
+        """Translate a ``stripe.StripeError`` into this provider's exceptions, keeping the details."""
+        import stripe
+
+        if not isinstance(err, stripe.StripeError):
+            return StripeMeterError(self._scrub(str(err)))
+        error_obj = getattr(err, "error", None)
+        message = self._scrub(str(getattr(err, "user_message", None) or getattr(error_obj, "message", None) or err))
+        headers = err.headers or {}
+        details: dict[str, Any] = {
+            "type": getattr(error_obj, "type", None) or type(err).__name__,
+            "code": err.code,
+            "message": message,
+            "http_status": err.http_status,
+            "request_id": err.request_id,
+            "param": getattr(error_obj, "param", None),
+        }
+        should_retry = headers.get("stripe-should-retry") if hasattr(headers, "get") else None
+        if should_retry is not None:
+            details["should_retry"] = should_retry == "true"
+        summary = f"Stripe {details['http_status'] or 'connection'} {details['type']}: {message}"
+        if isinstance(err, stripe.TemporarySessionExpiredError):
+            return StripeSessionExpired(summary, details)
+        if isinstance(err, (stripe.RateLimitError, stripe.APIConnectionError)):
+            return StripeTransientError(summary, details)
+        if isinstance(err, (stripe.AuthenticationError, stripe.PermissionError)):
+            return StripeConfigurationError(f"Connection {self.stripe_conn_id!r}: {summary}", details)
+        status = err.http_status
+        if status is None or status >= 500 or status in (409, 429):
+            return StripeTransientError(summary, details)
+        if DUPLICATE_IDENTIFIER_MESSAGE in message:
+            return StripeDuplicateIdentifier(summary, details)
+        return StripeRequestRejected(summary, details)
+
+    def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        import stripe
+
+        try:
+            return fn(*args, **kwargs)
+        except stripe.StripeError as err:
+            raise self.translate_error(err) from err
+
+    # -- meter events ------------------------------------------------------------------------
+
+    def create_meter_event(
+        self,
+        event: MeterEvent,
+        *,
+        customer_payload_key: str = "stripe_customer_id",
+        value_payload_key: str = "value",
+    ) -> dict[str, Any]:
+        """Record one meter event through ``POST /v1/billing/meter_events`` and return it as a dict.
+
+        :param event: A validated event; its identifier should be set (derived from the billable
+            fact) so that sending it again is refused instead of billed twice.
+        :param customer_payload_key: The meter's ``customer_mapping.event_payload_key``.
+        :param value_payload_key: The meter's ``value_settings.event_payload_key``.
+        :raises StripeDuplicateIdentifier: Stripe already holds an event with this identifier.
+        :raises StripeRequestRejected: Stripe refused the event.
+        :raises StripeTransientError: rate limited or unreachable after the SDK's retries.
+        """
+        params: dict[str, Any] = {
+            "event_name": event.event_name,
+            # Stripe's payload values are strings, the value included.
+            "payload": {customer_payload_key: event.customer_id, value_payload_key: str(event.value)},
+        }
+        if event.identifier is not None:
+            params["identifier"] = event.identifier
+        if event.timestamp is not None:
+            params["timestamp"] = event.timestamp
+        created = self._call(self.client.v1.billing.meter_events.create, params)
+        return created.to_dict()
+
+    def cancel_meter_event(self, event_name: str, identifier: str) -> dict[str, Any]:
+        """Cancel one event by identifier (Stripe allows it within 24 hours of receipt)."""
+        adjustment = self._call(
+            self.client.v1.billing.meter_event_adjustments.create,
+            {"event_name": event_name, "type": "cancel", "cancel": {"identifier": identifier}},
+        )
+        return adjustment.to_dict()
+
+    def iter_meters(self, status: str | None = None) -> Iterator[dict[str, Any]]:
+        """Yield every billing meter, following pagination."""
+        params: dict[str, Any] = {"limit": 100}
+        if status:
+            params["status"] = status
+        page = self._call(self.client.v1.billing.meters.list, params)
+        for meter in self._call(lambda: list(page.auto_paging_iter())):
+            yield meter.to_dict()
+
+    def list_event_summaries(
+        self,
+        meter_id: str,
+        customer_id: str,
+        start_time: int,
+        end_time: int,
+        value_grouping_window: str | None = "day",
+    ) -> list[dict[str, Any]]:
+        """Return a meter's aggregated usage for one customer, window by window."""
+        params: dict[str, Any] = {
+            "customer": customer_id,
+            "start_time": start_time,
+            "end_time": end_time,
+            "limit": 100,
+        }
+        if value_grouping_window:
+            params["value_grouping_window"] = value_grouping_window
+        page = self._call(self.client.v1.billing.meters.event_summaries.list, meter_id, params)
+        return [summary.to_dict() for summary in self._call(lambda: list(page.auto_paging_iter()))]
+
+    def create_meter_event_session(self) -> dict[str, Any]:
+        """Open a v2 meter event session: a token for the high-throughput stream (15 minutes)."""
+        session = self._call(self.client.v2.billing.meter_event_session.create)
+        return {"authentication_token": session.authentication_token, "expires_at": session.expires_at}
+
+    def send_meter_event_stream(self, session_client: stripe.StripeClient, events: Sequence[dict[str, Any]]) -> None:
+        """Send up to 100 events through ``POST /v2/billing/meter_event_stream`` with a session client."""
+        self._call(session_client.v2.billing.meter_event_stream.create, {"events": list(events)})
+
+    def test_connection(self) -> tuple[bool, str]:
+        """Make one cheap authenticated call (list one meter) and report the outcome."""
+        try:
+            self._call(self.client.v1.billing.meters.list, {"limit": 1})
+        except Exception as err:
+            return False, self._scrub(str(err))
+        return True, "Connection to Stripe works: the API key may list billing meters."

@@ -1,0 +1,163 @@
+"""Operator that records one Stripe meter event."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+from airflow.sdk import BaseOperator
+
+from airflow_provider_stripe_meter.identifiers import task_identifier
+from airflow_provider_stripe_meter.rules import MeterEventInputError, validate_event_name, validate_meter_event
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+
+
+class StripeMeterEventOperator(BaseOperator):
+    """
+    Record one usage event on a Stripe billing meter.
+
+    The task returns ``{"success": bool, "response": dict}`` and pushes each key as its own XCom,
+    so a downstream task can branch on ``op.output["success"]``. ``response`` is Stripe's event on
+    success and the error details on failure.
+
+    Exactly once: the event carries an identifier, by default derived from the task instance
+    (dag id, task id, run id, map index). Every Airflow retry of the task sends the same
+    identifier, and Stripe refuses a second event with an identifier it has seen, which this
+    operator reports as ``success=True`` with ``response["already_recorded"] = True``.
+
+    Outcomes:
+
+    * accepted: ``success=True``, ``response`` is the ``billing.meter_event``;
+    * already recorded (duplicate identifier): ``success=True``, ``already_recorded=True``;
+    * rejected by Stripe (4xx other than 429) or by the local input rules: ``success=False``
+      and the task succeeds, so the DAG can branch; with ``fail_on_error=True`` the task fails;
+    * rate limited, 5xx or network errors that outlast the SDK's retries, or a refused API key:
+      the task raises, and Airflow's retries send the same identifier again.
+
+    .. seealso:: https://docs.stripe.com/api/billing/meter-event/create
+
+    :param event_name: The meter's ``event_name``, at most 100 characters. (templated)
+    :param customer_id: The Stripe customer id, ``cus_...``. (templated)
+    :param value: A whole number of at most 15 digits; numeric strings are accepted. (templated)
+    :param identifier: Up to 100 characters identifying the billable fact; by default derived from
+        the task instance. Give one derived from the data when the same fact may be sent by
+        different task instances. (templated)
+    :param timestamp: When the usage happened: unix seconds, an aware datetime or an ISO-8601
+        string; within the past 35 days and at most 5 minutes ahead. Defaults to now. (templated)
+    :param stripe_conn_id: Airflow connection of type ``stripe``.
+    :param stripe_account: Connected account (``acct_...``) to record for, overriding the
+        connection's. (templated)
+    :param fail_on_error: Fail the task when the event is rejected instead of returning
+        ``success=False``.
+    :param customer_payload_key: The meter's ``customer_mapping.event_payload_key``.
+    :param value_payload_key: The meter's ``value_settings.event_payload_key``.
+    """
+
+    template_fields: Sequence[str] = (
+        "event_name",
+        "customer_id",
+        "value",
+        "identifier",
+        "timestamp",
+        "stripe_account",
+    )
+    ui_color = "#635bff"
+
+    def __init__(
+        self,
+        *,
+        event_name: str,
+        customer_id: str,
+        value: Any,
+        identifier: str | None = None,
+        timestamp: Any = None,
+        stripe_conn_id: str = "stripe_default",
+        stripe_account: str | None = None,
+        fail_on_error: bool = False,
+        customer_payload_key: str = "stripe_customer_id",
+        value_payload_key: str = "value",
+        **kwargs: Any,
+    ) -> None:
+        kwargs.setdefault("multiple_outputs", True)
+        super().__init__(**kwargs)
+        # A fixed (untemplated) event name can be checked when the DAG is parsed.
+        if isinstance(event_name, str) and "{{" not in event_name:
+            validate_event_name(event_name)
+        self.event_name = event_name
+        self.customer_id = customer_id
+        self.value = value
+        self.identifier = identifier
+        self.timestamp = timestamp
+        self.stripe_conn_id = stripe_conn_id
+        self.stripe_account = stripe_account
+        self.fail_on_error = fail_on_error
+        self.customer_payload_key = customer_payload_key
+        self.value_payload_key = value_payload_key
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        """Validate the rendered inputs, send the event and report the outcome."""
+        from airflow_provider_stripe_meter.exceptions import StripeDuplicateIdentifier, StripeRequestRejected
+        from airflow_provider_stripe_meter.hooks.stripe import StripeHook
+
+        try:
+            event = validate_meter_event(
+                event_name=self.event_name,
+                customer_id=self.customer_id,
+                value=self.value,
+                identifier=self.identifier,
+                timestamp=self.timestamp,
+                now=int(time.time()),
+            )
+        except MeterEventInputError as err:
+            return self._finish(False, err.to_dict(), str(err))
+
+        if event.identifier is None:
+            ti = context["ti"]
+            derived = task_identifier(ti.dag_id, ti.task_id, ti.run_id, ti.map_index)
+            event = replace(event, identifier=derived)
+
+        hook = StripeHook(self.stripe_conn_id, stripe_account=self.stripe_account or None)
+        self.log.info(
+            "Recording %s=%s for %s on meter event %r (identifier %r, timestamp %s)",
+            self.value_payload_key,
+            event.value,
+            event.customer_id,
+            event.event_name,
+            event.identifier,
+            event.timestamp if event.timestamp is not None else "now",
+        )
+        try:
+            recorded = hook.create_meter_event(
+                event,
+                customer_payload_key=self.customer_payload_key,
+                value_payload_key=self.value_payload_key,
+            )
+        except StripeDuplicateIdentifier as err:
+            # The identifier names this billable fact, so Stripe already holds it: an earlier try
+            # of this task (or another run sending the same fact) recorded it.
+            self.log.info("Already recorded: Stripe holds an event with identifier %r", event.identifier)
+            response = {
+                "already_recorded": True,
+                "identifier": event.identifier,
+                "event_name": event.event_name,
+                "request_id": err.details.get("request_id"),
+            }
+            return self._finish(True, response, "already recorded")
+        except StripeRequestRejected as err:
+            return self._finish(False, err.details, str(err))
+        return self._finish(True, recorded, "recorded")
+
+    def _finish(self, success: bool, response: dict[str, Any], summary: str) -> dict[str, Any]:
+        if success:
+            self.log.info("Meter event %s: %s", summary, response)
+        else:
+            self.log.warning("Meter event not recorded: %s", summary)
+            if self.fail_on_error:
+                from airflow_provider_stripe_meter.exceptions import StripeMeterError
+
+                raise StripeMeterError(f"Meter event not recorded: {summary}", response)
+        return {"success": success, "response": response}

@@ -1,0 +1,242 @@
+"""Input rules for Stripe meter events, shared by every operator.
+
+Plain Python on purpose: no Airflow and no ``stripe`` import, so the rules are cheap to import at
+DAG-parse time and are tested on their own. Each check returns the normalised value or raises
+:class:`MeterEventInputError`, which names the field, the offending value and the rule it broke.
+
+.. seealso:: https://docs.stripe.com/api/billing/meter-event/create
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+MAX_EVENT_NAME_LENGTH = 100
+MAX_IDENTIFIER_LENGTH = 100
+MAX_VALUE_DIGITS = 15
+MAX_VALUE = 10**MAX_VALUE_DIGITS - 1
+#: Stripe accepts events whose timestamp lies within the past 35 calendar days ...
+PAST_WINDOW = timedelta(days=35)
+#: ... and at most 5 minutes in the future.
+FUTURE_TOLERANCE = timedelta(minutes=5)
+
+_INTEGER_STRING = re.compile(r"[+-]?\d+")
+_UNIX_SECONDS_STRING = re.compile(r"\d+")
+
+
+class MeterEventInputError(ValueError):
+    """A meter event input broke one of Stripe's rules; raised before anything is sent."""
+
+    def __init__(self, field: str, value: Any, rule: str) -> None:
+        self.field = field
+        self.value = value
+        self.rule = rule
+        super().__init__(f"{field} {_shorten(value)} is invalid: {rule}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the details as JSON-safe data, for XCom and batch reports."""
+        return {"type": "validation_error", "field": self.field, "value": _shorten(self.value), "rule": self.rule}
+
+
+def _shorten(value: Any, limit: int = 120) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def validate_event_name(value: Any) -> str:
+    """Return ``value`` if it is a usable meter event name (1 to 100 characters)."""
+    if not isinstance(value, str) or not value.strip():
+        raise MeterEventInputError("event_name", value, "must be a non-empty string")
+    if len(value) > MAX_EVENT_NAME_LENGTH:
+        raise MeterEventInputError(
+            "event_name", value, f"must be at most {MAX_EVENT_NAME_LENGTH} characters, got {len(value)}"
+        )
+    if value != value.strip():
+        raise MeterEventInputError("event_name", value, "must not start or end with whitespace")
+    return value
+
+
+def validate_customer_id(value: Any) -> str:
+    """Return ``value`` if it looks like a Stripe customer id (``cus_...``).
+
+    Stripe accepts an unknown customer with a 200 and reports it days later, so the one mistake
+    that can be caught synchronously, passing an internal user id instead of Stripe's, is caught
+    here.
+    """
+    if not isinstance(value, str) or not value:
+        raise MeterEventInputError("customer_id", value, "must be a non-empty string")
+    if not value.startswith("cus_") or len(value) == len("cus_") or any(c.isspace() for c in value):
+        raise MeterEventInputError(
+            "customer_id", value, "must be a Stripe customer id: 'cus_' followed by the id, no whitespace"
+        )
+    return value
+
+
+def validate_value(value: Any, field: str = "value") -> int:
+    """Return ``value`` as an ``int`` if it is a whole number of at most 15 digits.
+
+    Accepts ``int``, integral ``Decimal``, integral ``float`` and numeric strings (templates
+    render strings). Rejects ``bool``, ``None``, NaN, infinities and fractions: Stripe's meter
+    values are whole numbers and a silent rounding would bill the wrong amount.
+    """
+    number: int
+    if isinstance(value, bool) or value is None:
+        raise MeterEventInputError(field, value, "must be a whole number, not a boolean or None")
+    if isinstance(value, int):
+        number = value
+    elif isinstance(value, float):
+        if not math.isfinite(value) or not value.is_integer():
+            raise MeterEventInputError(field, value, "must be a whole number")
+        number = int(value)
+    elif isinstance(value, Decimal):
+        number = _decimal_to_int(value, field, value)
+    elif isinstance(value, str):
+        text = value.strip()
+        if _INTEGER_STRING.fullmatch(text):
+            number = int(text)
+        else:
+            try:
+                parsed = Decimal(text)
+            except InvalidOperation:
+                raise MeterEventInputError(field, value, "must be a whole number") from None
+            number = _decimal_to_int(parsed, field, value)
+    else:
+        raise MeterEventInputError(field, value, f"must be a whole number, got {type(value).__name__}")
+    if abs(number) > MAX_VALUE:
+        raise MeterEventInputError(field, value, f"must have at most {MAX_VALUE_DIGITS} digits")
+    return number
+
+
+def _decimal_to_int(number: Decimal, field: str, original: Any) -> int:
+    if not number.is_finite() or number != number.to_integral_value():
+        raise MeterEventInputError(field, original, "must be a whole number")
+    return int(number)
+
+
+def validate_identifier(value: Any) -> str | None:
+    """Return ``value`` if it is ``None`` or a usable identifier (1 to 100 characters)."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise MeterEventInputError("identifier", value, "must be a non-empty string or None")
+    if len(value) > MAX_IDENTIFIER_LENGTH:
+        raise MeterEventInputError(
+            "identifier", value, f"must be at most {MAX_IDENTIFIER_LENGTH} characters, got {len(value)}"
+        )
+    return value
+
+
+def to_unix_seconds(value: Any, field: str = "timestamp") -> int:
+    """Convert a timestamp to whole unix seconds without checking the window.
+
+    Accepts unix seconds (``int``, integral ``float``, digit strings), timezone-aware
+    ``datetime`` (pendulum included) and ISO-8601 strings with an offset. A naive datetime is
+    rejected: guessing its zone could move usage into another billing day.
+    """
+    if isinstance(value, bool) or value is None:
+        raise MeterEventInputError(field, value, "must be unix seconds, an aware datetime or an ISO-8601 string")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise MeterEventInputError(field, value, "must be a finite number of unix seconds")
+        return int(value)
+    if isinstance(value, datetime):
+        return _aware_to_unix(value, field, value)
+    if isinstance(value, str):
+        text = value.strip()
+        if _UNIX_SECONDS_STRING.fullmatch(text):
+            return int(text)
+        try:
+            parsed = datetime.fromisoformat(text)
+        except ValueError:
+            raise MeterEventInputError(
+                field, value, "must be unix seconds or an ISO-8601 date-time with a UTC offset"
+            ) from None
+        return _aware_to_unix(parsed, field, value)
+    raise MeterEventInputError(
+        field, value, f"must be unix seconds, an aware datetime or an ISO-8601 string, got {type(value).__name__}"
+    )
+
+
+def _aware_to_unix(moment: datetime, field: str, original: Any) -> int:
+    if moment.tzinfo is None or moment.utcoffset() is None:
+        raise MeterEventInputError(field, original, "must carry a timezone (naive date-times are ambiguous)")
+    return int(moment.timestamp())
+
+
+def check_time_window(
+    seconds: int,
+    now: int,
+    *,
+    field: str = "timestamp",
+    original: Any = None,
+    past_window: timedelta = PAST_WINDOW,
+) -> int:
+    """Return ``seconds`` if it lies within Stripe's window around ``now``.
+
+    ``past_window`` lets the batch operator use a narrower window than Stripe's, so an event
+    cannot expire between the check and the send.
+    """
+    shown = seconds if original is None else original
+    oldest = now - int(past_window.total_seconds())
+    if seconds < oldest:
+        days = past_window.total_seconds() / 86400
+        raise MeterEventInputError(
+            field, shown, f"must be within the past {days:g} days (not before {_iso(oldest)}), got {_iso(seconds)}"
+        )
+    newest = now + int(FUTURE_TOLERANCE.total_seconds())
+    if seconds > newest:
+        raise MeterEventInputError(
+            field, shown, f"must be at most 5 minutes in the future (not after {_iso(newest)}), got {_iso(seconds)}"
+        )
+    return seconds
+
+
+def _iso(seconds: int) -> str:
+    try:
+        return datetime.fromtimestamp(seconds, tz=timezone.utc).isoformat()
+    except (OverflowError, OSError, ValueError):
+        return f"{seconds} (out of range)"
+
+
+def validate_timestamp(value: Any, now: int) -> int | None:
+    """Return ``value`` as unix seconds within Stripe's window, or ``None`` for "now"."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    return check_time_window(to_unix_seconds(value), now, original=value)
+
+
+@dataclass(frozen=True)
+class MeterEvent:
+    """One meter event, validated and normalised, ready to send."""
+
+    event_name: str
+    customer_id: str
+    value: int
+    identifier: str | None = None
+    timestamp: int | None = None
+
+
+def validate_meter_event(
+    *,
+    event_name: Any,
+    customer_id: Any,
+    value: Any,
+    identifier: Any = None,
+    timestamp: Any = None,
+    now: int,
+) -> MeterEvent:
+    """Check every field of one meter event and return it normalised."""
+    return MeterEvent(
+        event_name=validate_event_name(event_name),
+        customer_id=validate_customer_id(customer_id),
+        value=validate_value(value),
+        identifier=validate_identifier(identifier),
+        timestamp=validate_timestamp(timestamp, now),
+    )

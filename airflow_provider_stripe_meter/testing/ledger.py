@@ -1,0 +1,413 @@
+"""What the local Stripe server holds: meters, customers, accepted events, sessions.
+
+Follows Stripe's documented rules for meter events (see ``STRIPE_FACTS.md`` and the OpenAPI
+subset): synchronous checks on shape, value, identifier and timestamp; an unknown customer or
+event name is *accepted* and reported asynchronously, and its usage never shows in summaries.
+Everything is guarded by one lock, so the HTTP server's threads can share it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+PAST_WINDOW_SECONDS = 35 * 86400
+FUTURE_TOLERANCE_SECONDS = 300
+ADJUSTMENT_WINDOW_SECONDS = 86400
+SESSION_TTL_SECONDS = 900
+_WHOLE_NUMBER = re.compile(r"-?\d{1,15}")
+
+
+class StripeApiError(Exception):
+    """An error answer: HTTP status plus Stripe's error object."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+        should_retry: bool | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.code = code
+        self.param = param
+        self.should_retry = should_retry
+
+    def body(self) -> dict[str, Any]:
+        """Stripe's v1 error body."""
+        error: dict[str, Any] = {"type": self.type, "message": self.message}
+        if self.code:
+            error["code"] = self.code
+        if self.param:
+            error["param"] = self.param
+        return {"error": error}
+
+
+@dataclass
+class RecordedEvent:
+    """One event the server accepted."""
+
+    event_name: str
+    payload: dict[str, str]
+    identifier: str
+    timestamp: int
+    created: int
+    received_at: float
+    api: str
+    cancelled: bool = False
+
+    @property
+    def customer_id(self) -> str | None:
+        """The customer the payload names (under the meter's or the default key)."""
+        return self.payload.get("stripe_customer_id")
+
+    def as_v1(self) -> dict[str, Any]:
+        """The ``billing.meter_event`` object."""
+        return {
+            "object": "billing.meter_event",
+            "created": self.created,
+            "event_name": self.event_name,
+            "identifier": self.identifier,
+            "livemode": False,
+            "payload": dict(self.payload),
+            "timestamp": self.timestamp,
+        }
+
+
+@dataclass
+class Meter:
+    """A billing meter."""
+
+    id: str
+    event_name: str
+    display_name: str
+    formula: str = "sum"
+    customer_key: str = "stripe_customer_id"
+    value_key: str = "value"
+    status: str = "active"
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def as_object(self) -> dict[str, Any]:
+        """The ``billing.meter`` object."""
+        return {
+            "id": self.id,
+            "object": "billing.meter",
+            "created": self.created,
+            "customer_mapping": {"event_payload_key": self.customer_key, "type": "by_id"},
+            "default_aggregation": {"formula": self.formula},
+            "display_name": self.display_name,
+            "event_name": self.event_name,
+            "event_time_window": None,
+            "livemode": False,
+            "status": self.status,
+            "status_transitions": {"deactivated_at": None},
+            "updated": self.created,
+            "value_settings": {"event_payload_key": self.value_key},
+        }
+
+
+def rfc3339(seconds: float) -> str:
+    """Format unix seconds as the RFC 3339 string v2 endpoints use."""
+    return datetime.fromtimestamp(seconds, tz=timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def parse_rfc3339(text: str) -> int:
+    """Parse a v2 timestamp; raises ``ValueError`` on anything else."""
+    moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    if moment.tzinfo is None:
+        raise ValueError("timestamp needs an offset")
+    return int(moment.timestamp())
+
+
+class MeterLedger:
+    """The state behind the local server, with Stripe's rules for changing it.
+
+    :param customers: Customers Stripe knows; ``None`` means every ``cus_...`` is known.
+    :param identifier_window: Seconds a used identifier is refused; ``None`` keeps it forever
+        (Stripe promises at least 24 hours).
+    :param clock: Returns "now" in unix seconds; tests move it to cross the 24-hour and session
+        limits.
+    """
+
+    def __init__(
+        self,
+        *,
+        customers: Iterable[str] | None = None,
+        identifier_window: float | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.lock = threading.RLock()
+        self.clock = clock
+        self.customers: set[str] | None = set(customers) if customers is not None else None
+        self.identifier_window = identifier_window
+        self.meters: dict[str, Meter] = {}
+        self.events: list[RecordedEvent] = []
+        self._by_identifier: dict[str, RecordedEvent] = {}
+        self.error_reports: list[dict[str, Any]] = []
+        self.sessions: dict[str, float] = {}
+        self._ids = itertools.count(1)
+
+    # -- meters and customers -------------------------------------------------------------
+
+    def add_meter(
+        self,
+        event_name: str,
+        *,
+        formula: str = "sum",
+        display_name: str | None = None,
+        customer_key: str = "stripe_customer_id",
+        value_key: str = "value",
+        status: str = "active",
+    ) -> Meter:
+        """Create a meter and return it."""
+        with self.lock:
+            meter = Meter(
+                id=f"mtr_test_{next(self._ids):06d}{secrets.token_hex(4)}",
+                event_name=event_name,
+                display_name=display_name or event_name,
+                formula=formula,
+                customer_key=customer_key,
+                value_key=value_key,
+                status=status,
+                created=int(self.clock()),
+            )
+            self.meters[meter.id] = meter
+            return meter
+
+    def meter_for(self, event_name: str) -> Meter | None:
+        """The meter (active first) whose event name this is."""
+        with self.lock:
+            found = [m for m in self.meters.values() if m.event_name == event_name]
+        found.sort(key=lambda m: m.status != "active")
+        return found[0] if found else None
+
+    def customer_known(self, customer_id: str | None) -> bool:
+        """Whether Stripe would find this customer."""
+        if not customer_id:
+            return False
+        return self.customers is None or customer_id in self.customers
+
+    # -- meter events ---------------------------------------------------------------------
+
+    def record(
+        self,
+        *,
+        event_name: str,
+        payload: dict[str, str],
+        identifier: str | None,
+        timestamp: int | None,
+        api: str,
+        synchronous: bool = True,
+    ) -> RecordedEvent | None:
+        """Apply Stripe's rules and store the event.
+
+        Synchronous endpoints raise :class:`StripeApiError`; the v2 stream validates
+        asynchronously, so its bad or duplicate events are dropped (and reported) instead.
+        """
+        try:
+            return self._record(event_name, payload, identifier, timestamp, api)
+        except StripeApiError as err:
+            if synchronous:
+                raise
+            with self.lock:
+                self.error_reports.append(
+                    {"code": err.code or "invalid_event", "message": err.message, "identifier": identifier}
+                )
+            return None
+
+    def _record(
+        self, event_name: str, payload: dict[str, str], identifier: str | None, timestamp: int | None, api: str
+    ) -> RecordedEvent:
+        now = self.clock()
+        if not isinstance(event_name, str) or not event_name or len(event_name) > 100:
+            raise StripeApiError(400, "event_name must be 1 to 100 characters.", param="event_name")
+        if not isinstance(payload, dict) or not all(isinstance(v, str) for v in payload.values()):
+            raise StripeApiError(400, "payload values must be strings.", param="payload")
+        meter = self.meter_for(event_name)
+        customer_key = meter.customer_key if meter else "stripe_customer_id"
+        value_key = meter.value_key if meter else "value"
+        if not payload.get(customer_key):
+            raise StripeApiError(
+                400,
+                f"Missing required payload key `{customer_key}`.",
+                code="parameter_missing",
+                param=f"payload[{customer_key}]",
+            )
+        value = payload.get(value_key)
+        if value is None:
+            raise StripeApiError(
+                400, f"Missing required payload key `{value_key}`.", code="parameter_missing", param=f"payload[{value_key}]"
+            )
+        if not _WHOLE_NUMBER.fullmatch(value):
+            raise StripeApiError(
+                400,
+                f"Invalid payload value `{value}` for `{value_key}`: must be a whole number of at most 15 digits.",
+                code="meter_event_invalid_value",
+                param=f"payload[{value_key}]",
+            )
+        if identifier is not None and (not identifier or len(identifier) > 100):
+            raise StripeApiError(400, "identifier must be 1 to 100 characters.", param="identifier")
+        if timestamp is None:
+            timestamp = int(now)
+        if timestamp < now - PAST_WINDOW_SECONDS:
+            raise StripeApiError(
+                400,
+                "The event timestamp cannot be more than 35 days in past. Use a timestamp within the past 35 days.",
+                code="timestamp_too_far_in_past",
+                param="timestamp",
+            )
+        if timestamp > now + FUTURE_TOLERANCE_SECONDS:
+            raise StripeApiError(
+                400,
+                "The event timestamp cannot be more than 5 minutes in the future.",
+                code="timestamp_in_future",
+                param="timestamp",
+            )
+        with self.lock:
+            if identifier is None:
+                identifier = f"gen_{secrets.token_hex(12)}"
+            earlier = self._by_identifier.get(identifier)
+            if earlier is not None and (
+                self.identifier_window is None or now - earlier.received_at < self.identifier_window
+            ):
+                raise StripeApiError(
+                    400,
+                    f"An event already exists with identifier {identifier}.",
+                    param="identifier",
+                    should_retry=False,
+                )
+            event = RecordedEvent(
+                event_name=event_name,
+                payload=dict(payload),
+                identifier=identifier,
+                timestamp=timestamp,
+                created=int(now),
+                received_at=now,
+                api=api,
+            )
+            self.events.append(event)
+            self._by_identifier[identifier] = event
+            # Stripe accepts these and reports them later, as error reports.
+            if meter is None:
+                self.error_reports.append({"code": "no_meter", "identifier": identifier, "event_name": event_name})
+            elif meter.status != "active":
+                self.error_reports.append({"code": "archived_meter", "identifier": identifier, "event_name": event_name})
+            if not self.customer_known(payload.get(customer_key)):
+                self.error_reports.append(
+                    {"code": "meter_event_customer_not_found", "identifier": identifier, "customer": payload.get(customer_key)}
+                )
+            return event
+
+    def cancel(self, event_name: str, identifier: str) -> RecordedEvent:
+        """Cancel an event by identifier, within 24 hours of receiving it."""
+        with self.lock:
+            event = self._by_identifier.get(identifier)
+            if event is None or event.event_name != event_name:
+                raise StripeApiError(
+                    400,
+                    f"No meter event with identifier {identifier} for event_name {event_name}.",
+                    code="resource_missing",
+                    param="cancel[identifier]",
+                )
+            if self.clock() - event.received_at > ADJUSTMENT_WINDOW_SECONDS:
+                raise StripeApiError(
+                    400,
+                    f"The meter event with identifier {identifier} can no longer be cancelled: "
+                    "events can only be cancelled within 24 hours of Stripe receiving them.",
+                    code="meter_event_adjustment_window_expired",
+                    param="cancel[identifier]",
+                )
+            event.cancelled = True
+            return event
+
+    # -- summaries ------------------------------------------------------------------------
+
+    def summarize(
+        self, meter: Meter, customer_id: str, start: int, end: int, window: int | None
+    ) -> list[dict[str, Any]]:
+        """Aggregate a meter's usage for one customer per window in [start, end)."""
+        with self.lock:
+            if not self.customer_known(customer_id) or meter.status != "active":
+                relevant: list[RecordedEvent] = []
+            else:
+                relevant = [
+                    e
+                    for e in self.events
+                    if not e.cancelled
+                    and e.event_name == meter.event_name
+                    and e.payload.get(meter.customer_key) == customer_id
+                    and start <= e.timestamp < end
+                ]
+        step = window or (end - start)
+        summaries = []
+        for lo in range(start, end, step):
+            hi = min(lo + step, end)
+            inside = [e for e in relevant if lo <= e.timestamp < hi]
+            if meter.formula == "count":
+                value = float(len(inside))
+            elif meter.formula == "last":
+                latest = max(inside, key=lambda e: (e.timestamp, e.received_at), default=None)
+                value = float(latest.payload[meter.value_key]) if latest else 0.0
+            else:
+                value = float(sum(int(e.payload[meter.value_key]) for e in inside))
+            summaries.append(
+                {
+                    "id": f"mtrusg_{meter.id[-8:]}_{customer_id[-8:]}_{lo}",
+                    "object": "billing.meter_event_summary",
+                    "aggregated_value": value,
+                    "end_time": hi,
+                    "livemode": False,
+                    "meter": meter.id,
+                    "start_time": lo,
+                }
+            )
+        return summaries
+
+    # -- v2 sessions ----------------------------------------------------------------------
+
+    def open_session(self, ttl: float = SESSION_TTL_SECONDS) -> tuple[str, float, float]:
+        """Create a meter event session; returns (token, created, expires_at)."""
+        now = self.clock()
+        token = f"mes_test_{secrets.token_hex(16)}"
+        with self.lock:
+            self.sessions[token] = now + ttl
+        return token, now, now + ttl
+
+    def session_state(self, token: str) -> str:
+        """``valid``, ``expired`` or ``unknown``."""
+        with self.lock:
+            expires = self.sessions.get(token)
+        if expires is None:
+            return "unknown"
+        return "valid" if self.clock() < expires else "expired"
+
+    # -- what tests look at ---------------------------------------------------------------
+
+    def accepted(self, event_name: str | None = None) -> list[RecordedEvent]:
+        """Events accepted and not cancelled, optionally for one event name."""
+        with self.lock:
+            return [e for e in self.events if not e.cancelled and (event_name is None or e.event_name == event_name)]
+
+    def totals(self, event_name: str | None = None) -> dict[str, int]:
+        """Sum of values per customer over accepted, uncancelled events."""
+        out: dict[str, int] = {}
+        for event in self.accepted(event_name):
+            meter = self.meter_for(event.event_name)
+            customer_key = meter.customer_key if meter else "stripe_customer_id"
+            value_key = meter.value_key if meter else "value"
+            customer = event.payload.get(customer_key, "")
+            out[customer] = out.get(customer, 0) + int(event.payload[value_key])
+        return out

@@ -1,0 +1,641 @@
+"""A local Stripe billing-meter server on 127.0.0.1, for tests, demos and benchmarks.
+
+The real ``stripe`` SDK talks to it over HTTP (point ``base_addresses`` / the connection's
+``api_base`` and ``meter_events_api_base`` at :attr:`LocalStripeServer.url`). It implements the
+meter endpoints of Stripe's OpenAPI spec (v1 events, meters, summaries, adjustments; v2 session,
+stream, events, adjustments) with Stripe's rules, plus knobs Stripe does not offer: latency, a
+rate limit answered with 429, and injected 5xx failures, some after the write has landed.
+
+Use it as a context manager::
+
+    with LocalStripeServer(meters=["ai_tokens_used"]) as server:
+        os.environ["AIRFLOW_CONN_STRIPE_DEFAULT"] = server.connection_json()
+        ...
+        assert server.ledger.totals("ai_tokens_used") == {"cus_123": 42}
+
+or from the command line: ``python -m airflow_provider_stripe_meter.testing --meter ai_tokens_used``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import secrets
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+from airflow_provider_stripe_meter.testing.forms import decode_form
+from airflow_provider_stripe_meter.testing.ledger import (
+    MeterLedger,
+    StripeApiError,
+    parse_rfc3339,
+    rfc3339,
+)
+
+DEFAULT_API_KEY = "sk_test_local_meter_server"
+_DAY = 86400
+
+
+@dataclass
+class _Fault:
+    remaining: int
+    status: int
+    after_write: bool
+    path_prefix: str
+
+
+class _TokenBucket:
+    """Allows ``rate`` requests a second with a burst of ``burst``; thread-safe."""
+
+    def __init__(self, rate: float, burst: float | None = None) -> None:
+        self.rate = rate
+        self.capacity = burst if burst is not None else max(1.0, rate)
+        self.tokens = self.capacity
+        self.stamp = time.monotonic()
+        self.lock = threading.Lock()
+
+    def take(self) -> bool:
+        with self.lock:
+            now = time.monotonic()
+            self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
+            self.stamp = now
+            if self.tokens >= 1:
+                self.tokens -= 1
+                return True
+            return False
+
+
+class LocalStripeServer:
+    """Serve Stripe's meter endpoints on 127.0.0.1 from a :class:`MeterLedger`.
+
+    :param meters: Event names to create active ``sum`` meters for.
+    :param customers: Customers Stripe knows (``None``: every ``cus_...``).
+    :param api_keys: Secret keys accepted (Bearer or Basic auth).
+    :param latency: Seconds each request takes before it is answered.
+    :param rate_limit: Requests per second on the API host before 429 (``None``: unlimited).
+    :param stream_rate_limit: Requests per second on the v2 stream before 429.
+    :param one_request_per_customer_meter: Answer 429 when a second request for the same
+        customer and meter arrives while one is in flight, as live mode does.
+    :param validate_spec: Check every request and response body against the OpenAPI spec and
+        answer 500 on a mismatch (slower; for tests).
+    :param session_ttl: Lifetime of v2 meter event sessions, seconds.
+    :param clock: "Now" for Stripe's time rules (tests move it).
+    """
+
+    def __init__(
+        self,
+        *,
+        meters: Iterable[str] = (),
+        customers: Iterable[str] | None = None,
+        api_keys: Iterable[str] = (DEFAULT_API_KEY,),
+        latency: float = 0.0,
+        rate_limit: float | None = None,
+        stream_rate_limit: float | None = None,
+        one_request_per_customer_meter: bool = True,
+        validate_spec: bool = False,
+        session_ttl: float = 900.0,
+        identifier_window: float | None = None,
+        clock: Callable[[], float] = time.time,
+        host: str = "127.0.0.1",
+        port: int = 0,
+    ) -> None:
+        self.ledger = MeterLedger(customers=customers, identifier_window=identifier_window, clock=clock)
+        for name in meters:
+            self.ledger.add_meter(name)
+        self.api_keys = set(api_keys)
+        self.latency = latency
+        self.rate_limit = rate_limit
+        self.stream_rate_limit = stream_rate_limit
+        self.one_request_per_customer_meter = one_request_per_customer_meter
+        self.validate_spec = validate_spec
+        self.session_ttl = session_ttl
+        self.stats: Counter[str] = Counter()
+        self.spec_violations: list[str] = []
+        self._host, self._port = host, port
+        self._faults: list[_Fault] = []
+        self._lock = threading.Lock()
+        self._in_flight: set[tuple[str, str]] = set()
+        self._idempotency: dict[str, tuple[str, int, dict[str, Any]]] = {}
+        self._buckets: dict[str, _TokenBucket] = {}
+        self._httpd: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> LocalStripeServer:
+        """Start serving in a background thread."""
+        handler = type("_BoundHandler", (_Handler,), {"server_state": self})
+        httpd = ThreadingHTTPServer((self._host, self._port), handler)
+        httpd.daemon_threads = True
+        httpd.request_queue_size = 256
+        self._httpd = httpd
+        self._thread = threading.Thread(target=httpd.serve_forever, name="local-stripe", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving."""
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._httpd = None
+
+    def __enter__(self) -> LocalStripeServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def url(self) -> str:
+        """Base URL for both the API and the meter-events hosts."""
+        assert self._httpd is not None, "server not started"
+        host, port = self._httpd.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def connection_json(self, api_key: str = DEFAULT_API_KEY, **extra: Any) -> str:
+        """An ``AIRFLOW_CONN_<ID>`` value for a ``stripe`` connection pointing here."""
+        return json.dumps(
+            {
+                "conn_type": "stripe",
+                "password": api_key,
+                "extra": {"api_base": self.url, "meter_events_api_base": self.url, **extra},
+            }
+        )
+
+    # -- knobs -----------------------------------------------------------------------------
+
+    def inject_failures(
+        self, count: int, *, status: int = 500, after_write: bool = False, path_prefix: str = "/"
+    ) -> None:
+        """Answer the next ``count`` matching requests with ``status``.
+
+        With ``after_write`` the request is carried out first and its answer lost, as when a
+        connection drops after Stripe committed the write.
+        """
+        with self._lock:
+            self._faults.append(_Fault(count, status, after_write, path_prefix))
+
+    def set_rate_limit(self, rate: float | None, *, stream: bool = False, burst: float | None = None) -> None:
+        """Change the API (or stream) rate limit while running."""
+        with self._lock:
+            if stream:
+                self.stream_rate_limit = rate
+            else:
+                self.rate_limit = rate
+            self._buckets.pop("stream" if stream else "api", None)
+            if rate is not None and burst is not None:
+                self._buckets["stream" if stream else "api"] = _TokenBucket(rate, burst)
+
+    def _take_fault(self, path: str) -> _Fault | None:
+        with self._lock:
+            for fault in self._faults:
+                if fault.remaining > 0 and path.startswith(fault.path_prefix):
+                    fault.remaining -= 1
+                    return _Fault(1, fault.status, fault.after_write, fault.path_prefix)
+            return None
+
+    def _allow(self, host_kind: str) -> bool:
+        rate = self.stream_rate_limit if host_kind == "stream" else self.rate_limit
+        if rate is None:
+            return True
+        with self._lock:
+            bucket = self._buckets.get(host_kind)
+            if bucket is None:
+                bucket = self._buckets[host_kind] = _TokenBucket(rate)
+        return bucket.take()
+
+
+_ROUTES: list[tuple[str, re.Pattern[str], str, str]] = [
+    ("POST", re.compile(r"/v1/billing/meter_events"), "/v1/billing/meter_events", "v1_meter_event"),
+    ("POST", re.compile(r"/v1/billing/meter_event_adjustments"), "/v1/billing/meter_event_adjustments", "v1_adjust"),
+    ("GET", re.compile(r"/v1/billing/meters"), "/v1/billing/meters", "v1_list_meters"),
+    ("POST", re.compile(r"/v1/billing/meters"), "/v1/billing/meters", "v1_create_meter"),
+    ("GET", re.compile(r"/v1/billing/meters/(?P<id>[^/]+)"), "/v1/billing/meters/{id}", "v1_get_meter"),
+    (
+        "GET",
+        re.compile(r"/v1/billing/meters/(?P<id>[^/]+)/event_summaries"),
+        "/v1/billing/meters/{id}/event_summaries",
+        "v1_summaries",
+    ),
+    ("POST", re.compile(r"/v2/billing/meter_event_session"), "/v2/billing/meter_event_session", "v2_session"),
+    ("POST", re.compile(r"/v2/billing/meter_event_stream"), "/v2/billing/meter_event_stream", "v2_stream"),
+    ("POST", re.compile(r"/v2/billing/meter_events"), "/v2/billing/meter_events", "v2_meter_event"),
+    ("POST", re.compile(r"/v2/billing/meter_event_adjustments"), "/v2/billing/meter_event_adjustments", "v2_adjust"),
+]
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_state: LocalStripeServer
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - signature of the base class
+        # Silent: request lines would fill test output, and must never carry credentials anywhere.
+        return
+
+    def do_GET(self) -> None:
+        self._serve("GET")
+
+    def do_POST(self) -> None:
+        self._serve("POST")
+
+    # -- plumbing --------------------------------------------------------------------------
+
+    def _send(self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Request-Id", f"req_{secrets.token_hex(7)}")
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _send_error(self, err: StripeApiError, v2: bool) -> None:
+        self._send(err.status, _error_body(err, v2), _error_headers(err))
+
+    def _credentials(self) -> str | None:
+        auth = self.headers.get("Authorization", "")
+        if auth.startswith("Bearer "):
+            return auth[len("Bearer ") :].strip()
+        if auth.startswith("Basic "):
+            try:
+                return base64.b64decode(auth[len("Basic ") :]).decode().split(":", 1)[0]
+            except (ValueError, UnicodeDecodeError):
+                return None
+        return None
+
+    def _serve(self, method: str) -> None:
+        state = self.server_state
+        split = urlsplit(self.path)
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length).decode() if length else ""
+        route = next(
+            ((tmpl, name, m) for meth, rx, tmpl, name in _ROUTES if meth == method and (m := rx.fullmatch(split.path))),
+            None,
+        )
+        v2 = split.path.startswith("/v2/")
+        state.stats["requests"] += 1
+        if route is None:
+            self._send_error(StripeApiError(404, f"Unrecognized request URL ({method}: {split.path}).", code="resource_missing"), v2)
+            return
+        template, name, match = route
+        state.stats[name] += 1
+        host_kind = "stream" if name == "v2_stream" else "api"
+
+        try:
+            self._authenticate(name)
+        except StripeApiError as err:
+            self._send_error(err, v2)
+            return
+        if not state._allow(host_kind):
+            state.stats["rate_limited"] += 1
+            self._send_error(
+                StripeApiError(429, "Too many requests. Back off and retry.", type="invalid_request_error", code="rate_limit"),
+                v2,
+            )
+            return
+
+        try:
+            body = self._parse_body(raw, method, v2)
+        except StripeApiError as err:
+            self._send_error(err, v2)
+            return
+        if state.validate_spec:
+            self._check_request(method, template, body, split.query)
+
+        key = self.headers.get("Idempotency-Key") if method == "POST" else None
+        if key:
+            with state._lock:
+                seen = state._idempotency.get(key)
+            if seen is not None:
+                fingerprint, status, payload = seen
+                if fingerprint != raw:
+                    err = StripeApiError(
+                        400,
+                        f"Keys for idempotent requests can only be used with the same parameters they were first used with. Try using a key other than '{key}' if you meant to execute a different request.",
+                        type="idempotency_error",
+                    )
+                    self._send_error(err, v2)
+                    return
+                state.stats["idempotent_replays"] += 1
+                self._send(status, payload, {"Idempotent-Replayed": "true"})
+                return
+
+        lock_key = self._customer_meter_key(name, body)
+        if lock_key is not None:
+            with state._lock:
+                busy = lock_key in state._in_flight
+                if not busy:
+                    state._in_flight.add(lock_key)
+            if busy:
+                state.stats["concurrent_rejected"] += 1
+                self._send_error(
+                    StripeApiError(
+                        429,
+                        "Too many concurrent requests for this customer and meter; send them one at a time.",
+                        code="rate_limit",
+                    ),
+                    v2,
+                )
+                return
+        try:
+            if state.latency:
+                time.sleep(state.latency)
+            fault = state._take_fault(split.path)
+            if fault is not None and not fault.after_write:
+                state.stats["injected_failures"] += 1
+                self._send(fault.status, {"error": {"type": "api_error", "message": "Injected failure (before write)."}})
+                return
+            try:
+                status, payload = 200, getattr(self, "_h_" + name)(body, match, split.query)
+            except StripeApiError as err:
+                status, payload, payload_headers = err.status, _error_body(err, v2), _error_headers(err)
+                if "already exists with identifier" in err.message:
+                    state.stats["duplicates_rejected"] += 1
+            else:
+                payload_headers = {}
+            if state.validate_spec:
+                self._check_response(method, template, status, payload)
+            if fault is not None:
+                # The write landed; its answer is lost. Not cached under the idempotency key, so a
+                # retry runs again and meets the duplicate-identifier rule.
+                state.stats["injected_failures"] += 1
+                self._send(fault.status, {"error": {"type": "api_error", "message": "Injected failure (after write)."}})
+                return
+            if key and status < 500:
+                with state._lock:
+                    state._idempotency[key] = (raw, status, payload)
+            self._send(status, payload, payload_headers)
+        finally:
+            if lock_key is not None:
+                with state._lock:
+                    state._in_flight.discard(lock_key)
+
+    def _authenticate(self, name: str) -> None:
+        state = self.server_state
+        credential = self._credentials()
+        if name == "v2_stream":
+            status = state.ledger.session_state(credential or "")
+            if status == "expired":
+                raise _V2Error(
+                    401,
+                    "The meter event session has expired. Create a new session.",
+                    type="temporary_session_expired",
+                    code="billing_meter_event_session_expired",
+                )
+            if status == "unknown":
+                raise StripeApiError(401, "Invalid meter event session token.", type="authentication_error")
+            return
+        if credential not in state.api_keys:
+            shown = f"{credential[:8]}****{credential[-4:]}" if credential and len(credential) > 12 else "****"
+            raise StripeApiError(401, f"Invalid API Key provided: {shown}", type="authentication_error")
+
+    def _parse_body(self, raw: str, method: str, v2: bool) -> Any:
+        if method == "GET" or not raw:
+            return {}
+        if v2:
+            try:
+                return json.loads(raw)
+            except json.JSONDecodeError:
+                raise StripeApiError(400, "Request body is not valid JSON.") from None
+        return decode_form(raw)
+
+    def _customer_meter_key(self, name: str, body: Any) -> tuple[str, str] | None:
+        state = self.server_state
+        if not state.one_request_per_customer_meter or name not in ("v1_meter_event", "v2_meter_event"):
+            return None
+        if not isinstance(body, dict) or not isinstance(body.get("payload"), dict):
+            return None
+        meter = state.ledger.meter_for(str(body.get("event_name")))
+        customer_key = meter.customer_key if meter else "stripe_customer_id"
+        return (str(body["payload"].get(customer_key)), str(body.get("event_name")))
+
+    def _check_request(self, method: str, template: str, body: Any, query: str) -> None:
+        from airflow_provider_stripe_meter.testing import spec
+
+        found = spec.request_schema(method, template)
+        if found is None or method == "GET":
+            return
+        content_type, schema = found
+        instance = spec.coerce_form(body, schema) if "form" in content_type else body
+        for problem in spec.validate(instance, schema):
+            self.server_state.spec_violations.append(f"request {method} {template}: {problem}")
+
+    def _check_response(self, method: str, template: str, status: int, payload: Any) -> None:
+        from airflow_provider_stripe_meter.testing import spec
+
+        for problem in spec.validate(payload, spec.response_schema(method, template, status)):
+            self.server_state.spec_violations.append(f"response {status} {method} {template}: {problem}")
+
+    # -- endpoints -------------------------------------------------------------------------
+
+    def _h_v1_meter_event(self, body: dict[str, Any], match: re.Match[str], query: str) -> dict[str, Any]:
+        allowed = {"event_name", "payload", "identifier", "timestamp", "expand"}
+        unknown = sorted(set(body) - allowed)
+        if unknown:
+            raise StripeApiError(400, f"Received unknown parameter: {unknown[0]}", code="parameter_unknown", param=unknown[0])
+        for required in ("event_name", "payload"):
+            if required not in body:
+                raise StripeApiError(400, f"Missing required param: {required}.", code="parameter_missing", param=required)
+        timestamp = body.get("timestamp")
+        if timestamp is not None:
+            if not re.fullmatch(r"-?\d+", str(timestamp)):
+                raise StripeApiError(400, f"Invalid integer: {timestamp}", code="parameter_invalid_integer", param="timestamp")
+            timestamp = int(timestamp)
+        if not isinstance(body["payload"], dict):
+            raise StripeApiError(400, "Invalid object", code="parameter_invalid_object", param="payload")
+        event = self.server_state.ledger.record(
+            event_name=body["event_name"],
+            payload=body["payload"],
+            identifier=body.get("identifier"),
+            timestamp=timestamp,
+            api="v1",
+        )
+        assert event is not None
+        return event.as_v1()
+
+    def _adjust(self, body: dict[str, Any]) -> Any:
+        if body.get("type") != "cancel":
+            raise StripeApiError(400, "type must be `cancel`.", code="parameter_invalid", param="type")
+        identifier = (body.get("cancel") or {}).get("identifier")
+        if not identifier or not body.get("event_name"):
+            raise StripeApiError(400, "event_name and cancel[identifier] are required.", code="parameter_missing")
+        return self.server_state.ledger.cancel(body["event_name"], identifier)
+
+    def _h_v1_adjust(self, body: dict[str, Any], match: re.Match[str], query: str) -> dict[str, Any]:
+        event = self._adjust(body)
+        return {
+            "object": "billing.meter_event_adjustment",
+            "cancel": {"identifier": event.identifier},
+            "event_name": event.event_name,
+            "livemode": False,
+            "status": "complete",
+            "type": "cancel",
+        }
+
+    def _h_v2_adjust(self, body: dict[str, Any], match: re.Match[str], query: str) -> dict[str, Any]:
+        event = self._adjust(body)
+        return {
+            "id": f"mtradj_test_{secrets.token_hex(8)}",
+            "object": "v2.billing.meter_event_adjustment",
+            "cancel": {"identifier": event.identifier},
+            "created": rfc3339(self.server_state.ledger.clock()),
+            "event_name": event.event_name,
+            "livemode": False,
+            "status": "complete",
+            "type": "cancel",
+        }
+
+    def _h_v1_list_meters(self, body: Any, match: re.Match[str], query: str) -> dict[str, Any]:
+        params = dict(parse_qsl(query))
+        meters = [m.as_object() for m in self.server_state.ledger.meters.values()]
+        if params.get("status"):
+            meters = [m for m in meters if m["status"] == params["status"]]
+        return _paginate(meters, params, "/v1/billing/meters")
+
+    def _h_v1_create_meter(self, body: dict[str, Any], match: re.Match[str], query: str) -> dict[str, Any]:
+        for required in ("default_aggregation", "display_name", "event_name"):
+            if required not in body:
+                raise StripeApiError(400, f"Missing required param: {required}.", code="parameter_missing", param=required)
+        meter = self.server_state.ledger.add_meter(
+            body["event_name"],
+            formula=body["default_aggregation"].get("formula", "sum"),
+            display_name=body["display_name"],
+            customer_key=(body.get("customer_mapping") or {}).get("event_payload_key", "stripe_customer_id"),
+            value_key=(body.get("value_settings") or {}).get("event_payload_key", "value"),
+        )
+        return meter.as_object()
+
+    def _meter(self, match: re.Match[str]) -> Any:
+        meter = self.server_state.ledger.meters.get(match["id"])
+        if meter is None:
+            raise StripeApiError(404, f"No such billing meter: '{match['id']}'", code="resource_missing", param="id")
+        return meter
+
+    def _h_v1_get_meter(self, body: Any, match: re.Match[str], query: str) -> dict[str, Any]:
+        return self._meter(match).as_object()
+
+    def _h_v1_summaries(self, body: Any, match: re.Match[str], query: str) -> dict[str, Any]:
+        meter = self._meter(match)
+        params = dict(parse_qsl(query))
+        for required in ("customer", "start_time", "end_time"):
+            if not params.get(required):
+                raise StripeApiError(400, f"Missing required param: {required}.", code="parameter_missing", param=required)
+        try:
+            start, end = int(params["start_time"]), int(params["end_time"])
+        except ValueError:
+            raise StripeApiError(400, "start_time and end_time must be integers.", code="parameter_invalid_integer") from None
+        window_name = params.get("value_grouping_window")
+        window = {"day": _DAY, "hour": 3600, None: None}.get(window_name, -1)
+        if window == -1:
+            raise StripeApiError(400, "value_grouping_window must be day or hour.", param="value_grouping_window")
+        align = window or 60
+        for name, value in (("start_time", start), ("end_time", end)):
+            if value % align:
+                raise StripeApiError(
+                    400, f"{name} must be aligned to {window_name or 'minute'} boundaries.", param=name
+                )
+        if end <= start:
+            raise StripeApiError(400, "end_time must be after start_time.", param="end_time")
+        summaries = self.server_state.ledger.summarize(meter, params["customer"], start, end, window)
+        return _paginate(summaries, params, f"/v1/billing/meters/{meter.id}/event_summaries")
+
+    def _h_v2_session(self, body: Any, match: re.Match[str], query: str) -> dict[str, Any]:
+        token, created, expires = self.server_state.ledger.open_session(self.server_state.session_ttl)
+        return {
+            "id": f"mes_{secrets.token_hex(8)}",
+            "object": "v2.billing.meter_event_session",
+            "authentication_token": token,
+            "created": rfc3339(created),
+            "expires_at": rfc3339(expires),
+            "livemode": False,
+        }
+
+    def _v2_event_fields(self, item: Any) -> dict[str, Any]:
+        if not isinstance(item, dict) or "event_name" not in item or not isinstance(item.get("payload"), dict):
+            raise StripeApiError(400, "Each event needs event_name and payload.", code="invalid_payload")
+        timestamp = item.get("timestamp")
+        if timestamp is not None:
+            try:
+                timestamp = parse_rfc3339(timestamp)
+            except (TypeError, ValueError):
+                raise StripeApiError(400, f"Invalid timestamp: {timestamp!r}", code="invalid_timestamp") from None
+        return {
+            "event_name": item["event_name"],
+            "payload": item["payload"],
+            "identifier": item.get("identifier"),
+            "timestamp": timestamp,
+        }
+
+    def _h_v2_stream(self, body: Any, match: re.Match[str], query: str) -> dict[str, Any]:
+        events = body.get("events") if isinstance(body, dict) else None
+        if not isinstance(events, list) or not events:
+            raise StripeApiError(400, "events must be a non-empty list.", code="invalid_payload")
+        if len(events) > 100:
+            raise StripeApiError(400, f"At most 100 events per request, got {len(events)}.", code="invalid_payload")
+        ledger = self.server_state.ledger
+        for item in events:
+            # Validation on the stream is asynchronous: bad or duplicate events are dropped and
+            # reported, never rejected in the response.
+            try:
+                fields = self._v2_event_fields(item)
+            except StripeApiError as err:
+                with ledger.lock:
+                    ledger.error_reports.append({"code": err.code, "message": err.message})
+                continue
+            ledger.record(**fields, api="v2_stream", synchronous=False)
+        return {}
+
+    def _h_v2_meter_event(self, body: Any, match: re.Match[str], query: str) -> dict[str, Any]:
+        fields = self._v2_event_fields(body)
+        try:
+            event = self.server_state.ledger.record(**fields, api="v2")
+        except StripeApiError as err:
+            if "already exists" in err.message:
+                raise _V2Error(400, err.message, type="invalid_request_error", code="duplicate_meter_event") from None
+            raise
+        assert event is not None
+        return {
+            "object": "v2.billing.meter_event",
+            "created": rfc3339(event.created),
+            "event_name": event.event_name,
+            "identifier": event.identifier,
+            "livemode": False,
+            "payload": dict(event.payload),
+            "timestamp": rfc3339(event.timestamp),
+        }
+
+
+class _V2Error(StripeApiError):
+    """An error with a v2 ``type``/``code`` pair (the SDK maps some to their own classes)."""
+
+
+def _error_body(err: StripeApiError, v2: bool) -> dict[str, Any]:
+    if v2 or isinstance(err, _V2Error):
+        # v2 errors always carry a code (v2.error schema).
+        return {"error": {"type": err.type, "code": err.code or err.type, "message": err.message}}
+    return err.body()
+
+
+def _error_headers(err: StripeApiError) -> dict[str, str]:
+    if err.should_retry is None:
+        return {}
+    return {"Stripe-Should-Retry": "true" if err.should_retry else "false"}
+
+
+def _paginate(items: list[dict[str, Any]], params: dict[str, str], url: str) -> dict[str, Any]:
+    limit = max(1, min(100, int(params.get("limit") or 10)))
+    after = params.get("starting_after")
+    if after:
+        ids = [item["id"] for item in items]
+        items = items[ids.index(after) + 1 :] if after in ids else []
+    return {"object": "list", "data": items[:limit], "has_more": len(items) > limit, "url": url}
