@@ -56,7 +56,7 @@ def get_provider_info() -> dict:
                     "max_network_retries": {
                         "label": "Max network retries",
                         "schema": {"type": ["integer", "null"], "default": 3, "minimum": 0},
-                        "description": "SDK retries of connection errors, 409 and 5xx (same Idempotency-Key).",
+                        "description": "SDK retries of connection errors, 409 and 5xx, same Idempotency-Key.",
                     },
                     "timeout": {
                         "label": "Request timeout (seconds)",

@@ -40,7 +40,12 @@ class MeterEventInputError(ValueError):
 
     def to_dict(self) -> dict[str, Any]:
         """Return the details as JSON-safe data, for XCom and batch reports."""
-        return {"type": "validation_error", "field": self.field, "value": _shorten(self.value), "rule": self.rule}
+        return {
+            "type": "validation_error",
+            "field": self.field,
+            "value": _shorten(self.value),
+            "rule": self.rule,
+        }
 
 
 def _shorten(value: Any, limit: int = 120) -> str:
@@ -139,7 +144,9 @@ def to_unix_seconds(value: Any, field: str = "timestamp") -> int:
     rejected: guessing its zone could move usage into another billing day.
     """
     if isinstance(value, bool) or value is None:
-        raise MeterEventInputError(field, value, "must be unix seconds, an aware datetime or an ISO-8601 string")
+        raise MeterEventInputError(
+            field, value, "must be unix seconds, an aware datetime or an ISO-8601 string"
+        )
     if isinstance(value, int):
         return value
     if isinstance(value, float):
@@ -160,7 +167,9 @@ def to_unix_seconds(value: Any, field: str = "timestamp") -> int:
             ) from None
         return _aware_to_unix(parsed, field, value)
     raise MeterEventInputError(
-        field, value, f"must be unix seconds, an aware datetime or an ISO-8601 string, got {type(value).__name__}"
+        field,
+        value,
+        f"must be unix seconds, an aware datetime or an ISO-8601 string, got {type(value).__name__}",
     )
 
 
@@ -188,12 +197,16 @@ def check_time_window(
     if seconds < oldest:
         days = past_window.total_seconds() / 86400
         raise MeterEventInputError(
-            field, shown, f"must be within the past {days:g} days (not before {_iso(oldest)}), got {_iso(seconds)}"
+            field,
+            shown,
+            f"must be within the past {days:g} days (not before {_iso(oldest)}), got {_iso(seconds)}",
         )
     newest = now + int(FUTURE_TOLERANCE.total_seconds())
     if seconds > newest:
         raise MeterEventInputError(
-            field, shown, f"must be at most 5 minutes in the future (not after {_iso(newest)}), got {_iso(seconds)}"
+            field,
+            shown,
+            f"must be at most 5 minutes in the future (not after {_iso(newest)}), got {_iso(seconds)}",
         )
     return seconds
 

@@ -108,7 +108,9 @@ class StripeHook(BaseHook):
                 "set it to a Stripe secret or restricted key (sk_... / rk_...)."
             )
         extras = {key: value for key, value in conn.extra_dejson.items() if key in _EXTRA_KEYS}
-        settings = {key: value for key, value in {**extras, **self._overrides}.items() if value not in (None, "")}
+        settings = {
+            key: value for key, value in {**extras, **self._overrides}.items() if value not in (None, "")
+        }
         settings["api_key"] = api_key
         return settings
 
@@ -168,7 +170,9 @@ class StripeHook(BaseHook):
         if not isinstance(err, stripe.StripeError):
             return StripeMeterError(self._scrub(str(err)))
         error_obj = getattr(err, "error", None)
-        message = self._scrub(str(getattr(err, "user_message", None) or getattr(error_obj, "message", None) or err))
+        message = self._scrub(
+            str(getattr(err, "user_message", None) or getattr(error_obj, "message", None) or err)
+        )
         headers = err.headers or {}
         details: dict[str, Any] = {
             "type": getattr(error_obj, "type", None) or type(err).__name__,
@@ -276,7 +280,9 @@ class StripeHook(BaseHook):
         session = self._call(self.client.v2.billing.meter_event_session.create)
         return {"authentication_token": session.authentication_token, "expires_at": session.expires_at}
 
-    def send_meter_event_stream(self, session_client: stripe.StripeClient, events: Sequence[dict[str, Any]]) -> None:
+    def send_meter_event_stream(
+        self, session_client: stripe.StripeClient, events: Sequence[dict[str, Any]]
+    ) -> None:
         """Send up to 100 events through ``POST /v2/billing/meter_event_stream`` with a session client."""
         self._call(session_client.v2.billing.meter_event_stream.create, {"events": list(events)})
 

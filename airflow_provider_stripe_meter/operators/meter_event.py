@@ -10,7 +10,11 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseOperator
 
 from airflow_provider_stripe_meter.identifiers import task_identifier
-from airflow_provider_stripe_meter.rules import MeterEventInputError, validate_event_name, validate_meter_event
+from airflow_provider_stripe_meter.rules import (
+    MeterEventInputError,
+    validate_event_name,
+    validate_meter_event,
+)
 
 if TYPE_CHECKING:
     from airflow.sdk import Context

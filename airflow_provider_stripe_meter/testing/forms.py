@@ -18,14 +18,13 @@ def decode_form(body: str) -> dict[str, Any]:
         node: Any = root
         for i, part in enumerate(parts):
             last = i == len(parts) - 1
-            if isinstance(node, list):
-                if part == "" or part.isdigit():
-                    if last:
-                        node.append(value)
-                        break
-                    node.append({})
-                    node = node[-1]
-                    continue
+            if isinstance(node, list) and (part == "" or part.isdigit()):
+                if last:
+                    node.append(value)
+                    break
+                node.append({})
+                node = node[-1]
+                continue
             if last:
                 node[part] = value
                 break

@@ -229,7 +229,12 @@ class MeterLedger:
             return None
 
     def _record(
-        self, event_name: str, payload: dict[str, str], identifier: str | None, timestamp: int | None, api: str
+        self,
+        event_name: str,
+        payload: dict[str, str],
+        identifier: str | None,
+        timestamp: int | None,
+        api: str,
     ) -> RecordedEvent:
         now = self.clock()
         if not isinstance(event_name, str) or not event_name or len(event_name) > 100:
@@ -249,12 +254,16 @@ class MeterLedger:
         value = payload.get(value_key)
         if value is None:
             raise StripeApiError(
-                400, f"Missing required payload key `{value_key}`.", code="parameter_missing", param=f"payload[{value_key}]"
+                400,
+                f"Missing required payload key `{value_key}`.",
+                code="parameter_missing",
+                param=f"payload[{value_key}]",
             )
         if not _WHOLE_NUMBER.fullmatch(value):
             raise StripeApiError(
                 400,
-                f"Invalid payload value `{value}` for `{value_key}`: must be a whole number of at most 15 digits.",
+                f"Invalid payload value `{value}` for `{value_key}`: "
+                "must be a whole number of at most 15 digits.",
                 code="meter_event_invalid_value",
                 param=f"payload[{value_key}]",
             )
@@ -265,7 +274,8 @@ class MeterLedger:
         if timestamp < now - PAST_WINDOW_SECONDS:
             raise StripeApiError(
                 400,
-                "The event timestamp cannot be more than 35 days in past. Use a timestamp within the past 35 days.",
+                "The event timestamp cannot be more than 35 days in past. "
+                "Use a timestamp within the past 35 days.",
                 code="timestamp_too_far_in_past",
                 param="timestamp",
             )
@@ -302,12 +312,20 @@ class MeterLedger:
             self._by_identifier[identifier] = event
             # Stripe accepts these and reports them later, as error reports.
             if meter is None:
-                self.error_reports.append({"code": "no_meter", "identifier": identifier, "event_name": event_name})
+                self.error_reports.append(
+                    {"code": "no_meter", "identifier": identifier, "event_name": event_name}
+                )
             elif meter.status != "active":
-                self.error_reports.append({"code": "archived_meter", "identifier": identifier, "event_name": event_name})
+                self.error_reports.append(
+                    {"code": "archived_meter", "identifier": identifier, "event_name": event_name}
+                )
             if not self.customer_known(payload.get(customer_key)):
                 self.error_reports.append(
-                    {"code": "meter_event_customer_not_found", "identifier": identifier, "customer": payload.get(customer_key)}
+                    {
+                        "code": "meter_event_customer_not_found",
+                        "identifier": identifier,
+                        "customer": payload.get(customer_key),
+                    }
                 )
             return event
 
@@ -399,7 +417,11 @@ class MeterLedger:
     def accepted(self, event_name: str | None = None) -> list[RecordedEvent]:
         """Events accepted and not cancelled, optionally for one event name."""
         with self.lock:
-            return [e for e in self.events if not e.cancelled and (event_name is None or e.event_name == event_name)]
+            return [
+                e
+                for e in self.events
+                if not e.cancelled and (event_name is None or e.event_name == event_name)
+            ]
 
     def totals(self, event_name: str | None = None) -> dict[str, int]:
         """Sum of values per customer over accepted, uncancelled events."""

@@ -24,7 +24,7 @@ import re
 import secrets
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -84,7 +84,7 @@ class LocalStripeServer:
     :param one_request_per_customer_meter: Answer 429 when a second request for the same
         customer and meter arrives while one is in flight, as live mode does.
     :param validate_spec: Check every request and response body against the OpenAPI spec and
-        answer 500 on a mismatch (slower; for tests).
+        list mismatches in :attr:`spec_violations` and :attr:`request_violations` (slower; tests).
     :param session_ttl: Lifetime of v2 meter event sessions, seconds.
     :param clock: "Now" for Stripe's time rules (tests move it).
     """
@@ -117,7 +117,12 @@ class LocalStripeServer:
         self.validate_spec = validate_spec
         self.session_ttl = session_ttl
         self.stats: Counter[str] = Counter()
+        #: Responses of this server that broke the spec (a bug here).
         self.spec_violations: list[str] = []
+        #: Requests that broke the spec (a bug in the client, or a test sending bad input on purpose).
+        self.request_violations: list[str] = []
+        #: Recent requests as (method, path, headers without Authorization), for assertions.
+        self.request_log: deque[tuple[str, str, dict[str, str]]] = deque(maxlen=1000)
         self._host, self._port = host, port
         self._faults: list[_Fault] = []
         self._lock = threading.Lock()
@@ -170,6 +175,11 @@ class LocalStripeServer:
             }
         )
 
+    def count(self, name: str) -> None:
+        """Add one to a counter in :attr:`stats` (thread-safe)."""
+        with self._lock:
+            self.stats[name] += 1
+
     # -- knobs -----------------------------------------------------------------------------
 
     def inject_failures(
@@ -215,7 +225,12 @@ class LocalStripeServer:
 
 _ROUTES: list[tuple[str, re.Pattern[str], str, str]] = [
     ("POST", re.compile(r"/v1/billing/meter_events"), "/v1/billing/meter_events", "v1_meter_event"),
-    ("POST", re.compile(r"/v1/billing/meter_event_adjustments"), "/v1/billing/meter_event_adjustments", "v1_adjust"),
+    (
+        "POST",
+        re.compile(r"/v1/billing/meter_event_adjustments"),
+        "/v1/billing/meter_event_adjustments",
+        "v1_adjust",
+    ),
     ("GET", re.compile(r"/v1/billing/meters"), "/v1/billing/meters", "v1_list_meters"),
     ("POST", re.compile(r"/v1/billing/meters"), "/v1/billing/meters", "v1_create_meter"),
     ("GET", re.compile(r"/v1/billing/meters/(?P<id>[^/]+)"), "/v1/billing/meters/{id}", "v1_get_meter"),
@@ -228,7 +243,12 @@ _ROUTES: list[tuple[str, re.Pattern[str], str, str]] = [
     ("POST", re.compile(r"/v2/billing/meter_event_session"), "/v2/billing/meter_event_session", "v2_session"),
     ("POST", re.compile(r"/v2/billing/meter_event_stream"), "/v2/billing/meter_event_stream", "v2_stream"),
     ("POST", re.compile(r"/v2/billing/meter_events"), "/v2/billing/meter_events", "v2_meter_event"),
-    ("POST", re.compile(r"/v2/billing/meter_event_adjustments"), "/v2/billing/meter_event_adjustments", "v2_adjust"),
+    (
+        "POST",
+        re.compile(r"/v2/billing/meter_event_adjustments"),
+        "/v2/billing/meter_event_adjustments",
+        "v2_adjust",
+    ),
 ]
 
 
@@ -236,7 +256,7 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_state: LocalStripeServer
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - signature of the base class
+    def log_message(self, format: str, *args: Any) -> None:
         # Silent: request lines would fill test output, and must never carry credentials anywhere.
         return
 
@@ -279,16 +299,28 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length).decode() if length else ""
         route = next(
-            ((tmpl, name, m) for meth, rx, tmpl, name in _ROUTES if meth == method and (m := rx.fullmatch(split.path))),
+            (
+                (tmpl, name, m)
+                for meth, rx, tmpl, name in _ROUTES
+                if meth == method and (m := rx.fullmatch(split.path))
+            ),
             None,
         )
         v2 = split.path.startswith("/v2/")
-        state.stats["requests"] += 1
+        state.count("requests")
+        state.request_log.append(
+            (method, self.path, {k: v for k, v in self.headers.items() if k.lower() != "authorization"})
+        )
         if route is None:
-            self._send_error(StripeApiError(404, f"Unrecognized request URL ({method}: {split.path}).", code="resource_missing"), v2)
+            self._send_error(
+                StripeApiError(
+                    404, f"Unrecognized request URL ({method}: {split.path}).", code="resource_missing"
+                ),
+                v2,
+            )
             return
         template, name, match = route
-        state.stats[name] += 1
+        state.count(name)
         host_kind = "stream" if name == "v2_stream" else "api"
 
         try:
@@ -297,9 +329,14 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_error(err, v2)
             return
         if not state._allow(host_kind):
-            state.stats["rate_limited"] += 1
+            state.count("rate_limited")
             self._send_error(
-                StripeApiError(429, "Too many requests. Back off and retry.", type="invalid_request_error", code="rate_limit"),
+                StripeApiError(
+                    429,
+                    "Too many requests. Back off and retry.",
+                    type="invalid_request_error",
+                    code="rate_limit",
+                ),
                 v2,
             )
             return
@@ -321,12 +358,14 @@ class _Handler(BaseHTTPRequestHandler):
                 if fingerprint != raw:
                     err = StripeApiError(
                         400,
-                        f"Keys for idempotent requests can only be used with the same parameters they were first used with. Try using a key other than '{key}' if you meant to execute a different request.",
+                        "Keys for idempotent requests can only be used with the same parameters they were "
+                        f"first used with. Try using a key other than '{key}' if you meant to execute a "
+                        "different request.",
                         type="idempotency_error",
                     )
                     self._send_error(err, v2)
                     return
-                state.stats["idempotent_replays"] += 1
+                state.count("idempotent_replays")
                 self._send(status, payload, {"Idempotent-Replayed": "true"})
                 return
 
@@ -337,7 +376,7 @@ class _Handler(BaseHTTPRequestHandler):
                 if not busy:
                     state._in_flight.add(lock_key)
             if busy:
-                state.stats["concurrent_rejected"] += 1
+                state.count("concurrent_rejected")
                 self._send_error(
                     StripeApiError(
                         429,
@@ -352,15 +391,18 @@ class _Handler(BaseHTTPRequestHandler):
                 time.sleep(state.latency)
             fault = state._take_fault(split.path)
             if fault is not None and not fault.after_write:
-                state.stats["injected_failures"] += 1
-                self._send(fault.status, {"error": {"type": "api_error", "message": "Injected failure (before write)."}})
+                state.count("injected_failures")
+                self._send(
+                    fault.status,
+                    {"error": {"type": "api_error", "message": "Injected failure (before write)."}},
+                )
                 return
             try:
                 status, payload = 200, getattr(self, "_h_" + name)(body, match, split.query)
             except StripeApiError as err:
                 status, payload, payload_headers = err.status, _error_body(err, v2), _error_headers(err)
                 if "already exists with identifier" in err.message:
-                    state.stats["duplicates_rejected"] += 1
+                    state.count("duplicates_rejected")
             else:
                 payload_headers = {}
             if state.validate_spec:
@@ -368,8 +410,11 @@ class _Handler(BaseHTTPRequestHandler):
             if fault is not None:
                 # The write landed; its answer is lost. Not cached under the idempotency key, so a
                 # retry runs again and meets the duplicate-identifier rule.
-                state.stats["injected_failures"] += 1
-                self._send(fault.status, {"error": {"type": "api_error", "message": "Injected failure (after write)."}})
+                state.count("injected_failures")
+                self._send(
+                    fault.status,
+                    {"error": {"type": "api_error", "message": "Injected failure (after write)."}},
+                )
                 return
             if key and status < 500:
                 with state._lock:
@@ -396,7 +441,9 @@ class _Handler(BaseHTTPRequestHandler):
                 raise StripeApiError(401, "Invalid meter event session token.", type="authentication_error")
             return
         if credential not in state.api_keys:
-            shown = f"{credential[:8]}****{credential[-4:]}" if credential and len(credential) > 12 else "****"
+            shown = (
+                f"{credential[:8]}****{credential[-4:]}" if credential and len(credential) > 12 else "****"
+            )
             raise StripeApiError(401, f"Invalid API Key provided: {shown}", type="authentication_error")
 
     def _parse_body(self, raw: str, method: str, v2: bool) -> Any:
@@ -428,7 +475,7 @@ class _Handler(BaseHTTPRequestHandler):
         content_type, schema = found
         instance = spec.coerce_form(body, schema) if "form" in content_type else body
         for problem in spec.validate(instance, schema):
-            self.server_state.spec_violations.append(f"request {method} {template}: {problem}")
+            self.server_state.request_violations.append(f"request {method} {template}: {problem}")
 
     def _check_response(self, method: str, template: str, status: int, payload: Any) -> None:
         from airflow_provider_stripe_meter.testing import spec
@@ -442,14 +489,20 @@ class _Handler(BaseHTTPRequestHandler):
         allowed = {"event_name", "payload", "identifier", "timestamp", "expand"}
         unknown = sorted(set(body) - allowed)
         if unknown:
-            raise StripeApiError(400, f"Received unknown parameter: {unknown[0]}", code="parameter_unknown", param=unknown[0])
+            raise StripeApiError(
+                400, f"Received unknown parameter: {unknown[0]}", code="parameter_unknown", param=unknown[0]
+            )
         for required in ("event_name", "payload"):
             if required not in body:
-                raise StripeApiError(400, f"Missing required param: {required}.", code="parameter_missing", param=required)
+                raise StripeApiError(
+                    400, f"Missing required param: {required}.", code="parameter_missing", param=required
+                )
         timestamp = body.get("timestamp")
         if timestamp is not None:
             if not re.fullmatch(r"-?\d+", str(timestamp)):
-                raise StripeApiError(400, f"Invalid integer: {timestamp}", code="parameter_invalid_integer", param="timestamp")
+                raise StripeApiError(
+                    400, f"Invalid integer: {timestamp}", code="parameter_invalid_integer", param="timestamp"
+                )
             timestamp = int(timestamp)
         if not isinstance(body["payload"], dict):
             raise StripeApiError(400, "Invalid object", code="parameter_invalid_object", param="payload")
@@ -468,7 +521,9 @@ class _Handler(BaseHTTPRequestHandler):
             raise StripeApiError(400, "type must be `cancel`.", code="parameter_invalid", param="type")
         identifier = (body.get("cancel") or {}).get("identifier")
         if not identifier or not body.get("event_name"):
-            raise StripeApiError(400, "event_name and cancel[identifier] are required.", code="parameter_missing")
+            raise StripeApiError(
+                400, "event_name and cancel[identifier] are required.", code="parameter_missing"
+            )
         return self.server_state.ledger.cancel(body["event_name"], identifier)
 
     def _h_v1_adjust(self, body: dict[str, Any], match: re.Match[str], query: str) -> dict[str, Any]:
@@ -505,7 +560,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _h_v1_create_meter(self, body: dict[str, Any], match: re.Match[str], query: str) -> dict[str, Any]:
         for required in ("default_aggregation", "display_name", "event_name"):
             if required not in body:
-                raise StripeApiError(400, f"Missing required param: {required}.", code="parameter_missing", param=required)
+                raise StripeApiError(
+                    400, f"Missing required param: {required}.", code="parameter_missing", param=required
+                )
         meter = self.server_state.ledger.add_meter(
             body["event_name"],
             formula=body["default_aggregation"].get("formula", "sum"),
@@ -518,7 +575,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _meter(self, match: re.Match[str]) -> Any:
         meter = self.server_state.ledger.meters.get(match["id"])
         if meter is None:
-            raise StripeApiError(404, f"No such billing meter: '{match['id']}'", code="resource_missing", param="id")
+            raise StripeApiError(
+                404, f"No such billing meter: '{match['id']}'", code="resource_missing", param="id"
+            )
         return meter
 
     def _h_v1_get_meter(self, body: Any, match: re.Match[str], query: str) -> dict[str, Any]:
@@ -529,15 +588,21 @@ class _Handler(BaseHTTPRequestHandler):
         params = dict(parse_qsl(query))
         for required in ("customer", "start_time", "end_time"):
             if not params.get(required):
-                raise StripeApiError(400, f"Missing required param: {required}.", code="parameter_missing", param=required)
+                raise StripeApiError(
+                    400, f"Missing required param: {required}.", code="parameter_missing", param=required
+                )
         try:
             start, end = int(params["start_time"]), int(params["end_time"])
         except ValueError:
-            raise StripeApiError(400, "start_time and end_time must be integers.", code="parameter_invalid_integer") from None
+            raise StripeApiError(
+                400, "start_time and end_time must be integers.", code="parameter_invalid_integer"
+            ) from None
         window_name = params.get("value_grouping_window")
         window = {"day": _DAY, "hour": 3600, None: None}.get(window_name, -1)
         if window == -1:
-            raise StripeApiError(400, "value_grouping_window must be day or hour.", param="value_grouping_window")
+            raise StripeApiError(
+                400, "value_grouping_window must be day or hour.", param="value_grouping_window"
+            )
         align = window or 60
         for name, value in (("start_time", start), ("end_time", end)):
             if value % align:
@@ -561,14 +626,20 @@ class _Handler(BaseHTTPRequestHandler):
         }
 
     def _v2_event_fields(self, item: Any) -> dict[str, Any]:
-        if not isinstance(item, dict) or "event_name" not in item or not isinstance(item.get("payload"), dict):
+        if (
+            not isinstance(item, dict)
+            or "event_name" not in item
+            or not isinstance(item.get("payload"), dict)
+        ):
             raise StripeApiError(400, "Each event needs event_name and payload.", code="invalid_payload")
         timestamp = item.get("timestamp")
         if timestamp is not None:
             try:
                 timestamp = parse_rfc3339(timestamp)
             except (TypeError, ValueError):
-                raise StripeApiError(400, f"Invalid timestamp: {timestamp!r}", code="invalid_timestamp") from None
+                raise StripeApiError(
+                    400, f"Invalid timestamp: {timestamp!r}", code="invalid_timestamp"
+                ) from None
         return {
             "event_name": item["event_name"],
             "payload": item["payload"],
@@ -581,7 +652,9 @@ class _Handler(BaseHTTPRequestHandler):
         if not isinstance(events, list) or not events:
             raise StripeApiError(400, "events must be a non-empty list.", code="invalid_payload")
         if len(events) > 100:
-            raise StripeApiError(400, f"At most 100 events per request, got {len(events)}.", code="invalid_payload")
+            raise StripeApiError(
+                400, f"At most 100 events per request, got {len(events)}.", code="invalid_payload"
+            )
         ledger = self.server_state.ledger
         for item in events:
             # Validation on the stream is asynchronous: bad or duplicate events are dropped and
@@ -601,7 +674,9 @@ class _Handler(BaseHTTPRequestHandler):
             event = self.server_state.ledger.record(**fields, api="v2")
         except StripeApiError as err:
             if "already exists" in err.message:
-                raise _V2Error(400, err.message, type="invalid_request_error", code="duplicate_meter_event") from None
+                raise _V2Error(
+                    400, err.message, type="invalid_request_error", code="duplicate_meter_event"
+                ) from None
             raise
         assert event is not None
         return {

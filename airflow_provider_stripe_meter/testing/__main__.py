@@ -1,0 +1,48 @@
+"""Run the local Stripe meter server: ``python -m airflow_provider_stripe_meter.testing``."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import threading
+
+from airflow_provider_stripe_meter.testing.server import DEFAULT_API_KEY, LocalStripeServer
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse arguments, serve until interrupted."""
+    parser = argparse.ArgumentParser(description="Local Stripe billing-meter server for tests and demos.")
+    parser.add_argument("--port", type=int, default=12111)
+    parser.add_argument(
+        "--meter", action="append", default=[], help="event name of a meter to create (repeat)"
+    )
+    parser.add_argument("--customer", action="append", help="known customer id (repeat; default: all known)")
+    parser.add_argument("--api-key", default=DEFAULT_API_KEY)
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds per request")
+    parser.add_argument("--rate-limit", type=float, help="API requests per second before 429")
+    parser.add_argument("--stream-rate-limit", type=float, help="v2 stream requests per second before 429")
+    args = parser.parse_args(argv)
+
+    server = LocalStripeServer(
+        meters=args.meter or ["ai_tokens_used"],
+        customers=args.customer,
+        api_keys=[args.api_key],
+        latency=args.latency,
+        rate_limit=args.rate_limit,
+        stream_rate_limit=args.stream_rate_limit,
+        port=args.port,
+    ).start()
+    print(f"Local Stripe meter server on {server.url}", flush=True)
+    print(f"AIRFLOW_CONN_STRIPE_DEFAULT='{server.connection_json(args.api_key)}'", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""Record one templated usage event in Stripe and branch on whether Stripe accepted it.
+
+Run it against the local server (no Stripe account needed) with ``python -m demo`` from the
+README, or against Stripe with a ``stripe_default`` connection holding your API key.
+"""
+
+from __future__ import annotations
+
+import pendulum
+from airflow.providers.standard.operators.empty import EmptyOperator
+from airflow.sdk import DAG, Param, task
+
+from airflow_provider_stripe_meter.operators.meter_event import StripeMeterEventOperator
+
+with DAG(
+    dag_id="example_stripe_meter_event",
+    schedule=None,
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    params={
+        "customer_id": Param("cus_demo_acme", type="string"),
+        "tokens": Param(1234, type="integer"),
+    },
+    tags=["example", "stripe"],
+) as dag:
+
+    @task
+    def count_tokens(params: dict | None = None) -> int:
+        """Stand-in for the query that measures usage."""
+        assert params is not None
+        return int(params["tokens"])
+
+    tokens = count_tokens()
+
+    # [START howto_operator_stripe_meter_event]
+    record = StripeMeterEventOperator(
+        task_id="record_tokens",
+        event_name="ai_tokens_used",
+        customer_id="{{ params.customer_id }}",
+        value="{{ ti.xcom_pull(task_ids='count_tokens') }}",
+        # Usage belongs to the run's data interval, not to the moment the task runs.
+        timestamp="{{ data_interval_end }}",
+    )
+    # [END howto_operator_stripe_meter_event]
+
+    # [START howto_branch_on_success]
+    @task.branch
+    def recorded(success: bool) -> str:
+        return "on_recorded" if success else "on_rejected"
+
+    on_recorded = EmptyOperator(task_id="on_recorded")
+    on_rejected = EmptyOperator(task_id="on_rejected")
+    done = EmptyOperator(task_id="done", trigger_rule="none_failed_min_one_success")
+
+    tokens >> record
+    recorded(record.output["success"]) >> [on_recorded, on_rejected] >> done
+    # [END howto_branch_on_success]

@@ -1,0 +1,105 @@
+"""Test harness: a throwaway Airflow home with a SQLite metadata DB, and the local Stripe server.
+
+Airflow reads its configuration when first imported, so the environment is set here, before any
+test module imports it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+_HOME = Path(tempfile.mkdtemp(prefix="stripe-meter-airflow-"))
+DAGS_FOLDER = _HOME / "dags"
+os.environ["AIRFLOW_HOME"] = str(_HOME)
+os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(DAGS_FOLDER)
+os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
+os.environ.pop("AIRFLOW_CONN_STRIPE_DEFAULT", None)
+
+pytest_plugins = ["airflow_provider_stripe_meter.testing.pytest_plugin"]
+
+#: An API key no test output may ever contain.
+SECRET_KEY = "sk_test_LEAKCANARY_7f3c9a1e5b"
+
+
+@pytest.fixture(scope="session")
+def airflow_db() -> Path:
+    """Create the metadata DB once and copy the example and test DAGs into the DAGs folder."""
+    DAGS_FOLDER.mkdir(parents=True, exist_ok=True)
+    for source in [
+        *sorted((ROOT / "example_dags").glob("*.py")),
+        *sorted((ROOT / "tests" / "dags").glob("*.py")),
+    ]:
+        shutil.copy(source, DAGS_FOLDER / source.name)
+    airflow = Path(sys.executable).with_name("airflow")
+    subprocess.run([str(airflow), "db", "migrate"], check=True, capture_output=True, env=os.environ.copy())
+    return _HOME
+
+
+@pytest.fixture
+def secret_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """The local Stripe server, accepting only :data:`SECRET_KEY`, spec checks on, SDK retries 1."""
+    from airflow_provider_stripe_meter.testing import LocalStripeServer
+
+    with LocalStripeServer(meters=["ai_tokens_used"], api_keys=[SECRET_KEY], validate_spec=True) as server:
+        monkeypatch.setenv(
+            "AIRFLOW_CONN_STRIPE_DEFAULT", server.connection_json(SECRET_KEY, max_network_retries=1)
+        )
+        yield server
+        # What this provider sends must conform to the spec too.
+        assert server.spec_violations == [], server.spec_violations
+        assert server.request_violations == [], server.request_violations
+
+
+def run_dag(dag_id: str, **kwargs: Any) -> Any:
+    """Run a DAG from the DAGs folder with ``dag.test()`` and return the finished DagRun."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=str(DAGS_FOLDER))
+    assert not bag.import_errors, bag.import_errors
+    return bag.get_dag(dag_id).test(**kwargs)
+
+
+def xcoms(dag_run: Any, task_id: str) -> dict[str, Any]:
+    """All XComs a task pushed in a run, by key."""
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        rows = session.query(XComModel).filter(
+            XComModel.dag_id == dag_run.dag_id,
+            XComModel.run_id == dag_run.run_id,
+            XComModel.task_id == task_id,
+        )
+        return {row.key: XComModel.deserialize_value(row) for row in rows}
+
+
+def task_states(dag_run: Any) -> dict[str, str]:
+    """Task id to final state."""
+    return {
+        ti.task_id: str(ti.state.value if hasattr(ti.state, "value") else ti.state)
+        for ti in dag_run.get_task_instances()
+    }
+
+
+def rendered_fields(dag_run: Any, task_id: str) -> dict[str, Any]:
+    """The rendered template fields Airflow stored for a task."""
+    from airflow.models.renderedtifields import RenderedTaskInstanceFields
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        row = (
+            session.query(RenderedTaskInstanceFields)
+            .filter_by(dag_id=dag_run.dag_id, run_id=dag_run.run_id, task_id=task_id)
+            .one()
+        )
+        return dict(row.rendered_fields)

@@ -1,0 +1,109 @@
+"""StripeMeterEventOperator end to end: real Airflow (dag.test), real stripe SDK, local server."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.conftest import SECRET_KEY, rendered_fields, run_dag, task_states, xcoms
+
+pytestmark = [pytest.mark.airflow, pytest.mark.usefixtures("airflow_db")]
+
+
+def test_templated_event_reaches_stripe_and_success_branch_runs(secret_server, capfd):
+    when = int(time.time()) - 3 * 86400
+    dag_run = run_dag(
+        "t_meter_event_branch",
+        run_conf={"customer_id": "cus_rendered_7", "value": "1234", "timestamp": str(when)},
+    )
+
+    [event] = secret_server.ledger.accepted()
+    assert event.payload == {"stripe_customer_id": "cus_rendered_7", "value": "1234"}
+    assert event.timestamp == when
+    assert event.identifier == f"airflow:t_meter_event_branch:record:{dag_run.run_id}:-1"
+
+    pushed = xcoms(dag_run, "record")
+    assert pushed["success"] is True
+    assert pushed["response"]["object"] == "billing.meter_event"
+    assert pushed["response"]["payload"]["value"] == "1234"
+    assert pushed["return_value"] == {"success": True, "response": pushed["response"]}
+    states = task_states(dag_run)
+    assert states["on_success"] == "success"
+    assert states["on_failure"] == "skipped"
+
+    rendered = rendered_fields(dag_run, "record")
+    assert rendered["customer_id"] == "cus_rendered_7"
+    assert rendered["value"] == "1234"
+    output = capfd.readouterr()
+    for text in (output.out, output.err, repr(pushed), repr(rendered)):
+        assert SECRET_KEY not in text
+
+
+def test_event_rejected_by_stripe_takes_failure_branch(secret_server):
+    # A meter whose customer key is not the default: Stripe answers 400 for the missing key.
+    secret_server.ledger.add_meter("custom_keys", customer_key="account", value_key="units")
+
+    dag_run = run_dag("t_meter_event_branch", run_conf={"event_name": "custom_keys"})
+
+    assert secret_server.ledger.accepted() == []
+    pushed = xcoms(dag_run, "record")
+    assert pushed["success"] is False
+    response = pushed["response"]
+    assert response["http_status"] == 400
+    assert response["type"] == "invalid_request_error"
+    assert response["param"] == "payload[account]"
+    assert response["request_id"].startswith("req_")
+    assert "account" in response["message"]
+    states = task_states(dag_run)
+    assert (states["record"], states["on_failure"], states["on_success"]) == ("success", "success", "skipped")
+
+
+def test_invalid_input_is_reported_and_nothing_is_sent(secret_server):
+    dag_run = run_dag("t_meter_event_branch", run_conf={"value": "12.5"})
+
+    assert secret_server.stats["v1_meter_event"] == 0
+    pushed = xcoms(dag_run, "record")
+    assert pushed["success"] is False
+    assert pushed["response"] == {
+        "type": "validation_error",
+        "field": "value",
+        "value": "'12.5'",
+        "rule": "must be a whole number",
+    }
+    assert task_states(dag_run)["on_failure"] == "success"
+
+
+def test_fail_on_error_fails_the_task(secret_server):
+    dag_run = run_dag("t_meter_event_fail_on_error", run_conf={"customer_id": "user_42"})
+
+    states = task_states(dag_run)
+    assert states["record"] == "failed"
+    assert states["after"] == "upstream_failed"
+    assert secret_server.stats["v1_meter_event"] == 0
+
+
+def test_retry_after_recorded_event_leaves_exactly_one_event(secret_server):
+    # Every answer of the first try is lost after the write landed (SDK retry included), so the
+    # task fails; Airflow's retry sends the same identifier and Stripe refuses the copy.
+    secret_server.inject_failures(2, status=500, after_write=True, path_prefix="/v1/billing/meter_events")
+
+    dag_run = run_dag("t_meter_event_retry", run_conf={"customer_id": "cus_retry", "value": "5"})
+
+    [ti] = dag_run.get_task_instances()
+    assert (str(ti.state), ti.try_number) == ("success", 2)
+    assert secret_server.ledger.totals() == {"cus_retry": 5}
+    assert len(secret_server.ledger.accepted()) == 1
+    assert secret_server.stats["duplicates_rejected"] >= 1
+    pushed = xcoms(dag_run, "record")
+    assert pushed["success"] is True
+    assert pushed["response"]["already_recorded"] is True
+
+
+def test_transient_failures_that_outlast_retries_fail_the_task_without_sending(secret_server):
+    secret_server.inject_failures(10, status=503, path_prefix="/v1/billing/meter_events")
+
+    dag_run = run_dag("t_meter_event_fail_on_error")
+
+    assert task_states(dag_run)["record"] == "failed"
+    assert secret_server.ledger.accepted() == []

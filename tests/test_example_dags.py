@@ -1,0 +1,42 @@
+"""Every example DAG imports cleanly and has the shape the README promises."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "example_dags"
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.py")), ids=lambda p: p.stem)
+def test_example_dag_imports_without_errors(path):
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=str(path))
+    assert bag.import_errors == {}
+    assert bag.dags, f"{path.name} defines no DAG"
+    for dag in bag.dags.values():
+        assert "example" in dag.tags
+
+
+def _snippets(text: str) -> dict[str, str]:
+    """Marker name to the lines between ``# [START name]`` and ``# [END name]``."""
+    found: dict[str, str] = {}
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        if "# [START " in line:
+            name = line.split("# [START ")[1].rstrip("]")
+            end = next(j for j in range(i, len(lines)) if f"# [END {name}]" in lines[j])
+            found[name] = "\n".join(lines[i + 1 : end])
+    return found
+
+
+def test_readme_quotes_the_example_code_verbatim():
+    readme = _snippets((EXAMPLES.parent / "README.md").read_text())
+    quoted = 0
+    for path in EXAMPLES.glob("*.py"):
+        for name, code in _snippets(path.read_text()).items():
+            assert readme.get(name) == code, f"README's {name} differs from {path.name}"
+            quoted += 1
+    assert quoted >= 2

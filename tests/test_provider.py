@@ -1,0 +1,61 @@
+"""Packaging: Airflow finds the provider, its metadata is valid, and parsing stays light."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import pytest
+
+import airflow_provider_stripe_meter
+
+
+def test_entry_point_returns_provider_info():
+    [entry] = [
+        ep
+        for ep in entry_points(group="apache_airflow_provider")
+        if ep.value.startswith("airflow_provider_stripe")
+    ]
+    info = entry.load()()
+    assert info["package-name"] == "airflow-provider-stripe-meter"
+    [conn] = info["connection-types"]
+    assert conn["connection-type"] == "stripe"
+    assert conn["ui-field-behaviour"]["relabeling"] == {"password": "API key"}
+    assert set(conn["conn-fields"]) >= {"stripe_version", "stripe_account", "max_network_retries", "api_base"}
+
+
+def test_provider_info_matches_airflows_schema():
+    import jsonschema
+    from airflow import providers_manager
+
+    schema_path = Path(providers_manager.__file__).with_name("provider_info.schema.json")
+    schema = json.loads(schema_path.read_text())
+    jsonschema.validate(airflow_provider_stripe_meter.get_provider_info(), schema)
+
+
+@pytest.mark.airflow
+def test_airflow_lists_the_provider_and_its_connection_type(airflow_db):
+    airflow = str(Path(sys.executable).with_name("airflow"))
+    providers = subprocess.run(
+        [airflow, "providers", "list", "-o", "json"], capture_output=True, text=True, env=os.environ.copy()
+    )
+    assert "airflow-provider-stripe-meter" in providers.stdout, providers.stderr[-2000:]
+    hooks = subprocess.run(
+        [airflow, "providers", "hooks", "-o", "json"], capture_output=True, text=True, env=os.environ.copy()
+    )
+    assert "StripeHook" in hooks.stdout, hooks.stderr[-2000:]
+
+
+def test_importing_hooks_and_operators_does_not_import_stripe():
+    code = (
+        "import sys, importlib, pkgutil, airflow_provider_stripe_meter as p\n"
+        "for m in pkgutil.walk_packages(p.__path__, p.__name__ + '.'):\n"
+        "    if '.testing' not in m.name: importlib.import_module(m.name)\n"
+        "print('stripe' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
