@@ -218,6 +218,11 @@ def _iso(seconds: int) -> str:
         return f"{seconds} (out of range)"
 
 
+def rfc3339(seconds: int) -> str:
+    """Unix seconds as the RFC 3339 UTC string Stripe's v2 endpoints take."""
+    return datetime.fromtimestamp(seconds, tz=timezone.utc).isoformat().replace("+00:00", "Z")
+
+
 def validate_timestamp(value: Any, now: int) -> int | None:
     """Return ``value`` as unix seconds within Stripe's window, or ``None`` for "now"."""
     if value is None or (isinstance(value, str) and not value.strip()):

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Sequence
+from datetime import datetime
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +21,7 @@ from airflow_provider_stripe_meter.exceptions import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Sequence
+    from collections.abc import Iterator
 
     import stripe
 
@@ -118,6 +122,11 @@ class StripeHook(BaseHook):
     def max_network_retries(self) -> int:
         """SDK-level retries for each request."""
         return int(self._settings.get("max_network_retries", DEFAULT_MAX_NETWORK_RETRIES))
+
+    @property
+    def livemode(self) -> bool:
+        """Whether the key is a live one (``sk_live_``/``rk_live_``): live limits apply."""
+        return str(self._settings["api_key"]).startswith(("sk_live_", "rk_live_"))
 
     @property
     def stripe_account(self) -> str | None:
@@ -286,6 +295,10 @@ class StripeHook(BaseHook):
         """Send up to 100 events through ``POST /v2/billing/meter_event_stream`` with a session client."""
         self._call(session_client.v2.billing.meter_event_stream.create, {"events": list(events)})
 
+    def meter_event_stream(self, renew_before: float = 60.0) -> MeterEventStream:
+        """Return a sender for the v2 high-throughput stream that manages its session tokens."""
+        return MeterEventStream(self, renew_before=renew_before)
+
     def test_connection(self) -> tuple[bool, str]:
         """Make one cheap authenticated call (list one meter) and report the outcome."""
         try:
@@ -293,3 +306,59 @@ class StripeHook(BaseHook):
         except Exception as err:
             return False, self._scrub(str(err))
         return True, "Connection to Stripe works: the API key may list billing meters."
+
+
+class MeterEventStream:
+    """Send batches through ``/v2/billing/meter_event_stream``, renewing the session as needed.
+
+    Sessions last 15 minutes. One is shared by every thread; it is renewed ``renew_before``
+    seconds before it expires, and at once when Stripe answers that it has expired.
+
+    .. seealso:: https://docs.stripe.com/api/v2/billing-meter-stream
+    """
+
+    def __init__(self, hook: StripeHook, *, renew_before: float = 60.0) -> None:
+        self.hook = hook
+        self.renew_before = renew_before
+        self.sessions_opened = 0
+        self._lock = threading.Lock()
+        self._token: str | None = None
+        self._expires_at = 0.0
+        self._client: stripe.StripeClient | None = None
+
+    def _current(self) -> tuple[str, stripe.StripeClient]:
+        with self._lock:
+            if (
+                self._client is None
+                or self._token is None
+                or time.time() >= self._expires_at - self.renew_before
+            ):
+                session = self.hook.create_meter_event_session()
+                self._token = session["authentication_token"]
+                self._expires_at = _to_epoch(session["expires_at"])
+                self._client = self.hook.session_client(self._token)
+                self.sessions_opened += 1
+            return self._token, self._client
+
+    def _expire(self, token: str) -> None:
+        with self._lock:
+            if self._token == token:
+                self._client = None
+
+    def send(self, events: Sequence[dict[str, Any]]) -> None:
+        """Send up to 100 events; validation happens later on Stripe's side (duplicates dropped)."""
+        token, client = self._current()
+        try:
+            self.hook.send_meter_event_stream(client, events)
+        except StripeSessionExpired:
+            self._expire(token)
+            _, client = self._current()
+            self.hook.send_meter_event_stream(client, events)
+
+
+def _to_epoch(value: Any) -> float:
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, datetime):
+        return value.timestamp()
+    return datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()

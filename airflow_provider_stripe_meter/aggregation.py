@@ -1,0 +1,399 @@
+"""Daily usage aggregation: raw usage rows in, one meter event per (event name, customer, UTC day) out.
+
+Plain Python (no Airflow, no stripe). Values are summed exactly as integers (never through
+float). Every row ends up in exactly one place: an aggregate, or a counted problem
+(``invalid``, ``skipped_too_old``, ``skipped_future``) with a bounded sample for the report.
+
+Each aggregate carries the timestamp of its **latest row**. That instant lies inside the UTC day
+the aggregate sums, so the event lands in the billing period holding that day's usage, and it is
+never earlier than any usage it covers; being a real row's time it also passed the 35-day check
+that every row passed.
+
+Rows are processed chunk by chunk. A chunk in the common shape of a daily query (tuples, integer
+values, naive or datetime timestamps all on one UTC day, inside the window) takes a fast path
+that checks the whole chunk with C-level built-ins and then does one dictionary update per row;
+any other chunk goes row by row through the general path. Both give the same result.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta, timezone, tzinfo
+from decimal import Decimal, InvalidOperation
+from itertools import compress, islice, repeat
+from operator import attrgetter, eq, itemgetter, le
+from typing import Any
+
+from airflow_provider_stripe_meter.rules import (
+    FUTURE_TOLERANCE,
+    MAX_VALUE,
+    MAX_VALUE_DIGITS,
+    PAST_WINDOW,
+    MeterEventInputError,
+    validate_customer_id,
+    validate_event_name,
+)
+
+#: Rows must be this much younger than Stripe's 35 days, so none expires between check and send.
+DEFAULT_SAFETY_MARGIN = timedelta(hours=1)
+DEFAULT_SAMPLE_LIMIT = 20
+_DAY = 86400
+_EPOCH = datetime(1970, 1, 1)
+_EPOCH_UTC = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_EPOCH_ORDINAL = _EPOCH.toordinal()
+_SECOND = timedelta(seconds=1)
+_GET_TZINFO = attrgetter("tzinfo")
+_TO_ORDINAL = datetime.toordinal
+#: A chunk spanning more UTC days than this goes row by row.
+_FAST_MAX_DAYS = 7
+_fromisoformat = datetime.fromisoformat
+
+
+@dataclass
+class DailyAggregate:
+    """One customer's usage of one meter on one UTC day, ready to send as one event."""
+
+    event_name: str
+    customer_id: str
+    day: date
+    value: int
+    timestamp: int
+    rows: int
+
+
+@dataclass
+class ProblemLog:
+    """Counts per kind of problem, with the first few examples of each."""
+
+    limit: int = DEFAULT_SAMPLE_LIMIT
+    counts: Counter[str] = field(default_factory=Counter)
+    samples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+
+    def add(self, kind: str, detail: dict[str, Any], count: int = 1) -> None:
+        """Count ``count`` problems of ``kind``; keep ``detail`` if the sample is not full."""
+        self.counts[kind] += count
+        bucket = self.samples.setdefault(kind, [])
+        if len(bucket) < self.limit:
+            bucket.append(detail)
+
+
+class UsageAggregator:
+    """Sum usage rows per (event name, customer, UTC day), checking every row.
+
+    :param event_name: The event name for every row; ``None`` to read it from each row.
+    :param now: Unix seconds the 35-day window and the 5-minute future limit are measured from.
+    :param columns: Names of the fields in mapping rows, and their order in tuple rows:
+        customer id, value, timestamp, then event name when ``event_name`` is ``None``.
+    :param naive_timezone: Zone for timestamps without one (SQL ``timestamp`` columns usually
+        have none); ``None`` rejects them.
+    :param safety_margin: How much younger than 35 days a row must be.
+    :param sample_limit: How many examples of each problem to keep.
+    """
+
+    def __init__(
+        self,
+        *,
+        event_name: str | None,
+        now: int,
+        columns: Sequence[str] = ("customer_id", "value", "timestamp", "event_name"),
+        naive_timezone: tzinfo | None = timezone.utc,
+        safety_margin: timedelta = DEFAULT_SAFETY_MARGIN,
+        sample_limit: int = DEFAULT_SAMPLE_LIMIT,
+    ) -> None:
+        self.event_name = validate_event_name(event_name) if event_name is not None else None
+        self.columns = tuple(columns[:3] if event_name is not None else columns[:4])
+        self.naive_timezone = naive_timezone
+        self.oldest = now - int((PAST_WINDOW - safety_margin).total_seconds())
+        self.newest = now + int(FUTURE_TOLERANCE.total_seconds())
+        self.problems = ProblemLog(sample_limit)
+        self.rows = 0
+        # (event name, customer, UTC day number) -> [sum, latest unix seconds, rows]
+        self._totals: dict[tuple[str, str, int], list[int]] = {}
+        # Fast path, fixed event name: UTC day number -> (sums, latest naive-UTC datetimes, rows)
+        # per customer; folded into _totals when the aggregates are read.
+        self._fast_days: dict[int, tuple[dict[str, int], dict[str, datetime], Counter[str]]] = {}
+        self._good_customers: set[str] = set()
+        self._good_events: set[str] = set()
+        utc_naive = naive_timezone is not None and naive_timezone.utcoffset(None) == timedelta(0)
+        self._fast_ok = event_name is not None and utc_naive
+        self._oldest_naive = _EPOCH + timedelta(seconds=self.oldest)
+        self._newest_naive = _EPOCH + timedelta(seconds=self.newest)
+
+    # -- feeding ---------------------------------------------------------------------------
+
+    def add_rows(self, rows: Sequence[Any]) -> None:
+        """Add one chunk of rows (tuples, lists or mappings)."""
+        if not rows:
+            return
+        start = self.rows
+        self.rows += len(rows)
+        if self._fast_ok and self._add_fast(rows):
+            return
+        for offset, row in enumerate(rows):
+            self._add_one(start + offset, row)
+
+    def _add_fast(self, rows: Sequence[Any]) -> bool:
+        """Aggregate a whole chunk if it has the common shape; ``False`` leaves it untouched."""
+        first = rows[0]
+        if not isinstance(first, (tuple, list)) or len(first) < 3:
+            return False
+        try:
+            customers = list(map(itemgetter(0), rows))
+            values = list(map(itemgetter(1), rows))
+            stamps = list(map(itemgetter(2), rows))
+        except (IndexError, KeyError, TypeError):
+            return False
+        if set(map(type, values)) != {int}:
+            return False
+        stamp_types = set(map(type, stamps))
+        if stamp_types == {str}:
+            try:
+                stamps = list(map(_fromisoformat, stamps))
+            except ValueError:
+                return False
+        elif stamp_types != {datetime}:
+            return False
+        if set(map(_GET_TZINFO, stamps)) != {None}:
+            return False
+        if min(stamps) < self._oldest_naive or max(stamps) > self._newest_naive:
+            return False
+        days = list(map(_TO_ORDINAL, stamps))
+        first_day, last_day = min(days), max(days)
+        if last_day - first_day > _FAST_MAX_DAYS:
+            return False
+        new = set(customers) - self._good_customers
+        for customer in new:
+            if not _is_customer(customer):
+                return False
+        self._good_customers |= new
+
+        in_order = all(map(le, stamps, islice(stamps, 1, None)))
+        if first_day == last_day:
+            self._add_fast_day(first_day, customers, values, stamps, in_order)
+            return True
+        for day in range(first_day, last_day + 1):
+            picked = list(map(eq, days, repeat(day)))
+            self._add_fast_day(
+                day,
+                list(compress(customers, picked)),
+                list(compress(values, picked)),
+                list(compress(stamps, picked)),
+                in_order,
+            )
+        return True
+
+    def _add_fast_day(
+        self, ordinal: int, customers: list[str], values: list[int], stamps: list[datetime], in_order: bool
+    ) -> None:
+        if not customers:
+            return
+        day = ordinal - _EPOCH_ORDINAL
+        entry = self._fast_days.get(day)
+        if entry is None:
+            entry = self._fast_days[day] = ({}, {}, Counter())
+        sums, latest, counts = entry
+        counts.update(customers)
+        get_sum = sums.get
+        for customer, value in zip(customers, values, strict=True):
+            sums[customer] = get_sum(customer, 0) + value
+        get_latest = latest.get
+        epoch = _EPOCH
+        if in_order:
+            # Sorted by time: the last row of each customer is its latest, found in C.
+            for customer, stamp in dict(zip(customers, stamps, strict=True)).items():
+                if stamp > get_latest(customer, epoch):
+                    latest[customer] = stamp
+        else:
+            for customer, stamp in zip(customers, stamps, strict=True):
+                if stamp > get_latest(customer, epoch):
+                    latest[customer] = stamp
+
+    def _merge(self, key: tuple[str, str, int], total: int, seconds: int, rows: int) -> None:
+        entry = self._totals.get(key)
+        if entry is None:
+            self._totals[key] = [total, seconds, rows]
+        else:
+            entry[0] += total
+            entry[2] += rows
+            if seconds > entry[1]:
+                entry[1] = seconds
+
+    def _add_one(self, index: int, row: Any) -> None:
+        try:
+            customer, value, stamp, event_name = self._fields(row)
+            event_name = self._check_event_name(event_name)
+            customer = self._check_customer(customer)
+            number = row_value(value)
+            seconds = self.to_seconds(stamp)
+        except MeterEventInputError as err:
+            self.problems.add("invalid", {"row": index, **err.to_dict()})
+            return
+        if seconds < self.oldest:
+            self.problems.add(
+                "skipped_too_old", {"row": index, "customer_id": customer, "timestamp": _iso(seconds)}
+            )
+            return
+        if seconds > self.newest:
+            self.problems.add(
+                "skipped_future", {"row": index, "customer_id": customer, "timestamp": _iso(seconds)}
+            )
+            return
+        self._merge((event_name, customer, seconds // _DAY), number, seconds, 1)
+
+    def _fields(self, row: Any) -> tuple[Any, Any, Any, Any]:
+        names = self.columns
+        if isinstance(row, Mapping):
+            missing = [name for name in names if name not in row]
+            if missing:
+                raise MeterEventInputError("row", row, f"must have the keys {list(names)}, missing {missing}")
+            fields = [row[name] for name in names]
+        elif isinstance(row, (tuple, list)):
+            if len(row) < len(names):
+                raise MeterEventInputError("row", row, f"must have {len(names)} columns: {', '.join(names)}")
+            fields = list(row[: len(names)])
+        else:
+            raise MeterEventInputError("row", row, "must be a tuple, list or mapping")
+        event_name = fields[3] if len(fields) > 3 else self.event_name
+        return fields[0], fields[1], fields[2], event_name
+
+    def _check_event_name(self, event_name: Any) -> str:
+        if event_name in self._good_events:
+            return event_name
+        checked = validate_event_name(event_name)
+        self._good_events.add(checked)
+        return checked
+
+    def _check_customer(self, customer: Any) -> str:
+        if customer in self._good_customers:
+            return customer
+        checked = validate_customer_id(customer)
+        self._good_customers.add(checked)
+        return checked
+
+    def to_seconds(self, stamp: Any) -> int:
+        """Unix seconds of a row's timestamp; naive values are read in ``naive_timezone``."""
+        if isinstance(stamp, bool) or stamp is None:
+            raise MeterEventInputError(
+                "timestamp", stamp, "must be a date-time, ISO-8601 string or unix seconds"
+            )
+        if isinstance(stamp, int):
+            return stamp
+        if isinstance(stamp, float):
+            if not math.isfinite(stamp):
+                raise MeterEventInputError("timestamp", stamp, "must be finite unix seconds")
+            return int(stamp)
+        if isinstance(stamp, str):
+            text = stamp.strip()
+            if text.isdigit():
+                return int(text)
+            try:
+                stamp = _fromisoformat(text)
+            except ValueError:
+                raise MeterEventInputError(
+                    "timestamp", stamp, "must be an ISO-8601 date-time or unix seconds"
+                ) from None
+        if isinstance(stamp, datetime):
+            if stamp.tzinfo is None or stamp.utcoffset() is None:
+                if self.naive_timezone is None:
+                    raise MeterEventInputError(
+                        "timestamp", stamp, "must carry a timezone (naive_timezone is None)"
+                    )
+                stamp = stamp.replace(tzinfo=self.naive_timezone)
+            return (stamp - _EPOCH_UTC) // _SECOND
+        if isinstance(stamp, date):
+            return self.to_seconds(datetime(stamp.year, stamp.month, stamp.day))
+        raise MeterEventInputError("timestamp", stamp, f"must be a date-time, got {type(stamp).__name__}")
+
+    # -- results ---------------------------------------------------------------------------
+
+    def aggregates(self) -> list[DailyAggregate]:
+        """Return the aggregates, sorted; one whose total exceeds 15 digits is reported instead."""
+        for day, (sums, latest, counts) in self._fast_days.items():
+            assert self.event_name is not None
+            for customer, total in sums.items():
+                self._merge(
+                    (self.event_name, customer, day),
+                    total,
+                    _naive_utc_seconds(latest[customer]),
+                    counts[customer],
+                )
+        self._fast_days.clear()
+        out: list[DailyAggregate] = []
+        for (event_name, customer, day), (total, seconds, rows) in sorted(self._totals.items()):
+            if abs(total) > MAX_VALUE:
+                self.problems.add(
+                    "invalid",
+                    {
+                        "type": "validation_error",
+                        "field": "value",
+                        "value": str(total),
+                        "rule": f"the day's total must have at most {MAX_VALUE_DIGITS} digits",
+                        "customer_id": customer,
+                        "day": _day(day).isoformat(),
+                    },
+                    count=rows,
+                )
+                continue
+            out.append(DailyAggregate(event_name, customer, _day(day), total, seconds, rows))
+        return out
+
+
+def row_value(value: Any) -> int:
+    """A row's value as an exact ``int``: integers, integral Decimals/floats, numeric strings."""
+    if type(value) is int:
+        return value
+    if isinstance(value, bool) or value is None:
+        raise MeterEventInputError("value", value, "must be a whole number, not a boolean or None")
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        if math.isfinite(value) and value.is_integer():
+            return int(value)
+        raise MeterEventInputError("value", value, "must be a whole number")
+    if isinstance(value, (str, Decimal)):
+        try:
+            number = value if isinstance(value, Decimal) else Decimal(value.strip())
+        except InvalidOperation:
+            raise MeterEventInputError("value", value, "must be a whole number") from None
+        if number.is_finite() and number == number.to_integral_value():
+            return int(number)
+        raise MeterEventInputError("value", value, "must be a whole number")
+    raise MeterEventInputError("value", value, f"must be a whole number, got {type(value).__name__}")
+
+
+def _is_customer(value: Any) -> bool:
+    try:
+        validate_customer_id(value)
+    except MeterEventInputError:
+        return False
+    return True
+
+
+def _naive_utc_seconds(moment: datetime) -> int:
+    return (moment - _EPOCH) // _SECOND
+
+
+def _day(day_number: int) -> date:
+    return date(1970, 1, 1) + timedelta(days=day_number)
+
+
+def _iso(seconds: int) -> str:
+    try:
+        return datetime.fromtimestamp(seconds, tz=timezone.utc).isoformat()
+    except (OverflowError, OSError, ValueError):
+        return str(seconds)
+
+
+def iter_chunks(rows: Iterable[Any], size: int = 10_000) -> Iterable[list[Any]]:
+    """Split an iterable of rows into lists of ``size``."""
+    chunk: list[Any] = []
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk

@@ -1,0 +1,325 @@
+"""Deliver meter events as fast as Stripe allows, never two at once for one customer and meter.
+
+Plain Python: the caller passes the functions that talk to Stripe (through the hook), so pacing,
+scheduling and retry rules are tested on their own.
+
+* A client-side limiter spaces requests evenly at ``max_rps``, so the account's rate limit is
+  approached but not hit; 429s that happen anyway are backed off with full jitter.
+* A keyed work queue hands a worker only items whose (customer, meter) key is not in flight:
+  Stripe allows one concurrent request per customer and meter.
+* 5xx and connection errors are retried with the same identifier, so a retry can never bill
+  twice; what is still undelivered after ``max_attempts`` is reported as failed.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from airflow_provider_stripe_meter.exceptions import (
+    StripeConfigurationError,
+    StripeDuplicateIdentifier,
+    StripeMeterError,
+    StripeRequestRejected,
+    StripeTransientError,
+)
+
+T = TypeVar("T")
+
+#: Stripe's documented limits (STRIPE_FACTS.md): test mode shares 25 operations/s with every
+#: other call of the account, live mode allows 1,000 meter events/s. Defaults leave headroom.
+DEFAULT_MAX_RPS = {"test": 20.0, "live": 900.0}
+
+
+def default_max_rps(livemode: bool) -> float:
+    """The default request rate for a live or a test/sandbox key."""
+    return DEFAULT_MAX_RPS["live" if livemode else "test"]
+
+
+def full_jitter(
+    attempt: int, base: float = 0.5, cap: float = 30.0, rng: Callable[[], float] = random.random
+) -> float:
+    """Seconds to wait before retry ``attempt`` (1-based): uniform in [0, min(cap, base * 2**attempt))."""
+    return rng() * min(cap, base * 2 ** min(attempt, 30))
+
+
+class RateLimiter:
+    """Space calls evenly at ``rate`` per second across threads (``None``: no limit)."""
+
+    def __init__(
+        self,
+        rate: float | None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        if rate is not None and rate <= 0:
+            raise ValueError(f"max_rps must be positive or None, got {rate!r}")
+        self.interval = 0.0 if rate is None else 1.0 / rate
+        self._clock = clock
+        self._sleep = sleep
+        self._next = 0.0
+        self._lock = threading.Lock()
+
+    def acquire(self) -> None:
+        """Block until this caller's turn."""
+        if not self.interval:
+            return
+        with self._lock:
+            now = self._clock()
+            slot = max(now, self._next)
+            self._next = slot + self.interval
+        if slot > now:
+            self._sleep(slot - now)
+
+    def pause(self, seconds: float) -> None:
+        """Push every later turn back (after a 429: the whole account is over its limit)."""
+        with self._lock:
+            self._next = max(self._next, self._clock() + seconds)
+
+
+class KeyedWorkQueue(Generic[T]):
+    """Items in order, handed out so that no two items with the same key are out at once."""
+
+    def __init__(self, items: Sequence[T], key: Callable[[T], Hashable]) -> None:
+        self._key = key
+        self._pending: deque[T] = deque(items)
+        self._busy: set[Hashable] = set()
+        self._lock = threading.Condition()
+
+    def take(self, limit: int = 1) -> list[T]:
+        """Up to ``limit`` items with distinct keys not out already; waits while all are blocked.
+
+        Returns an empty list when nothing is left.
+        """
+        with self._lock:
+            while True:
+                if not self._pending:
+                    return []
+                picked: list[T] = []
+                skipped: list[T] = []
+                keys: set[Hashable] = set()
+                while self._pending and len(picked) < limit:
+                    item = self._pending.popleft()
+                    key = self._key(item)
+                    if key in self._busy or key in keys:
+                        skipped.append(item)
+                    else:
+                        picked.append(item)
+                        keys.add(key)
+                self._pending.extendleft(reversed(skipped))
+                if picked:
+                    self._busy |= keys
+                    return picked
+                self._lock.wait()
+
+    def done(self, items: Sequence[T], retry: Sequence[T] = ()) -> None:
+        """Release ``items``' keys; ``retry`` go back to the front of the queue."""
+        with self._lock:
+            for item in items:
+                self._busy.discard(self._key(item))
+            self._pending.extendleft(reversed(list(retry)))
+            self._lock.notify_all()
+
+
+@dataclass
+class DeliveryReport:
+    """What happened to each item, counted, with bounded samples of what went wrong."""
+
+    total: int
+    sent: int = 0
+    already_recorded: int = 0
+    rejected: int = 0
+    failed: int = 0
+    requests: int = 0
+    rate_limited: int = 0
+    retried: int = 0
+    seconds: float = 0.0
+    samples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    sample_limit: int = 20
+    #: Items rejected or failed, all of them (the samples are bounded, this is not).
+    unsettled: list[Any] = field(default_factory=list)
+
+    def sample(self, kind: str, detail: dict[str, Any]) -> None:
+        """Keep ``detail`` as an example of ``kind`` if there is room."""
+        bucket = self.samples.setdefault(kind, [])
+        if len(bucket) < self.sample_limit:
+            bucket.append(detail)
+
+    @property
+    def done(self) -> int:
+        """Items whose fate is settled."""
+        return self.sent + self.already_recorded + self.rejected + self.failed
+
+
+class Deliverer(Generic[T]):
+    """Send items through ``send`` in batches of ``batch_size`` with pacing, keys and retries.
+
+    :param send: Sends a batch. Returns normally when Stripe accepted all of it; raises
+        :class:`StripeDuplicateIdentifier` (batch of one: already recorded),
+        :class:`StripeRequestRejected` (permanent), :class:`StripeTransientError` (retry).
+    :param key: The (customer, meter) key of an item.
+    :param describe: JSON-safe description of an item, for the report's samples.
+    :param max_rps: Requests per second; ``None`` for no limit.
+    :param concurrency: Worker threads; enough to keep ``max_rps`` busy at the server's latency.
+    :param max_attempts: Tries per batch before its items count as failed.
+    :param progress: Called with a progress line at most every ``progress_every`` seconds.
+    """
+
+    def __init__(
+        self,
+        send: Callable[[list[T]], None],
+        *,
+        key: Callable[[T], Hashable],
+        describe: Callable[[T], dict[str, Any]],
+        batch_size: int = 1,
+        max_rps: float | None = 20.0,
+        concurrency: int | None = None,
+        max_attempts: int = 8,
+        backoff: Callable[[int], float] = full_jitter,
+        sleep: Callable[[float], None] = time.sleep,
+        progress: Callable[[str], None] | None = None,
+        progress_every: float = 10.0,
+        sample_limit: int = 20,
+    ) -> None:
+        self.send = send
+        self.key = key
+        self.describe = describe
+        self.batch_size = batch_size
+        self.limiter = RateLimiter(max_rps, sleep=sleep)
+        self.concurrency = concurrency or _default_concurrency(max_rps)
+        self.max_attempts = max_attempts
+        self.backoff = backoff
+        self.sleep = sleep
+        self.progress = progress
+        self.progress_every = progress_every
+        self.sample_limit = sample_limit
+        self._lock = threading.Lock()
+
+    def run(self, items: Sequence[T]) -> DeliveryReport:
+        """Deliver every item; return what happened. Never raises for a Stripe answer."""
+        report = DeliveryReport(total=len(items), sample_limit=self.sample_limit)
+        queue: KeyedWorkQueue[T] = KeyedWorkQueue(items, self.key)
+        attempts: dict[int, int] = {}
+        started = time.monotonic()
+        last_progress = [started]
+        workers = max(1, min(self.concurrency, math.ceil(len(items) / self.batch_size)))
+        abort: list[BaseException] = []
+
+        def worker() -> None:
+            while not abort:
+                batch = queue.take(self.batch_size)
+                if not batch:
+                    return
+                try:
+                    wait = self._attempt(batch, attempts, report)
+                except BaseException as err:  # a bug or a refused key: stop everyone, surface it
+                    abort.append(err)
+                    queue.done(batch)
+                    return
+                if wait is not None:
+                    # Back off outside the queue lock, keeping the keys busy meanwhile.
+                    self.sleep(wait)
+                queue.done(batch, retry=batch if wait is not None else ())
+                self._maybe_progress(report, started, last_progress)
+
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stripe-meter") as pool:
+            for future in [pool.submit(worker) for _ in range(workers)]:
+                future.result()
+        report.seconds = time.monotonic() - started
+        if abort:
+            raise abort[0]
+        self._maybe_progress(report, started, last_progress, force=True)
+        return report
+
+    def _attempt(self, batch: list[T], attempts: dict[int, int], report: DeliveryReport) -> float | None:
+        """Send one batch; return seconds to wait before trying it again, or None when settled."""
+        with self._lock:
+            attempt = max(attempts.get(id(item), 0) for item in batch) + 1
+            for item in batch:
+                attempts[id(item)] = attempt
+        self.limiter.acquire()
+        try:
+            self.send(batch)
+        except StripeDuplicateIdentifier:
+            with self._lock:
+                report.requests += 1
+                report.already_recorded += len(batch)
+            return None
+        except StripeConfigurationError:
+            raise
+        except StripeRequestRejected as err:
+            with self._lock:
+                report.requests += 1
+                report.rejected += len(batch)
+                report.unsettled.extend(batch)
+                for item in batch:
+                    report.sample("rejected", {**self.describe(item), "error": err.details})
+            return None
+        except StripeTransientError as err:
+            with self._lock:
+                report.requests += 1
+                if err.details.get("http_status") == 429:
+                    report.rate_limited += 1
+                if attempt < self.max_attempts:
+                    report.retried += 1
+                else:
+                    report.failed += len(batch)
+                    report.unsettled.extend(batch)
+                    for item in batch:
+                        report.sample(
+                            "failed", {**self.describe(item), "error": err.details, "attempts": attempt}
+                        )
+            if attempt >= self.max_attempts:
+                return None
+            wait = self.backoff(attempt)
+            if err.details.get("http_status") == 429:
+                self.limiter.pause(wait)
+            return wait
+        except StripeMeterError as err:
+            with self._lock:
+                report.requests += 1
+                report.failed += len(batch)
+                report.unsettled.extend(batch)
+                for item in batch:
+                    report.sample("failed", {**self.describe(item), "error": err.details})
+            return None
+        with self._lock:
+            report.requests += 1
+            report.sent += len(batch)
+        return None
+
+    def _maybe_progress(
+        self, report: DeliveryReport, started: float, last: list[float], *, force: bool = False
+    ) -> None:
+        if self.progress is None:
+            return
+        now = time.monotonic()
+        with self._lock:
+            if not force and now - last[0] < self.progress_every:
+                return
+            last[0] = now
+            done, total = report.done, report.total
+        elapsed = max(now - started, 1e-9)
+        rate = done / elapsed
+        eta = (total - done) / rate if rate else float("inf")
+        self.progress(
+            f"{done}/{total} events settled ({100 * done / max(total, 1):.1f}%), "
+            f"{rate:.1f}/s, elapsed {elapsed:.0f}s, ETA {eta:.0f}s; "
+            f"sent={report.sent} already_recorded={report.already_recorded} "
+            f"rejected={report.rejected} failed={report.failed} 429s={report.rate_limited}"
+        )
+
+
+def _default_concurrency(max_rps: float | None) -> int:
+    # Enough requests in flight to keep max_rps busy at up to ~250 ms per request.
+    if max_rps is None:
+        return 16
+    return max(4, min(64, math.ceil(max_rps / 4)))
