@@ -110,6 +110,8 @@ class UsageAggregator:
         self.newest = now + int(FUTURE_TOLERANCE.total_seconds())
         self.problems = ProblemLog(sample_limit)
         self.rows = 0
+        #: Chunks that took the fast path (the rest went row by row).
+        self.fast_chunks = 0
         # (event name, customer, UTC day number) -> [sum, latest unix seconds, rows]
         self._totals: dict[tuple[str, str, int], list[int]] = {}
         # Fast path, fixed event name: UTC day number -> (sums, latest naive-UTC datetimes, rows)
@@ -131,6 +133,7 @@ class UsageAggregator:
         start = self.rows
         self.rows += len(rows)
         if self._fast_ok and self._add_fast(rows):
+            self.fast_chunks += 1
             return
         for offset, row in enumerate(rows):
             self._add_one(start + offset, row)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Sequence
@@ -136,6 +137,7 @@ class StripeHook(BaseHook):
     def _new_client(self, api_key: str) -> stripe.StripeClient:
         import stripe
 
+        _quiet_sdk_logger()
         settings = self._settings
         base_addresses: dict[str, str] = {}
         if settings.get("api_base"):
@@ -306,6 +308,14 @@ class StripeHook(BaseHook):
         except Exception as err:
             return False, self._scrub(str(err))
         return True, "Connection to Stripe works: the API key may list billing meters."
+
+
+def _quiet_sdk_logger() -> None:
+    # stripe-python logs two INFO lines per request; a batch of thousands would drown the task
+    # log, which reports progress itself. A level set explicitly by the user is left alone.
+    sdk_logger = logging.getLogger("stripe")
+    if sdk_logger.level == logging.NOTSET:
+        sdk_logger.setLevel(logging.WARNING)
 
 
 class MeterEventStream:

@@ -1,0 +1,97 @@
+"""DAGs the batch operator tests run with dag.test(): SQL task -> batch operator -> branch."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pendulum
+from airflow.providers.common.sql.operators.sql import SQLExecuteQueryOperator
+from airflow.providers.standard.operators.empty import EmptyOperator
+from airflow.sdk import DAG, CronDataIntervalTimetable, task
+
+from airflow_provider_stripe_meter.operators.meter_event_batch import StripeMeterEventBatchOperator
+
+START = pendulum.datetime(2026, 1, 1, tz="UTC")
+DAILY_SQL = (
+    "SELECT customer_id, tokens, used_at FROM usage "
+    "WHERE datetime(used_at) >= datetime('{{ data_interval_start }}') "
+    "AND datetime(used_at) < datetime('{{ data_interval_end }}')"
+)
+
+
+def branch_on(outcome_success):
+    @task.branch
+    def choose(success: bool) -> str:
+        return "billed" if success else "alert"
+
+    choose(outcome_success) >> [EmptyOperator(task_id="billed"), EmptyOperator(task_id="alert")]
+
+
+with DAG(
+    "t_batch_daily",
+    schedule=CronDataIntervalTimetable("0 0 * * *", timezone="UTC"),
+    start_date=START,
+    catchup=False,
+) as daily_dag:
+    usage = SQLExecuteQueryOperator(task_id="usage", conn_id="usage_db", sql=DAILY_SQL)
+    bill = StripeMeterEventBatchOperator(
+        task_id="bill", event_name="ai_tokens_used", rows=usage.output, max_rps=200, concurrency=8
+    )
+    branch_on(bill.output["success"])
+
+with DAG("t_batch_window", schedule=None, start_date=START, params={"days": 40}) as window_dag:
+    bill = StripeMeterEventBatchOperator(
+        task_id="bill",
+        event_name="ai_tokens_used",
+        sql="SELECT customer_id, tokens, used_at FROM usage "
+        "WHERE datetime(used_at) >= datetime('now', '-{{ params.days }} days')",
+        sql_conn_id="usage_db",
+        max_rps=200,
+    )
+    branch_on(bill.output["success"])
+
+with DAG("t_batch_faults", schedule=None, start_date=START) as faults_dag:
+    StripeMeterEventBatchOperator(
+        task_id="bill",
+        event_name="ai_tokens_used",
+        sql="SELECT customer_id, tokens, used_at FROM usage",
+        sql_conn_id="usage_db",
+        max_rps=120,
+        concurrency=12,
+        retries=1,
+        retry_delay=timedelta(seconds=0),
+    )
+
+with DAG("t_batch_retry", schedule=None, start_date=START) as retry_dag:
+    StripeMeterEventBatchOperator(
+        task_id="bill",
+        event_name="ai_tokens_used",
+        sql="SELECT customer_id, tokens, used_at FROM usage",
+        sql_conn_id="usage_db",
+        max_attempts=2,
+        concurrency=1,
+        max_rps=200,
+        retries=1,
+        retry_delay=timedelta(seconds=0),
+    )
+
+with DAG("t_batch_stream", schedule=None, start_date=START) as stream_dag:
+    StripeMeterEventBatchOperator(
+        task_id="bill",
+        event_name="ai_tokens_used",
+        sql="SELECT customer_id, tokens, used_at FROM usage",
+        sql_conn_id="usage_db",
+        api="v2_stream",
+        max_rps=50,
+    )
+
+with DAG("t_batch_postgres", schedule=None, start_date=START) as postgres_dag:
+    StripeMeterEventBatchOperator(
+        task_id="bill",
+        event_name="ai_tokens_used",
+        sql="SELECT customer_id, tokens, used_at FROM usage WHERE used_at >= %(since)s",
+        parameters={"since": "{{ (data_interval_end - macros.timedelta(days=30)).isoformat() }}"},
+        sql_conn_id="usage_pg",
+        chunk_size=500,
+        max_rps=200,
+    )

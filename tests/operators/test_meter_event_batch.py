@@ -1,0 +1,216 @@
+"""StripeMeterEventBatchOperator end to end: SQL -> aggregate -> Stripe (local server) -> branch."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from datetime import datetime, timedelta, timezone
+
+import pendulum
+import pytest
+
+from airflow_provider_stripe_meter.identifiers import daily_identifier
+from airflow_provider_stripe_meter.operators.meter_event_batch import StripeMeterEventBatchOperator
+from tests.conftest import run_dag, task_states, xcoms
+
+pytestmark = [pytest.mark.airflow, pytest.mark.usefixtures("airflow_db")]
+TODAY = pendulum.today("UTC")
+DAY = 86400
+
+
+def seed(path, rows):
+    with sqlite3.connect(path) as con:
+        con.execute("CREATE TABLE IF NOT EXISTS usage (customer_id TEXT, tokens INTEGER, used_at TEXT)")
+        con.executemany("INSERT INTO usage VALUES (?, ?, ?)", rows)
+    return path
+
+
+def source_totals(path, where="1=1"):
+    with sqlite3.connect(path) as con:
+        return dict(
+            con.execute(f"SELECT customer_id, SUM(tokens) FROM usage WHERE {where} GROUP BY customer_id")
+        )
+
+
+def at(day_offset: int, seconds: int) -> str:
+    moment = TODAY.add(days=day_offset).add(seconds=seconds)
+    return moment.strftime("%Y-%m-%d %H:%M:%S")
+
+
+@pytest.fixture
+def usage_db(tmp_path, monkeypatch):
+    path = tmp_path / "usage.db"
+    monkeypatch.setenv("AIRFLOW_CONN_USAGE_DB", json.dumps({"conn_type": "sqlite", "host": str(path)}))
+    return path
+
+
+def test_daily_run_bills_yesterday_once_and_a_rerun_adds_nothing(secret_server, usage_db):
+    rows = [(f"cus_{n % 7}", 10 + n, at(-1, 300 * n)) for n in range(200)]
+    rows += [("cus_today", 99, at(0, 60)), ("cus_0", 5, at(-2, 60))]  # outside the data interval
+    seed(usage_db, rows)
+
+    first = run_dag("t_batch_daily", logical_date=TODAY)
+
+    expected = source_totals(usage_db, f"used_at >= '{at(-1, 0)}' AND used_at < '{at(0, 0)}'")
+    assert secret_server.ledger.totals() == expected
+    outcome = xcoms(first, "bill")
+    assert outcome["success"] is True
+    assert (outcome["rows"], outcome["aggregates"], outcome["sent"]) == (200, 7, 7)
+    assert outcome["totals"]["ai_tokens_used"]["value"] == sum(expected.values())
+    events = secret_server.ledger.accepted()
+    yesterday = TODAY.add(days=-1).date()
+    assert {e.identifier for e in events} == {
+        daily_identifier("ai_tokens_used", c, yesterday) for c in expected
+    }
+    # Each event carries its latest row's time, inside yesterday.
+    latest = {c: max(t for cc, _, t in rows[:200] if cc == c) for c in expected}
+    assert {e.customer_id: e.timestamp for e in events} == {
+        c: int(datetime.fromisoformat(t).replace(tzinfo=timezone.utc).timestamp()) for c, t in latest.items()
+    }
+    assert task_states(first)["billed"] == "success"
+
+    second = run_dag("t_batch_daily", logical_date=TODAY)
+
+    assert len(secret_server.ledger.accepted()) == 7
+    again = xcoms(second, "bill")
+    assert (again["sent"], again["already_recorded"], again["success"]) == (0, 7, True)
+    assert secret_server.stats["concurrent_rejected"] == 0
+
+
+def test_rows_outside_stripes_window_are_skipped_and_reported(secret_server, usage_db):
+    seed(
+        usage_db,
+        [
+            ("cus_old", 7, at(-38, 0)),
+            ("cus_old", 8, at(-36, 0)),
+            ("cus_new", 5, at(-30, 0)),
+            ("user_9", 1, at(-1, 0)),
+        ],
+    )
+
+    dag_run = run_dag("t_batch_window", run_conf={"days": 40})
+
+    outcome = xcoms(dag_run, "bill")
+    assert (outcome["skipped_too_old"], outcome["invalid"], outcome["sent"]) == (2, 1, 1)
+    assert outcome["success"] is False
+    assert {s["customer_id"] for s in outcome["samples"]["skipped_too_old"]} == {"cus_old"}
+    assert outcome["samples"]["invalid"][0]["field"] == "customer_id"
+    assert secret_server.ledger.totals() == {"cus_new": 5}
+    states = task_states(dag_run)
+    assert (states["bill"], states["alert"], states["billed"]) == ("success", "success", "skipped")
+
+
+def test_faults_and_rate_limits_still_bill_every_unit_exactly_once(secret_server, usage_db):
+    rows = [(f"cus_{n % 60:03d}", n * 1_000 + 1, at(-(n // 300) - 1, n)) for n in range(900)]
+    seed(usage_db, rows)
+    secret_server.set_rate_limit(60, burst=10)
+    secret_server.inject_failures(15, status=500, after_write=True, path_prefix="/v1/billing/meter_events")
+    secret_server.inject_failures(15, status=503, path_prefix="/v1/billing/meter_events")
+
+    dag_run = run_dag("t_batch_faults")
+
+    assert task_states(dag_run)["bill"] == "success"
+    assert secret_server.ledger.totals() == source_totals(usage_db)
+    identifiers = [e.identifier for e in secret_server.ledger.accepted()]
+    assert len(identifiers) == len(set(identifiers)) == 180
+    outcome = xcoms(dag_run, "bill")
+    assert outcome["sent"] + outcome["already_recorded"] == 180
+    assert outcome["already_recorded"] >= 1  # answers lost after the write came back as duplicates
+    assert secret_server.stats["rate_limited"] > 0
+    assert secret_server.stats["injected_failures"] == 30
+    assert secret_server.stats["concurrent_rejected"] == 0
+
+
+def test_undeliverable_aggregates_fail_the_task_and_the_retry_bills_only_what_is_missing(
+    secret_server, usage_db
+):
+    seed(usage_db, [(f"cus_{n:02d}", n + 1, at(-1, n)) for n in range(20)])
+    # One event at a time, 2 attempts of 2 requests each (SDK retry): 30 failures sink the
+    # first 7 events of the first try; Airflow's retry sends all 20 again.
+    secret_server.inject_failures(30, status=503, path_prefix="/v1/billing/meter_events")
+
+    dag_run = run_dag("t_batch_retry")
+
+    [ti] = dag_run.get_task_instances()
+    assert (str(ti.state), ti.try_number) == ("success", 2)
+    assert secret_server.ledger.totals() == source_totals(usage_db)
+    assert len(secret_server.ledger.accepted()) == 20
+    outcome = xcoms(dag_run, "bill")
+    assert (outcome["sent"], outcome["already_recorded"], outcome["failed"]) == (7, 13, 0)
+
+
+def test_v2_stream_sends_100_events_a_request(secret_server, usage_db):
+    seed(usage_db, [(f"cus_{n:04d}", n + 1, at(-1, n)) for n in range(250)])
+
+    dag_run = run_dag("t_batch_stream")
+
+    outcome = xcoms(dag_run, "bill")
+    assert (outcome["sent"], outcome["requests"]) == (250, 3)
+    assert secret_server.ledger.totals() == source_totals(usage_db)
+    assert secret_server.stats["v2_session"] == 1
+    assert {e.api for e in secret_server.ledger.accepted()} == {"v2_stream"}
+
+
+def test_operator_arguments_are_checked_when_the_dag_is_parsed():
+    with pytest.raises(ValueError, match="exactly one of rows"):
+        StripeMeterEventBatchOperator(task_id="x", event_name="e")
+    with pytest.raises(ValueError, match="sql_conn_id"):
+        StripeMeterEventBatchOperator(task_id="x", event_name="e", sql="SELECT 1")
+    with pytest.raises(ValueError, match="api must be one of"):
+        StripeMeterEventBatchOperator(task_id="x", event_name="e", rows=[], api="v3")
+    with pytest.raises(ValueError, match="event_name"):
+        StripeMeterEventBatchOperator(task_id="x", event_name="e" * 101, rows=[])
+
+
+def test_empty_usage_bills_nothing_and_succeeds(secret_server, usage_db):
+    seed(usage_db, [])
+    dag_run = run_dag("t_batch_daily", logical_date=TODAY)
+    outcome = xcoms(dag_run, "bill")
+    assert (outcome["rows"], outcome["aggregates"], outcome["success"]) == (0, 0, True)
+    assert secret_server.stats["v1_meter_event"] == 0
+
+
+@pytest.fixture
+def usage_pg(monkeypatch):
+    """A fresh ``usage`` table on the PostgreSQL server named by STRIPE_METER_TEST_PG_DSN."""
+    import os
+
+    dsn = os.environ.get("STRIPE_METER_TEST_PG_DSN")
+    if not dsn:
+        pytest.skip("STRIPE_METER_TEST_PG_DSN not set: no PostgreSQL server (.ci/run starts one)")
+    import psycopg2
+
+    monkeypatch.setenv("AIRFLOW_CONN_USAGE_PG", dsn)
+    con = psycopg2.connect(dsn)
+    con.autocommit = True
+    with con.cursor() as cur:
+        cur.execute("DROP TABLE IF EXISTS usage")
+        cur.execute("CREATE TABLE usage (customer_id text, tokens bigint, used_at timestamptz)")
+    yield con
+    con.close()
+
+
+@pytest.mark.postgres
+def test_sql_path_streams_from_postgres(secret_server, usage_pg):
+    now = datetime.now(timezone.utc)
+    rows = [(f"cus_{n % 40:02d}", 1_000_000_000 + n, now - timedelta(hours=n % 240)) for n in range(3_000)]
+    rows += [("cus_00", 1, now - timedelta(days=45))]  # filtered out by the query's own WHERE
+    with usage_pg.cursor() as cur:
+        cur.executemany("INSERT INTO usage VALUES (%s, %s, %s)", rows)
+        cur.execute(
+            "SELECT customer_id, SUM(tokens) FROM usage WHERE used_at >= now() - interval '30 days' "
+            "GROUP BY customer_id"
+        )
+        expected = {customer: int(total) for customer, total in cur.fetchall()}
+
+    dag_run = run_dag("t_batch_postgres", logical_date=pendulum.now("UTC"))
+
+    outcome = xcoms(dag_run, "bill")
+    assert outcome["rows"] == 3_000
+    assert outcome["success"] is True
+    assert secret_server.ledger.totals() == expected
+    days = {
+        (e.customer_id, datetime.fromtimestamp(e.timestamp, timezone.utc).date())
+        for e in secret_server.ledger.accepted()
+    }
+    assert len(days) == outcome["aggregates"] == len(secret_server.ledger.accepted())

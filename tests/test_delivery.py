@@ -1,0 +1,160 @@
+"""Pacing, one-in-flight per key, retries and outcomes of the deliverer, with plain functions."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+
+import pytest
+
+from airflow_provider_stripe_meter.delivery import Deliverer, KeyedWorkQueue, RateLimiter, full_jitter
+from airflow_provider_stripe_meter.exceptions import (
+    StripeConfigurationError,
+    StripeDuplicateIdentifier,
+    StripeRequestRejected,
+    StripeTransientError,
+)
+
+
+def no_wait(_attempt: int) -> float:
+    return 0.0
+
+
+def test_full_jitter_grows_and_is_capped():
+    assert full_jitter(1, rng=lambda: 1.0) == 1.0
+    assert full_jitter(3, rng=lambda: 1.0) == 4.0
+    assert full_jitter(20, rng=lambda: 1.0) == 30.0
+    assert full_jitter(3, rng=lambda: 0.0) == 0.0
+
+
+def test_rate_limiter_spaces_calls_evenly():
+    now = [100.0]
+    slept: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        slept.append(round(seconds, 6))
+
+    limiter = RateLimiter(4, clock=lambda: now[0], sleep=sleep)
+    for _ in range(4):
+        limiter.acquire()
+    assert slept == [0.25, 0.5, 0.75]
+    limiter.pause(5)
+    limiter.acquire()
+    assert slept[-1] == 5.0
+    with pytest.raises(ValueError, match="max_rps"):
+        RateLimiter(0)
+
+
+def test_keyed_queue_never_hands_out_a_busy_key():
+    queue = KeyedWorkQueue([("a", 1), ("a", 2), ("b", 1), ("c", 1), ("b", 2)], key=lambda item: item[0])
+    first = queue.take(3)
+    assert first == [("a", 1), ("b", 1), ("c", 1)]
+    got: list = []
+    waiter = threading.Thread(target=lambda: got.extend(queue.take(3)))
+    waiter.start()
+    time.sleep(0.05)
+    assert got == []  # ("a", 2) and ("b", 2) must wait for their keys
+    queue.done(first)
+    waiter.join(1)
+    assert got == [("a", 2), ("b", 2)]
+    queue.done(got)
+    assert queue.take() == []
+
+
+def run(send, items, **kwargs):
+    kwargs.setdefault("max_rps", None)
+    kwargs.setdefault("backoff", no_wait)
+    deliverer = Deliverer(
+        send, key=lambda item: item[0], describe=lambda item: {"item": list(item)}, **kwargs
+    )
+    return deliverer.run(items)
+
+
+def test_outcomes_are_counted_and_sampled():
+    answers = {
+        ("cus_dup", 1): StripeDuplicateIdentifier("dup", {"http_status": 400}),
+        ("cus_bad", 1): StripeRequestRejected("bad", {"http_status": 400, "code": "x"}),
+    }
+    flaky = Counter()
+
+    def send(batch):
+        [item] = batch
+        if item in answers:
+            raise answers[item]
+        if item[0] == "cus_flaky" and flaky[item] < 2:
+            flaky[item] += 1
+            raise StripeTransientError("503", {"http_status": 503})
+        if item[0] == "cus_down":
+            raise StripeTransientError("503", {"http_status": 503})
+
+    items = [("cus_ok", 1), ("cus_dup", 1), ("cus_bad", 1), ("cus_flaky", 1), ("cus_down", 1)]
+    report = run(send, items, max_attempts=4)
+    assert (report.sent, report.already_recorded, report.rejected, report.failed) == (2, 1, 1, 1)
+    assert report.retried == 2 + 3
+    assert report.samples["rejected"] == [
+        {"item": ["cus_bad", 1], "error": {"http_status": 400, "code": "x"}}
+    ]
+    assert report.samples["failed"][0]["attempts"] == 4
+    assert sorted(report.unsettled) == [("cus_bad", 1), ("cus_down", 1)]
+
+
+def test_at_most_one_request_in_flight_per_key_under_load():
+    in_flight: Counter = Counter()
+    lock = threading.Lock()
+    overlaps = []
+
+    def send(batch):
+        with lock:
+            for item in batch:
+                in_flight[item[0]] += 1
+                if in_flight[item[0]] > 1:
+                    overlaps.append(item)
+        time.sleep(0.002)
+        with lock:
+            for item in batch:
+                in_flight[item[0]] -= 1
+
+    items = [(f"cus_{n % 5}", n) for n in range(200)]
+    report = run(send, items, concurrency=16)
+    assert report.sent == 200
+    assert overlaps == []
+
+
+def test_batches_hold_distinct_keys():
+    seen_batches = []
+
+    def send(batch):
+        seen_batches.append([item[0] for item in batch])
+
+    items = [(f"cus_{n % 30}", n) for n in range(300)]
+    report = run(send, items, batch_size=100, concurrency=2)
+    assert report.sent == 300
+    assert all(len(set(batch)) == len(batch) <= 100 for batch in seen_batches)
+
+
+def test_rate_limited_answers_pause_everyone_and_are_retried():
+    calls = Counter()
+
+    def send(batch):
+        calls[batch[0]] += 1
+        if calls[batch[0]] == 1:
+            raise StripeTransientError("429", {"http_status": 429})
+
+    report = run(send, [("cus_a", 1), ("cus_b", 1)])
+    assert (report.sent, report.rate_limited, report.requests) == (2, 2, 4)
+
+
+def test_a_refused_key_stops_the_run():
+    def send(batch):
+        raise StripeConfigurationError("401", {"http_status": 401})
+
+    with pytest.raises(StripeConfigurationError):
+        run(send, [("cus_a", 1), ("cus_b", 2)])
+
+
+def test_progress_is_reported():
+    lines: list[str] = []
+    run(lambda batch: None, [("cus_a", 1)], progress=lines.append, progress_every=0)
+    assert lines
+    assert lines[-1].startswith("1/1 events settled (100.0%)")
