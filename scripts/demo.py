@@ -1,19 +1,25 @@
 """Run the example DAGs with real Airflow against the embedded Stripe server and say what happened.
 
 Needs no Stripe account: a local server that follows Stripe's meter API stands in for Stripe.
-Airflow runs with a throwaway home (SQLite metadata DB) under ``.airflow-demo/``.
+Airflow runs with a throwaway home (SQLite metadata DB) under ``.airflow-demo/``, and the usage
+table is a SQLite file there, filled with 40 days of made-up token usage.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import random
 import shutil
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 HOME = ROOT / ".airflow-demo"
+USAGE_DB = HOME / "usage.db"
+CUSTOMERS = ["cus_demo_acme", "cus_demo_globex", "cus_demo_initech", "cus_demo_umbrella"]
 
 
 def prepare_airflow() -> None:
@@ -28,40 +34,121 @@ def prepare_airflow() -> None:
             "AIRFLOW__CORE__DAGS_FOLDER": str(HOME / "dags"),
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
             "AIRFLOW__LOGGING__LOGGING_LEVEL": os.environ.get("DEMO_LOG_LEVEL", "WARNING"),
+            "AIRFLOW_CONN_USAGE_DB": json.dumps({"conn_type": "sqlite", "host": str(USAGE_DB)}),
         }
     )
     airflow = str(Path(sys.executable).with_name("airflow"))
     subprocess.run([airflow, "db", "migrate"], check=True, capture_output=True)
 
 
+def seed_usage(today) -> dict[str, int]:
+    """Forty days of usage rows; returns yesterday's tokens per customer."""
+    rng = random.Random(2026)
+    rows = []
+    for days_ago in range(1, 41):
+        day = today.subtract(days=days_ago)
+        for customer in CUSTOMERS:
+            for _ in range(rng.randrange(20, 60)):
+                moment = day.add(seconds=rng.randrange(86400))
+                rows.append((customer, rng.randrange(100, 5_000), moment.strftime("%Y-%m-%d %H:%M:%S")))
+    with sqlite3.connect(USAGE_DB) as con:
+        con.execute("CREATE TABLE usage (customer_id TEXT, tokens INTEGER, used_at TEXT)")
+        con.executemany("INSERT INTO usage VALUES (?, ?, ?)", rows)
+        yesterday = today.subtract(days=1).strftime("%Y-%m-%d")
+        return dict(
+            con.execute(
+                "SELECT customer_id, SUM(tokens) FROM usage WHERE date(used_at) = ? GROUP BY customer_id",
+                (yesterday,),
+            )
+        )
+
+
 def states(dag_run) -> dict[str, str]:
     return {ti.task_id: str(getattr(ti.state, "value", ti.state)) for ti in dag_run.get_task_instances()}
 
 
-def run_single_event(server) -> None:
-    from airflow.dag_processing.dagbag import DagBag
+def outcome(dag_run, task_id: str) -> dict:
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
 
-    dag = DagBag(dag_folder=str(HOME / "dags")).get_dag("example_stripe_meter_event")
-    print("\n== example_stripe_meter_event: one templated event, then branch on success")
-    dag_run = dag.test(run_conf={"customer_id": "cus_demo_acme", "tokens": 1234})
-    task_state = states(dag_run)
-    for event in server.ledger.accepted("ai_tokens_used"):
-        print(
-            f"recorded: event_name={event.event_name} customer={event.customer_id} "
-            f"value={event.payload['value']} identifier={event.identifier} timestamp={event.timestamp}"
+    with create_session() as session:
+        row = (
+            session.query(XComModel)
+            .filter_by(dag_id=dag_run.dag_id, run_id=dag_run.run_id, task_id=task_id, key="return_value")
+            .one()
         )
-    branch = [t for t in ("on_recorded", "on_rejected") if task_state.get(t) == "success"]
-    print(f"branch taken: {branch[0] if branch else 'none'} (run state: {dag_run.state})")
+        return XComModel.deserialize_value(row)
+
+
+def branch_taken(dag_run, *candidates: str) -> str:
+    task_state = states(dag_run)
+    taken = [t for t in candidates if task_state.get(t) == "success"]
+    return taken[0] if taken else "none"
 
 
 def main() -> None:
+    import pendulum
+
     prepare_airflow()
+    from airflow.dag_processing.dagbag import DagBag
+
     from airflow_provider_stripe_meter.testing import LocalStripeServer
 
+    today = pendulum.today("UTC")
+    expected = seed_usage(today)
+    bag = DagBag(dag_folder=str(HOME / "dags"))
     with LocalStripeServer(meters=["ai_tokens_used"]) as server:
         os.environ["AIRFLOW_CONN_STRIPE_DEFAULT"] = server.connection_json()
         print(f"Embedded Stripe meter server on {server.url} (stands in for api.stripe.com)")
-        run_single_event(server)
+
+        print("\n== example_stripe_meter_event: one templated event, then branch on success")
+        run = bag.get_dag("example_stripe_meter_event").test(
+            run_conf={"customer_id": "cus_demo_acme", "tokens": 1234}
+        )
+        for event in server.ledger.accepted("ai_tokens_used"):
+            print(
+                f"recorded: customer={event.customer_id} value={event.payload['value']} identifier={event.identifier}"
+            )
+        print(f"branch taken: {branch_taken(run, 'on_recorded', 'on_rejected')} (run state: {run.state})")
+
+        daily = bag.get_dag("example_stripe_daily_usage")
+        before = len(server.ledger.accepted())
+        print(
+            f"\n== example_stripe_daily_usage for {today.subtract(days=1).to_date_string()} (00:00 UTC run)"
+        )
+        run = daily.test(logical_date=today)
+        result = outcome(run, "bill")
+        for event in server.ledger.accepted()[before:]:
+            print(
+                f"recorded: customer={event.customer_id} value={event.payload['value']} identifier={event.identifier}"
+            )
+        billed = {e.customer_id: int(e.payload["value"]) for e in server.ledger.accepted()[before:]}
+        print(f"source table says {expected}; Stripe holds the same: {billed == expected}")
+        print(
+            f"rows={result['rows']} aggregates={result['aggregates']} sent={result['sent']} "
+            f"-> branch taken: {branch_taken(run, 'all_billed', 'alert_billing_team')}"
+        )
+
+        print("\n== the same night run again (a cleared run or a retry)")
+        run = daily.test(logical_date=today)
+        result = outcome(run, "bill")
+        print(
+            f"sent={result['sent']} already_recorded={result['already_recorded']}; "
+            f"events on the server: {len(server.ledger.accepted()) - before} (unchanged)"
+        )
+
+        frm, to = today.subtract(days=40).to_date_string(), today.to_date_string()
+        print(f"\n== example_stripe_usage_backfill from {frm} to {to}: the 35-day window")
+        run = bag.get_dag("example_stripe_usage_backfill").test(run_conf={"from_date": frm, "to_date": to})
+        result = outcome(run, "bill_range")
+        print(
+            f"rows={result['rows']} aggregates={result['aggregates']} sent={result['sent']} "
+            f"already_recorded={result['already_recorded']} skipped_too_old={result['skipped_too_old']} "
+            f"(e.g. {result['samples']['skipped_too_old'][0]})"
+        )
+        print(f"branch taken: {branch_taken(run, 'all_billed', 'report_unbillable_usage')}")
+        total = sum(int(e.payload["value"]) for e in server.ledger.accepted())
+        print(f"\nStripe now holds {len(server.ledger.accepted())} meter events, {total} tokens in all.")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,41 @@
+"""Bill yesterday's AI token usage every night at 00:00 UTC, exactly once, and branch on the outcome.
+
+The usage table lives in SQLite here (connection ``usage_db``); any common-sql database works.
+"""
+
+from __future__ import annotations
+
+import pendulum
+from airflow.providers.common.sql.operators.sql import SQLExecuteQueryOperator
+from airflow.providers.standard.operators.empty import EmptyOperator
+from airflow.sdk import DAG, CronDataIntervalTimetable, task
+
+from airflow_provider_stripe_meter.operators.meter_event_batch import StripeMeterEventBatchOperator
+
+# [START howto_daily_usage_dag]
+with DAG(
+    dag_id="example_stripe_daily_usage",
+    # A data-interval timetable: the run at 00:00 UTC covers the previous UTC day.
+    schedule=CronDataIntervalTimetable("0 0 * * *", timezone="UTC"),
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    tags=["example", "stripe"],
+) as dag:
+    usage = SQLExecuteQueryOperator(
+        task_id="usage",
+        conn_id="usage_db",
+        sql="SELECT customer_id, tokens, used_at FROM usage "
+        "WHERE datetime(used_at) >= datetime('{{ data_interval_start }}') "
+        "AND datetime(used_at) < datetime('{{ data_interval_end }}')",
+    )
+    bill = StripeMeterEventBatchOperator(task_id="bill", event_name="ai_tokens_used", rows=usage.output)
+
+    @task.branch
+    def billed(success: bool) -> str:
+        return "all_billed" if success else "alert_billing_team"
+
+    all_billed = EmptyOperator(task_id="all_billed")
+    alert = EmptyOperator(task_id="alert_billing_team")
+    done = EmptyOperator(task_id="done", trigger_rule="none_failed_min_one_success")
+    billed(bill.output["success"]) >> [all_billed, alert] >> done
+# [END howto_daily_usage_dag]
