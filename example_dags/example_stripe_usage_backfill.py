@@ -32,7 +32,8 @@ with DAG(
         event_name="ai_tokens_used",
         # The operator runs the query itself and streams the rows in chunks.
         sql="SELECT customer_id, tokens, used_at FROM usage "
-        "WHERE date(used_at) >= date('{{ params.from_date }}') AND date(used_at) < date('{{ params.to_date }}')",
+        "WHERE date(used_at) >= date('{{ params.from_date }}') "
+        "AND date(used_at) < date('{{ params.to_date }}')",
         sql_conn_id="usage_db",
     )
 

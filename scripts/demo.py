@@ -63,6 +63,13 @@ def seed_usage(today) -> dict[str, int]:
         )
 
 
+def show(event) -> None:
+    """Print one recorded event."""
+    print(
+        f"recorded: customer={event.customer_id} value={event.payload['value']} identifier={event.identifier}"
+    )
+
+
 def states(dag_run) -> dict[str, str]:
     return {ti.task_id: str(getattr(ti.state, "value", ti.state)) for ti in dag_run.get_task_instances()}
 
@@ -106,9 +113,7 @@ def main() -> None:
             run_conf={"customer_id": "cus_demo_acme", "tokens": 1234}
         )
         for event in server.ledger.accepted("ai_tokens_used"):
-            print(
-                f"recorded: customer={event.customer_id} value={event.payload['value']} identifier={event.identifier}"
-            )
+            show(event)
         print(f"branch taken: {branch_taken(run, 'on_recorded', 'on_rejected')} (run state: {run.state})")
 
         daily = bag.get_dag("example_stripe_daily_usage")
@@ -119,9 +124,7 @@ def main() -> None:
         run = daily.test(logical_date=today)
         result = outcome(run, "bill")
         for event in server.ledger.accepted()[before:]:
-            print(
-                f"recorded: customer={event.customer_id} value={event.payload['value']} identifier={event.identifier}"
-            )
+            show(event)
         billed = {e.customer_id: int(e.payload["value"]) for e in server.ledger.accepted()[before:]}
         print(f"source table says {expected}; Stripe holds the same: {billed == expected}")
         print(
