@@ -26,6 +26,7 @@ PAST_WINDOW = timedelta(days=35)
 FUTURE_TOLERANCE = timedelta(minutes=5)
 
 _INTEGER_STRING = re.compile(r"[+-]?\d+")
+_CUSTOMER_ID = re.compile(r"cus_\S+")
 _UNIX_SECONDS_STRING = re.compile(r"\d+")
 
 
@@ -75,7 +76,7 @@ def validate_customer_id(value: Any) -> str:
     """
     if not isinstance(value, str) or not value:
         raise MeterEventInputError("customer_id", value, "must be a non-empty string")
-    if not value.startswith("cus_") or len(value) == len("cus_") or any(c.isspace() for c in value):
+    if not _CUSTOMER_ID.fullmatch(value):
         raise MeterEventInputError(
             "customer_id", value, "must be a Stripe customer id: 'cus_' followed by the id, no whitespace"
         )

@@ -15,6 +15,7 @@ from airflow_provider_stripe_meter.aggregation import (
     DailyAggregate,
     UsageAggregator,
     iter_chunks,
+    paused_gc,
 )
 from airflow_provider_stripe_meter.identifiers import daily_identifier
 from airflow_provider_stripe_meter.rules import validate_event_name
@@ -298,7 +299,8 @@ class StripeMeterEventBatchOperator(BaseOperator):
         from airflow_provider_stripe_meter.hooks.stripe import StripeHook
 
         aggregator = self._aggregate()
-        aggregates = aggregator.aggregates()
+        with paused_gc():
+            aggregates = aggregator.aggregates()
         problems = aggregator.problems
         for kind in ("invalid", "skipped_too_old", "skipped_future"):
             if problems.counts[kind]:

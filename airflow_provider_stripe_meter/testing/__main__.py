@@ -21,6 +21,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--latency", type=float, default=0.0, help="seconds per request")
     parser.add_argument("--rate-limit", type=float, help="API requests per second before 429")
     parser.add_argument("--stream-rate-limit", type=float, help="v2 stream requests per second before 429")
+    parser.add_argument(
+        "--allow-concurrent-per-customer",
+        action="store_true",
+        help="do not answer 429 to a second in-flight request for the same customer and meter",
+    )
     args = parser.parse_args(argv)
 
     server = LocalStripeServer(
@@ -30,6 +35,7 @@ def main(argv: list[str] | None = None) -> None:
         latency=args.latency,
         rate_limit=args.rate_limit,
         stream_rate_limit=args.stream_rate_limit,
+        one_request_per_customer_meter=not args.allow_concurrent_per_customer,
         port=args.port,
     ).start()
     print(f"Local Stripe meter server on {server.url}", flush=True)

@@ -1,0 +1,324 @@
+"""Benchmarks of the batch operator, each printed as a ratio against a baseline measured in the same run.
+
+    ./dev bench                 # everything (about 3 minutes)
+    ./dev bench --only v1       # one of: v1, stream, stream-unlimited, sql
+
+Every figure runs the real stripe SDK over HTTP against the local Stripe server on 127.0.0.1
+with the latency and limits named in its heading; the SQL figure runs in fresh processes so
+that peak memory (max RSS) belongs to one path alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+EVENT = "ai_tokens_used"
+
+
+def _airflow_env() -> None:
+    home = Path(tempfile.mkdtemp(prefix="stripe-meter-bench-"))
+    os.environ.setdefault("AIRFLOW_HOME", str(home))
+    os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
+    os.environ.setdefault("AIRFLOW__LOGGING__LOGGING_LEVEL", "WARNING")
+
+
+def _rows(customers: int, per_customer: int, seed: int = 1) -> list[tuple[str, int, str]]:
+    """Usage rows for yesterday (UTC), ``per_customer`` rows for each customer."""
+    import pendulum
+
+    rng = random.Random(seed)
+    day = pendulum.yesterday("UTC")
+    return [
+        (
+            f"cus_bench{c:06d}",
+            rng.randrange(1, 10_000),
+            day.add(seconds=rng.randrange(86_400)).strftime("%Y-%m-%d %H:%M:%S"),
+        )
+        for c in range(customers)
+        for _ in range(per_customer)
+    ]
+
+
+def _operator(**kwargs: Any):
+    from airflow_provider_stripe_meter.operators.meter_event_batch import StripeMeterEventBatchOperator
+
+    return StripeMeterEventBatchOperator(task_id="bench", event_name=EVENT, **kwargs)
+
+
+class RemoteServer:
+    """The local Stripe server in its own process, as Stripe would be: it must not share our GIL."""
+
+    def __init__(self, *args: str) -> None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "airflow_provider_stripe_meter.testing",
+                "--port",
+                str(port),
+                "--meter",
+                EVENT,
+                *args,
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        self.proc.stdout.readline()  # the banner: serving
+        self.url = f"http://127.0.0.1:{port}"
+
+    def __enter__(self) -> RemoteServer:
+        from airflow_provider_stripe_meter.testing import DEFAULT_API_KEY
+
+        os.environ["AIRFLOW_CONN_STRIPE_DEFAULT"] = json.dumps(
+            {
+                "conn_type": "stripe",
+                "password": DEFAULT_API_KEY,
+                "extra": {"api_base": self.url, "meter_events_api_base": self.url},
+            }
+        )
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+    def summary(self) -> dict[str, Any]:
+        from airflow_provider_stripe_meter.testing import DEFAULT_API_KEY
+
+        request = urllib.request.Request(
+            f"{self.url}/_local/summary", headers={"Authorization": f"Bearer {DEFAULT_API_KEY}"}
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.load(response)
+
+
+def _check_exactly_once(server: RemoteServer, expected_events: int) -> tuple[int, int]:
+    summary = server.summary()
+    duplicates = summary["events"] - summary["unique_identifiers"]
+    lost = expected_events - summary["unique_identifiers"]
+    return duplicates, lost
+
+
+def bench_v1(events: int, baseline_events: int) -> None:
+    """v1: the operator against a server limited to 100 requests/s, vs a sequential SDK loop."""
+    import stripe
+
+    from airflow_provider_stripe_meter.testing import DEFAULT_API_KEY
+
+    limit = 100.0
+    print(f"\n## v1 meter events: {events} aggregates, server limit {limit:.0f} requests/s, 50 ms latency")
+    rows = _rows(events, 1)
+    server_args = ["--latency", "0.05", "--rate-limit", str(limit)]
+    with RemoteServer(*server_args) as server:
+        started = time.monotonic()
+        outcome = _operator(rows=rows, max_rps=limit).execute({"ti": None})
+        seconds = time.monotonic() - started
+        duplicates, lost = _check_exactly_once(server, events)
+        ours = outcome["sent"] / outcome["seconds"]
+        print(
+            f"operator: {outcome['sent']} sent in {seconds:.1f} s (delivery {outcome['seconds']:.1f} s) = "
+            f"{ours:.1f} events/s; 429s: {outcome['rate_limited']}; duplicates on server: {duplicates}; "
+            f"lost: {lost}"
+        )
+
+    with RemoteServer(*server_args) as server:
+        client = stripe.StripeClient(
+            DEFAULT_API_KEY, base_addresses={"api": server.url}, max_network_retries=2
+        )
+        started = time.monotonic()
+        for customer, value, _ in rows[:baseline_events]:
+            client.v1.billing.meter_events.create(
+                {"event_name": EVENT, "payload": {"stripe_customer_id": customer, "value": str(value)}}
+            )
+        base = baseline_events / (time.monotonic() - started)
+        print(f"baseline (sequential stripe SDK loop, first {baseline_events} events): {base:.1f} events/s")
+    print(
+        f"RESULT v1: sustained/limit = {ours / limit:.3f} (target >= 0.9); "
+        f"operator/baseline = {ours / base:.1f}x"
+    )
+
+
+def bench_stream(events: int, stream_limit: float) -> None:
+    """v2 stream: events/s against (server stream request limit x 100)."""
+    capacity = stream_limit * 100
+    print(
+        f"\n## v2 stream: {events} aggregates, server limit {stream_limit:.0f} stream requests/s "
+        f"(= {capacity:.0f} events/s), 50 ms latency"
+    )
+    rows = _rows(events, 1, seed=2)
+    with RemoteServer("--latency", "0.05", "--stream-rate-limit", str(stream_limit)) as server:
+        outcome = _operator(rows=rows, api="v2_stream", max_rps=stream_limit).execute({"ti": None})
+        ours = outcome["sent"] / outcome["seconds"]
+        duplicates, lost = _check_exactly_once(server, events)
+        print(
+            f"operator: {outcome['sent']} events in {outcome['requests']} requests, "
+            f"{outcome['seconds']:.1f} s = "
+            f"{ours:.0f} events/s; 429s: {outcome['rate_limited']}; duplicates: {duplicates}; lost: {lost}"
+        )
+    print(f"RESULT stream: events/s / (limit x 100) = {ours / capacity:.3f} (target >= 0.9)")
+
+
+def bench_stream_unlimited(customers: int, per_customer: int) -> None:
+    """v2 stream, no server limit, 20 ms latency: events/s from raw rows, aggregation included."""
+    target = 10_000
+    rows = _rows(customers, per_customer, seed=3)
+    print(
+        f"\n## v2 stream, no server limit, 20 ms latency: {len(rows)} raw rows -> {customers} events, "
+        "aggregation included"
+    )
+    with RemoteServer("--latency", "0.02") as server:
+        started = time.monotonic()
+        outcome = _operator(rows=rows, api="v2_stream", max_rps=1_000, concurrency=16).execute({"ti": None})
+        seconds = time.monotonic() - started
+        duplicates, lost = _check_exactly_once(server, customers)
+    ours = outcome["sent"] / seconds
+    print(
+        f"operator: {outcome['sent']} events in {seconds:.2f} s end to end "
+        f"(delivery {outcome['seconds']:.2f} s) = "
+        f"{ours:.0f} events/s; duplicates: {duplicates}; lost: {lost}"
+    )
+    print(
+        f"RESULT stream-unlimited: events/s / 10,000 (Stripe's documented stream rate) = {ours / target:.2f}"
+    )
+
+
+def _make_sqlite(path: Path, n: int) -> None:
+    rng = random.Random(4)
+    import pendulum
+
+    day = pendulum.yesterday("UTC")
+    with sqlite3.connect(path) as con:
+        con.execute("CREATE TABLE usage (customer_id TEXT, tokens INTEGER, used_at TEXT)")
+        con.executemany(
+            "INSERT INTO usage VALUES (?, ?, ?)",
+            (
+                (
+                    f"cus_bench{rng.randrange(5_000):06d}",
+                    rng.randrange(1, 10_000),
+                    day.add(seconds=rng.randrange(86_400)).strftime("%Y-%m-%d %H:%M:%S"),
+                )
+                for _ in range(n)
+            ),
+        )
+
+
+def _inner_sql(mode: str, db: str) -> None:
+    """Run in a fresh process: one path over the table, print seconds and memory as JSON."""
+    _airflow_env()
+    os.environ["AIRFLOW_CONN_USAGE_DB"] = json.dumps({"conn_type": "sqlite", "host": db})
+    sql = "SELECT customer_id, tokens, used_at FROM usage"
+    op = _operator(sql=sql, sql_conn_id="usage_db")
+    from airflow.sdk import BaseHook
+
+    from airflow_provider_stripe_meter.aggregation import paused_gc
+
+    BaseHook.get_connection("usage_db").get_hook()  # imports and connection lookup outside the timing
+    start_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    started = time.perf_counter()
+    if mode == "bare":
+        rows = sum(len(chunk) for chunk in op._query_chunks())
+        extra: dict[str, Any] = {}
+    else:
+        aggregator = op._aggregate()
+        with paused_gc():
+            aggregates = aggregator.aggregates()
+        rows = aggregator.rows
+        extra = {"aggregates": len(aggregates), "fast_chunks": aggregator.fast_chunks}
+    seconds = time.perf_counter() - started
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(
+        json.dumps(
+            {"rows": rows, "seconds": seconds, "start_mb": start_rss / 1024, "peak_mb": peak / 1024, **extra}
+        )
+    )
+
+
+def bench_sql(n: int, repeats: int) -> None:
+    """1,000,000 raw rows from SQLite through the sql path vs a bare fetch of the same rows."""
+    print(f"\n## sql path: {n} raw rows from SQLite (5,000 customers, one day), best of {repeats} runs each")
+    with tempfile.TemporaryDirectory() as tmp:
+        db = Path(tmp) / "usage.db"
+        _make_sqlite(db, n)
+        results: dict[str, list[dict[str, Any]]] = {"bare": [], "operator": []}
+        for _ in range(repeats):
+            for mode in ("bare", "operator"):
+                out = subprocess.run(
+                    [sys.executable, __file__, "--inner-sql", mode, str(db)],
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                )
+                results[mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    bare = min(results["bare"], key=lambda r: r["seconds"])
+    ours = min(results["operator"], key=lambda r: r["seconds"])
+    bare_mem = max(r["peak_mb"] - r["start_mb"] for r in results["bare"])
+    ours_mem = max(r["peak_mb"] - r["start_mb"] for r in results["operator"])
+    print(
+        f"bare fetch (fetchmany loop on the same hook and query): {bare['seconds']:.3f} s, "
+        f"+{bare_mem:.1f} MB peak"
+    )
+    print(
+        f"operator sql path (fetch + validate + aggregate): {ours['seconds']:.3f} s, "
+        f"+{ours_mem:.1f} MB peak, "
+        f"{ours['aggregates']} aggregates, {ours['fast_chunks']} fast chunks"
+    )
+    print(
+        f"RESULT sql: time operator/bare = {ours['seconds'] / bare['seconds']:.2f} (target <= 1.5); "
+        f"peak memory over bare = {ours_mem - bare_mem:+.1f} MB (target <= 100)"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--only", choices=["v1", "stream", "stream-unlimited", "sql"])
+    parser.add_argument("--v1-events", type=int, default=5_000)
+    parser.add_argument(
+        "--baseline-events", type=int, default=300, help="events the sequential baseline sends"
+    )
+    parser.add_argument("--stream-events", type=int, default=20_000)
+    parser.add_argument("--stream-limit", type=float, default=20.0, help="server stream requests/s")
+    parser.add_argument("--sql-rows", type=int, default=1_000_000)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--inner-sql", nargs=2, metavar=("MODE", "DB"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.inner_sql:
+        _inner_sql(*args.inner_sql)
+        return
+    _airflow_env()
+    # Import the SDK up front: the figures are sustained rates, not a process's start-up.
+    import stripe  # noqa: F401
+
+    started = time.monotonic()
+    if args.only in (None, "v1"):
+        bench_v1(args.v1_events, args.baseline_events)
+    if args.only in (None, "stream"):
+        bench_stream(args.stream_events, args.stream_limit)
+    if args.only in (None, "stream-unlimited"):
+        bench_stream_unlimited(customers=50_000, per_customer=4)
+    if args.only in (None, "sql"):
+        bench_sql(args.sql_rows, args.repeats)
+    print(f"\n(benchmarks took {time.monotonic() - started:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
