@@ -5,7 +5,7 @@
 
 Every figure runs the real stripe SDK over HTTP against the local Stripe server on 127.0.0.1
 with the latency and limits named in its heading; the SQL figure runs in fresh processes so
-that peak memory (max RSS) belongs to one path alone.
+that peak memory (resident set, sampled every 2 ms) belongs to one path alone.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -231,7 +232,7 @@ def _inner_sql(mode: str, db: str) -> None:
     from airflow_provider_stripe_meter.aggregation import paused_gc
 
     BaseHook.get_connection("usage_db").get_hook()  # imports and connection lookup outside the timing
-    start_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    sampler = _RssSampler()
     started = time.perf_counter()
     if mode == "bare":
         rows = sum(len(chunk) for chunk in op._query_chunks())
@@ -243,12 +244,32 @@ def _inner_sql(mode: str, db: str) -> None:
         rows = aggregator.rows
         extra = {"aggregates": len(aggregates), "fast_chunks": aggregator.fast_chunks}
     seconds = time.perf_counter() - started
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(
-        json.dumps(
-            {"rows": rows, "seconds": seconds, "start_mb": start_rss / 1024, "peak_mb": peak / 1024, **extra}
-        )
-    )
+    start_mb, peak_mb = sampler.stop()
+    print(json.dumps({"rows": rows, "seconds": seconds, "start_mb": start_mb, "peak_mb": peak_mb, **extra}))
+
+
+class _RssSampler:
+    """Peak resident memory of this process while it runs, read from /proc every 2 ms."""
+
+    def __init__(self) -> None:
+        self.start = self.peak = self._rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _rss() -> float:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * resource.getpagesize() / 2**20
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, self._rss())
+
+    def stop(self) -> tuple[float, float]:
+        self._stop.set()
+        self._thread.join()
+        return self.start, max(self.peak, self._rss())
 
 
 def bench_sql(n: int, repeats: int) -> None:
