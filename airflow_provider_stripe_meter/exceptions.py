@@ -35,3 +35,11 @@ class StripeTransientError(StripeMeterError):
 
 class StripeSessionExpired(StripeTransientError):
     """The v2 meter event session token expired; a new session fixes it."""
+
+
+class StripeMeterNotFound(StripeMeterError):
+    """No active meter has this event name: events sent now would never be billed."""
+
+
+class StripeAdjustmentTooLate(StripeRequestRejected):
+    """The event was received more than 24 hours ago: Stripe no longer lets it be cancelled."""

@@ -13,9 +13,11 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseHook
 
 from airflow_provider_stripe_meter.exceptions import (
+    StripeAdjustmentTooLate,
     StripeConfigurationError,
     StripeDuplicateIdentifier,
     StripeMeterError,
+    StripeMeterNotFound,
     StripeRequestRejected,
     StripeSessionExpired,
     StripeTransientError,
@@ -79,6 +81,7 @@ class StripeHook(BaseHook):
     ) -> None:
         super().__init__(**kwargs)
         self.stripe_conn_id = stripe_conn_id
+        self._meters: dict[str, list[dict[str, Any]]] | None = None
         # Only arguments given explicitly override the connection; no I/O here (runs at DAG parse).
         self._overrides = {
             key: value
@@ -250,12 +253,64 @@ class StripeHook(BaseHook):
         return created.to_dict()
 
     def cancel_meter_event(self, event_name: str, identifier: str) -> dict[str, Any]:
-        """Cancel one event by identifier (Stripe allows it within 24 hours of receipt)."""
-        adjustment = self._call(
-            self.client.v1.billing.meter_event_adjustments.create,
-            {"event_name": event_name, "type": "cancel", "cancel": {"identifier": identifier}},
-        )
+        """Cancel one event by identifier (Stripe allows it within 24 hours of receipt).
+
+        :raises StripeAdjustmentTooLate: the event was received more than 24 hours ago.
+        """
+        try:
+            adjustment = self._call(
+                self.client.v1.billing.meter_event_adjustments.create,
+                {"event_name": event_name, "type": "cancel", "cancel": {"identifier": identifier}},
+            )
+        except StripeRequestRejected as err:
+            if "24 hours" in str(err.details.get("message", "")):
+                raise StripeAdjustmentTooLate(
+                    f"Cannot cancel meter event {identifier!r}: Stripe cancels events only within 24 hours "
+                    "of receiving them. Record a correcting event instead.",
+                    err.details,
+                ) from err
+            raise
         return adjustment.to_dict()
+
+    def meters_by_event_name(self) -> dict[str, list[dict[str, Any]]]:
+        """Every meter, grouped by event name; listed once per hook (the meters list has no filter)."""
+        if self._meters is None:
+            grouped: dict[str, list[dict[str, Any]]] = {}
+            for meter in self.iter_meters():
+                grouped.setdefault(meter["event_name"], []).append(meter)
+            self._meters = grouped
+        return self._meters
+
+    def active_meter(self, event_name: str) -> dict[str, Any]:
+        """Return the active meter for ``event_name``.
+
+        :raises StripeMeterNotFound: none is active; the message lists the meters that exist.
+        """
+        meters = self.meters_by_event_name()
+        for meter in meters.get(event_name, []):
+            if meter.get("status") == "active":
+                return meter
+        active = sorted(
+            name for name, group in meters.items() if any(m.get("status") == "active" for m in group)
+        )
+        inactive = sorted(name for name, group in meters.items() if name not in active)
+        reason = (
+            f"its meter {meters[event_name][0]['id']} is {meters[event_name][0].get('status')}"
+            if event_name in meters
+            else "no meter has that event name"
+        )
+        raise StripeMeterNotFound(
+            f"No active Stripe meter for event_name {event_name!r} ({reason}); events sent to it would "
+            f"never be billed. Active meters: {', '.join(active) or 'none'}"
+            + (f"; inactive: {', '.join(inactive)}" if inactive else "")
+            + ". Fix the event name, create or reactivate the meter, or set preflight=False.",
+            {
+                "type": "meter_not_found",
+                "event_name": event_name,
+                "active_meters": active,
+                "inactive_meters": inactive,
+            },
+        )
 
     def iter_meters(self, status: str | None = None) -> Iterator[dict[str, Any]]:
         """Yield every billing meter, following pagination."""

@@ -19,6 +19,8 @@ from airflow_provider_stripe_meter.rules import (
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
+    from airflow_provider_stripe_meter.hooks.stripe import StripeHook
+
 
 class StripeMeterEventOperator(BaseOperator):
     """
@@ -57,8 +59,13 @@ class StripeMeterEventOperator(BaseOperator):
         connection's. (templated)
     :param fail_on_error: Fail the task when the event is rejected instead of returning
         ``success=False``.
-    :param customer_payload_key: The meter's ``customer_mapping.event_payload_key``.
-    :param value_payload_key: The meter's ``value_settings.event_payload_key``.
+    :param preflight: Check first that ``event_name`` belongs to an active meter (one meters
+        list per task) and fail with the meters that do exist if not: Stripe would accept the
+        event and never bill it. Also takes the payload keys from that meter.
+    :param customer_payload_key: The meter's ``customer_mapping.event_payload_key``; default the
+        meter's (with ``preflight``) or ``stripe_customer_id``.
+    :param value_payload_key: The meter's ``value_settings.event_payload_key``; default the
+        meter's (with ``preflight``) or ``value``.
     """
 
     template_fields: Sequence[str] = (
@@ -82,8 +89,9 @@ class StripeMeterEventOperator(BaseOperator):
         stripe_conn_id: str = "stripe_default",
         stripe_account: str | None = None,
         fail_on_error: bool = False,
-        customer_payload_key: str = "stripe_customer_id",
-        value_payload_key: str = "value",
+        preflight: bool = True,
+        customer_payload_key: str | None = None,
+        value_payload_key: str | None = None,
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("multiple_outputs", True)
@@ -99,6 +107,7 @@ class StripeMeterEventOperator(BaseOperator):
         self.stripe_conn_id = stripe_conn_id
         self.stripe_account = stripe_account
         self.fail_on_error = fail_on_error
+        self.preflight = preflight
         self.customer_payload_key = customer_payload_key
         self.value_payload_key = value_payload_key
 
@@ -125,9 +134,12 @@ class StripeMeterEventOperator(BaseOperator):
             event = replace(event, identifier=derived)
 
         hook = StripeHook(self.stripe_conn_id, stripe_account=self.stripe_account or None)
+        customer_key, value_key = payload_keys(
+            hook, event.event_name, self.preflight, self.customer_payload_key, self.value_payload_key
+        )
         self.log.info(
             "Recording %s=%s for %s on meter event %r (identifier %r, timestamp %s)",
-            self.value_payload_key,
+            value_key,
             event.value,
             event.customer_id,
             event.event_name,
@@ -136,9 +148,7 @@ class StripeMeterEventOperator(BaseOperator):
         )
         try:
             recorded = hook.create_meter_event(
-                event,
-                customer_payload_key=self.customer_payload_key,
-                value_payload_key=self.value_payload_key,
+                event, customer_payload_key=customer_key, value_payload_key=value_key
             )
         except StripeDuplicateIdentifier as err:
             # The identifier names this billable fact, so Stripe already holds it: an earlier try
@@ -165,3 +175,17 @@ class StripeMeterEventOperator(BaseOperator):
 
                 raise StripeMeterError(f"Meter event not recorded: {summary}", response)
         return {"success": success, "response": response}
+
+
+def payload_keys(
+    hook: StripeHook, event_name: str, preflight: bool, customer_key: str | None, value_key: str | None
+) -> tuple[str, str]:
+    """The payload keys to send: given ones first, then the meter's (preflight), then Stripe's defaults.
+
+    :raises StripeMeterNotFound: with ``preflight``, when no active meter has ``event_name``.
+    """
+    if preflight:
+        meter = hook.active_meter(event_name)
+        customer_key = customer_key or meter["customer_mapping"]["event_payload_key"]
+        value_key = value_key or meter["value_settings"]["event_payload_key"]
+    return customer_key or "stripe_customer_id", value_key or "value"

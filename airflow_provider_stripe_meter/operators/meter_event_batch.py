@@ -18,6 +18,7 @@ from airflow_provider_stripe_meter.aggregation import (
     paused_gc,
 )
 from airflow_provider_stripe_meter.identifiers import daily_identifier
+from airflow_provider_stripe_meter.operators.meter_event import payload_keys
 from airflow_provider_stripe_meter.rules import validate_event_name
 
 if TYPE_CHECKING:
@@ -80,8 +81,13 @@ class StripeMeterEventBatchOperator(BaseOperator):
         instead of returning ``success=False``.
     :param stripe_conn_id: Airflow connection of type ``stripe``.
     :param stripe_account: Connected account (``acct_...``), overriding the connection. (templated)
-    :param customer_payload_key: The meter's ``customer_mapping.event_payload_key``.
-    :param value_payload_key: The meter's ``value_settings.event_payload_key``.
+    :param preflight: Before sending anything, check that every event name belongs to an
+        active meter (one meters list per task); fail listing the meters that exist if not. Also
+        takes each meter's payload keys.
+    :param customer_payload_key: The meter's ``customer_mapping.event_payload_key``; default the
+        meter's (with ``preflight``) or ``stripe_customer_id``.
+    :param value_payload_key: The meter's ``value_settings.event_payload_key``; default the
+        meter's (with ``preflight``) or ``value``.
     """
 
     template_fields: Sequence[str] = (
@@ -117,8 +123,9 @@ class StripeMeterEventBatchOperator(BaseOperator):
         fail_on_error: bool = False,
         stripe_conn_id: str = "stripe_default",
         stripe_account: str | None = None,
-        customer_payload_key: str = "stripe_customer_id",
-        value_payload_key: str = "value",
+        preflight: bool = True,
+        customer_payload_key: str | None = None,
+        value_payload_key: str | None = None,
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("multiple_outputs", True)
@@ -151,6 +158,7 @@ class StripeMeterEventBatchOperator(BaseOperator):
         self.fail_on_error = fail_on_error
         self.stripe_conn_id = stripe_conn_id
         self.stripe_account = stripe_account
+        self.preflight = preflight
         self.customer_payload_key = customer_payload_key
         self.value_payload_key = value_payload_key
 
@@ -225,6 +233,11 @@ class StripeMeterEventBatchOperator(BaseOperator):
         from airflow_provider_stripe_meter.rules import MeterEvent
 
         max_rps = self.max_rps or default_max_rps(hook.livemode)
+        # Preflight: every event name checked (and its payload keys learnt) before anything is sent.
+        keys = {
+            name: payload_keys(hook, name, self.preflight, self.customer_payload_key, self.value_payload_key)
+            for name in sorted({a.event_name for a in aggregates})
+        }
 
         def describe(aggregate: DailyAggregate) -> dict[str, Any]:
             return {
@@ -239,6 +252,7 @@ class StripeMeterEventBatchOperator(BaseOperator):
 
             def send(batch: list[DailyAggregate]) -> None:
                 [aggregate] = batch
+                customer_key, value_key = keys[aggregate.event_name]
                 hook.create_meter_event(
                     MeterEvent(
                         event_name=aggregate.event_name,
@@ -247,8 +261,8 @@ class StripeMeterEventBatchOperator(BaseOperator):
                         identifier=self._identifier(aggregate),
                         timestamp=aggregate.timestamp,
                     ),
-                    customer_payload_key=self.customer_payload_key,
-                    value_payload_key=self.value_payload_key,
+                    customer_payload_key=customer_key,
+                    value_payload_key=value_key,
                 )
 
             batch_size = 1
@@ -265,8 +279,8 @@ class StripeMeterEventBatchOperator(BaseOperator):
                             "identifier": self._identifier(aggregate),
                             "timestamp": rfc3339(aggregate.timestamp),
                             "payload": {
-                                self.customer_payload_key: aggregate.customer_id,
-                                self.value_payload_key: str(aggregate.value),
+                                keys[aggregate.event_name][0]: aggregate.customer_id,
+                                keys[aggregate.event_name][1]: str(aggregate.value),
                             },
                         }
                         for aggregate in batch

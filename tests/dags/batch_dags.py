@@ -95,3 +95,12 @@ with DAG("t_batch_postgres", schedule=None, start_date=START) as postgres_dag:
         chunk_size=500,
         max_rps=200,
     )
+
+with DAG("t_batch_many_meters", schedule=None, start_date=START, params={"rows": []}) as many_dag:
+
+    @task
+    def usage_rows(params: dict | None = None) -> list:
+        assert params is not None
+        return params["rows"]
+
+    StripeMeterEventBatchOperator(task_id="bill", rows=usage_rows(), max_rps=200)

@@ -49,3 +49,23 @@ with DAG("t_meter_event_fail_on_error", schedule=None, start_date=START, params=
         value="{{ params.value }}",
         fail_on_error=True,
     ) >> EmptyOperator(task_id="after")
+
+with DAG("t_meter_event_no_preflight", schedule=None, start_date=START, params=PARAMS) as raw_dag:
+    record = StripeMeterEventOperator(
+        task_id="record",
+        event_name="{{ params.event_name }}",
+        customer_id="{{ params.customer_id }}",
+        value="{{ params.value }}",
+        customer_payload_key="stripe_customer_id",
+        preflight=False,
+        stripe_account="{{ params.get('account') or '' }}",
+    )
+
+    @task.branch
+    def choose_raw(success: bool) -> str:
+        return "on_success" if success else "on_failure"
+
+    choose_raw(record.output["success"]) >> [
+        EmptyOperator(task_id="on_success"),
+        EmptyOperator(task_id="on_failure"),
+    ]

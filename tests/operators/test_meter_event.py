@@ -41,10 +41,10 @@ def test_templated_event_reaches_stripe_and_success_branch_runs(secret_server, c
 
 
 def test_event_rejected_by_stripe_takes_failure_branch(secret_server):
-    # A meter whose customer key is not the default: Stripe answers 400 for the missing key.
+    # A meter whose customer key is not the one sent (no preflight to learn it): Stripe answers 400.
     secret_server.ledger.add_meter("custom_keys", customer_key="account", value_key="units")
 
-    dag_run = run_dag("t_meter_event_branch", run_conf={"event_name": "custom_keys"})
+    dag_run = run_dag("t_meter_event_no_preflight", run_conf={"event_name": "custom_keys"})
 
     assert secret_server.ledger.accepted() == []
     pushed = xcoms(dag_run, "record")
@@ -107,3 +107,39 @@ def test_transient_failures_that_outlast_retries_fail_the_task_without_sending(s
 
     assert task_states(dag_run)["record"] == "failed"
     assert secret_server.ledger.accepted() == []
+
+
+def test_preflight_stops_an_unknown_event_name_before_anything_is_sent(secret_server, capfd):
+    secret_server.ledger.add_meter("api_calls")
+    secret_server.ledger.add_meter("old_meter", status="inactive")
+
+    dag_run = run_dag("t_meter_event_branch", run_conf={"event_name": "ai_tokens_usd"})
+
+    states = task_states(dag_run)
+    assert states["record"] == "failed"
+    assert secret_server.stats["v1_meter_event"] == 0
+    log = capfd.readouterr().out
+    assert "No active Stripe meter for event_name 'ai_tokens_usd'" in log
+    assert "Active meters: ai_tokens_used, api_calls; inactive: old_meter" in log
+
+
+def test_preflight_learns_the_meters_payload_keys(secret_server):
+    secret_server.ledger.add_meter("gb_stored", customer_key="account", value_key="gb")
+
+    dag_run = run_dag("t_meter_event_branch", run_conf={"event_name": "gb_stored", "value": "3"})
+
+    assert xcoms(dag_run, "record")["success"] is True
+    [event] = secret_server.ledger.accepted()
+    assert event.payload == {"account": "cus_test_1", "gb": "3"}
+    assert secret_server.stats["v1_list_meters"] == 1
+
+
+def test_without_preflight_an_unknown_event_name_is_accepted_and_reported_later(secret_server):
+    dag_run = run_dag(
+        "t_meter_event_no_preflight", run_conf={"event_name": "typo_meter", "account": "acct_123"}
+    )
+
+    assert xcoms(dag_run, "record")["success"] is True  # Stripe's 200 means accepted, not billed
+    assert [r["code"] for r in secret_server.ledger.error_reports] == ["no_meter"]
+    [headers] = [h for _, path, h in secret_server.request_log if path == "/v1/billing/meter_events"]
+    assert headers["Stripe-Account"] == "acct_123"

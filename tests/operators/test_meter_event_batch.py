@@ -214,3 +214,21 @@ def test_sql_path_streams_from_postgres(secret_server, usage_pg):
         for e in secret_server.ledger.accepted()
     }
     assert len(days) == outcome["aggregates"] == len(secret_server.ledger.accepted())
+
+
+def test_preflight_catches_an_unknown_event_name_before_anything_is_sent(secret_server):
+    secret_server.ledger.add_meter("api_calls")
+    rows = [["cus_a", 5, at(-1, 10), "ai_tokens_used"], ["cus_a", 2, at(-1, 20), "api_calls"]]
+
+    dag_run = run_dag("t_batch_many_meters", run_conf={"rows": [*rows, ["cus_b", 1, at(-1, 30), "api_cals"]]})
+
+    assert task_states(dag_run)["bill"] == "failed"
+    assert secret_server.stats["v1_meter_event"] == 0
+
+    dag_run = run_dag("t_batch_many_meters", run_conf={"rows": rows})
+
+    assert xcoms(dag_run, "bill")["totals"] == {
+        "ai_tokens_used": {"aggregates": 1, "customers": 1, "value": 5, "recorded": 5},
+        "api_calls": {"aggregates": 1, "customers": 1, "value": 2, "recorded": 2},
+    }
+    assert secret_server.stats["v1_list_meters"] == 2  # once per task run, not per event
