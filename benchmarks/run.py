@@ -230,12 +230,15 @@ def _inner_sql(mode: str, db: str) -> None:
     from airflow.sdk import BaseHook
 
     from airflow_provider_stripe_meter.aggregation import paused_gc
+    from airflow_provider_stripe_meter.sources import row_chunks
 
     BaseHook.get_connection("usage_db").get_hook()  # imports and connection lookup outside the timing
     sampler = _RssSampler()
     started = time.perf_counter()
     if mode == "bare":
-        rows = sum(len(chunk) for chunk in op._query_chunks())
+        rows = sum(
+            len(chunk) for chunk in row_chunks(sql=sql, sql_conn_id="usage_db", chunk_size=op.chunk_size)
+        )
         extra: dict[str, Any] = {}
     else:
         aggregator = op._aggregate()

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator, Sequence
-from contextlib import closing
+from collections.abc import Sequence
 from datetime import timedelta, timezone
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -14,12 +12,12 @@ from airflow_provider_stripe_meter.aggregation import (
     DEFAULT_SAFETY_MARGIN,
     DailyAggregate,
     UsageAggregator,
-    iter_chunks,
     paused_gc,
 )
 from airflow_provider_stripe_meter.identifiers import daily_identifier
 from airflow_provider_stripe_meter.operators.meter_event import payload_keys
 from airflow_provider_stripe_meter.rules import validate_event_name
+from airflow_provider_stripe_meter.sources import aggregate_usage
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -29,7 +27,7 @@ if TYPE_CHECKING:
 
 APIS = ("v1", "v2_stream")
 STREAM_BATCH = 100  # Stripe's maximum events per stream request
-PROGRESS_SECONDS = 10.0
+PROGRESS_SECONDS = 10.0  # progress lines at least this often on long runs
 
 
 class StripeMeterEventBatchOperator(BaseOperator):
@@ -164,62 +162,20 @@ class StripeMeterEventBatchOperator(BaseOperator):
 
     # -- reading ---------------------------------------------------------------------------
 
-    def _row_chunks(self) -> Iterator[list[Any]]:
-        if self.sql is not None:
-            yield from self._query_chunks()
-            return
-        rows = self.rows
-        if isinstance(rows, str):
-            raise ValueError(
-                "rows rendered to a string; pass the upstream task's output (usage.output) "
-                "or render templates as native objects"
-            )
-        if isinstance(rows, dict):
-            raise ValueError("rows must be a list of rows, got a mapping")
-        rows = list(rows or [])
-        # SQLExecuteQueryOperator with several statements and return_last=False: a list per statement.
-        if rows and all(isinstance(r, list) and r and isinstance(r[0], (list, tuple)) for r in rows):
-            rows = [row for statement in rows for row in statement]
-        yield from iter_chunks(rows, self.chunk_size)
-
-    def _query_chunks(self) -> Iterator[list[Any]]:
-        from airflow.sdk import BaseHook
-
-        assert self.sql_conn_id is not None
-        hook = BaseHook.get_connection(self.sql_conn_id).get_hook()
-        if not hasattr(hook, "get_conn"):
-            raise TypeError(
-                f"Connection {self.sql_conn_id!r} gives {type(hook).__name__}, not a SQL (DbApiHook) hook"
-            )
-        with closing(hook.get_conn()) as conn:
-            cursor = _streaming_cursor(conn, getattr(hook, "conn_type", ""))
-            with closing(cursor):
-                if self.parameters:
-                    cursor.execute(self.sql, self.parameters)
-                else:
-                    cursor.execute(self.sql)
-                while rows := cursor.fetchmany(self.chunk_size):
-                    yield rows
-
     def _aggregate(self) -> UsageAggregator:
-        aggregator = UsageAggregator(
-            event_name=self.event_name or None,
-            now=int(time.time()),
+        return aggregate_usage(
+            rows=self.rows,
+            sql=self.sql,
+            sql_conn_id=self.sql_conn_id,
+            parameters=self.parameters,
+            chunk_size=self.chunk_size,
+            event_name=self.event_name,
             columns=self.columns,
-            naive_timezone=_zone(self.naive_timezone),
+            naive_timezone=self.naive_timezone,
             safety_margin=self.safety_margin,
             sample_limit=self.sample_limit,
+            log=self.log,
         )
-        started = last = time.monotonic()
-        for chunk in self._row_chunks():
-            aggregator.add_rows(chunk)
-            now = time.monotonic()
-            if now - last >= PROGRESS_SECONDS:
-                last = now
-                self.log.info(
-                    "Read %d rows (%.0f rows/s)", aggregator.rows, aggregator.rows / (now - started)
-                )
-        return aggregator
 
     # -- sending ---------------------------------------------------------------------------
 
@@ -388,23 +344,3 @@ class StripeMeterEventBatchOperator(BaseOperator):
             outcome[k] for k in ("skipped_too_old", "skipped_future", "invalid", "rejected", "failed")
         )
         return outcome
-
-
-def _streaming_cursor(conn: Any, conn_type: str) -> Any:
-    """A cursor that streams: a server-side (named) cursor on PostgreSQL, a plain one elsewhere."""
-    if conn_type in ("postgres", "postgresql"):
-        try:
-            cursor = conn.cursor(name="stripe_meter_usage")
-        except TypeError:
-            return conn.cursor()
-        cursor.itersize = 10_000
-        return cursor
-    return conn.cursor()
-
-
-def _zone(value: Any) -> Any:
-    if value is None or not isinstance(value, str):
-        return value
-    import pendulum
-
-    return pendulum.timezone(value)
