@@ -146,6 +146,8 @@ class DeliveryReport:
     sample_limit: int = 20
     #: Items rejected or failed, all of them (the samples are bounded, this is not).
     unsettled: list[Any] = field(default_factory=list)
+    #: Items Stripe already held (duplicate identifier).
+    already: list[Any] = field(default_factory=list)
 
     def sample(self, kind: str, detail: dict[str, Any]) -> None:
         """Keep ``detail`` as an example of ``kind`` if there is room."""
@@ -252,6 +254,7 @@ class Deliverer(Generic[T]):
             with self._lock:
                 report.requests += 1
                 report.already_recorded += len(batch)
+                report.already.extend(batch)
             return None
         except StripeConfigurationError:
             raise

@@ -138,6 +138,7 @@ class MeterLedger:
     :param customers: Customers Stripe knows; ``None`` means every ``cus_...`` is known.
     :param identifier_window: Seconds a used identifier is refused; ``None`` keeps it forever
         (Stripe promises at least 24 hours).
+    :param summary_lag: Seconds before an accepted event counts in event summaries.
     :param clock: Returns "now" in unix seconds; tests move it to cross the 24-hour and session
         limits.
     """
@@ -147,9 +148,12 @@ class MeterLedger:
         *,
         customers: Iterable[str] | None = None,
         identifier_window: float | None = None,
+        summary_lag: float = 0.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.lock = threading.RLock()
+        #: Seconds before an accepted event shows in summaries (Stripe's are eventually consistent).
+        self.summary_lag = summary_lag
         self.clock = clock
         self.customers: set[str] | None = set(customers) if customers is not None else None
         self.identifier_window = identifier_window
@@ -357,6 +361,7 @@ class MeterLedger:
         self, meter: Meter, customer_id: str, start: int, end: int, window: int | None
     ) -> list[dict[str, Any]]:
         """Aggregate a meter's usage for one customer per window in [start, end)."""
+        visible_before = self.clock() - self.summary_lag
         with self.lock:
             if not self.customer_known(customer_id) or meter.status != "active":
                 relevant: list[RecordedEvent] = []
@@ -365,6 +370,7 @@ class MeterLedger:
                     e
                     for e in self.events
                     if not e.cancelled
+                    and e.received_at <= visible_before
                     and e.event_name == meter.event_name
                     and e.payload.get(meter.customer_key) == customer_id
                     and start <= e.timestamp < end

@@ -87,6 +87,8 @@ class LocalStripeServer:
     :param validate_spec: Check every request and response body against the OpenAPI spec and
         list mismatches in :attr:`spec_violations` and :attr:`request_violations` (slower; tests).
     :param session_ttl: Lifetime of v2 meter event sessions, seconds.
+    :param identifier_window: Seconds a used identifier is refused (``None``: forever).
+    :param summary_lag: Seconds before an accepted event shows in event summaries.
     :param clock: "Now" for Stripe's time rules (tests move it).
     """
 
@@ -103,11 +105,14 @@ class LocalStripeServer:
         validate_spec: bool = False,
         session_ttl: float = 900.0,
         identifier_window: float | None = None,
+        summary_lag: float = 0.0,
         clock: Callable[[], float] = time.time,
         host: str = "127.0.0.1",
         port: int = 0,
     ) -> None:
-        self.ledger = MeterLedger(customers=customers, identifier_window=identifier_window, clock=clock)
+        self.ledger = MeterLedger(
+            customers=customers, identifier_window=identifier_window, summary_lag=summary_lag, clock=clock
+        )
         for name in meters:
             self.ledger.add_meter(name)
         self.api_keys = set(api_keys)
@@ -633,6 +638,10 @@ class _Handler(BaseHTTPRequestHandler):
                 )
         if end <= start:
             raise StripeApiError(400, "end_time must be after start_time.", param="end_time")
+        if not self.server_state.ledger.customer_known(params["customer"]):
+            raise StripeApiError(
+                404, f"No such customer: '{params['customer']}'", code="resource_missing", param="customer"
+            )
         summaries = self.server_state.ledger.summarize(meter, params["customer"], start, end, window)
         return _paginate(summaries, params, f"/v1/billing/meters/{meter.id}/event_summaries")
 

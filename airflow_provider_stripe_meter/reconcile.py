@@ -1,0 +1,120 @@
+"""Compare what the source says was used with what Stripe's meter summaries say was recorded.
+
+Plain Python. One line per (customer, UTC day): expected, recorded, difference and a status:
+
+* ``ok``: equal;
+* ``missing``: Stripe has nothing for a day the source has usage for (never sent, or lost);
+* ``short``: Stripe has less (late rows arrived after the day was sent);
+* ``over``: Stripe has more (an event sent twice, or source rows deleted): cancel within 24 hours
+  or credit the customer; never corrected automatically;
+* ``customer_unknown``: Stripe does not know the customer, so none of its usage is billed.
+
+Corrections (``missing``/``short``) are planned here with deterministic identifiers:
+
+* a ``missing`` day is sent under the very identifier the batch operator uses for that day, so
+  if the day's event did land and Stripe's summary simply lags, Stripe refuses the copy;
+* a ``short`` day is topped up by the difference under an identifier that names the total it
+  brings the day to: running the correction again with the same source data sends the same
+  identifier and Stripe refuses it, while new late rows (a new total) get a new top-up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from datetime import date
+from typing import Any
+
+from airflow_provider_stripe_meter.identifiers import bounded_identifier, daily_identifier
+
+STATUSES = ("ok", "missing", "short", "over", "customer_unknown")
+
+
+@dataclass(frozen=True)
+class ReconcileLine:
+    """One customer's usage of one meter on one UTC day, as the source and Stripe see it."""
+
+    customer_id: str
+    day: str
+    expected: int
+    recorded: int | None
+    difference: int
+    status: str
+    timestamp: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe form for XCom."""
+        return asdict(self)
+
+
+def compare(
+    expected: dict[tuple[str, date], tuple[int, int]],
+    recorded: dict[tuple[str, date], int],
+    unknown_customers: set[str] = frozenset(),  # type: ignore[assignment]
+) -> list[ReconcileLine]:
+    """Line up expected ``(value, latest timestamp)`` and recorded values per (customer, day)."""
+    lines = []
+    for key in sorted(set(expected) | set(recorded)):
+        customer, day = key
+        value, timestamp = expected.get(key, (0, None))
+        if customer in unknown_customers:
+            lines.append(
+                ReconcileLine(customer, day.isoformat(), value, None, value, "customer_unknown", timestamp)
+            )
+            continue
+        got = recorded.get(key, 0)
+        difference = value - got
+        if difference == 0:
+            status = "ok"
+        elif difference < 0:
+            status = "over"
+        elif got == 0:
+            status = "missing"
+        else:
+            status = "short"
+        lines.append(ReconcileLine(customer, day.isoformat(), value, got, difference, status, timestamp))
+    return lines
+
+
+def summarize(lines: list[ReconcileLine]) -> dict[str, int]:
+    """How many lines have each status."""
+    counts = dict.fromkeys(STATUSES, 0)
+    for line in lines:
+        counts[line.status] += 1
+    return counts
+
+
+@dataclass(frozen=True)
+class Correction:
+    """One event that brings a day's recorded usage up to the source's."""
+
+    customer_id: str
+    day: date
+    value: int
+    identifier: str
+    timestamp: int | None
+
+
+def plan_corrections(
+    lines: list[dict[str, Any]] | list[ReconcileLine],
+    event_name: str,
+    *,
+    daily_prefix: str = "usage",
+    top_up_prefix: str = "topup",
+) -> list[Correction]:
+    """Events for every ``missing`` or ``short`` line; other statuses need a person."""
+    plan = []
+    for raw in lines:
+        line = raw if isinstance(raw, dict) else raw.to_dict()
+        if line["status"] not in ("missing", "short") or line["difference"] <= 0:
+            continue
+        day = date.fromisoformat(line["day"])
+        if line["status"] == "missing":
+            identifier = daily_identifier(event_name, line["customer_id"], day, daily_prefix)
+        else:
+            identifier = bounded_identifier(
+                top_up_prefix, event_name, line["customer_id"], day.isoformat(), f"to{line['expected']}"
+            )
+        plan.append(
+            Correction(line["customer_id"], day, line["difference"], identifier, line.get("timestamp"))
+        )
+    return plan
