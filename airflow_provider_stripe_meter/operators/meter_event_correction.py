@@ -199,8 +199,9 @@ class StripeMeterEventCancelOperator(BaseOperator):
             except StripeRequestRejected as err:
                 too_late = isinstance(err, StripeAdjustmentTooLate)
                 self.log.warning("Not cancelled: %s", err)
+                # Stripe's details first: the message of a too-late error is ours, and says what to do.
                 errors.append(
-                    {"identifier": identifier, "message": str(err), "too_late": too_late, **err.details}
+                    {**err.details, "identifier": identifier, "message": str(err), "too_late": too_late}
                 )
                 continue
             cancelled.append(identifier)

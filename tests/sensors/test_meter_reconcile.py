@@ -1,0 +1,128 @@
+"""Reconciliation, late-row top-ups and cancellations end to end, against the local server."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+
+import pendulum
+import pytest
+
+from tests.conftest import run_dag, task_states, xcoms
+
+pytestmark = [pytest.mark.airflow, pytest.mark.usefixtures("airflow_db")]
+TODAY = pendulum.today("UTC")
+
+
+def at(day_offset: int, seconds: int) -> str:
+    return TODAY.add(days=day_offset).add(seconds=seconds).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def day(offset: int) -> str:
+    return TODAY.add(days=offset).to_date_string()
+
+
+@pytest.fixture
+def usage_db(tmp_path, monkeypatch):
+    path = tmp_path / "usage.db"
+    monkeypatch.setenv("AIRFLOW_CONN_USAGE_DB", json.dumps({"conn_type": "sqlite", "host": str(path)}))
+    with sqlite3.connect(path) as con:
+        con.execute("CREATE TABLE usage (customer_id TEXT, tokens INTEGER, used_at TEXT)")
+    return path
+
+
+def add_rows(path, rows):
+    with sqlite3.connect(path) as con:
+        con.executemany("INSERT INTO usage VALUES (?, ?, ?)", rows)
+
+
+def source_totals(path):
+    with sqlite3.connect(path) as con:
+        return dict(con.execute("SELECT customer_id, SUM(tokens) FROM usage GROUP BY customer_id"))
+
+
+def lines_by_key(outcome):
+    return {(line["customer_id"], line["day"]): line for line in outcome["lines"]}
+
+
+def test_reconciliation_finds_an_unknown_customer_and_a_missing_day(secret_server, usage_db):
+    secret_server.ledger.customers = {"cus_a", "cus_b"}
+    add_rows(usage_db, [("cus_a", 5, at(-2, 10)), ("cus_a", 7, at(-1, 10)), ("cus_b", 3, at(-1, 20))])
+    add_rows(usage_db, [("cus_ghost", 9, at(-1, 30))])
+    run_dag("t_bill_day", run_conf={"day": day(-1)})  # the nightly run for yesterday only
+
+    dag_run = run_dag("t_reconcile")
+
+    outcome = xcoms(dag_run, "reconcile")
+    lines = lines_by_key(outcome)
+    assert lines[("cus_a", day(-2))]["status"] == "missing"
+    assert lines[("cus_a", day(-2))]["expected"] == 5
+    assert lines[("cus_a", day(-1))]["status"] == "ok"
+    assert lines[("cus_b", day(-1))]["status"] == "ok"
+    assert lines[("cus_ghost", day(-1))]["status"] == "customer_unknown"
+    assert outcome["counts"] == {"ok": 2, "missing": 1, "short": 0, "over": 0, "customer_unknown": 1}
+    assert outcome["success"] is False
+    assert outcome["waited_seconds"] >= 3  # a mismatch is waited out as Stripe catching up first
+    states = task_states(dag_run)
+    assert (states["top_up"], states["alert"], states["all_good"]) == ("success", "success", "skipped")
+    # The missing day went out under the batch operator's own identifier for it.
+    assert f"usage:ai_tokens_used:cus_a:{day(-2)}" in {e.identifier for e in secret_server.ledger.accepted()}
+    assert secret_server.ledger.totals()["cus_a"] == 12
+
+
+def test_late_rows_are_topped_up_exactly_however_often_the_flow_runs(secret_server, usage_db):
+    secret_server.ledger.summary_lag = 1.5  # Stripe's summaries trail the events
+    add_rows(usage_db, [("cus_a", 100, at(-1, 10)), ("cus_b", 40, at(-1, 20))])
+    run_dag("t_bill_day", run_conf={"day": day(-1)})
+    add_rows(usage_db, [("cus_a", 25, at(-1, 3_000)), ("cus_b", 2, at(-1, 4_000))])  # late rows
+
+    for _ in range(3):
+        run_dag("t_reconcile")
+    assert secret_server.ledger.totals() == source_totals(usage_db) == {"cus_a": 125, "cus_b": 42}
+
+    add_rows(usage_db, [("cus_a", 5, at(-1, 5_000))])  # later still
+    time.sleep(1.6)
+    for _ in range(2):
+        dag_run = run_dag("t_reconcile")
+    assert secret_server.ledger.totals() == source_totals(usage_db) == {"cus_a": 130, "cus_b": 42}
+    identifiers = sorted(e.identifier for e in secret_server.ledger.accepted())
+    assert identifiers == sorted(
+        [
+            f"usage:ai_tokens_used:cus_a:{day(-1)}",
+            f"usage:ai_tokens_used:cus_b:{day(-1)}",
+            f"topup:ai_tokens_used:cus_a:{day(-1)}:to125",
+            f"topup:ai_tokens_used:cus_b:{day(-1)}:to42",
+            f"topup:ai_tokens_used:cus_a:{day(-1)}:to130",
+        ]
+    )
+    time.sleep(1.6)
+    dag_run = run_dag("t_reconcile")
+    assert xcoms(dag_run, "reconcile")["success"] is True
+    assert task_states(dag_run)["all_good"] == "success"
+
+
+def test_cancel_within_24_hours_removes_the_event_and_later_says_it_is_too_late(secret_server, usage_db):
+    add_rows(usage_db, [("cus_a", 100, at(-1, 10)), ("cus_b", 40, at(-1, 20))])
+    run_dag("t_bill_day", run_conf={"day": day(-1)})
+    dup = f"usage:ai_tokens_used:cus_a:{day(-1)}"
+
+    dag_run = run_dag("t_cancel", run_conf={"identifiers": [dup]})
+
+    assert xcoms(dag_run, "cancel")["return_value"] == {"success": True, "cancelled": [dup], "errors": []}
+    assert secret_server.ledger.totals() == {"cus_b": 40}
+    dag_run = run_dag("t_reconcile")
+    assert lines_by_key(xcoms(dag_run, "reconcile"))[("cus_a", day(-1))]["status"] in ("missing", "ok")
+
+    real_clock = secret_server.ledger.clock
+    secret_server.ledger.clock = lambda: real_clock() + 86_400 + 60  # a day and a minute later
+    late = f"usage:ai_tokens_used:cus_b:{day(-1)}"
+    dag_run = run_dag("t_cancel", run_conf={"identifiers": [late]})
+
+    outcome = xcoms(dag_run, "cancel")
+    assert outcome["success"] is False
+    [error] = outcome["errors"]
+    assert error["too_late"] is True
+    assert "only within 24 hours" in error["message"]
+    assert "correcting event" in error["message"]
+    assert secret_server.ledger.totals()["cus_b"] == 40
