@@ -34,7 +34,14 @@ def get_provider_info() -> dict:
                 "python-modules": [
                     "airflow_provider_stripe_meter.operators.meter_event",
                     "airflow_provider_stripe_meter.operators.meter_event_batch",
+                    "airflow_provider_stripe_meter.operators.meter_event_correction",
                 ],
+            }
+        ],
+        "sensors": [
+            {
+                "integration-name": "Stripe Billing",
+                "python-modules": ["airflow_provider_stripe_meter.sensors.meter_reconcile"],
             }
         ],
         "connection-types": [

@@ -1,0 +1,71 @@
+"""Close the loop: bill yesterday, check Stripe's summaries against the source, correct or alert.
+
+A 200 from Stripe means *accepted*, not *billed*: unknown customers and late rows surface only
+when Stripe's meter summaries are compared with the source, which this DAG does every night.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pendulum
+from airflow.providers.standard.operators.empty import EmptyOperator
+from airflow.sdk import DAG, CronDataIntervalTimetable, task
+
+from airflow_provider_stripe_meter.operators.meter_event_batch import StripeMeterEventBatchOperator
+from airflow_provider_stripe_meter.operators.meter_event_correction import StripeMeterTopUpOperator
+from airflow_provider_stripe_meter.sensors.meter_reconcile import StripeMeterReconcileSensor
+
+# The last 3 days: yesterday, plus late rows for the two days before.
+USAGE_SQL = (
+    "SELECT customer_id, tokens, used_at FROM usage "
+    "WHERE datetime(used_at) >= datetime('{{ data_interval_end }}', '-3 days') "
+    "AND datetime(used_at) < datetime('{{ data_interval_end }}')"
+)
+
+with DAG(
+    dag_id="example_stripe_reconcile",
+    schedule=CronDataIntervalTimetable("0 0 * * *", timezone="UTC"),
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    tags=["example", "stripe"],
+) as dag:
+    # [START howto_reconcile]
+    bill = StripeMeterEventBatchOperator(
+        task_id="bill",
+        event_name="ai_tokens_used",
+        sql=USAGE_SQL,
+        sql_conn_id="usage_db",
+    )
+    reconcile = StripeMeterReconcileSensor(
+        task_id="reconcile",
+        event_name="ai_tokens_used",
+        sql=USAGE_SQL,
+        sql_conn_id="usage_db",
+        # Stripe's summaries are eventually consistent: re-check every 5 minutes for up to an
+        # hour, giving the worker slot back in between (reschedule mode).
+        poke_interval=300,
+        settle_timeout=timedelta(hours=1),
+    )
+
+    @task.branch
+    def route(counts: dict) -> list[str]:
+        chosen = []
+        if counts["missing"] or counts["short"]:
+            chosen.append("top_up_late_usage")  # safe to automate: differences only, never twice
+        if counts["over"] or counts["customer_unknown"]:
+            chosen.append("alert_billing_team")  # needs a person: cancel, credit or fix the customer
+        return chosen or ["all_billed"]
+
+    top_up = StripeMeterTopUpOperator(
+        task_id="top_up_late_usage",
+        reconciliation=reconcile.output["lines"],
+        event_name="ai_tokens_used",
+    )
+    bill >> reconcile
+    route(reconcile.output["counts"]) >> [
+        top_up,
+        EmptyOperator(task_id="alert_billing_team"),
+        EmptyOperator(task_id="all_billed"),
+    ]
+    # [END howto_reconcile]
