@@ -6,11 +6,9 @@ when Stripe's meter summaries are compared with the source, which this DAG does 
 
 from __future__ import annotations
 
-from datetime import timedelta
-
 import pendulum
 from airflow.providers.standard.operators.empty import EmptyOperator
-from airflow.sdk import DAG, CronDataIntervalTimetable, task
+from airflow.sdk import DAG, CronDataIntervalTimetable, Param, task
 
 from airflow_provider_stripe_meter.operators.meter_event_batch import StripeMeterEventBatchOperator
 from airflow_provider_stripe_meter.operators.meter_event_correction import StripeMeterTopUpOperator
@@ -28,6 +26,7 @@ with DAG(
     schedule=CronDataIntervalTimetable("0 0 * * *", timezone="UTC"),
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
+    params={"settle_seconds": Param(3600, type="integer", minimum=0)},
     tags=["example", "stripe"],
 ) as dag:
     # [START howto_reconcile]
@@ -45,7 +44,7 @@ with DAG(
         # Stripe's summaries are eventually consistent: re-check every 5 minutes for up to an
         # hour, giving the worker slot back in between (reschedule mode).
         poke_interval=300,
-        settle_timeout=timedelta(hours=1),
+        settle_timeout="{{ params.settle_seconds }}",
     )
 
     @task.branch

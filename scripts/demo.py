@@ -150,8 +150,48 @@ def main() -> None:
             f"(e.g. {result['samples']['skipped_too_old'][0]})"
         )
         print(f"branch taken: {branch_taken(run, 'all_billed', 'report_unbillable_usage')}")
+        reconcile_late_rows(bag, server, today)
         total = sum(int(e.payload["value"]) for e in server.ledger.accepted())
         print(f"\nStripe now holds {len(server.ledger.accepted())} meter events, {total} tokens in all.")
+
+
+def reconcile_late_rows(bag, server, today) -> None:
+    """Late rows and a customer Stripe does not know: reconcile, top up, alert; then again."""
+    yesterday = today.subtract(days=1)
+    late = [
+        ("cus_demo_acme", 500, yesterday.add(hours=23, minutes=50).strftime("%Y-%m-%d %H:%M:%S")),
+        ("cus_demo_ghost", 42, yesterday.add(hours=12).strftime("%Y-%m-%d %H:%M:%S")),
+    ]
+    with sqlite3.connect(USAGE_DB) as con:
+        con.executemany("INSERT INTO usage VALUES (?, ?, ?)", late)
+    server.ledger.customers = set(CUSTOMERS)  # Stripe knows the four demo customers, not the ghost
+    print("\n== late rows arrive for yesterday (+500 tokens for cus_demo_acme) and for cus_demo_ghost,")
+    print("   a customer Stripe does not know: example_stripe_reconcile bills, reconciles, corrects")
+    dag = bag.get_dag("example_stripe_reconcile")
+    for attempt in (1, 2):
+        run = dag.test(logical_date=today, run_conf={"settle_seconds": 0})
+        report = outcome(run, "reconcile")
+        print(f"run {attempt}: reconcile counts {report['counts']}")
+        for line in report["lines"]:
+            if line["status"] != "ok":
+                print(
+                    f"  {line['status']:<16} {line['day']} {line['customer_id']:<18} "
+                    f"expected {line['expected']} recorded {line['recorded']} difference {line['difference']}"
+                )
+        task_state = states(run)
+        taken = [
+            t
+            for t in ("top_up_late_usage", "alert_billing_team", "all_billed")
+            if task_state.get(t) == "success"
+        ]
+        print(f"  branches taken: {', '.join(taken)}")
+        if task_state.get("top_up_late_usage") == "success":
+            top_up = outcome(run, "top_up_late_usage")
+            print(
+                f"  top-up: sent {top_up['sent']} event(s), {top_up['value_sent']} tokens: "
+                f"{top_up['corrections']}"
+            )
+    print("the second run found nothing left to top up: the late tokens were billed once")
 
 
 if __name__ == "__main__":

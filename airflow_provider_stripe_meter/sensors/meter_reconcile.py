@@ -48,7 +48,8 @@ class StripeMeterReconcileSensor(BaseSensorOperator):
     :param parameters: Query parameters. (templated)
     :param start_date: First UTC day to compare (ISO date); default the source's first. (templated)
     :param end_date: Last UTC day to compare (ISO date); default the source's last. (templated)
-    :param settle_timeout: How long mismatches may be waited out as Stripe catching up.
+    :param settle_timeout: How long mismatches may be waited out as Stripe catching up: a
+        ``timedelta`` or seconds. (templated)
     :param max_rps: Summary requests per second (one per customer).
     :param stripe_conn_id: Airflow connection of type ``stripe``.
     :param stripe_account: Connected account (``acct_...``). (templated)
@@ -61,6 +62,7 @@ class StripeMeterReconcileSensor(BaseSensorOperator):
         "parameters",
         "start_date_text",
         "end_date_text",
+        "settle_timeout",
         "stripe_account",
     )
     template_ext: Sequence[str] = (".sql",)
@@ -78,7 +80,7 @@ class StripeMeterReconcileSensor(BaseSensorOperator):
         columns: Sequence[str] = ("customer_id", "value", "timestamp"),
         start_date: str | None = None,
         end_date: str | None = None,
-        settle_timeout: timedelta = timedelta(hours=1),
+        settle_timeout: timedelta | float | str = timedelta(hours=1),
         naive_timezone: Any = timezone.utc,
         safety_margin: timedelta = DEFAULT_SAFETY_MARGIN,
         max_rps: float = 20.0,
@@ -88,7 +90,8 @@ class StripeMeterReconcileSensor(BaseSensorOperator):
     ) -> None:
         kwargs.setdefault("mode", "reschedule")
         kwargs.setdefault("poke_interval", 300)
-        kwargs.setdefault("timeout", settle_timeout + timedelta(hours=1))
+        if not isinstance(settle_timeout, str):
+            kwargs.setdefault("timeout", _seconds(settle_timeout) + 3600)
         kwargs.setdefault("multiple_outputs", True)
         super().__init__(**kwargs)
         if (rows is None) == (sql is None):
@@ -143,8 +146,10 @@ class StripeMeterReconcileSensor(BaseSensorOperator):
         )
         counts = summarize(lines)
         settled = counts["ok"] + counts["customer_unknown"] == len(lines)
-        waited = time.time() - self._first_poke_time(context)
-        if not settled and waited < self.settle_timeout.total_seconds():
+        first_poke = self._first_poke_time(context)
+        waited = max(0.0, time.time() - first_poke)
+        settle = _seconds(self.settle_timeout)
+        if not settled and waited < settle:
             self.log.info(
                 "%d of %d customer-days differ from Stripe's summaries (%s); Stripe's summaries are "
                 "eventually consistent, checking again (waited %.0f s of %.0f s)",
@@ -152,7 +157,7 @@ class StripeMeterReconcileSensor(BaseSensorOperator):
                 len(lines),
                 counts,
                 waited,
-                self.settle_timeout.total_seconds(),
+                settle,
             )
             return False
         report = {
@@ -256,3 +261,12 @@ class StripeMeterReconcileSensor(BaseSensorOperator):
             )
         if len(mismatches) > _SHOWN_MISMATCHES:
             self.log.warning("  ... and %d more in the lines XCom", len(mismatches) - _SHOWN_MISMATCHES)
+
+
+def _seconds(value: timedelta | float | str) -> float:
+    if isinstance(value, timedelta):
+        return value.total_seconds()
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"settle_timeout must be a timedelta or seconds, got {value!r}") from None
