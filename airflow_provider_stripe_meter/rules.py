@@ -67,6 +67,12 @@ def validate_event_name(value: Any) -> str:
     return value
 
 
+def check_fixed_event_name(value: Any) -> None:
+    """At DAG-parse time, check an event name that is not a template (a template is checked at run time)."""
+    if isinstance(value, str) and "{{" not in value:
+        validate_event_name(value)
+
+
 def validate_customer_id(value: Any) -> str:
     """Return ``value`` if it looks like a Stripe customer id (``cus_...``).
 

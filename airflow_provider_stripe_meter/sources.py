@@ -20,6 +20,14 @@ if TYPE_CHECKING:
 PROGRESS_SECONDS = 10.0
 
 
+def check_source(rows: Any, sql: str | None, sql_conn_id: str | None) -> None:
+    """At DAG-parse time: exactly one source, and a connection for a query."""
+    if (rows is None) == (sql is None):
+        raise ValueError("give exactly one of rows (an upstream task's output) or sql (with sql_conn_id)")
+    if sql is not None and not sql_conn_id:
+        raise ValueError("sql needs sql_conn_id: the connection of the database to query")
+
+
 def row_chunks(
     *,
     rows: Any = None,

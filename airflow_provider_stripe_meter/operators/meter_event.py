@@ -12,7 +12,7 @@ from airflow.sdk import BaseOperator
 from airflow_provider_stripe_meter.identifiers import task_identifier
 from airflow_provider_stripe_meter.rules import (
     MeterEventInputError,
-    validate_event_name,
+    check_fixed_event_name,
     validate_meter_event,
 )
 
@@ -96,9 +96,7 @@ class StripeMeterEventOperator(BaseOperator):
     ) -> None:
         kwargs.setdefault("multiple_outputs", True)
         super().__init__(**kwargs)
-        # A fixed (untemplated) event name can be checked when the DAG is parsed.
-        if isinstance(event_name, str) and "{{" not in event_name:
-            validate_event_name(event_name)
+        check_fixed_event_name(event_name)
         self.event_name = event_name
         self.customer_id = customer_id
         self.value = value

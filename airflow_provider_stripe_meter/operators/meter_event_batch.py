@@ -16,8 +16,8 @@ from airflow_provider_stripe_meter.aggregation import (
 )
 from airflow_provider_stripe_meter.identifiers import daily_identifier
 from airflow_provider_stripe_meter.operators.meter_event import payload_keys
-from airflow_provider_stripe_meter.rules import validate_event_name
-from airflow_provider_stripe_meter.sources import aggregate_usage
+from airflow_provider_stripe_meter.rules import check_fixed_event_name
+from airflow_provider_stripe_meter.sources import aggregate_usage, check_source
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -128,16 +128,12 @@ class StripeMeterEventBatchOperator(BaseOperator):
     ) -> None:
         kwargs.setdefault("multiple_outputs", True)
         super().__init__(**kwargs)
-        if (rows is None) == (sql is None):
-            raise ValueError("give exactly one of rows (an upstream task's output) or sql (with sql_conn_id)")
-        if sql is not None and not sql_conn_id:
-            raise ValueError("sql needs sql_conn_id: the connection of the database to query")
+        check_source(rows, sql, sql_conn_id)
         if api not in APIS:
             raise ValueError(f"api must be one of {APIS}, got {api!r}")
         if max_rps is not None and max_rps <= 0:
             raise ValueError(f"max_rps must be positive, got {max_rps!r}")
-        if isinstance(event_name, str) and "{{" not in event_name:
-            validate_event_name(event_name)
+        check_fixed_event_name(event_name)
         self.event_name = event_name
         self.rows = rows
         self.sql = sql

@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from airflow.sdk import BaseSensorOperator, PokeReturnValue
 
 from airflow_provider_stripe_meter.aggregation import DEFAULT_SAFETY_MARGIN
-from airflow_provider_stripe_meter.rules import validate_event_name
+from airflow_provider_stripe_meter.rules import check_fixed_event_name
+from airflow_provider_stripe_meter.sources import check_source
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -94,10 +95,8 @@ class StripeMeterReconcileSensor(BaseSensorOperator):
             kwargs.setdefault("timeout", _seconds(settle_timeout) + 3600)
         kwargs.setdefault("multiple_outputs", True)
         super().__init__(**kwargs)
-        if (rows is None) == (sql is None):
-            raise ValueError("give exactly one of rows (an upstream task's output) or sql (with sql_conn_id)")
-        if isinstance(event_name, str) and "{{" not in event_name:
-            validate_event_name(event_name)
+        check_source(rows, sql, sql_conn_id)
+        check_fixed_event_name(event_name)
         self.event_name = event_name
         self.rows = rows
         self.sql = sql
