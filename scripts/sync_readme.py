@@ -25,7 +25,7 @@ def main() -> None:
             end = next(j for j in range(i, len(lines)) if f"# [END {name}]" in lines[j])
             block = "\n".join(lines[i : end + 1])
             pattern = re.compile(rf"[ \t]*# \[START {re.escape(name)}\].*?# \[END {re.escape(name)}\]", re.S)
-            readme, count = pattern.subn(lambda _: block, readme)
+            readme, count = pattern.subn(lambda _, block=block: block, readme)
             print(f"{name}: {'updated' if count else 'not quoted in README'}")
     readme_path.write_text(readme)
 
