@@ -39,6 +39,8 @@ def prepare_airflow() -> None:
     )
     airflow = str(Path(sys.executable).with_name("airflow"))
     subprocess.run([airflow, "db", "migrate"], check=True, capture_output=True)
+    # Airflow 3.1's dag.test() needs the DAGs serialized already (3.2+ does it itself).
+    subprocess.run([airflow, "dags", "reserialize"], check=True, capture_output=True)
 
 
 def seed_usage(today) -> dict[str, int]:
@@ -97,7 +99,10 @@ def main() -> None:
     import pendulum
 
     prepare_airflow()
-    from airflow.dag_processing.dagbag import DagBag
+    try:
+        from airflow.dag_processing.dagbag import DagBag
+    except ImportError:  # Airflow 3.1
+        from airflow.models.dagbag import DagBag
 
     from airflow_provider_stripe_meter.testing import LocalStripeServer
 

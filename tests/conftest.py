@@ -41,7 +41,10 @@ def airflow_db() -> Path:
     ]:
         shutil.copy(source, DAGS_FOLDER / source.name)
     airflow = Path(sys.executable).with_name("airflow")
-    subprocess.run([str(airflow), "db", "migrate"], check=True, capture_output=True, env=os.environ.copy())
+    env = os.environ.copy()
+    subprocess.run([str(airflow), "db", "migrate"], check=True, capture_output=True, env=env)
+    # Airflow 3.1's dag.test() needs the DAGs serialized already (3.2+ does it itself).
+    subprocess.run([str(airflow), "dags", "reserialize"], check=True, capture_output=True, env=env)
     return _HOME
 
 
@@ -60,11 +63,18 @@ def secret_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
         assert server.request_violations == [], server.request_violations
 
 
+def dag_bag(folder: str) -> Any:
+    """Parse a DAGs folder (DagBag moved from airflow.models in Airflow 3.2)."""
+    try:
+        from airflow.dag_processing.dagbag import DagBag
+    except ImportError:  # Airflow 3.1
+        from airflow.models.dagbag import DagBag
+    return DagBag(dag_folder=folder)
+
+
 def run_dag(dag_id: str, **kwargs: Any) -> Any:
     """Run a DAG from the DAGs folder with ``dag.test()`` and return the finished DagRun."""
-    from airflow.dag_processing.dagbag import DagBag
-
-    bag = DagBag(dag_folder=str(DAGS_FOLDER))
+    bag = dag_bag(str(DAGS_FOLDER))
     assert not bag.import_errors, bag.import_errors
     return bag.get_dag(dag_id).test(**kwargs)
 

@@ -11,9 +11,9 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "example_dags"
 
 @pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.py")), ids=lambda p: p.stem)
 def test_example_dag_imports_without_errors(path):
-    from airflow.dag_processing.dagbag import DagBag
+    from tests.conftest import dag_bag
 
-    bag = DagBag(dag_folder=str(path))
+    bag = dag_bag(str(path))
     assert bag.import_errors == {}
     assert bag.dags, f"{path.name} defines no DAG"
     for dag in bag.dags.values():
