@@ -225,7 +225,7 @@ def _iso(seconds: int) -> str:
         return f"{seconds} (out of range)"
 
 
-def rfc3339(seconds: int) -> str:
+def rfc3339(seconds: float) -> str:
     """Unix seconds as the RFC 3339 UTC string Stripe's v2 endpoints take."""
     return datetime.fromtimestamp(seconds, tz=timezone.utc).isoformat().replace("+00:00", "Z")
 

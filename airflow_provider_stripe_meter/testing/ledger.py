@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any
 
 PAST_WINDOW_SECONDS = 35 * 86400
@@ -117,11 +117,6 @@ class Meter:
             "updated": self.created,
             "value_settings": {"event_payload_key": self.value_key},
         }
-
-
-def rfc3339(seconds: float) -> str:
-    """Format unix seconds as the RFC 3339 string v2 endpoints use."""
-    return datetime.fromtimestamp(seconds, tz=timezone.utc).isoformat().replace("+00:00", "Z")
 
 
 def parse_rfc3339(text: str) -> int:
