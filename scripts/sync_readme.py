@@ -7,6 +7,7 @@ The README quotes tested code; ``tests/test_example_dags.py`` fails when a quote
 from __future__ import annotations
 
 import re
+import textwrap
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,7 +24,8 @@ def main() -> None:
                 continue
             name = line.split("# [START ")[1].rstrip("]")
             end = next(j for j in range(i, len(lines)) if f"# [END {name}]" in lines[j])
-            block = "\n".join(lines[i : end + 1])
+            # Dedented: the README shows the code as a reader would paste it.
+            block = textwrap.dedent("\n".join(lines[i : end + 1]))
             pattern = re.compile(rf"[ \t]*# \[START {re.escape(name)}\].*?# \[END {re.escape(name)}\]", re.S)
             readme, count = pattern.subn(lambda _, block=block: block, readme)
             print(f"{name}: {'updated' if count else 'not quoted in README'}")

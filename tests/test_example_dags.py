@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -28,11 +29,12 @@ def _snippets(text: str) -> dict[str, str]:
         if "# [START " in line:
             name = line.split("# [START ")[1].rstrip("]")
             end = next(j for j in range(i, len(lines)) if f"# [END {name}]" in lines[j])
-            found[name] = "\n".join(lines[i + 1 : end])
+            found[name] = textwrap.dedent("\n".join(lines[i : end + 1]))
     return found
 
 
 def test_readme_quotes_the_example_code_verbatim():
+    """The README's code is the example DAGs' (dedented); scripts/sync_readme.py restores it."""
     readme = _snippets((EXAMPLES.parent / "README.md").read_text())
     quoted = 0
     for path in EXAMPLES.glob("*.py"):
