@@ -25,8 +25,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone, tzinfo
 from decimal import Decimal, InvalidOperation
-from itertools import compress, islice, repeat
-from operator import attrgetter, eq, itemgetter, le
+from itertools import compress, repeat
+from operator import attrgetter, eq, itemgetter
 from typing import Any
 
 from airflow_provider_stripe_meter.rules import (
@@ -116,9 +116,9 @@ class UsageAggregator:
         self.fast_chunks = 0
         # (event name, customer, UTC day number) -> [sum, latest unix seconds, rows]
         self._totals: dict[tuple[str, str, int], list[int]] = {}
-        # Fast path, fixed event name: UTC day number -> (sums, latest naive-UTC datetimes, rows)
-        # per customer; folded into _totals when the aggregates are read.
-        self._fast_days: dict[int, tuple[dict[str, int], dict[str, datetime], Counter[str]]] = {}
+        # Fast path, fixed event name: UTC day number -> customer -> [sum, latest naive-UTC
+        # datetime, rows]; folded into _totals when the aggregates are read.
+        self._fast_days: dict[int, dict[str, list[Any]]] = {}
         self._good_customers: set[str] = set()
         self._good_events: set[str] = set()
         utc_naive = naive_timezone is not None and naive_timezone.utcoffset(None) == timedelta(0)
@@ -175,9 +175,8 @@ class UsageAggregator:
                 return False
         self._good_customers |= new
 
-        in_order = all(map(le, stamps, islice(stamps, 1, None)))
         if first_day == last_day:
-            self._add_fast_day(first_day, customers, values, stamps, in_order)
+            self._add_fast_day(first_day, customers, values, stamps)
             return True
         days = list(map(_TO_ORDINAL, stamps))
         for day in range(first_day, last_day + 1):
@@ -187,35 +186,27 @@ class UsageAggregator:
                 list(compress(customers, picked)),
                 list(compress(values, picked)),
                 list(compress(stamps, picked)),
-                in_order,
             )
         return True
 
     def _add_fast_day(
-        self, ordinal: int, customers: list[str], values: list[int], stamps: list[datetime], in_order: bool
+        self, ordinal: int, customers: list[str], values: list[int], stamps: list[datetime]
     ) -> None:
-        if not customers:
-            return
         day = ordinal - _EPOCH_ORDINAL
-        entry = self._fast_days.get(day)
-        if entry is None:
-            entry = self._fast_days[day] = ({}, {}, Counter())
-        sums, latest, counts = entry
-        counts.update(customers)
-        get_sum = sums.get
-        for customer, value in zip(customers, values, strict=True):
-            sums[customer] = get_sum(customer, 0) + value
-        get_latest = latest.get
-        epoch = _EPOCH
-        if in_order:
-            # Sorted by time: the last row of each customer is its latest, found in C.
-            for customer, stamp in dict(zip(customers, stamps, strict=True)).items():
-                if stamp > get_latest(customer, epoch):
-                    latest[customer] = stamp
-        else:
-            for customer, stamp in zip(customers, stamps, strict=True):
-                if stamp > get_latest(customer, epoch):
-                    latest[customer] = stamp
+        totals = self._fast_days.get(day)
+        if totals is None:
+            totals = self._fast_days[day] = {}
+        get = totals.get
+        # One pass, one dictionary: [sum, latest naive-UTC datetime, rows] per customer.
+        for customer, value, stamp in zip(customers, values, stamps, strict=True):
+            entry = get(customer)
+            if entry is None:
+                totals[customer] = [value, stamp, 1]
+            else:
+                entry[0] += value
+                entry[2] += 1
+                if stamp > entry[1]:
+                    entry[1] = stamp
 
     def _merge(self, key: tuple[str, str, int], total: int, seconds: int, rows: int) -> None:
         entry = self._totals.get(key)
@@ -319,17 +310,17 @@ class UsageAggregator:
         """Return the aggregates in the order first seen; one over 15 digits is reported instead."""
         totals = self._totals
         event_name = self.event_name
-        for day, (sums, latest, counts) in self._fast_days.items():
-            for customer, total in sums.items():
+        for day, customers in self._fast_days.items():
+            for customer, (total, latest, rows) in customers.items():
                 key = (event_name, customer, day)
-                seconds = _naive_utc_seconds(latest[customer])
+                seconds = _naive_utc_seconds(latest)
                 entry = totals.get(key)
                 if entry is None:
-                    totals[key] = [total, seconds, counts[customer]]  # type: ignore[index]
+                    totals[key] = [total, seconds, rows]  # type: ignore[index]
                 else:
                     entry[0] += total
                     entry[1] = max(entry[1], seconds)
-                    entry[2] += counts[customer]
+                    entry[2] += rows
         self._fast_days.clear()
         out: list[DailyAggregate] = []
         days: dict[int, date] = {}
