@@ -98,12 +98,11 @@ class StripeHook(BaseHook):
 
     @classmethod
     def get_ui_field_behaviour(cls) -> dict[str, Any]:
-        """Return the connection form's custom behaviour (also declared in ``get_provider_info``)."""
-        return {
-            "hidden_fields": ["host", "schema", "login", "port"],
-            "relabeling": {"password": "API key"},
-            "placeholders": {"password": "sk_live_... or rk_live_... (restricted key)"},
-        }
+        """Return the connection form's custom behaviour, as declared in ``get_provider_info``."""
+        from airflow_provider_stripe_meter import get_provider_info
+
+        [conn] = get_provider_info()["connection-types"]
+        return {key.replace("-", "_"): value for key, value in conn["ui-field-behaviour"].items()}
 
     @cached_property
     def _settings(self) -> dict[str, Any]:
@@ -385,7 +384,6 @@ class MeterEventStream:
     def __init__(self, hook: StripeHook, *, renew_before: float = 60.0) -> None:
         self.hook = hook
         self.renew_before = renew_before
-        self.sessions_opened = 0
         self._lock = threading.Lock()
         self._token: str | None = None
         self._expires_at = 0.0
@@ -402,7 +400,6 @@ class MeterEventStream:
                 self._token = session["authentication_token"]
                 self._expires_at = _to_epoch(session["expires_at"])
                 self._client = self.hook.session_client(self._token)
-                self.sessions_opened += 1
             return self._token, self._client
 
     def _expire(self, token: str) -> None:

@@ -139,3 +139,11 @@ def test_iter_meters_follows_pages(secret_server):
     names = [m["event_name"] for m in StripeHook().iter_meters()]
     assert len(names) == 151
     assert secret_server.stats["v1_list_meters"] == 2
+
+
+def test_ui_field_behaviour_is_the_one_declared_for_airflow():
+    assert StripeHook.get_ui_field_behaviour() == {
+        "hidden_fields": ["host", "schema", "login", "port"],
+        "relabeling": {"password": "API key"},
+        "placeholders": {"password": "sk_live_... or rk_live_... (restricted key)"},
+    }
