@@ -229,8 +229,8 @@ def _inner_sql(mode: str, db: str) -> None:
     op = _operator(sql=sql, sql_conn_id="usage_db")
     from airflow.sdk import BaseHook
 
-    from airflow_provider_stripe_meter.aggregation import paused_gc
-    from airflow_provider_stripe_meter.sources import row_chunks
+    from airflow_provider_stripe_meter.utils.aggregation import paused_gc
+    from airflow_provider_stripe_meter.utils.sources import row_chunks
 
     BaseHook.get_connection("usage_db").get_hook()  # imports and connection lookup outside the timing
     sampler = _RssSampler()
@@ -243,7 +243,7 @@ def _inner_sql(mode: str, db: str) -> None:
     else:
         aggregator = op._aggregate()
         with paused_gc():
-            aggregates = aggregator.aggregates()
+            aggregates = aggregator.finish()
         rows = aggregator.rows
         extra = {"aggregates": len(aggregates), "fast_chunks": aggregator.fast_chunks}
     seconds = time.perf_counter() - started

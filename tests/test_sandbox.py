@@ -12,9 +12,9 @@ import uuid
 
 import pytest
 
-from airflow_provider_stripe_meter.exceptions import StripeDuplicateIdentifier
+from airflow_provider_stripe_meter.exceptions import StripeDuplicateIdentifierError
 from airflow_provider_stripe_meter.hooks.stripe import StripeHook
-from airflow_provider_stripe_meter.rules import MeterEvent
+from airflow_provider_stripe_meter.utils.rules import MeterEvent
 
 KEY = os.environ.get("STRIPE_SANDBOX_API_KEY")
 pytestmark = [
@@ -36,5 +36,5 @@ def test_sandbox_records_once_and_refuses_the_copy(monkeypatch):
     )
     recorded = hook.create_meter_event(event)
     assert recorded["identifier"] == event.identifier
-    with pytest.raises(StripeDuplicateIdentifier):
+    with pytest.raises(StripeDuplicateIdentifierError):
         hook.create_meter_event(event)

@@ -6,20 +6,20 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import date, datetime, timezone
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseHook
 
 from airflow_provider_stripe_meter.exceptions import (
-    StripeAdjustmentTooLate,
+    StripeAdjustmentTooLateError,
     StripeConfigurationError,
-    StripeDuplicateIdentifier,
+    StripeDuplicateIdentifierError,
     StripeMeterError,
-    StripeMeterNotFound,
-    StripeRequestRejected,
-    StripeSessionExpired,
+    StripeMeterNotFoundError,
+    StripeRequestRejectedError,
+    StripeSessionExpiredError,
     StripeTransientError,
 )
 
@@ -28,11 +28,13 @@ if TYPE_CHECKING:
 
     import stripe
 
-    from airflow_provider_stripe_meter.rules import MeterEvent
+    from airflow_provider_stripe_meter.utils.rules import MeterEvent
 
 DEFAULT_MAX_NETWORK_RETRIES = 3
 DEFAULT_TIMEOUT_SECONDS = 30.0
 DUPLICATE_IDENTIFIER_MESSAGE = "An event already exists with identifier"
+#: v2 ``POST /v2/billing/meter_events`` names the duplicate with a code.
+DUPLICATE_IDENTIFIER_CODES = frozenset({"duplicate_meter_event"})
 _EXTRA_KEYS = (
     "stripe_version",
     "stripe_account",
@@ -200,7 +202,7 @@ class StripeHook(BaseHook):
             details["should_retry"] = should_retry == "true"
         summary = f"Stripe {details['http_status'] or 'connection'} {details['type']}: {message}"
         if isinstance(err, stripe.TemporarySessionExpiredError):
-            return StripeSessionExpired(summary, details)
+            return StripeSessionExpiredError(summary, details)
         if isinstance(err, (stripe.RateLimitError, stripe.APIConnectionError)):
             return StripeTransientError(summary, details)
         if isinstance(err, (stripe.AuthenticationError, stripe.PermissionError)):
@@ -208,9 +210,9 @@ class StripeHook(BaseHook):
         status = err.http_status
         if status is None or status >= 500 or status in (409, 429):
             return StripeTransientError(summary, details)
-        if DUPLICATE_IDENTIFIER_MESSAGE in message:
-            return StripeDuplicateIdentifier(summary, details)
-        return StripeRequestRejected(summary, details)
+        if _is_duplicate_identifier(details):
+            return StripeDuplicateIdentifierError(summary, details)
+        return StripeRequestRejectedError(summary, details)
 
     def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         import stripe
@@ -235,8 +237,8 @@ class StripeHook(BaseHook):
             fact) so that sending it again is refused instead of billed twice.
         :param customer_payload_key: The meter's ``customer_mapping.event_payload_key``.
         :param value_payload_key: The meter's ``value_settings.event_payload_key``.
-        :raises StripeDuplicateIdentifier: Stripe already holds an event with this identifier.
-        :raises StripeRequestRejected: Stripe refused the event.
+        :raises StripeDuplicateIdentifierError: Stripe already holds an event with this identifier.
+        :raises StripeRequestRejectedError: Stripe refused the event.
         :raises StripeTransientError: rate limited or unreachable after the SDK's retries.
         """
         params: dict[str, Any] = {
@@ -254,16 +256,16 @@ class StripeHook(BaseHook):
     def cancel_meter_event(self, event_name: str, identifier: str) -> dict[str, Any]:
         """Cancel one event by identifier (Stripe allows it within 24 hours of receipt).
 
-        :raises StripeAdjustmentTooLate: the event was received more than 24 hours ago.
+        :raises StripeAdjustmentTooLateError: the event was received more than 24 hours ago.
         """
         try:
             adjustment = self._call(
                 self.client.v1.billing.meter_event_adjustments.create,
                 {"event_name": event_name, "type": "cancel", "cancel": {"identifier": identifier}},
             )
-        except StripeRequestRejected as err:
+        except StripeRequestRejectedError as err:
             if "24 hours" in str(err.details.get("message", "")):
-                raise StripeAdjustmentTooLate(
+                raise StripeAdjustmentTooLateError(
                     f"Cannot cancel meter event {identifier!r}: Stripe cancels events only within 24 hours "
                     "of receiving them. Record a correcting event instead.",
                     err.details,
@@ -283,7 +285,7 @@ class StripeHook(BaseHook):
     def active_meter(self, event_name: str) -> dict[str, Any]:
         """Return the active meter for ``event_name``.
 
-        :raises StripeMeterNotFound: none is active; the message lists the meters that exist.
+        :raises StripeMeterNotFoundError: none is active; the message lists the meters that exist.
         """
         meters = self.meters_by_event_name()
         for meter in meters.get(event_name, []):
@@ -298,7 +300,7 @@ class StripeHook(BaseHook):
             if event_name in meters
             else "no meter has that event name"
         )
-        raise StripeMeterNotFound(
+        raise StripeMeterNotFoundError(
             f"No active Stripe meter for event_name {event_name!r} ({reason}); events sent to it would "
             f"never be billed. Active meters: {', '.join(active) or 'none'}"
             + (f"; inactive: {', '.join(inactive)}" if inactive else "")
@@ -310,6 +312,24 @@ class StripeHook(BaseHook):
                 "inactive_meters": inactive,
             },
         )
+
+    def payload_keys(
+        self,
+        event_name: str,
+        *,
+        preflight: bool = True,
+        customer_key: str | None = None,
+        value_key: str | None = None,
+    ) -> tuple[str, str]:
+        """The payload keys to send: given ones first, then the meter's (preflight), then Stripe's defaults.
+
+        :raises StripeMeterNotFoundError: with ``preflight``, when no active meter has ``event_name``.
+        """
+        if preflight:
+            meter = self.active_meter(event_name)
+            customer_key = customer_key or meter["customer_mapping"]["event_payload_key"]
+            value_key = value_key or meter["value_settings"]["event_payload_key"]
+        return customer_key or "stripe_customer_id", value_key or "value"
 
     def iter_meters(self, status: str | None = None) -> Iterator[dict[str, Any]]:
         """Yield every billing meter, following pagination."""
@@ -340,6 +360,57 @@ class StripeHook(BaseHook):
         page = self._call(self.client.v1.billing.meters.event_summaries.list, meter_id, params)
         return [summary.to_dict() for summary in self._call(lambda: list(page.auto_paging_iter()))]
 
+    def recorded_per_day(
+        self,
+        meter_id: str,
+        customers: Sequence[str],
+        first: date,
+        last: date,
+        *,
+        max_rps: float | None = 20.0,
+        concurrency: int = 8,
+    ) -> tuple[dict[tuple[str, date], int], set[str]]:
+        """What Stripe recorded per (customer, UTC day) from ``first`` to ``last``, one request a customer.
+
+        Reads ``event_summaries`` with ``value_grouping_window=day`` (the meter's own formula
+        applied per day), paced at ``max_rps``. Days with nothing recorded are absent. Returns
+        the figures and the customers Stripe does not know (404 with ``param=customer``).
+
+        .. seealso:: https://docs.stripe.com/api/billing/meter-event-summary/list
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        from airflow_provider_stripe_meter.utils.delivery import RateLimiter
+        from airflow_provider_stripe_meter.utils.rules import SECONDS_PER_DAY
+
+        start = int(datetime(first.year, first.month, first.day, tzinfo=timezone.utc).timestamp())
+        end = start + ((last - first).days + 1) * SECONDS_PER_DAY
+        limiter = RateLimiter(max_rps)
+
+        def one(customer: str) -> tuple[str, list[dict[str, Any]] | None]:
+            limiter.acquire()
+            try:
+                return customer, self.list_event_summaries(meter_id, customer, start, end, "day")
+            except StripeRequestRejectedError as err:
+                if err.details.get("http_status") == 404 and err.details.get("param") == "customer":
+                    return customer, None
+                raise
+
+        recorded: dict[tuple[str, date], int] = {}
+        unknown: set[str] = set()
+        with ThreadPoolExecutor(max_workers=max(1, min(concurrency, len(customers)))) as pool:
+            for customer, summaries in pool.map(one, customers):
+                if summaries is None:
+                    unknown.add(customer)
+                    continue
+                for summary in summaries:
+                    value = summary["aggregated_value"]
+                    if value:
+                        day = datetime.fromtimestamp(summary["start_time"], timezone.utc).date()
+                        # Summaries are numbers (floats in JSON); meter values are whole numbers.
+                        recorded[(customer, day)] = recorded.get((customer, day), 0) + round(value)
+        return recorded, unknown
+
     def create_meter_event_session(self) -> dict[str, Any]:
         """Open a v2 meter event session: a token for the high-throughput stream (15 minutes)."""
         session = self._call(self.client.v2.billing.meter_event_session.create)
@@ -362,6 +433,24 @@ class StripeHook(BaseHook):
         except Exception as err:
             return False, self._scrub(str(err))
         return True, "Connection to Stripe works: the API key may list billing meters."
+
+
+def _is_duplicate_identifier(details: dict[str, Any]) -> bool:
+    """Whether a 400 says "an event with this identifier exists" (already recorded).
+
+    Stripe's v1 answer carries ``param=identifier`` and ``Stripe-Should-Retry: false``; v2 carries
+    the code ``duplicate_meter_event``. The English message is the last resort, for answers
+    that lack both. Another identifier problem (too long, empty) has ``param=identifier`` too,
+    but is retryable-neutral and never says the event exists.
+    """
+    if details.get("code") in DUPLICATE_IDENTIFIER_CODES:
+        return True
+    message = str(details.get("message") or "")
+    if details.get("param") == "identifier" and (
+        details.get("should_retry") is False or "already exists" in message
+    ):
+        return True
+    return DUPLICATE_IDENTIFIER_MESSAGE in message
 
 
 def _quiet_sdk_logger() -> None:
@@ -412,7 +501,7 @@ class MeterEventStream:
         token, client = self._current()
         try:
             self.hook.send_meter_event_stream(client, events)
-        except StripeSessionExpired:
+        except StripeSessionExpiredError:
             self._expire(token)
             _, client = self._current()
             self.hook.send_meter_event_stream(client, events)

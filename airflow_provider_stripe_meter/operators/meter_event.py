@@ -7,10 +7,9 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from airflow.sdk import BaseOperator
-
-from airflow_provider_stripe_meter.identifiers import task_identifier
-from airflow_provider_stripe_meter.rules import (
+from airflow_provider_stripe_meter.operators.base import StripeBaseOperator
+from airflow_provider_stripe_meter.utils.identifiers import task_identifier
+from airflow_provider_stripe_meter.utils.rules import (
     MeterEventInputError,
     check_fixed_event_name,
     validate_meter_event,
@@ -19,10 +18,8 @@ from airflow_provider_stripe_meter.rules import (
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
-    from airflow_provider_stripe_meter.hooks.stripe import StripeHook
 
-
-class StripeMeterEventOperator(BaseOperator):
+class StripeMeterEventOperator(StripeBaseOperator):
     """
     Record one usage event on a Stripe billing meter.
 
@@ -40,9 +37,14 @@ class StripeMeterEventOperator(BaseOperator):
     * accepted: ``success=True``, ``response`` is the ``billing.meter_event``;
     * already recorded (duplicate identifier): ``success=True``, ``already_recorded=True``;
     * rejected by Stripe (4xx other than 429) or by the local input rules: ``success=False``
-      and the task succeeds, so the DAG can branch; with ``fail_on_error=True`` the task fails;
-    * rate limited, 5xx or network errors that outlast the SDK's retries, or a refused API key:
-      the task raises, and Airflow's retries send the same identifier again.
+      and the task succeeds, so the DAG can branch; with ``fail_on_error=True`` the task fails
+      with :class:`~airflow_provider_stripe_meter.exceptions.StripeEventRejectedError`, and is
+      not retried;
+    * a refused API key, or no active meter for ``event_name``: the task fails at once, without
+      spending ``retries`` (no retry can fix it);
+    * rate limited, 5xx or network errors that outlast the SDK's retries: the task raises
+      :class:`~airflow_provider_stripe_meter.exceptions.StripeTransientError`, and Airflow's
+      retries send the same identifier again.
 
     .. seealso:: https://docs.stripe.com/api/billing/meter-event/create
 
@@ -54,14 +56,8 @@ class StripeMeterEventOperator(BaseOperator):
         different task instances. (templated)
     :param timestamp: When the usage happened: unix seconds, an aware datetime or an ISO-8601
         string; within the past 35 days and at most 5 minutes ahead. Defaults to now. (templated)
-    :param stripe_conn_id: Airflow connection of type ``stripe``.
-    :param stripe_account: Connected account (``acct_...``) to record for, overriding the
-        connection's. (templated)
-    :param fail_on_error: Fail the task when the event is rejected instead of returning
+    :param fail_on_error: Fail the task (no retry) when the event is rejected instead of returning
         ``success=False``.
-    :param preflight: Check first that ``event_name`` belongs to an active meter (one meters
-        list per task) and fail with the meters that do exist if not: Stripe would accept the
-        event and never bill it. Also takes the payload keys from that meter.
     :param customer_payload_key: The meter's ``customer_mapping.event_payload_key``; default the
         meter's (with ``preflight``) or ``stripe_customer_id``.
     :param value_payload_key: The meter's ``value_settings.event_payload_key``; default the
@@ -74,9 +70,8 @@ class StripeMeterEventOperator(BaseOperator):
         "value",
         "identifier",
         "timestamp",
-        "stripe_account",
+        *StripeBaseOperator.template_fields,
     )
-    ui_color = "#635bff"
 
     def __init__(
         self,
@@ -86,15 +81,11 @@ class StripeMeterEventOperator(BaseOperator):
         value: Any,
         identifier: str | None = None,
         timestamp: Any = None,
-        stripe_conn_id: str = "stripe_default",
-        stripe_account: str | None = None,
         fail_on_error: bool = False,
-        preflight: bool = True,
         customer_payload_key: str | None = None,
         value_payload_key: str | None = None,
         **kwargs: Any,
     ) -> None:
-        kwargs.setdefault("multiple_outputs", True)
         super().__init__(**kwargs)
         check_fixed_event_name(event_name)
         self.event_name = event_name
@@ -102,17 +93,16 @@ class StripeMeterEventOperator(BaseOperator):
         self.value = value
         self.identifier = identifier
         self.timestamp = timestamp
-        self.stripe_conn_id = stripe_conn_id
-        self.stripe_account = stripe_account
         self.fail_on_error = fail_on_error
-        self.preflight = preflight
         self.customer_payload_key = customer_payload_key
         self.value_payload_key = value_payload_key
 
     def execute(self, context: Context) -> dict[str, Any]:
         """Validate the rendered inputs, send the event and report the outcome."""
-        from airflow_provider_stripe_meter.exceptions import StripeDuplicateIdentifier, StripeRequestRejected
-        from airflow_provider_stripe_meter.hooks.stripe import StripeHook
+        from airflow_provider_stripe_meter.exceptions import (
+            StripeDuplicateIdentifierError,
+            StripeRequestRejectedError,
+        )
 
         try:
             event = validate_meter_event(
@@ -131,9 +121,8 @@ class StripeMeterEventOperator(BaseOperator):
             derived = task_identifier(ti.dag_id, ti.task_id, ti.run_id, ti.map_index)
             event = replace(event, identifier=derived)
 
-        hook = StripeHook(self.stripe_conn_id, stripe_account=self.stripe_account or None)
-        customer_key, value_key = payload_keys(
-            hook, event.event_name, self.preflight, self.customer_payload_key, self.value_payload_key
+        customer_key, value_key = self.payload_keys(
+            event.event_name, self.customer_payload_key, self.value_payload_key
         )
         self.log.info(
             "Recording %s=%s for %s on meter event %r (identifier %r, timestamp %s)",
@@ -145,10 +134,10 @@ class StripeMeterEventOperator(BaseOperator):
             event.timestamp if event.timestamp is not None else "now",
         )
         try:
-            recorded = hook.create_meter_event(
+            recorded = self.hook.create_meter_event(
                 event, customer_payload_key=customer_key, value_payload_key=value_key
             )
-        except StripeDuplicateIdentifier as err:
+        except StripeDuplicateIdentifierError as err:
             # The identifier names this billable fact, so Stripe already holds it: an earlier try
             # of this task (or another run sending the same fact) recorded it.
             self.log.info("Already recorded: Stripe holds an event with identifier %r", event.identifier)
@@ -159,7 +148,7 @@ class StripeMeterEventOperator(BaseOperator):
                 "request_id": err.details.get("request_id"),
             }
             return self._finish(True, response, "already recorded")
-        except StripeRequestRejected as err:
+        except StripeRequestRejectedError as err:
             return self._finish(False, err.details, str(err))
         return self._finish(True, recorded, "recorded")
 
@@ -169,21 +158,7 @@ class StripeMeterEventOperator(BaseOperator):
         else:
             self.log.warning("Meter event not recorded: %s", summary)
             if self.fail_on_error:
-                from airflow_provider_stripe_meter.exceptions import StripeMeterError
+                from airflow_provider_stripe_meter.exceptions import StripeEventRejectedError
 
-                raise StripeMeterError(f"Meter event not recorded: {summary}", response)
+                raise StripeEventRejectedError(f"Meter event not recorded: {summary}", response)
         return {"success": success, "response": response}
-
-
-def payload_keys(
-    hook: StripeHook, event_name: str, preflight: bool, customer_key: str | None, value_key: str | None
-) -> tuple[str, str]:
-    """The payload keys to send: given ones first, then the meter's (preflight), then Stripe's defaults.
-
-    :raises StripeMeterNotFound: with ``preflight``, when no active meter has ``event_name``.
-    """
-    if preflight:
-        meter = hook.active_meter(event_name)
-        customer_key = customer_key or meter["customer_mapping"]["event_payload_key"]
-        value_key = value_key or meter["value_settings"]["event_payload_key"]
-    return customer_key or "stripe_customer_id", value_key or "value"

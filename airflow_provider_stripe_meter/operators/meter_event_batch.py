@@ -3,34 +3,24 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import timedelta, timezone
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
-from airflow.sdk import BaseOperator
-
-from airflow_provider_stripe_meter.aggregation import (
-    DEFAULT_SAFETY_MARGIN,
-    DailyAggregate,
-    UsageAggregator,
-    paused_gc,
-)
-from airflow_provider_stripe_meter.identifiers import daily_identifier
-from airflow_provider_stripe_meter.operators.meter_event import payload_keys
-from airflow_provider_stripe_meter.rules import check_fixed_event_name
-from airflow_provider_stripe_meter.sources import aggregate_usage, check_source
+from airflow_provider_stripe_meter.operators.base import StripeBaseOperator, UsageSourceMixin
+from airflow_provider_stripe_meter.utils.aggregation import DailyAggregate, UsageAggregator, paused_gc
+from airflow_provider_stripe_meter.utils.identifiers import daily_identifier
+from airflow_provider_stripe_meter.utils.rules import check_fixed_event_name
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
-    from airflow_provider_stripe_meter.delivery import DeliveryReport
-    from airflow_provider_stripe_meter.hooks.stripe import StripeHook
+    from airflow_provider_stripe_meter.utils.delivery import DeliveryReport
 
 APIS = ("v1", "v2_stream")
 STREAM_BATCH = 100  # Stripe's maximum events per stream request
 PROGRESS_SECONDS = 10.0  # progress lines at least this often on long runs
 
 
-class StripeMeterEventBatchOperator(BaseOperator):
+class StripeMeterEventBatchOperator(UsageSourceMixin, StripeBaseOperator):
     """
     Aggregate usage rows per (event name, customer, UTC day) and record each aggregate in Stripe.
 
@@ -58,11 +48,6 @@ class StripeMeterEventBatchOperator(BaseOperator):
 
     :param event_name: The meter's event name for every row; ``None`` reads it from each row.
         (templated)
-    :param rows: Rows from an upstream task, e.g. ``SQLExecuteQueryOperator(...).output``. (templated)
-    :param sql: A query (or ``.sql`` file) returning the rows, run on ``sql_conn_id``. (templated)
-    :param sql_conn_id: Connection of any common-sql ``DbApiHook`` (Postgres, SQLite, ...).
-    :param parameters: Query parameters for ``sql``. (templated)
-    :param columns: Names of the row fields: customer id, value, timestamp, event name.
     :param api: ``"v1"`` (one synchronous request per aggregate; Stripe answers duplicates) or
         ``"v2_stream"`` (100 events a request through meter event sessions; validated
         asynchronously, so duplicates are dropped by Stripe and counted as sent here).
@@ -71,107 +56,56 @@ class StripeMeterEventBatchOperator(BaseOperator):
     :param max_attempts: Tries per request for 429, 5xx and network errors.
     :param identifier_prefix: First part of every identifier; set one per source when two
         pipelines bill the same meter. (templated)
-    :param naive_timezone: Zone of timestamps without one (default UTC); ``None`` rejects them.
-    :param safety_margin: How much younger than 35 days a row must be to be sent.
-    :param chunk_size: Rows fetched and aggregated at a time.
-    :param sample_limit: Examples kept per kind of problem.
-    :param fail_on_error: Fail the task when rows are invalid or Stripe rejects an aggregate,
-        instead of returning ``success=False``.
-    :param stripe_conn_id: Airflow connection of type ``stripe``.
-    :param stripe_account: Connected account (``acct_...``), overriding the connection. (templated)
-    :param preflight: Before sending anything, check that every event name belongs to an
-        active meter (one meters list per task); fail listing the meters that exist if not. Also
-        takes each meter's payload keys.
+    :param fail_on_error: Fail the task (no retry) when rows are invalid or Stripe rejects an
+        aggregate, instead of returning ``success=False``.
     :param customer_payload_key: The meter's ``customer_mapping.event_payload_key``; default the
         meter's (with ``preflight``) or ``stripe_customer_id``.
     :param value_payload_key: The meter's ``value_settings.event_payload_key``; default the
         meter's (with ``preflight``) or ``value``.
+
+    The source parameters (``rows``, ``sql``, ``sql_conn_id``, ``parameters``, ``columns``,
+    ``naive_timezone``, ``safety_margin``, ``chunk_size``, ``sample_limit``) are those of
+    :class:`~airflow_provider_stripe_meter.operators.base.UsageSourceMixin`; ``stripe_conn_id``,
+    ``stripe_account`` (templated) and ``preflight`` those of
+    :class:`~airflow_provider_stripe_meter.operators.base.StripeBaseOperator`.
     """
 
     template_fields: Sequence[str] = (
         "event_name",
-        "rows",
-        "sql",
-        "parameters",
+        *UsageSourceMixin.source_template_fields,
         "identifier_prefix",
-        "stripe_account",
+        *StripeBaseOperator.template_fields,
     )
-    template_ext: Sequence[str] = (".sql",)
-    template_fields_renderers: ClassVar[dict[str, str]] = {"sql": "sql", "parameters": "json"}
-    ui_color = "#635bff"
 
     def __init__(
         self,
         *,
         event_name: str | None = None,
-        rows: Any = None,
-        sql: str | None = None,
-        sql_conn_id: str | None = None,
-        parameters: Any = None,
-        columns: Sequence[str] = ("customer_id", "value", "timestamp", "event_name"),
         api: str = "v1",
         max_rps: float | None = None,
         concurrency: int | None = None,
         max_attempts: int = 8,
         identifier_prefix: str = "usage",
-        naive_timezone: Any = timezone.utc,
-        safety_margin: timedelta = DEFAULT_SAFETY_MARGIN,
-        chunk_size: int = 10_000,
-        sample_limit: int = 20,
         fail_on_error: bool = False,
-        stripe_conn_id: str = "stripe_default",
-        stripe_account: str | None = None,
-        preflight: bool = True,
         customer_payload_key: str | None = None,
         value_payload_key: str | None = None,
         **kwargs: Any,
     ) -> None:
-        kwargs.setdefault("multiple_outputs", True)
         super().__init__(**kwargs)
-        check_source(rows, sql, sql_conn_id)
         if api not in APIS:
             raise ValueError(f"api must be one of {APIS}, got {api!r}")
         if max_rps is not None and max_rps <= 0:
             raise ValueError(f"max_rps must be positive, got {max_rps!r}")
         check_fixed_event_name(event_name)
         self.event_name = event_name
-        self.rows = rows
-        self.sql = sql
-        self.sql_conn_id = sql_conn_id
-        self.parameters = parameters
-        self.columns = tuple(columns)
         self.api = api
         self.max_rps = max_rps
         self.concurrency = concurrency
         self.max_attempts = max_attempts
         self.identifier_prefix = identifier_prefix
-        self.naive_timezone = naive_timezone
-        self.safety_margin = safety_margin
-        self.chunk_size = chunk_size
-        self.sample_limit = sample_limit
         self.fail_on_error = fail_on_error
-        self.stripe_conn_id = stripe_conn_id
-        self.stripe_account = stripe_account
-        self.preflight = preflight
         self.customer_payload_key = customer_payload_key
         self.value_payload_key = value_payload_key
-
-    # -- reading ---------------------------------------------------------------------------
-
-    def _aggregate(self) -> UsageAggregator:
-        return aggregate_usage(
-            rows=self.rows,
-            sql=self.sql,
-            sql_conn_id=self.sql_conn_id,
-            parameters=self.parameters,
-            chunk_size=self.chunk_size,
-            event_name=self.event_name,
-            columns=self.columns,
-            naive_timezone=self.naive_timezone,
-            safety_margin=self.safety_margin,
-            sample_limit=self.sample_limit,
-            log=self.log,
-        )
 
     # -- sending ---------------------------------------------------------------------------
 
@@ -180,14 +114,15 @@ class StripeMeterEventBatchOperator(BaseOperator):
             aggregate.event_name, aggregate.customer_id, aggregate.day, self.identifier_prefix
         )
 
-    def _deliver(self, hook: StripeHook, aggregates: list[DailyAggregate]) -> DeliveryReport:
-        from airflow_provider_stripe_meter.delivery import Deliverer, default_max_rps
-        from airflow_provider_stripe_meter.rules import MeterEvent
+    def _deliver(self, aggregates: list[DailyAggregate]) -> DeliveryReport:
+        from airflow_provider_stripe_meter.utils.delivery import Deliverer, default_max_rps
+        from airflow_provider_stripe_meter.utils.rules import MeterEvent
 
+        hook = self.hook
         max_rps = self.max_rps or default_max_rps(hook.livemode)
         # Preflight: every event name checked (and its payload keys learnt) before anything is sent.
         keys = {
-            name: payload_keys(hook, name, self.preflight, self.customer_payload_key, self.value_payload_key)
+            name: self.payload_keys(name, self.customer_payload_key, self.value_payload_key)
             for name in sorted({a.event_name for a in aggregates})
         }
 
@@ -219,7 +154,7 @@ class StripeMeterEventBatchOperator(BaseOperator):
 
             batch_size = 1
         else:
-            from airflow_provider_stripe_meter.rules import rfc3339
+            from airflow_provider_stripe_meter.utils.rules import rfc3339
 
             stream = hook.meter_event_stream()
 
@@ -262,11 +197,14 @@ class StripeMeterEventBatchOperator(BaseOperator):
 
     def execute(self, context: Context) -> dict[str, Any]:
         """Read, aggregate, deliver, report."""
-        from airflow_provider_stripe_meter.hooks.stripe import StripeHook
+        from airflow_provider_stripe_meter.exceptions import (
+            StripeDeliveryIncompleteError,
+            StripeEventRejectedError,
+        )
 
-        aggregator = self._aggregate()
+        aggregator = self.read_usage(self.event_name)
         with paused_gc():
-            aggregates = aggregator.aggregates()
+            aggregates = aggregator.finish()
         problems = aggregator.problems
         for kind in ("invalid", "skipped_too_old", "skipped_future"):
             if problems.counts[kind]:
@@ -276,8 +214,7 @@ class StripeMeterEventBatchOperator(BaseOperator):
                     kind.replace("_", " "),
                     problems.samples[kind][:3],
                 )
-        hook = StripeHook(self.stripe_conn_id, stripe_account=self.stripe_account or None)
-        report = self._deliver(hook, aggregates) if aggregates else None
+        report = self._deliver(aggregates) if aggregates else None
         outcome = self._outcome(aggregator, aggregates, report)
         self.log.info(
             "Rows %(rows)d -> aggregates %(aggregates)d: sent %(sent)d, "
@@ -288,14 +225,17 @@ class StripeMeterEventBatchOperator(BaseOperator):
         )
         if outcome["failed"]:
             context["ti"].xcom_push(key="outcome", value=outcome)
-            raise RuntimeError(
+            raise StripeDeliveryIncompleteError(
                 f"{outcome['failed']} of {outcome['aggregates']} aggregates could not be delivered after "
                 f"{self.max_attempts} attempts (e.g. {outcome['samples'].get('failed', [])[:1]}); "
-                "a retry sends them again with the same identifiers"
+                "a retry sends them again with the same identifiers",
+                {"type": "delivery_incomplete", "failed": outcome["failed"]},
             )
         if not outcome["success"] and self.fail_on_error:
             context["ti"].xcom_push(key="outcome", value=outcome)
-            raise RuntimeError(f"Usage not fully billed: {outcome['samples']}")
+            raise StripeEventRejectedError(
+                f"Usage not fully billed: {outcome['samples']}", {"type": "usage_not_billed"}
+            )
         return outcome
 
     def _outcome(

@@ -5,15 +5,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from airflow.sdk import BaseOperator
+from airflow_provider_stripe_meter.operators.base import StripeBaseOperator
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
-    from airflow_provider_stripe_meter.reconcile import Correction
+    from airflow_provider_stripe_meter.utils.delivery import DeliveryReport
+    from airflow_provider_stripe_meter.utils.reconcile import Correction
 
 
-class StripeMeterTopUpOperator(BaseOperator):
+class StripeMeterTopUpOperator(StripeBaseOperator):
     """
     Bring Stripe up to the source for the days a reconciliation found ``missing`` or ``short``.
 
@@ -35,12 +36,12 @@ class StripeMeterTopUpOperator(BaseOperator):
     :param identifier_prefix: The batch operator's ``identifier_prefix`` (default ``usage``).
     :param top_up_prefix: First part of top-up identifiers.
     :param max_rps: Requests per second; default fits the key's mode.
-    :param stripe_conn_id: Airflow connection of type ``stripe``.
-    :param stripe_account: Connected account (``acct_...``). (templated)
+
+    ``stripe_conn_id``, ``stripe_account`` (templated) and ``preflight`` are those of
+    :class:`~airflow_provider_stripe_meter.operators.base.StripeBaseOperator`.
     """
 
-    template_fields: Sequence[str] = ("reconciliation", "event_name", "stripe_account")
-    ui_color = "#635bff"
+    template_fields: Sequence[str] = ("reconciliation", "event_name", *StripeBaseOperator.template_fields)
 
     def __init__(
         self,
@@ -50,27 +51,21 @@ class StripeMeterTopUpOperator(BaseOperator):
         identifier_prefix: str = "usage",
         top_up_prefix: str = "topup",
         max_rps: float | None = None,
-        stripe_conn_id: str = "stripe_default",
-        stripe_account: str | None = None,
         **kwargs: Any,
     ) -> None:
-        kwargs.setdefault("multiple_outputs", True)
         super().__init__(**kwargs)
         self.reconciliation = reconciliation
         self.event_name = event_name
         self.identifier_prefix = identifier_prefix
         self.top_up_prefix = top_up_prefix
         self.max_rps = max_rps
-        self.stripe_conn_id = stripe_conn_id
-        self.stripe_account = stripe_account
 
     def execute(self, context: Context) -> dict[str, Any]:
         """Plan the corrections and send them."""
-        from airflow_provider_stripe_meter.delivery import Deliverer, default_max_rps
-        from airflow_provider_stripe_meter.hooks.stripe import StripeHook
-        from airflow_provider_stripe_meter.operators.meter_event import payload_keys
-        from airflow_provider_stripe_meter.reconcile import plan_corrections
-        from airflow_provider_stripe_meter.rules import MeterEvent
+        from airflow_provider_stripe_meter.exceptions import StripeDeliveryIncompleteError
+        from airflow_provider_stripe_meter.utils.delivery import Deliverer, DeliveryReport, default_max_rps
+        from airflow_provider_stripe_meter.utils.reconcile import plan_corrections
+        from airflow_provider_stripe_meter.utils.rules import MeterEvent
 
         lines = self.reconciliation
         if isinstance(lines, dict):
@@ -83,17 +78,9 @@ class StripeMeterTopUpOperator(BaseOperator):
         )
         if not plan:
             self.log.info("Nothing to correct: no missing or short customer-days")
-            return {
-                "success": True,
-                "sent": 0,
-                "already_recorded": 0,
-                "rejected": 0,
-                "failed": 0,
-                "value_sent": 0,
-                "corrections": [],
-            }
-        hook = StripeHook(self.stripe_conn_id, stripe_account=self.stripe_account or None)
-        customer_key, value_key = payload_keys(hook, self.event_name, True, None, None)
+            return self._outcome(plan, DeliveryReport(total=0))
+        hook = self.hook
+        customer_key, value_key = self.payload_keys(self.event_name)
 
         def send(batch: list[Correction]) -> None:
             [correction] = batch
@@ -109,23 +96,28 @@ class StripeMeterTopUpOperator(BaseOperator):
                 value_payload_key=value_key,
             )
 
-        def describe(correction: Correction) -> dict[str, Any]:
-            return {
-                "customer_id": correction.customer_id,
-                "day": correction.day.isoformat(),
-                "value": correction.value,
-                "identifier": correction.identifier,
-            }
-
         report = Deliverer(
             send,
             key=lambda c: c.customer_id,
-            describe=describe,
+            describe=_describe,
             max_rps=self.max_rps or default_max_rps(hook.livemode),
             progress=lambda line: self.log.info("Corrections: %s", line),
         ).run(plan)
+        outcome = self._outcome(plan, report)
+        self.log.info(
+            "Corrections: %s", {k: v for k, v in outcome.items() if k not in ("corrections", "samples")}
+        )
+        if report.failed:
+            raise StripeDeliveryIncompleteError(
+                f"{report.failed} corrections could not be delivered; a retry sends them again",
+                {"type": "delivery_incomplete", "failed": report.failed},
+            )
+        return outcome
+
+    @staticmethod
+    def _outcome(plan: list[Correction], report: DeliveryReport) -> dict[str, Any]:
         not_sent = {id(c) for c in [*report.unsettled, *report.already]}
-        outcome = {
+        return {
             "success": not (report.rejected or report.failed),
             "sent": report.sent,
             "already_recorded": report.already_recorded,
@@ -133,20 +125,21 @@ class StripeMeterTopUpOperator(BaseOperator):
             "failed": report.failed,
             # Corrections Stripe already held came from an earlier run: not sent, not counted.
             "value_sent": sum(c.value for c in plan if id(c) not in not_sent),
-            "corrections": [describe(c) for c in plan],
+            "corrections": [_describe(c) for c in plan],
             "samples": report.samples,
         }
-        self.log.info(
-            "Corrections: %s", {k: v for k, v in outcome.items() if k not in ("corrections", "samples")}
-        )
-        if report.failed:
-            raise RuntimeError(
-                f"{report.failed} corrections could not be delivered; a retry sends them again"
-            )
-        return outcome
 
 
-class StripeMeterEventCancelOperator(BaseOperator):
+def _describe(correction: Correction) -> dict[str, Any]:
+    return {
+        "customer_id": correction.customer_id,
+        "day": correction.day.isoformat(),
+        "value": correction.value,
+        "identifier": correction.identifier,
+    }
+
+
+class StripeMeterEventCancelOperator(StripeBaseOperator):
     """
     Cancel meter events by identifier (``POST /v1/billing/meter_event_adjustments``).
 
@@ -158,13 +151,14 @@ class StripeMeterEventCancelOperator(BaseOperator):
 
     :param event_name: The meter's event name. (templated)
     :param identifiers: One identifier or a list. (templated)
-    :param fail_on_error: Fail the task if any cancellation is refused.
-    :param stripe_conn_id: Airflow connection of type ``stripe``.
-    :param stripe_account: Connected account (``acct_...``). (templated)
+    :param fail_on_error: Fail the task (no retry) if any cancellation is refused.
+
+    ``stripe_conn_id``, ``stripe_account`` (templated) and ``preflight`` are those of
+    :class:`~airflow_provider_stripe_meter.operators.base.StripeBaseOperator`; with
+    ``preflight`` the event name is checked against the active meters first.
     """
 
-    template_fields: Sequence[str] = ("event_name", "identifiers", "stripe_account")
-    ui_color = "#635bff"
+    template_fields: Sequence[str] = ("event_name", "identifiers", *StripeBaseOperator.template_fields)
 
     def __init__(
         self,
@@ -172,32 +166,32 @@ class StripeMeterEventCancelOperator(BaseOperator):
         event_name: str,
         identifiers: str | Sequence[str],
         fail_on_error: bool = False,
-        stripe_conn_id: str = "stripe_default",
-        stripe_account: str | None = None,
         **kwargs: Any,
     ) -> None:
-        kwargs.setdefault("multiple_outputs", True)
         super().__init__(**kwargs)
         self.event_name = event_name
         self.identifiers = identifiers
         self.fail_on_error = fail_on_error
-        self.stripe_conn_id = stripe_conn_id
-        self.stripe_account = stripe_account
 
     def execute(self, context: Context) -> dict[str, Any]:
         """Cancel each event; report what was cancelled and what was refused, and why."""
-        from airflow_provider_stripe_meter.exceptions import StripeAdjustmentTooLate, StripeRequestRejected
-        from airflow_provider_stripe_meter.hooks.stripe import StripeHook
+        from airflow_provider_stripe_meter.exceptions import (
+            StripeAdjustmentTooLateError,
+            StripeEventRejectedError,
+            StripeRequestRejectedError,
+        )
 
         identifiers = [self.identifiers] if isinstance(self.identifiers, str) else list(self.identifiers)
-        hook = StripeHook(self.stripe_conn_id, stripe_account=self.stripe_account or None)
+        hook = self.hook
+        if self.preflight:
+            hook.active_meter(self.event_name)
         cancelled: list[str] = []
         errors: list[dict[str, Any]] = []
         for identifier in identifiers:
             try:
                 hook.cancel_meter_event(self.event_name, identifier)
-            except StripeRequestRejected as err:
-                too_late = isinstance(err, StripeAdjustmentTooLate)
+            except StripeRequestRejectedError as err:
+                too_late = isinstance(err, StripeAdjustmentTooLateError)
                 self.log.warning("Not cancelled: %s", err)
                 # Stripe's details first: the message of a too-late error is ours, and says what to do.
                 errors.append(
@@ -208,5 +202,8 @@ class StripeMeterEventCancelOperator(BaseOperator):
             self.log.info("Cancelled meter event %r", identifier)
         outcome = {"success": not errors, "cancelled": cancelled, "errors": errors}
         if errors and self.fail_on_error:
-            raise RuntimeError(f"{len(errors)} of {len(identifiers)} cancellations refused: {errors}")
+            raise StripeEventRejectedError(
+                f"{len(errors)} of {len(identifiers)} cancellations refused: {errors}",
+                {"type": "cancellations_refused", "errors": errors},
+            )
         return outcome

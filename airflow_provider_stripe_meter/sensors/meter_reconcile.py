@@ -3,27 +3,23 @@
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from datetime import date, datetime, timedelta, timezone
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseSensorOperator, PokeReturnValue
 
-from airflow_provider_stripe_meter.aggregation import DEFAULT_SAFETY_MARGIN
-from airflow_provider_stripe_meter.rules import check_fixed_event_name
-from airflow_provider_stripe_meter.sources import check_source
+from airflow_provider_stripe_meter.operators.base import StripeBaseOperator, UsageSourceMixin
+from airflow_provider_stripe_meter.utils.rules import check_fixed_event_name
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
-    from airflow_provider_stripe_meter.hooks.stripe import StripeHook
-
-_DAY = 86400
 _SHOWN_MISMATCHES = 50
 
 
-class StripeMeterReconcileSensor(BaseSensorOperator):
+class StripeMeterReconcileSensor(UsageSourceMixin, StripeBaseOperator, BaseSensorOperator):
     """
     Wait until Stripe's meter summaries agree with the source, per customer and UTC day.
 
@@ -43,101 +39,68 @@ class StripeMeterReconcileSensor(BaseSensorOperator):
     .. seealso:: https://docs.stripe.com/api/billing/meter-event-summary/list
 
     :param event_name: The meter's event name. (templated)
-    :param rows: Source rows ``(customer_id, value, timestamp)``, as for the batch operator. (templated)
-    :param sql: Query returning the source rows, run on ``sql_conn_id``. (templated)
-    :param sql_conn_id: Connection of any common-sql hook.
-    :param parameters: Query parameters. (templated)
-    :param start_date: First UTC day to compare (ISO date); default the source's first. (templated)
-    :param end_date: Last UTC day to compare (ISO date); default the source's last. (templated)
+    :param first_day: First UTC day to compare (ISO date); default the source's first. (templated)
+    :param last_day: Last UTC day to compare (ISO date); default the source's last. (templated)
+        (The first release called these two ``start_date``/``end_date``, which are
+        ``BaseOperator``'s scheduling arguments; a string under those names still works for one
+        release, with a ``DeprecationWarning``.)
     :param settle_timeout: How long mismatches may be waited out as Stripe catching up: a
         ``timedelta`` or seconds. (templated)
     :param max_rps: Summary requests per second (one per customer).
-    :param stripe_conn_id: Airflow connection of type ``stripe``.
-    :param stripe_account: Connected account (``acct_...``). (templated)
+
+    The source parameters (``rows``, ``sql``, ``sql_conn_id``, ``parameters``, ``columns``,
+    ``naive_timezone``, ``safety_margin``, ``chunk_size``, ``sample_limit``) are those of
+    :class:`~airflow_provider_stripe_meter.operators.base.UsageSourceMixin`, read by the same
+    rules as the batch operator; ``stripe_conn_id`` and ``stripe_account`` (templated) those of
+    :class:`~airflow_provider_stripe_meter.operators.base.StripeBaseOperator`.
     """
 
     template_fields: Sequence[str] = (
         "event_name",
-        "rows",
-        "sql",
-        "parameters",
-        "start_date_text",
-        "end_date_text",
+        *UsageSourceMixin.source_template_fields,
+        "first_day",
+        "last_day",
         "settle_timeout",
-        "stripe_account",
+        *StripeBaseOperator.template_fields,
     )
-    template_ext: Sequence[str] = (".sql",)
-    template_fields_renderers: ClassVar[dict[str, str]] = {"sql": "sql", "parameters": "json"}
-    ui_color = "#635bff"
 
     def __init__(
         self,
         *,
         event_name: str,
-        rows: Any = None,
-        sql: str | None = None,
-        sql_conn_id: str | None = None,
-        parameters: Any = None,
-        columns: Sequence[str] = ("customer_id", "value", "timestamp"),
-        start_date: str | None = None,
-        end_date: str | None = None,
+        first_day: str | None = None,
+        last_day: str | None = None,
         settle_timeout: timedelta | float | str = timedelta(hours=1),
-        naive_timezone: Any = timezone.utc,
-        safety_margin: timedelta = DEFAULT_SAFETY_MARGIN,
         max_rps: float = 20.0,
-        stripe_conn_id: str = "stripe_default",
-        stripe_account: str | None = None,
         **kwargs: Any,
     ) -> None:
+        first_day = _deprecated_day_argument(kwargs, "start_date", "first_day", first_day)
+        last_day = _deprecated_day_argument(kwargs, "end_date", "last_day", last_day)
         kwargs.setdefault("mode", "reschedule")
         kwargs.setdefault("poke_interval", 300)
         if not isinstance(settle_timeout, str):
             kwargs.setdefault("timeout", _seconds(settle_timeout) + 3600)
-        kwargs.setdefault("multiple_outputs", True)
         super().__init__(**kwargs)
-        check_source(rows, sql, sql_conn_id)
         check_fixed_event_name(event_name)
         self.event_name = event_name
-        self.rows = rows
-        self.sql = sql
-        self.sql_conn_id = sql_conn_id
-        self.parameters = parameters
-        self.columns = tuple(columns)
-        # BaseOperator owns start_date/end_date; these are the compared days.
-        self.start_date_text = start_date
-        self.end_date_text = end_date
+        self.first_day = first_day
+        self.last_day = last_day
         self.settle_timeout = settle_timeout
-        self.naive_timezone = naive_timezone
-        self.safety_margin = safety_margin
         self.max_rps = max_rps
-        self.stripe_conn_id = stripe_conn_id
-        self.stripe_account = stripe_account
         self._first_poke: float | None = None
 
     def poke(self, context: Context) -> PokeReturnValue | bool:
         """Compare once; done when everything matches or the settle time is over."""
-        from airflow_provider_stripe_meter.hooks.stripe import StripeHook
-        from airflow_provider_stripe_meter.reconcile import compare, summarize
-        from airflow_provider_stripe_meter.sources import aggregate_usage
+        from airflow_provider_stripe_meter.utils.reconcile import compare, summarize
 
-        aggregator = aggregate_usage(
-            rows=self.rows,
-            sql=self.sql,
-            sql_conn_id=self.sql_conn_id,
-            parameters=self.parameters,
-            event_name=self.event_name,
-            columns=self.columns[:3],
-            naive_timezone=self.naive_timezone,
-            safety_margin=self.safety_margin,
-            sample_limit=20,
-            log=self.log,
-        )
-        expected = {(a.customer_id, a.day): (a.value, a.timestamp) for a in aggregator.aggregates()}
+        aggregator = self.read_usage(self.event_name)
+        expected = {(a.customer_id, a.day): (a.value, a.timestamp) for a in aggregator.finish()}
         first, last = self._day_range(expected)
-        hook = StripeHook(self.stripe_conn_id, stripe_account=self.stripe_account or None)
-        meter = hook.active_meter(self.event_name)
+        meter = self.hook.active_meter(self.event_name)
         customers = sorted({customer for customer, _ in expected})
-        recorded, unknown = self._recorded(hook, meter["id"], customers, first, last)
+        recorded, unknown = self.hook.recorded_per_day(
+            meter["id"], customers, first, last, max_rps=self.max_rps
+        )
         lines = compare(
             {k: v for k, v in expected.items() if first <= k[1] <= last},
             {k: v for k, v in recorded.items() if first <= k[1] <= last},
@@ -146,7 +109,7 @@ class StripeMeterReconcileSensor(BaseSensorOperator):
         counts = summarize(lines)
         settled = counts["ok"] + counts["customer_unknown"] == len(lines)
         first_poke = self._first_poke_time(context)
-        waited = max(0.0, time.time() - first_poke)
+        waited = max(0.0, _clock() - first_poke)
         settle = _seconds(self.settle_timeout)
         if not settled and waited < settle:
             self.log.info(
@@ -180,53 +143,17 @@ class StripeMeterReconcileSensor(BaseSensorOperator):
             if first is not None:
                 return first.timestamp()
         if self._first_poke is None:
-            self._first_poke = time.time()
+            self._first_poke = _clock()
         return self._first_poke
 
     def _day_range(self, expected: dict[tuple[str, date], Any]) -> tuple[date, date]:
         days = sorted(day for _, day in expected)
         today = datetime.now(timezone.utc).date()
-        first = (
-            date.fromisoformat(self.start_date_text) if self.start_date_text else (days[0] if days else today)
-        )
-        last = date.fromisoformat(self.end_date_text) if self.end_date_text else (days[-1] if days else today)
+        first = date.fromisoformat(self.first_day) if self.first_day else (days[0] if days else today)
+        last = date.fromisoformat(self.last_day) if self.last_day else (days[-1] if days else today)
         if last < first:
-            raise ValueError(f"end_date {last} is before start_date {first}")
+            raise ValueError(f"last_day {last} is before first_day {first}")
         return first, last
-
-    def _recorded(
-        self, hook: StripeHook, meter_id: str, customers: list[str], first: date, last: date
-    ) -> tuple[dict[tuple[str, date], int], set[str]]:
-        from airflow_provider_stripe_meter.delivery import RateLimiter
-        from airflow_provider_stripe_meter.exceptions import StripeRequestRejected
-
-        start = int(datetime(first.year, first.month, first.day, tzinfo=timezone.utc).timestamp())
-        end = start + ((last - first).days + 1) * _DAY
-        limiter = RateLimiter(self.max_rps)
-
-        def one(customer: str) -> tuple[str, list[dict[str, Any]] | None]:
-            limiter.acquire()
-            try:
-                return customer, hook.list_event_summaries(meter_id, customer, start, end, "day")
-            except StripeRequestRejected as err:
-                if err.details.get("http_status") == 404 and err.details.get("param") == "customer":
-                    return customer, None
-                raise
-
-        recorded: dict[tuple[str, date], int] = {}
-        unknown: set[str] = set()
-        with ThreadPoolExecutor(max_workers=max(1, min(8, len(customers)))) as pool:
-            for customer, summaries in pool.map(one, customers):
-                if summaries is None:
-                    unknown.add(customer)
-                    continue
-                for summary in summaries:
-                    value = summary["aggregated_value"]
-                    if value:
-                        day = datetime.fromtimestamp(summary["start_time"], timezone.utc).date()
-                        # Summaries are numbers (floats in JSON); meter values are whole numbers.
-                        recorded[(customer, day)] = recorded.get((customer, day), 0) + round(value)
-        return recorded, unknown
 
     def _log_report(self, report: dict[str, Any]) -> None:
         if report["success"]:
@@ -260,6 +187,32 @@ class StripeMeterReconcileSensor(BaseSensorOperator):
             )
         if len(mismatches) > _SHOWN_MISMATCHES:
             self.log.warning("  ... and %d more in the lines XCom", len(mismatches) - _SHOWN_MISMATCHES)
+
+
+def _clock() -> float:
+    # One place the sensor reads the time, so tests can move it instead of sleeping.
+    return time.time()
+
+
+def _deprecated_day_argument(kwargs: dict[str, Any], old: str, new: str, value: str | None) -> str | None:
+    """Take a compared day given under its first-release name, with a warning.
+
+    ``start_date``/``end_date`` are ``BaseOperator``'s own arguments (datetimes that say when a
+    task may be scheduled); the first release used the names for the compared days (ISO date
+    strings). A string there is still read as the compared day, for one release.
+    """
+    given = kwargs.get(old)
+    if isinstance(given, str):
+        warnings.warn(
+            f"StripeMeterReconcileSensor({old}=...) is deprecated: use {new}=... ({old} is "
+            "BaseOperator's scheduling argument)",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        kwargs.pop(old)
+        if value is None:
+            return given
+    return value
 
 
 def _seconds(value: timedelta | float | str) -> float:

@@ -1,8 +1,9 @@
 """What the local Stripe server holds: meters, customers, accepted events, sessions.
 
-Follows Stripe's documented rules for meter events (see ``STRIPE_FACTS.md`` and the OpenAPI
-subset): synchronous checks on shape, value, identifier and timestamp; an unknown customer or
-event name is *accepted* and reported asynchronously, and its usage never shows in summaries.
+Follows Stripe's documented rules for meter events (https://docs.stripe.com/api/billing/meter-event
+and the OpenAPI spec shipped beside this module): synchronous checks on shape, value, identifier
+and timestamp; an unknown customer or event name is *accepted* and reported asynchronously, and
+its usage never shows in summaries.
 Everything is guarded by one lock, so the HTTP server's threads can share it.
 """
 

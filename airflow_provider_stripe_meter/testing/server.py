@@ -32,13 +32,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-from airflow_provider_stripe_meter.rules import rfc3339
 from airflow_provider_stripe_meter.testing.forms import decode_form
 from airflow_provider_stripe_meter.testing.ledger import (
     MeterLedger,
     StripeApiError,
     parse_rfc3339,
 )
+from airflow_provider_stripe_meter.utils.rules import rfc3339
 
 DEFAULT_API_KEY = "sk_test_local_meter_server"
 _DAY = 86400

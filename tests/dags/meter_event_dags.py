@@ -34,10 +34,10 @@ with DAG("t_meter_event_branch", schedule=None, start_date=START, params=PARAMS)
 with DAG("t_meter_event_retry", schedule=None, start_date=START, params=PARAMS) as retry_dag:
     StripeMeterEventOperator(
         task_id="record",
-        event_name="ai_tokens_used",
+        event_name="{{ params.event_name }}",
         customer_id="{{ params.customer_id }}",
         value="{{ params.value }}",
-        retries=2,
+        retries=3,
         retry_delay=timedelta(seconds=0),
     )
 

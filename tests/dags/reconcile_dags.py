@@ -29,7 +29,8 @@ with DAG(
         event_name="ai_tokens_used",
         sql=SOURCE_SQL,
         sql_conn_id="usage_db",
-        poke_interval=1,
+        # The tests move the sensor's clock on instead of waiting (see fast_clock).
+        poke_interval=0,
         settle_timeout=timedelta(seconds=3),
         max_rps=200,
     )

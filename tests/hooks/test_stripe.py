@@ -8,12 +8,12 @@ import pytest
 
 from airflow_provider_stripe_meter.exceptions import (
     StripeConfigurationError,
-    StripeDuplicateIdentifier,
-    StripeRequestRejected,
+    StripeDuplicateIdentifierError,
+    StripeRequestRejectedError,
     StripeTransientError,
 )
 from airflow_provider_stripe_meter.hooks.stripe import StripeHook
-from airflow_provider_stripe_meter.rules import MeterEvent
+from airflow_provider_stripe_meter.utils.rules import MeterEvent
 from tests.conftest import SECRET_KEY
 
 EVENT = MeterEvent(event_name="ai_tokens_used", customer_id="cus_hook", value=9, identifier="hook-1")
@@ -62,16 +62,40 @@ def test_client_is_built_once(secret_server):
 def test_duplicate_identifier_is_its_own_error(secret_server):
     hook = StripeHook()
     hook.create_meter_event(EVENT)
-    with pytest.raises(StripeDuplicateIdentifier) as caught:
+    with pytest.raises(StripeDuplicateIdentifierError) as caught:
         hook.create_meter_event(EVENT)
     assert caught.value.details["http_status"] == 400
     assert caught.value.details["should_retry"] is False
     assert len(secret_server.ledger.accepted()) == 1
 
 
+@pytest.mark.parametrize(
+    ("details", "duplicate"),
+    [
+        pytest.param(
+            {"param": "identifier", "should_retry": False, "message": "Ein Ereignis existiert bereits."},
+            True,
+            id="v1-param-and-should-retry",
+        ),
+        pytest.param({"code": "duplicate_meter_event", "message": "..."}, True, id="v2-code"),
+        pytest.param({"message": "An event already exists with identifier x."}, True, id="message-fallback"),
+        pytest.param(
+            {"param": "identifier", "message": "identifier must be 1 to 100 characters."},
+            False,
+            id="other-identifier-problem",
+        ),
+        pytest.param({"param": "timestamp", "should_retry": False, "message": "too old"}, False, id="other"),
+    ],
+)
+def test_duplicate_detection_reads_param_and_code(details, duplicate):
+    from airflow_provider_stripe_meter.hooks.stripe import _is_duplicate_identifier
+
+    assert _is_duplicate_identifier(details) is duplicate
+
+
 def test_rejection_keeps_stripe_details(secret_server):
     old = MeterEvent("ai_tokens_used", "cus_hook", 1, "old-1", timestamp=1_000_000_000)
-    with pytest.raises(StripeRequestRejected) as caught:
+    with pytest.raises(StripeRequestRejectedError) as caught:
         StripeHook().create_meter_event(old)
     details = caught.value.details
     assert details["code"] == "timestamp_too_far_in_past"
@@ -99,7 +123,7 @@ def test_rate_limit_and_server_errors_are_transient(secret_server):
 def test_sdk_retries_a_lost_answer_without_double_billing(secret_server):
     secret_server.inject_failures(1, status=500, after_write=True)
 
-    with pytest.raises(StripeDuplicateIdentifier):
+    with pytest.raises(StripeDuplicateIdentifierError):
         StripeHook().create_meter_event(EVENT)
 
     assert secret_server.ledger.totals() == {"cus_hook": 9}

@@ -100,6 +100,32 @@ def test_retry_after_recorded_event_leaves_exactly_one_event(secret_server):
     assert pushed["response"]["already_recorded"] is True
 
 
+def test_a_failure_no_retry_can_fix_does_not_spend_retries(secret_server):
+    # retries=3: an unknown meter or a refused key must end the task after its first try.
+    dag_run = run_dag("t_meter_event_retry", run_conf={"event_name": "ai_tokens_usd"})
+
+    [ti] = dag_run.get_task_instances()
+    assert (str(ti.state), ti.try_number) == ("failed", 1)
+    assert secret_server.stats["v1_meter_event"] == 0
+
+    secret_server.api_keys = {"sk_test_some_other_key"}
+    dag_run = run_dag("t_meter_event_retry", run_conf={"customer_id": "cus_key"})
+
+    [ti] = dag_run.get_task_instances()
+    assert (str(ti.state), ti.try_number) == ("failed", 1)
+
+
+def test_a_transient_failure_is_retried(secret_server):
+    # Four 503s: the first try and its SDK retry, then the second try and its SDK retry.
+    secret_server.inject_failures(4, status=503, path_prefix="/v1/billing/meter_events")
+
+    dag_run = run_dag("t_meter_event_retry", run_conf={"customer_id": "cus_flaky", "value": "3"})
+
+    [ti] = dag_run.get_task_instances()
+    assert (str(ti.state), ti.try_number) == ("success", 3)
+    assert secret_server.ledger.totals() == {"cus_flaky": 3}
+
+
 def test_transient_failures_that_outlast_retries_fail_the_task_without_sending(secret_server):
     secret_server.inject_failures(10, status=503, path_prefix="/v1/billing/meter_events")
 

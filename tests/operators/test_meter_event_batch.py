@@ -9,12 +9,18 @@ from datetime import datetime, timedelta, timezone
 import pendulum
 import pytest
 
-from airflow_provider_stripe_meter.identifiers import daily_identifier
 from airflow_provider_stripe_meter.operators.meter_event_batch import StripeMeterEventBatchOperator
+from airflow_provider_stripe_meter.utils.identifiers import daily_identifier
 from tests.conftest import run_dag, task_states, xcoms
 
 pytestmark = [pytest.mark.airflow, pytest.mark.usefixtures("airflow_db")]
-TODAY = pendulum.today("UTC")
+
+
+def today():
+    """Midnight UTC of the day the test runs (not of the day the module was imported)."""
+    return pendulum.today("UTC")
+
+
 DAY = 86400
 
 
@@ -33,7 +39,7 @@ def source_totals(path, where="1=1"):
 
 
 def at(day_offset: int, seconds: int) -> str:
-    moment = TODAY.add(days=day_offset).add(seconds=seconds)
+    moment = today().add(days=day_offset).add(seconds=seconds)
     return moment.strftime("%Y-%m-%d %H:%M:%S")
 
 
@@ -49,7 +55,7 @@ def test_daily_run_bills_yesterday_once_and_a_rerun_adds_nothing(secret_server, 
     rows += [("cus_today", 99, at(0, 60)), ("cus_0", 5, at(-2, 60))]  # outside the data interval
     seed(usage_db, rows)
 
-    first = run_dag("t_batch_daily", logical_date=TODAY)
+    first = run_dag("t_batch_daily", logical_date=today())
 
     expected = source_totals(usage_db, f"used_at >= '{at(-1, 0)}' AND used_at < '{at(0, 0)}'")
     assert secret_server.ledger.totals() == expected
@@ -58,7 +64,7 @@ def test_daily_run_bills_yesterday_once_and_a_rerun_adds_nothing(secret_server, 
     assert (outcome["rows"], outcome["aggregates"], outcome["sent"]) == (200, 7, 7)
     assert outcome["totals"]["ai_tokens_used"]["value"] == sum(expected.values())
     events = secret_server.ledger.accepted()
-    yesterday = TODAY.add(days=-1).date()
+    yesterday = today().add(days=-1).date()
     assert {e.identifier for e in events} == {
         daily_identifier("ai_tokens_used", c, yesterday) for c in expected
     }
@@ -69,7 +75,7 @@ def test_daily_run_bills_yesterday_once_and_a_rerun_adds_nothing(secret_server, 
     }
     assert task_states(first)["billed"] == "success"
 
-    second = run_dag("t_batch_daily", logical_date=TODAY)
+    second = run_dag("t_batch_daily", logical_date=today())
 
     assert len(secret_server.ledger.accepted()) == 7
     again = xcoms(second, "bill")
@@ -164,7 +170,7 @@ def test_operator_arguments_are_checked_when_the_dag_is_parsed():
 
 def test_empty_usage_bills_nothing_and_succeeds(secret_server, usage_db):
     seed(usage_db, [])
-    dag_run = run_dag("t_batch_daily", logical_date=TODAY)
+    dag_run = run_dag("t_batch_daily", logical_date=today())
     outcome = xcoms(dag_run, "bill")
     assert (outcome["rows"], outcome["aggregates"], outcome["success"]) == (0, 0, True)
     assert secret_server.stats["v1_meter_event"] == 0
@@ -232,3 +238,16 @@ def test_preflight_catches_an_unknown_event_name_before_anything_is_sent(secret_
         "api_calls": {"aggregates": 1, "customers": 1, "value": 2, "recorded": 2},
     }
     assert secret_server.stats["v1_list_meters"] == 2  # once per task run, not per event
+
+
+def test_top_up_with_nothing_to_correct_has_the_same_keys_as_one_that_sends(secret_server):
+    from airflow_provider_stripe_meter.operators.meter_event_correction import StripeMeterTopUpOperator
+    from airflow_provider_stripe_meter.utils.delivery import DeliveryReport
+    from airflow_provider_stripe_meter.utils.reconcile import Correction
+
+    nothing = StripeMeterTopUpOperator(task_id="t", reconciliation=[], event_name="ai_tokens_used")
+    empty = nothing.execute({})
+    correction = Correction("cus_a", today().date(), 5, "id-1", None)
+    full = StripeMeterTopUpOperator._outcome([correction], DeliveryReport(total=1, sent=1))
+    assert set(empty) == set(full)
+    assert (empty["success"], empty["samples"], full["value_sent"]) == (True, {}, 5)

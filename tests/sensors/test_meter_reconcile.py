@@ -4,23 +4,43 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import time
 
 import pendulum
 import pytest
 
 from tests.conftest import run_dag, task_states, xcoms
 
-pytestmark = [pytest.mark.airflow, pytest.mark.usefixtures("airflow_db")]
-TODAY = pendulum.today("UTC")
+pytestmark = [pytest.mark.airflow, pytest.mark.usefixtures("airflow_db", "fast_clock")]
+
+
+@pytest.fixture
+def fast_clock(monkeypatch):
+    """The sensor's clock runs a second ahead more at every reading: settle_timeout passes in pokes."""
+    import time
+
+    from airflow_provider_stripe_meter.sensors import meter_reconcile
+
+    readings = []
+
+    def clock():
+        readings.append(None)
+        return time.time() + len(readings)
+
+    monkeypatch.setattr(meter_reconcile, "_clock", clock)
+    return readings
+
+
+def today():
+    """Midnight UTC of the day the test runs (not of the day the module was imported)."""
+    return pendulum.today("UTC")
 
 
 def at(day_offset: int, seconds: int) -> str:
-    return TODAY.add(days=day_offset).add(seconds=seconds).strftime("%Y-%m-%d %H:%M:%S")
+    return today().add(days=day_offset).add(seconds=seconds).strftime("%Y-%m-%d %H:%M:%S")
 
 
 def day(offset: int) -> str:
-    return TODAY.add(days=offset).to_date_string()
+    return today().add(days=offset).to_date_string()
 
 
 @pytest.fixture
@@ -42,11 +62,17 @@ def source_totals(path):
         return dict(con.execute("SELECT customer_id, SUM(tokens) FROM usage GROUP BY customer_id"))
 
 
+def advance(server, seconds):
+    """Move the server's clock on, as if ``seconds`` had passed (summaries catch up)."""
+    clock = server.ledger.clock
+    server.ledger.clock = lambda: clock() + seconds
+
+
 def lines_by_key(outcome):
     return {(line["customer_id"], line["day"]): line for line in outcome["lines"]}
 
 
-def test_reconciliation_finds_an_unknown_customer_and_a_missing_day(secret_server, usage_db):
+def test_reconciliation_finds_an_unknown_customer_and_a_missing_day(secret_server, usage_db, fast_clock):
     secret_server.ledger.customers = {"cus_a", "cus_b"}
     add_rows(usage_db, [("cus_a", 5, at(-2, 10)), ("cus_a", 7, at(-1, 10)), ("cus_b", 3, at(-1, 20))])
     add_rows(usage_db, [("cus_ghost", 9, at(-1, 30))])
@@ -64,6 +90,7 @@ def test_reconciliation_finds_an_unknown_customer_and_a_missing_day(secret_serve
     assert outcome["counts"] == {"ok": 2, "missing": 1, "short": 0, "over": 0, "customer_unknown": 1}
     assert outcome["success"] is False
     assert outcome["waited_seconds"] >= 3  # a mismatch is waited out as Stripe catching up first
+    assert len(fast_clock) >= 3  # ... over several pokes
     states = task_states(dag_run)
     assert (states["top_up"], states["alert"], states["all_good"]) == ("success", "success", "skipped")
     # The missing day went out under the batch operator's own identifier for it.
@@ -82,7 +109,7 @@ def test_late_rows_are_topped_up_exactly_however_often_the_flow_runs(secret_serv
     assert secret_server.ledger.totals() == source_totals(usage_db) == {"cus_a": 125, "cus_b": 42}
 
     add_rows(usage_db, [("cus_a", 5, at(-1, 5_000))])  # later still
-    time.sleep(1.6)
+    advance(secret_server, 1.6)
     for _ in range(2):
         dag_run = run_dag("t_reconcile")
     assert secret_server.ledger.totals() == source_totals(usage_db) == {"cus_a": 130, "cus_b": 42}
@@ -96,7 +123,7 @@ def test_late_rows_are_topped_up_exactly_however_often_the_flow_runs(secret_serv
             f"topup:ai_tokens_used:cus_a:{day(-1)}:to130",
         ]
     )
-    time.sleep(1.6)
+    advance(secret_server, 1.6)
     dag_run = run_dag("t_reconcile")
     assert xcoms(dag_run, "reconcile")["success"] is True
     assert task_states(dag_run)["all_good"] == "success"
@@ -127,3 +154,21 @@ def test_cancel_within_24_hours_removes_the_event_and_later_says_it_is_too_late(
     assert "only within 24 hours" in error["message"]
     assert "correcting event" in error["message"]
     assert secret_server.ledger.totals()["cus_b"] == 40
+
+
+def test_compared_days_have_their_own_names_and_the_old_ones_warn():
+    from airflow_provider_stripe_meter.sensors.meter_reconcile import StripeMeterReconcileSensor
+
+    sensor = StripeMeterReconcileSensor(
+        task_id="r", event_name="e", rows=[], first_day="2026-11-01", last_day="2026-11-02"
+    )
+    assert (sensor.first_day, sensor.last_day) == ("2026-11-01", "2026-11-02")
+    with pytest.warns(DeprecationWarning, match="use first_day"):
+        old = StripeMeterReconcileSensor(task_id="o", event_name="e", rows=[], start_date="2026-11-01")
+    assert old.first_day == "2026-11-01"
+    # A datetime start_date is BaseOperator's scheduling argument, as for any operator.
+    scheduled = StripeMeterReconcileSensor(
+        task_id="s", event_name="e", rows=[], start_date=pendulum.datetime(2026, 1, 1, tz="UTC")
+    )
+    assert scheduled.first_day is None
+    assert scheduled.start_date == pendulum.datetime(2026, 1, 1, tz="UTC")

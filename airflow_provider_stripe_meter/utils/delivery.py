@@ -25,16 +25,17 @@ from typing import Any, Generic, TypeVar
 
 from airflow_provider_stripe_meter.exceptions import (
     StripeConfigurationError,
-    StripeDuplicateIdentifier,
+    StripeDuplicateIdentifierError,
     StripeMeterError,
-    StripeRequestRejected,
+    StripeRequestRejectedError,
     StripeTransientError,
 )
 
 T = TypeVar("T")
 
-#: Stripe's documented limits (STRIPE_FACTS.md): test mode shares 25 operations/s with every
-#: other call of the account, live mode allows 1,000 meter events/s. Defaults leave headroom.
+#: Stripe's documented limits (https://docs.stripe.com/rate-limits): test mode shares 25
+#: operations/s with every other call of the account, live mode allows 1,000 meter events/s.
+#: Defaults leave headroom.
 DEFAULT_MAX_RPS = {"test": 20.0, "live": 900.0}
 
 
@@ -51,7 +52,11 @@ def full_jitter(
 
 
 class RateLimiter:
-    """Space calls evenly at ``rate`` per second across threads (``None``: no limit)."""
+    """Space calls evenly at ``rate`` per second across threads (``None``: no spacing).
+
+    :meth:`pause` holds every caller back for a while whatever the rate, since a 429 means the
+    whole account is over its limit.
+    """
 
     def __init__(
         self,
@@ -70,14 +75,18 @@ class RateLimiter:
 
     def acquire(self) -> None:
         """Block until this caller's turn."""
-        if not self.interval:
-            return
         with self._lock:
             now = self._clock()
             slot = max(now, self._next)
             self._next = slot + self.interval
         if slot > now:
             self._sleep(slot - now)
+
+    @property
+    def next_slot(self) -> float:
+        """The clock reading before which no caller gets a turn."""
+        with self._lock:
+            return self._next
 
     def pause(self, seconds: float) -> None:
         """Push every later turn back (after a 429: the whole account is over its limit)."""
@@ -93,6 +102,8 @@ class KeyedWorkQueue(Generic[T]):
         self._pending: deque[T] = deque(items)
         self._busy: set[Hashable] = set()
         self._lock = threading.Condition()
+        #: Callers blocked in :meth:`take` right now (every pending key is busy).
+        self.waiting = 0
 
     def take(self, limit: int = 1) -> list[T]:
         """Up to ``limit`` items with distinct keys not out already; waits while all are blocked.
@@ -118,7 +129,11 @@ class KeyedWorkQueue(Generic[T]):
                 if picked:
                     self._busy |= keys
                     return picked
-                self._lock.wait()
+                self.waiting += 1
+                try:
+                    self._lock.wait()
+                finally:
+                    self.waiting -= 1
 
     def done(self, items: Sequence[T], retry: Sequence[T] = ()) -> None:
         """Release ``items``' keys; ``retry`` go back to the front of the queue."""
@@ -165,8 +180,8 @@ class Deliverer(Generic[T]):
     """Send items through ``send`` in batches of ``batch_size`` with pacing, keys and retries.
 
     :param send: Sends a batch. Returns normally when Stripe accepted all of it; raises
-        :class:`StripeDuplicateIdentifier` (batch of one: already recorded),
-        :class:`StripeRequestRejected` (permanent), :class:`StripeTransientError` (retry).
+        :class:`StripeDuplicateIdentifierError` (batch of one: already recorded),
+        :class:`StripeRequestRejectedError` (permanent), :class:`StripeTransientError` (retry).
     :param key: The (customer, meter) key of an item.
     :param describe: JSON-safe description of an item, for the report's samples.
     :param max_rps: Requests per second; ``None`` for no limit.
@@ -206,7 +221,12 @@ class Deliverer(Generic[T]):
         self._lock = threading.Lock()
 
     def run(self, items: Sequence[T]) -> DeliveryReport:
-        """Deliver every item; return what happened. Never raises for a Stripe answer."""
+        """Deliver every item and return what happened.
+
+        Rejections, duplicates and transient failures are counted in the report, never raised. A
+        refused key (:class:`StripeConfigurationError`) or an unexpected error stops every
+        worker and is re-raised: no other item could get through either.
+        """
         report = DeliveryReport(total=len(items), sample_limit=self.sample_limit)
         queue: KeyedWorkQueue[T] = KeyedWorkQueue(items, self.key)
         attempts: dict[int, int] = {}
@@ -250,7 +270,7 @@ class Deliverer(Generic[T]):
         self.limiter.acquire()
         try:
             self.send(batch)
-        except StripeDuplicateIdentifier:
+        except StripeDuplicateIdentifierError:
             with self._lock:
                 report.requests += 1
                 report.already_recorded += len(batch)
@@ -258,7 +278,7 @@ class Deliverer(Generic[T]):
             return None
         except StripeConfigurationError:
             raise
-        except StripeRequestRejected as err:
+        except StripeRequestRejectedError as err:
             with self._lock:
                 report.requests += 1
                 report.rejected += len(batch)

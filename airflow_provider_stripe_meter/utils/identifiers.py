@@ -6,8 +6,9 @@ that rule into exactly-once delivery: a task retry, a cleared run or an overlapp
 the same identifier again and Stripe refuses the copy.
 
 Identifiers stay readable where they fit in Stripe's 100 characters, so a person can find an
-event in the dashboard; a longer one keeps a readable head and ends in a hash of the whole, so two
-different facts never share an identifier.
+event in the dashboard; a longer one keeps a readable head and ends in a hash of the whole. Parts
+are joined with ``:``, and a ``:`` or ``%`` inside a part is percent-escaped first, so two
+different lists of parts never give the same identifier (``"a:b", "c"`` is not ``"a", "b:c"``).
 """
 
 from __future__ import annotations
@@ -15,18 +16,25 @@ from __future__ import annotations
 import hashlib
 from datetime import date
 
-from airflow_provider_stripe_meter.rules import MAX_IDENTIFIER_LENGTH
+from airflow_provider_stripe_meter.utils.rules import MAX_IDENTIFIER_LENGTH
 
 _HASH_CHARS = 24
 
 
+def _escape(part: str) -> str:
+    return part.replace("%", "%25").replace(":", "%3A") if ("%" in part or ":" in part) else part
+
+
 def bounded_identifier(*parts: str, limit: int = MAX_IDENTIFIER_LENGTH) -> str:
-    """Join ``parts`` with ``:``, hashing the tail if the result would exceed ``limit``."""
-    readable = ":".join(parts)
+    """Join ``parts`` with ``:`` (escaped), hashing the tail if the result would exceed ``limit``."""
+    return _bounded(":".join(map(_escape, parts)), limit)
+
+
+def _bounded(readable: str, limit: int = MAX_IDENTIFIER_LENGTH) -> str:
     if len(readable) <= limit:
         return readable
-    # Hash the unambiguous form (unit separators), not the readable one, so "a:b"+"c" != "a"+"b:c".
-    digest = hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:_HASH_CHARS]
+    # The escaped join is already unambiguous, so its hash is too.
+    digest = hashlib.sha256(readable.encode()).hexdigest()[:_HASH_CHARS]
     return f"{readable[: limit - _HASH_CHARS - 1]}~{digest}"
 
 
@@ -36,7 +44,10 @@ def task_identifier(dag_id: str, task_id: str, run_id: str, map_index: int = -1)
     Every try of the same task instance derives the same identifier, so an Airflow retry after a
     recorded event is refused by Stripe instead of billing twice.
     """
-    return bounded_identifier("airflow", dag_id, task_id, run_id, str(map_index))
+    # Airflow's dag and task ids cannot hold ":", so the run id (which does) is the only part
+    # that may, and the plain join is already unambiguous; it is kept unescaped so identifiers
+    # match those of earlier releases and a re-run after an upgrade is still refused.
+    return _bounded(":".join(("airflow", dag_id, task_id, run_id, str(map_index))))
 
 
 def daily_identifier(event_name: str, customer_id: str, day: date, prefix: str = "usage") -> str:

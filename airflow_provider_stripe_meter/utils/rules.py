@@ -9,10 +9,11 @@ DAG-parse time and are tested on their own. Each check returns the normalised va
 
 from __future__ import annotations
 
+import calendar
 import math
 import re
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import date, datetime, timedelta, timezone, tzinfo
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -20,6 +21,7 @@ MAX_EVENT_NAME_LENGTH = 100
 MAX_IDENTIFIER_LENGTH = 100
 MAX_VALUE_DIGITS = 15
 MAX_VALUE = 10**MAX_VALUE_DIGITS - 1
+SECONDS_PER_DAY = 86400
 #: Stripe accepts events whose timestamp lies within the past 35 calendar days ...
 PAST_WINDOW = timedelta(days=35)
 #: ... and at most 5 minutes in the future.
@@ -89,18 +91,21 @@ def validate_customer_id(value: Any) -> str:
     return value
 
 
-def validate_value(value: Any, field: str = "value") -> int:
-    """Return ``value`` as an ``int`` if it is a whole number of at most 15 digits.
+def validate_value(value: Any, field: str = "value", *, limit: int | None = MAX_VALUE) -> int:
+    """Return ``value`` as an ``int`` if it is a whole number (of at most 15 digits by default).
 
     Accepts ``int``, integral ``Decimal``, integral ``float`` and numeric strings (templates
     render strings). Rejects ``bool``, ``None``, NaN, infinities and fractions: Stripe's meter
-    values are whole numbers and a silent rounding would bill the wrong amount.
+    values are whole numbers and a silent rounding would bill the wrong amount. ``limit=None``
+    skips the digit check, for a row whose day total is checked instead.
     """
     number: int
-    if isinstance(value, bool) or value is None:
-        raise MeterEventInputError(field, value, "must be a whole number, not a boolean or None")
-    if isinstance(value, int):
+    if type(value) is int:  # the common case of a usage row, first
         number = value
+    elif isinstance(value, bool) or value is None:
+        raise MeterEventInputError(field, value, "must be a whole number, not a boolean or None")
+    elif isinstance(value, int):
+        number = int(value)
     elif isinstance(value, float):
         if not math.isfinite(value) or not value.is_integer():
             raise MeterEventInputError(field, value, "must be a whole number")
@@ -119,7 +124,7 @@ def validate_value(value: Any, field: str = "value") -> int:
             number = _decimal_to_int(parsed, field, value)
     else:
         raise MeterEventInputError(field, value, f"must be a whole number, got {type(value).__name__}")
-    if abs(number) > MAX_VALUE:
+    if limit is not None and abs(number) > limit:
         raise MeterEventInputError(field, value, f"must have at most {MAX_VALUE_DIGITS} digits")
     return number
 
@@ -143,12 +148,13 @@ def validate_identifier(value: Any) -> str | None:
     return value
 
 
-def to_unix_seconds(value: Any, field: str = "timestamp") -> int:
+def to_unix_seconds(value: Any, field: str = "timestamp", *, naive_timezone: tzinfo | None = None) -> int:
     """Convert a timestamp to whole unix seconds without checking the window.
 
-    Accepts unix seconds (``int``, integral ``float``, digit strings), timezone-aware
-    ``datetime`` (pendulum included) and ISO-8601 strings with an offset. A naive datetime is
-    rejected: guessing its zone could move usage into another billing day.
+    Accepts unix seconds (``int``, integral ``float``, digit strings), ``datetime`` (pendulum
+    included), ``date`` and ISO-8601 strings. A value without a zone is read in
+    ``naive_timezone``; with ``None`` (the default) it is rejected: guessing its zone could move
+    usage into another billing day.
     """
     if isinstance(value, bool) or value is None:
         raise MeterEventInputError(
@@ -160,30 +166,31 @@ def to_unix_seconds(value: Any, field: str = "timestamp") -> int:
         if not math.isfinite(value):
             raise MeterEventInputError(field, value, "must be a finite number of unix seconds")
         return int(value)
-    if isinstance(value, datetime):
-        return _aware_to_unix(value, field, value)
+    moment = value
     if isinstance(value, str):
         text = value.strip()
         if _UNIX_SECONDS_STRING.fullmatch(text):
             return int(text)
         try:
-            parsed = datetime.fromisoformat(text)
+            moment = datetime.fromisoformat(text)
         except ValueError:
             raise MeterEventInputError(
                 field, value, "must be unix seconds or an ISO-8601 date-time with a UTC offset"
             ) from None
-        return _aware_to_unix(parsed, field, value)
-    raise MeterEventInputError(
-        field,
-        value,
-        f"must be unix seconds, an aware datetime or an ISO-8601 string, got {type(value).__name__}",
-    )
-
-
-def _aware_to_unix(moment: datetime, field: str, original: Any) -> int:
+    elif isinstance(value, date) and not isinstance(value, datetime):
+        moment = datetime(value.year, value.month, value.day)
+    if not isinstance(moment, datetime):
+        raise MeterEventInputError(
+            field,
+            value,
+            f"must be unix seconds, an aware datetime or an ISO-8601 string, got {type(value).__name__}",
+        )
     if moment.tzinfo is None or moment.utcoffset() is None:
-        raise MeterEventInputError(field, original, "must carry a timezone (naive date-times are ambiguous)")
-    return int(moment.timestamp())
+        if naive_timezone is None:
+            raise MeterEventInputError(field, value, "must carry a timezone (naive date-times are ambiguous)")
+        moment = moment.replace(tzinfo=naive_timezone)
+    # timegm is exact (no float) and works for pendulum, whose timedelta arithmetic does not mix.
+    return calendar.timegm(moment.utctimetuple())
 
 
 def check_time_window(
@@ -194,31 +201,33 @@ def check_time_window(
     original: Any = None,
     past_window: timedelta = PAST_WINDOW,
 ) -> int:
-    """Return ``seconds`` if it lies within Stripe's window around ``now``.
+    """Return ``seconds`` if Stripe would take it at ``now``; raise :class:`MeterEventInputError` if not.
 
-    ``past_window`` lets the batch operator use a narrower window than Stripe's, so an event
-    cannot expire between the check and the send.
+    Stripe takes timestamps from ``past_window`` (35 days) ago to 5 minutes ahead. A narrower
+    ``past_window`` leaves a margin, so an event cannot expire between the check and the send.
+    ``original`` is the value as given, shown in the error instead of the converted seconds.
     """
     shown = seconds if original is None else original
     oldest = now - int(past_window.total_seconds())
     if seconds < oldest:
-        days = past_window.total_seconds() / 86400
+        days = past_window.total_seconds() / SECONDS_PER_DAY
         raise MeterEventInputError(
             field,
             shown,
-            f"must be within the past {days:g} days (not before {_iso(oldest)}), got {_iso(seconds)}",
+            f"must be within the past {days:g} days (not before {iso_utc(oldest)}), got {iso_utc(seconds)}",
         )
     newest = now + int(FUTURE_TOLERANCE.total_seconds())
     if seconds > newest:
         raise MeterEventInputError(
             field,
             shown,
-            f"must be at most 5 minutes in the future (not after {_iso(newest)}), got {_iso(seconds)}",
+            f"must be at most 5 minutes in the future (not after {iso_utc(newest)}), got {iso_utc(seconds)}",
         )
     return seconds
 
 
-def _iso(seconds: int) -> str:
+def iso_utc(seconds: int) -> str:
+    """Unix seconds as an ISO-8601 UTC string, for messages and reports."""
     try:
         return datetime.fromtimestamp(seconds, tz=timezone.utc).isoformat()
     except (OverflowError, OSError, ValueError):

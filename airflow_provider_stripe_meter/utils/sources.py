@@ -12,12 +12,14 @@ from contextlib import closing
 from datetime import timedelta, tzinfo
 from typing import TYPE_CHECKING, Any
 
-from airflow_provider_stripe_meter.aggregation import UsageAggregator, iter_chunks, paused_gc
+from airflow_provider_stripe_meter.utils.aggregation import UsageAggregator, iter_chunks, paused_gc
 
 if TYPE_CHECKING:
     import logging
 
 PROGRESS_SECONDS = 10.0
+#: Row fields in order: customer id, value, timestamp, and the event name where none is fixed.
+DEFAULT_COLUMNS = ("customer_id", "value", "timestamp", "event_name")
 
 
 def check_source(rows: Any, sql: str | None, sql_conn_id: str | None) -> None:

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from datetime import date
 
-from airflow_provider_stripe_meter.identifiers import bounded_identifier, daily_identifier, task_identifier
+import pytest
+
+from airflow_provider_stripe_meter.utils.identifiers import (
+    bounded_identifier,
+    daily_identifier,
+    task_identifier,
+)
 
 
 def test_task_identifier_is_readable_and_stable():
@@ -23,8 +29,27 @@ def test_long_identifiers_are_bounded_and_distinct():
     assert a.startswith("airflow:ddd")
 
 
-def test_separator_ambiguity_does_not_collide():
-    assert bounded_identifier("a:b", "c", limit=3) != bounded_identifier("a", "b:c", limit=3)
+@pytest.mark.parametrize("limit", [100, 3], ids=["readable", "hashed"])
+def test_separator_ambiguity_does_not_collide(limit):
+    pairs = [(("a:b", "c"), ("a", "b:c")), (("a%3Ab", "c"), ("a:b", "c")), (("a%", "b"), ("a", "%b"))]
+    for left, right in pairs:
+        assert bounded_identifier(*left, limit=limit) != bounded_identifier(*right, limit=limit)
+
+
+def test_readable_identifiers_escape_only_what_needs_it():
+    assert (
+        bounded_identifier("usage", "api_calls", "cus_1", "2026-11-23") == "usage:api_calls:cus_1:2026-11-23"
+    )
+    assert bounded_identifier("usage", "a:b", "cus_%1") == "usage:a%3Ab:cus_%251"
+
+
+def test_length_limit_is_exact_and_the_hash_covers_the_whole():
+    at_limit = bounded_identifier("x" * 98, "y")
+    assert (len(at_limit), "~" in at_limit) == (100, False)
+    over = bounded_identifier("x" * 98, "yz")
+    assert len(over) == 100
+    assert over.startswith("x" * 75 + "~")
+    assert over != bounded_identifier("x" * 98, "zy")  # differs only after the readable head
 
 
 def test_daily_identifier_names_meter_customer_and_day():

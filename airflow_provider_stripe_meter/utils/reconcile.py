@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from datetime import date
 from typing import Any
 
-from airflow_provider_stripe_meter.identifiers import bounded_identifier, daily_identifier
+from airflow_provider_stripe_meter.utils.identifiers import bounded_identifier, daily_identifier
 
 STATUSES = ("ok", "missing", "short", "over", "customer_unknown")
 

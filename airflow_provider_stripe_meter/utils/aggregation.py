@@ -18,31 +18,32 @@ any other chunk goes row by row through the general path. Both give the same res
 from __future__ import annotations
 
 import gc
-import math
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone, tzinfo
-from decimal import Decimal, InvalidOperation
 from itertools import compress, repeat
 from operator import attrgetter, eq, itemgetter
 from typing import Any
 
-from airflow_provider_stripe_meter.rules import (
+from airflow_provider_stripe_meter.utils.rules import (
     FUTURE_TOLERANCE,
     MAX_VALUE,
     MAX_VALUE_DIGITS,
     PAST_WINDOW,
+    SECONDS_PER_DAY,
     MeterEventInputError,
+    iso_utc,
+    to_unix_seconds,
     validate_customer_id,
     validate_event_name,
+    validate_value,
 )
 
 #: Rows must be this much younger than Stripe's 35 days, so none expires between check and send.
 DEFAULT_SAFETY_MARGIN = timedelta(hours=1)
 DEFAULT_SAMPLE_LIMIT = 20
-_DAY = 86400
 _EPOCH = datetime(1970, 1, 1)
 _EPOCH_UTC = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _EPOCH_ORDINAL = _EPOCH.toordinal()
@@ -61,9 +62,15 @@ class DailyAggregate:
     event_name: str
     customer_id: str
     day: date
+    #: The day's sum of the rows' values.
     value: int
+    #: Unix seconds of the day's latest row.
     timestamp: int
+    #: How many rows the day had (what a ``count`` meter bills).
     rows: int
+    #: The value of the day's latest row (what a ``last`` meter bills); the later row in source
+    #: order wins a tie.
+    last_value: int = 0
 
 
 @dataclass
@@ -114,10 +121,11 @@ class UsageAggregator:
         self.rows = 0
         #: Chunks that took the fast path (the rest went row by row).
         self.fast_chunks = 0
-        # (event name, customer, UTC day number) -> [sum, latest unix seconds, rows]
+        # (event name, customer, UTC day number) -> [sum, latest unix seconds, rows, latest row's value]
         self._totals: dict[tuple[str, str, int], list[int]] = {}
+        self._finished: list[DailyAggregate] | None = None
         # Fast path, fixed event name: UTC day number -> customer -> [sum, latest naive-UTC
-        # datetime, rows]; folded into _totals when the aggregates are read.
+        # datetime, rows, latest value]; folded into _totals when the aggregates are read.
         self._fast_days: dict[int, dict[str, list[Any]]] = {}
         self._good_customers: set[str] = set()
         self._good_events: set[str] = set()
@@ -130,6 +138,8 @@ class UsageAggregator:
 
     def add_rows(self, rows: Sequence[Any]) -> None:
         """Add one chunk of rows (tuples, lists or mappings)."""
+        if self._finished is not None:
+            raise RuntimeError("rows added after finish(): the aggregates were already read")
         if not rows:
             return
         start = self.rows
@@ -197,48 +207,50 @@ class UsageAggregator:
         if totals is None:
             totals = self._fast_days[day] = {}
         get = totals.get
-        # One pass, one dictionary: [sum, latest naive-UTC datetime, rows] per customer.
+        # One pass, one dictionary: [sum, latest naive-UTC datetime, rows, latest row's value].
         for customer, value, stamp in zip(customers, values, stamps, strict=True):
             entry = get(customer)
             if entry is None:
-                totals[customer] = [value, stamp, 1]
+                totals[customer] = [value, stamp, 1, value]
             else:
                 entry[0] += value
                 entry[2] += 1
-                if stamp > entry[1]:
+                if stamp >= entry[1]:
                     entry[1] = stamp
+                    entry[3] = value
 
-    def _merge(self, key: tuple[str, str, int], total: int, seconds: int, rows: int) -> None:
+    def _merge(self, key: tuple[str, str, int], total: int, seconds: int, rows: int, last: int) -> None:
         entry = self._totals.get(key)
         if entry is None:
-            self._totals[key] = [total, seconds, rows]
+            self._totals[key] = [total, seconds, rows, last]
         else:
             entry[0] += total
             entry[2] += rows
-            if seconds > entry[1]:
+            if seconds >= entry[1]:
                 entry[1] = seconds
+                entry[3] = last
 
     def _add_one(self, index: int, row: Any) -> None:
         try:
             customer, value, stamp, event_name = self._fields(row)
             event_name = self._check_event_name(event_name)
             customer = self._check_customer(customer)
-            number = row_value(value)
+            number = validate_value(value, limit=None)
             seconds = self.to_seconds(stamp)
         except MeterEventInputError as err:
             self.problems.add("invalid", {"row": index, **err.to_dict()})
             return
         if seconds < self.oldest:
             self.problems.add(
-                "skipped_too_old", {"row": index, "customer_id": customer, "timestamp": _iso(seconds)}
+                "skipped_too_old", {"row": index, "customer_id": customer, "timestamp": iso_utc(seconds)}
             )
             return
         if seconds > self.newest:
             self.problems.add(
-                "skipped_future", {"row": index, "customer_id": customer, "timestamp": _iso(seconds)}
+                "skipped_future", {"row": index, "customer_id": customer, "timestamp": iso_utc(seconds)}
             )
             return
-        self._merge((event_name, customer, seconds // _DAY), number, seconds, 1)
+        self._merge((event_name, customer, seconds // SECONDS_PER_DAY), number, seconds, 1, number)
 
     def _fields(self, row: Any) -> tuple[Any, Any, Any, Any]:
         names = self.columns
@@ -272,63 +284,30 @@ class UsageAggregator:
 
     def to_seconds(self, stamp: Any) -> int:
         """Unix seconds of a row's timestamp; naive values are read in ``naive_timezone``."""
-        if isinstance(stamp, bool) or stamp is None:
-            raise MeterEventInputError(
-                "timestamp", stamp, "must be a date-time, ISO-8601 string or unix seconds"
-            )
-        if isinstance(stamp, int):
-            return stamp
-        if isinstance(stamp, float):
-            if not math.isfinite(stamp):
-                raise MeterEventInputError("timestamp", stamp, "must be finite unix seconds")
-            return int(stamp)
-        if isinstance(stamp, str):
-            text = stamp.strip()
-            if text.isdigit():
-                return int(text)
-            try:
-                stamp = _fromisoformat(text)
-            except ValueError:
-                raise MeterEventInputError(
-                    "timestamp", stamp, "must be an ISO-8601 date-time or unix seconds"
-                ) from None
-        if isinstance(stamp, datetime):
-            if stamp.tzinfo is None or stamp.utcoffset() is None:
-                if self.naive_timezone is None:
-                    raise MeterEventInputError(
-                        "timestamp", stamp, "must carry a timezone (naive_timezone is None)"
-                    )
-                stamp = stamp.replace(tzinfo=self.naive_timezone)
-            return (stamp - _EPOCH_UTC) // _SECOND
-        if isinstance(stamp, date):
-            return self.to_seconds(datetime(stamp.year, stamp.month, stamp.day))
-        raise MeterEventInputError("timestamp", stamp, f"must be a date-time, got {type(stamp).__name__}")
+        return to_unix_seconds(stamp, naive_timezone=self.naive_timezone)
 
     # -- results ---------------------------------------------------------------------------
 
-    def aggregates(self) -> list[DailyAggregate]:
-        """Return the aggregates in the order first seen; one over 15 digits is reported instead."""
-        totals = self._totals
+    def finish(self) -> list[DailyAggregate]:
+        """Fold what was added into aggregates, once; later calls return the same list.
+
+        Aggregates come in the order first seen; one whose day total exceeds 15 digits is
+        reported as ``invalid`` instead. Rows added after this raise ``RuntimeError``.
+        """
+        if self._finished is not None:
+            return self._finished
         event_name = self.event_name
         for day, customers in self._fast_days.items():
-            for customer, (total, latest, rows) in customers.items():
-                key = (event_name, customer, day)
-                seconds = _naive_utc_seconds(latest)
-                entry = totals.get(key)
-                if entry is None:
-                    totals[key] = [total, seconds, rows]  # type: ignore[index]
-                else:
-                    entry[0] += total
-                    entry[1] = max(entry[1], seconds)
-                    entry[2] += rows
+            for customer, (total, latest, rows, last) in customers.items():
+                self._merge((event_name, customer, day), total, _naive_utc_seconds(latest), rows, last)  # type: ignore[arg-type]
         self._fast_days.clear()
         out: list[DailyAggregate] = []
         days: dict[int, date] = {}
         # Not sorted: comparing 3-tuples would cost more than the whole aggregation.
-        for (event_name, customer, day_number), (total, seconds, rows) in totals.items():
+        for (event_name, customer, day_number), (total, seconds, rows, last) in self._totals.items():
             day = days.get(day_number) or days.setdefault(day_number, _day(day_number))
             if -MAX_VALUE <= total <= MAX_VALUE:
-                out.append(DailyAggregate(event_name, customer, day, total, seconds, rows))
+                out.append(DailyAggregate(event_name, customer, day, total, seconds, rows, last))
                 continue
             self.problems.add(
                 "invalid",
@@ -342,30 +321,8 @@ class UsageAggregator:
                 },
                 count=rows,
             )
+        self._finished = out
         return out
-
-
-def row_value(value: Any) -> int:
-    """A row's value as an exact ``int``: integers, integral Decimals/floats, numeric strings."""
-    if type(value) is int:
-        return value
-    if isinstance(value, bool) or value is None:
-        raise MeterEventInputError("value", value, "must be a whole number, not a boolean or None")
-    if isinstance(value, int):
-        return int(value)
-    if isinstance(value, float):
-        if math.isfinite(value) and value.is_integer():
-            return int(value)
-        raise MeterEventInputError("value", value, "must be a whole number")
-    if isinstance(value, (str, Decimal)):
-        try:
-            number = value if isinstance(value, Decimal) else Decimal(value.strip())
-        except InvalidOperation:
-            raise MeterEventInputError("value", value, "must be a whole number") from None
-        if number.is_finite() and number == number.to_integral_value():
-            return int(number)
-        raise MeterEventInputError("value", value, "must be a whole number")
-    raise MeterEventInputError("value", value, f"must be a whole number, got {type(value).__name__}")
 
 
 def _is_customer(value: Any) -> bool:
@@ -378,19 +335,15 @@ def _is_customer(value: Any) -> bool:
 
 def _naive_utc_seconds(moment: datetime) -> int:
     return (
-        (moment.toordinal() - _EPOCH_ORDINAL) * _DAY + moment.hour * 3600 + moment.minute * 60 + moment.second
+        (moment.toordinal() - _EPOCH_ORDINAL) * SECONDS_PER_DAY
+        + moment.hour * 3600
+        + moment.minute * 60
+        + moment.second
     )
 
 
 def _day(day_number: int) -> date:
     return date(1970, 1, 1) + timedelta(days=day_number)
-
-
-def _iso(seconds: int) -> str:
-    try:
-        return datetime.fromtimestamp(seconds, tz=timezone.utc).isoformat()
-    except (OverflowError, OSError, ValueError):
-        return str(seconds)
 
 
 @contextmanager

@@ -8,7 +8,7 @@ from decimal import Decimal
 
 import pytest
 
-from airflow_provider_stripe_meter.aggregation import UsageAggregator
+from airflow_provider_stripe_meter.utils.aggregation import UsageAggregator
 
 NOW = int(datetime(2026, 11, 24, 6, 0, tzinfo=timezone.utc).timestamp())
 UTC = timezone.utc
@@ -19,7 +19,7 @@ def aggregate(rows, chunk=10_000, **kwargs):
     aggregator = UsageAggregator(now=NOW, **kwargs)
     for start in range(0, len(rows), chunk):
         aggregator.add_rows(rows[start : start + chunk])
-    return aggregator, aggregator.aggregates()
+    return aggregator, aggregator.finish()
 
 
 def as_tuples(aggregates):
@@ -176,8 +176,32 @@ def test_fast_path_agrees_with_row_by_row(messy, ordered):
     slow = UsageAggregator(event_name="tokens", now=NOW)
     slow._fast_ok = False
     slow.add_rows(rows)
-    assert as_tuples(fast_out) == as_tuples(slow.aggregates())
+    assert as_tuples(fast_out) == as_tuples(slow.finish())
     assert fast.problems.counts == slow.problems.counts
     if not messy:
         assert fast.fast_chunks == 20  # the comparison really covers the fast path
     assert sum(a.rows for a in fast_out) + sum(fast.problems.counts.values()) == len(rows)
+
+
+def test_finish_is_idempotent_and_closes_the_aggregator():
+    aggregator = UsageAggregator(event_name="e", now=NOW)
+    aggregator.add_rows([("cus_a", 10**15 - 1, NOW - 10), ("cus_a", 1, NOW - 5), ("cus_b", 2, NOW - 5)])
+    first = aggregator.finish()
+    assert aggregator.finish() is first
+    assert aggregator.problems.counts["invalid"] == 2  # the 16-digit day, counted once per row
+    with pytest.raises(RuntimeError, match="after finish"):
+        aggregator.add_rows([("cus_c", 1, NOW)])
+
+
+def test_each_day_knows_its_row_count_and_latest_value():
+    aggregator = UsageAggregator(event_name="e", now=NOW)
+    stamp = datetime.fromtimestamp(NOW - 3600, timezone.utc).replace(tzinfo=None)
+    rows = [("cus_a", 5, stamp), ("cus_a", 7, stamp - timedelta(minutes=5)), ("cus_a", 9, stamp)]
+    aggregator.add_rows(rows)
+    [fast] = aggregator.finish()
+    slow = UsageAggregator(event_name="e", now=NOW)
+    slow.add_rows([{"customer_id": c, "value": v, "timestamp": t.isoformat() + "Z"} for c, v, t in rows])
+    [general] = slow.finish()
+    assert aggregator.fast_chunks == 1
+    assert (fast.value, fast.rows, fast.last_value) == (21, 3, 9)  # the later of two equal stamps wins
+    assert (general.value, general.rows, general.last_value) == (21, 3, 9)

@@ -8,13 +8,13 @@ from collections import Counter
 
 import pytest
 
-from airflow_provider_stripe_meter.delivery import Deliverer, KeyedWorkQueue, RateLimiter, full_jitter
 from airflow_provider_stripe_meter.exceptions import (
     StripeConfigurationError,
-    StripeDuplicateIdentifier,
-    StripeRequestRejected,
+    StripeDuplicateIdentifierError,
+    StripeRequestRejectedError,
     StripeTransientError,
 )
+from airflow_provider_stripe_meter.utils.delivery import Deliverer, KeyedWorkQueue, RateLimiter, full_jitter
 
 
 def no_wait(_attempt: int) -> float:
@@ -46,6 +46,13 @@ def test_rate_limiter_spaces_calls_evenly():
         RateLimiter(0)
 
 
+def wait_until(condition, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.001)
+
+
 def test_keyed_queue_never_hands_out_a_busy_key():
     queue = KeyedWorkQueue([("a", 1), ("a", 2), ("b", 1), ("c", 1), ("b", 2)], key=lambda item: item[0])
     first = queue.take(3)
@@ -53,7 +60,7 @@ def test_keyed_queue_never_hands_out_a_busy_key():
     got: list = []
     waiter = threading.Thread(target=lambda: got.extend(queue.take(3)))
     waiter.start()
-    time.sleep(0.05)
+    wait_until(lambda: queue.waiting == 1)  # blocked inside take(), not merely slow
     assert got == []  # ("a", 2) and ("b", 2) must wait for their keys
     queue.done(first)
     waiter.join(1)
@@ -73,8 +80,8 @@ def run(send, items, **kwargs):
 
 def test_outcomes_are_counted_and_sampled():
     answers = {
-        ("cus_dup", 1): StripeDuplicateIdentifier("dup", {"http_status": 400}),
-        ("cus_bad", 1): StripeRequestRejected("bad", {"http_status": 400, "code": "x"}),
+        ("cus_dup", 1): StripeDuplicateIdentifierError("dup", {"http_status": 400}),
+        ("cus_bad", 1): StripeRequestRejectedError("bad", {"http_status": 400, "code": "x"}),
     }
     flaky = Counter()
 
@@ -133,16 +140,45 @@ def test_batches_hold_distinct_keys():
     assert all(len(set(batch)) == len(batch) <= 100 for batch in seen_batches)
 
 
+def test_a_pause_holds_callers_back_even_without_a_rate():
+    now = [0.0]
+    slept: list[float] = []
+    limiter = RateLimiter(None, clock=lambda: now[0], sleep=slept.append)
+    limiter.acquire()
+    limiter.pause(3.0)
+    limiter.acquire()
+    assert slept == [3.0]
+
+
 def test_rate_limited_answers_pause_everyone_and_are_retried():
     calls = Counter()
+    now = [0.0]
+    slept: list[float] = []
+
+    def sleep(seconds: float) -> None:  # a fake clock: sleeping moves time on
+        slept.append(seconds)
+        now[0] += seconds
 
     def send(batch):
         calls[batch[0]] += 1
         if calls[batch[0]] == 1:
             raise StripeTransientError("429", {"http_status": 429})
 
-    report = run(send, [("cus_a", 1), ("cus_b", 1)])
+    deliverer = Deliverer(
+        send,
+        key=lambda item: item[0],
+        describe=lambda item: {"item": list(item)},
+        max_rps=None,
+        concurrency=1,
+        backoff=lambda attempt: 2.0,
+        sleep=sleep,
+    )
+    deliverer.limiter = RateLimiter(None, clock=lambda: now[0], sleep=sleep)
+    report = deliverer.run([("cus_a", 1), ("cus_b", 1)])
     assert (report.sent, report.rate_limited, report.requests) == (2, 2, 4)
+    # Each 429 backs its own item off 2 s and pushes every caller's next turn back as far.
+    assert slept == [2.0, 2.0]
+    assert deliverer.limiter.next_slot == 4.0
 
 
 def test_a_refused_key_stops_the_run():

@@ -9,7 +9,7 @@ from decimal import Decimal
 import pendulum
 import pytest
 
-from airflow_provider_stripe_meter.rules import (
+from airflow_provider_stripe_meter.utils.rules import (
     MeterEventInputError,
     check_time_window,
     validate_customer_id,

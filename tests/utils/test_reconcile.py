@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import date
 
-from airflow_provider_stripe_meter.reconcile import compare, plan_corrections, summarize
+from airflow_provider_stripe_meter.utils.reconcile import compare, plan_corrections, summarize
 
 D1, D2 = date(2026, 11, 22), date(2026, 11, 23)
 

@@ -1,0 +1,142 @@
+"""What every Stripe operator and the reconcile sensor share: connection, hook, preflight, sources."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import timedelta, timezone
+from functools import cached_property
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from airflow.sdk import BaseOperator
+
+from airflow_provider_stripe_meter.utils.aggregation import DEFAULT_SAFETY_MARGIN, DEFAULT_SAMPLE_LIMIT
+from airflow_provider_stripe_meter.utils.sources import DEFAULT_COLUMNS, check_source
+
+if TYPE_CHECKING:
+    from airflow_provider_stripe_meter.hooks.stripe import StripeHook
+    from airflow_provider_stripe_meter.utils.aggregation import UsageAggregator
+
+#: Stripe's brand colour, for every task of this provider in the Airflow UI.
+STRIPE_UI_COLOR = "#635bff"
+
+
+class StripeBaseOperator(BaseOperator):
+    """
+    Base of this provider's operators (and, through it, the reconcile sensor).
+
+    Holds the connection and the Connect account, builds the :class:`StripeHook` once per task
+    (after templates are rendered), returns results as ``multiple_outputs`` so each key is its
+    own XCom, and runs the meter preflight. A new operator subclasses it, adds its own
+    parameters and writes ``execute``; nothing else.
+
+    :param stripe_conn_id: Airflow connection of type ``stripe``.
+    :param stripe_account: Connected account (``acct_...``) to act for, overriding the
+        connection's. (templated)
+    :param preflight: Check each event name against Stripe's active meters (one meters list per
+        task) before anything is sent, failing with the meters that do exist if it has none;
+        also takes the meter's payload keys.
+    """
+
+    template_fields: Sequence[str] = ("stripe_account",)
+    ui_color = STRIPE_UI_COLOR
+
+    def __init__(
+        self,
+        *,
+        stripe_conn_id: str = "stripe_default",
+        stripe_account: str | None = None,
+        preflight: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.setdefault("multiple_outputs", True)
+        super().__init__(**kwargs)
+        self.stripe_conn_id = stripe_conn_id
+        self.stripe_account = stripe_account
+        self.preflight = preflight
+
+    @cached_property
+    def hook(self) -> StripeHook:
+        """The Stripe hook for this task, built on first use (templates are rendered by then)."""
+        from airflow_provider_stripe_meter.hooks.stripe import StripeHook
+
+        return StripeHook(self.stripe_conn_id, stripe_account=self.stripe_account or None)
+
+    def payload_keys(
+        self, event_name: str, customer_key: str | None = None, value_key: str | None = None
+    ) -> tuple[str, str]:
+        """The payload keys for ``event_name``, checking its meter first when ``preflight`` is on.
+
+        :raises StripeMeterNotFoundError: no active meter has ``event_name``.
+        """
+        return self.hook.payload_keys(
+            event_name, preflight=self.preflight, customer_key=customer_key, value_key=value_key
+        )
+
+
+class UsageSourceMixin:
+    """
+    Where usage rows come from, for the batch operator and the reconcile sensor alike.
+
+    Rows come from an upstream task (``rows=usage.output``) or from a query run here (``sql`` on
+    ``sql_conn_id``, any common-sql hook, streamed in chunks). Each row is ``(customer_id,
+    value, timestamp)``, with ``event_name`` fourth where no fixed event name is given, or a
+    mapping with the names ``columns`` gives.
+
+    :param rows: Rows from an upstream task, e.g. ``SQLExecuteQueryOperator(...).output``. (templated)
+    :param sql: A query (or ``.sql`` file) returning the rows, run on ``sql_conn_id``. (templated)
+    :param sql_conn_id: Connection of any common-sql ``DbApiHook`` (Postgres, SQLite, ...).
+    :param parameters: Query parameters for ``sql``. (templated)
+    :param columns: Names of the row fields: customer id, value, timestamp, event name.
+    :param naive_timezone: Zone of timestamps without one (default UTC); ``None`` rejects them.
+    :param safety_margin: How much younger than Stripe's 35 days a row must be to count.
+    :param chunk_size: Rows fetched and aggregated at a time.
+    :param sample_limit: Examples kept per kind of problem in the result.
+    """
+
+    source_template_fields: ClassVar[tuple[str, ...]] = ("rows", "sql", "parameters")
+    template_ext: Sequence[str] = (".sql",)
+    template_fields_renderers: ClassVar[dict[str, str]] = {"sql": "sql", "parameters": "json"}
+
+    def __init__(
+        self,
+        *,
+        rows: Any = None,
+        sql: str | None = None,
+        sql_conn_id: str | None = None,
+        parameters: Any = None,
+        columns: Sequence[str] = DEFAULT_COLUMNS,
+        naive_timezone: Any = timezone.utc,
+        safety_margin: timedelta = DEFAULT_SAFETY_MARGIN,
+        chunk_size: int = 10_000,
+        sample_limit: int = DEFAULT_SAMPLE_LIMIT,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        check_source(rows, sql, sql_conn_id)
+        self.rows = rows
+        self.sql = sql
+        self.sql_conn_id = sql_conn_id
+        self.parameters = parameters
+        self.columns = tuple(columns)
+        self.naive_timezone = naive_timezone
+        self.safety_margin = safety_margin
+        self.chunk_size = chunk_size
+        self.sample_limit = sample_limit
+
+    def read_usage(self, event_name: str | None) -> UsageAggregator:
+        """Read the source and aggregate it per (event name, customer, UTC day), once."""
+        from airflow_provider_stripe_meter.utils.sources import aggregate_usage
+
+        return aggregate_usage(
+            rows=self.rows,
+            sql=self.sql,
+            sql_conn_id=self.sql_conn_id,
+            parameters=self.parameters,
+            chunk_size=self.chunk_size,
+            event_name=event_name,
+            columns=self.columns,
+            naive_timezone=self.naive_timezone,
+            safety_margin=self.safety_margin,
+            sample_limit=self.sample_limit,
+            log=self.log,  # type: ignore[attr-defined]
+        )
