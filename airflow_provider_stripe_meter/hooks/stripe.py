@@ -368,7 +368,7 @@ class StripeHook(BaseHook):
         last: date,
         *,
         max_rps: float | None = 20.0,
-        concurrency: int = 8,
+        concurrency: int | None = None,
     ) -> tuple[dict[tuple[str, date], int], set[str]]:
         """What Stripe recorded per (customer, UTC day) from ``first`` to ``last``, one request a customer.
 
@@ -378,37 +378,52 @@ class StripeHook(BaseHook):
 
         .. seealso:: https://docs.stripe.com/api/billing/meter-event-summary/list
         """
-        from concurrent.futures import ThreadPoolExecutor
-
-        from airflow_provider_stripe_meter.utils.delivery import RateLimiter
+        from airflow_provider_stripe_meter.utils.delivery import Deliverer
         from airflow_provider_stripe_meter.utils.rules import SECONDS_PER_DAY
 
         start = int(datetime(first.year, first.month, first.day, tzinfo=timezone.utc).timestamp())
         end = start + ((last - first).days + 1) * SECONDS_PER_DAY
-        limiter = RateLimiter(max_rps)
+        found: dict[str, list[dict[str, Any]] | None] = {}
 
-        def one(customer: str) -> tuple[str, list[dict[str, Any]] | None]:
-            limiter.acquire()
+        def read(batch: list[str]) -> None:
+            [customer] = batch
             try:
-                return customer, self.list_event_summaries(meter_id, customer, start, end, "day")
+                found[customer] = self.list_event_summaries(meter_id, customer, start, end, "day")
             except StripeRequestRejectedError as err:
                 if err.details.get("http_status") == 404 and err.details.get("param") == "customer":
-                    return customer, None
+                    found[customer] = None
+                    return
                 raise
 
+        # Reads are paced, backed off on 429 and ridden through outages exactly like sends.
+        report = Deliverer(
+            read,
+            key=lambda customer: customer,
+            describe=lambda customer: {"customer_id": customer},
+            max_rps=max_rps,
+            concurrency=concurrency,
+        ).run(list(customers))
+        if report.rejected or report.failed:
+            kind = "rejected" if report.rejected else "failed"
+            example = report.samples.get(kind, [{}])[0]
+            error = StripeRequestRejectedError if report.rejected else StripeTransientError
+            raise error(
+                f"Could not read Stripe's meter summaries for {report.rejected + report.failed} of "
+                f"{len(customers)} customers (e.g. {example})",
+                example.get("error") or {"type": "summaries_unavailable"},
+            )
         recorded: dict[tuple[str, date], int] = {}
         unknown: set[str] = set()
-        with ThreadPoolExecutor(max_workers=max(1, min(concurrency, len(customers)))) as pool:
-            for customer, summaries in pool.map(one, customers):
-                if summaries is None:
-                    unknown.add(customer)
-                    continue
-                for summary in summaries:
-                    value = summary["aggregated_value"]
-                    if value:
-                        day = datetime.fromtimestamp(summary["start_time"], timezone.utc).date()
-                        # Summaries are numbers (floats in JSON); meter values are whole numbers.
-                        recorded[(customer, day)] = recorded.get((customer, day), 0) + round(value)
+        for customer, summaries in found.items():
+            if summaries is None:
+                unknown.add(customer)
+                continue
+            for summary in summaries:
+                value = summary["aggregated_value"]
+                if value:
+                    day = datetime.fromtimestamp(summary["start_time"], timezone.utc).date()
+                    # Summaries are numbers (floats in JSON); meter values are whole numbers.
+                    recorded[(customer, day)] = recorded.get((customer, day), 0) + round(value)
         return recorded, unknown
 
     def create_meter_event_session(self) -> dict[str, Any]:

@@ -124,6 +124,9 @@ class StripeMeterEventOperator(StripeBaseOperator):
         customer_key, value_key = self.payload_keys(
             event.event_name, self.customer_payload_key, self.value_payload_key
         )
+        note = self._formula_note(event.event_name)
+        if note:
+            self.log.warning("Meter event %r: %s", event.event_name, note)
         self.log.info(
             "Recording %s=%s for %s on meter event %r (identifier %r, timestamp %s)",
             value_key,
@@ -150,7 +153,27 @@ class StripeMeterEventOperator(StripeBaseOperator):
             return self._finish(True, response, "already recorded")
         except StripeRequestRejectedError as err:
             return self._finish(False, err.details, str(err))
+        if note:
+            recorded = {**recorded, "note": note}
         return self._finish(True, recorded, "recorded")
+
+    def _formula_note(self, event_name: str) -> str | None:
+        """What the meter's formula does with this event's value, where it is not simply added."""
+        if not self.preflight:
+            return None
+        meter = self.hook.active_meter(event_name)
+        formula = (meter.get("default_aggregation") or {}).get("formula")
+        window = meter.get("event_time_window")
+        if formula == "count":
+            return f"meter {meter['id']} counts events: this event counts as 1, its value is ignored"
+        if window:
+            return (
+                f"meter {meter['id']} is pre-aggregated by {window}: Stripe keeps only the most recent "
+                f"event of each {window}, so this value replaces any earlier one in the same {window}"
+            )
+        if formula == "last":
+            return f"meter {meter['id']} bills the last value: this replaces earlier ones if it is the latest"
+        return None
 
     def _finish(self, success: bool, response: dict[str, Any], summary: str) -> dict[str, Any]:
         if success:

@@ -1,28 +1,51 @@
-"""Operator that bills daily usage from SQL rows in Stripe, once per customer, meter and day."""
+"""Operator that bills daily usage from SQL rows in Stripe, so Stripe's daily figures equal the source's."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
+from datetime import date, timedelta
 from typing import TYPE_CHECKING, Any
 
 from airflow_provider_stripe_meter.operators.base import StripeBaseOperator, UsageSourceMixin
-from airflow_provider_stripe_meter.utils.aggregation import DailyAggregate, UsageAggregator, paused_gc
-from airflow_provider_stripe_meter.utils.identifiers import daily_identifier
+from airflow_provider_stripe_meter.utils.aggregation import paused_gc
+from airflow_provider_stripe_meter.utils.billing import (
+    ACTIONS,
+    ADD,
+    COUNT,
+    LEAVE_ALONE,
+    REPORT,
+    DayPlan,
+    MeterSpec,
+    PlannedEvent,
+    is_fresh,
+    plan_day,
+)
 from airflow_provider_stripe_meter.utils.rules import check_fixed_event_name
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
+    from airflow_provider_stripe_meter.utils.aggregation import DailyAggregate, UsageAggregator
     from airflow_provider_stripe_meter.utils.delivery import DeliveryReport
 
 APIS = ("v1", "v2_stream")
 STREAM_BATCH = 100  # Stripe's maximum events per stream request
 PROGRESS_SECONDS = 10.0  # progress lines at least this often on long runs
+#: Stripe refuses a repeated identifier for at least this long (its documented minimum).
+STRIPE_IDENTIFIER_WINDOW = timedelta(hours=24)
+#: A day counts as fresh only if it ended this much inside the identifier window.
+FRESH_MARGIN = timedelta(hours=1)
+#: Events a run may plan for count meters (one event per row) before it refuses to start.
+MAX_COUNT_EVENTS = 1_000_000
+DAY_OUTCOMES = ("sent", "already_recorded", "rejected", "failed", "over", "customer_unknown", "unconfirmed")
+
+Key = tuple[str, str, date]
 
 
 class StripeMeterEventBatchOperator(UsageSourceMixin, StripeBaseOperator):
     """
-    Aggregate usage rows per (event name, customer, UTC day) and record each aggregate in Stripe.
+    Bill usage rows so that Stripe's figure for every (meter, customer, UTC day) equals the source's.
 
     Rows come either from an upstream SQL task (``rows=usage.output``) or from a query this
     operator runs itself (``sql`` with ``sql_conn_id``, any common-sql hook; rows are streamed in
@@ -30,44 +53,69 @@ class StripeMeterEventBatchOperator(UsageSourceMixin, StripeBaseOperator):
     with ``event_name`` fourth when no fixed ``event_name`` is given, or a mapping with the names
     given in ``columns``.
 
-    Exactly once: each aggregate's identifier is derived from (event name, customer, day), so a
-    retried task, a cleared run or an overlapping backfill sends the same identifier again and
-    Stripe refuses the copy (reported as ``already_recorded``). Values are summed exactly.
+    Exactly once, whatever the history of runs: the source's figure for each customer-day is
+    computed with the meter's own formula (the sum for ``sum``, the number of rows for
+    ``count``, the latest row's value for ``last``; see :mod:`~airflow_provider_stripe_meter.utils.billing`).
+    A day that ended less than ``identifier_window`` ago and was never sent for is sent
+    straight away, protected by Stripe's identifier rule; every other day is first looked up in
+    Stripe's meter event summaries (one request per customer), and only the difference is sent,
+    under an identifier that names what it builds on. Late rows are billed once; a source that
+    shrank is reported (``over``), and corrected only with ``correct_over=True``; an unknown
+    customer is reported, never sent. A meter the operator cannot bill exactly is refused before
+    anything is sent.
 
     Rows older than 35 days (less ``safety_margin``) or more than 5 minutes ahead are skipped;
     rows that break a rule are ``invalid``. Each is counted and sampled in the result, none
-    blocks the good rows. The task fails only if an aggregate could not be delivered after
-    retries; its retry resends everything with the same identifiers, so only what is missing is
-    billed.
+    blocks the good rows. When every request fails (an outage), delivery slows to one probe at a
+    time and uses up no attempts; an outage longer than ``outage_timeout`` fails the task, and
+    its retry (on any worker) looks Stripe up and sends only what is missing.
 
     Returns (and pushes each key as an XCom): ``success``, ``rows``, ``aggregates``, ``sent``,
-    ``already_recorded``, ``skipped_too_old``, ``skipped_future``, ``invalid``, ``rejected``,
-    ``failed``, ``totals`` (per event name), ``samples`` and delivery figures.
+    ``already_recorded``, ``over``, ``customer_unknown``, ``unconfirmed``, ``skipped_too_old``,
+    ``skipped_future``, ``invalid``, ``rejected``, ``failed``, ``actions``, ``totals`` (per
+    event name), ``samples``, ``looked_up`` and delivery figures; with ``dry_run`` also ``plan``.
 
     .. seealso:: https://docs.stripe.com/billing/subscriptions/usage-based/recording-usage-api
 
     :param event_name: The meter's event name for every row; ``None`` reads it from each row.
         (templated)
-    :param api: ``"v1"`` (one synchronous request per aggregate; Stripe answers duplicates) or
-        ``"v2_stream"`` (100 events a request through meter event sessions; validated
-        asynchronously, so duplicates are dropped by Stripe and counted as sent here).
-    :param max_rps: Requests per second; default fits the key's mode (20 test, 900 live).
+    :param api: ``"v1"`` (one synchronous request per event) or ``"v2_stream"`` (100 events a
+        request through meter event sessions, for days sent for the first time; Stripe drops
+        stream duplicates without a word, so every correction goes through v1, which answers).
+    :param max_rps: Requests per second, summaries included; default fits the key's mode (20
+        test, 900 live).
     :param concurrency: Requests in flight at most (default from ``max_rps``).
-    :param max_attempts: Tries per request for 429, 5xx and network errors.
+    :param max_attempts: Tries per request for 429, 5xx and network errors outside an outage.
+    :param outage_timeout: Seconds an outage (every request failing) is ridden out before what
+        is left fails the task for its retry.
     :param identifier_prefix: First part of every identifier; set one per source when two
         pipelines bill the same meter. (templated)
+    :param identifier_window: How long Stripe is assumed to refuse a repeated identifier
+        (Stripe promises at least 24 hours). Days that ended within it, less an hour, and were
+        never sent for are billed without a look at Stripe.
+    :param settle_timeout: How long to wait for Stripe's summaries to show an event Stripe
+        already holds (a duplicate answer whose figure is not visible yet) before failing the
+        task for a retry; a ``timedelta`` or seconds.
+    :param correct_over: Bring days where Stripe holds more than the source down to it (a
+        negative event on ``sum`` meters, a new figure on ``last`` and pre-aggregated meters).
+        Off by default: such days are reported as ``over``.
+    :param dry_run: Read, check and compare as a real run would, send nothing, and return the
+        ``plan``: per customer-day what a real run would do (``send``, ``top_up``,
+        ``leave_alone``, ``correct``, ``report``).
+    :param plan_limit: Lines of the dry-run ``plan`` kept in the result (totals count them all).
     :param fail_on_error: Fail the task (no retry) when rows are invalid or Stripe rejects an
         aggregate, instead of returning ``success=False``.
     :param customer_payload_key: The meter's ``customer_mapping.event_payload_key``; default the
-        meter's (with ``preflight``) or ``stripe_customer_id``.
+        meter's.
     :param value_payload_key: The meter's ``value_settings.event_payload_key``; default the
-        meter's (with ``preflight``) or ``value``.
+        meter's.
 
     The source parameters (``rows``, ``sql``, ``sql_conn_id``, ``parameters``, ``columns``,
     ``naive_timezone``, ``safety_margin``, ``chunk_size``, ``sample_limit``) are those of
-    :class:`~airflow_provider_stripe_meter.operators.base.UsageSourceMixin`; ``stripe_conn_id``,
-    ``stripe_account`` (templated) and ``preflight`` those of
-    :class:`~airflow_provider_stripe_meter.operators.base.StripeBaseOperator`.
+    :class:`~airflow_provider_stripe_meter.operators.base.UsageSourceMixin`; ``stripe_conn_id``
+    and ``stripe_account`` (templated) those of
+    :class:`~airflow_provider_stripe_meter.operators.base.StripeBaseOperator`. This operator
+    always reads the meters (their formula and id decide what it sends), whatever ``preflight``.
     """
 
     template_fields: Sequence[str] = (
@@ -85,7 +133,13 @@ class StripeMeterEventBatchOperator(UsageSourceMixin, StripeBaseOperator):
         max_rps: float | None = None,
         concurrency: int | None = None,
         max_attempts: int = 8,
+        outage_timeout: float = 600.0,
         identifier_prefix: str = "usage",
+        identifier_window: timedelta = STRIPE_IDENTIFIER_WINDOW,
+        settle_timeout: timedelta | float = timedelta(minutes=10),
+        correct_over: bool = False,
+        dry_run: bool = False,
+        plan_limit: int = 10_000,
         fail_on_error: bool = False,
         customer_payload_key: str | None = None,
         value_payload_key: str | None = None,
@@ -96,107 +150,31 @@ class StripeMeterEventBatchOperator(UsageSourceMixin, StripeBaseOperator):
             raise ValueError(f"api must be one of {APIS}, got {api!r}")
         if max_rps is not None and max_rps <= 0:
             raise ValueError(f"max_rps must be positive, got {max_rps!r}")
+        if identifier_window <= FRESH_MARGIN:
+            raise ValueError(f"identifier_window must be longer than {FRESH_MARGIN}, got {identifier_window}")
         check_fixed_event_name(event_name)
         self.event_name = event_name
         self.api = api
         self.max_rps = max_rps
         self.concurrency = concurrency
         self.max_attempts = max_attempts
+        self.outage_timeout = outage_timeout
         self.identifier_prefix = identifier_prefix
+        self.identifier_window = identifier_window
+        self.settle_timeout = (
+            settle_timeout.total_seconds() if isinstance(settle_timeout, timedelta) else float(settle_timeout)
+        )
+        self.correct_over = correct_over
+        self.dry_run = dry_run
+        self.plan_limit = plan_limit
         self.fail_on_error = fail_on_error
         self.customer_payload_key = customer_payload_key
         self.value_payload_key = value_payload_key
 
-    # -- sending ---------------------------------------------------------------------------
-
-    def _identifier(self, aggregate: DailyAggregate) -> str:
-        return daily_identifier(
-            aggregate.event_name, aggregate.customer_id, aggregate.day, self.identifier_prefix
-        )
-
-    def _deliver(self, aggregates: list[DailyAggregate]) -> DeliveryReport:
-        from airflow_provider_stripe_meter.utils.delivery import Deliverer, default_max_rps
-        from airflow_provider_stripe_meter.utils.rules import MeterEvent
-
-        hook = self.hook
-        max_rps = self.max_rps or default_max_rps(hook.livemode)
-        # Preflight: every event name checked (and its payload keys learnt) before anything is sent.
-        keys = {
-            name: self.payload_keys(name, self.customer_payload_key, self.value_payload_key)
-            for name in sorted({a.event_name for a in aggregates})
-        }
-
-        def describe(aggregate: DailyAggregate) -> dict[str, Any]:
-            return {
-                "event_name": aggregate.event_name,
-                "customer_id": aggregate.customer_id,
-                "day": aggregate.day.isoformat(),
-                "value": aggregate.value,
-                "identifier": self._identifier(aggregate),
-            }
-
-        if self.api == "v1":
-
-            def send(batch: list[DailyAggregate]) -> None:
-                [aggregate] = batch
-                customer_key, value_key = keys[aggregate.event_name]
-                hook.create_meter_event(
-                    MeterEvent(
-                        event_name=aggregate.event_name,
-                        customer_id=aggregate.customer_id,
-                        value=aggregate.value,
-                        identifier=self._identifier(aggregate),
-                        timestamp=aggregate.timestamp,
-                    ),
-                    customer_payload_key=customer_key,
-                    value_payload_key=value_key,
-                )
-
-            batch_size = 1
-        else:
-            from airflow_provider_stripe_meter.utils.rules import rfc3339
-
-            stream = hook.meter_event_stream()
-
-            def send(batch: list[DailyAggregate]) -> None:
-                stream.send(
-                    [
-                        {
-                            "event_name": aggregate.event_name,
-                            "identifier": self._identifier(aggregate),
-                            "timestamp": rfc3339(aggregate.timestamp),
-                            "payload": {
-                                keys[aggregate.event_name][0]: aggregate.customer_id,
-                                keys[aggregate.event_name][1]: str(aggregate.value),
-                            },
-                        }
-                        for aggregate in batch
-                    ]
-                )
-
-            batch_size = STREAM_BATCH
-
-        deliverer = Deliverer(
-            send,
-            key=lambda a: (a.event_name, a.customer_id),
-            describe=describe,
-            batch_size=batch_size,
-            max_rps=max_rps,
-            concurrency=self.concurrency,
-            max_attempts=self.max_attempts,
-            progress=lambda line: self.log.info("Delivery: %s", line),
-            progress_every=PROGRESS_SECONDS,
-            sample_limit=self.sample_limit,
-        )
-        self.log.info(
-            "Sending %d aggregates through %s at up to %.0f requests/s", len(aggregates), self.api, max_rps
-        )
-        return deliverer.run(aggregates)
-
     # -- the task --------------------------------------------------------------------------
 
     def execute(self, context: Context) -> dict[str, Any]:
-        """Read, aggregate, deliver, report."""
+        """Read, aggregate, look up what Stripe holds where needed, plan, send, confirm, report."""
         from airflow_provider_stripe_meter.exceptions import (
             StripeDeliveryIncompleteError,
             StripeEventRejectedError,
@@ -205,6 +183,36 @@ class StripeMeterEventBatchOperator(UsageSourceMixin, StripeBaseOperator):
         aggregator = self.read_usage(self.event_name)
         with paused_gc():
             aggregates = aggregator.finish()
+        self._log_problems(aggregator)
+        now = int(time.time())
+        run = _Run(self, context, now)
+        if aggregates:
+            run.plan(aggregates)
+            if not self.dry_run:
+                run.deliver()
+                run.confirm()
+        outcome = run.outcome(aggregator, aggregates)
+        self._log_outcome(outcome)
+        if outcome["failed"] or outcome["unconfirmed"]:
+            context["ti"].xcom_push(key="outcome", value=outcome)
+            example = (outcome["samples"].get("failed") or outcome["samples"].get("unconfirmed") or [])[:1]
+            raise StripeDeliveryIncompleteError(
+                f"{outcome['failed']} customer-days could not be delivered and {outcome['unconfirmed']} not "
+                f"confirmed (e.g. {example}); a retry looks Stripe up and sends only what is missing",
+                {
+                    "type": "delivery_incomplete",
+                    "failed": outcome["failed"],
+                    "unconfirmed": outcome["unconfirmed"],
+                },
+            )
+        if not outcome["success"] and self.fail_on_error:
+            context["ti"].xcom_push(key="outcome", value=outcome)
+            raise StripeEventRejectedError(
+                f"Usage not fully billed: {outcome['samples']}", {"type": "usage_not_billed"}
+            )
+        return outcome
+
+    def _log_problems(self, aggregator: UsageAggregator) -> None:
         problems = aggregator.problems
         for kind in ("invalid", "skipped_too_old", "skipped_future"):
             if problems.counts[kind]:
@@ -214,69 +222,380 @@ class StripeMeterEventBatchOperator(UsageSourceMixin, StripeBaseOperator):
                     kind.replace("_", " "),
                     problems.samples[kind][:3],
                 )
-        report = self._deliver(aggregates) if aggregates else None
-        outcome = self._outcome(aggregator, aggregates, report)
-        self.log.info(
-            "Rows %(rows)d -> aggregates %(aggregates)d: sent %(sent)d, "
-            "already recorded %(already_recorded)d, rejected %(rejected)d, failed %(failed)d; "
-            "skipped too old %(skipped_too_old)d, "
-            "skipped future %(skipped_future)d, invalid %(invalid)d",
-            outcome,
-        )
-        if outcome["failed"]:
-            context["ti"].xcom_push(key="outcome", value=outcome)
-            raise StripeDeliveryIncompleteError(
-                f"{outcome['failed']} of {outcome['aggregates']} aggregates could not be delivered after "
-                f"{self.max_attempts} attempts (e.g. {outcome['samples'].get('failed', [])[:1]}); "
-                "a retry sends them again with the same identifiers",
-                {"type": "delivery_incomplete", "failed": outcome["failed"]},
-            )
-        if not outcome["success"] and self.fail_on_error:
-            context["ti"].xcom_push(key="outcome", value=outcome)
-            raise StripeEventRejectedError(
-                f"Usage not fully billed: {outcome['samples']}", {"type": "usage_not_billed"}
-            )
-        return outcome
 
-    def _outcome(
-        self, aggregator: UsageAggregator, aggregates: list[DailyAggregate], report: DeliveryReport | None
-    ) -> dict[str, Any]:
-        counts = aggregator.problems.counts
-        samples: dict[str, list[dict[str, Any]]] = dict(aggregator.problems.samples)
-        if report is not None:
-            samples.update(report.samples)
-        unsettled = {id(a) for a in report.unsettled} if report else set()
-        totals: dict[str, dict[str, int]] = {}
+    def _log_outcome(self, outcome: dict[str, Any]) -> None:
+        self.log.info(
+            "%s rows %d -> customer-days %d: sent %d, already recorded %d, over %d, customer unknown %d, "
+            "rejected %d, failed %d, unconfirmed %d; skipped too old %d, skipped future %d, invalid %d; "
+            "looked up %d customer-days in %d summary requests; actions %s",
+            "Dry run:" if outcome["dry_run"] else "Billed:",
+            *(
+                outcome[k]
+                for k in (
+                    "rows",
+                    "aggregates",
+                    "sent",
+                    "already_recorded",
+                    "over",
+                    "customer_unknown",
+                    "rejected",
+                    "failed",
+                    "unconfirmed",
+                    "skipped_too_old",
+                    "skipped_future",
+                    "invalid",
+                    "looked_up",
+                    "summary_requests",
+                    "actions",
+                )
+            ),
+        )
+
+
+class _Run:
+    """One execution of the batch operator: the state between planning, sending and confirming."""
+
+    def __init__(self, op: StripeMeterEventBatchOperator, context: Context, now: int) -> None:
+        self.op = op
+        self.context = context
+        self.now = now
+        self.hook = op.hook
+        self.specs: dict[str, MeterSpec] = {}
+        self.plans: dict[Key, DayPlan] = {}
+        self.aggregates: dict[Key, DailyAggregate] = {}
+        self.looked_up = 0
+        self.summary_requests = 0
+        #: Day outcome per key once known (DAY_OUTCOMES); keys without one were left alone.
+        self.status: dict[Key, str] = {}
+        #: Keys whose event Stripe already holds but whose figure the summaries do not show yet,
+        #: with the figure they showed when the event was planned.
+        self.stale: dict[Key, int] = {}
+        self.reports: list[DeliveryReport] = []
+        self.samples: dict[str, list[dict[str, Any]]] = {}
+
+    # -- planning --------------------------------------------------------------------------
+
+    def plan(self, aggregates: list[DailyAggregate]) -> None:
+        """Read the meters, look up the days that need it, and plan every customer-day."""
+        from airflow_provider_stripe_meter.exceptions import StripeMeterUnsupportedError
+        from airflow_provider_stripe_meter.utils.billing import MeterUnsupportedError, meter_spec
+
+        op = self.op
+        for name in sorted({a.event_name for a in aggregates}):
+            meter = self.hook.active_meter(name)  # unknown or inactive: fails before anything is sent
+            try:
+                self.specs[name] = meter_spec(
+                    meter, customer_key=op.customer_payload_key, value_key=op.value_payload_key
+                )
+            except MeterUnsupportedError as err:
+                raise StripeMeterUnsupportedError(
+                    str(err), {"type": "meter_unsupported", "meter": meter}
+                ) from err
+        count_events = sum(a.rows for a in aggregates if self.specs[a.event_name].kind == COUNT)
+        if count_events > MAX_COUNT_EVENTS:
+            raise StripeMeterUnsupportedError(
+                f"{count_events} rows on count meters would be {count_events} events (one per row), over "
+                f"the {MAX_COUNT_EVENTS} a run sends; count rows in SQL and bill them on a sum meter",
+                {"type": "meter_unsupported", "count_events": count_events},
+            )
+        self.aggregates = {(a.event_name, a.customer_id, a.day): a for a in aggregates}
+        to_look_up = self._days_to_look_up()
+        recorded, unknown = self._look_up(to_look_up)
+        for key, aggregate in self.aggregates.items():
+            looked = key in to_look_up
+            self.plans[key] = plan_day(
+                aggregate,
+                self.specs[key[0]],
+                recorded.get(key, 0) if looked else None,
+                prefix=op.identifier_prefix,
+                now=self.now,
+                correct_over=op.correct_over,
+                customer_unknown=looked and (key[0], key[1]) in unknown,
+            )
+
+    def _days_to_look_up(self) -> set[Key]:
+        """Customer-days whose Stripe figure must be read before sending: old, or marked as sent."""
+        fresh_window = self.op.identifier_window - FRESH_MARGIN
+        fresh_days = {key[2] for key in self.aggregates if is_fresh(key[2], self.now, fresh_window)}
+        marked: dict[str, set[date]] = {}
+        for name, spec in self.specs.items():
+            marked[name] = self._marks(spec).marked(fresh_days) if fresh_days else set()
+        return {key for key in self.aggregates if key[2] not in fresh_days or key[2] in marked[key[0]]}
+
+    def _look_up(self, keys: set[Key]) -> tuple[dict[Key, int], set[tuple[str, str]]]:
+        """Stripe's figures for ``keys``: one summaries request per (meter, customer)."""
+        recorded: dict[Key, int] = {}
+        unknown: set[tuple[str, str]] = set()
+        by_meter: dict[str, dict[str, list[date]]] = {}
+        for name, customer, day in keys:
+            by_meter.setdefault(name, {}).setdefault(customer, []).append(day)
+        for name, customers in by_meter.items():
+            days = [day for listed in customers.values() for day in listed]
+            found, missing = self.hook.recorded_per_day(
+                self.specs[name].meter_id, sorted(customers), min(days), max(days), max_rps=self._max_rps()
+            )
+            self.summary_requests += len(customers)
+            recorded.update({(name, c, d): v for (c, d), v in found.items()})
+            unknown.update((name, c) for c in missing)
+        self.looked_up += len(keys)
+        return recorded, unknown
+
+    def _marks(self, spec: MeterSpec) -> Any:
+        from airflow_provider_stripe_meter.utils.sent_days import SentDays
+
+        return SentDays(self.hook.stripe_account, spec.meter_id, self.op.identifier_prefix)
+
+    def _max_rps(self) -> float:
+        from airflow_provider_stripe_meter.utils.delivery import default_max_rps
+
+        return self.op.max_rps or default_max_rps(self.hook.livemode)
+
+    # -- sending ---------------------------------------------------------------------------
+
+    def deliver(self) -> None:
+        """Mark the fresh days about to be sent, then send every planned event."""
+        ti = self.context["ti"]
+        blind_days: dict[str, set[date]] = {}
+        for plan in self.plans.values():
+            if plan.events and plan.recorded is None:
+                blind_days.setdefault(plan.event_name, set()).add(plan.day)
+        for name, days in blind_days.items():
+            # Before the first event leaves: a retry, re-run or overlapping run then looks first.
+            self._marks(self.specs[name]).mark(
+                days, {"dag_id": ti.dag_id, "run_id": ti.run_id, "task_id": ti.task_id, "marked_at": self.now}
+            )
+        fresh_window = self.op.identifier_window - FRESH_MARGIN
+        oldest_fresh = min(
+            (d for d in {k[2] for k in self.aggregates} if is_fresh(d, self.now, fresh_window)), default=None
+        )
+        if oldest_fresh is not None:
+            for spec in self.specs.values():
+                self._marks(spec).forget_before(oldest_fresh)
+        self._send([e for plan in self.plans.values() for e in plan.events])
+
+    def _send(self, events: list[PlannedEvent]) -> None:
+        """Send ``events`` (stream where allowed) and settle each customer-day's status."""
+        if not events:
+            return
+        stream = [e for e in events if self.op.api == "v2_stream" and e.blind]
+        single = [e for e in events if not (self.op.api == "v2_stream" and e.blind)]
+        for batch, api in ((stream, "v2_stream"), (single, "v1")):
+            if batch:
+                report = self._deliverer(api).run(batch)
+                self.reports.append(report)
+                self._settle(batch, report)
+
+    def _deliverer(self, api: str) -> Any:
+        from airflow_provider_stripe_meter.utils.delivery import Deliverer
+        from airflow_provider_stripe_meter.utils.rules import rfc3339
+
+        hook, specs, op = self.hook, self.specs, self.op
+        if api == "v1":
+
+            def send(batch: list[PlannedEvent]) -> None:
+                [event] = batch
+                hook.create_meter_event(event.as_meter_event(), **specs[event.event_name].payload_keys)
+
+            batch_size = 1
+        else:
+            session = hook.meter_event_stream()
+
+            def send(batch: list[PlannedEvent]) -> None:
+                session.send(
+                    [
+                        {
+                            "event_name": e.event_name,
+                            "identifier": e.identifier,
+                            "timestamp": rfc3339(e.timestamp),
+                            "payload": {
+                                specs[e.event_name].customer_key: e.customer_id,
+                                specs[e.event_name].value_key: str(e.value),
+                            },
+                        }
+                        for e in batch
+                    ]
+                )
+
+            batch_size = STREAM_BATCH
+        return Deliverer(
+            send,
+            key=lambda e: (e.event_name, e.customer_id),
+            describe=PlannedEvent.describe,
+            batch_size=batch_size,
+            max_rps=self._max_rps(),
+            concurrency=op.concurrency,
+            max_attempts=op.max_attempts,
+            outage_timeout=op.outage_timeout,
+            progress=lambda line: op.log.info("Delivery (%s): %s", api, line),
+            progress_every=PROGRESS_SECONDS,
+            sample_limit=op.sample_limit,
+        )
+
+    def _settle(self, events: list[PlannedEvent], report: DeliveryReport) -> None:
+        """Each customer-day's status from what happened to its events."""
+        failed = {id(e) for e in report.failed_items}
+        rejected_keys = {e.key for e in report.rejected_items}
+        already = {id(e) for e in report.already}
+        by_key: dict[Key, list[PlannedEvent]] = {}
+        for event in events:
+            by_key.setdefault(event.key, []).append(event)
+        for key, group in by_key.items():
+            plan = self.plans[key]
+            if key in rejected_keys:
+                self.status[key] = "rejected"
+            elif any(id(e) in failed for e in group):
+                self.status[key] = "failed"
+            elif any(id(e) in already for e in group) and self.specs[key[0]].kind != COUNT:
+                # Stripe holds an event with this identifier, built on the figure this plan saw;
+                # its own value is not known until the summaries show it.
+                self.stale[key] = plan.recorded or 0
+                self.status[key] = "unconfirmed"
+            elif all(id(e) in already for e in group):
+                self.status[key] = "already_recorded"
+            else:
+                self.status[key] = "sent"
+
+    # -- confirming ------------------------------------------------------------------------
+
+    def confirm(self) -> None:
+        """Wait for the summaries to show what duplicate answers hid, then send what is still missing."""
+        deadline = time.monotonic() + self.op.settle_timeout
+        first = True
+        while self.stale:
+            if not first:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                time.sleep(min(5.0, remaining))
+            first = False
+            recorded, unknown = self._look_up(set(self.stale))
+            again: list[PlannedEvent] = []
+            for key, seen_before in list(self.stale.items()):
+                figure = recorded.get(key, 0)
+                plan = self.plans[key]
+                if figure == plan.expected:
+                    del self.stale[key]
+                    self.status[key] = "already_recorded"
+                elif figure != seen_before:
+                    # The summaries moved: plan again from what they show now.
+                    del self.stale[key]
+                    replanned = plan_day(
+                        self.aggregates[key],
+                        self.specs[key[0]],
+                        figure,
+                        prefix=self.op.identifier_prefix,
+                        now=self.now,
+                        correct_over=self.op.correct_over,
+                        customer_unknown=(key[0], key[1]) in unknown,
+                    )
+                    self.plans[key] = replanned
+                    if replanned.action == REPORT:
+                        self.status[key] = (
+                            "customer_unknown" if replanned.reason == "customer_unknown" else "over"
+                        )
+                    elif replanned.action == LEAVE_ALONE:
+                        self.status[key] = "already_recorded"
+                    again.extend(replanned.events)
+            self._send(again)
+        for key in self.stale:
+            self._sample(
+                "unconfirmed",
+                {
+                    "event_name": key[0],
+                    "customer_id": key[1],
+                    "day": key[2].isoformat(),
+                    "expected": self.plans[key].expected,
+                    "reason": "Stripe holds an event for this day that its summaries do not show yet",
+                },
+            )
+
+    # -- reporting -------------------------------------------------------------------------
+
+    def _sample(self, kind: str, detail: dict[str, Any]) -> None:
+        bucket = self.samples.setdefault(kind, [])
+        if len(bucket) < self.op.sample_limit:
+            bucket.append(detail)
+
+    def outcome(self, aggregator: UsageAggregator, aggregates: list[DailyAggregate]) -> dict[str, Any]:
+        """The task's result: per-day outcomes, actions, totals, problems and delivery figures."""
+        counts = dict.fromkeys(DAY_OUTCOMES, 0)
+        actions = dict.fromkeys(ACTIONS, 0)
+        totals: dict[str, dict[str, Any]] = {}
         customers: dict[str, set[str]] = {}
-        for aggregate in aggregates:
+        for key, plan in self.plans.items():
+            actions[plan.action] += 1
+            status = self.status.get(key)
+            if status is None and plan.action == REPORT:
+                status = _reported(plan)
+                self._sample(status, plan.line())
+            elif status is None and plan.action == LEAVE_ALONE and plan.recorded is not None:
+                status = "already_recorded"
+            if status is not None and not self.op.dry_run:
+                counts[status] += 1
             entry = totals.setdefault(
-                aggregate.event_name, {"aggregates": 0, "customers": 0, "value": 0, "recorded": 0}
+                plan.event_name,
+                {
+                    "formula": self.specs[plan.event_name].formula,
+                    "event_time_window": self.specs[plan.event_name].event_time_window,
+                    "aggregates": 0,
+                    "customers": 0,
+                    "value": 0,
+                    "recorded": 0,
+                    "to_send": 0,
+                },
             )
             entry["aggregates"] += 1
-            entry["value"] += aggregate.value
-            if id(aggregate) not in unsettled:
-                entry["recorded"] += aggregate.value
-            customers.setdefault(aggregate.event_name, set()).add(aggregate.customer_id)
-        for event_name, entry in totals.items():
-            entry["customers"] = len(customers[event_name])
+            entry["value"] += plan.expected
+            entry["to_send"] += (
+                sum(e.value for e in plan.events) if self.specs[plan.event_name].kind == ADD else 0
+            )
+            in_stripe = status in ("sent", "already_recorded") or (
+                status is None and plan.action == LEAVE_ALONE
+            )
+            entry["recorded"] += plan.expected if in_stripe else (plan.recorded or 0)
+            customers.setdefault(plan.event_name, set()).add(plan.customer_id)
+        for name, entry in totals.items():
+            entry["customers"] = len(customers[name])
+        problem_counts = aggregator.problems.counts
+        samples: dict[str, list[dict[str, Any]]] = dict(aggregator.problems.samples)
+        for report in self.reports:
+            for kind, bucket in report.samples.items():
+                samples.setdefault(kind, []).extend(
+                    bucket[: self.op.sample_limit - len(samples.get(kind, []))]
+                )
+        samples.update(self.samples)
         outcome: dict[str, Any] = {
             "rows": aggregator.rows,
             "aggregates": len(aggregates),
-            "sent": report.sent if report else 0,
-            "already_recorded": report.already_recorded if report else 0,
-            "skipped_too_old": counts["skipped_too_old"],
-            "skipped_future": counts["skipped_future"],
-            "invalid": counts["invalid"],
-            "rejected": report.rejected if report else 0,
-            "failed": report.failed if report else 0,
+            **counts,
+            "skipped_too_old": problem_counts["skipped_too_old"],
+            "skipped_future": problem_counts["skipped_future"],
+            "invalid": problem_counts["invalid"],
+            "actions": actions,
             "totals": totals,
             "samples": samples,
-            "api": self.api,
-            "requests": report.requests if report else 0,
-            "rate_limited": report.rate_limited if report else 0,
-            "seconds": round(report.seconds, 3) if report else 0.0,
+            "dry_run": self.op.dry_run,
+            "api": self.op.api,
+            "looked_up": self.looked_up,
+            "summary_requests": self.summary_requests,
+            "events_sent": sum(r.sent for r in self.reports),
+            "requests": sum(r.requests for r in self.reports),
+            "rate_limited": sum(r.rate_limited for r in self.reports),
+            "outages": sum(r.outages for r in self.reports),
+            "seconds": round(sum(r.seconds for r in self.reports), 3),
         }
-        outcome["success"] = not any(
-            outcome[k] for k in ("skipped_too_old", "skipped_future", "invalid", "rejected", "failed")
+        if self.op.dry_run:
+            lines = [plan.line() for plan in self.plans.values()]
+            outcome["plan"] = lines[: self.op.plan_limit]
+            outcome["plan_truncated"] = len(lines) > self.op.plan_limit
+        problems = ("skipped_too_old", "skipped_future", "invalid", "rejected", "failed", "over")
+        problems += ("customer_unknown", "unconfirmed")
+        outcome["success"] = not any(outcome[k] for k in problems) and (
+            not self.op.dry_run or not (actions[REPORT])
         )
         return outcome
+
+
+def _reported(plan: DayPlan) -> str:
+    """The outcome of a day planned as ``report``."""
+    return "customer_unknown" if plan.reason == "customer_unknown" else "over"

@@ -2,42 +2,48 @@
 
 from __future__ import annotations
 
+import time
+import warnings
 from collections.abc import Sequence
+from datetime import date
 from typing import TYPE_CHECKING, Any
 
 from airflow_provider_stripe_meter.operators.base import StripeBaseOperator
+from airflow_provider_stripe_meter.utils.billing import PlannedEvent
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
+    from airflow_provider_stripe_meter.utils.aggregation import DailyAggregate
     from airflow_provider_stripe_meter.utils.delivery import DeliveryReport
-    from airflow_provider_stripe_meter.utils.reconcile import Correction
 
 
 class StripeMeterTopUpOperator(StripeBaseOperator):
     """
     Bring Stripe up to the source for the days a reconciliation found ``missing`` or ``short``.
 
-    Takes the reconciliation's ``lines`` (``reconcile.output["lines"]``) and sends one event per
-    such customer-day, for the difference only, never the whole day again:
-
-    * a ``missing`` day goes out under the batch operator's own identifier for that day, so if
-      the day's event did land and Stripe's summary only lags, Stripe refuses the copy;
-    * a ``short`` day gets ``topup:<event>:<customer>:<day>:to<total>``: the identifier names the
-      total it brings the day to, so running the correction again on the same data is refused by
-      Stripe, and only new late rows (a new total) make a new top-up.
+    Takes the reconciliation's ``lines`` (``reconcile.output["lines"]``). Because those lines may
+    be hours or days old by the time this task runs (or re-runs), it first reads Stripe's figures
+    for those customer-days again, then sends what the batch operator would: the difference from
+    what Stripe shows now, under an identifier that names that base
+    (``<prefix>:<event>:<customer>:<day>:from<recorded>``; a day with nothing recorded goes out
+    under the batch operator's own daily identifier). A re-run on the same data finds nothing
+    left to send; two runs that read the same stale figure derive the same identifier, and
+    Stripe refuses the second. ``count`` and ``last`` meters get what their formula needs (more
+    numbered events; the latest value).
 
     ``over`` and ``customer_unknown`` lines need a person (cancel within 24 hours, credit, or fix
     the customer) and are left alone. Returns ``success``, ``sent``, ``already_recorded``,
-    ``rejected``, ``failed``, ``value_sent`` and the ``corrections`` planned.
+    ``rejected``, ``failed``, ``value_sent``, ``corrections`` (what was planned) and ``samples``.
 
     :param reconciliation: The reconciliation's lines, or its whole result. (templated)
     :param event_name: The meter's event name. (templated)
     :param identifier_prefix: The batch operator's ``identifier_prefix`` (default ``usage``).
-    :param top_up_prefix: First part of top-up identifiers.
+    :param top_up_prefix: Ignored since top-ups share the batch operator's identifiers; accepted
+        with a ``DeprecationWarning`` for one release.
     :param max_rps: Requests per second; default fits the key's mode.
 
-    ``stripe_conn_id``, ``stripe_account`` (templated) and ``preflight`` are those of
+    ``stripe_conn_id`` and ``stripe_account`` (templated) are those of
     :class:`~airflow_provider_stripe_meter.operators.base.StripeBaseOperator`.
     """
 
@@ -49,74 +55,89 @@ class StripeMeterTopUpOperator(StripeBaseOperator):
         reconciliation: Any,
         event_name: str,
         identifier_prefix: str = "usage",
-        top_up_prefix: str = "topup",
+        top_up_prefix: str | None = None,
         max_rps: float | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        if top_up_prefix is not None:
+            warnings.warn(
+                "StripeMeterTopUpOperator(top_up_prefix=...) is ignored: top-ups use the batch "
+                "operator's identifiers (identifier_prefix), named after the figure they build on",
+                DeprecationWarning,
+                stacklevel=2,
+            )
         self.reconciliation = reconciliation
         self.event_name = event_name
         self.identifier_prefix = identifier_prefix
-        self.top_up_prefix = top_up_prefix
         self.max_rps = max_rps
 
     def execute(self, context: Context) -> dict[str, Any]:
-        """Plan the corrections and send them."""
+        """Read Stripe's figures again for the short days, plan the differences and send them."""
         from airflow_provider_stripe_meter.exceptions import StripeDeliveryIncompleteError
+        from airflow_provider_stripe_meter.utils.billing import meter_spec, plan_day
         from airflow_provider_stripe_meter.utils.delivery import Deliverer, DeliveryReport, default_max_rps
-        from airflow_provider_stripe_meter.utils.reconcile import plan_corrections
-        from airflow_provider_stripe_meter.utils.rules import MeterEvent
 
         lines = self.reconciliation
         if isinstance(lines, dict):
             lines = lines.get("lines", [])
-        plan = plan_corrections(
-            list(lines or []),
-            self.event_name,
-            daily_prefix=self.identifier_prefix,
-            top_up_prefix=self.top_up_prefix,
-        )
-        if not plan:
+        wanted = [
+            line
+            for line in (lines or [])
+            if line["status"] in ("missing", "short") and line["difference"] > 0
+        ]
+        if not wanted:
             self.log.info("Nothing to correct: no missing or short customer-days")
-            return self._outcome(plan, DeliveryReport(total=0))
+            return self._outcome([], DeliveryReport(total=0))
         hook = self.hook
-        customer_key, value_key = self.payload_keys(self.event_name)
-
-        def send(batch: list[Correction]) -> None:
-            [correction] = batch
-            hook.create_meter_event(
-                MeterEvent(
-                    event_name=self.event_name,
-                    customer_id=correction.customer_id,
-                    value=correction.value,
-                    identifier=correction.identifier,
-                    timestamp=correction.timestamp,
-                ),
-                customer_payload_key=customer_key,
-                value_payload_key=value_key,
+        meter = hook.active_meter(self.event_name)
+        spec = meter_spec(meter)
+        days = [date.fromisoformat(line["day"]) for line in wanted]
+        customers = sorted({line["customer_id"] for line in wanted})
+        max_rps = self.max_rps or default_max_rps(hook.livemode)
+        recorded, unknown = hook.recorded_per_day(
+            meter["id"], customers, min(days), max(days), max_rps=max_rps
+        )
+        now = int(time.time())
+        plans = [
+            plan_day(
+                _aggregate(self.event_name, line),
+                spec,
+                recorded.get((line["customer_id"], day), 0),
+                prefix=self.identifier_prefix,
+                now=now,
+                customer_unknown=line["customer_id"] in unknown,
             )
+            for line, day in zip(wanted, days, strict=True)
+        ]
+        events = [event for plan in plans for event in plan.events]
+
+        def send(batch: list[PlannedEvent]) -> None:
+            [event] = batch
+            hook.create_meter_event(event.as_meter_event(), **spec.payload_keys)
 
         report = Deliverer(
             send,
-            key=lambda c: c.customer_id,
-            describe=_describe,
-            max_rps=self.max_rps or default_max_rps(hook.livemode),
+            key=lambda event: event.customer_id,
+            describe=PlannedEvent.describe,
+            max_rps=max_rps,
             progress=lambda line: self.log.info("Corrections: %s", line),
-        ).run(plan)
-        outcome = self._outcome(plan, report)
+        ).run(events)
+        outcome = self._outcome(events, report)
         self.log.info(
             "Corrections: %s", {k: v for k, v in outcome.items() if k not in ("corrections", "samples")}
         )
         if report.failed:
             raise StripeDeliveryIncompleteError(
-                f"{report.failed} corrections could not be delivered; a retry sends them again",
+                f"{report.failed} corrections could not be delivered; a retry reads Stripe again and "
+                "sends what is still missing",
                 {"type": "delivery_incomplete", "failed": report.failed},
             )
         return outcome
 
     @staticmethod
-    def _outcome(plan: list[Correction], report: DeliveryReport) -> dict[str, Any]:
-        not_sent = {id(c) for c in [*report.unsettled, *report.already]}
+    def _outcome(events: list[PlannedEvent], report: DeliveryReport) -> dict[str, Any]:
+        not_sent = {id(e) for e in [*report.unsettled, *report.already]}
         return {
             "success": not (report.rejected or report.failed),
             "sent": report.sent,
@@ -124,19 +145,21 @@ class StripeMeterTopUpOperator(StripeBaseOperator):
             "rejected": report.rejected,
             "failed": report.failed,
             # Corrections Stripe already held came from an earlier run: not sent, not counted.
-            "value_sent": sum(c.value for c in plan if id(c) not in not_sent),
-            "corrections": [_describe(c) for c in plan],
+            "value_sent": sum(e.value for e in events if id(e) not in not_sent),
+            "corrections": [e.describe() for e in events],
             "samples": report.samples,
         }
 
 
-def _describe(correction: Correction) -> dict[str, Any]:
-    return {
-        "customer_id": correction.customer_id,
-        "day": correction.day.isoformat(),
-        "value": correction.value,
-        "identifier": correction.identifier,
-    }
+def _aggregate(event_name: str, line: dict[str, Any]) -> DailyAggregate:
+    """A reconciliation line as the day's aggregate: its expected figure under every formula."""
+    from airflow_provider_stripe_meter.utils.aggregation import DailyAggregate
+    from airflow_provider_stripe_meter.utils.billing import day_end
+
+    day = date.fromisoformat(line["day"])
+    expected = int(line["expected"])
+    timestamp = line.get("timestamp") or day_end(day) - 1
+    return DailyAggregate(event_name, line["customer_id"], day, expected, timestamp, expected, expected)
 
 
 class StripeMeterEventCancelOperator(StripeBaseOperator):

@@ -91,12 +91,18 @@ class StripeMeterReconcileSensor(UsageSourceMixin, StripeBaseOperator, BaseSenso
 
     def poke(self, context: Context) -> PokeReturnValue | bool:
         """Compare once; done when everything matches or the settle time is over."""
+        from airflow_provider_stripe_meter.utils.billing import MeterSpec, source_figure
         from airflow_provider_stripe_meter.utils.reconcile import compare, summarize
 
         aggregator = self.read_usage(self.event_name)
-        expected = {(a.customer_id, a.day): (a.value, a.timestamp) for a in aggregator.finish()}
-        first, last = self._day_range(expected)
         meter = self.hook.active_meter(self.event_name)
+        # The source's figure by the meter's own formula: the sum, the row count, or the latest value.
+        formula = (meter.get("default_aggregation") or {}).get("formula") or "sum"
+        spec = MeterSpec(self.event_name, meter["id"], formula=formula)
+        expected = {
+            (a.customer_id, a.day): (source_figure(a, spec), a.timestamp) for a in aggregator.finish()
+        }
+        first, last = self._day_range(expected)
         customers = sorted({customer for customer, _ in expected})
         recorded, unknown = self.hook.recorded_per_day(
             meter["id"], customers, first, last, max_rps=self.max_rps

@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
 PAST_WINDOW_SECONDS = 35 * 86400
@@ -100,6 +100,9 @@ class Meter:
     value_key: str = "value"
     status: str = "active"
     created: int = field(default_factory=lambda: int(time.time()))
+    #: ``None`` (raw: every event counts), ``"day"`` or ``"hour"`` (pre-aggregated: only the
+    #: most recent event of each window counts).
+    event_time_window: str | None = None
 
     def as_object(self) -> dict[str, Any]:
         """The ``billing.meter`` object."""
@@ -111,13 +114,37 @@ class Meter:
             "default_aggregation": {"formula": self.formula},
             "display_name": self.display_name,
             "event_name": self.event_name,
-            "event_time_window": None,
+            "event_time_window": self.event_time_window,
             "livemode": False,
             "status": self.status,
             "status_transitions": {"deactivated_at": None},
             "updated": self.created,
             "value_settings": {"event_payload_key": self.value_key},
         }
+
+
+_WINDOW_SECONDS = {"day": 86400, "hour": 3600}
+
+
+def _most_recent_per_window(events: list[RecordedEvent], seconds: int) -> list[RecordedEvent]:
+    """A pre-aggregated meter keeps only the newest event of each window: a newer one overwrites."""
+    kept: dict[int, RecordedEvent] = {}
+    for event in events:
+        window = event.timestamp // seconds
+        earlier = kept.get(window)
+        if earlier is None or event.received_at >= earlier.received_at:
+            kept[window] = event
+    return list(kept.values())
+
+
+def _aggregate(meter: Meter, events: list[RecordedEvent]) -> int:
+    """The meter's formula over ``events``: sum of values, number of events, or the last value."""
+    if meter.formula == "count":
+        return len(events)
+    if meter.formula == "last":
+        latest = max(events, key=lambda e: (e.timestamp, e.received_at), default=None)
+        return int(latest.payload[meter.value_key]) if latest else 0
+    return sum(int(e.payload[meter.value_key]) for e in events)
 
 
 def parse_rfc3339(text: str) -> int:
@@ -171,8 +198,13 @@ class MeterLedger:
         customer_key: str = "stripe_customer_id",
         value_key: str = "value",
         status: str = "active",
+        event_time_window: str | None = None,
     ) -> Meter:
-        """Create a meter and return it."""
+        """Create a meter and return it (``event_time_window`` ``"day"``/``"hour"``: pre-aggregated)."""
+        if formula not in ("sum", "count", "last"):
+            raise ValueError(f"formula must be sum, count or last, got {formula!r}")
+        if event_time_window not in (None, "day", "hour"):
+            raise ValueError(f"event_time_window must be None, day or hour, got {event_time_window!r}")
         with self.lock:
             meter = Meter(
                 id=f"mtr_test_{next(self._ids):06d}{secrets.token_hex(4)}",
@@ -183,6 +215,7 @@ class MeterLedger:
                 value_key=value_key,
                 status=status,
                 created=int(self.clock()),
+                event_time_window=event_time_window,
             )
             self.meters[meter.id] = meter
             return meter
@@ -371,23 +404,18 @@ class MeterLedger:
                     and e.payload.get(meter.customer_key) == customer_id
                     and start <= e.timestamp < end
                 ]
+        if meter.event_time_window is not None:
+            relevant = _most_recent_per_window(relevant, _WINDOW_SECONDS[meter.event_time_window])
         step = window or (end - start)
         summaries = []
         for lo in range(start, end, step):
             hi = min(lo + step, end)
             inside = [e for e in relevant if lo <= e.timestamp < hi]
-            if meter.formula == "count":
-                value = float(len(inside))
-            elif meter.formula == "last":
-                latest = max(inside, key=lambda e: (e.timestamp, e.received_at), default=None)
-                value = float(latest.payload[meter.value_key]) if latest else 0.0
-            else:
-                value = float(sum(int(e.payload[meter.value_key]) for e in inside))
             summaries.append(
                 {
                     "id": f"mtrusg_{meter.id[-8:]}_{customer_id[-8:]}_{lo}",
                     "object": "billing.meter_event_summary",
-                    "aggregated_value": value,
+                    "aggregated_value": float(_aggregate(meter, inside)),
                     "end_time": hi,
                     "livemode": False,
                     "meter": meter.id,
@@ -424,6 +452,26 @@ class MeterLedger:
                 for e in self.events
                 if not e.cancelled and (event_name is None or e.event_name == event_name)
             ]
+
+    def figures(self, event_name: str) -> dict[tuple[str, str], int]:
+        """What Stripe bills per (customer, UTC day ISO) for a meter, by its formula and window.
+
+        Unlike :meth:`summarize` this ignores ``summary_lag``: it is the settled truth tests
+        compare the source with.
+        """
+        meter = self.meter_for(event_name)
+        assert meter is not None, f"no meter {event_name!r}"
+        by_key: dict[tuple[str, str], list[RecordedEvent]] = {}
+        for event in self.accepted(event_name):
+            customer = event.payload.get(meter.customer_key, "")
+            day = datetime.fromtimestamp(event.timestamp, timezone.utc).date().isoformat()
+            by_key.setdefault((customer, day), []).append(event)
+        out = {}
+        for key, events in by_key.items():
+            if meter.event_time_window is not None:
+                events = _most_recent_per_window(events, _WINDOW_SECONDS[meter.event_time_window])
+            out[key] = _aggregate(meter, events)
+        return out
 
     def totals(self, event_name: str | None = None) -> dict[str, int]:
         """Sum of values per customer over accepted, uncancelled events."""

@@ -131,6 +131,10 @@ class LocalStripeServer:
         self.request_log: deque[tuple[str, str, dict[str, str]]] = deque(maxlen=1000)
         self._host, self._port = host, port
         self._faults: list[_Fault] = []
+        self._outage: tuple[float, int, str] | None = None
+        self._outage_plan: tuple[int, float, int, str] | None = None
+        #: Outages that began (knob: :meth:`outage`).
+        self.outages_started = 0
         self._lock = threading.Lock()
         self._in_flight: set[tuple[str, str]] = set()
         self._idempotency: dict[str, tuple[str, int, dict[str, Any]]] = {}
@@ -198,6 +202,40 @@ class LocalStripeServer:
         """
         with self._lock:
             self._faults.append(_Fault(count, status, after_write, path_prefix))
+
+    def outage(
+        self, seconds: float, *, status: int = 503, path_prefix: str = "/", after_requests: int = 0
+    ) -> None:
+        """Answer every matching request with ``status`` for ``seconds``, writing nothing.
+
+        Stands for Stripe (or the network to it) being down: unlike :meth:`inject_failures`, it
+        lasts a time, not a number of requests, whatever the client does meanwhile. With
+        ``after_requests`` it starts once that many more matching requests have been served, so
+        a test can cut Stripe off in the middle of a run.
+        """
+        with self._lock:
+            self._outage = None
+            self._outage_plan = (after_requests, seconds, status, path_prefix)
+            self.outages_started = 0
+
+    def _in_outage(self, path: str) -> int | None:
+        with self._lock:
+            plan = self._outage_plan
+            if plan is not None and path.startswith(plan[3]):
+                after, seconds, status, prefix = plan
+                if after > 0:
+                    self._outage_plan = (after - 1, seconds, status, prefix)
+                    return None
+                self._outage_plan = None
+                self._outage = (time.monotonic() + seconds, status, prefix)
+                self.outages_started += 1
+            if self._outage is None:
+                return None
+            until, status, prefix = self._outage
+            if time.monotonic() >= until:
+                self._outage = None
+                return None
+        return status if path.startswith(prefix) else None
 
     def set_rate_limit(self, rate: float | None, *, stream: bool = False, burst: float | None = None) -> None:
         """Change the API (or stream) rate limit while running."""
@@ -336,6 +374,11 @@ class _Handler(BaseHTTPRequestHandler):
         template, name, match = route
         state.count(name)
         host_kind = "stream" if name == "v2_stream" else "api"
+        down = state._in_outage(split.path)
+        if down is not None:
+            state.count("outage_rejected")
+            self._send(down, {"error": {"type": "api_error", "message": "Service unavailable (outage)."}})
+            return
 
         try:
             self._authenticate(name)
@@ -596,6 +639,7 @@ class _Handler(BaseHTTPRequestHandler):
             display_name=body["display_name"],
             customer_key=(body.get("customer_mapping") or {}).get("event_payload_key", "stripe_customer_id"),
             value_key=(body.get("value_settings") or {}).get("event_payload_key", "value"),
+            event_time_window=body.get("event_time_window") or None,
         )
         return meter.as_object()
 

@@ -9,6 +9,10 @@ scheduling and retry rules are tested on their own.
   Stripe allows one concurrent request per customer and meter.
 * 5xx and connection errors are retried with the same identifier, so a retry can never bill
   twice; what is still undelivered after ``max_attempts`` is reported as failed.
+* When every request fails (``outage_after`` in a row, none answered), Stripe or the way to it is
+  down: an :class:`OutageGate` lets one probe through at a time, backing off up to 15 s, and
+  failures meanwhile do not use up any item's attempts. The first answer reopens the gate. Only
+  an outage longer than ``outage_timeout`` fails what is left, so a retry of the task resumes.
 """
 
 from __future__ import annotations
@@ -94,6 +98,89 @@ class RateLimiter:
             self._next = max(self._next, self._clock() + seconds)
 
 
+class OutageGate:
+    """Turn a run of failures of every request into one probe at a time.
+
+    :param after: Transient failures in a row (5xx, network; not 429) that mean an outage.
+    :param timeout: Seconds an outage may last before :meth:`enter` gives up.
+    :param probe_cap: Longest wait between two probes.
+    """
+
+    def __init__(
+        self,
+        *,
+        after: int = 5,
+        timeout: float = 600.0,
+        probe_cap: float = 15.0,
+        clock: Callable[[], float] = time.monotonic,
+        rng: Callable[[], float] = random.random,
+    ) -> None:
+        self.after = after
+        self.timeout = timeout
+        self.probe_cap = probe_cap
+        self._clock = clock
+        self._rng = rng
+        self._cond = threading.Condition()
+        self._in_a_row = 0
+        self._since: float | None = None
+        self._prober: int | None = None
+        #: Outages seen, probes sent during them, and the longest outage in seconds.
+        self.outages = 0
+        self.probes = 0
+        self.longest = 0.0
+
+    @property
+    def is_open(self) -> bool:
+        """Whether an outage is going on."""
+        with self._cond:
+            return self._since is not None
+
+    def enter(self) -> bool:
+        """Wait until this caller may send; ``False`` once an outage has outlasted ``timeout``."""
+        with self._cond:
+            while True:
+                if self._since is None:
+                    return True
+                if self._clock() - self._since > self.timeout:
+                    return False
+                if self._prober is None:
+                    self._prober = threading.get_ident()
+                    self.probes += 1
+                    return True
+                self._cond.wait(0.25)
+
+    def leave(self) -> None:
+        """The caller is done with its request (and any wait after it)."""
+        with self._cond:
+            if self._prober == threading.get_ident():
+                self._prober = None
+                self._cond.notify_all()
+
+    def answered(self) -> None:
+        """Stripe answered (success, rejection or 429): whatever was down is up."""
+        with self._cond:
+            self._in_a_row = 0
+            if self._since is not None:
+                self.longest = max(self.longest, self._clock() - self._since)
+                self._since = None
+                self._cond.notify_all()
+
+    def failed(self) -> bool:
+        """Count a transient failure; ``True`` when it belongs to an outage (it uses no attempt)."""
+        with self._cond:
+            self._in_a_row += 1
+            if self._since is None and self._in_a_row >= self.after:
+                self._since = self._clock()
+                self.outages += 1
+            return self._since is not None
+
+    def probe_wait(self) -> float:
+        """Seconds before the next probe: doubling from 1 s up to ``probe_cap``, with jitter."""
+        with self._cond:
+            probes = self.probes
+        return min(self.probe_cap, 2.0 ** min(probes, 10)) * (0.5 + 0.5 * self._rng())
+
+
 class KeyedWorkQueue(Generic[T]):
     """Items in order, handed out so that no two items with the same key are out at once."""
 
@@ -156,11 +243,17 @@ class DeliveryReport:
     requests: int = 0
     rate_limited: int = 0
     retried: int = 0
+    #: Outages ridden out (every request failing), probes sent during them, the longest in seconds.
+    outages: int = 0
+    probes: int = 0
+    outage_seconds: float = 0.0
     seconds: float = 0.0
     samples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     sample_limit: int = 20
-    #: Items rejected or failed, all of them (the samples are bounded, this is not).
-    unsettled: list[Any] = field(default_factory=list)
+    #: Items Stripe rejected, and items that could not be delivered: all of them (the samples
+    #: are bounded, these are not).
+    rejected_items: list[Any] = field(default_factory=list)
+    failed_items: list[Any] = field(default_factory=list)
     #: Items Stripe already held (duplicate identifier).
     already: list[Any] = field(default_factory=list)
 
@@ -169,6 +262,11 @@ class DeliveryReport:
         bucket = self.samples.setdefault(kind, [])
         if len(bucket) < self.sample_limit:
             bucket.append(detail)
+
+    @property
+    def unsettled(self) -> list[Any]:
+        """Items rejected or failed."""
+        return [*self.rejected_items, *self.failed_items]
 
     @property
     def done(self) -> int:
@@ -186,7 +284,9 @@ class Deliverer(Generic[T]):
     :param describe: JSON-safe description of an item, for the report's samples.
     :param max_rps: Requests per second; ``None`` for no limit.
     :param concurrency: Worker threads; enough to keep ``max_rps`` busy at the server's latency.
-    :param max_attempts: Tries per batch before its items count as failed.
+    :param max_attempts: Tries per batch before its items count as failed (an outage uses none).
+    :param outage_after: Transient failures in a row that mean Stripe is down (see :class:`OutageGate`).
+    :param outage_timeout: Seconds an outage may last before what is left counts as failed.
     :param progress: Called with a progress line at most every ``progress_every`` seconds.
     """
 
@@ -205,6 +305,8 @@ class Deliverer(Generic[T]):
         progress: Callable[[str], None] | None = None,
         progress_every: float = 10.0,
         sample_limit: int = 20,
+        outage_after: int = 5,
+        outage_timeout: float = 600.0,
     ) -> None:
         self.send = send
         self.key = key
@@ -218,6 +320,9 @@ class Deliverer(Generic[T]):
         self.progress = progress
         self.progress_every = progress_every
         self.sample_limit = sample_limit
+        self.outage_after = outage_after
+        self.outage_timeout = outage_timeout
+        self.gate = OutageGate(after=outage_after, timeout=outage_timeout)
         self._lock = threading.Lock()
 
     def run(self, items: Sequence[T]) -> DeliveryReport:
@@ -235,20 +340,28 @@ class Deliverer(Generic[T]):
         workers = max(1, min(self.concurrency, math.ceil(len(items) / self.batch_size)))
         abort: list[BaseException] = []
 
+        gate = self.gate
+
         def worker() -> None:
             while not abort:
                 batch = queue.take(self.batch_size)
                 if not batch:
                     return
+                if not gate.enter():
+                    self._give_up(batch, report)
+                    queue.done(batch)
+                    continue
                 try:
                     wait = self._attempt(batch, attempts, report)
+                    if wait is not None:
+                        # Back off outside the queue lock, keeping the keys busy meanwhile.
+                        self.sleep(wait)
                 except BaseException as err:  # a bug or a refused key: stop everyone, surface it
                     abort.append(err)
                     queue.done(batch)
                     return
-                if wait is not None:
-                    # Back off outside the queue lock, keeping the keys busy meanwhile.
-                    self.sleep(wait)
+                finally:
+                    gate.leave()
                 queue.done(batch, retry=batch if wait is not None else ())
                 self._maybe_progress(report, started, last_progress)
 
@@ -256,6 +369,7 @@ class Deliverer(Generic[T]):
             for future in [pool.submit(worker) for _ in range(workers)]:
                 future.result()
         report.seconds = time.monotonic() - started
+        report.outages, report.probes, report.outage_seconds = gate.outages, gate.probes, gate.longest
         if abort:
             raise abort[0]
         self._maybe_progress(report, started, last_progress, force=True)
@@ -270,7 +384,10 @@ class Deliverer(Generic[T]):
         self.limiter.acquire()
         try:
             self.send(batch)
+        except StripeTransientError as err:
+            return self._transient(err, batch, attempt, attempts, report)
         except StripeDuplicateIdentifierError:
+            self.gate.answered()
             with self._lock:
                 report.requests += 1
                 report.already_recorded += len(batch)
@@ -279,45 +396,81 @@ class Deliverer(Generic[T]):
         except StripeConfigurationError:
             raise
         except StripeRequestRejectedError as err:
+            self.gate.answered()
             with self._lock:
                 report.requests += 1
                 report.rejected += len(batch)
-                report.unsettled.extend(batch)
+                report.rejected_items.extend(batch)
                 for item in batch:
                     report.sample("rejected", {**self.describe(item), "error": err.details})
             return None
-        except StripeTransientError as err:
-            with self._lock:
-                report.requests += 1
-                if err.details.get("http_status") == 429:
-                    report.rate_limited += 1
-                if attempt < self.max_attempts:
-                    report.retried += 1
-                else:
-                    report.failed += len(batch)
-                    report.unsettled.extend(batch)
-                    for item in batch:
-                        report.sample(
-                            "failed", {**self.describe(item), "error": err.details, "attempts": attempt}
-                        )
-            if attempt >= self.max_attempts:
-                return None
-            wait = self.backoff(attempt)
-            if err.details.get("http_status") == 429:
-                self.limiter.pause(wait)
-            return wait
         except StripeMeterError as err:
             with self._lock:
                 report.requests += 1
                 report.failed += len(batch)
-                report.unsettled.extend(batch)
+                report.failed_items.extend(batch)
                 for item in batch:
                     report.sample("failed", {**self.describe(item), "error": err.details})
             return None
+        self.gate.answered()
         with self._lock:
             report.requests += 1
             report.sent += len(batch)
         return None
+
+    def _transient(
+        self,
+        err: StripeTransientError,
+        batch: list[T],
+        attempt: int,
+        attempts: dict[int, int],
+        report: DeliveryReport,
+    ) -> float | None:
+        """Count a 429, 5xx or network failure; return the wait before the batch goes again."""
+        rate_limited = err.details.get("http_status") == 429
+        if rate_limited:
+            self.gate.answered()  # Stripe is up, only busy
+        outage = not rate_limited and self.gate.failed()
+        with self._lock:
+            report.requests += 1
+            report.rate_limited += rate_limited
+            if outage:
+                for item in batch:  # an outage uses up nobody's attempts
+                    attempts[id(item)] = attempt - 1
+                report.retried += 1
+            elif attempt < self.max_attempts:
+                report.retried += 1
+            else:
+                report.failed += len(batch)
+                report.failed_items.extend(batch)
+                for item in batch:
+                    report.sample(
+                        "failed", {**self.describe(item), "error": err.details, "attempts": attempt}
+                    )
+                return None
+        if outage:
+            return self.gate.probe_wait()
+        wait = self.backoff(attempt)
+        if rate_limited:
+            self.limiter.pause(wait)
+        return wait
+
+    def _give_up(self, batch: list[T], report: DeliveryReport) -> None:
+        """The outage outlasted ``outage_timeout``: what is left fails, for the task's retry."""
+        with self._lock:
+            report.failed += len(batch)
+            report.failed_items.extend(batch)
+            for item in batch:
+                report.sample(
+                    "failed",
+                    {
+                        **self.describe(item),
+                        "error": {
+                            "type": "outage",
+                            "message": f"every request failed for over {self.outage_timeout:.0f} s",
+                        },
+                    },
+                )
 
     def _maybe_progress(
         self, report: DeliveryReport, started: float, last: list[float], *, force: bool = False

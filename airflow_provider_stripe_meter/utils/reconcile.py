@@ -9,13 +9,8 @@ Plain Python. One line per (customer, UTC day): expected, recorded, difference a
   or credit the customer; never corrected automatically;
 * ``customer_unknown``: Stripe does not know the customer, so none of its usage is billed.
 
-Corrections (``missing``/``short``) are planned here with deterministic identifiers:
-
-* a ``missing`` day is sent under the very identifier the batch operator uses for that day, so
-  if the day's event did land and Stripe's summary simply lags, Stripe refuses the copy;
-* a ``short`` day is topped up by the difference under an identifier that names the total it
-  brings the day to: running the correction again with the same source data sends the same
-  identifier and Stripe refuses it, while new late rows (a new total) get a new top-up.
+Corrections of ``missing``/``short`` days are planned by :mod:`.billing`, from Stripe's figures
+read again just before sending.
 """
 
 from __future__ import annotations
@@ -23,8 +18,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from datetime import date
 from typing import Any
-
-from airflow_provider_stripe_meter.utils.identifiers import bounded_identifier, daily_identifier
 
 STATUSES = ("ok", "missing", "short", "over", "customer_unknown")
 
@@ -81,40 +74,3 @@ def summarize(lines: list[ReconcileLine]) -> dict[str, int]:
     for line in lines:
         counts[line.status] += 1
     return counts
-
-
-@dataclass(frozen=True)
-class Correction:
-    """One event that brings a day's recorded usage up to the source's."""
-
-    customer_id: str
-    day: date
-    value: int
-    identifier: str
-    timestamp: int | None
-
-
-def plan_corrections(
-    lines: list[dict[str, Any]] | list[ReconcileLine],
-    event_name: str,
-    *,
-    daily_prefix: str = "usage",
-    top_up_prefix: str = "topup",
-) -> list[Correction]:
-    """Events for every ``missing`` or ``short`` line; other statuses need a person."""
-    plan = []
-    for raw in lines:
-        line = raw if isinstance(raw, dict) else raw.to_dict()
-        if line["status"] not in ("missing", "short") or line["difference"] <= 0:
-            continue
-        day = date.fromisoformat(line["day"])
-        if line["status"] == "missing":
-            identifier = daily_identifier(event_name, line["customer_id"], day, daily_prefix)
-        else:
-            identifier = bounded_identifier(
-                top_up_prefix, event_name, line["customer_id"], day.isoformat(), f"to{line['expected']}"
-            )
-        plan.append(
-            Correction(line["customer_id"], day, line["difference"], identifier, line.get("timestamp"))
-        )
-    return plan

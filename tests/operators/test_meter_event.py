@@ -169,3 +169,14 @@ def test_without_preflight_an_unknown_event_name_is_accepted_and_reported_later(
     assert [r["code"] for r in secret_server.ledger.error_reports] == ["no_meter"]
     [headers] = [h for _, path, h in secret_server.request_log if path == "/v1/billing/meter_events"]
     assert headers["Stripe-Account"] == "acct_123"
+
+
+def test_a_count_meter_says_the_value_is_ignored(secret_server):
+    secret_server.ledger.meters.clear()
+    secret_server.ledger.add_meter("ai_tokens_used", formula="count")
+
+    dag_run = run_dag("t_meter_event_branch", run_conf={"customer_id": "cus_count", "value": "42"})
+
+    response = xcoms(dag_run, "record")["response"]
+    assert "counts as 1, its value is ignored" in response["note"]
+    assert response["payload"]["value"] == "42"  # sent as given; Stripe counts it once

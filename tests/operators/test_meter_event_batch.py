@@ -127,24 +127,6 @@ def test_faults_and_rate_limits_still_bill_every_unit_exactly_once(secret_server
     assert secret_server.stats["concurrent_rejected"] == 0
 
 
-def test_undeliverable_aggregates_fail_the_task_and_the_retry_bills_only_what_is_missing(
-    secret_server, usage_db
-):
-    seed(usage_db, [(f"cus_{n:02d}", n + 1, at(-1, n)) for n in range(20)])
-    # One event at a time, 2 attempts of 2 requests each (SDK retry): 30 failures sink the
-    # first 7 events of the first try; Airflow's retry sends all 20 again.
-    secret_server.inject_failures(30, status=503, path_prefix="/v1/billing/meter_events")
-
-    dag_run = run_dag("t_batch_retry")
-
-    [ti] = dag_run.get_task_instances()
-    assert (str(ti.state), ti.try_number) == ("success", 2)
-    assert secret_server.ledger.totals() == source_totals(usage_db)
-    assert len(secret_server.ledger.accepted()) == 20
-    outcome = xcoms(dag_run, "bill")
-    assert (outcome["sent"], outcome["already_recorded"], outcome["failed"]) == (7, 13, 0)
-
-
 def test_v2_stream_sends_100_events_a_request(secret_server, usage_db):
     seed(usage_db, [(f"cus_{n:04d}", n + 1, at(-1, n)) for n in range(250)])
 
@@ -233,21 +215,22 @@ def test_preflight_catches_an_unknown_event_name_before_anything_is_sent(secret_
 
     dag_run = run_dag("t_batch_many_meters", run_conf={"rows": rows})
 
+    common = {"formula": "sum", "event_time_window": None, "aggregates": 1, "customers": 1}
     assert xcoms(dag_run, "bill")["totals"] == {
-        "ai_tokens_used": {"aggregates": 1, "customers": 1, "value": 5, "recorded": 5},
-        "api_calls": {"aggregates": 1, "customers": 1, "value": 2, "recorded": 2},
+        "ai_tokens_used": {**common, "value": 5, "recorded": 5, "to_send": 5},
+        "api_calls": {**common, "value": 2, "recorded": 2, "to_send": 2},
     }
     assert secret_server.stats["v1_list_meters"] == 2  # once per task run, not per event
 
 
 def test_top_up_with_nothing_to_correct_has_the_same_keys_as_one_that_sends(secret_server):
     from airflow_provider_stripe_meter.operators.meter_event_correction import StripeMeterTopUpOperator
+    from airflow_provider_stripe_meter.utils.billing import PlannedEvent
     from airflow_provider_stripe_meter.utils.delivery import DeliveryReport
-    from airflow_provider_stripe_meter.utils.reconcile import Correction
 
     nothing = StripeMeterTopUpOperator(task_id="t", reconciliation=[], event_name="ai_tokens_used")
     empty = nothing.execute({})
-    correction = Correction("cus_a", today().date(), 5, "id-1", None)
-    full = StripeMeterTopUpOperator._outcome([correction], DeliveryReport(total=1, sent=1))
+    event = PlannedEvent("ai_tokens_used", "cus_a", today().date(), 5, "id-1", 0)
+    full = StripeMeterTopUpOperator._outcome([event], DeliveryReport(total=1, sent=1))
     assert set(empty) == set(full)
     assert (empty["success"], empty["samples"], full["value_sent"]) == (True, {}, 5)

@@ -118,9 +118,10 @@ def test_late_rows_are_topped_up_exactly_however_often_the_flow_runs(secret_serv
         [
             f"usage:ai_tokens_used:cus_a:{day(-1)}",
             f"usage:ai_tokens_used:cus_b:{day(-1)}",
-            f"topup:ai_tokens_used:cus_a:{day(-1)}:to125",
-            f"topup:ai_tokens_used:cus_b:{day(-1)}:to42",
-            f"topup:ai_tokens_used:cus_a:{day(-1)}:to130",
+            # Top-ups are named after the figure Stripe showed when they were planned.
+            f"usage:ai_tokens_used:cus_a:{day(-1)}:from100",
+            f"usage:ai_tokens_used:cus_b:{day(-1)}:from40",
+            f"usage:ai_tokens_used:cus_a:{day(-1)}:from125",
         ]
     )
     advance(secret_server, 1.6)

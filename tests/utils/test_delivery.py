@@ -194,3 +194,53 @@ def test_progress_is_reported():
     run(lambda batch: None, [("cus_a", 1)], progress=lines.append, progress_every=0)
     assert lines
     assert lines[-1].startswith("1/1 events settled (100.0%)")
+
+
+def test_an_outage_becomes_one_probe_at_a_time_and_uses_no_attempts():
+    down = {"until": 40}  # the first 40 requests fail, whoever sends them
+    calls = Counter()
+    lock = threading.Lock()
+    in_flight = [0]
+    most_in_flight_while_down = [0]
+
+    def send(batch):
+        with lock:
+            calls["all"] += 1
+            failing = calls["all"] <= down["until"]
+            in_flight[0] += 1
+            if failing and calls["all"] > 8:  # once the outage is known (after the first wave)
+                most_in_flight_while_down[0] = max(most_in_flight_while_down[0], in_flight[0])
+        try:
+            if failing:
+                raise StripeTransientError("503", {"http_status": 503})
+        finally:
+            with lock:
+                in_flight[0] -= 1
+
+    items = [(f"cus_{n}", n) for n in range(30)]
+    # With max_attempts >= outage_after (5), no item can use up its attempts before the outage is
+    # recognised; 40 failures in a row would otherwise sink every item several times over.
+    report = run(send, items, max_attempts=5, concurrency=8, sleep=lambda s: None)
+    assert (report.sent, report.failed) == (30, 0)
+    assert report.outages == 1
+    assert report.probes >= 40 - 8
+    assert most_in_flight_while_down[0] == 1  # while down, one probe at a time
+
+
+def test_an_outage_longer_than_the_timeout_fails_what_is_left():
+    def send(batch):
+        raise StripeTransientError("503", {"http_status": 503})
+
+    deliverer = Deliverer(
+        send,
+        key=lambda item: item[0],
+        describe=lambda item: {"item": list(item)},
+        max_rps=None,
+        concurrency=2,
+        backoff=no_wait,
+        sleep=lambda s: None,
+        outage_timeout=0.05,
+    )
+    report = deliverer.run([(f"cus_{n}", n) for n in range(10)])
+    assert (report.sent, report.failed) == (0, 10)
+    assert report.samples["failed"][-1]["error"]["type"] == "outage"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import date
 
-from airflow_provider_stripe_meter.utils.reconcile import compare, plan_corrections, summarize
+from airflow_provider_stripe_meter.utils.reconcile import compare, summarize
 
 D1, D2 = date(2026, 11, 22), date(2026, 11, 23)
 
@@ -30,20 +30,3 @@ def test_every_status():
         ("cus_over", "2026-11-23"): (0, 4, -4, "over"),
     }
     assert summarize(lines) == {"ok": 1, "missing": 1, "short": 1, "over": 1, "customer_unknown": 1}
-
-
-def test_corrections_send_differences_under_deterministic_identifiers():
-    lines = compare(
-        {("cus_short", D1): (10, 101), ("cus_missing", D2): (7, 102), ("cus_over", D1): (1, 5)},
-        {("cus_short", D1): 6, ("cus_over", D1): 3},
-    )
-    plan = plan_corrections([line.to_dict() for line in lines], "tokens")
-    assert [(c.customer_id, c.value, c.identifier, c.timestamp) for c in plan] == [
-        ("cus_missing", 7, "usage:tokens:cus_missing:2026-11-23", 102),
-        ("cus_short", 4, "topup:tokens:cus_short:2026-11-22:to10", 101),
-    ]
-    # The same data plans the same identifiers; a new total plans a new top-up.
-    again = plan_corrections(lines, "tokens")
-    assert [c.identifier for c in again] == [c.identifier for c in plan]
-    later = plan_corrections(compare({("cus_short", D1): (12, 101)}, {("cus_short", D1): 10}), "tokens")
-    assert [(c.value, c.identifier) for c in later] == [(2, "topup:tokens:cus_short:2026-11-22:to12")]

@@ -1,0 +1,67 @@
+"""Which recent days this provider has sent usage for, kept in Airflow's metadata database.
+
+Stripe refuses a repeated identifier for at least 24 hours, and its meter summaries settle
+within that time. So a day that ended less than a day ago, and that nothing was ever sent for,
+can be billed without looking at Stripe first (the cheap nightly case); any other day is looked
+up in Stripe's summaries before anything is sent for it. "Nothing was ever sent for it" is what
+this store knows: a day is marked *before* its first event leaves, so a task retried on another
+worker, a re-run, or a backfill that overlaps last night's run finds the mark and looks first.
+
+Marks are Airflow Variables (``stripe_meter.sent.<account>.<meter id>.<prefix>.<day>``), one per
+day, so concurrent tasks never overwrite each other's marks. A mark is only needed while its day
+is fresh; :meth:`SentDays.forget_before` removes older ones.
+
+.. seealso:: https://airflow.apache.org/docs/apache-airflow/stable/core-concepts/variables.html
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from datetime import date, timedelta
+from typing import Any
+
+
+class SentDays:
+    """Marks of the days sent for one (account, meter, identifier prefix).
+
+    :param account: The Connect account (``acct_...``) or ``None`` for the platform.
+    :param meter_id: The Stripe meter.
+    :param prefix: The identifier prefix (two pipelines with their own prefixes have their own marks).
+    """
+
+    def __init__(self, account: str | None, meter_id: str, prefix: str) -> None:
+        self.account = account or "platform"
+        self.meter_id = meter_id
+        self.prefix = prefix
+
+    def key(self, day: date) -> str:
+        """The Variable that marks ``day``."""
+        return f"stripe_meter.sent.{self.account}.{self.meter_id}.{self.prefix}.{day.isoformat()}"
+
+    def marked(self, days: Iterable[date]) -> set[date]:
+        """Those of ``days`` that have been sent for."""
+        from airflow.sdk import Variable
+
+        return {day for day in set(days) if Variable.get(self.key(day), default=None) is not None}
+
+    def mark(self, days: Iterable[date], detail: dict[str, Any]) -> None:
+        """Mark ``days`` as sent for (before sending), with who sent them, for the audit trail."""
+        from airflow.sdk import Variable
+
+        for day in sorted(set(days)):
+            Variable.set(
+                self.key(day),
+                json.dumps(detail, sort_keys=True),
+                description="airflow-provider-stripe-meter: usage of this day was sent to Stripe; "
+                "later runs look at Stripe's summaries before sending more.",
+            )
+
+    def forget_before(self, oldest_fresh: date, lookback: int = 7) -> None:
+        """Remove the marks of the ``lookback`` days before ``oldest_fresh``: those are always looked up."""
+        from airflow.sdk import Variable
+
+        for offset in range(1, lookback + 1):
+            day = oldest_fresh - timedelta(days=offset)
+            if Variable.get(self.key(day), default=None) is not None:
+                Variable.delete(self.key(day))

@@ -1,0 +1,305 @@
+"""Stripe's figure per (meter, customer, day) equals the source's, whatever the history of runs.
+
+Real Airflow (dag.test()) and the real stripe SDK against the local server, which keeps
+identifiers for a realistic 24 hours; tests move its clock past that instead of waiting.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections import defaultdict
+
+import pendulum
+import pytest
+
+from airflow_provider_stripe_meter.testing import LocalStripeServer
+from tests.conftest import SECRET_KEY, run_dag, task_states, xcoms
+
+pytestmark = [pytest.mark.airflow, pytest.mark.usefixtures("airflow_db")]
+DAY = 86400
+
+
+def today():
+    return pendulum.today("UTC")
+
+
+def at(day_offset: int, seconds: int) -> str:
+    return today().add(days=day_offset).add(seconds=seconds).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def day(offset: int) -> str:
+    return today().add(days=offset).to_date_string()
+
+
+def serve(monkeypatch, meters: dict[str, dict]) -> LocalStripeServer:
+    server = LocalStripeServer(api_keys=[SECRET_KEY], validate_spec=True, identifier_window=DAY).start()
+    for name, settings in meters.items():
+        server.ledger.add_meter(name, **settings)
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_STRIPE_DEFAULT", server.connection_json(SECRET_KEY, max_network_retries=1)
+    )
+    return server
+
+
+@pytest.fixture
+def stop_after():
+    servers = []
+    yield servers.append
+    for server in servers:
+        server.stop()
+        assert server.spec_violations == [], server.spec_violations
+        assert server.request_violations == [], server.request_violations
+
+
+@pytest.fixture
+def usage_db(tmp_path, monkeypatch):
+    path = tmp_path / "usage.db"
+    monkeypatch.setenv("AIRFLOW_CONN_USAGE_DB", json.dumps({"conn_type": "sqlite", "host": str(path)}))
+    with sqlite3.connect(path) as con:
+        con.execute("CREATE TABLE usage (customer_id TEXT, tokens INTEGER, used_at TEXT)")
+    return path
+
+
+def add_rows(path, rows):
+    with sqlite3.connect(path) as con:
+        con.executemany("INSERT INTO usage VALUES (?, ?, ?)", rows)
+
+
+def source_figures(rows, formula="sum"):
+    """Per (customer, day ISO): the meter's formula over the source rows (rows in source order)."""
+    grouped = defaultdict(list)
+    for customer, value, used_at, *_ in rows:
+        grouped[(customer, used_at[:10])].append((used_at, value))
+    if formula == "count":
+        return {key: len(values) for key, values in grouped.items()}
+    if formula == "last":
+        # The latest row; of equal times, the later one in source order.
+        return {
+            key: max(enumerate(values), key=lambda iv: (iv[1][0], iv[0]))[1][1]
+            for key, values in grouped.items()
+        }
+    return {key: sum(v for _, v in values) for key, values in grouped.items()}
+
+
+def db_rows(path):
+    with sqlite3.connect(path) as con:
+        return con.execute("SELECT customer_id, tokens, used_at FROM usage ORDER BY rowid").fetchall()
+
+
+def advance(server, seconds):
+    """Move the server's clock on: identifiers older than the window are forgotten."""
+    clock = server.ledger.clock
+    server.ledger.clock = lambda: clock() + seconds
+
+
+@pytest.mark.parametrize("window", [None, "day"], ids=["raw-meter", "pre-aggregated-meter"])
+def test_backfill_three_times_across_the_identifier_window_bills_each_day_exactly(
+    monkeypatch, usage_db, stop_after, window
+):
+    server = serve(monkeypatch, {"ai_tokens_used": {"event_time_window": window}})
+    stop_after(server)
+    add_rows(
+        usage_db, [(f"cus_{c:02d}", 10 * c + d, at(-d, 3_600 + c)) for c in range(12) for d in range(1, 8)]
+    )
+    conf = {"from_date": day(-7), "to_date": day(0)}
+
+    def run_backfill():
+        dag_run = run_dag("example_stripe_usage_backfill", run_conf=conf)
+        assert task_states(dag_run)["bill_range"] == "success"
+        assert server.ledger.figures("ai_tokens_used") == source_figures(db_rows(usage_db))
+        return xcoms(dag_run, "bill_range")
+
+    first = run_backfill()
+    assert (first["sent"], first["already_recorded"]) == (84, 0)
+    events_after_first = len(server.ledger.accepted())
+
+    advance(server, 25 * 3600)  # Stripe has forgotten every identifier of the first run
+    second = run_backfill()
+    assert (second["sent"], second["already_recorded"], second["looked_up"]) == (0, 84, 84)
+    assert len(server.ledger.accepted()) == events_after_first  # nothing re-sent
+
+    late = [("cus_00", 5, at(-1, 50_000)), ("cus_03", 7, at(-6, 60_000)), ("cus_new", 9, at(-4, 100))]
+    add_rows(usage_db, late)
+    advance(server, 25 * 3600)
+    third = run_backfill()
+    assert (third["sent"], third["already_recorded"]) == (3, 82)
+    assert third["actions"]["top_up"] == 2
+    assert third["actions"]["send"] == 1
+    assert len(server.ledger.accepted()) == events_after_first + 3
+
+
+def test_late_rows_while_stripe_still_remembers_the_first_run_are_billed_once(
+    monkeypatch, usage_db, stop_after
+):
+    server = serve(monkeypatch, {"ai_tokens_used": {}})
+    stop_after(server)
+    add_rows(usage_db, [(f"cus_{c}", 100 + c, at(-d, 7_200)) for c in range(5) for d in (1, 3)])
+    conf = {"from_date": day(-7), "to_date": day(0)}
+    run_dag("example_stripe_usage_backfill", run_conf=conf)
+    add_rows(usage_db, [("cus_1", 11, at(-1, 9_000)), ("cus_2", 22, at(-3, 9_000))])
+
+    for _ in range(2):
+        dag_run = run_dag("example_stripe_usage_backfill", run_conf=conf)
+        assert server.ledger.figures("ai_tokens_used") == source_figures(db_rows(usage_db))
+
+    identifiers = {e.identifier for e in server.ledger.accepted()}
+    assert f"usage:ai_tokens_used:cus_1:{day(-1)}:from101" in identifiers
+    assert f"usage:ai_tokens_used:cus_2:{day(-3)}:from102" in identifiers
+    assert len(identifiers) == 12
+    assert xcoms(dag_run, "bill_range")["already_recorded"] == 10
+
+
+def test_count_and_last_meters_are_billed_by_their_own_formula(monkeypatch, stop_after):
+    meters = {"api_calls": {"formula": "count"}, "seats": {"formula": "last"}, "ai_tokens_used": {}}
+    server = serve(monkeypatch, meters)
+    stop_after(server)
+    rows = []
+    for c in range(4):
+        for d in (1, 2):
+            rows += [[f"cus_{c}", 1, at(-d, 600 * k + c), "api_calls"] for k in range(3 + c)]
+            rows += [[f"cus_{c}", 10 + k, at(-d, 900 * k), "seats"] for k in (2, 0, 1)]  # latest is 12
+            rows += [[f"cus_{c}", 7, at(-d, 60), "ai_tokens_used"]]
+
+    def run_and_check(all_rows):
+        dag_run = run_dag("t_truth_rows", run_conf={"rows": all_rows})
+        assert task_states(dag_run)["bill"] == "success"
+        for name, meter in meters.items():
+            mine = [r for r in all_rows if r[3] == name]
+            assert server.ledger.figures(name) == source_figures(mine, meter.get("formula", "sum")), name
+        return xcoms(dag_run, "bill")
+
+    outcome = run_and_check(rows)
+    assert outcome["totals"]["api_calls"]["value"] == sum(3 + c for c in range(4)) * 2
+    assert outcome["totals"]["seats"]["value"] == 12 * 8
+    # Late rows: two more calls for cus_0 yesterday, and a later seat count.
+    rows += [["cus_0", 1, at(-1, 20_000), "api_calls"], ["cus_0", 1, at(-1, 20_001), "api_calls"]]
+    rows += [["cus_1", 3, at(-1, 30_000), "seats"]]
+    outcome = run_and_check(rows)
+    assert (outcome["sent"], outcome["over"]) == (2, 0)  # a lower latest seat count is not "over"
+    calls = [e for e in server.ledger.accepted("api_calls") if e.payload["stripe_customer_id"] == "cus_0"]
+    assert len(calls) == 3 + 3 + 2  # one event a row, each once
+
+
+def test_a_meter_that_cannot_be_billed_exactly_is_refused_before_anything_is_sent(monkeypatch, stop_after):
+    server = serve(monkeypatch, {"api_calls": {"formula": "count", "event_time_window": "day"}})
+    stop_after(server)
+
+    dag_run = run_dag("t_truth_rows", run_conf={"rows": [["cus_a", 1, at(-1, 5), "api_calls"]]})
+
+    [ti] = [t for t in dag_run.get_task_instances() if t.task_id == "bill"]
+    assert (str(ti.state), ti.try_number) == ("failed", 1)
+    assert server.stats["v1_meter_event"] == 0
+
+
+def test_a_retry_after_a_failed_try_sends_only_what_stripe_does_not_hold(monkeypatch, usage_db, stop_after):
+    server = serve(monkeypatch, {"ai_tokens_used": {}})
+    stop_after(server)
+    add_rows(usage_db, [(f"cus_{c:02d}", c + 1, at(-1, c)) for c in range(30)])
+    # Stripe goes down after 10 events, for longer than the task's outage_timeout (0.5 s).
+    server.outage(2.0, path_prefix="/v1/billing/meter_events", after_requests=10)
+
+    dag_run = run_dag("t_truth_resume")
+
+    [ti] = dag_run.get_task_instances()
+    assert (str(ti.state), ti.try_number) == ("success", 2)
+    assert server.ledger.figures("ai_tokens_used") == source_figures(db_rows(usage_db))
+    assert len(server.ledger.accepted()) == 30
+    outcome = xcoms(dag_run, "bill")
+    assert (outcome["sent"], outcome["already_recorded"], outcome["looked_up"]) == (20, 10, 30)
+    # Nothing Stripe held was sent again (nothing was in flight when it went down).
+    assert server.stats["duplicates_rejected"] == 0
+
+
+@pytest.mark.parametrize("dag_id", ["t_truth_outage", "t_truth_outage_stream"], ids=["v1", "v2-stream"])
+def test_a_60_second_outage_after_a_third_is_ridden_out(monkeypatch, usage_db, stop_after, dag_id):
+    server = serve(monkeypatch, {"ai_tokens_used": {}})
+    stop_after(server)
+    add_rows(usage_db, [(f"cus_{c:03d}", c + 1, at(-1, c)) for c in range(300)])
+    stream = dag_id.endswith("stream")
+    path = "/v2/billing/meter_event_stream" if stream else "/v1/billing/meter_events"
+    server.outage(60.0, path_prefix=path, after_requests=1 if stream else 100)
+
+    dag_run = run_dag(dag_id)
+
+    [ti] = dag_run.get_task_instances()
+    assert (str(ti.state), ti.try_number) == ("success", 1)
+    assert server.outages_started == 1
+    assert server.ledger.figures("ai_tokens_used") == source_figures(db_rows(usage_db))
+    identifiers = [e.identifier for e in server.ledger.accepted()]
+    assert len(identifiers) == len(set(identifiers)) == 300
+    outcome = xcoms(dag_run, "bill")
+    assert outcome["outages"] >= 1
+    assert outcome["sent"] == 300
+
+
+def test_late_rows_through_the_stream_are_billed_once(monkeypatch, stop_after):
+    server = serve(monkeypatch, {"ai_tokens_used": {}})
+    stop_after(server)
+    rows = [[f"cus_{c:03d}", 5, at(-1, c), "ai_tokens_used"] for c in range(150)]
+    run_dag("t_truth_rows_stream", run_conf={"rows": rows})
+    rows += [["cus_007", 2, at(-1, 9_000), "ai_tokens_used"]]
+
+    for _ in range(2):
+        dag_run = run_dag("t_truth_rows_stream", run_conf={"rows": rows})
+        assert server.ledger.figures("ai_tokens_used") == source_figures(rows)
+
+    assert server.stats["v2_stream"] == 2  # the first run only: corrections go through v1
+    outcome = xcoms(dag_run, "bill")
+    assert (outcome["sent"], outcome["already_recorded"]) == (0, 150)
+
+
+def test_dry_run_says_what_a_real_run_would_do_and_sends_nothing(monkeypatch, stop_after):
+    server = serve(monkeypatch, {"ai_tokens_used": {}})
+    server.ledger.customers = {"cus_a", "cus_b", "cus_c", "cus_d"}
+    stop_after(server)
+    rows = [["cus_a", 10, at(-3, 5), "ai_tokens_used"], ["cus_b", 20, at(-3, 5), "ai_tokens_used"]]
+    rows += [["cus_c", 30, at(-3, 5), "ai_tokens_used"]]
+    run_dag("t_truth_rows", run_conf={"rows": rows})
+    requests_before = server.stats["v1_meter_event"]
+    changed = [
+        ["cus_a", 10, at(-3, 5), "ai_tokens_used"],  # unchanged
+        ["cus_b", 20, at(-3, 5), "ai_tokens_used"],
+        ["cus_b", 4, at(-3, 99), "ai_tokens_used"],  # late row
+        ["cus_c", 25, at(-3, 5), "ai_tokens_used"],  # the source shrank
+        ["cus_d", 8, at(-2, 5), "ai_tokens_used"],  # a new day
+        ["cus_ghost", 1, at(-3, 5), "ai_tokens_used"],  # Stripe does not know this customer
+    ]
+
+    dag_run = run_dag("t_truth_rows_dry", run_conf={"rows": changed})
+
+    assert server.stats["v1_meter_event"] == requests_before
+    outcome = xcoms(dag_run, "bill")
+    plan = {line["customer_id"]: line for line in outcome["plan"]}
+    assert {c: plan[c]["action"] for c in plan} == {
+        "cus_a": "leave_alone",
+        "cus_b": "top_up",
+        "cus_c": "report",
+        "cus_d": "send",
+        "cus_ghost": "report",
+    }
+    assert (plan["cus_b"]["value_sent"], plan["cus_d"]["value_sent"]) == (4, 8)
+    assert plan["cus_ghost"]["reason"] == "customer_unknown"
+    assert outcome["actions"] == {"send": 1, "top_up": 1, "leave_alone": 1, "correct": 0, "report": 2}
+    assert outcome["totals"]["ai_tokens_used"]["to_send"] == 12
+    assert (outcome["dry_run"], outcome["success"]) == (True, False)
+
+
+def test_a_shrunk_source_is_reported_and_corrected_only_on_request(monkeypatch, stop_after):
+    server = serve(monkeypatch, {"ai_tokens_used": {}})
+    stop_after(server)
+    run_dag("t_truth_rows", run_conf={"rows": [["cus_a", 50, at(-2, 5), "ai_tokens_used"]]})
+    shrunk = [["cus_a", 35, at(-2, 5), "ai_tokens_used"]]
+
+    dag_run = run_dag("t_truth_rows", run_conf={"rows": shrunk})
+
+    outcome = xcoms(dag_run, "bill")
+    assert (outcome["over"], outcome["success"]) == (1, False)
+    assert outcome["samples"]["over"][0]["recorded"] == 50
+    assert server.ledger.figures("ai_tokens_used") == {("cus_a", day(-2)): 50}
+
+    dag_run = run_dag("t_truth_rows_correct", run_conf={"rows": shrunk})
+
+    assert server.ledger.figures("ai_tokens_used") == {("cus_a", day(-2)): 35}
+    assert [int(e.payload["value"]) for e in server.ledger.accepted()] == [50, -15]
+    assert xcoms(dag_run, "bill")["success"] is True
