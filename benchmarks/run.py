@@ -1,11 +1,13 @@
 """Benchmarks of the batch operator, each printed as a ratio against a baseline measured in the same run.
 
-    ./dev bench                 # everything (about 3 minutes)
-    ./dev bench --only v1       # one of: v1, stream, stream-unlimited, sql
+    ./dev bench                 # everything (about 12 minutes)
+    ./dev bench --only v1       # one of: v1, stream, stream-unlimited, sql, truth
 
 Every figure runs the real stripe SDK over HTTP against the local Stripe server on 127.0.0.1
-with the latency and limits named in its heading; the SQL figure runs in fresh processes so
-that peak memory (resident set, sampled every 2 ms) belongs to one path alone.
+with the latency and limits named in its heading, and the operator inside a real Airflow task
+(``dag.test()`` on a throwaway SQLite metadata database: its marks of sent days are Airflow
+Variables); the SQL figure runs in fresh processes so that peak memory (resident set, sampled
+every 2 ms) belongs to one path alone.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ EVENT = "ai_tokens_used"
 def _airflow_env() -> None:
     home = Path(tempfile.mkdtemp(prefix="stripe-meter-bench-"))
     os.environ.setdefault("AIRFLOW_HOME", str(home))
+    os.environ.setdefault("AIRFLOW__CORE__DAGS_FOLDER", str(Path(os.environ["AIRFLOW_HOME"]) / "dags"))
     os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
     os.environ.setdefault("AIRFLOW__LOGGING__LOGGING_LEVEL", "WARNING")
 
@@ -58,6 +61,55 @@ def _operator(**kwargs: Any):
     from airflow_provider_stripe_meter.operators.meter_event_batch import StripeMeterEventBatchOperator
 
     return StripeMeterEventBatchOperator(task_id="bench", event_name=EVENT, **kwargs)
+
+
+_BENCH_DAG = """
+import json, os, time
+
+import pendulum
+from airflow.sdk import DAG, task
+
+with DAG("stripe_meter_bench", schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC")):
+
+    @task
+    def bench(**context):
+        from airflow_provider_stripe_meter.operators.meter_event_batch import StripeMeterEventBatchOperator
+
+        with open(os.environ["STRIPE_METER_BENCH_ARGS"]) as handle:
+            kwargs = json.load(handle)
+        op = StripeMeterEventBatchOperator(task_id="bench", **kwargs)
+        started = time.monotonic()
+        outcome = op.execute(context)
+        outcome["wall"] = time.monotonic() - started
+        with open(os.environ["STRIPE_METER_BENCH_OUT"], "w") as handle:
+            json.dump(outcome, handle, default=str)
+
+    bench()
+"""
+
+
+def _run_in_task(**kwargs: Any) -> dict[str, Any]:
+    """Run the batch operator inside a real Airflow task (dag.test()) and return its outcome.
+
+    ``wall`` is the operator's own time, end to end (reading, looking up, marking, sending).
+    """
+    home = Path(os.environ["AIRFLOW_HOME"])
+    dags = home / "dags"
+    if not dags.exists():
+        dags.mkdir(parents=True)
+        (dags / "stripe_meter_bench.py").write_text(_BENCH_DAG)
+        airflow = Path(sys.executable).with_name("airflow")
+        for command in (["db", "migrate"], ["dags", "reserialize"]):
+            subprocess.run([str(airflow), *command], check=True, capture_output=True)
+    args, out = home / "bench-args.json", home / "bench-out.json"
+    args.write_text(json.dumps({"event_name": EVENT, **kwargs}))
+    os.environ["STRIPE_METER_BENCH_ARGS"], os.environ["STRIPE_METER_BENCH_OUT"] = str(args), str(out)
+    try:
+        from airflow.dag_processing.dagbag import DagBag
+    except ImportError:  # Airflow 3.1
+        from airflow.models.dagbag import DagBag
+    DagBag(dag_folder=str(dags)).get_dag("stripe_meter_bench").test()
+    return json.loads(out.read_text())
 
 
 class RemoteServer:
@@ -130,7 +182,7 @@ def bench_v1(events: int, baseline_events: int) -> None:
     server_args = ["--latency", "0.05", "--rate-limit", str(limit)]
     with RemoteServer(*server_args) as server:
         started = time.monotonic()
-        outcome = _operator(rows=rows, max_rps=limit).execute({"ti": None})
+        outcome = _run_in_task(rows=rows, max_rps=limit)
         seconds = time.monotonic() - started
         duplicates, lost = _check_exactly_once(server, events)
         ours = outcome["sent"] / outcome["seconds"]
@@ -166,7 +218,7 @@ def bench_stream(events: int, stream_limit: float) -> None:
     )
     rows = _rows(events, 1, seed=2)
     with RemoteServer("--latency", "0.05", "--stream-rate-limit", str(stream_limit)) as server:
-        outcome = _operator(rows=rows, api="v2_stream", max_rps=stream_limit).execute({"ti": None})
+        outcome = _run_in_task(rows=rows, api="v2_stream", max_rps=stream_limit)
         ours = outcome["sent"] / outcome["seconds"]
         duplicates, lost = _check_exactly_once(server, events)
         print(
@@ -186,9 +238,8 @@ def bench_stream_unlimited(customers: int, per_customer: int) -> None:
         "aggregation included"
     )
     with RemoteServer("--latency", "0.02") as server:
-        started = time.monotonic()
-        outcome = _operator(rows=rows, api="v2_stream", max_rps=1_000, concurrency=16).execute({"ti": None})
-        seconds = time.monotonic() - started
+        outcome = _run_in_task(rows=rows, api="v2_stream", max_rps=1_000, concurrency=16)
+        seconds = outcome["wall"]
         duplicates, lost = _check_exactly_once(server, customers)
     ours = outcome["sent"] / seconds
     print(
@@ -199,6 +250,113 @@ def bench_stream_unlimited(customers: int, per_customer: int) -> None:
     print(
         f"RESULT stream-unlimited: events/s / 10,000 (Stripe's documented stream rate) = {ours / target:.2f}"
     )
+
+
+def bench_truth(customers: int, days: int) -> None:
+    """What exactly-once beyond the identifier window costs: (a) a first nightly, (b) a backfill."""
+    import pendulum
+
+    from airflow_provider_stripe_meter.hooks.stripe import StripeHook
+    from airflow_provider_stripe_meter.utils.delivery import Deliverer
+    from airflow_provider_stripe_meter.utils.identifiers import daily_identifier
+    from airflow_provider_stripe_meter.utils.rules import MeterEvent
+
+    limit = 100.0
+    print(
+        f"\n## truth (a): nightly run, {customers} customers billing yesterday for the first time, "
+        f"server limit {limit:.0f} requests/s, 50 ms latency"
+    )
+    rows = _rows(customers, 1, seed=5)
+    server_args = ["--latency", "0.05", "--rate-limit", str(limit)]
+    with RemoteServer(*server_args) as server:
+        # Baseline: what the operator cost before this release, one request per aggregate and
+        # nothing else (no meter list, no marks, no summaries), through the same deliverer.
+        hook = StripeHook()
+        day = pendulum.yesterday("UTC").date()
+        events = [MeterEvent(EVENT, c, v, daily_identifier(EVENT, c, day), None) for c, v, _ in rows]
+        started = time.monotonic()
+        report = Deliverer(
+            lambda batch: hook.create_meter_event(batch[0]),
+            key=lambda e: e.customer_id,
+            describe=lambda e: {"customer_id": e.customer_id},
+            max_rps=limit,
+        ).run(events)
+        base_seconds = time.monotonic() - started
+        base_requests = server.summary()["stats"]["requests"]
+        print(
+            f"baseline (send every aggregate, no look-ups): {report.sent} sent, {base_requests} requests, "
+            f"{base_seconds:.1f} s"
+        )
+    with RemoteServer(*server_args) as server:
+        outcome = _run_in_task(rows=rows, max_rps=limit)
+        requests = server.summary()["stats"]["requests"]
+        duplicates, lost = _check_exactly_once(server, customers)
+        print(
+            f"operator: {outcome['sent']} sent, {requests} requests ({outcome['summary_requests']} summary "
+            f"look-ups), {outcome['wall']:.1f} s end to end; duplicates {duplicates}, lost {lost}"
+        )
+    print(
+        f"RESULT truth-a: requests operator/baseline = {requests / base_requests:.3f}, "
+        f"seconds = {outcome['wall'] / base_seconds:.3f} (target <= 1.10)"
+    )
+
+    test_limit = 25.0
+    print(
+        f"\n## truth (b): {days}-day backfill of the same {customers} customers over days already billed, "
+        f"test-mode limits (server {test_limit:.0f} requests/s, operator default 20/s), 50 ms latency"
+    )
+    today = pendulum.today("UTC")
+    backfill, held = [], []
+    rng = random.Random(6)
+    for back in range(1, days + 1):
+        stamp = today.add(days=-back, hours=23, minutes=30)
+        for c in range(customers):
+            customer, value = f"cus_bench{c:06d}", rng.randrange(1, 10_000)
+            backfill.append((customer, value, stamp.strftime("%Y-%m-%d %H:%M:%S")))
+            held.append(
+                {
+                    "event_name": EVENT,
+                    "customer": customer,
+                    "value": value,
+                    "timestamp": int(stamp.timestamp()),
+                    "identifier": daily_identifier(EVENT, customer, stamp.date()),
+                }
+            )
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
+        json.dump(held, handle)
+    server_args = ["--latency", "0.05", "--rate-limit", str(test_limit), "--preload", handle.name]
+    with RemoteServer(*server_args) as server:
+        _mark_as_billed_by_the_nightly(today.add(days=-1).date())
+        before = server.summary()
+        outcome = _run_in_task(rows=backfill)
+        after = server.summary()
+    os.unlink(handle.name)
+    resent = after["stats"].get("v1_meter_event", 0) + after["stats"].get("v2_stream", 0)
+    print(
+        f"operator: {outcome['aggregates']} customer-days ({outcome['skipped_too_old']} rows too old), "
+        f"{outcome['summary_requests']} summary look-ups, {resent} events sent, "
+        f"{outcome['already_recorded']} already recorded, {outcome['rate_limited']} 429s, "
+        f"{outcome['wall']:.1f} s end to end; events on the server {before['events']} -> {after['events']}"
+    )
+    print(
+        f"RESULT truth-b: seconds = {outcome['wall']:.0f} / 300 = {outcome['wall'] / 300:.2f} (target < 1); "
+        f"aggregates re-sent = {resent} (target 0)"
+    )
+
+
+def _mark_as_billed_by_the_nightly(day: Any) -> None:
+    """Leave the mark last night's run of the operator leaves on the day it billed.
+
+    The preloaded events stand for what the nightly DAG sent; a nightly run also marks its fresh
+    day (an Airflow Variable) before sending, and that mark is what makes later runs look first.
+    """
+    from airflow.models.variable import Variable
+
+    from airflow_provider_stripe_meter.hooks.stripe import StripeHook
+    from airflow_provider_stripe_meter.utils.sent_days import SentDays
+
+    meter_id = StripeHook().active_meter(EVENT)["id"]
+    Variable.set(SentDays(None, meter_id, "usage").key(day), json.dumps({"dag_id": "nightly"}))
 
 
 def _make_sqlite(path: Path, n: int) -> None:
@@ -241,7 +399,7 @@ def _inner_sql(mode: str, db: str) -> None:
         )
         extra: dict[str, Any] = {}
     else:
-        aggregator = op._aggregate()
+        aggregator = op.read_usage(EVENT)
         with paused_gc():
             aggregates = aggregator.finish()
         rows = aggregator.rows
@@ -314,7 +472,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--only", choices=["v1", "stream", "stream-unlimited", "sql"])
+    parser.add_argument("--only", choices=["v1", "stream", "stream-unlimited", "sql", "truth"])
+    parser.add_argument("--truth-customers", type=int, default=5_000)
+    parser.add_argument("--truth-days", type=int, default=35)
     parser.add_argument("--v1-events", type=int, default=5_000)
     parser.add_argument(
         "--baseline-events", type=int, default=300, help="events the sequential baseline sends"
@@ -341,6 +501,8 @@ def main() -> None:
         bench_stream_unlimited(customers=50_000, per_customer=4)
     if args.only in (None, "sql"):
         bench_sql(args.sql_rows, args.repeats)
+    if args.only in (None, "truth"):
+        bench_truth(args.truth_customers, args.truth_days)
     print(f"\n(benchmarks took {time.monotonic() - started:.0f} s)")
 
 

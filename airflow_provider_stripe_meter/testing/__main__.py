@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import threading
 
@@ -26,6 +27,10 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="do not answer 429 to a second in-flight request for the same customer and meter",
     )
+    parser.add_argument(
+        "--preload",
+        help="JSON file of events Stripe already holds: [{event_name, customer, value, timestamp, identifier}]",
+    )
     args = parser.parse_args(argv)
 
     server = LocalStripeServer(
@@ -38,6 +43,16 @@ def main(argv: list[str] | None = None) -> None:
         one_request_per_customer_meter=not args.allow_concurrent_per_customer,
         port=args.port,
     ).start()
+    if args.preload:
+        with open(args.preload) as handle:
+            for event in json.load(handle):
+                server.ledger.record(
+                    event_name=event["event_name"],
+                    payload={"stripe_customer_id": event["customer"], "value": str(event["value"])},
+                    identifier=event.get("identifier"),
+                    timestamp=event["timestamp"],
+                    api="preload",
+                )
     print(f"Local Stripe meter server on {server.url}", flush=True)
     print(f"AIRFLOW_CONN_STRIPE_DEFAULT='{server.connection_json(args.api_key)}'", flush=True)
     stop = threading.Event()
