@@ -1,10 +1,13 @@
 """Bill a range of past days in one run: what Stripe's 35-day window means for a backfill.
 
-Trigger with ``{"from_date": "2026-10-15", "to_date": "2026-11-24"}``. Days within the past
-35 days (less a one-hour safety margin) are billed, each customer-day once (a day billed by the
-daily DAG is reported as already recorded); older rows cannot be billed through meter events
-any more: they are skipped, counted and listed in the ``samples`` XCom, and the run branches
-to ``report_unbillable_usage`` so someone can invoice them another way.
+Trigger with ``{"from_date": "2026-10-15", "to_date": "2026-11-24"}``, as often as you like.
+Every day in the range is looked up in Stripe's meter summaries first (one request per
+customer), so a day the nightly DAG billed, or an earlier backfill, is left alone however long
+ago that was; late rows are billed as the difference only, once. Rows older than 35 days (less
+a one-hour safety margin) cannot be billed on their own day any more: they are skipped, counted
+and listed in the ``samples`` XCom, and the run branches to ``report_unbillable_usage``
+(``too_old="bill_at_oldest"`` would bill them at the oldest instant Stripe accepts instead).
+Run it first with ``dry_run=True`` to see what it would do.
 """
 
 from __future__ import annotations

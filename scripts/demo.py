@@ -138,11 +138,13 @@ def main() -> None:
         )
 
         print("\n== the same night run again (a cleared run or a retry)")
+        first_night = len(server.ledger.accepted()) - before
         run = daily.test(logical_date=today)
         result = outcome(run, "bill")
+        again = len(server.ledger.accepted()) - before
         print(
             f"sent={result['sent']} already_recorded={result['already_recorded']}; "
-            f"events on the server: {len(server.ledger.accepted()) - before} (unchanged)"
+            f"events on the server: {again} ({'unchanged' if again == first_night else 'CHANGED'})"
         )
 
         frm, to = today.subtract(days=40).to_date_string(), today.to_date_string()
@@ -161,7 +163,7 @@ def main() -> None:
 
 
 def reconcile_late_rows(bag, server, today) -> None:
-    """Late rows and a customer Stripe does not know: reconcile, top up, alert; then again."""
+    """Late rows and a customer Stripe does not know: bill, reconcile, alert; then again."""
     yesterday = today.subtract(days=1)
     late = [
         ("cus_demo_acme", 500, yesterday.add(hours=23, minutes=50).strftime("%Y-%m-%d %H:%M:%S")),
@@ -174,9 +176,16 @@ def reconcile_late_rows(bag, server, today) -> None:
     print("   a customer Stripe does not know: example_stripe_reconcile bills, reconciles, corrects")
     dag = bag.get_dag("example_stripe_reconcile")
     for attempt in (1, 2):
+        events_before = len(server.ledger.accepted())
         run = dag.test(logical_date=today, run_conf={"settle_seconds": 0})
+        billed = outcome(run, "bill")
+        print(
+            f"run {attempt}: bill sent {billed['sent']} customer-day(s) ({billed['actions']}), "
+            f"{billed['customer_unknown']} for an unknown customer reported, not sent; "
+            f"{len(server.ledger.accepted()) - events_before} new event(s) on Stripe"
+        )
         report = outcome(run, "reconcile")
-        print(f"run {attempt}: reconcile counts {report['counts']}")
+        print(f"  reconcile counts {report['counts']}")
         for line in report["lines"]:
             if line["status"] != "ok":
                 print(
@@ -196,7 +205,17 @@ def reconcile_late_rows(bag, server, today) -> None:
                 f"  top-up: sent {top_up['sent']} event(s), {top_up['value_sent']} tokens: "
                 f"{top_up['corrections']}"
             )
-    print("the second run found nothing left to top up: the late tokens were billed once")
+    acme = sum(
+        v
+        for (c, d), v in server.ledger.figures("ai_tokens_used").items()
+        if c == "cus_demo_acme" and d == yesterday.to_date_string()
+    )
+    with sqlite3.connect(USAGE_DB) as con:
+        source = con.execute(
+            "SELECT SUM(tokens) FROM usage WHERE customer_id = 'cus_demo_acme' AND date(used_at) = ?",
+            (yesterday.to_date_string(),),
+        ).fetchone()[0]
+    print(f"cus_demo_acme yesterday: source {source} tokens, Stripe {acme}: equal = {acme == source}")
 
 
 if __name__ == "__main__":

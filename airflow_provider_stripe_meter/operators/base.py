@@ -123,8 +123,11 @@ class UsageSourceMixin:
         self.chunk_size = chunk_size
         self.sample_limit = sample_limit
 
-    def read_usage(self, event_name: str | None) -> UsageAggregator:
-        """Read the source and aggregate it per (event name, customer, UTC day), once."""
+    def read_usage(self, event_name: str | None, *, keep_too_old: bool = False) -> UsageAggregator:
+        """Read the source and aggregate it per (event name, customer, UTC day), once.
+
+        ``keep_too_old`` aggregates rows older than Stripe's window apart instead of skipping them.
+        """
         from airflow_provider_stripe_meter.utils.sources import aggregate_usage
 
         return aggregate_usage(
@@ -139,4 +142,5 @@ class UsageSourceMixin:
             safety_margin=self.safety_margin,
             sample_limit=self.sample_limit,
             log=self.log,  # type: ignore[attr-defined]
+            keep_too_old=keep_too_old,
         )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from datetime import date, timedelta
+from datetime import date, datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
 from airflow_provider_stripe_meter.operators.base import StripeBaseOperator, UsageSourceMixin
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from airflow_provider_stripe_meter.utils.delivery import DeliveryReport
 
 APIS = ("v1", "v2_stream")
+TOO_OLD = ("skip", "bill_at_oldest")
 STREAM_BATCH = 100  # Stripe's maximum events per stream request
 PROGRESS_SECONDS = 10.0  # progress lines at least this often on long runs
 #: Stripe refuses a repeated identifier for at least this long (its documented minimum).
@@ -99,6 +100,12 @@ class StripeMeterEventBatchOperator(UsageSourceMixin, StripeBaseOperator):
     :param correct_over: Bring days where Stripe holds more than the source down to it (a
         negative event on ``sum`` meters, a new figure on ``last`` and pre-aggregated meters).
         Off by default: such days are reported as ``over``.
+    :param too_old: What to do with rows older than Stripe's 35 days (less ``safety_margin``):
+        ``"skip"`` (default) counts and samples them as ``skipped_too_old``; ``"bill_at_oldest"``
+        bills them (``sum`` meters only) at the oldest instant Stripe still accepts, with the
+        original day kept in the identifier, counted apart as ``billed_late``. What was billed
+        late is remembered in Airflow Variables, so it is billed once, and later look-ups of the
+        day it landed on subtract it.
     :param dry_run: Read, check and compare as a real run would, send nothing, and return the
         ``plan``: per customer-day what a real run would do (``send``, ``top_up``,
         ``leave_alone``, ``correct``, ``report``).
@@ -138,6 +145,7 @@ class StripeMeterEventBatchOperator(UsageSourceMixin, StripeBaseOperator):
         identifier_window: timedelta = STRIPE_IDENTIFIER_WINDOW,
         settle_timeout: timedelta | float = timedelta(minutes=10),
         correct_over: bool = False,
+        too_old: str = "skip",
         dry_run: bool = False,
         plan_limit: int = 10_000,
         fail_on_error: bool = False,
@@ -152,8 +160,11 @@ class StripeMeterEventBatchOperator(UsageSourceMixin, StripeBaseOperator):
             raise ValueError(f"max_rps must be positive, got {max_rps!r}")
         if identifier_window <= FRESH_MARGIN:
             raise ValueError(f"identifier_window must be longer than {FRESH_MARGIN}, got {identifier_window}")
+        if too_old not in TOO_OLD:
+            raise ValueError(f"too_old must be one of {TOO_OLD}, got {too_old!r}")
         check_fixed_event_name(event_name)
         self.event_name = event_name
+        self.too_old = too_old
         self.api = api
         self.max_rps = max_rps
         self.concurrency = concurrency
@@ -180,14 +191,14 @@ class StripeMeterEventBatchOperator(UsageSourceMixin, StripeBaseOperator):
             StripeEventRejectedError,
         )
 
-        aggregator = self.read_usage(self.event_name)
+        aggregator = self.read_usage(self.event_name, keep_too_old=self.too_old == "bill_at_oldest")
         with paused_gc():
             aggregates = aggregator.finish()
         self._log_problems(aggregator)
         now = int(time.time())
         run = _Run(self, context, now)
-        if aggregates:
-            run.plan(aggregates)
+        if aggregates or aggregator.too_old:
+            run.plan(aggregates, late=aggregator.too_old, oldest=aggregator.oldest)
             if not self.dry_run:
                 run.deliver()
                 run.confirm()
@@ -263,7 +274,8 @@ class _Run:
         self.specs: dict[str, MeterSpec] = {}
         self.plans: dict[Key, DayPlan] = {}
         self.aggregates: dict[Key, DailyAggregate] = {}
-        self.looked_up = 0
+        #: Customer-days looked up in Stripe's summaries (each once, however often read).
+        self.looked_up: set[Key] = set()
         self.summary_requests = 0
         #: Day outcome per key once known (DAY_OUTCOMES); keys without one were left alone.
         self.status: dict[Key, str] = {}
@@ -272,16 +284,20 @@ class _Run:
         self.stale: dict[Key, int] = {}
         self.reports: list[DeliveryReport] = []
         self.samples: dict[str, list[dict[str, Any]]] = {}
+        #: Usage older than the window (too_old="bill_at_oldest"), planned apart.
+        self.late_plans: dict[Key, DayPlan] = {}
+        self.late_status: dict[Key, str] = {}
+        self.oldest = now
 
     # -- planning --------------------------------------------------------------------------
 
-    def plan(self, aggregates: list[DailyAggregate]) -> None:
+    def plan(self, aggregates: list[DailyAggregate], late: list[DailyAggregate], oldest: int) -> None:
         """Read the meters, look up the days that need it, and plan every customer-day."""
         from airflow_provider_stripe_meter.exceptions import StripeMeterUnsupportedError
         from airflow_provider_stripe_meter.utils.billing import MeterUnsupportedError, meter_spec
 
         op = self.op
-        for name in sorted({a.event_name for a in aggregates}):
+        for name in sorted({a.event_name for a in [*aggregates, *late]}):
             meter = self.hook.active_meter(name)  # unknown or inactive: fails before anything is sent
             try:
                 self.specs[name] = meter_spec(
@@ -299,6 +315,8 @@ class _Run:
                 {"type": "meter_unsupported", "count_events": count_events},
             )
         self.aggregates = {(a.event_name, a.customer_id, a.day): a for a in aggregates}
+        if late:
+            self._plan_late(late, oldest)
         to_look_up = self._days_to_look_up()
         recorded, unknown = self._look_up(to_look_up)
         for key, aggregate in self.aggregates.items():
@@ -312,6 +330,38 @@ class _Run:
                 correct_over=op.correct_over,
                 customer_unknown=looked and (key[0], key[1]) in unknown,
             )
+
+    def _plan_late(self, late: list[DailyAggregate], oldest: int) -> None:
+        """Plan usage older than the window: billed once, at the oldest instant Stripe accepts."""
+        from airflow_provider_stripe_meter.exceptions import StripeMeterUnsupportedError
+        from airflow_provider_stripe_meter.utils.billing import plan_late
+
+        # A minute inside the window, so the event cannot expire between planning and sending.
+        self.oldest = oldest + 60
+        for name in {a.event_name for a in late}:
+            spec = self.specs[name]
+            if spec.kind != ADD:
+                raise StripeMeterUnsupportedError(
+                    f"too_old='bill_at_oldest' needs a raw sum meter; meter {spec.meter_id} ({name!r}) "
+                    f"aggregates by {spec.formula!r} (event_time_window={spec.event_time_window!r}), where "
+                    "a late event would change another day's figure. Use too_old='skip'.",
+                    {"type": "meter_unsupported", "meter_id": spec.meter_id},
+                )
+        billed: dict[Key, int] = {}
+        for name in {a.event_name for a in late}:
+            days = {a.day for a in late if a.event_name == name}
+            for original, by_customer in self._landings(self.specs[name]).billed(days).items():
+                billed.update({(name, customer, original): value for customer, value in by_customer.items()})
+        for aggregate in late:
+            key = (aggregate.event_name, aggregate.customer_id, aggregate.day)
+            self.late_plans[key] = plan_late(
+                aggregate, billed.get(key, 0), prefix=self.op.identifier_prefix, at=self.oldest
+            )
+
+    def _landings(self, spec: MeterSpec) -> Any:
+        from airflow_provider_stripe_meter.utils.sent_days import LateLandings
+
+        return LateLandings(self.hook.stripe_account, spec.meter_id, self.op.identifier_prefix)
 
     def _days_to_look_up(self) -> set[Key]:
         """Customer-days whose Stripe figure must be read before sending: old, or marked as sent."""
@@ -336,8 +386,14 @@ class _Run:
             )
             self.summary_requests += len(customers)
             recorded.update({(name, c, d): v for (c, d), v in found.items()})
+            # Late usage billed onto these days (too_old="bill_at_oldest") is not theirs.
+            for landing_day, by_customer in self._landings(self.specs[name]).read(days).items():
+                for customer, amounts in by_customer.items():
+                    key = (name, customer, landing_day)
+                    if key in recorded:
+                        recorded[key] -= sum(amounts.values())
             unknown.update((name, c) for c in missing)
-        self.looked_up += len(keys)
+        self.looked_up |= keys
         return recorded, unknown
 
     def _marks(self, spec: MeterSpec) -> Any:
@@ -372,6 +428,42 @@ class _Run:
             for spec in self.specs.values():
                 self._marks(spec).forget_before(oldest_fresh)
         self._send([e for plan in self.plans.values() for e in plan.events])
+        self._send_late()
+
+    def _send_late(self) -> None:
+        """Record where late usage lands (before sending, undone for what fails), then send it."""
+        events = [e for plan in self.late_plans.values() for e in plan.events]
+        if not events:
+            return
+        landing_day = _day_of(self.oldest)
+        by_meter: dict[str, dict[str, dict[str, int]]] = {}
+        for event in events:
+            amounts = by_meter.setdefault(event.event_name, {}).setdefault(event.customer_id, {})
+            amounts[event.day.isoformat()] = amounts.get(event.day.isoformat(), 0) + event.value
+        for name, amounts in by_meter.items():
+            self._landings(self.specs[name]).add(landing_day, amounts)
+        report = self._deliverer("v1").run(events)
+        self.reports.append(report)
+        undo: dict[str, dict[str, dict[str, int]]] = {}
+        for event in [*report.failed_items, *report.rejected_items]:
+            amounts = undo.setdefault(event.event_name, {}).setdefault(event.customer_id, {})
+            amounts[event.day.isoformat()] = amounts.get(event.day.isoformat(), 0) - event.value
+        for name, amounts in undo.items():
+            self._landings(self.specs[name]).add(landing_day, amounts)
+        failed = {id(e) for e in report.failed_items}
+        rejected = {id(e) for e in report.rejected_items}
+        already = {id(e) for e in report.already}
+        for event in events:
+            status = (
+                "failed"
+                if id(event) in failed
+                else "rejected"
+                if id(event) in rejected
+                else "already_recorded"
+                if id(event) in already
+                else "sent"
+            )
+            self.late_status[event.key] = status
 
     def _send(self, events: list[PlannedEvent]) -> None:
         """Send ``events`` (stream where allowed) and settle each customer-day's status."""
@@ -576,7 +668,7 @@ class _Run:
             "samples": samples,
             "dry_run": self.op.dry_run,
             "api": self.op.api,
-            "looked_up": self.looked_up,
+            "looked_up": len(self.looked_up),
             "summary_requests": self.summary_requests,
             "events_sent": sum(r.sent for r in self.reports),
             "requests": sum(r.requests for r in self.reports),
@@ -584,18 +676,43 @@ class _Run:
             "outages": sum(r.outages for r in self.reports),
             "seconds": round(sum(r.seconds for r in self.reports), 3),
         }
+        late_counts = dict.fromkeys(("sent", "already_recorded", "rejected", "failed"), 0)
+        for status in self.late_status.values():
+            late_counts[status] += 1
+        late_over = [plan for plan in self.late_plans.values() if plan.action == REPORT]
+        for plan in late_over:
+            self._sample("over", plan.line())
+        outcome["billed_late"] = late_counts["sent"]
+        outcome["billed_late_before"] = (
+            sum(1 for plan in self.late_plans.values() if plan.action == LEAVE_ALONE)
+            + late_counts["already_recorded"]
+        )
+        outcome["billed_late_value"] = sum(
+            e.value
+            for key, plan in self.late_plans.items()
+            for e in plan.events
+            if self.late_status.get(key) == "sent"
+        )
+        outcome["billed_late_rows"] = aggregator.too_old_rows
+        outcome["rejected"] += late_counts["rejected"]
+        outcome["failed"] += late_counts["failed"]
+        outcome["over"] += 0 if self.op.dry_run else len(late_over)
         if self.op.dry_run:
-            lines = [plan.line() for plan in self.plans.values()]
+            lines = [plan.line() for plan in [*self.plans.values(), *self.late_plans.values()]]
             outcome["plan"] = lines[: self.op.plan_limit]
             outcome["plan_truncated"] = len(lines) > self.op.plan_limit
         problems = ("skipped_too_old", "skipped_future", "invalid", "rejected", "failed", "over")
         problems += ("customer_unknown", "unconfirmed")
-        outcome["success"] = not any(outcome[k] for k in problems) and (
-            not self.op.dry_run or not (actions[REPORT])
-        )
+        reported = actions[REPORT] + len(late_over)
+        outcome["success"] = not any(outcome[k] for k in problems) and (not self.op.dry_run or not reported)
         return outcome
 
 
 def _reported(plan: DayPlan) -> str:
     """The outcome of a day planned as ``report``."""
     return "customer_unknown" if plan.reason == "customer_unknown" else "over"
+
+
+def _day_of(seconds: int) -> date:
+    """The UTC day of unix ``seconds``."""
+    return datetime.fromtimestamp(seconds, timezone.utc).date()

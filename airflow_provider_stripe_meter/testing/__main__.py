@@ -29,7 +29,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--preload",
-        help="JSON file of events Stripe already holds: [{event_name, customer, value, timestamp, identifier}]",
+        help="JSON file of events Stripe already holds: "
+        "[{event_name, customer, value, timestamp, identifier}, ...]",
     )
     args = parser.parse_args(argv)
 

@@ -99,6 +99,8 @@ class UsageAggregator:
     :param naive_timezone: Zone for timestamps without one (SQL ``timestamp`` columns usually
         have none); ``None`` rejects them.
     :param safety_margin: How much younger than 35 days a row must be.
+    :param keep_too_old: Aggregate rows older than that into :attr:`too_old` (to be billed at
+        the oldest instant Stripe accepts) instead of skipping them.
     :param sample_limit: How many examples of each problem to keep.
     """
 
@@ -111,6 +113,7 @@ class UsageAggregator:
         naive_timezone: tzinfo | None = timezone.utc,
         safety_margin: timedelta = DEFAULT_SAFETY_MARGIN,
         sample_limit: int = DEFAULT_SAMPLE_LIMIT,
+        keep_too_old: bool = False,
     ) -> None:
         self.event_name = validate_event_name(event_name) if event_name is not None else None
         self.columns = tuple(columns[:3] if event_name is not None else columns[:4])
@@ -124,6 +127,11 @@ class UsageAggregator:
         # (event name, customer, UTC day number) -> [sum, latest unix seconds, rows, latest row's value]
         self._totals: dict[tuple[str, str, int], list[int]] = {}
         self._finished: list[DailyAggregate] | None = None
+        self.keep_too_old = keep_too_old
+        self._too_old_totals: dict[tuple[str, str, int], list[int]] = {}
+        #: With ``keep_too_old``: rows older than the window, and their aggregates (after finish()).
+        self.too_old_rows = 0
+        self.too_old: list[DailyAggregate] = []
         # Fast path, fixed event name: UTC day number -> customer -> [sum, latest naive-UTC
         # datetime, rows, latest value]; folded into _totals when the aggregates are read.
         self._fast_days: dict[int, dict[str, list[Any]]] = {}
@@ -219,10 +227,19 @@ class UsageAggregator:
                     entry[1] = stamp
                     entry[3] = value
 
-    def _merge(self, key: tuple[str, str, int], total: int, seconds: int, rows: int, last: int) -> None:
-        entry = self._totals.get(key)
+    def _merge(
+        self,
+        key: tuple[str, str, int],
+        total: int,
+        seconds: int,
+        rows: int,
+        last: int,
+        into: dict[tuple[str, str, int], list[int]] | None = None,
+    ) -> None:
+        totals = self._totals if into is None else into
+        entry = totals.get(key)
         if entry is None:
-            self._totals[key] = [total, seconds, rows, last]
+            totals[key] = [total, seconds, rows, last]
         else:
             entry[0] += total
             entry[2] += rows
@@ -239,6 +256,11 @@ class UsageAggregator:
             seconds = self.to_seconds(stamp)
         except MeterEventInputError as err:
             self.problems.add("invalid", {"row": index, **err.to_dict()})
+            return
+        if seconds < self.oldest and self.keep_too_old:
+            self.too_old_rows += 1
+            key = (event_name, customer, seconds // SECONDS_PER_DAY)
+            self._merge(key, number, seconds, 1, number, into=self._too_old_totals)
             return
         if seconds < self.oldest:
             self.problems.add(
@@ -301,10 +323,15 @@ class UsageAggregator:
             for customer, (total, latest, rows, last) in customers.items():
                 self._merge((event_name, customer, day), total, _naive_utc_seconds(latest), rows, last)  # type: ignore[arg-type]
         self._fast_days.clear()
+        self.too_old = self._fold(self._too_old_totals)
+        self._finished = self._fold(self._totals)
+        return self._finished
+
+    def _fold(self, totals: dict[tuple[str, str, int], list[int]]) -> list[DailyAggregate]:
         out: list[DailyAggregate] = []
         days: dict[int, date] = {}
         # Not sorted: comparing 3-tuples would cost more than the whole aggregation.
-        for (event_name, customer, day_number), (total, seconds, rows, last) in self._totals.items():
+        for (event_name, customer, day_number), (total, seconds, rows, last) in totals.items():
             day = days.get(day_number) or days.setdefault(day_number, _day(day_number))
             if -MAX_VALUE <= total <= MAX_VALUE:
                 out.append(DailyAggregate(event_name, customer, day, total, seconds, rows, last))
@@ -321,7 +348,6 @@ class UsageAggregator:
                 },
                 count=rows,
             )
-        self._finished = out
         return out
 
 

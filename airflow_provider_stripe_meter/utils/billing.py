@@ -195,6 +195,42 @@ class DayPlan:
         }
 
 
+def plan_late(aggregate: DailyAggregate, billed: int, *, prefix: str, at: int) -> DayPlan:
+    """Plan usage of a day older than Stripe's window, billed at ``at`` (the oldest instant it takes).
+
+    Only ``sum`` meters (raw): elsewhere a late event would change another day's count or last
+    value. ``billed`` is what was billed late for this day before; the identifier keeps the
+    original day and names that base, so a repeat is refused.
+    """
+    expected = aggregate.value
+    plan = DayPlan(aggregate.event_name, aggregate.customer_id, aggregate.day, expected, billed, LEAVE_ALONE)
+    if expected == billed:
+        plan.reason = "billed late before"
+        return plan
+    if expected < billed:
+        plan.action, plan.reason = REPORT, "over: more was billed late than the source now holds"
+        return plan
+    plan.action = TOP_UP if billed else SEND
+    plan.reason = (
+        f"older than Stripe's 35 days: billed at {datetime.fromtimestamp(at, timezone.utc).isoformat()}"
+    )
+    identifier = bounded_identifier(
+        prefix, aggregate.event_name, aggregate.customer_id, aggregate.day.isoformat(), f"late{billed}"
+    )
+    plan.events = [
+        PlannedEvent(
+            aggregate.event_name,
+            aggregate.customer_id,
+            aggregate.day,
+            expected - billed,
+            identifier,
+            at,
+            False,
+        )
+    ]
+    return plan
+
+
 def day_end(day: date) -> int:
     """Unix seconds of the first second after ``day`` (UTC)."""
     return int(datetime(day.year, day.month, day.day, tzinfo=timezone.utc).timestamp()) + SECONDS_PER_DAY

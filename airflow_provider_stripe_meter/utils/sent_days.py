@@ -65,3 +65,80 @@ class SentDays:
             day = oldest_fresh - timedelta(days=offset)
             if Variable.get(self.key(day), default=None) is not None:
                 Variable.delete(self.key(day))
+
+
+class LateLandings:
+    """Usage older than Stripe's window that was billed late, by the day its events landed on.
+
+    Late usage is sent at the oldest instant Stripe accepts, so it lands on a day inside the
+    window and shows in that day's summaries. This store remembers, per landing day, how much of
+    which original day each customer was billed there: later runs subtract it from what they look
+    up. One Variable per landing day (``stripe_meter.late.<account>.<meter id>.<prefix>.<day>``)
+    holds ``{customer: {original day: value}}``; one per original day (``...late-of...``) holds
+    ``{customer: value}``, what of that day was billed late, however long ago.
+    """
+
+    def __init__(self, account: str | None, meter_id: str, prefix: str) -> None:
+        self.account = account or "platform"
+        self.meter_id = meter_id
+        self.prefix = prefix
+
+    def key(self, landing_day: date) -> str:
+        """The Variable for ``landing_day``."""
+        return f"stripe_meter.late.{self.account}.{self.meter_id}.{self.prefix}.{landing_day.isoformat()}"
+
+    def original_key(self, day: date) -> str:
+        """The Variable for what of ``day`` (an original day) was billed late."""
+        return f"stripe_meter.late-of.{self.account}.{self.meter_id}.{self.prefix}.{day.isoformat()}"
+
+    def read(self, landing_days: Iterable[date]) -> dict[date, dict[str, dict[str, int]]]:
+        """What landed on each of ``landing_days`` (days with nothing are left out)."""
+        return self._read(self.key, landing_days)
+
+    def billed(self, original_days: Iterable[date]) -> dict[date, dict[str, int]]:
+        """What of each of ``original_days`` was billed late, per customer."""
+        return self._read(self.original_key, original_days)
+
+    @staticmethod
+    def _read(key: Any, days: Iterable[date]) -> dict[date, Any]:
+        from airflow.sdk import Variable
+
+        found = {}
+        for day in sorted(set(days)):
+            raw = Variable.get(key(day), default=None)
+            if raw is not None:
+                found[day] = json.loads(raw)
+        return found
+
+    def add(self, landing_day: date, amounts: dict[str, dict[str, int]]) -> None:
+        """Add ``{customer: {original day: value}}`` to what landed on ``landing_day`` (negative undoes)."""
+        from airflow.sdk import Variable
+
+        current = self.read([landing_day]).get(landing_day, {})
+        for customer, days in amounts.items():
+            mine = current.setdefault(customer, {})
+            for day, value in days.items():
+                mine[day] = mine.get(day, 0) + value
+                if not mine[day]:
+                    del mine[day]
+            if not mine:
+                del current[customer]
+        Variable.set(
+            self.key(landing_day),
+            json.dumps(current, sort_keys=True),
+            description="airflow-provider-stripe-meter: usage older than 35 days billed late on this day.",
+        )
+        by_original: dict[str, dict[str, int]] = {}
+        for customer, days in amounts.items():
+            for day, value in days.items():
+                by_original.setdefault(day, {})[customer] = value
+        for day, values in by_original.items():
+            original = date.fromisoformat(day)
+            billed = self.billed([original]).get(original, {})
+            for customer, value in values.items():
+                billed[customer] = billed.get(customer, 0) + value
+            Variable.set(
+                self.original_key(original),
+                json.dumps({c: v for c, v in sorted(billed.items()) if v}),
+                description="airflow-provider-stripe-meter: usage of this old day billed late.",
+            )

@@ -100,6 +100,7 @@ def aggregate_usage(
     safety_margin: timedelta,
     sample_limit: int,
     log: logging.Logger | Any,
+    keep_too_old: bool = False,
 ) -> UsageAggregator:
     """Read the source and aggregate it per (event name, customer, UTC day), logging progress."""
     aggregator = UsageAggregator(
@@ -109,6 +110,7 @@ def aggregate_usage(
         naive_timezone=zone(naive_timezone),
         safety_margin=safety_margin,
         sample_limit=sample_limit,
+        keep_too_old=keep_too_old,
     )
     started = last = time.monotonic()
     with paused_gc():

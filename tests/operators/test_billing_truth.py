@@ -303,3 +303,43 @@ def test_a_shrunk_source_is_reported_and_corrected_only_on_request(monkeypatch, 
     assert server.ledger.figures("ai_tokens_used") == {("cus_a", day(-2)): 35}
     assert [int(e.payload["value"]) for e in server.ledger.accepted()] == [50, -15]
     assert xcoms(dag_run, "bill")["success"] is True
+
+
+def test_usage_older_than_35_days_is_billed_once_at_the_oldest_instant_on_request(monkeypatch, stop_after):
+    server = serve(monkeypatch, {"ai_tokens_used": {}})
+    stop_after(server)
+    landing = pendulum.now("UTC").subtract(days=35).add(hours=1, seconds=60)
+    rows = [
+        ["cus_a", 40, at(-40, 5), "ai_tokens_used"],
+        ["cus_b", 3, at(-38, 5), "ai_tokens_used"],
+        ["cus_a", 6, at(-2, 5), "ai_tokens_used"],
+        # In the window, on the day the late usage will land on: its figure must stay its own.
+        ["cus_a", 2, landing.add(seconds=30).strftime("%Y-%m-%d %H:%M:%S"), "ai_tokens_used"],
+    ]
+
+    skipped = xcoms(run_dag("t_truth_rows", run_conf={"rows": rows}), "bill")
+    assert (skipped["skipped_too_old"], skipped["billed_late"]) == (2, 0)
+    dag_run = run_dag("t_truth_rows_late", run_conf={"rows": rows})
+
+    outcome = xcoms(dag_run, "bill")
+    assert (outcome["billed_late"], outcome["billed_late_rows"], outcome["billed_late_value"]) == (2, 2, 43)
+    assert (outcome["skipped_too_old"], outcome["success"]) == (0, True)
+    late = {e.identifier: e for e in server.ledger.accepted() if ":late" in e.identifier}
+    assert set(late) == {
+        f"usage:ai_tokens_used:cus_a:{day(-40)}:late0",
+        f"usage:ai_tokens_used:cus_b:{day(-38)}:late0",
+    }
+    assert {abs(e.timestamp - landing.int_timestamp) <= 5 for e in late.values()} == {True}
+
+    rows.append(["cus_a", 5, at(-40, 99), "ai_tokens_used"])  # a late row for the old day
+    outcome = xcoms(run_dag("t_truth_rows_late", run_conf={"rows": rows}), "bill")
+    assert (outcome["billed_late"], outcome["billed_late_before"], outcome["billed_late_value"]) == (1, 1, 5)
+    assert f"usage:ai_tokens_used:cus_a:{day(-40)}:late40" in {e.identifier for e in server.ledger.accepted()}
+
+    advance(server, 25 * 3600)  # Stripe forgets the identifiers; the operator still knows
+    events_before = len(server.ledger.accepted())
+    outcome = xcoms(run_dag("t_truth_rows_late", run_conf={"rows": rows}), "bill")
+    assert len(server.ledger.accepted()) == events_before
+    assert (outcome["billed_late"], outcome["billed_late_before"], outcome["over"]) == (0, 2, 0)
+    assert outcome["success"] is True
+    assert server.ledger.totals() == {"cus_a": 40 + 5 + 6 + 2, "cus_b": 3}

@@ -115,3 +115,16 @@ def test_a_day_is_fresh_while_events_sent_after_it_ended_are_inside_the_window()
     assert is_fresh(DAY, DAY_END + 22 * 3600, window)
     assert not is_fresh(DAY, DAY_END + 23 * 3600 + 1, window)
     assert is_fresh(DAY + timedelta(days=1), DAY_END + 3600, window)  # a day not over yet
+
+
+def test_late_usage_is_billed_once_from_what_was_billed_late_before():
+    from airflow_provider_stripe_meter.utils.billing import plan_late
+
+    at = DAY_END + 60
+    first = plan_late(aggregate(value=40), 0, prefix="usage", at=at)
+    assert (first.action, events(first)) == ("send", [(40, "usage:tokens:cus_a:2026-11-20:late0")])
+    assert (first.events[0].timestamp, first.events[0].blind) == (at, False)
+    more = plan_late(aggregate(value=45), 40, prefix="usage", at=at)
+    assert (more.action, events(more)) == ("top_up", [(5, "usage:tokens:cus_a:2026-11-20:late40")])
+    assert plan_late(aggregate(value=40), 40, prefix="usage", at=at).action == "leave_alone"
+    assert plan_late(aggregate(value=30), 40, prefix="usage", at=at).action == "report"
