@@ -6,8 +6,10 @@ test module imports it.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -15,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pendulum
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -113,3 +116,52 @@ def rendered_fields(dag_run: Any, task_id: str) -> dict[str, Any]:
             .one()
         )
         return dict(row.rendered_fields)
+
+
+# -- usage data shared by the operator and sensor tests ---------------------------------------
+
+
+def today() -> Any:
+    """Midnight UTC of the day the test runs (not of the day the module was imported)."""
+    return pendulum.today("UTC")
+
+
+def at(day_offset: int, seconds: int) -> str:
+    """A ``used_at`` value: ``seconds`` after midnight UTC, ``day_offset`` days from today."""
+    return today().add(days=day_offset).add(seconds=seconds).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def day(offset: int) -> str:
+    """The ISO date ``offset`` days from today (UTC)."""
+    return today().add(days=offset).to_date_string()
+
+
+@pytest.fixture
+def usage_db(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty SQLite ``usage`` table behind the ``usage_db`` connection."""
+    path = tmp_path / "usage.db"
+    monkeypatch.setenv("AIRFLOW_CONN_USAGE_DB", json.dumps({"conn_type": "sqlite", "host": str(path)}))
+    with sqlite3.connect(path) as con:
+        con.execute("CREATE TABLE usage (customer_id TEXT, tokens INTEGER, used_at TEXT)")
+    return path
+
+
+def add_rows(path: Path, rows: list[Any]) -> Path:
+    """Append ``(customer_id, tokens, used_at)`` rows to the usage table."""
+    with sqlite3.connect(path) as con:
+        con.executemany("INSERT INTO usage VALUES (?, ?, ?)", rows)
+    return path
+
+
+def source_totals(path: Path, where: str = "1=1") -> dict[str, int]:
+    """Tokens per customer in the usage table (rows matching ``where``)."""
+    with sqlite3.connect(path) as con:
+        query = f"SELECT customer_id, SUM(tokens) FROM usage WHERE {where} GROUP BY customer_id"
+        return dict(con.execute(query))
+
+
+def advance(server: Any, seconds: float) -> None:
+    """Move the local server's clock on, as if ``seconds`` had passed (summaries catch up,
+    identifiers older than its window are forgotten)."""
+    clock = server.ledger.clock
+    server.ledger.clock = lambda: clock() + seconds

@@ -22,12 +22,12 @@ from datetime import date, timedelta
 from typing import Any
 
 
-class SentDays:
-    """Marks of the days sent for one (account, meter, identifier prefix).
+class _MeterStore:
+    """Airflow Variables of one (account, meter, identifier prefix), one per day.
 
     :param account: The Connect account (``acct_...``) or ``None`` for the platform.
     :param meter_id: The Stripe meter.
-    :param prefix: The identifier prefix (two pipelines with their own prefixes have their own marks).
+    :param prefix: The identifier prefix (two pipelines with their own prefixes keep their own).
     """
 
     def __init__(self, account: str | None, meter_id: str, prefix: str) -> None:
@@ -35,9 +35,16 @@ class SentDays:
         self.meter_id = meter_id
         self.prefix = prefix
 
+    def _key(self, kind: str, day: date) -> str:
+        return f"stripe_meter.{kind}.{self.account}.{self.meter_id}.{self.prefix}.{day.isoformat()}"
+
+
+class SentDays(_MeterStore):
+    """Marks of the days sent for one (account, meter, identifier prefix)."""
+
     def key(self, day: date) -> str:
         """The Variable that marks ``day``."""
-        return f"stripe_meter.sent.{self.account}.{self.meter_id}.{self.prefix}.{day.isoformat()}"
+        return self._key("sent", day)
 
     def marked(self, days: Iterable[date]) -> set[date]:
         """Those of ``days`` that have been sent for."""
@@ -67,7 +74,7 @@ class SentDays:
                 Variable.delete(self.key(day))
 
 
-class LateLandings:
+class LateLandings(_MeterStore):
     """Usage older than Stripe's window that was billed late, by the day its events landed on.
 
     Late usage is sent at the oldest instant Stripe accepts, so it lands on a day inside the
@@ -78,18 +85,13 @@ class LateLandings:
     ``{customer: value}``, what of that day was billed late, however long ago.
     """
 
-    def __init__(self, account: str | None, meter_id: str, prefix: str) -> None:
-        self.account = account or "platform"
-        self.meter_id = meter_id
-        self.prefix = prefix
-
     def key(self, landing_day: date) -> str:
         """The Variable for ``landing_day``."""
-        return f"stripe_meter.late.{self.account}.{self.meter_id}.{self.prefix}.{landing_day.isoformat()}"
+        return self._key("late", landing_day)
 
     def original_key(self, day: date) -> str:
         """The Variable for what of ``day`` (an original day) was billed late."""
-        return f"stripe_meter.late-of.{self.account}.{self.meter_id}.{self.prefix}.{day.isoformat()}"
+        return self._key("late-of", day)
 
     def read(self, landing_days: Iterable[date]) -> dict[date, dict[str, dict[str, int]]]:
         """What landed on each of ``landing_days`` (days with nothing are left out)."""

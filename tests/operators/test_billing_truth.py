@@ -6,7 +6,6 @@ identifiers for a realistic 24 hours; tests move its clock past that instead of 
 
 from __future__ import annotations
 
-import json
 import sqlite3
 from collections import defaultdict
 
@@ -14,22 +13,10 @@ import pendulum
 import pytest
 
 from airflow_provider_stripe_meter.testing import LocalStripeServer
-from tests.conftest import SECRET_KEY, run_dag, task_states, xcoms
+from tests.conftest import SECRET_KEY, add_rows, advance, at, day, run_dag, task_states, xcoms
 
 pytestmark = [pytest.mark.airflow, pytest.mark.usefixtures("airflow_db")]
 DAY = 86400
-
-
-def today():
-    return pendulum.today("UTC")
-
-
-def at(day_offset: int, seconds: int) -> str:
-    return today().add(days=day_offset).add(seconds=seconds).strftime("%Y-%m-%d %H:%M:%S")
-
-
-def day(offset: int) -> str:
-    return today().add(days=offset).to_date_string()
 
 
 def serve(monkeypatch, meters: dict[str, dict]) -> LocalStripeServer:
@@ -52,20 +39,6 @@ def stop_after():
         assert server.request_violations == [], server.request_violations
 
 
-@pytest.fixture
-def usage_db(tmp_path, monkeypatch):
-    path = tmp_path / "usage.db"
-    monkeypatch.setenv("AIRFLOW_CONN_USAGE_DB", json.dumps({"conn_type": "sqlite", "host": str(path)}))
-    with sqlite3.connect(path) as con:
-        con.execute("CREATE TABLE usage (customer_id TEXT, tokens INTEGER, used_at TEXT)")
-    return path
-
-
-def add_rows(path, rows):
-    with sqlite3.connect(path) as con:
-        con.executemany("INSERT INTO usage VALUES (?, ?, ?)", rows)
-
-
 def source_figures(rows, formula="sum"):
     """Per (customer, day ISO): the meter's formula over the source rows (rows in source order)."""
     grouped = defaultdict(list)
@@ -85,12 +58,6 @@ def source_figures(rows, formula="sum"):
 def db_rows(path):
     with sqlite3.connect(path) as con:
         return con.execute("SELECT customer_id, tokens, used_at FROM usage ORDER BY rowid").fetchall()
-
-
-def advance(server, seconds):
-    """Move the server's clock on: identifiers older than the window are forgotten."""
-    clock = server.ledger.clock
-    server.ledger.clock = lambda: clock() + seconds
 
 
 @pytest.mark.parametrize("window", [None, "day"], ids=["raw-meter", "pre-aggregated-meter"])

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import sqlite3
 from datetime import datetime, timedelta, timezone
 
 import pendulum
@@ -11,49 +9,17 @@ import pytest
 
 from airflow_provider_stripe_meter.operators.meter_event_batch import StripeMeterEventBatchOperator
 from airflow_provider_stripe_meter.utils.identifiers import daily_identifier
-from tests.conftest import run_dag, task_states, xcoms
+from tests.conftest import add_rows, at, run_dag, source_totals, task_states, today, xcoms
 
 pytestmark = [pytest.mark.airflow, pytest.mark.usefixtures("airflow_db")]
 
 
-def today():
-    """Midnight UTC of the day the test runs (not of the day the module was imported)."""
-    return pendulum.today("UTC")
-
-
-DAY = 86400
-
-
-def seed(path, rows):
-    with sqlite3.connect(path) as con:
-        con.execute("CREATE TABLE IF NOT EXISTS usage (customer_id TEXT, tokens INTEGER, used_at TEXT)")
-        con.executemany("INSERT INTO usage VALUES (?, ?, ?)", rows)
-    return path
-
-
-def source_totals(path, where="1=1"):
-    with sqlite3.connect(path) as con:
-        return dict(
-            con.execute(f"SELECT customer_id, SUM(tokens) FROM usage WHERE {where} GROUP BY customer_id")
-        )
-
-
-def at(day_offset: int, seconds: int) -> str:
-    moment = today().add(days=day_offset).add(seconds=seconds)
-    return moment.strftime("%Y-%m-%d %H:%M:%S")
-
-
-@pytest.fixture
-def usage_db(tmp_path, monkeypatch):
-    path = tmp_path / "usage.db"
-    monkeypatch.setenv("AIRFLOW_CONN_USAGE_DB", json.dumps({"conn_type": "sqlite", "host": str(path)}))
-    return path
 
 
 def test_daily_run_bills_yesterday_once_and_a_rerun_adds_nothing(secret_server, usage_db):
     rows = [(f"cus_{n % 7}", 10 + n, at(-1, 300 * n)) for n in range(200)]
     rows += [("cus_today", 99, at(0, 60)), ("cus_0", 5, at(-2, 60))]  # outside the data interval
-    seed(usage_db, rows)
+    add_rows(usage_db, rows)
 
     first = run_dag("t_batch_daily", logical_date=today())
 
@@ -84,7 +50,7 @@ def test_daily_run_bills_yesterday_once_and_a_rerun_adds_nothing(secret_server, 
 
 
 def test_rows_outside_stripes_window_are_skipped_and_reported(secret_server, usage_db):
-    seed(
+    add_rows(
         usage_db,
         [
             ("cus_old", 7, at(-38, 0)),
@@ -108,7 +74,7 @@ def test_rows_outside_stripes_window_are_skipped_and_reported(secret_server, usa
 
 def test_faults_and_rate_limits_still_bill_every_unit_exactly_once(secret_server, usage_db):
     rows = [(f"cus_{n % 60:03d}", n * 1_000 + 1, at(-(n // 300) - 1, n)) for n in range(900)]
-    seed(usage_db, rows)
+    add_rows(usage_db, rows)
     secret_server.set_rate_limit(60, burst=10)
     secret_server.inject_failures(15, status=500, after_write=True, path_prefix="/v1/billing/meter_events")
     secret_server.inject_failures(15, status=503, path_prefix="/v1/billing/meter_events")
@@ -128,7 +94,7 @@ def test_faults_and_rate_limits_still_bill_every_unit_exactly_once(secret_server
 
 
 def test_v2_stream_sends_100_events_a_request(secret_server, usage_db):
-    seed(usage_db, [(f"cus_{n:04d}", n + 1, at(-1, n)) for n in range(250)])
+    add_rows(usage_db, [(f"cus_{n:04d}", n + 1, at(-1, n)) for n in range(250)])
 
     dag_run = run_dag("t_batch_stream")
 
@@ -151,7 +117,7 @@ def test_operator_arguments_are_checked_when_the_dag_is_parsed():
 
 
 def test_empty_usage_bills_nothing_and_succeeds(secret_server, usage_db):
-    seed(usage_db, [])
+    add_rows(usage_db, [])
     dag_run = run_dag("t_batch_daily", logical_date=today())
     outcome = xcoms(dag_run, "bill")
     assert (outcome["rows"], outcome["aggregates"], outcome["success"]) == (0, 0, True)

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import json
-import sqlite3
-
 import pendulum
 import pytest
 
-from tests.conftest import run_dag, task_states, xcoms
+from tests.conftest import add_rows, advance, at, day, run_dag, source_totals, task_states, xcoms
 
 pytestmark = [pytest.mark.airflow, pytest.mark.usefixtures("airflow_db", "fast_clock")]
 
@@ -28,44 +25,6 @@ def fast_clock(monkeypatch):
 
     monkeypatch.setattr(meter_reconcile, "_clock", clock)
     return readings
-
-
-def today():
-    """Midnight UTC of the day the test runs (not of the day the module was imported)."""
-    return pendulum.today("UTC")
-
-
-def at(day_offset: int, seconds: int) -> str:
-    return today().add(days=day_offset).add(seconds=seconds).strftime("%Y-%m-%d %H:%M:%S")
-
-
-def day(offset: int) -> str:
-    return today().add(days=offset).to_date_string()
-
-
-@pytest.fixture
-def usage_db(tmp_path, monkeypatch):
-    path = tmp_path / "usage.db"
-    monkeypatch.setenv("AIRFLOW_CONN_USAGE_DB", json.dumps({"conn_type": "sqlite", "host": str(path)}))
-    with sqlite3.connect(path) as con:
-        con.execute("CREATE TABLE usage (customer_id TEXT, tokens INTEGER, used_at TEXT)")
-    return path
-
-
-def add_rows(path, rows):
-    with sqlite3.connect(path) as con:
-        con.executemany("INSERT INTO usage VALUES (?, ?, ?)", rows)
-
-
-def source_totals(path):
-    with sqlite3.connect(path) as con:
-        return dict(con.execute("SELECT customer_id, SUM(tokens) FROM usage GROUP BY customer_id"))
-
-
-def advance(server, seconds):
-    """Move the server's clock on, as if ``seconds`` had passed (summaries catch up)."""
-    clock = server.ledger.clock
-    server.ledger.clock = lambda: clock() + seconds
 
 
 def lines_by_key(outcome):
