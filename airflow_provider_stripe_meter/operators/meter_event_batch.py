@@ -387,7 +387,9 @@ class _Run:
             self.summary_requests += len(customers)
             recorded.update({(name, c, d): v for (c, d), v in found.items()})
             # Late usage billed onto these days (too_old="bill_at_oldest") is not theirs.
-            for landing_day, by_customer in self._landings(self.specs[name]).read(days).items():
+            landings = self._landings(self.specs[name])
+            landed = landings.read(days) if landings.used() else {}
+            for landing_day, by_customer in landed.items():
                 for customer, amounts in by_customer.items():
                     key = (name, customer, landing_day)
                     if key in recorded:

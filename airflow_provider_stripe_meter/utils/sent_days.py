@@ -89,6 +89,17 @@ class LateLandings(_MeterStore):
         """The Variable for ``landing_day``."""
         return self._key("late", landing_day)
 
+    @property
+    def used_key(self) -> str:
+        """Set once, when this meter first billed late: until then nothing landed anywhere."""
+        return f"stripe_meter.late-used.{self.account}.{self.meter_id}.{self.prefix}"
+
+    def used(self) -> bool:
+        """Whether anything was ever billed late for this meter (one read instead of one a day)."""
+        from airflow.sdk import Variable
+
+        return Variable.get(self.used_key, default=None) is not None
+
     def original_key(self, day: date) -> str:
         """The Variable for what of ``day`` (an original day) was billed late."""
         return self._key("late-of", day)
@@ -116,6 +127,8 @@ class LateLandings(_MeterStore):
         """Add ``{customer: {original day: value}}`` to what landed on ``landing_day`` (negative undoes)."""
         from airflow.sdk import Variable
 
+        if not self.used():
+            Variable.set(self.used_key, "1", description="airflow-provider-stripe-meter: late billing used.")
         current = self.read([landing_day]).get(landing_day, {})
         for customer, days in amounts.items():
             mine = current.setdefault(customer, {})

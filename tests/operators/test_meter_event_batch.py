@@ -14,8 +14,6 @@ from tests.conftest import add_rows, at, run_dag, source_totals, task_states, to
 pytestmark = [pytest.mark.airflow, pytest.mark.usefixtures("airflow_db")]
 
 
-
-
 def test_daily_run_bills_yesterday_once_and_a_rerun_adds_nothing(secret_server, usage_db):
     rows = [(f"cus_{n % 7}", 10 + n, at(-1, 300 * n)) for n in range(200)]
     rows += [("cus_today", 99, at(0, 60)), ("cus_0", 5, at(-2, 60))]  # outside the data interval
