@@ -44,6 +44,13 @@ def get_provider_info() -> dict:
                 "python-modules": ["airflow_provider_stripe_meter.sensors.meter_reconcile"],
             }
         ],
+        "asset-uris": [
+            {
+                "schemes": ["stripe"],
+                "handler": "airflow_provider_stripe_meter.assets.stripe.sanitize_uri",
+                "factory": "airflow_provider_stripe_meter.assets.stripe.create_asset",
+            }
+        ],
         "connection-types": [
             {
                 "hook-class-name": "airflow_provider_stripe_meter.hooks.stripe.StripeHook",

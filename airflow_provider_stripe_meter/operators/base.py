@@ -73,6 +73,27 @@ class StripeBaseOperator(BaseOperator):
         )
 
 
+def meter_outlets(kwargs: dict[str, Any], event_name: Any, account: Any) -> None:
+    """Make the meter's Asset the task's outlet when both are known when the DAG is parsed.
+
+    Left alone when the task names its own ``outlets``, or when the event name or the account is
+    a template (the Asset must be known when the DAG is parsed, for the DAGs scheduled on it).
+    """
+    fixed_account = account is None or (isinstance(account, str) and "{{" not in account)
+    if "outlets" in kwargs or not isinstance(event_name, str) or "{{" in event_name or not fixed_account:
+        return
+    from airflow_provider_stripe_meter.assets.stripe import create_asset
+
+    kwargs["outlets"] = [create_asset(event_name=event_name, account=account)]
+
+
+def update_meter_assets(operator: BaseOperator, context: Any, extra: dict[str, Any]) -> None:
+    """Attach ``extra`` (the run's figures) to the event of every Stripe meter Asset the task updates."""
+    for outlet in getattr(operator, "outlets", None) or []:
+        if str(getattr(outlet, "uri", "")).startswith("stripe://"):
+            context["outlet_events"][outlet].extra = extra
+
+
 class UsageSourceMixin:
     """
     Where usage rows come from, for the batch operator and the reconcile sensor alike.

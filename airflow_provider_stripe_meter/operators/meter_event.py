@@ -7,7 +7,11 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from airflow_provider_stripe_meter.operators.base import StripeBaseOperator
+from airflow_provider_stripe_meter.operators.base import (
+    StripeBaseOperator,
+    meter_outlets,
+    update_meter_assets,
+)
 from airflow_provider_stripe_meter.utils.identifiers import task_identifier
 from airflow_provider_stripe_meter.utils.rules import (
     MeterEventInputError,
@@ -86,6 +90,7 @@ class StripeMeterEventOperator(StripeBaseOperator):
         value_payload_key: str | None = None,
         **kwargs: Any,
     ) -> None:
+        meter_outlets(kwargs, event_name, kwargs.get("stripe_account"))
         super().__init__(**kwargs)
         check_fixed_event_name(event_name)
         self.event_name = event_name
@@ -114,7 +119,7 @@ class StripeMeterEventOperator(StripeBaseOperator):
                 now=int(time.time()),
             )
         except MeterEventInputError as err:
-            return self._finish(False, err.to_dict(), str(err))
+            return self._finish(context, False, err.to_dict(), str(err))
 
         if event.identifier is None:
             ti = context["ti"]
@@ -150,12 +155,12 @@ class StripeMeterEventOperator(StripeBaseOperator):
                 "event_name": event.event_name,
                 "request_id": err.details.get("request_id"),
             }
-            return self._finish(True, response, "already recorded")
+            return self._finish(context, True, response, "already recorded")
         except StripeRequestRejectedError as err:
-            return self._finish(False, err.details, str(err))
+            return self._finish(context, False, err.details, str(err))
         if note:
             recorded = {**recorded, "note": note}
-        return self._finish(True, recorded, "recorded")
+        return self._finish(context, True, recorded, "recorded")
 
     def _formula_note(self, event_name: str) -> str | None:
         """What the meter's formula does with this event's value, where it is not simply added."""
@@ -175,7 +180,9 @@ class StripeMeterEventOperator(StripeBaseOperator):
             return f"meter {meter['id']} bills the last value: this replaces earlier ones if it is the latest"
         return None
 
-    def _finish(self, success: bool, response: dict[str, Any], summary: str) -> dict[str, Any]:
+    def _finish(
+        self, context: Context, success: bool, response: dict[str, Any], summary: str
+    ) -> dict[str, Any]:
         if success:
             self.log.info("Meter event %s: %s", summary, response)
         else:
@@ -184,4 +191,13 @@ class StripeMeterEventOperator(StripeBaseOperator):
                 from airflow_provider_stripe_meter.exceptions import StripeEventRejectedError
 
                 raise StripeEventRejectedError(f"Meter event not recorded: {summary}", response)
+        update_meter_assets(
+            self,
+            context,
+            {
+                "success": success,
+                "already_recorded": bool(response.get("already_recorded")),
+                "summary": summary,
+            },
+        )
         return {"success": success, "response": response}

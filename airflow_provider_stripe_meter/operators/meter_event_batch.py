@@ -7,7 +7,12 @@ from collections.abc import Sequence
 from datetime import date, datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
-from airflow_provider_stripe_meter.operators.base import StripeBaseOperator, UsageSourceMixin
+from airflow_provider_stripe_meter.operators.base import (
+    StripeBaseOperator,
+    UsageSourceMixin,
+    meter_outlets,
+    update_meter_assets,
+)
 from airflow_provider_stripe_meter.utils.aggregation import paused_gc
 from airflow_provider_stripe_meter.utils.billing import (
     ACTIONS,
@@ -153,6 +158,8 @@ class StripeMeterEventBatchOperator(UsageSourceMixin, StripeBaseOperator):
         value_payload_key: str | None = None,
         **kwargs: Any,
     ) -> None:
+        if not dry_run:
+            meter_outlets(kwargs, event_name, kwargs.get("stripe_account"))
         super().__init__(**kwargs)
         if api not in APIS:
             raise ValueError(f"api must be one of {APIS}, got {api!r}")
@@ -221,6 +228,8 @@ class StripeMeterEventBatchOperator(UsageSourceMixin, StripeBaseOperator):
             raise StripeEventRejectedError(
                 f"Usage not fully billed: {outcome['samples']}", {"type": "usage_not_billed"}
             )
+        if not self.dry_run:
+            update_meter_assets(self, context, _asset_extra(outcome, aggregates))
         return outcome
 
     def _log_problems(self, aggregator: UsageAggregator) -> None:
@@ -718,3 +727,24 @@ def _reported(plan: DayPlan) -> str:
 def _day_of(seconds: int) -> date:
     """The UTC day of unix ``seconds``."""
     return datetime.fromtimestamp(seconds, timezone.utc).date()
+
+
+def _asset_extra(outcome: dict[str, Any], aggregates: list[DailyAggregate]) -> dict[str, Any]:
+    """The run's figures for the meter Asset's event: what a downstream DAG needs to know."""
+    return {
+        "success": outcome["success"],
+        "days": sorted({a.day.isoformat() for a in aggregates}),
+        "customers": len({a.customer_id for a in aggregates}),
+        "aggregates": outcome["aggregates"],
+        "sent": outcome["sent"],
+        "already_recorded": outcome["already_recorded"],
+        "totals": {
+            name: {k: v for k, v in t.items() if k in ("value", "recorded")}
+            for name, t in outcome["totals"].items()
+        },
+        "problems": {
+            k: outcome[k]
+            for k in ("skipped_too_old", "invalid", "rejected", "over", "customer_unknown")
+            if outcome[k]
+        },
+    }

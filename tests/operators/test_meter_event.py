@@ -180,3 +180,14 @@ def test_a_count_meter_says_the_value_is_ignored(secret_server):
     response = xcoms(dag_run, "record")["response"]
     assert "counts as 1, its value is ignored" in response["note"]
     assert response["payload"]["value"] == "42"  # sent as given; Stripe counts it once
+
+
+def test_a_fixed_meter_is_the_tasks_asset():
+    from airflow_provider_stripe_meter.operators.meter_event import StripeMeterEventOperator
+
+    fixed = StripeMeterEventOperator(task_id="a", event_name="ai_tokens_used", customer_id="cus_1", value=1)
+    assert [o.uri for o in fixed.outlets] == ["stripe://platform/meters/ai_tokens_used"]
+    templated = StripeMeterEventOperator(
+        task_id="b", event_name="{{ params.e }}", customer_id="cus_1", value=1
+    )
+    assert templated.outlets == []

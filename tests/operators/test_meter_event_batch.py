@@ -198,3 +198,44 @@ def test_top_up_with_nothing_to_correct_has_the_same_keys_as_one_that_sends(secr
     full = StripeMeterTopUpOperator._outcome([event], DeliveryReport(total=1, sent=1))
     assert set(empty) == set(full)
     assert (empty["success"], empty["samples"], full["value_sent"]) == (True, {}, 5)
+
+
+def test_billing_updates_the_meters_asset_and_queues_the_dag_scheduled_on_it(secret_server, usage_db):
+    from airflow.models.asset import AssetDagRunQueue, AssetEvent, AssetModel
+    from airflow.models.dag import DagModel
+    from airflow.utils.session import create_session
+
+    add_rows(usage_db, [(f"cus_{n % 3}", 10 + n, at(-1, 300 * n)) for n in range(30)])
+    with create_session() as session:  # new DAGs start paused; a paused DAG is never queued
+        session.query(DagModel).filter_by(dag_id="example_stripe_after_billing").update({"is_paused": False})
+
+    dag_run = run_dag("t_batch_daily", logical_date=today())
+
+    uri = "stripe://platform/meters/ai_tokens_used"
+    with create_session() as session:
+        asset = session.query(AssetModel).filter(AssetModel.uri == uri).one()
+        [event] = (
+            session.query(AssetEvent)
+            .filter(AssetEvent.asset_id == asset.id, AssetEvent.source_run_id == dag_run.run_id)
+            .all()
+        )
+        queued = {row.target_dag_id for row in session.query(AssetDagRunQueue).filter_by(asset_id=asset.id)}
+        extra = dict(event.extra)
+    assert extra["success"] is True
+    assert extra["days"] == [today().add(days=-1).to_date_string()]
+    assert (extra["customers"], extra["sent"]) == (3, 3)
+    assert extra["totals"]["ai_tokens_used"] == {"value": sum(10 + n for n in range(30)), "recorded": 735}
+    assert "example_stripe_after_billing" in queued
+
+
+def test_a_templated_or_per_row_meter_has_no_asset_and_a_dry_run_updates_none():
+    fixed = StripeMeterEventBatchOperator(task_id="a", event_name="ai_tokens_used", rows=[])
+    assert [o.uri for o in fixed.outlets] == ["stripe://platform/meters/ai_tokens_used"]
+    connect = StripeMeterEventBatchOperator(task_id="b", event_name="e", rows=[], stripe_account="acct_1")
+    assert [o.uri for o in connect.outlets] == ["stripe://acct_1/meters/e"]
+    for kwargs in (
+        {"event_name": "{{ params.e }}"},
+        {"event_name": None},
+        {"event_name": "e", "dry_run": True},
+    ):
+        assert StripeMeterEventBatchOperator(task_id="c", rows=[], **kwargs).outlets == []
