@@ -94,8 +94,9 @@ class StripeMeterEventBatchOperator(UsageSourceMixin, StripeBaseOperator):
     :param max_attempts: Tries per request for 429, 5xx and network errors outside an outage.
     :param outage_timeout: Seconds an outage (every request failing) is ridden out before what
         is left fails the task for its retry.
-    :param identifier_prefix: First part of every identifier; set one per source when two
-        pipelines bill the same meter. (templated)
+    :param identifier_prefix: First part of every identifier (default ``usage``). It names the
+        events, not the meter's figure: Stripe's summaries count every sender's events, so two
+        pipelines must not bill the same meter for the same customers. (templated)
     :param identifier_window: How long Stripe is assumed to refuse a repeated identifier
         (Stripe promises at least 24 hours). Days that ended within it, less an hour, and were
         never sent for are billed without a look at Stripe.

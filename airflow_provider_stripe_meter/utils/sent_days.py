@@ -27,7 +27,7 @@ class _MeterStore:
 
     :param account: The Connect account (``acct_...``) or ``None`` for the platform.
     :param meter_id: The Stripe meter.
-    :param prefix: The identifier prefix (two pipelines with their own prefixes keep their own).
+    :param prefix: The identifier prefix the operator sends under.
     """
 
     def __init__(self, account: str | None, meter_id: str, prefix: str) -> None:
