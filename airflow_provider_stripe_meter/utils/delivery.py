@@ -407,10 +407,7 @@ class Deliverer(Generic[T]):
         except StripeMeterError as err:
             with self._lock:
                 report.requests += 1
-                report.failed += len(batch)
-                report.failed_items.extend(batch)
-                for item in batch:
-                    report.sample("failed", {**self.describe(item), "error": err.details})
+                self._fail(batch, report, err.details)
             return None
         self.gate.answered()
         with self._lock:
@@ -441,12 +438,7 @@ class Deliverer(Generic[T]):
             elif attempt < self.max_attempts:
                 report.retried += 1
             else:
-                report.failed += len(batch)
-                report.failed_items.extend(batch)
-                for item in batch:
-                    report.sample(
-                        "failed", {**self.describe(item), "error": err.details, "attempts": attempt}
-                    )
+                self._fail(batch, report, err.details, attempts=attempt)
                 return None
         if outage:
             return self.gate.probe_wait()
@@ -457,20 +449,16 @@ class Deliverer(Generic[T]):
 
     def _give_up(self, batch: list[T], report: DeliveryReport) -> None:
         """The outage outlasted ``outage_timeout``: what is left fails, for the task's retry."""
+        message = f"every request failed for over {self.outage_timeout:.0f} s"
         with self._lock:
-            report.failed += len(batch)
-            report.failed_items.extend(batch)
-            for item in batch:
-                report.sample(
-                    "failed",
-                    {
-                        **self.describe(item),
-                        "error": {
-                            "type": "outage",
-                            "message": f"every request failed for over {self.outage_timeout:.0f} s",
-                        },
-                    },
-                )
+            self._fail(batch, report, {"type": "outage", "message": message})
+
+    def _fail(self, batch: list[T], report: DeliveryReport, error: dict[str, Any], **detail: Any) -> None:
+        """Count ``batch`` as failed, keeping samples (call with the lock held)."""
+        report.failed += len(batch)
+        report.failed_items.extend(batch)
+        for item in batch:
+            report.sample("failed", {**self.describe(item), "error": error, **detail})
 
     def _maybe_progress(
         self, report: DeliveryReport, started: float, last: list[float], *, force: bool = False

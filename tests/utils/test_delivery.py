@@ -69,13 +69,14 @@ def test_keyed_queue_never_hands_out_a_busy_key():
     assert queue.take() == []
 
 
-def run(send, items, **kwargs):
+def deliverer(send, **kwargs):
     kwargs.setdefault("max_rps", None)
     kwargs.setdefault("backoff", no_wait)
-    deliverer = Deliverer(
-        send, key=lambda item: item[0], describe=lambda item: {"item": list(item)}, **kwargs
-    )
-    return deliverer.run(items)
+    return Deliverer(send, key=lambda item: item[0], describe=lambda item: {"item": list(item)}, **kwargs)
+
+
+def run(send, items, **kwargs):
+    return deliverer(send, **kwargs).run(items)
 
 
 def test_outcomes_are_counted_and_sampled():
@@ -96,7 +97,9 @@ def test_outcomes_are_counted_and_sampled():
             raise StripeTransientError("503", {"http_status": 503})
 
     items = [("cus_ok", 1), ("cus_dup", 1), ("cus_bad", 1), ("cus_flaky", 1), ("cus_down", 1)]
-    report = run(send, items, max_attempts=4)
+    # Two customers failing among successes is not an outage: the gate stays out of this count,
+    # whatever order the threads take (outage_after above the failures there are).
+    report = run(send, items, max_attempts=4, outage_after=100)
     assert (report.sent, report.already_recorded, report.rejected, report.failed) == (2, 1, 1, 1)
     assert report.retried == 2 + 3
     assert report.samples["rejected"] == [
@@ -164,21 +167,13 @@ def test_rate_limited_answers_pause_everyone_and_are_retried():
         if calls[batch[0]] == 1:
             raise StripeTransientError("429", {"http_status": 429})
 
-    deliverer = Deliverer(
-        send,
-        key=lambda item: item[0],
-        describe=lambda item: {"item": list(item)},
-        max_rps=None,
-        concurrency=1,
-        backoff=lambda attempt: 2.0,
-        sleep=sleep,
-    )
-    deliverer.limiter = RateLimiter(None, clock=lambda: now[0], sleep=sleep)
-    report = deliverer.run([("cus_a", 1), ("cus_b", 1)])
+    paced = deliverer(send, concurrency=1, backoff=lambda attempt: 2.0, sleep=sleep)
+    paced.limiter = RateLimiter(None, clock=lambda: now[0], sleep=sleep)
+    report = paced.run([("cus_a", 1), ("cus_b", 1)])
     assert (report.sent, report.rate_limited, report.requests) == (2, 2, 4)
     # Each 429 backs its own item off 2 s and pushes every caller's next turn back as far.
     assert slept == [2.0, 2.0]
-    assert deliverer.limiter.next_slot == 4.0
+    assert paced.limiter.next_slot == 4.0
 
 
 def test_a_refused_key_stops_the_run():
@@ -197,50 +192,47 @@ def test_progress_is_reported():
 
 
 def test_an_outage_becomes_one_probe_at_a_time_and_uses_no_attempts():
-    down = {"until": 40}  # the first 40 requests fail, whoever sends them
+    failing_calls = 40  # the first 40 requests fail, whoever sends them
     calls = Counter()
     lock = threading.Lock()
-    in_flight = [0]
-    most_in_flight_while_down = [0]
+    probes_in_flight = [0]
+    most_probes_in_flight = [0]
 
     def send(batch):
+        # A request that starts while the gate is open is a probe; no two may overlap.
+        probe = paced.gate.is_open
         with lock:
             calls["all"] += 1
-            failing = calls["all"] <= down["until"]
-            in_flight[0] += 1
-            if failing and calls["all"] > 8:  # once the outage is known (after the first wave)
-                most_in_flight_while_down[0] = max(most_in_flight_while_down[0], in_flight[0])
+            failing = calls["all"] <= failing_calls
+            if probe:
+                probes_in_flight[0] += 1
+                most_probes_in_flight[0] = max(most_probes_in_flight[0], probes_in_flight[0])
         try:
             if failing:
                 raise StripeTransientError("503", {"http_status": 503})
         finally:
-            with lock:
-                in_flight[0] -= 1
+            if probe:
+                with lock:
+                    probes_in_flight[0] -= 1
 
     items = [(f"cus_{n}", n) for n in range(30)]
     # With max_attempts >= outage_after (5), no item can use up its attempts before the outage is
     # recognised; 40 failures in a row would otherwise sink every item several times over.
-    report = run(send, items, max_attempts=5, concurrency=8, sleep=lambda s: None)
+    paced = deliverer(send, max_attempts=5, concurrency=8, sleep=lambda s: None)
+    report = paced.run(items)
     assert (report.sent, report.failed) == (30, 0)
     assert report.outages == 1
-    assert report.probes >= 40 - 8
-    assert most_in_flight_while_down[0] == 1  # while down, one probe at a time
+    # Outside the gate fail at most the 4 before the outage is recognised and the 8 in flight.
+    assert report.probes >= failing_calls - 4 - 8
+    assert most_probes_in_flight[0] == 1
 
 
 def test_an_outage_longer_than_the_timeout_fails_what_is_left():
     def send(batch):
         raise StripeTransientError("503", {"http_status": 503})
 
-    deliverer = Deliverer(
-        send,
-        key=lambda item: item[0],
-        describe=lambda item: {"item": list(item)},
-        max_rps=None,
-        concurrency=2,
-        backoff=no_wait,
-        sleep=lambda s: None,
-        outage_timeout=0.05,
+    report = run(
+        send, [(f"cus_{n}", n) for n in range(10)], concurrency=2, sleep=lambda s: None, outage_timeout=0.05
     )
-    report = deliverer.run([(f"cus_{n}", n) for n in range(10)])
     assert (report.sent, report.failed) == (0, 10)
     assert report.samples["failed"][-1]["error"]["type"] == "outage"
