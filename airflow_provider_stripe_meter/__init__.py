@@ -44,6 +44,7 @@ def get_provider_info() -> dict:
                 "python-modules": ["airflow_provider_stripe_meter.sensors.meter_reconcile"],
             }
         ],
+        "extra-links": ["airflow_provider_stripe_meter.links.stripe.StripeMeterLink"],
         "asset-uris": [
             {
                 "schemes": ["stripe"],

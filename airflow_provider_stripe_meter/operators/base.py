@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from airflow.sdk import BaseOperator
 
+from airflow_provider_stripe_meter.links.stripe import StripeMeterLink, dashboard_url
 from airflow_provider_stripe_meter.utils.aggregation import DEFAULT_SAFETY_MARGIN, DEFAULT_SAMPLE_LIMIT
 from airflow_provider_stripe_meter.utils.sources import DEFAULT_COLUMNS, check_source
 
@@ -39,6 +40,7 @@ class StripeBaseOperator(BaseOperator):
 
     template_fields: Sequence[str] = ("stripe_account",)
     ui_color = STRIPE_UI_COLOR
+    operator_extra_links = (StripeMeterLink(),)
 
     def __init__(
         self,
@@ -60,6 +62,23 @@ class StripeBaseOperator(BaseOperator):
         from airflow_provider_stripe_meter.hooks.stripe import StripeHook
 
         return StripeHook(self.stripe_conn_id, stripe_account=self.stripe_account or None)
+
+    def meter_dashboard_url(self) -> str | None:
+        """This task's meter in Stripe's dashboard (test or live, Connect aware), once it reached Stripe.
+
+        Read when the task ends, for the "Stripe meter" extra link; ``None`` if the task never
+        built its hook (it failed before talking to Stripe). Does no I/O beyond the connection.
+        """
+        hook = self.__dict__.get("hook")
+        if hook is None:
+            return None
+        try:
+            livemode, account = hook.livemode, hook.stripe_account
+        except Exception:  # an unreadable connection has already failed the task; no link then
+            return None
+        event_name = getattr(self, "event_name", None)
+        meter_id = hook.known_meter_id(event_name) if isinstance(event_name, str) else None
+        return dashboard_url(livemode=livemode, account=account, meter_id=meter_id)
 
     def payload_keys(
         self, event_name: str, customer_key: str | None = None, value_key: str | None = None

@@ -13,6 +13,7 @@ from airflow_provider_stripe_meter.operators.base import (
     update_meter_assets,
 )
 from airflow_provider_stripe_meter.utils.identifiers import task_identifier
+from airflow_provider_stripe_meter.utils.metrics import MeterMetrics
 from airflow_provider_stripe_meter.utils.rules import (
     MeterEventInputError,
     check_fixed_event_name,
@@ -107,6 +108,7 @@ class StripeMeterEventOperator(StripeBaseOperator):
         from airflow_provider_stripe_meter.exceptions import (
             StripeDuplicateIdentifierError,
             StripeRequestRejectedError,
+            StripeTransientError,
         )
 
         try:
@@ -119,7 +121,7 @@ class StripeMeterEventOperator(StripeBaseOperator):
                 now=int(time.time()),
             )
         except MeterEventInputError as err:
-            return self._finish(context, False, err.to_dict(), str(err))
+            return self._finish(context, False, err.to_dict(), str(err), counter="invalid")
 
         if event.identifier is None:
             ti = context["ti"]
@@ -141,10 +143,15 @@ class StripeMeterEventOperator(StripeBaseOperator):
             event.identifier,
             event.timestamp if event.timestamp is not None else "now",
         )
+        started = time.monotonic()
         try:
             recorded = self.hook.create_meter_event(
                 event, customer_payload_key=customer_key, value_payload_key=value_key
             )
+        except StripeTransientError:
+            # Airflow retries the task with the same identifier; count the try that did not land.
+            self._metrics(context, "failed", started)
+            raise
         except StripeDuplicateIdentifierError as err:
             # The identifier names this billable fact, so Stripe already holds it: an earlier try
             # of this task (or another run sending the same fact) recorded it.
@@ -155,12 +162,25 @@ class StripeMeterEventOperator(StripeBaseOperator):
                 "event_name": event.event_name,
                 "request_id": err.details.get("request_id"),
             }
+            self._metrics(context, "already_recorded", started)
             return self._finish(context, True, response, "already recorded")
         except StripeRequestRejectedError as err:
+            self._metrics(context, "rejected", started)
             return self._finish(context, False, err.details, str(err))
+        self._metrics(context, "sent", started)
         if note:
             recorded = {**recorded, "note": note}
         return self._finish(context, True, recorded, "recorded")
+
+    def _metrics(self, context: Context, counter: str, started: float | None = None) -> None:
+        """Count this event's fate (and time its request) in Airflow's metrics, by meter."""
+        metrics = MeterMetrics.for_task(context)
+        metrics.count(counter, 1, self.event_name)
+        if counter == "sent":
+            metrics.count("events_sent", 1, self.event_name)
+        if started is not None:
+            metrics.count("requests", 1, self.event_name)
+            metrics.time("delivery", time.monotonic() - started, self.event_name)
 
     def _formula_note(self, event_name: str) -> str | None:
         """What the meter's formula does with this event's value, where it is not simply added."""
@@ -181,8 +201,15 @@ class StripeMeterEventOperator(StripeBaseOperator):
         return None
 
     def _finish(
-        self, context: Context, success: bool, response: dict[str, Any], summary: str
+        self,
+        context: Context,
+        success: bool,
+        response: dict[str, Any],
+        summary: str,
+        counter: str | None = None,
     ) -> dict[str, Any]:
+        if counter:
+            self._metrics(context, counter)
         if success:
             self.log.info("Meter event %s: %s", summary, response)
         else:

@@ -26,6 +26,7 @@ from airflow_provider_stripe_meter.utils.billing import (
     is_fresh,
     plan_day,
 )
+from airflow_provider_stripe_meter.utils.metrics import MeterMetrics
 from airflow_provider_stripe_meter.utils.rules import check_fixed_event_name
 
 if TYPE_CHECKING:
@@ -212,6 +213,10 @@ class StripeMeterEventBatchOperator(UsageSourceMixin, StripeBaseOperator):
                 run.confirm()
         outcome = run.outcome(aggregator, aggregates)
         self._log_outcome(outcome)
+        if not self.dry_run:
+            # Before any failure below, so an alert sees a failed run's figures too.
+            meters = set(run.specs) or ({self.event_name} if self.event_name else set())
+            MeterMetrics.for_task(context).batch(outcome, meters)
         if outcome["failed"] or outcome["unconfirmed"]:
             context["ti"].xcom_push(key="outcome", value=outcome)
             example = (outcome["samples"].get("failed") or outcome["samples"].get("unconfirmed") or [])[:1]
@@ -626,6 +631,8 @@ class _Run:
         actions = dict.fromkeys(ACTIONS, 0)
         totals: dict[str, dict[str, Any]] = {}
         customers: dict[str, set[str]] = {}
+        # What became of each customer-day, per meter: the figures metrics are tagged with.
+        by_meter: dict[str, dict[str, int]] = {}
         for key, plan in self.plans.items():
             actions[plan.action] += 1
             status = self.status.get(key)
@@ -636,6 +643,8 @@ class _Run:
                 status = "already_recorded"
             if status is not None and not self.op.dry_run:
                 counts[status] += 1
+                meter_counts = by_meter.setdefault(plan.event_name, {})
+                meter_counts[status] = meter_counts.get(status, 0) + 1
             entry = totals.setdefault(
                 plan.event_name,
                 {
@@ -689,11 +698,18 @@ class _Run:
             "seconds": round(sum(r.seconds for r in self.reports), 3),
         }
         late_counts = dict.fromkeys(("sent", "already_recorded", "rejected", "failed"), 0)
-        for status in self.late_status.values():
+        for key, status in self.late_status.items():
             late_counts[status] += 1
+            meter_counts = by_meter.setdefault(key[0], {})
+            late_name = "billed_late" if status == "sent" else status
+            meter_counts[late_name] = meter_counts.get(late_name, 0) + 1
         late_over = [plan for plan in self.late_plans.values() if plan.action == REPORT]
         for plan in late_over:
             self._sample("over", plan.line())
+            if not self.op.dry_run:
+                meter_counts = by_meter.setdefault(plan.event_name, {})
+                meter_counts["over"] = meter_counts.get("over", 0) + 1
+        outcome["by_meter"] = by_meter
         outcome["billed_late"] = late_counts["sent"]
         outcome["billed_late_before"] = (
             sum(1 for plan in self.late_plans.values() if plan.action == LEAVE_ALONE)

@@ -2,21 +2,42 @@
 
 from __future__ import annotations
 
-import time
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseSensorOperator, PokeReturnValue
 
 from airflow_provider_stripe_meter.operators.base import StripeBaseOperator, UsageSourceMixin
+from airflow_provider_stripe_meter.utils import reconcile
+from airflow_provider_stripe_meter.utils.metrics import MeterMetrics
 from airflow_provider_stripe_meter.utils.rules import check_fixed_event_name
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
 _SHOWN_MISMATCHES = 50
+
+
+@dataclass(frozen=True)
+class _Expectation:
+    """What the source says Stripe should hold, for the compared days of one meter."""
+
+    meter_id: str
+    expected: dict[tuple[str, date], tuple[int, int | None]]
+    first: date
+    last: date
+    customers: list[str]
+    skipped_rows: dict[str, int]
+
+    def compare(
+        self, recorded: dict[tuple[str, date], int], unknown: set[str]
+    ) -> list[reconcile.ReconcileLine]:
+        """One line per compared customer-day: expected against what Stripe recorded."""
+        within = {k: v for k, v in recorded.items() if self.first <= k[1] <= self.last}
+        return reconcile.compare(self.expected, within, unknown)  # type: ignore[arg-type]
 
 
 class StripeMeterReconcileSensor(UsageSourceMixin, StripeBaseOperator, BaseSensorOperator):
@@ -27,7 +48,8 @@ class StripeMeterReconcileSensor(UsageSourceMixin, StripeBaseOperator, BaseSenso
     what each customer used; ``GET /v1/billing/meters/{id}/event_summaries`` with
     ``value_grouping_window=day`` says what Stripe recorded. Stripe's summaries are eventually
     consistent, so a mismatch is re-checked every ``poke_interval`` until ``settle_timeout``;
-    in the default ``reschedule`` mode the task gives its worker slot back between checks.
+    in the default ``reschedule`` mode the task gives its worker slot back between checks, and
+    with ``deferrable=True`` it waits in the triggerer instead.
 
     Finishes (never fails for a mismatch) with ``success`` and a per-customer, per-day table,
     each key also its own XCom: ``lines`` (customer_id, day, expected, recorded, difference,
@@ -47,6 +69,11 @@ class StripeMeterReconcileSensor(UsageSourceMixin, StripeBaseOperator, BaseSenso
     :param settle_timeout: How long mismatches may be waited out as Stripe catching up: a
         ``timedelta`` or seconds. (templated)
     :param max_rps: Summary requests per second (one per customer).
+    :param deferrable: Read the source on the worker, then wait in the triggerer
+        (:class:`~airflow_provider_stripe_meter.triggers.meter_reconcile.StripeMeterReconcileTrigger`
+        polls the summaries asynchronously every ``poke_interval``), holding no worker slot at
+        all. The result is the same as in ``reschedule`` mode. Default: Airflow's
+        ``[operators] default_deferrable``.
 
     The source parameters (``rows``, ``sql``, ``sql_conn_id``, ``parameters``, ``columns``,
     ``naive_timezone``, ``safety_margin``, ``chunk_size``, ``sample_limit``) are those of
@@ -72,6 +99,7 @@ class StripeMeterReconcileSensor(UsageSourceMixin, StripeBaseOperator, BaseSenso
         last_day: str | None = None,
         settle_timeout: timedelta | float | str = timedelta(hours=1),
         max_rps: float = 20.0,
+        deferrable: bool | None = None,
         **kwargs: Any,
     ) -> None:
         first_day = _deprecated_day_argument(kwargs, "start_date", "first_day", first_day)
@@ -87,37 +115,68 @@ class StripeMeterReconcileSensor(UsageSourceMixin, StripeBaseOperator, BaseSenso
         self.last_day = last_day
         self.settle_timeout = settle_timeout
         self.max_rps = max_rps
+        self.deferrable = _default_deferrable() if deferrable is None else deferrable
         self._first_poke: float | None = None
+
+    def execute(self, context: Context) -> Any:
+        """Poke (``poke``/``reschedule`` mode), or read the source here and defer the waiting."""
+        if not self.deferrable:
+            return super().execute(context)
+        from airflow_provider_stripe_meter.triggers.meter_reconcile import StripeMeterReconcileTrigger
+
+        wanted = self._expectation()
+        self.log.info(
+            "Deferring: the triggerer compares %d customer-days of meter %s with Stripe's summaries",
+            len(wanted.expected),
+            wanted.meter_id,
+        )
+        self.defer(
+            trigger=StripeMeterReconcileTrigger(
+                stripe_conn_id=self.stripe_conn_id,
+                stripe_account=self.stripe_account or None,
+                event_name=self.event_name,
+                meter_id=wanted.meter_id,
+                expected=[[c, d.isoformat(), v, ts] for (c, d), (v, ts) in sorted(wanted.expected.items())],
+                first_day=wanted.first.isoformat(),
+                last_day=wanted.last.isoformat(),
+                skipped_rows=wanted.skipped_rows,
+                started=reconcile.clock(),
+                settle_seconds=_seconds(self.settle_timeout),
+                poll_interval=float(self.poke_interval),
+                max_rps=self.max_rps,
+            ),
+            method_name="execute_complete",
+            timeout=timedelta(seconds=float(self.timeout)),
+        )
+
+    def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
+        """Finish with the trigger's report, exactly as a poke that found the answer does."""
+        if event.get("status") != "done":
+            from airflow_provider_stripe_meter import exceptions
+
+            error = getattr(exceptions, str(event.get("error")), None)
+            if not (isinstance(error, type) and issubclass(error, exceptions.StripeMeterError)):
+                # Unknown to this release: keep only whether a retry can help.
+                error = (
+                    exceptions.StripeTransientError
+                    if event.get("retryable")
+                    else exceptions.StripeRequestRejectedError
+                )
+            raise error(f"Reconciliation could not read Stripe: {event.get('message')}", event.get("details"))
+        return self._finish(context, event["report"])
 
     def poke(self, context: Context) -> PokeReturnValue | bool:
         """Compare once; done when everything matches or the settle time is over."""
-        from airflow_provider_stripe_meter.utils.billing import MeterSpec, source_figure
-        from airflow_provider_stripe_meter.utils.reconcile import compare, summarize
-
-        aggregator = self.read_usage(self.event_name)
-        meter = self.hook.active_meter(self.event_name)
-        # The source's figure by the meter's own formula: the sum, the row count, or the latest value.
-        formula = (meter.get("default_aggregation") or {}).get("formula") or "sum"
-        spec = MeterSpec(self.event_name, meter["id"], formula=formula)
-        expected = {
-            (a.customer_id, a.day): (source_figure(a, spec), a.timestamp) for a in aggregator.finish()
-        }
-        first, last = self._day_range(expected)
-        customers = sorted({customer for customer, _ in expected})
+        wanted = self._expectation()
         recorded, unknown = self.hook.recorded_per_day(
-            meter["id"], customers, first, last, max_rps=self.max_rps
+            wanted.meter_id, wanted.customers, wanted.first, wanted.last, max_rps=self.max_rps
         )
-        lines = compare(
-            {k: v for k, v in expected.items() if first <= k[1] <= last},
-            {k: v for k, v in recorded.items() if first <= k[1] <= last},
-            unknown,
-        )
-        counts = summarize(lines)
-        settled = counts["ok"] + counts["customer_unknown"] == len(lines)
+        lines = wanted.compare(recorded, unknown)
+        counts = reconcile.summarize(lines)
         first_poke = self._first_poke_time(context)
-        waited = max(0.0, _clock() - first_poke)
+        waited = max(0.0, reconcile.clock() - first_poke)
         settle = _seconds(self.settle_timeout)
-        if not settled and waited < settle:
+        if not reconcile.is_settled(counts) and waited < settle:
             self.log.info(
                 "%d of %d customer-days differ from Stripe's summaries (%s); Stripe's summaries are "
                 "eventually consistent, checking again (waited %.0f s of %.0f s)",
@@ -128,20 +187,43 @@ class StripeMeterReconcileSensor(UsageSourceMixin, StripeBaseOperator, BaseSenso
                 settle,
             )
             return False
-        report = {
-            "success": counts["ok"] == len(lines),
-            "event_name": self.event_name,
-            "meter_id": meter["id"],
-            "counts": counts,
-            "expected": sum(line.expected for line in lines),
-            "recorded": sum(line.recorded or 0 for line in lines),
-            "difference": sum(line.difference for line in lines),
-            "lines": [line.to_dict() for line in lines],
-            "skipped_rows": dict(aggregator.problems.counts),
-            "waited_seconds": round(waited, 1),
+        report = reconcile.reconcile_report(
+            event_name=self.event_name,
+            meter_id=wanted.meter_id,
+            lines=lines,
+            skipped_rows=wanted.skipped_rows,
+            waited_seconds=waited,
+        )
+        return PokeReturnValue(is_done=True, xcom_value=self._finish(context, report))
+
+    def _expectation(self) -> _Expectation:
+        """Read and aggregate the source; its figures by the meter's own formula, per customer-day."""
+        from airflow_provider_stripe_meter.utils.billing import MeterSpec, source_figure
+
+        aggregator = self.read_usage(self.event_name)
+        meter = self.hook.active_meter(self.event_name)
+        # The source's figure by the meter's own formula: the sum, the row count, or the latest value.
+        formula = (meter.get("default_aggregation") or {}).get("formula") or "sum"
+        spec = MeterSpec(self.event_name, meter["id"], formula=formula)
+        expected = {
+            (a.customer_id, a.day): (source_figure(a, spec), a.timestamp) for a in aggregator.finish()
         }
+        first, last = self._day_range(expected)
+        return _Expectation(
+            meter_id=meter["id"],
+            expected={k: v for k, v in expected.items() if first <= k[1] <= last},
+            first=first,
+            last=last,
+            customers=sorted({customer for customer, _ in expected}),
+            skipped_rows=dict(aggregator.problems.counts),
+        )
+
+    def _finish(self, context: Context, report: dict[str, Any]) -> dict[str, Any]:
         self._log_report(report)
-        return PokeReturnValue(is_done=True, xcom_value=report)
+        metrics = MeterMetrics.for_task(context)
+        for status, count in report["counts"].items():
+            metrics.count(f"reconcile.{status}", count, self.event_name)
+        return report
 
     def _first_poke_time(self, context: Context) -> float:
         if self.reschedule:
@@ -149,7 +231,7 @@ class StripeMeterReconcileSensor(UsageSourceMixin, StripeBaseOperator, BaseSenso
             if first is not None:
                 return first.timestamp()
         if self._first_poke is None:
-            self._first_poke = _clock()
+            self._first_poke = reconcile.clock()
         return self._first_poke
 
     def _day_range(self, expected: dict[tuple[str, date], Any]) -> tuple[date, date]:
@@ -195,9 +277,13 @@ class StripeMeterReconcileSensor(UsageSourceMixin, StripeBaseOperator, BaseSenso
             self.log.warning("  ... and %d more in the lines XCom", len(mismatches) - _SHOWN_MISMATCHES)
 
 
-def _clock() -> float:
-    # One place the sensor reads the time, so tests can move it instead of sleeping.
-    return time.time()
+def _default_deferrable() -> bool:
+    """Airflow's ``[operators] default_deferrable`` (off unless set)."""
+    try:
+        from airflow.sdk.configuration import conf
+    except ImportError:  # Airflow 3.1
+        from airflow.configuration import conf
+    return conf.getboolean("operators", "default_deferrable", fallback=False)
 
 
 def _deprecated_day_argument(kwargs: dict[str, Any], old: str, new: str, value: str | None) -> str | None:

@@ -15,11 +15,17 @@ read again just before sending.
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass
 from datetime import date
 from typing import Any
 
 STATUSES = ("ok", "missing", "short", "over", "customer_unknown")
+
+
+def clock() -> float:
+    """Unix time, read in one place by the sensor and its trigger (tests move it instead of sleeping)."""
+    return time.time()
 
 
 @dataclass(frozen=True)
@@ -74,3 +80,32 @@ def summarize(lines: list[ReconcileLine]) -> dict[str, int]:
     for line in lines:
         counts[line.status] += 1
     return counts
+
+
+def is_settled(counts: dict[str, int]) -> bool:
+    """Whether nothing is left to wait for: every line matches, or names a customer Stripe lacks."""
+    return counts["ok"] + counts["customer_unknown"] == sum(counts.values())
+
+
+def reconcile_report(
+    *,
+    event_name: str,
+    meter_id: str,
+    lines: list[ReconcileLine],
+    skipped_rows: dict[str, int],
+    waited_seconds: float,
+) -> dict[str, Any]:
+    """The sensor's result (reschedule, poke or deferred alike): counts, totals and every line."""
+    counts = summarize(lines)
+    return {
+        "success": counts["ok"] == len(lines),
+        "event_name": event_name,
+        "meter_id": meter_id,
+        "counts": counts,
+        "expected": sum(line.expected for line in lines),
+        "recorded": sum(line.recorded or 0 for line in lines),
+        "difference": sum(line.difference for line in lines),
+        "lines": [line.to_dict() for line in lines],
+        "skipped_rows": skipped_rows,
+        "waited_seconds": round(waited_seconds, 1),
+    }

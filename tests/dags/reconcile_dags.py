@@ -53,6 +53,25 @@ with DAG(
         EmptyOperator(task_id="all_good"),
     ]
 
+for deferrable in (False, True):
+    # The sensor alone, waiting in reschedule mode or in the triggerer: the same report either way.
+    with DAG(
+        "t_reconcile_deferred" if deferrable else "t_reconcile_rescheduled",
+        schedule=None,
+        start_date=START,
+        params={"days": 3},
+    ):
+        StripeMeterReconcileSensor(
+            task_id="reconcile",
+            event_name="ai_tokens_used",
+            sql=SOURCE_SQL,
+            sql_conn_id="usage_db",
+            poke_interval=0,
+            settle_timeout=timedelta(seconds=3),
+            max_rps=200,
+            deferrable=deferrable,
+        )
+
 with DAG("t_bill_day", schedule=None, start_date=START, params={"day": "2026-01-01"}) as bill_day_dag:
     StripeMeterEventBatchOperator(
         task_id="bill",

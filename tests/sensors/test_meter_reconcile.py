@@ -12,10 +12,11 @@ pytestmark = [pytest.mark.airflow, pytest.mark.usefixtures("airflow_db", "fast_c
 
 @pytest.fixture
 def fast_clock(monkeypatch):
-    """The sensor's clock runs a second ahead more at every reading: settle_timeout passes in pokes."""
+    """The sensor's (and its trigger's) clock runs a second ahead more at every reading: settle_timeout
+    passes in pokes."""
     import time
 
-    from airflow_provider_stripe_meter.sensors import meter_reconcile
+    from airflow_provider_stripe_meter.utils import reconcile
 
     readings = []
 
@@ -23,7 +24,7 @@ def fast_clock(monkeypatch):
         readings.append(None)
         return time.time() + len(readings)
 
-    monkeypatch.setattr(meter_reconcile, "_clock", clock)
+    monkeypatch.setattr(reconcile, "clock", clock)
     return readings
 
 
@@ -132,3 +133,91 @@ def test_compared_days_have_their_own_names_and_the_old_ones_warn():
     )
     assert scheduled.first_day is None
     assert scheduled.start_date == pendulum.datetime(2026, 1, 1, tz="UTC")
+
+
+def _report_without_timing(dag_run):
+    report = xcoms(dag_run, "reconcile")["return_value"]
+    return {k: v for k, v in report.items() if k != "waited_seconds"}
+
+
+def test_a_deferred_sensor_waits_in_the_triggerer_and_reports_what_reschedule_mode_does(
+    secret_server, usage_db, fast_clock
+):
+    secret_server.ledger.customers = {"cus_a", "cus_b"}
+    add_rows(usage_db, [("cus_a", 5, at(-2, 10)), ("cus_a", 7, at(-1, 10)), ("cus_b", 3, at(-1, 20))])
+    add_rows(usage_db, [("cus_ghost", 9, at(-1, 30))])
+    run_dag("t_bill_day", run_conf={"day": day(-1)})
+
+    rescheduled = run_dag("t_reconcile_rescheduled")
+    requests_before = secret_server.stats["v1_summaries"]
+    deferred = run_dag("t_reconcile_deferred")
+
+    assert task_states(deferred) == {"reconcile": "success"}
+    report = _report_without_timing(deferred)
+    assert report == _report_without_timing(rescheduled)
+    assert report["counts"] == {"ok": 2, "missing": 1, "short": 0, "over": 0, "customer_unknown": 1}
+    assert xcoms(deferred, "reconcile")["waited_seconds"] >= 3  # the mismatch was waited out ...
+    # ... by polling Stripe from the triggerer: three customers a poll, several polls.
+    assert secret_server.stats["v1_summaries"] - requests_before >= 2 * 3
+    [ti] = deferred.get_task_instances()
+    assert ti.try_number == 1  # resumed from the trigger, not retried
+
+
+def test_a_deferred_sensor_finishes_as_soon_as_stripe_catches_up(secret_server, usage_db, monkeypatch):
+    import time
+
+    from airflow_provider_stripe_meter.utils import reconcile
+
+    monkeypatch.setattr(reconcile, "clock", time.time)  # real time: 3 s to settle, Stripe needs 1.5 s
+    secret_server.ledger.summary_lag = 1.5  # Stripe's summaries trail the events
+    add_rows(usage_db, [("cus_a", 100, at(-1, 10)), ("cus_b", 40, at(-1, 20))])
+    run_dag("t_bill_day", run_conf={"day": day(-1)})
+    requests_before = secret_server.stats["v1_summaries"]
+
+    dag_run = run_dag("t_reconcile_deferred")
+
+    report = xcoms(dag_run, "reconcile")["return_value"]
+    assert report["success"] is True
+    assert report["counts"]["ok"] == 2
+    assert report["expected"] == report["recorded"] == 140
+    assert report["waited_seconds"] < 3  # done when Stripe caught up, not when the settle time ran out
+    assert secret_server.stats["v1_summaries"] - requests_before > 2  # after more than one poll
+
+
+def test_the_trigger_reports_a_refused_key_at_once_and_as_not_retryable(secret_server, monkeypatch):
+    import asyncio
+    import json
+
+    from airflow_provider_stripe_meter.triggers.meter_reconcile import StripeMeterReconcileTrigger
+
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_STRIPE_DEFAULT",
+        json.dumps(
+            {"conn_type": "stripe", "password": "sk_test_wrong", "extra": {"api_base": secret_server.url}}
+        ),
+    )
+    trigger = StripeMeterReconcileTrigger(
+        stripe_conn_id="stripe_default",
+        stripe_account=None,
+        event_name="ai_tokens_used",
+        meter_id="mtr_any",
+        expected=[["cus_a", day(-1), 5, None]],
+        first_day=day(-1),
+        last_day=day(-1),
+        skipped_rows={},
+        started=0.0,
+        settle_seconds=3600.0,
+        poll_interval=0.0,
+        max_rps=100.0,
+    )
+    # The trigger survives the triggerer's round trip through its serialized form.
+    classpath, kwargs = trigger.serialize()
+    assert classpath == "airflow_provider_stripe_meter.triggers.meter_reconcile.StripeMeterReconcileTrigger"
+
+    async def first_event():
+        return await anext(StripeMeterReconcileTrigger(**kwargs).run())
+
+    event = asyncio.run(first_event()).payload
+    assert event["status"] == "error"
+    assert (event["retryable"], event["error"]) == (False, "StripeConfigurationError")
+    assert "sk_test_wrong" not in json.dumps(event)

@@ -1,0 +1,169 @@
+"""Trigger that waits in the triggerer until Stripe's meter summaries agree with the source.
+
+The deferrable form of
+:class:`~airflow_provider_stripe_meter.sensors.meter_reconcile.StripeMeterReconcileSensor`: the
+sensor reads the source on a worker, hands the expected figures to this trigger and gives its
+worker slot back; the trigger polls ``GET /v1/billing/meters/{id}/event_summaries``
+asynchronously until every customer-day matches or the settle time is over, then hands the
+sensor the same report the sensor builds when it polls itself.
+
+.. seealso:: https://airflow.apache.org/docs/apache-airflow/stable/authoring-and-scheduling/deferring.html
+.. seealso:: https://docs.stripe.com/api/billing/meter-event-summary/list
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import date
+from typing import Any
+
+from airflow.triggers.base import BaseTrigger, TriggerEvent
+
+from airflow_provider_stripe_meter.utils import reconcile
+
+
+class StripeMeterReconcileTrigger(BaseTrigger):
+    """Poll a meter's daily summaries until they match ``expected`` or ``settle_seconds`` are over.
+
+    Yields one event: ``{"status": "done", "report": ...}`` (the sensor's report, matched or
+    not), or ``{"status": "error", "retryable": bool, "error": class name, "message", "details"}``
+    when Stripe could not be read: a refused key or a rejected request at once (no retry can fix
+    them), 429s, 5xx and network failures only once the settle time is over (until then the next
+    poll tries again).
+
+    :param stripe_conn_id: The ``stripe`` connection.
+    :param stripe_account: Connected account (``acct_...``) or ``None``.
+    :param event_name: The meter's event name (for the report).
+    :param meter_id: The meter whose summaries are read.
+    :param expected: ``[customer_id, ISO day, value, latest timestamp]`` per customer-day, the
+        source's figures by the meter's formula, within ``first_day``..``last_day``.
+    :param first_day: First UTC day compared (ISO date).
+    :param last_day: Last UTC day compared (ISO date).
+    :param skipped_rows: Source rows left out, by reason (for the report).
+    :param started: Unix time the sensor started waiting.
+    :param settle_seconds: How long after ``started`` a mismatch may be waited out.
+    :param poll_interval: Seconds between polls.
+    :param max_rps: Summary requests per second.
+    """
+
+    def __init__(
+        self,
+        *,
+        stripe_conn_id: str,
+        stripe_account: str | None,
+        event_name: str,
+        meter_id: str,
+        expected: list[list[Any]],
+        first_day: str,
+        last_day: str,
+        skipped_rows: dict[str, int],
+        started: float,
+        settle_seconds: float,
+        poll_interval: float,
+        max_rps: float,
+    ) -> None:
+        super().__init__()
+        self.stripe_conn_id = stripe_conn_id
+        self.stripe_account = stripe_account
+        self.event_name = event_name
+        self.meter_id = meter_id
+        self.expected = expected
+        self.first_day = first_day
+        self.last_day = last_day
+        self.skipped_rows = skipped_rows
+        self.started = started
+        self.settle_seconds = settle_seconds
+        self.poll_interval = poll_interval
+        self.max_rps = max_rps
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        """Class path and keyword arguments, as the triggerer stores them."""
+        return (
+            f"{type(self).__module__}.{type(self).__qualname__}",
+            {
+                "stripe_conn_id": self.stripe_conn_id,
+                "stripe_account": self.stripe_account,
+                "event_name": self.event_name,
+                "meter_id": self.meter_id,
+                "expected": self.expected,
+                "first_day": self.first_day,
+                "last_day": self.last_day,
+                "skipped_rows": self.skipped_rows,
+                "started": self.started,
+                "settle_seconds": self.settle_seconds,
+                "poll_interval": self.poll_interval,
+                "max_rps": self.max_rps,
+            },
+        )
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        """Poll until settled or out of time; yield the report (or why Stripe could not be read)."""
+        from asgiref.sync import sync_to_async
+
+        from airflow_provider_stripe_meter.exceptions import StripeMeterError, StripeTransientError
+        from airflow_provider_stripe_meter.hooks.stripe import StripeHook
+
+        hook = StripeHook(self.stripe_conn_id, stripe_account=self.stripe_account or None)
+        expected = {(c, date.fromisoformat(d)): (v, ts) for c, d, v, ts in self.expected}
+        first, last = date.fromisoformat(self.first_day), date.fromisoformat(self.last_day)
+        customers = sorted({customer for customer, _ in expected})
+        try:
+            # Reading the connection is synchronous (it may ask the supervisor): off the event loop.
+            await sync_to_async(lambda: hook.async_client)()
+        except StripeMeterError as err:
+            yield _error(err, retryable=isinstance(err, StripeTransientError))
+            return
+        while True:
+            try:
+                recorded, unknown = await hook.arecorded_per_day(
+                    self.meter_id, customers, first, last, max_rps=self.max_rps
+                )
+            except StripeTransientError as err:
+                if reconcile.clock() - self.started >= self.settle_seconds:
+                    yield _error(err, retryable=True)
+                    return
+                self.log.warning("Stripe's summaries could not be read (%s); polling again", err)
+                await asyncio.sleep(self.poll_interval)
+                continue
+            except StripeMeterError as err:
+                yield _error(err, retryable=False)
+                return
+            lines = reconcile.compare(
+                expected, {k: v for k, v in recorded.items() if first <= k[1] <= last}, unknown
+            )
+            counts = reconcile.summarize(lines)
+            waited = max(0.0, reconcile.clock() - self.started)
+            if reconcile.is_settled(counts) or waited >= self.settle_seconds:
+                report = reconcile.reconcile_report(
+                    event_name=self.event_name,
+                    meter_id=self.meter_id,
+                    lines=lines,
+                    skipped_rows=self.skipped_rows,
+                    waited_seconds=waited,
+                )
+                yield TriggerEvent({"status": "done", "report": report})
+                return
+            self.log.info(
+                "%d of %d customer-days differ from Stripe's summaries (%s); checking again in %.0f s "
+                "(waited %.0f s of %.0f s)",
+                len(lines) - counts["ok"],
+                len(lines),
+                counts,
+                self.poll_interval,
+                waited,
+                self.settle_seconds,
+            )
+            await asyncio.sleep(self.poll_interval)
+
+
+def _error(err: Exception, *, retryable: bool) -> TriggerEvent:
+    return TriggerEvent(
+        {
+            "status": "error",
+            "retryable": retryable,
+            "error": type(err).__name__,
+            "message": str(err),
+            "details": getattr(err, "details", {}),
+        }
+    )

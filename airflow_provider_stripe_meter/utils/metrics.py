@@ -1,0 +1,90 @@
+"""The run's figures as Airflow metrics (StatsD, Datadog or OpenTelemetry, as Airflow is set up).
+
+Every name starts with ``stripe_meter.`` and every figure is tagged with the meter's event name
+(``meter``) and the task (``dag_id``, ``task_id``), so a team can alert on, say,
+``stripe_meter.skipped_too_old > 0`` without reading logs. Counters are sent even when zero, so
+each series exists from the first run. Airflow's ``[metrics]`` section decides where they go
+(``statsd_on``, ``statsd_datadog_enabled``, ``otel_on``; tags reach plain StatsD with
+``statsd_influxdb_enabled``); with metrics off they cost nothing.
+
+Counters, per meter (customer-days unless named otherwise):
+
+* ``sent``, ``already_recorded``, ``rejected``, ``failed``, ``over``, ``customer_unknown``,
+  ``billed_late``: what became of each customer-day;
+* ``skipped_too_old``, ``skipped_future``, ``invalid``: source rows left out, by reason;
+* ``events_sent``, ``requests``, ``rate_limited`` (429s): meter events and HTTP requests;
+
+and the timer ``delivery``: time spent delivering events (milliseconds, as StatsD times are).
+
+.. seealso:: https://airflow.apache.org/docs/apache-airflow/stable/administration-and-deployment/logging-monitoring/metrics.html
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from datetime import timedelta
+from typing import Any
+
+PREFIX = "stripe_meter"
+DAY_COUNTERS = ("sent", "already_recorded", "rejected", "failed", "over", "customer_unknown", "billed_late")
+ROW_COUNTERS = ("skipped_too_old", "skipped_future", "invalid")
+REQUEST_COUNTERS = ("events_sent", "requests", "rate_limited")
+#: The meter tag of run-wide figures (rows, requests) of a batch that billed several meters.
+SEVERAL_METERS = "several"
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+def _stats() -> Any:
+    """Airflow's metrics facade, wherever this Airflow version keeps it."""
+    try:
+        from airflow.sdk.observability.stats import Stats  # Airflow 3.2+
+    except ImportError:  # Airflow 3.1
+        from airflow.stats import Stats
+    return Stats
+
+
+def _tag(value: Any) -> str:
+    # StatsD line formats split on ',', ':', '|' and '='; event names may hold other characters.
+    return _UNSAFE.sub("_", str(value))
+
+
+class MeterMetrics:
+    """Sends one task's figures, tagged with the task and, per figure, the meter."""
+
+    def __init__(self, dag_id: str, task_id: str) -> None:
+        self.task_tags = {"dag_id": _tag(dag_id), "task_id": _tag(task_id)}
+        self.stats = _stats()
+
+    @classmethod
+    def for_task(cls, context: Mapping[str, Any]) -> MeterMetrics:
+        """The metrics of the task instance in ``context``."""
+        ti = context["ti"]
+        return cls(ti.dag_id, ti.task_id)
+
+    def _tags(self, meter: str) -> dict[str, str]:
+        return {**self.task_tags, "meter": _tag(meter)}
+
+    def count(self, name: str, value: int, meter: str) -> None:
+        """Add ``value`` to the counter ``stripe_meter.<name>`` of ``meter``."""
+        self.stats.incr(f"{PREFIX}.{name}", int(value), tags=self._tags(meter))
+
+    def time(self, name: str, seconds: float, meter: str) -> None:
+        """Record ``seconds`` on the timer ``stripe_meter.<name>`` of ``meter``."""
+        self.stats.timing(f"{PREFIX}.{name}", timedelta(seconds=seconds), tags=self._tags(meter))
+
+    def batch(self, outcome: Mapping[str, Any], meters: Iterable[str]) -> None:
+        """A batch run's figures: per meter from ``outcome["by_meter"]``, the rest run-wide.
+
+        Run-wide figures (rows, requests, delivery time) carry the meter's name when the batch
+        billed one meter, and :data:`SEVERAL_METERS` when it billed more.
+        """
+        names = sorted(meters)
+        for meter in names:
+            counts = outcome.get("by_meter", {}).get(meter, {})
+            for name in DAY_COUNTERS:
+                self.count(name, counts.get(name, 0), meter)
+        run_meter = names[0] if len(names) == 1 else SEVERAL_METERS
+        for name in (*ROW_COUNTERS, *REQUEST_COUNTERS):
+            self.count(name, outcome.get(name, 0), run_meter)
+        self.time("delivery", outcome.get("seconds", 0.0), run_meter)
