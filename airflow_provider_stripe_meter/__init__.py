@@ -44,6 +44,12 @@ def get_provider_info() -> dict:
                 "python-modules": ["airflow_provider_stripe_meter.sensors.meter_reconcile"],
             }
         ],
+        "triggers": [
+            {
+                "integration-name": "Stripe Billing",
+                "python-modules": ["airflow_provider_stripe_meter.triggers.meter_reconcile"],
+            }
+        ],
         "extra-links": ["airflow_provider_stripe_meter.links.stripe.StripeMeterLink"],
         "asset-uris": [
             {

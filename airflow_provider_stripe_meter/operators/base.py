@@ -77,7 +77,9 @@ class StripeBaseOperator(BaseOperator):
         except Exception:  # an unreadable connection has already failed the task; no link then
             return None
         event_name = getattr(self, "event_name", None)
-        meter_id = hook.known_meter_id(event_name) if isinstance(event_name, str) else None
+        meter_id = self.__dict__.get("linked_meter_id") or (
+            hook.known_meter_id(event_name) if isinstance(event_name, str) else None
+        )
         return dashboard_url(livemode=livemode, account=account, meter_id=meter_id)
 
     def payload_keys(

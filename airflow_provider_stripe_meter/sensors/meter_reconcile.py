@@ -163,6 +163,9 @@ class StripeMeterReconcileSensor(UsageSourceMixin, StripeBaseOperator, BaseSenso
                     else exceptions.StripeRequestRejectedError
                 )
             raise error(f"Reconciliation could not read Stripe: {event.get('message')}", event.get("details"))
+        # A resumed task is a new process: name the meter for the extra link from the report.
+        self.linked_meter_id = event["report"]["meter_id"]
+        self.hook  # noqa: B018 (built here so the link knows the key's mode and the account)
         return self._finish(context, event["report"])
 
     def poke(self, context: Context) -> PokeReturnValue | bool:

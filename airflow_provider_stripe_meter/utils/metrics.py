@@ -14,7 +14,9 @@ Counters, per meter (customer-days unless named otherwise):
 * ``skipped_too_old``, ``skipped_future``, ``invalid``: source rows left out, by reason;
 * ``events_sent``, ``requests``, ``rate_limited`` (429s): meter events and HTTP requests;
 
-and the timer ``delivery``: time spent delivering events (milliseconds, as StatsD times are).
+the timer ``delivery``: time spent delivering events (milliseconds, as StatsD times are); and,
+from the reconcile sensor, ``reconcile.<status>`` (``ok``, ``missing``, ``short``, ``over``,
+``customer_unknown``): customer-days per status when it finishes.
 
 .. seealso:: https://airflow.apache.org/docs/apache-airflow/stable/administration-and-deployment/logging-monitoring/metrics.html
 """

@@ -1,0 +1,139 @@
+"""Metrics reach a StatsD server on 127.0.0.1 through Airflow's own metrics setup, tagged by meter."""
+
+from __future__ import annotations
+
+import socket
+from collections import defaultdict
+from collections.abc import Iterator
+
+import pytest
+
+from tests.conftest import add_rows, at, run_dag
+
+pytestmark = [pytest.mark.airflow, pytest.mark.usefixtures("airflow_db")]
+
+
+class StatsdListener:
+    """A StatsD server: collects what arrives on a UDP port of 127.0.0.1."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.lines: list[str] = []
+
+    def drain(self) -> list[str]:
+        """Every line received so far."""
+        while True:
+            try:
+                packet = self.sock.recv(65_535)
+            except TimeoutError:
+                return self.lines
+            self.lines.extend(packet.decode().splitlines())
+
+    def metrics(self, prefix: str) -> dict[tuple[str, frozenset[tuple[str, str]]], list[float]]:
+        """``{(name, tags): [values]}`` of the lines whose name starts with ``prefix``."""
+        found: dict[tuple[str, frozenset[tuple[str, str]]], list[float]] = defaultdict(list)
+        for line in self.drain():
+            key, _, rest = line.partition(":")
+            name, *tags = key.split(",")
+            if name.startswith(prefix):
+                found[(name, frozenset(tuple(t.split("=", 1)) for t in tags))].append(
+                    float(rest.split("|")[0])
+                )
+        return found
+
+
+@pytest.fixture
+def statsd(monkeypatch: pytest.MonkeyPatch) -> Iterator[StatsdListener]:
+    """Airflow's metrics pointed at a local StatsD listener, with InfluxDB-style tags."""
+    listener = StatsdListener()
+    for option, value in {
+        "STATSD_ON": "True",
+        "STATSD_HOST": "127.0.0.1",
+        "STATSD_PORT": str(listener.port),
+        "STATSD_PREFIX": "airflow",
+        "STATSD_INFLUXDB_ENABLED": "True",
+    }.items():
+        monkeypatch.setenv(f"AIRFLOW__METRICS__{option}", value)
+    reset = _set_up_metrics()
+    yield listener
+    listener.sock.close()
+    monkeypatch.undo()
+    reset()
+
+
+def _set_up_metrics():
+    """Initialise Airflow's metrics from its configuration, as a task process does when it starts."""
+    try:
+        from airflow.sdk._shared.observability.metrics import stats
+        from airflow.sdk._shared.observability.metrics.base_stats_logger import NoStatsLogger
+        from airflow.sdk.observability.metrics import stats_utils
+    except ImportError:  # Airflow 3.1: Stats builds its backend from the configuration on first use
+        from airflow.stats import Stats
+
+        Stats.instance = None
+
+        def reset_31():
+            Stats.instance = None
+
+        return reset_31
+    stats.initialize(factory=stats_utils.get_stats_factory(), export_legacy_names=True)
+
+    def reset():
+        stats.initialize(factory=NoStatsLogger, export_legacy_names=True)
+
+    return reset
+
+
+TAGS = frozenset({("dag_id", "t_batch_window"), ("task_id", "bill"), ("meter", "ai_tokens_used")})
+
+
+def test_a_batch_run_sends_its_counters_and_delivery_time_tagged_by_meter(secret_server, usage_db, statsd):
+    add_rows(
+        usage_db,
+        [
+            ("cus_old", 7, at(-38, 0)),
+            ("cus_old", 8, at(-36, 0)),
+            ("cus_new", 5, at(-30, 0)),
+            ("user_9", 1, at(-1, 0)),
+        ],
+    )
+
+    run_dag("t_batch_window", run_conf={"days": 40})
+
+    got = statsd.metrics("airflow.stripe_meter.")
+    counters = {
+        name.removeprefix("airflow.stripe_meter."): values
+        for (name, tags), values in got.items()
+        if tags == TAGS
+    }
+    # Two rows too old for Stripe and one bad customer id: an alert on skipped_too_old > 0 fires.
+    assert counters["skipped_too_old"] == [2]
+    assert counters["invalid"] == [1]
+    assert counters["sent"] == [1]
+    assert counters["events_sent"] == [1]
+    # Every counter is sent, zeros included, so each series exists from the first run.
+    for name in ("already_recorded", "rejected", "failed", "over", "customer_unknown", "rate_limited"):
+        assert counters[name] == [0], name
+    [delivery_ms] = counters["delivery"]
+    assert 0 <= delivery_ms < 60_000
+
+    statsd.lines.clear()
+    run_dag("t_batch_window", run_conf={"days": 40})  # the re-run finds the day billed
+
+    again = statsd.metrics("airflow.stripe_meter.")
+    assert again[("airflow.stripe_meter.already_recorded", TAGS)] == [1]
+    assert again[("airflow.stripe_meter.sent", TAGS)] == [0]
+
+
+def test_the_single_event_operator_counts_its_event(secret_server, statsd):
+    run_dag("t_meter_event_branch", run_conf={"customer_id": "cus_metrics"})
+    run_dag("t_meter_event_branch", run_conf={"customer_id": "cus_metrics", "value": "1.5"})
+
+    got = statsd.metrics("airflow.stripe_meter.")
+    tags = frozenset({("dag_id", "t_meter_event_branch"), ("task_id", "record"), ("meter", "ai_tokens_used")})
+    assert got[("airflow.stripe_meter.sent", tags)] == [1]
+    assert got[("airflow.stripe_meter.invalid", tags)] == [1]  # the value 1.5 never left
+    assert got[("airflow.stripe_meter.requests", tags)] == [1]
