@@ -56,6 +56,9 @@ def get_provider_info() -> dict:
                 "schemes": ["stripe"],
                 "handler": "airflow_provider_stripe_meter.assets.stripe.sanitize_uri",
                 "factory": "airflow_provider_stripe_meter.assets.stripe.create_asset",
+                "to_openlineage_converter": (
+                    "airflow_provider_stripe_meter.assets.stripe.convert_asset_to_openlineage"
+                ),
             }
         ],
         "connection-types": [

@@ -146,6 +146,26 @@ def usage_db(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return path
 
 
+@pytest.fixture
+def usage_pg(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """A fresh ``usage`` table on the PostgreSQL server named by STRIPE_METER_TEST_PG_DSN."""
+    import os
+
+    dsn = os.environ.get("STRIPE_METER_TEST_PG_DSN")
+    if not dsn:
+        pytest.skip("STRIPE_METER_TEST_PG_DSN not set: no PostgreSQL server (.ci/run starts one)")
+    import psycopg2
+
+    monkeypatch.setenv("AIRFLOW_CONN_USAGE_PG", dsn)
+    con = psycopg2.connect(dsn)
+    con.autocommit = True
+    with con.cursor() as cur:
+        cur.execute("DROP TABLE IF EXISTS usage")
+        cur.execute("CREATE TABLE usage (customer_id text, tokens bigint, used_at timestamptz)")
+    yield con
+    con.close()
+
+
 def add_rows(path: Path, rows: list[Any]) -> Path:
     """Append ``(customer_id, tokens, used_at)`` rows to the usage table."""
     with sqlite3.connect(path) as con:

@@ -50,12 +50,17 @@ def test_airflow_lists_the_provider_and_its_connection_type(airflow_db):
     assert "StripeHook" in hooks.stdout, hooks.stderr[-2000:]
 
 
-def test_importing_hooks_and_operators_does_not_import_stripe():
+def test_importing_the_package_imports_neither_stripe_nor_openlineage():
+    # airflow.sdk itself reads every provider's metadata (the OpenLineage provider's too): what
+    # counts is what importing this package adds on top of it.
     code = (
-        "import sys, importlib, pkgutil, airflow_provider_stripe_meter as p\n"
+        "import sys, importlib, pkgutil, airflow.sdk\n"
+        "before = set(sys.modules)\n"
+        "import airflow_provider_stripe_meter as p\n"
         "for m in pkgutil.walk_packages(p.__path__, p.__name__ + '.'):\n"
         "    if '.testing' not in m.name: importlib.import_module(m.name)\n"
         "print('stripe' in sys.modules)\n"
+        "print(sorted(m for m in set(sys.modules) - before if 'openlineage' in m))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+    assert out.stdout.split("\n")[:2] == ["False", "[]"], out.stdout

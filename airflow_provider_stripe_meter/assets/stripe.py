@@ -51,3 +51,18 @@ def sanitize_uri(uri: SplitResult) -> SplitResult:
     if len(parts) != 3 or parts[1] != "meters" or not parts[2]:
         raise ValueError("URI format stripe:// must be stripe://<account>/meters/<event name>")
     return uri._replace(scheme="stripe", path=uri.path.rstrip("/"), query="", fragment="")
+
+
+def convert_asset_to_openlineage(asset: Asset, lineage_context: Any) -> Any:
+    """The meter's Asset as an OpenLineage dataset: namespace ``stripe://<account>``, name ``meters/<event>``.
+
+    Registered for the scheme, so the OpenLineage provider names the Asset as the operators'
+    lineage names the meter.
+    """
+    from urllib.parse import unquote, urlsplit
+
+    from airflow_provider_stripe_meter.utils.lineage import meter_dataset
+
+    parts = urlsplit(asset.uri)
+    account = None if parts.netloc == PLATFORM else parts.netloc
+    return meter_dataset(unquote(parts.path.split("/")[-1]), account)

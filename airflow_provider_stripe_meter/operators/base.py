@@ -14,6 +14,8 @@ from airflow_provider_stripe_meter.utils.aggregation import DEFAULT_SAFETY_MARGI
 from airflow_provider_stripe_meter.utils.sources import DEFAULT_COLUMNS, check_source
 
 if TYPE_CHECKING:
+    from airflow.providers.openlineage.extractors import OperatorLineage
+
     from airflow_provider_stripe_meter.hooks.stripe import StripeHook
     from airflow_provider_stripe_meter.utils.aggregation import UsageAggregator
 
@@ -156,6 +158,8 @@ class UsageSourceMixin:
         super().__init__(**kwargs)
         check_source(rows, sql, sql_conn_id)
         self.rows = rows
+        #: The task whose output the rows are (``rows=usage.output``), for lineage.
+        self.rows_task_id: str | None = getattr(getattr(rows, "operator", None), "task_id", None)
         self.sql = sql
         self.sql_conn_id = sql_conn_id
         self.parameters = parameters
@@ -164,6 +168,16 @@ class UsageSourceMixin:
         self.safety_margin = safety_margin
         self.chunk_size = chunk_size
         self.sample_limit = sample_limit
+
+    def get_openlineage_facets_on_start(self) -> OperatorLineage | None:
+        """OpenLineage: the usage tables as inputs, the meter as output (see :mod:`..utils.lineage`)."""
+        from airflow_provider_stripe_meter.utils.lineage import usage_lineage
+
+        return usage_lineage(self)
+
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> OperatorLineage | None:
+        """OpenLineage facets when the task ends: the same as at its start."""
+        return self.get_openlineage_facets_on_start()
 
     def read_usage(self, event_name: str | None, *, keep_too_old: bool = False) -> UsageAggregator:
         """Read the source and aggregate it per (event name, customer, UTC day), once.

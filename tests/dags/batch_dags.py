@@ -90,6 +90,14 @@ with DAG("t_batch_postgres", schedule=None, start_date=START) as postgres_dag:
         max_rps=200,
     )
 
+with DAG("t_batch_postgres_rows", schedule=None, start_date=START) as postgres_rows_dag:
+    usage = SQLExecuteQueryOperator(
+        task_id="usage",
+        conn_id="usage_pg",
+        sql="SELECT customer_id, tokens, used_at FROM usage WHERE used_at >= now() - interval '30 days'",
+    )
+    StripeMeterEventBatchOperator(task_id="bill", event_name="ai_tokens_used", rows=usage.output, max_rps=200)
+
 with DAG("t_batch_many_meters", schedule=None, start_date=START, params={"rows": []}) as many_dag:
 
     @task

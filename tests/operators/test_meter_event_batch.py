@@ -122,26 +122,6 @@ def test_empty_usage_bills_nothing_and_succeeds(secret_server, usage_db):
     assert secret_server.stats["v1_meter_event"] == 0
 
 
-@pytest.fixture
-def usage_pg(monkeypatch):
-    """A fresh ``usage`` table on the PostgreSQL server named by STRIPE_METER_TEST_PG_DSN."""
-    import os
-
-    dsn = os.environ.get("STRIPE_METER_TEST_PG_DSN")
-    if not dsn:
-        pytest.skip("STRIPE_METER_TEST_PG_DSN not set: no PostgreSQL server (.ci/run starts one)")
-    import psycopg2
-
-    monkeypatch.setenv("AIRFLOW_CONN_USAGE_PG", dsn)
-    con = psycopg2.connect(dsn)
-    con.autocommit = True
-    with con.cursor() as cur:
-        cur.execute("DROP TABLE IF EXISTS usage")
-        cur.execute("CREATE TABLE usage (customer_id text, tokens bigint, used_at timestamptz)")
-    yield con
-    con.close()
-
-
 @pytest.mark.postgres
 def test_sql_path_streams_from_postgres(secret_server, usage_pg):
     now = datetime.now(timezone.utc)

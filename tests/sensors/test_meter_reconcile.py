@@ -161,6 +161,10 @@ def test_a_deferred_sensor_waits_in_the_triggerer_and_reports_what_reschedule_mo
     assert secret_server.stats["v1_summaries"] - requests_before >= 2 * 3
     [ti] = deferred.get_task_instances()
     assert ti.try_number == 1  # resumed from the trigger, not retried
+    # The resumed task still links to the meter it checked.
+    meter_id = secret_server.ledger.meter_for("ai_tokens_used").id
+    link = xcoms(deferred, "reconcile")["_link_StripeMeterLink"]
+    assert link == f"https://dashboard.stripe.com/test/meters/{meter_id}"
 
 
 def test_a_deferred_sensor_finishes_as_soon_as_stripe_catches_up(secret_server, usage_db, monkeypatch):
