@@ -1,7 +1,7 @@
 """Benchmarks of the batch operator, each printed as a ratio against a baseline measured in the same run.
 
     ./dev bench                 # everything (about 12 minutes)
-    ./dev bench --only v1       # one of: v1, stream, stream-unlimited, sql, truth
+    ./dev bench --only v1       # one of: v1, stream, stream-unlimited, sql, truth, import
 
 Every figure runs the real stripe SDK over HTTP against the local Stripe server on 127.0.0.1
 with the latency and limits named in its heading, and the operator inside a real Airflow task
@@ -468,11 +468,55 @@ def bench_sql(n: int, repeats: int) -> None:
     )
 
 
+#: What a DAG file using every operator and the sensor imports.
+OPERATOR_MODULES = (
+    "airflow_provider_stripe_meter.operators.meter_event",
+    "airflow_provider_stripe_meter.operators.meter_event_batch",
+    "airflow_provider_stripe_meter.operators.meter_event_correction",
+    "airflow_provider_stripe_meter.sensors.meter_reconcile",
+)
+
+
+def _import_seconds(modules: tuple[str, ...]) -> tuple[float, list[str]]:
+    """Wall time of importing ``modules`` after ``airflow.sdk`` in a fresh interpreter, and what
+    of stripe and OpenLineage that added."""
+    code = (
+        "import sys, time, airflow.sdk\n"
+        "before = set(sys.modules)\n"
+        "t = time.perf_counter()\n"
+        f"for m in {modules!r}: __import__(m)\n"
+        "took = time.perf_counter() - t\n"
+        "new = set(sys.modules) - before\n"
+        "added = sorted(m for m in new if m.split('.')[0] == 'stripe' or 'openlineage' in m)\n"
+        "print(took, ','.join(added))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    took, _, added = out.strip().partition(" ")
+    return float(took), [m for m in added.split(",") if m]
+
+
+def bench_import(repeats: int) -> None:
+    """Parse-time cost: the operators on top of ``airflow.sdk`` (budget 80 ms), against a baseline
+    of common-sql's operators (``SQLExecuteQueryOperator``, which a billing DAG imports anyway)
+    imported the same way."""
+    print(f"\n== import: the operators and the sensor after airflow.sdk, fresh process, median of {repeats}")
+    baseline = sorted(
+        _import_seconds(("airflow_provider_stripe_meter.exceptions",))[0] for _ in range(repeats)
+    )
+    runs = [_import_seconds(OPERATOR_MODULES) for _ in range(repeats)]
+    ours = sorted(took for took, _ in runs)
+    added = sorted({m for _, found in runs for m in found})
+    median, base = ours[len(ours) // 2], baseline[len(baseline) // 2]
+    print(f"  operators + sensor: {median * 1000:.1f} ms on top of airflow.sdk (budget 80 ms)")
+    print(f"  baseline, common-sql's operators: {base * 1000:.1f} ms; ratio {median / base:.2f}x")
+    print(f"  stripe or OpenLineage modules imported: {added or 'none'}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--only", choices=["v1", "stream", "stream-unlimited", "sql", "truth"])
+    parser.add_argument("--only", choices=["v1", "stream", "stream-unlimited", "sql", "truth", "import"])
     parser.add_argument("--truth-customers", type=int, default=5_000)
     parser.add_argument("--truth-days", type=int, default=35)
     parser.add_argument("--v1-events", type=int, default=5_000)
@@ -483,6 +527,7 @@ def main() -> None:
     parser.add_argument("--stream-limit", type=float, default=20.0, help="server stream requests/s")
     parser.add_argument("--sql-rows", type=int, default=1_000_000)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--import-repeats", type=int, default=15)
     parser.add_argument("--inner-sql", nargs=2, metavar=("MODE", "DB"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.inner_sql:
@@ -503,6 +548,8 @@ def main() -> None:
         bench_sql(args.sql_rows, args.repeats)
     if args.only in (None, "truth"):
         bench_truth(args.truth_customers, args.truth_days)
+    if args.only in (None, "import"):
+        bench_import(args.import_repeats)
     print(f"\n(benchmarks took {time.monotonic() - started:.0f} s)")
 
 

@@ -76,14 +76,14 @@ def states(dag_run) -> dict[str, str]:
     return {ti.task_id: str(getattr(ti.state, "value", ti.state)) for ti in dag_run.get_task_instances()}
 
 
-def outcome(dag_run, task_id: str) -> dict:
+def outcome(dag_run, task_id: str, key: str = "return_value") -> dict:
     from airflow.models.xcom import XComModel
     from airflow.utils.session import create_session
 
     with create_session() as session:
         row = (
             session.query(XComModel)
-            .filter_by(dag_id=dag_run.dag_id, run_id=dag_run.run_id, task_id=task_id, key="return_value")
+            .filter_by(dag_id=dag_run.dag_id, run_id=dag_run.run_id, task_id=task_id, key=key)
             .one()
         )
         return XComModel.deserialize_value(row)
@@ -158,6 +158,14 @@ def main() -> None:
         )
         print(f"branch taken: {branch_taken(run, 'all_billed', 'report_unbillable_usage')}")
         reconcile_late_rows(bag, server, today)
+        print("\n== example_stripe_reconcile_deferrable: the same check, waiting in the triggerer")
+        run = bag.get_dag("example_stripe_reconcile_deferrable").test(
+            logical_date=today, run_conf={"settle_seconds": 0}
+        )
+        report = outcome(run, "reconcile")
+        taken = branch_taken(run, "all_billed", "alert_billing_team")
+        print(f"reconcile counts {report['counts']}; branch taken: {taken}")
+        print(f"the task's 'Stripe meter' link: {outcome(run, 'reconcile', '_link_StripeMeterLink')}")
         total = sum(int(e.payload["value"]) for e in server.ledger.accepted())
         print(f"\nStripe now holds {len(server.ledger.accepted())} meter events, {total} tokens in all.")
 
