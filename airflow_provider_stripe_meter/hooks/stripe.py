@@ -170,7 +170,14 @@ class StripeHook(BaseHook):
         import stripe
 
         timeout = float(self._settings.get("timeout", DEFAULT_TIMEOUT_SECONDS))
-        return self._new_client(self._settings["api_key"], http_client=stripe.HTTPXClient(timeout=timeout))
+        self._async_http = stripe.HTTPXClient(timeout=timeout)
+        return self._new_client(self._settings["api_key"], http_client=self._async_http)
+
+    async def aclose(self) -> None:
+        """Close the asynchronous client's connections (a trigger's hook, when it is done)."""
+        http = self.__dict__.get("_async_http")
+        if http is not None:
+            await http.close_async()
 
     def get_conn(self) -> stripe.StripeClient:
         """Return the ``stripe.StripeClient`` for this connection."""

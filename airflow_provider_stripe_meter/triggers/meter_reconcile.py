@@ -105,15 +105,24 @@ class StripeMeterReconcileTrigger(BaseTrigger):
         from airflow_provider_stripe_meter.hooks.stripe import StripeHook
 
         hook = StripeHook(self.stripe_conn_id, stripe_account=self.stripe_account or None)
-        expected = {(c, date.fromisoformat(d)): (v, ts) for c, d, v, ts in self.expected}
-        first, last = date.fromisoformat(self.first_day), date.fromisoformat(self.last_day)
-        customers = sorted({customer for customer, _ in expected})
         try:
             # Reading the connection is synchronous (it may ask the supervisor): off the event loop.
             await sync_to_async(lambda: hook.async_client)()
         except StripeMeterError as err:
             yield _error(err, retryable=isinstance(err, StripeTransientError))
             return
+        try:
+            async for event in self._poll(hook):
+                yield event
+        finally:
+            await hook.aclose()
+
+    async def _poll(self, hook: Any) -> AsyncIterator[TriggerEvent]:
+        from airflow_provider_stripe_meter.exceptions import StripeMeterError, StripeTransientError
+
+        expected = {(c, date.fromisoformat(d)): (v, ts) for c, d, v, ts in self.expected}
+        first, last = date.fromisoformat(self.first_day), date.fromisoformat(self.last_day)
+        customers = sorted({customer for customer, _ in expected})
         while True:
             try:
                 recorded, unknown = await hook.arecorded_per_day(

@@ -23,6 +23,7 @@ from the reconcile sensor, ``reconcile.<status>`` (``ok``, ``missing``, ``short`
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterable, Mapping
 from datetime import timedelta
@@ -35,6 +36,7 @@ REQUEST_COUNTERS = ("events_sent", "requests", "rate_limited")
 #: The meter tag of run-wide figures (rows, requests) of a batch that billed several meters.
 SEVERAL_METERS = "several"
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
+log = logging.getLogger(__name__)
 
 
 def _stats() -> Any:
@@ -69,11 +71,17 @@ class MeterMetrics:
 
     def count(self, name: str, value: int, meter: str) -> None:
         """Add ``value`` to the counter ``stripe_meter.<name>`` of ``meter``."""
-        self.stats.incr(f"{PREFIX}.{name}", int(value), tags=self._tags(meter))
+        try:
+            self.stats.incr(f"{PREFIX}.{name}", int(value), tags=self._tags(meter))
+        except Exception:  # a metrics backend's trouble must never fail a billing task
+            log.warning("Could not send metric %s.%s", PREFIX, name, exc_info=True)
 
     def time(self, name: str, seconds: float, meter: str) -> None:
         """Record ``seconds`` on the timer ``stripe_meter.<name>`` of ``meter``."""
-        self.stats.timing(f"{PREFIX}.{name}", timedelta(seconds=seconds), tags=self._tags(meter))
+        try:
+            self.stats.timing(f"{PREFIX}.{name}", timedelta(seconds=seconds), tags=self._tags(meter))
+        except Exception:  # a metrics backend's trouble must never fail a billing task
+            log.warning("Could not send metric %s.%s", PREFIX, name, exc_info=True)
 
     def batch(self, outcome: Mapping[str, Any], meters: Iterable[str]) -> None:
         """A batch run's figures: per meter from ``outcome["by_meter"]``, the rest run-wide.

@@ -188,11 +188,41 @@ def test_a_deferred_sensor_finishes_as_soon_as_stripe_catches_up(secret_server, 
     assert secret_server.stats["v1_summaries"] - requests_before > 2  # after more than one poll
 
 
-def test_the_trigger_reports_a_refused_key_at_once_and_as_not_retryable(secret_server, monkeypatch):
-    import asyncio
-    import json
-
+def _trigger(**overrides):
     from airflow_provider_stripe_meter.triggers.meter_reconcile import StripeMeterReconcileTrigger
+
+    kwargs = {
+        "stripe_conn_id": "stripe_default",
+        "stripe_account": None,
+        "event_name": "ai_tokens_used",
+        "meter_id": "mtr_any",
+        "expected": [["cus_a", day(-1), 5, None]],
+        "first_day": day(-1),
+        "last_day": day(-1),
+        "skipped_rows": {},
+        "started": 0.0,
+        "settle_seconds": 3600.0,
+        "poll_interval": 0.0,
+        "max_rps": 100.0,
+        **overrides,
+    }
+    # Built again from its serialized form, as the triggerer does.
+    classpath, serialized = StripeMeterReconcileTrigger(**kwargs).serialize()
+    assert classpath == "airflow_provider_stripe_meter.triggers.meter_reconcile.StripeMeterReconcileTrigger"
+    return StripeMeterReconcileTrigger(**serialized)
+
+
+def _first_event(trigger):
+    import asyncio
+
+    async def first():
+        return await anext(trigger.run())
+
+    return asyncio.run(first()).payload
+
+
+def test_the_trigger_reports_a_refused_key_at_once_and_as_not_retryable(secret_server, monkeypatch):
+    import json
 
     monkeypatch.setenv(
         "AIRFLOW_CONN_STRIPE_DEFAULT",
@@ -200,28 +230,26 @@ def test_the_trigger_reports_a_refused_key_at_once_and_as_not_retryable(secret_s
             {"conn_type": "stripe", "password": "sk_test_wrong", "extra": {"api_base": secret_server.url}}
         ),
     )
-    trigger = StripeMeterReconcileTrigger(
-        stripe_conn_id="stripe_default",
-        stripe_account=None,
-        event_name="ai_tokens_used",
-        meter_id="mtr_any",
-        expected=[["cus_a", day(-1), 5, None]],
-        first_day=day(-1),
-        last_day=day(-1),
-        skipped_rows={},
-        started=0.0,
-        settle_seconds=3600.0,
-        poll_interval=0.0,
-        max_rps=100.0,
-    )
-    # The trigger survives the triggerer's round trip through its serialized form.
-    classpath, kwargs = trigger.serialize()
-    assert classpath == "airflow_provider_stripe_meter.triggers.meter_reconcile.StripeMeterReconcileTrigger"
 
-    async def first_event():
-        return await anext(StripeMeterReconcileTrigger(**kwargs).run())
+    event = _first_event(_trigger())
 
-    event = asyncio.run(first_event()).payload
     assert event["status"] == "error"
     assert (event["retryable"], event["error"]) == (False, "StripeConfigurationError")
     assert "sk_test_wrong" not in json.dumps(event)
+
+
+def test_stripe_down_past_the_settle_time_is_a_retryable_failure(secret_server, fast_clock):
+    from airflow_provider_stripe_meter.exceptions import StripeTransientError
+    from airflow_provider_stripe_meter.sensors.meter_reconcile import StripeMeterReconcileSensor
+    from airflow_provider_stripe_meter.utils import reconcile
+
+    meter_id = secret_server.ledger.meter_for("ai_tokens_used").id
+    secret_server.outage(60)
+
+    event = _first_event(_trigger(meter_id=meter_id, started=reconcile.clock(), settle_seconds=2.0))
+
+    assert (event["status"], event["retryable"], event["error"]) == ("error", True, "StripeTransientError")
+    assert secret_server.stats["outage_rejected"] >= 2  # polled again until the settle time was over
+    sensor = StripeMeterReconcileSensor(task_id="r", event_name="ai_tokens_used", rows=[], deferrable=True)
+    with pytest.raises(StripeTransientError, match="could not read Stripe"):
+        sensor.execute_complete({}, event)  # a transient failure: Airflow's retries apply
