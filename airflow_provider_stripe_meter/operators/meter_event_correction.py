@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from airflow_provider_stripe_meter.operators.base import StripeBaseOperator
 from airflow_provider_stripe_meter.utils.billing import PlannedEvent
+from airflow_provider_stripe_meter.utils.metrics import MeterMetrics
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -124,6 +125,7 @@ class StripeMeterTopUpOperator(StripeBaseOperator):
             progress=lambda line: self.log.info("Corrections: %s", line),
         ).run(events)
         outcome = self._outcome(events, report)
+        MeterMetrics.for_task(context).delivery(report, self.event_name)
         self.log.info(
             "Corrections: %s", {k: v for k, v in outcome.items() if k not in ("corrections", "samples")}
         )

@@ -7,7 +7,8 @@ each series exists from the first run. Airflow's ``[metrics]`` section decides w
 (``statsd_on``, ``statsd_datadog_enabled``, ``otel_on``; tags reach plain StatsD with
 ``statsd_influxdb_enabled``); with metrics off they cost nothing.
 
-Counters, per meter (customer-days unless named otherwise):
+Counters, per meter (customer-days unless named otherwise; the single-event operator counts its
+one event, the top-up operator its corrections):
 
 * ``sent``, ``already_recorded``, ``rejected``, ``failed``, ``over``, ``customer_unknown``,
   ``billed_late``: what became of each customer-day;
@@ -98,3 +99,12 @@ class MeterMetrics:
         for name in (*ROW_COUNTERS, *REQUEST_COUNTERS):
             self.count(name, outcome.get(name, 0), run_meter)
         self.time("delivery", outcome.get("seconds", 0.0), run_meter)
+
+    def delivery(self, report: Any, meter: str) -> None:
+        """A delivery of corrections (one event per customer-day): its counts, requests and time."""
+        for name in ("sent", "already_recorded", "rejected", "failed"):
+            self.count(name, getattr(report, name), meter)
+        self.count("events_sent", report.sent, meter)
+        self.count("requests", report.requests, meter)
+        self.count("rate_limited", report.rate_limited, meter)
+        self.time("delivery", report.seconds, meter)

@@ -137,3 +137,30 @@ def test_the_single_event_operator_counts_its_event(secret_server, statsd):
     assert got[("airflow.stripe_meter.sent", tags)] == [1]
     assert got[("airflow.stripe_meter.invalid", tags)] == [1]  # the value 1.5 never left
     assert got[("airflow.stripe_meter.requests", tags)] == [1]
+
+
+def test_the_sensor_counts_its_statuses_and_the_top_up_its_corrections(
+    secret_server, usage_db, statsd, monkeypatch
+):
+    import time
+
+    from airflow_provider_stripe_meter.utils import reconcile
+
+    readings = iter(range(1, 1_000_000))
+    monkeypatch.setattr(reconcile, "clock", lambda: time.time() + next(readings))  # settle in pokes
+    add_rows(usage_db, [("cus_a", 5, at(-2, 10)), ("cus_a", 7, at(-1, 10))])
+    run_dag("t_bill_day", run_conf={"day": at(-1, 0)[:10]})  # yesterday only: the day before is missing
+
+    run_dag("t_reconcile")
+
+    got = statsd.metrics("airflow.stripe_meter.")
+
+    def tags(task_id):
+        return frozenset({("dag_id", "t_reconcile"), ("task_id", task_id), ("meter", "ai_tokens_used")})
+
+    assert got[("airflow.stripe_meter.reconcile.ok", tags("reconcile"))] == [1]
+    assert got[("airflow.stripe_meter.reconcile.missing", tags("reconcile"))] == [1]
+    assert got[("airflow.stripe_meter.reconcile.over", tags("reconcile"))] == [0]
+    assert got[("airflow.stripe_meter.sent", tags("top_up"))] == [1]
+    assert got[("airflow.stripe_meter.events_sent", tags("top_up"))] == [1]
+    assert secret_server.ledger.totals() == {"cus_a": 12}
