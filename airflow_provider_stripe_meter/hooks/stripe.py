@@ -404,10 +404,8 @@ class StripeHook(BaseHook):
         .. seealso:: https://docs.stripe.com/api/billing/meter-event-summary/list
         """
         from airflow_provider_stripe_meter.utils.delivery import Deliverer
-        from airflow_provider_stripe_meter.utils.rules import SECONDS_PER_DAY
 
-        start = int(datetime(first.year, first.month, first.day, tzinfo=timezone.utc).timestamp())
-        end = start + ((last - first).days + 1) * SECONDS_PER_DAY
+        start, end = _day_span(first, last)
         found: dict[str, list[dict[str, Any]] | None] = {}
 
         def read(batch: list[str]) -> None:
@@ -457,10 +455,7 @@ class StripeHook(BaseHook):
         """
         import asyncio
 
-        from airflow_provider_stripe_meter.utils.rules import SECONDS_PER_DAY
-
-        start = int(datetime(first.year, first.month, first.day, tzinfo=timezone.utc).timestamp())
-        end = start + ((last - first).days + 1) * SECONDS_PER_DAY
+        start, end = _day_span(first, last)
         found: dict[str, list[dict[str, Any]] | None] = {}
         slots = asyncio.Semaphore(max(1, concurrency))
         spacing = 1.0 / max_rps if max_rps else 0.0
@@ -526,6 +521,14 @@ class StripeHook(BaseHook):
         except Exception as err:
             return False, self._scrub(str(err))
         return True, "Connection to Stripe works: the API key may list billing meters."
+
+
+def _day_span(first: date, last: date) -> tuple[int, int]:
+    """Unix seconds from the start of UTC day ``first`` to the end of UTC day ``last``."""
+    from airflow_provider_stripe_meter.utils.rules import SECONDS_PER_DAY
+
+    start = int(datetime(first.year, first.month, first.day, tzinfo=timezone.utc).timestamp())
+    return start, start + ((last - first).days + 1) * SECONDS_PER_DAY
 
 
 def _per_day(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
@@ -19,25 +18,6 @@ if TYPE_CHECKING:
     from airflow.sdk import Context
 
 _SHOWN_MISMATCHES = 50
-
-
-@dataclass(frozen=True)
-class _Expectation:
-    """What the source says Stripe should hold, for the compared days of one meter."""
-
-    meter_id: str
-    expected: dict[tuple[str, date], tuple[int, int | None]]
-    first: date
-    last: date
-    customers: list[str]
-    skipped_rows: dict[str, int]
-
-    def compare(
-        self, recorded: dict[tuple[str, date], int], unknown: set[str]
-    ) -> list[reconcile.ReconcileLine]:
-        """One line per compared customer-day: expected against what Stripe recorded."""
-        within = {k: v for k, v in recorded.items() if self.first <= k[1] <= self.last}
-        return reconcile.compare(self.expected, within, unknown)  # type: ignore[arg-type]
 
 
 class StripeMeterReconcileSensor(UsageSourceMixin, StripeBaseOperator, BaseSensorOperator):
@@ -135,11 +115,7 @@ class StripeMeterReconcileSensor(UsageSourceMixin, StripeBaseOperator, BaseSenso
                 stripe_conn_id=self.stripe_conn_id,
                 stripe_account=self.stripe_account or None,
                 event_name=self.event_name,
-                meter_id=wanted.meter_id,
-                expected=[[c, d.isoformat(), v, ts] for (c, d), (v, ts) in sorted(wanted.expected.items())],
-                first_day=wanted.first.isoformat(),
-                last_day=wanted.last.isoformat(),
-                skipped_rows=wanted.skipped_rows,
+                expectation=wanted.to_json(),
                 started=reconcile.clock(),
                 settle_seconds=_seconds(self.settle_timeout),
                 poll_interval=float(self.poke_interval),
@@ -199,7 +175,7 @@ class StripeMeterReconcileSensor(UsageSourceMixin, StripeBaseOperator, BaseSenso
         )
         return PokeReturnValue(is_done=True, xcom_value=self._finish(context, report))
 
-    def _expectation(self) -> _Expectation:
+    def _expectation(self) -> reconcile.Expectation:
         """Read and aggregate the source; its figures by the meter's own formula, per customer-day."""
         from airflow_provider_stripe_meter.utils.billing import MeterSpec, source_figure
 
@@ -212,7 +188,7 @@ class StripeMeterReconcileSensor(UsageSourceMixin, StripeBaseOperator, BaseSenso
             (a.customer_id, a.day): (source_figure(a, spec), a.timestamp) for a in aggregator.finish()
         }
         first, last = self._day_range(expected)
-        return _Expectation(
+        return reconcile.Expectation(
             meter_id=meter["id"],
             expected={k: v for k, v in expected.items() if first <= k[1] <= last},
             first=first,

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from datetime import date
 from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
@@ -24,7 +23,7 @@ from airflow_provider_stripe_meter.utils import reconcile
 
 
 class StripeMeterReconcileTrigger(BaseTrigger):
-    """Poll a meter's daily summaries until they match ``expected`` or ``settle_seconds`` are over.
+    """Poll a meter's daily summaries until they match the source or ``settle_seconds`` are over.
 
     Yields one event: ``{"status": "done", "report": ...}`` (the sensor's report, matched or
     not), or ``{"status": "error", "retryable": bool, "error": class name, "message", "details"}``
@@ -35,12 +34,9 @@ class StripeMeterReconcileTrigger(BaseTrigger):
     :param stripe_conn_id: The ``stripe`` connection.
     :param stripe_account: Connected account (``acct_...``) or ``None``.
     :param event_name: The meter's event name (for the report).
-    :param meter_id: The meter whose summaries are read.
-    :param expected: ``[customer_id, ISO day, value, latest timestamp]`` per customer-day, the
-        source's figures by the meter's formula, within ``first_day``..``last_day``.
-    :param first_day: First UTC day compared (ISO date).
-    :param last_day: Last UTC day compared (ISO date).
-    :param skipped_rows: Source rows left out, by reason (for the report).
+    :param expectation: What the source says, per compared customer-day, as
+        :meth:`~airflow_provider_stripe_meter.utils.reconcile.Expectation.to_json` gives it
+        (with the meter's id and the source rows left out).
     :param started: Unix time the sensor started waiting.
     :param settle_seconds: How long after ``started`` a mismatch may be waited out.
     :param poll_interval: Seconds between polls.
@@ -53,11 +49,7 @@ class StripeMeterReconcileTrigger(BaseTrigger):
         stripe_conn_id: str,
         stripe_account: str | None,
         event_name: str,
-        meter_id: str,
-        expected: list[list[Any]],
-        first_day: str,
-        last_day: str,
-        skipped_rows: dict[str, int],
+        expectation: dict[str, Any],
         started: float,
         settle_seconds: float,
         poll_interval: float,
@@ -67,11 +59,7 @@ class StripeMeterReconcileTrigger(BaseTrigger):
         self.stripe_conn_id = stripe_conn_id
         self.stripe_account = stripe_account
         self.event_name = event_name
-        self.meter_id = meter_id
-        self.expected = expected
-        self.first_day = first_day
-        self.last_day = last_day
-        self.skipped_rows = skipped_rows
+        self.expectation = expectation
         self.started = started
         self.settle_seconds = settle_seconds
         self.poll_interval = poll_interval
@@ -85,11 +73,7 @@ class StripeMeterReconcileTrigger(BaseTrigger):
                 "stripe_conn_id": self.stripe_conn_id,
                 "stripe_account": self.stripe_account,
                 "event_name": self.event_name,
-                "meter_id": self.meter_id,
-                "expected": self.expected,
-                "first_day": self.first_day,
-                "last_day": self.last_day,
-                "skipped_rows": self.skipped_rows,
+                "expectation": self.expectation,
                 "started": self.started,
                 "settle_seconds": self.settle_seconds,
                 "poll_interval": self.poll_interval,
@@ -120,13 +104,11 @@ class StripeMeterReconcileTrigger(BaseTrigger):
     async def _poll(self, hook: Any) -> AsyncIterator[TriggerEvent]:
         from airflow_provider_stripe_meter.exceptions import StripeMeterError, StripeTransientError
 
-        expected = {(c, date.fromisoformat(d)): (v, ts) for c, d, v, ts in self.expected}
-        first, last = date.fromisoformat(self.first_day), date.fromisoformat(self.last_day)
-        customers = sorted({customer for customer, _ in expected})
+        wanted = reconcile.Expectation.from_json(self.expectation)
         while True:
             try:
                 recorded, unknown = await hook.arecorded_per_day(
-                    self.meter_id, customers, first, last, max_rps=self.max_rps
+                    wanted.meter_id, wanted.customers, wanted.first, wanted.last, max_rps=self.max_rps
                 )
             except StripeTransientError as err:
                 if reconcile.clock() - self.started >= self.settle_seconds:
@@ -138,17 +120,15 @@ class StripeMeterReconcileTrigger(BaseTrigger):
             except StripeMeterError as err:
                 yield _error(err, retryable=False)
                 return
-            lines = reconcile.compare(
-                expected, {k: v for k, v in recorded.items() if first <= k[1] <= last}, unknown
-            )
+            lines = wanted.compare(recorded, unknown)
             counts = reconcile.summarize(lines)
             waited = max(0.0, reconcile.clock() - self.started)
             if reconcile.is_settled(counts) or waited >= self.settle_seconds:
                 report = reconcile.reconcile_report(
                     event_name=self.event_name,
-                    meter_id=self.meter_id,
+                    meter_id=wanted.meter_id,
                     lines=lines,
-                    skipped_rows=self.skipped_rows,
+                    skipped_rows=wanted.skipped_rows,
                     waited_seconds=waited,
                 )
                 yield TriggerEvent({"status": "done", "report": report})

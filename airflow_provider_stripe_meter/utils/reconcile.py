@@ -45,6 +45,51 @@ class ReconcileLine:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class Expectation:
+    """What the source says Stripe should hold for one meter, per customer-day of the compared days.
+
+    ``expected`` maps (customer, day) to (the source's figure by the meter's formula, the latest
+    row's timestamp); ``customers`` are every customer of the source (also those with usage only
+    outside the compared days, whose summaries are read all the same).
+    """
+
+    meter_id: str
+    expected: dict[tuple[str, date], tuple[int, int | None]]
+    first: date
+    last: date
+    customers: list[str]
+    skipped_rows: dict[str, int]
+
+    def compare(self, recorded: dict[tuple[str, date], int], unknown: set[str]) -> list[ReconcileLine]:
+        """One line per compared customer-day: expected against what Stripe recorded."""
+        within = {k: v for k, v in recorded.items() if self.first <= k[1] <= self.last}
+        return compare(self.expected, within, unknown)  # type: ignore[arg-type]
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-safe form (a trigger's keyword argument)."""
+        return {
+            "meter_id": self.meter_id,
+            "expected": [[c, d.isoformat(), v, ts] for (c, d), (v, ts) in sorted(self.expected.items())],
+            "first": self.first.isoformat(),
+            "last": self.last.isoformat(),
+            "customers": self.customers,
+            "skipped_rows": self.skipped_rows,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Expectation:
+        """Back from :meth:`to_json`."""
+        return cls(
+            meter_id=data["meter_id"],
+            expected={(c, date.fromisoformat(d)): (v, ts) for c, d, v, ts in data["expected"]},
+            first=date.fromisoformat(data["first"]),
+            last=date.fromisoformat(data["last"]),
+            customers=list(data["customers"]),
+            skipped_rows=dict(data["skipped_rows"]),
+        )
+
+
 def compare(
     expected: dict[tuple[str, date], tuple[int, int]],
     recorded: dict[tuple[str, date], int],

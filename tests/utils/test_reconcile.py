@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import date
 
 from airflow_provider_stripe_meter.utils.reconcile import compare, summarize
@@ -30,3 +31,26 @@ def test_every_status():
         ("cus_over", "2026-11-23"): (0, 4, -4, "over"),
     }
     assert summarize(lines) == {"ok": 1, "missing": 1, "short": 1, "over": 1, "customer_unknown": 1}
+
+
+def test_an_expectation_survives_its_json_form_and_compares_only_its_days():
+    from airflow_provider_stripe_meter.utils.reconcile import Expectation
+
+    wanted = Expectation(
+        meter_id="mtr_1",
+        expected={("cus_a", date(2026, 11, 2)): (5, 1_762_041_600), ("cus_b", date(2026, 11, 2)): (3, None)},
+        first=date(2026, 11, 2),
+        last=date(2026, 11, 2),
+        customers=["cus_a", "cus_b", "cus_c"],
+        skipped_rows={"invalid": 1},
+    )
+
+    again = Expectation.from_json(json.loads(json.dumps(wanted.to_json())))
+
+    assert again == wanted
+    recorded = {("cus_a", date(2026, 11, 2)): 5, ("cus_a", date(2026, 11, 3)): 9}  # the 3rd is not compared
+    lines = again.compare(recorded, unknown={"cus_b"})
+    assert [(line.customer_id, line.status) for line in lines] == [
+        ("cus_a", "ok"),
+        ("cus_b", "customer_unknown"),
+    ]
