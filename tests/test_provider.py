@@ -38,7 +38,7 @@ def test_provider_info_matches_airflows_schema():
 
 
 @pytest.mark.airflow
-def test_airflow_lists_the_provider_and_its_connection_type(airflow_db):
+def test_airflow_lists_the_provider_its_connection_type_link_and_trigger(airflow_db):
     airflow = str(Path(sys.executable).with_name("airflow"))
     providers = subprocess.run(
         [airflow, "providers", "list", "-o", "json"], capture_output=True, text=True, env=os.environ.copy()
@@ -48,6 +48,19 @@ def test_airflow_lists_the_provider_and_its_connection_type(airflow_db):
         [airflow, "providers", "hooks", "-o", "json"], capture_output=True, text=True, env=os.environ.copy()
     )
     assert "StripeHook" in hooks.stdout, hooks.stderr[-2000:]
+    links = subprocess.run(
+        [airflow, "providers", "links", "-o", "json"], capture_output=True, text=True, env=os.environ.copy()
+    )
+    assert "airflow_provider_stripe_meter.links.stripe.StripeMeterLink" in links.stdout, links.stderr[-2000:]
+    triggers = subprocess.run(
+        [airflow, "providers", "triggers", "-o", "json"],
+        capture_output=True,
+        text=True,
+        env=os.environ.copy(),
+    )
+    assert "airflow_provider_stripe_meter.triggers.meter_reconcile" in triggers.stdout, triggers.stderr[
+        -2000:
+    ]
 
 
 def test_importing_the_package_imports_neither_stripe_nor_openlineage():
