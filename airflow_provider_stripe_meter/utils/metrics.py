@@ -3,7 +3,8 @@
 Every name starts with ``stripe_meter.`` and every figure is tagged with the meter's event name
 (``meter``) and the task (``dag_id``, ``task_id``), so a team can alert on, say,
 ``stripe_meter.skipped_too_old > 0`` without reading logs. Counters are sent even when zero, so
-each series exists from the first run. Airflow's ``[metrics]`` section decides where they go
+each series exists from the first run; a failed batch run sends its figures before it fails, a
+dry run sends none. Airflow's ``[metrics]`` section decides where they go
 (``statsd_on``, ``statsd_datadog_enabled``, ``otel_on``; tags reach plain StatsD with
 ``statsd_influxdb_enabled``); with metrics off they cost nothing.
 
