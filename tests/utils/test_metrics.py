@@ -70,14 +70,14 @@ def _set_up_metrics():
         from airflow.sdk._shared.observability.metrics import stats
         from airflow.sdk._shared.observability.metrics.base_stats_logger import NoStatsLogger
         from airflow.sdk.observability.metrics import stats_utils
-    except ImportError:  # Airflow 3.1: Stats builds its backend from the configuration on first use
+    except ImportError:  # Airflow 3.1: Stats picks its backend from the configuration when imported
         from airflow.stats import Stats
 
-        Stats.instance = None
-
         def reset_31():
+            type(Stats).__init__(Stats)  # pick the backend again, from the configuration as it is now
             Stats.instance = None
 
+        reset_31()
         return reset_31
     stats.initialize(factory=stats_utils.get_stats_factory(), export_legacy_names=True)
 
