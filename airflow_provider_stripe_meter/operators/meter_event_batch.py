@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from datetime import date, datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
@@ -632,7 +633,7 @@ class _Run:
         totals: dict[str, dict[str, Any]] = {}
         customers: dict[str, set[str]] = {}
         # What became of each customer-day, per meter: the figures metrics are tagged with.
-        by_meter: dict[str, dict[str, int]] = {}
+        by_meter: defaultdict[str, Counter[str]] = defaultdict(Counter)
         for key, plan in self.plans.items():
             actions[plan.action] += 1
             status = self.status.get(key)
@@ -643,8 +644,7 @@ class _Run:
                 status = "already_recorded"
             if status is not None and not self.op.dry_run:
                 counts[status] += 1
-                meter_counts = by_meter.setdefault(plan.event_name, {})
-                meter_counts[status] = meter_counts.get(status, 0) + 1
+                by_meter[plan.event_name][status] += 1
             entry = totals.setdefault(
                 plan.event_name,
                 {
@@ -700,16 +700,15 @@ class _Run:
         late_counts = dict.fromkeys(("sent", "already_recorded", "rejected", "failed"), 0)
         for key, status in self.late_status.items():
             late_counts[status] += 1
-            meter_counts = by_meter.setdefault(key[0], {})
-            late_name = "billed_late" if status == "sent" else status
-            meter_counts[late_name] = meter_counts.get(late_name, 0) + 1
+            # As the outcome counts them: sent is billed_late, already recorded is billed before.
+            if status != "already_recorded":
+                by_meter[key[0]]["billed_late" if status == "sent" else status] += 1
         late_over = [plan for plan in self.late_plans.values() if plan.action == REPORT]
         for plan in late_over:
             self._sample("over", plan.line())
             if not self.op.dry_run:
-                meter_counts = by_meter.setdefault(plan.event_name, {})
-                meter_counts["over"] = meter_counts.get("over", 0) + 1
-        outcome["by_meter"] = by_meter
+                by_meter[plan.event_name]["over"] += 1
+        outcome["by_meter"] = {name: dict(figures) for name, figures in by_meter.items()}
         outcome["billed_late"] = late_counts["sent"]
         outcome["billed_late_before"] = (
             sum(1 for plan in self.late_plans.values() if plan.action == LEAVE_ALONE)

@@ -166,13 +166,7 @@ class StripeMeterReconcileSensor(UsageSourceMixin, StripeBaseOperator, BaseSenso
                 settle,
             )
             return False
-        report = reconcile.reconcile_report(
-            event_name=self.event_name,
-            meter_id=wanted.meter_id,
-            lines=lines,
-            skipped_rows=wanted.skipped_rows,
-            waited_seconds=waited,
-        )
+        report = wanted.report(self.event_name, lines, waited)
         return PokeReturnValue(is_done=True, xcom_value=self._finish(context, report))
 
     def _expectation(self) -> reconcile.Expectation:

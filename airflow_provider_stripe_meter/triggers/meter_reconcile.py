@@ -124,13 +124,7 @@ class StripeMeterReconcileTrigger(BaseTrigger):
             counts = reconcile.summarize(lines)
             waited = max(0.0, reconcile.clock() - self.started)
             if reconcile.is_settled(counts) or waited >= self.settle_seconds:
-                report = reconcile.reconcile_report(
-                    event_name=self.event_name,
-                    meter_id=wanted.meter_id,
-                    lines=lines,
-                    skipped_rows=wanted.skipped_rows,
-                    waited_seconds=waited,
-                )
+                report = wanted.report(self.event_name, lines, waited)
                 yield TriggerEvent({"status": "done", "report": report})
                 return
             self.log.info(

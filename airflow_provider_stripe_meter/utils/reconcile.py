@@ -66,6 +66,22 @@ class Expectation:
         within = {k: v for k, v in recorded.items() if self.first <= k[1] <= self.last}
         return compare(self.expected, within, unknown)  # type: ignore[arg-type]
 
+    def report(self, event_name: str, lines: list[ReconcileLine], waited_seconds: float) -> dict[str, Any]:
+        """The sensor's result (reschedule, poke or deferred alike): counts, totals and every line."""
+        counts = summarize(lines)
+        return {
+            "success": counts["ok"] == len(lines),
+            "event_name": event_name,
+            "meter_id": self.meter_id,
+            "counts": counts,
+            "expected": sum(line.expected for line in lines),
+            "recorded": sum(line.recorded or 0 for line in lines),
+            "difference": sum(line.difference for line in lines),
+            "lines": [line.to_dict() for line in lines],
+            "skipped_rows": self.skipped_rows,
+            "waited_seconds": round(waited_seconds, 1),
+        }
+
     def to_json(self) -> dict[str, Any]:
         """JSON-safe form (a trigger's keyword argument)."""
         return {
@@ -130,27 +146,3 @@ def summarize(lines: list[ReconcileLine]) -> dict[str, int]:
 def is_settled(counts: dict[str, int]) -> bool:
     """Whether nothing is left to wait for: every line matches, or names a customer Stripe lacks."""
     return counts["ok"] + counts["customer_unknown"] == sum(counts.values())
-
-
-def reconcile_report(
-    *,
-    event_name: str,
-    meter_id: str,
-    lines: list[ReconcileLine],
-    skipped_rows: dict[str, int],
-    waited_seconds: float,
-) -> dict[str, Any]:
-    """The sensor's result (reschedule, poke or deferred alike): counts, totals and every line."""
-    counts = summarize(lines)
-    return {
-        "success": counts["ok"] == len(lines),
-        "event_name": event_name,
-        "meter_id": meter_id,
-        "counts": counts,
-        "expected": sum(line.expected for line in lines),
-        "recorded": sum(line.recorded or 0 for line in lines),
-        "difference": sum(line.difference for line in lines),
-        "lines": [line.to_dict() for line in lines],
-        "skipped_rows": skipped_rows,
-        "waited_seconds": round(waited_seconds, 1),
-    }
