@@ -173,6 +173,19 @@ def add_rows(path: Path, rows: list[Any]) -> Path:
     return path
 
 
+def add_window_rows(path: Path) -> Path:
+    """Rows around Stripe's 35-day window: two too old, one inside it, one with a bad customer id."""
+    return add_rows(
+        path,
+        [
+            ("cus_old", 7, at(-38, 0)),
+            ("cus_old", 8, at(-36, 0)),
+            ("cus_new", 5, at(-30, 0)),
+            ("user_9", 1, at(-1, 0)),
+        ],
+    )
+
+
 def source_totals(path: Path, where: str = "1=1") -> dict[str, int]:
     """Tokens per customer in the usage table (rows matching ``where``)."""
     with sqlite3.connect(path) as con:

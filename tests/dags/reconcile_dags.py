@@ -21,10 +21,10 @@ SOURCE_SQL = (
     "WHERE date(used_at) >= date('now', '-{{ params.days }} days')"
 )
 
-with DAG(
-    "t_reconcile", schedule=None, start_date=START, params={"days": 3, "settle_seconds": 3}
-) as reconcile_dag:
-    reconcile = StripeMeterReconcileSensor(
+
+def reconcile_sensor(**kwargs) -> StripeMeterReconcileSensor:
+    """The sensor every reconcile test DAG runs: the last 3 days of the usage table."""
+    return StripeMeterReconcileSensor(
         task_id="reconcile",
         event_name="ai_tokens_used",
         sql=SOURCE_SQL,
@@ -33,7 +33,14 @@ with DAG(
         poke_interval=0,
         settle_timeout=timedelta(seconds=3),
         max_rps=200,
+        **kwargs,
     )
+
+
+with DAG(
+    "t_reconcile", schedule=None, start_date=START, params={"days": 3, "settle_seconds": 3}
+) as reconcile_dag:
+    reconcile = reconcile_sensor()
 
     @task.branch
     def route(counts: dict) -> list[str]:
@@ -61,16 +68,7 @@ for deferrable in (False, True):
         start_date=START,
         params={"days": 3},
     ):
-        StripeMeterReconcileSensor(
-            task_id="reconcile",
-            event_name="ai_tokens_used",
-            sql=SOURCE_SQL,
-            sql_conn_id="usage_db",
-            poke_interval=0,
-            settle_timeout=timedelta(seconds=3),
-            max_rps=200,
-            deferrable=deferrable,
-        )
+        reconcile_sensor(deferrable=deferrable)
 
 with DAG("t_bill_day", schedule=None, start_date=START, params={"day": "2026-01-01"}) as bill_day_dag:
     StripeMeterEventBatchOperator(

@@ -9,7 +9,7 @@ import pytest
 
 from airflow_provider_stripe_meter.operators.meter_event_batch import StripeMeterEventBatchOperator
 from airflow_provider_stripe_meter.utils.identifiers import daily_identifier
-from tests.conftest import add_rows, at, run_dag, source_totals, task_states, today, xcoms
+from tests.conftest import add_rows, add_window_rows, at, run_dag, source_totals, task_states, today, xcoms
 
 pytestmark = [pytest.mark.airflow, pytest.mark.usefixtures("airflow_db")]
 
@@ -48,15 +48,7 @@ def test_daily_run_bills_yesterday_once_and_a_rerun_adds_nothing(secret_server, 
 
 
 def test_rows_outside_stripes_window_are_skipped_and_reported(secret_server, usage_db):
-    add_rows(
-        usage_db,
-        [
-            ("cus_old", 7, at(-38, 0)),
-            ("cus_old", 8, at(-36, 0)),
-            ("cus_new", 5, at(-30, 0)),
-            ("user_9", 1, at(-1, 0)),
-        ],
-    )
+    add_window_rows(usage_db)
 
     dag_run = run_dag("t_batch_window", run_conf={"days": 40})
 

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import add_rows, at, run_dag
+from tests.conftest import add_rows, add_window_rows, at, run_dag
 
 pytestmark = [pytest.mark.airflow, pytest.mark.usefixtures("airflow_db")]
 
@@ -91,15 +91,7 @@ TAGS = frozenset({("dag_id", "t_batch_window"), ("task_id", "bill"), ("meter", "
 
 
 def test_a_batch_run_sends_its_counters_and_delivery_time_tagged_by_meter(secret_server, usage_db, statsd):
-    add_rows(
-        usage_db,
-        [
-            ("cus_old", 7, at(-38, 0)),
-            ("cus_old", 8, at(-36, 0)),
-            ("cus_new", 5, at(-30, 0)),
-            ("user_9", 1, at(-1, 0)),
-        ],
-    )
+    add_window_rows(usage_db)
 
     run_dag("t_batch_window", run_conf={"days": 40})
 
