@@ -96,6 +96,12 @@ def get_provider_info() -> dict:
                         "schema": _OPTIONAL_STR,
                         "description": "Host of the v2 meter event stream; defaults to Stripe's.",
                     },
+                    "summary_lag": {
+                        "label": "Summary lag (seconds)",
+                        "schema": {"type": ["number", "null"], "default": 300, "minimum": 0},
+                        "description": "How long Stripe's meter summaries may trail events; a day sent "
+                        "to more recently is read only once this has passed.",
+                    },
                 },
                 "ui-field-behaviour": {
                     "hidden-fields": ["host", "schema", "login", "port"],

@@ -53,6 +53,10 @@ class StripeMeterNotFoundError(StripeMeterError, AirflowFailException):
     """No active meter has this event name: events sent now would never be billed."""
 
 
+class StripeMeterDeactivatedError(StripeMeterNotFoundError):
+    """The meter stopped being active while the run sent to it: Stripe drops such events."""
+
+
 class StripeMeterUnsupportedError(StripeMeterError, AirflowFailException):
     """The meter's settings (formula, event time window) cannot be billed exactly by this operator."""
 

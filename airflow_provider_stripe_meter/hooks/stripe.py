@@ -42,7 +42,10 @@ _EXTRA_KEYS = (
     "timeout",
     "api_base",
     "meter_events_api_base",
+    "summary_lag",
 )
+#: How long Stripe's meter event summaries may trail accepted events, unless the connection says.
+DEFAULT_SUMMARY_LAG = 300.0
 
 
 class StripeHook(BaseHook):
@@ -127,6 +130,16 @@ class StripeHook(BaseHook):
     def max_network_retries(self) -> int:
         """SDK-level retries for each request."""
         return int(self._settings.get("max_network_retries", DEFAULT_MAX_NETWORK_RETRIES))
+
+    @property
+    def summary_lag(self) -> float:
+        """Seconds Stripe's summaries may trail accepted events (extra ``summary_lag``, default 300).
+
+        Stripe aggregates meter events asynchronously, so its summaries are eventually
+        consistent (https://docs.stripe.com/api/billing/meter-event-summary); the lag belongs to
+        the endpoint, so the connection carries it.
+        """
+        return float(self._settings.get("summary_lag", DEFAULT_SUMMARY_LAG))
 
     @property
     def livemode(self) -> bool:
@@ -364,6 +377,26 @@ class StripeHook(BaseHook):
         page = self._call(self.client.v1.billing.meters.list, params)
         for meter in self._call(lambda: list(page.auto_paging_iter())):
             yield meter.to_dict()
+
+    def retrieve_meter(self, meter_id: str) -> dict[str, Any]:
+        """Read one meter afresh (not the cached list): its status now, for a closing check.
+
+        .. seealso:: https://docs.stripe.com/api/billing/meter/retrieve
+        """
+        return self._call(self.client.v1.billing.meters.retrieve, meter_id).to_dict()
+
+    def usage_between(self, meter_id: str, customer_id: str, start_time: int, end_time: int) -> int | None:
+        """The meter's figure for one customer over ``[start_time, end_time)`` (minute-aligned).
+
+        ``None`` when Stripe does not know the customer (404 with ``param=customer``).
+        """
+        try:
+            summaries = self.list_event_summaries(meter_id, customer_id, start_time, end_time, None)
+        except StripeRequestRejectedError as err:
+            if err.details.get("http_status") == 404 and err.details.get("param") == "customer":
+                return None
+            raise
+        return sum(round(float(s.get("aggregated_value") or 0)) for s in summaries)
 
     def list_event_summaries(
         self,

@@ -5,8 +5,10 @@ from __future__ import annotations
 import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import date, datetime, timedelta, timezone
-from typing import TYPE_CHECKING, Any
+from itertools import combinations
+from typing import TYPE_CHECKING, Any, Literal
 
 from airflow_provider_stripe_meter.operators.base import (
     StripeBaseOperator,
@@ -14,6 +16,7 @@ from airflow_provider_stripe_meter.operators.base import (
     meter_outlets,
     update_meter_assets,
 )
+from airflow_provider_stripe_meter.utils import clock
 from airflow_provider_stripe_meter.utils.aggregation import paused_gc
 from airflow_provider_stripe_meter.utils.billing import (
     ACTIONS,
@@ -28,13 +31,14 @@ from airflow_provider_stripe_meter.utils.billing import (
     plan_day,
 )
 from airflow_provider_stripe_meter.utils.metrics import MeterMetrics
-from airflow_provider_stripe_meter.utils.rules import check_fixed_event_name
+from airflow_provider_stripe_meter.utils.rules import SECONDS_PER_DAY, check_fixed_event_name
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
     from airflow_provider_stripe_meter.utils.aggregation import DailyAggregate, UsageAggregator
     from airflow_provider_stripe_meter.utils.delivery import DeliveryReport
+    from airflow_provider_stripe_meter.utils.sent_days import DayMark
 
 APIS = ("v1", "v2_stream")
 TOO_OLD = ("skip", "bill_at_oldest")
@@ -47,6 +51,13 @@ FRESH_MARGIN = timedelta(hours=1)
 #: Events a run may plan for count meters (one event per row) before it refuses to start.
 MAX_COUNT_EVENTS = 1_000_000
 DAY_OUTCOMES = ("sent", "already_recorded", "rejected", "failed", "over", "customer_unknown", "unconfirmed")
+CONFIRM = ("meter", "summaries")
+#: Days a mark is kept past Stripe's 35-day window (no event can reach an older day).
+MARK_DAYS = 36
+#: Re-reads of summaries when another run sent to the same days while this one read them.
+MAX_REREADS = 3
+#: Pending late events of one customer and minute settled by trying every subset, at most.
+MAX_PENDING_GROUP = 12
 
 Key = tuple[str, str, date]
 
@@ -105,6 +116,15 @@ class StripeMeterEventBatchOperator(UsageSourceMixin, StripeBaseOperator):
     :param settle_timeout: How long to wait for Stripe's summaries to show an event Stripe
         already holds (a duplicate answer whose figure is not visible yet) before failing the
         task for a retry; a ``timedelta`` or seconds.
+    :param summary_lag: How long Stripe's meter summaries may trail the events it accepted (they
+        are eventually consistent). A day any run sent to less than this ago is read only once
+        this has passed since that send, so a summary that has not caught up is never taken as
+        what Stripe holds; a ``timedelta`` or seconds.
+    :param confirm: What a run checks before it reports ``success``. ``"meter"`` (default, one
+        request per meter): every event was answered and the meter was still active, and never
+        deactivated, after the last one. ``"summaries"`` also reads back, once ``summary_lag``
+        has passed, every customer-day it sent to (one request per customer), so a customer
+        Stripe does not know or an event Stripe dropped ends the run as not confirmed.
     :param correct_over: Bring days where Stripe holds more than the source down to it (a
         negative event on ``sum`` meters, a new figure on ``last`` and pre-aggregated meters).
         Off by default: such days are reported as ``over``.
@@ -152,6 +172,8 @@ class StripeMeterEventBatchOperator(UsageSourceMixin, StripeBaseOperator):
         identifier_prefix: str = "usage",
         identifier_window: timedelta = STRIPE_IDENTIFIER_WINDOW,
         settle_timeout: timedelta | float = timedelta(minutes=10),
+        summary_lag: timedelta | float | None = None,
+        confirm: Literal["meter", "summaries"] = "meter",
         correct_over: bool = False,
         too_old: str = "skip",
         dry_run: bool = False,
@@ -170,6 +192,8 @@ class StripeMeterEventBatchOperator(UsageSourceMixin, StripeBaseOperator):
             raise ValueError(f"max_rps must be positive, got {max_rps!r}")
         if identifier_window <= FRESH_MARGIN:
             raise ValueError(f"identifier_window must be longer than {FRESH_MARGIN}, got {identifier_window}")
+        if confirm not in CONFIRM:
+            raise ValueError(f"confirm must be one of {CONFIRM}, got {confirm!r}")
         if too_old not in TOO_OLD:
             raise ValueError(f"too_old must be one of {TOO_OLD}, got {too_old!r}")
         check_fixed_event_name(event_name)
@@ -185,6 +209,8 @@ class StripeMeterEventBatchOperator(UsageSourceMixin, StripeBaseOperator):
         self.settle_timeout = (
             settle_timeout.total_seconds() if isinstance(settle_timeout, timedelta) else float(settle_timeout)
         )
+        self.summary_lag = summary_lag.total_seconds() if isinstance(summary_lag, timedelta) else summary_lag
+        self.confirm = confirm
         self.correct_over = correct_over
         self.dry_run = dry_run
         self.plan_limit = plan_limit
@@ -205,19 +231,33 @@ class StripeMeterEventBatchOperator(UsageSourceMixin, StripeBaseOperator):
         with paused_gc():
             aggregates = aggregator.finish()
         self._log_problems(aggregator)
-        now = int(time.time())
+        now = int(clock.now())
         run = _Run(self, context, now)
         if aggregates or aggregator.too_old:
             run.plan(aggregates, late=aggregator.too_old, oldest=aggregator.oldest)
             if not self.dry_run:
                 run.deliver()
                 run.confirm()
+                run.check_meters()
+                if self.confirm == "summaries":
+                    run.read_back()
         outcome = run.outcome(aggregator, aggregates)
         self._log_outcome(outcome)
         if not self.dry_run:
             # Before any failure below, so an alert sees a failed run's figures too.
             meters = set(run.specs) or ({self.event_name} if self.event_name else set())
             MeterMetrics.for_task(context).batch(outcome, meters)
+        if run.deactivated:
+            from airflow_provider_stripe_meter.exceptions import StripeMeterDeactivatedError
+
+            context["ti"].xcom_push(key="outcome", value=outcome)
+            raise StripeMeterDeactivatedError(
+                f"Meter(s) {', '.join(sorted(run.deactivated))} stopped being active during the run: Stripe "
+                f"drops events sent to an inactive meter, so {outcome['unconfirmed']} customer-days are not "
+                "billed. Reactivate the meter (or fix the event name) and re-run: the re-run reads what "
+                "Stripe holds and sends what is missing.",
+                {"type": "meter_deactivated", "meters": sorted(run.deactivated)},
+            )
         if outcome["failed"] or outcome["unconfirmed"]:
             context["ti"].xcom_push(key="outcome", value=outcome)
             example = (outcome["samples"].get("failed") or outcome["samples"].get("unconfirmed") or [])[:1]
@@ -287,6 +327,7 @@ class _Run:
         self.context = context
         self.now = now
         self.hook = op.hook
+        self.summary_lag = float(op.summary_lag if op.summary_lag is not None else op.hook.summary_lag)
         self.specs: dict[str, MeterSpec] = {}
         self.plans: dict[Key, DayPlan] = {}
         self.aggregates: dict[Key, DailyAggregate] = {}
@@ -304,6 +345,14 @@ class _Run:
         self.late_plans: dict[Key, DayPlan] = {}
         self.late_status: dict[Key, str] = {}
         self.oldest = now
+        #: Per meter, the journal's marks of the days this run bills (read at planning).
+        self.journal: dict[str, dict[date, DayMark]] = {}
+        #: Meters that were not active (or were deactivated) after this run sent to them.
+        self.deactivated: set[str] = set()
+        #: Customer-days sent to whose figure was read back equal (confirm="summaries").
+        self.confirmed: set[Key] = set()
+        #: The late events that landed on (or were settled for) each meter, for the outcome.
+        self.late_settled: Counter[str] = Counter()
 
     # -- planning --------------------------------------------------------------------------
 
@@ -331,10 +380,16 @@ class _Run:
                 {"type": "meter_unsupported", "count_events": count_events},
             )
         self.aggregates = {(a.event_name, a.customer_id, a.day): a for a in aggregates}
+        for name, spec in self.specs.items():
+            self.journal[name] = self._marks(spec).read(k[2] for k in self.aggregates if k[0] == name)
+            if self._landings(spec).used():
+                # Late events whose fate a killed or cut-off run never learnt: settled from
+                # Stripe before anything reads the days they landed on.
+                self._settle_pending_late(spec)
         if late:
             self._plan_late(late, oldest)
         to_look_up = self._days_to_look_up()
-        recorded, unknown = self._look_up(to_look_up)
+        recorded, unknown = self._read_settled(to_look_up)
         for key, aggregate in self.aggregates.items():
             looked = key in to_look_up
             self.plans[key] = plan_day(
@@ -345,7 +400,61 @@ class _Run:
                 now=self.now,
                 correct_over=op.correct_over,
                 customer_unknown=looked and (key[0], key[1]) in unknown,
+                version=self._version(key),
             )
+
+    def _version(self, key: Key) -> int:
+        mark = self.journal.get(key[0], {}).get(key[2])
+        return mark.version if mark else 0
+
+    def _read_settled(self, keys: set[Key]) -> tuple[dict[Key, int], set[tuple[str, str]]]:
+        """Stripe's figures for ``keys``, read only once its summaries can be trusted.
+
+        A summary read less than ``summary_lag`` after a send to its day may not show that send
+        yet, so the read waits for it. A run that starts sending to one of the days while this
+        one reads is caught by reading the journal again afterwards; those days are read again
+        once settled.
+        """
+        names = {k[0] for k in keys}
+        self._await_settled({n: {k[2] for k in keys if k[0] == n} for n in names}, self.journal)
+        recorded, unknown = self._look_up(keys)
+        for _ in range(MAX_REREADS):
+            moved: dict[str, dict[date, DayMark]] = {}
+            for name in names:
+                days = {k[2] for k in keys if k[0] == name}
+                now_marks = self._marks(self.specs[name]).read(days)
+                changed = {d: m for d, m in now_marks.items() if m != self.journal[name].get(d)}
+                if changed:
+                    moved[name] = changed
+                    self.journal[name].update(changed)
+            if not moved:
+                break
+            again = {k for k in keys if k[2] in moved.get(k[0], {})}
+            self.op.log.info(
+                "Another run sent to %d of these customer-days while they were read; reading them again",
+                len(again),
+            )
+            self._await_settled({n: set(marks) for n, marks in moved.items()}, self.journal)
+            fresh_figures, fresh_unknown = self._look_up(again)
+            for key in again:
+                recorded.pop(key, None)
+            recorded.update(fresh_figures)
+            unknown |= fresh_unknown
+        return recorded, unknown
+
+    def _await_settled(self, days: dict[str, set[date]], marks: dict[str, dict[date, DayMark]]) -> None:
+        """Sleep until ``summary_lag`` has passed since the last send (by any run) to ``days``."""
+        last = max(
+            (marks[name][d].last_send for name, ds in days.items() for d in ds if d in marks.get(name, {})),
+            default=0.0,
+        )
+        self._sleep_until(last + self.summary_lag, "the last send to these days")
+
+    def _sleep_until(self, moment: float, why: str) -> None:
+        wait = moment - clock.now()
+        if wait > 0:
+            self.op.log.info("Waiting %.1f s for Stripe's summaries to settle after %s", wait, why)
+            time.sleep(wait)
 
     def _plan_late(self, late: list[DailyAggregate], oldest: int) -> None:
         """Plan usage older than the window: billed once, at the oldest instant Stripe accepts."""
@@ -383,10 +492,7 @@ class _Run:
         """Customer-days whose Stripe figure must be read before sending: old, or marked as sent."""
         fresh_window = self.op.identifier_window - FRESH_MARGIN
         fresh_days = {key[2] for key in self.aggregates if is_fresh(key[2], self.now, fresh_window)}
-        marked: dict[str, set[date]] = {}
-        for name, spec in self.specs.items():
-            marked[name] = self._marks(spec).marked(fresh_days) if fresh_days else set()
-        return {key for key in self.aggregates if key[2] not in fresh_days or key[2] in marked[key[0]]}
+        return {key for key in self.aggregates if key[2] not in fresh_days or key[2] in self.journal[key[0]]}
 
     def _look_up(self, keys: set[Key]) -> tuple[dict[Key, int], set[tuple[str, str]]]:
         """Stripe's figures for ``keys``: one summaries request per (meter, customer)."""
@@ -427,50 +533,98 @@ class _Run:
     # -- sending ---------------------------------------------------------------------------
 
     def deliver(self) -> None:
-        """Mark the fresh days about to be sent, then send every planned event."""
-        ti = self.context["ti"]
-        blind_days: dict[str, set[date]] = {}
+        """Mark the days about to be sent to, send every planned event, then record a new version."""
+        days: dict[str, set[date]] = {}
         for plan in self.plans.values():
-            if plan.events and plan.recorded is None:
-                blind_days.setdefault(plan.event_name, set()).add(plan.day)
-        for name, days in blind_days.items():
-            # Before the first event leaves: a retry, re-run or overlapping run then looks first.
-            self._marks(self.specs[name]).mark(
-                days, {"dag_id": ti.dag_id, "run_id": ti.run_id, "task_id": ti.task_id, "marked_at": self.now}
-            )
-        fresh_window = self.op.identifier_window - FRESH_MARGIN
-        oldest_fresh = min(
-            (d for d in {k[2] for k in self.aggregates} if is_fresh(d, self.now, fresh_window)), default=None
-        )
-        if oldest_fresh is not None:
-            for spec in self.specs.values():
-                self._marks(spec).forget_before(oldest_fresh)
-        self._send([e for plan in self.plans.values() for e in plan.events])
+            if plan.events:
+                days.setdefault(plan.event_name, set()).add(plan.day)
+        # Marks of days past Stripe's window only: no event can reach those, so no run needs them.
+        oldest_kept = _day_of(self.now - MARK_DAYS * SECONDS_PER_DAY)
+        for spec in self.specs.values():
+            self._marks(spec).forget_older_than(oldest_kept)
+        with self._sending(days):
+            self._send([e for plan in self.plans.values() for e in plan.events])
         self._send_late()
 
+    def _sending(self, days: dict[str, set[date]]) -> Any:
+        """Journal ``days`` before the first event leaves and again once every answer is in.
+
+        Before: a retry, re-run, hourly run or overlapping run then looks Stripe up first, and
+        waits ``summary_lag`` before it trusts what it reads. After: a new version, so the next
+        figure of the day gets identifiers of its own. A process killed in between leaves the
+        version as it was: its retry derives the same identifiers, and Stripe refuses copies.
+        """
+        from contextlib import contextmanager
+
+        from airflow_provider_stripe_meter.utils.sent_days import DayMark
+
+        ti = self.context["ti"]
+        detail = {"dag_id": ti.dag_id, "run_id": ti.run_id, "task_id": ti.task_id}
+
+        @contextmanager
+        def journaled() -> Any:
+            for name, ds in days.items():
+                self._marks(self.specs[name]).sending(ds, detail, clock.now())
+            try:
+                yield
+            finally:
+                for name, ds in days.items():
+                    self._marks(self.specs[name]).sent(ds, detail, clock.now())
+                    for day in ds:
+                        mark = self.journal[name].get(day)
+                        # The version this run's later sends (confirming) build on.
+                        self.journal[name][day] = DayMark((mark.version if mark else 0) + 1, clock.now())
+
+        return journaled()
+
     def _send_late(self) -> None:
-        """Record where late usage lands (before sending, undone for what fails), then send it."""
+        """Send usage older than the window: written as pending first, counted once Stripe answers."""
         events = [e for plan in self.late_plans.values() for e in plan.events]
         if not events:
             return
-        landing_day = _day_of(self.oldest)
-        by_meter: dict[str, dict[str, dict[str, int]]] = {}
+        at = self._landing_instant(events)
+        events = [replace(e, timestamp=at) for e in events]
         for event in events:
-            amounts = by_meter.setdefault(event.event_name, {}).setdefault(event.customer_id, {})
-            amounts[event.day.isoformat()] = amounts.get(event.day.isoformat(), 0) + event.value
-        for name, amounts in by_meter.items():
-            self._landings(self.specs[name]).add(landing_day, amounts)
-        report = self._deliverer("v1").run(events)
+            self.late_plans[event.key].events = [event]
+        minute = at - at % 60
+        entries: dict[str, dict[str, Any]] = {}
+        for name in sorted({e.event_name for e in events}):
+            spec = self.specs[name]
+            customers = sorted({e.customer_id for e in events if e.event_name == name})
+            # What the landing minute holds before: the settled figure the next run compares
+            # with, should this run never learn what became of its events.
+            baselines = {c: self.hook.usage_between(spec.meter_id, c, minute, minute + 60) for c in customers}
+            mine = [
+                {
+                    "event_name": name,
+                    "customer": e.customer_id,
+                    "day": e.day.isoformat(),
+                    "value": e.value,
+                    "identifier": e.identifier,
+                    "at": at,
+                    "landing_day": _day_of(at).isoformat(),
+                    "baseline": baselines[e.customer_id] or 0,
+                    "written_at": clock.now(),
+                }
+                for e in events
+                if e.event_name == name
+            ]
+            self._landings(spec).add_pending(mine)
+            entries.update({entry["identifier"]: entry for entry in mine})
+        landing = {name: {_day_of(at)} for name in {e.event_name for e in events}}
+        with self._sending(landing):
+            report = self._deliverer("v1").run(events)
         self.reports.append(report)
-        undo: dict[str, dict[str, dict[str, int]]] = {}
-        for event in [*report.failed_items, *report.rejected_items]:
-            amounts = undo.setdefault(event.event_name, {}).setdefault(event.customer_id, {})
-            amounts[event.day.isoformat()] = amounts.get(event.day.isoformat(), 0) - event.value
-        for name, amounts in undo.items():
-            self._landings(self.specs[name]).add(landing_day, amounts)
         failed = {id(e) for e in report.failed_items}
         rejected = {id(e) for e in report.rejected_items}
         already = {id(e) for e in report.already}
+        for name in sorted({e.event_name for e in events}):
+            landings = self._landings(self.specs[name])
+            mine = [e for e in events if e.event_name == name]
+            # Answered: Stripe holds it. Rejected: it never landed. Failed: unknown, so it stays
+            # pending and the next run settles it from the landing minute's summary.
+            landings.confirm(entries[e.identifier] for e in mine if id(e) not in failed | rejected)
+            landings.drop_pending(e.identifier for e in mine if id(e) in rejected)
         for event in events:
             status = (
                 "failed"
@@ -482,6 +636,67 @@ class _Run:
                 else "sent"
             )
             self.late_status[event.key] = status
+
+    def _landing_instant(self, events: list[PlannedEvent]) -> int:
+        """The oldest instant Stripe takes, moved to a minute none of this run's other events use.
+
+        The landing minute is how a later run tells whether a pending late event landed, so no
+        event of the same customers planned by this run may share it.
+        """
+        customers = {(e.event_name, e.customer_id) for e in events}
+        taken = {
+            e.timestamp // 60
+            for plan in self.plans.values()
+            for e in plan.events
+            if (e.event_name, e.customer_id) in customers
+        }
+        at = self.oldest
+        while at // 60 in taken:
+            at += 60
+        return at
+
+    def _settle_pending_late(self, spec: MeterSpec) -> None:
+        """Decide, from Stripe's summary of each landing minute, which pending late events landed.
+
+        The minute's figure less what it held before the send is what of the pending events
+        landed: the combination of them whose values add up to it is counted as billed late,
+        the rest is forgotten (and billed again). A figure no combination explains fails the
+        run before anything is sent.
+        """
+        from airflow_provider_stripe_meter.exceptions import StripeDeliveryIncompleteError
+
+        landings = self._landings(spec)
+        pending = landings.pending()
+        if not pending:
+            return
+        self._sleep_until(max(e["written_at"] for e in pending) + self.summary_lag, "a cut-off late send")
+        groups: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
+        for entry in pending:
+            groups[(entry["customer"], int(entry["at"]))].append(entry)
+        landed: list[dict[str, Any]] = []
+        lost: list[dict[str, Any]] = []
+        for (customer, at), group in sorted(groups.items()):
+            minute = at - at % 60
+            figure = self.hook.usage_between(spec.meter_id, customer, minute, minute + 60)
+            arrived = (figure or 0) - group[0]["baseline"]
+            chosen = _combination(group, arrived)
+            if chosen is None:
+                raise StripeDeliveryIncompleteError(
+                    f"Cannot tell which late events of {customer} landed: Stripe's figure for the minute "
+                    f"{datetime.fromtimestamp(minute, timezone.utc).isoformat()} grew by {arrived}, which no "
+                    f"combination of the pending values {[e['value'] for e in group]} explains",
+                    {"type": "late_unsettled", "customer_id": customer, "arrived": arrived},
+                )
+            landed += chosen
+            lost += [e for e in group if e not in chosen]
+        self.op.log.info(
+            "Late events left pending by an earlier run: %d landed in Stripe, %d did not (sent again)",
+            len(landed),
+            len(lost),
+        )
+        self.late_settled[spec.event_name] += len(landed)
+        landings.confirm(landed)
+        landings.drop_pending(e["identifier"] for e in lost)
 
     def _send(self, events: list[PlannedEvent]) -> None:
         """Send ``events`` (stream where allowed) and settle each customer-day's status."""
@@ -571,6 +786,10 @@ class _Run:
         """Wait for the summaries to show what duplicate answers hid, then send what is still missing."""
         deadline = time.monotonic() + self.op.settle_timeout
         first = True
+        if self.stale:
+            # Our own sends (and the copy Stripe refused) must have had time to show.
+            days = {n: {k[2] for k in self.stale if k[0] == n} for n in {k[0] for k in self.stale}}
+            self._await_settled(days, self.journal)
         while self.stale:
             if not first:
                 remaining = deadline - time.monotonic()
@@ -597,6 +816,7 @@ class _Run:
                         now=self.now,
                         correct_over=self.op.correct_over,
                         customer_unknown=(key[0], key[1]) in unknown,
+                        version=self._version(key),
                     )
                     self.plans[key] = replanned
                     if replanned.action == REPORT:
@@ -606,7 +826,12 @@ class _Run:
                     elif replanned.action == LEAVE_ALONE:
                         self.status[key] = "already_recorded"
                     again.extend(replanned.events)
-            self._send(again)
+            if again:
+                days: dict[str, set[date]] = {}
+                for event in again:
+                    days.setdefault(event.event_name, set()).add(event.day)
+                with self._sending(days):
+                    self._send(again)
         for key in self.stale:
             self._sample(
                 "unconfirmed",
@@ -618,6 +843,61 @@ class _Run:
                     "reason": "Stripe holds an event for this day that its summaries do not show yet",
                 },
             )
+
+    def check_meters(self) -> None:
+        """Read each meter sent to once more: Stripe drops events of a meter deactivated meanwhile.
+
+        One request per meter. A meter that is inactive now, or was deactivated after the run
+        started, leaves every customer-day sent to it unconfirmed.
+        """
+        sent_to = {k[0] for k, status in self.status.items() if status in ("sent", "already_recorded")}
+        sent_to |= {k[0] for k, status in self.late_status.items() if status == "sent"}
+        for name in sorted(sent_to):
+            meter = self.hook.retrieve_meter(self.specs[name].meter_id)
+            deactivated_at = (meter.get("status_transitions") or {}).get("deactivated_at")
+            if meter.get("status") == "active" and not (deactivated_at and deactivated_at >= self.now):
+                continue
+            self.deactivated.add(name)
+            for key, status in self.status.items():
+                if key[0] == name and status == "sent":
+                    self.status[key] = "unconfirmed"
+                    self._sample(
+                        "unconfirmed",
+                        {
+                            "event_name": name,
+                            "customer_id": key[1],
+                            "day": key[2].isoformat(),
+                            "expected": self.plans[key].expected,
+                            "reason": f"meter {self.specs[name].meter_id} was deactivated during the run",
+                        },
+                    )
+
+    def read_back(self) -> None:
+        """Read back every customer-day sent to, once settled (``confirm="summaries"``)."""
+        keys = {k for k, status in self.status.items() if status == "sent"}
+        if not keys:
+            return
+        days = {n: {k[2] for k in keys if k[0] == n} for n in {k[0] for k in keys}}
+        self._await_settled(days, self.journal)
+        recorded, unknown = self._look_up(keys)
+        for key in keys:
+            plan = self.plans[key]
+            if (key[0], key[1]) in unknown:
+                self.status[key] = "customer_unknown"
+                unknown_line = {**plan.line(), "reason": "Stripe does not know the customer"}
+                self._sample("customer_unknown", unknown_line)
+            elif recorded.get(key, 0) == plan.expected:
+                self.confirmed.add(key)
+            else:
+                self.status[key] = "unconfirmed"
+                self._sample(
+                    "unconfirmed",
+                    {
+                        **plan.line(),
+                        "recorded_after": recorded.get(key, 0),
+                        "reason": "Stripe accepted the events but its settled summary differs",
+                    },
+                )
 
     # -- reporting -------------------------------------------------------------------------
 
@@ -689,6 +969,10 @@ class _Run:
             "samples": samples,
             "dry_run": self.op.dry_run,
             "api": self.op.api,
+            "confirm": self.op.confirm,
+            # Sent and answered, but never read back from Stripe's summaries (confirm="meter").
+            "unverified": sum(1 for k, st in self.status.items() if st == "sent" and k not in self.confirmed),
+            "confirmed": len(self.confirmed),
             "looked_up": len(self.looked_up),
             "summary_requests": self.summary_requests,
             "events_sent": sum(r.sent for r in self.reports),
@@ -721,6 +1005,7 @@ class _Run:
             if self.late_status.get(key) == "sent"
         )
         outcome["billed_late_rows"] = aggregator.too_old_rows
+        outcome["billed_late_settled"] = sum(self.late_settled.values())
         outcome["rejected"] += late_counts["rejected"]
         outcome["failed"] += late_counts["failed"]
         outcome["over"] += 0 if self.op.dry_run else len(late_over)
@@ -733,6 +1018,19 @@ class _Run:
         reported = actions[REPORT] + len(late_over)
         outcome["success"] = not any(outcome[k] for k in problems) and (not self.op.dry_run or not reported)
         return outcome
+
+
+def _combination(entries: list[dict[str, Any]], total: int) -> list[dict[str, Any]] | None:
+    """The one combination of ``entries`` whose values add up to ``total`` (smallest first), or ``None``."""
+    if total == 0:
+        return []
+    if len(entries) > MAX_PENDING_GROUP:
+        return entries if sum(e["value"] for e in entries) == total else None
+    for size in range(1, len(entries) + 1):
+        for chosen in combinations(entries, size):
+            if sum(e["value"] for e in chosen) == total:
+                return list(chosen)
+    return None
 
 
 def _reported(plan: DayPlan) -> str:

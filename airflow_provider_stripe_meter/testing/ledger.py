@@ -69,6 +69,8 @@ class RecordedEvent:
     received_at: float
     api: str
     cancelled: bool = False
+    #: Accepted (200) but dropped by Stripe's asynchronous validation: the meter was inactive.
+    dropped: bool = False
 
     @property
     def customer_id(self) -> str | None:
@@ -103,6 +105,7 @@ class Meter:
     #: ``None`` (raw: every event counts), ``"day"`` or ``"hour"`` (pre-aggregated: only the
     #: most recent event of each window counts).
     event_time_window: str | None = None
+    deactivated_at: int | None = None
 
     def as_object(self) -> dict[str, Any]:
         """The ``billing.meter`` object."""
@@ -117,7 +120,7 @@ class Meter:
             "event_time_window": self.event_time_window,
             "livemode": False,
             "status": self.status,
-            "status_transitions": {"deactivated_at": None},
+            "status_transitions": {"deactivated_at": self.deactivated_at},
             "updated": self.created,
             "value_settings": {"event_payload_key": self.value_key},
         }
@@ -186,6 +189,8 @@ class MeterLedger:
         self.error_reports: list[dict[str, Any]] = []
         self.sessions: dict[str, float] = {}
         self._ids = itertools.count(1)
+        #: (accepted events to wait for, action): run once that many more events are accepted.
+        self._after_accepted: list[tuple[int, Callable[[], None]]] = []
 
     # -- meters and customers -------------------------------------------------------------
 
@@ -219,6 +224,31 @@ class MeterLedger:
             )
             self.meters[meter.id] = meter
             return meter
+
+    def deactivate(self, event_name: str) -> Meter:
+        """Deactivate the meter, as the dashboard or ``POST /v1/billing/meters/{id}/deactivate`` does.
+
+        Stripe still answers 200 to events for it and drops them in its asynchronous validation
+        (an ``archived_meter`` error report); they never count.
+        """
+        meter = self.meter_for(event_name)
+        assert meter is not None, f"no meter {event_name!r}"
+        with self.lock:
+            meter.status, meter.deactivated_at = "inactive", int(self.clock())
+        return meter
+
+    def reactivate(self, event_name: str) -> Meter:
+        """Make the meter active again (``deactivated_at`` keeps the last deactivation)."""
+        meter = self.meter_for(event_name)
+        assert meter is not None, f"no meter {event_name!r}"
+        with self.lock:
+            meter.status = "active"
+        return meter
+
+    def after_accepted(self, count: int, action: Callable[[], None]) -> None:
+        """Run ``action`` right after the ``count``-th next accepted event (a test's instant of choice)."""
+        with self.lock:
+            self._after_accepted.append((len(self.events) + count, action))
 
     def meter_for(self, event_name: str) -> Meter | None:
         """The meter (active first) whose event name this is."""
@@ -349,6 +379,7 @@ class MeterLedger:
                     {"code": "no_meter", "identifier": identifier, "event_name": event_name}
                 )
             elif meter.status != "active":
+                event.dropped = True
                 self.error_reports.append(
                     {"code": "archived_meter", "identifier": identifier, "event_name": event_name}
                 )
@@ -360,7 +391,11 @@ class MeterLedger:
                         "customer": payload.get(customer_key),
                     }
                 )
-            return event
+            due = [action for at, action in self._after_accepted if at == len(self.events)]
+            self._after_accepted = [(at, a) for at, a in self._after_accepted if at != len(self.events)]
+        for action in due:
+            action()
+        return event
 
     def cancel(self, event_name: str, identifier: str) -> RecordedEvent:
         """Cancel an event by identifier, within 24 hours of receiving it."""
@@ -399,6 +434,7 @@ class MeterLedger:
                     e
                     for e in self.events
                     if not e.cancelled
+                    and not e.dropped
                     and e.received_at <= visible_before
                     and e.event_name == meter.event_name
                     and e.payload.get(meter.customer_key) == customer_id
@@ -450,7 +486,7 @@ class MeterLedger:
             return [
                 e
                 for e in self.events
-                if not e.cancelled and (event_name is None or e.event_name == event_name)
+                if not e.cancelled and not e.dropped and (event_name is None or e.event_name == event_name)
             ]
 
     def figures(self, event_name: str) -> dict[tuple[str, str], int]:

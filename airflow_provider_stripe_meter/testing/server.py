@@ -181,7 +181,14 @@ class LocalStripeServer:
             {
                 "conn_type": "stripe",
                 "password": api_key,
-                "extra": {"api_base": self.url, "meter_events_api_base": self.url, **extra},
+                "extra": {
+                    "api_base": self.url,
+                    "meter_events_api_base": self.url,
+                    # This server's summaries trail its events by exactly this; a little more
+                    # covers the time between an answer and the journal's note of it.
+                    "summary_lag": self.ledger.summary_lag + 0.5 if self.ledger.summary_lag else 0,
+                    **extra,
+                },
             }
         )
 

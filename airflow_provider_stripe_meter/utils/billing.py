@@ -250,8 +250,15 @@ def plan_day(
     now: int,
     correct_over: bool = False,
     customer_unknown: bool = False,
+    version: int = 0,
 ) -> DayPlan:
-    """Decide what to send for one customer-day, given what Stripe shows (``None``: not looked)."""
+    """Decide what to send for one customer-day, given what Stripe shows (``None``: not looked).
+
+    ``version`` is how many runs have sent to this day before (the day's journal): it goes into
+    the identifiers of sum differences and new figures, so a figure that returns to an earlier
+    value (5 -> 3 -> 5 -> 3 seats) gets a new identifier, while a retry or a concurrent run that
+    saw the same figure in the same version derives the same one and Stripe refuses the copy.
+    """
     expected = source_figure(aggregate, spec)
     plan = DayPlan(
         aggregate.event_name, aggregate.customer_id, aggregate.day, expected, recorded, LEAVE_ALONE
@@ -279,7 +286,9 @@ def plan_day(
     else:
         plan.action = TOP_UP if base else SEND
         plan.reason = "late rows" if base else ("new day" if recorded is None else "missing")
-    plan.events = _events(aggregate, spec, expected, base, prefix=prefix, now=now, blind=recorded is None)
+    plan.events = _events(
+        aggregate, spec, expected, base, prefix=prefix, now=now, blind=recorded is None, version=version
+    )
     return plan
 
 
@@ -292,9 +301,12 @@ def _events(
     prefix: str,
     now: int,
     blind: bool,
+    version: int = 0,
 ) -> list[PlannedEvent]:
     name, customer, day = aggregate.event_name, aggregate.customer_id, aggregate.day
     iso = day.isoformat()
+    # Version 0 (nothing of ours sent to the day yet) keeps the plain identifiers.
+    tail = (f"v{version}",) if version else ()
 
     def event(value: int, identifier: str, timestamp: int) -> PlannedEvent:
         return PlannedEvent(name, customer, day, value, identifier, timestamp, blind)
@@ -305,7 +317,9 @@ def _events(
         stamp = min(day_end(day) - 1, now)
         return [
             event(
-                expected, bounded_identifier(prefix, name, customer, iso, f"set{expected}from{base}"), stamp
+                expected,
+                bounded_identifier(prefix, name, customer, iso, f"set{expected}from{base}", *tail),
+                stamp,
             )
         ]
     if spec.kind == COUNT:
@@ -313,12 +327,12 @@ def _events(
             event(1, bounded_identifier(prefix, name, customer, iso, f"n{k}"), aggregate.timestamp)
             for k in range(base + 1, expected + 1)
         ]
-    if base == 0:
+    if base == 0 and not version:
         return [event(expected, daily_identifier(name, customer, day, prefix), aggregate.timestamp)]
     return [
         event(
             expected - base,
-            bounded_identifier(prefix, name, customer, iso, f"from{base}"),
+            bounded_identifier(prefix, name, customer, iso, f"from{base}", *tail),
             aggregate.timestamp,
         )
     ]

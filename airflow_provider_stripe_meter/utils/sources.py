@@ -12,6 +12,7 @@ from contextlib import closing
 from datetime import timedelta, tzinfo
 from typing import TYPE_CHECKING, Any
 
+from airflow_provider_stripe_meter.utils import clock
 from airflow_provider_stripe_meter.utils.aggregation import UsageAggregator, iter_chunks, paused_gc
 
 if TYPE_CHECKING:
@@ -105,7 +106,7 @@ def aggregate_usage(
     """Read the source and aggregate it per (event name, customer, UTC day), logging progress."""
     aggregator = UsageAggregator(
         event_name=event_name or None,
-        now=int(time.time()),
+        now=int(clock.now()),
         columns=columns,
         naive_timezone=zone(naive_timezone),
         safety_margin=safety_margin,

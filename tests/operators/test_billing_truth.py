@@ -111,8 +111,9 @@ def test_late_rows_while_stripe_still_remembers_the_first_run_are_billed_once(
         assert server.ledger.figures("ai_tokens_used") == source_figures(db_rows(usage_db))
 
     identifiers = {e.identifier for e in server.ledger.accepted()}
-    assert f"usage:ai_tokens_used:cus_1:{day(-1)}:from101" in identifiers
-    assert f"usage:ai_tokens_used:cus_2:{day(-3)}:from102" in identifiers
+    # The day had been sent to once before (version 1): the difference names both.
+    assert f"usage:ai_tokens_used:cus_1:{day(-1)}:from101:v1" in identifiers
+    assert f"usage:ai_tokens_used:cus_2:{day(-3)}:from102:v1" in identifiers
     assert len(identifiers) == 12
     assert xcoms(dag_run, "bill_range")["already_recorded"] == 10
 
