@@ -198,3 +198,60 @@ def advance(server: Any, seconds: float) -> None:
     identifiers older than its window are forgotten)."""
     clock = server.ledger.clock
     server.ledger.clock = lambda: clock() + seconds
+
+
+class SharedClock:
+    """One "now" for the operator (``utils.clock``) and the local server: tests move both at once."""
+
+    def __init__(self, offset: float = 0.0) -> None:
+        import time
+
+        self._time = time.time
+        self.offset = offset
+        self.fixed: float | None = None
+
+    def __call__(self) -> float:
+        return self.fixed if self.fixed is not None else self._time() + self.offset
+
+    def set(self, moment: Any) -> None:
+        """Stop the clock at ``moment`` (a pendulum DateTime or unix seconds)."""
+        self.fixed = float(moment.timestamp() if hasattr(moment, "timestamp") else moment)
+
+    def advance(self, seconds: float) -> None:
+        """Move on by ``seconds`` (from the fixed moment, or by offsetting the real clock)."""
+        if self.fixed is not None:
+            self.fixed += seconds
+        else:
+            self.offset += seconds
+
+
+def share_clock(
+    monkeypatch: pytest.MonkeyPatch, server: Any, clock: SharedClock | None = None
+) -> SharedClock:
+    """Make the operator and ``server`` read the same clock (dag.test() runs tasks in this process)."""
+    clock = clock or SharedClock()
+    server.ledger.clock = clock
+    monkeypatch.setattr("airflow_provider_stripe_meter.utils.clock.now", clock)
+    return clock
+
+
+_SPAWNED_RUN = """
+import json, os, sys
+try:
+    from airflow.dag_processing.dagbag import DagBag
+except ImportError:  # Airflow 3.1
+    from airflow.models.dagbag import DagBag
+bag = DagBag(dag_folder=os.environ["AIRFLOW__CORE__DAGS_FOLDER"])
+bag.get_dag(sys.argv[1]).test(run_conf=json.loads(sys.argv[2]))
+"""
+
+
+def spawn_dag(dag_id: str, run_conf: dict[str, Any] | None = None) -> subprocess.Popen[bytes]:
+    """Run a DAG with ``dag.test()`` in a process of its own (same Airflow home and connections),
+    so a test can ``kill -9`` it at an instant of its choosing."""
+    return subprocess.Popen(
+        [sys.executable, "-c", _SPAWNED_RUN, dag_id, json.dumps(run_conf or {})],
+        env=os.environ.copy(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )

@@ -112,7 +112,8 @@ class StripeMeterEventBatchOperator(UsageSourceMixin, StripeBaseOperator):
         pipelines must not bill the same meter for the same customers. (templated)
     :param identifier_window: How long Stripe is assumed to refuse a repeated identifier
         (Stripe promises at least 24 hours). Days that ended within it, less an hour, and were
-        never sent for are billed without a look at Stripe.
+        never sent for are billed without a look at Stripe. ``None`` looks every day up (after
+        the metadata database, and so the marks, were lost).
     :param settle_timeout: How long to wait for Stripe's summaries to show an event Stripe
         already holds (a duplicate answer whose figure is not visible yet) before failing the
         task for a retry; a ``timedelta`` or seconds.
@@ -170,7 +171,7 @@ class StripeMeterEventBatchOperator(UsageSourceMixin, StripeBaseOperator):
         max_attempts: int = 8,
         outage_timeout: float = 600.0,
         identifier_prefix: str = "usage",
-        identifier_window: timedelta = STRIPE_IDENTIFIER_WINDOW,
+        identifier_window: timedelta | None = STRIPE_IDENTIFIER_WINDOW,
         settle_timeout: timedelta | float = timedelta(minutes=10),
         summary_lag: timedelta | float | None = None,
         confirm: Literal["meter", "summaries"] = "meter",
@@ -190,7 +191,7 @@ class StripeMeterEventBatchOperator(UsageSourceMixin, StripeBaseOperator):
             raise ValueError(f"api must be one of {APIS}, got {api!r}")
         if max_rps is not None and max_rps <= 0:
             raise ValueError(f"max_rps must be positive, got {max_rps!r}")
-        if identifier_window <= FRESH_MARGIN:
+        if identifier_window is not None and identifier_window <= FRESH_MARGIN:
             raise ValueError(f"identifier_window must be longer than {FRESH_MARGIN}, got {identifier_window}")
         if confirm not in CONFIRM:
             raise ValueError(f"confirm must be one of {CONFIRM}, got {confirm!r}")
@@ -490,6 +491,8 @@ class _Run:
 
     def _days_to_look_up(self) -> set[Key]:
         """Customer-days whose Stripe figure must be read before sending: old, or marked as sent."""
+        if self.op.identifier_window is None:
+            return set(self.aggregates)  # nothing sent blind: every day is looked up
         fresh_window = self.op.identifier_window - FRESH_MARGIN
         fresh_days = {key[2] for key in self.aggregates if is_fresh(key[2], self.now, fresh_window)}
         return {key for key in self.aggregates if key[2] not in fresh_days or key[2] in self.journal[key[0]]}

@@ -1,0 +1,342 @@
+"""Billing truth in the histories billing teams live: intraday runs beside the nightly one, workers
+killed with SIGKILL, figures that go back, summaries that trail, meters switched off mid-run.
+
+Real Airflow (dag.test(), and a separate process for the runs that are killed), the real stripe
+SDK and the local server. After every run the test compares Stripe's settled figures (the
+server's ledger, by the meter's formula) with the source, and checks the run's ``success``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections import defaultdict
+
+import pendulum
+import pytest
+
+from airflow_provider_stripe_meter.testing import LocalStripeServer
+from tests.conftest import (
+    SECRET_KEY,
+    SharedClock,
+    at,
+    run_dag,
+    share_clock,
+    spawn_dag,
+    task_states,
+    xcoms,
+)
+from tests.operators.test_billing_truth import source_figures
+
+pytestmark = [pytest.mark.airflow, pytest.mark.usefixtures("airflow_db")]
+DAY = 86400
+HOUR = 3600
+
+
+@pytest.fixture
+def serve(monkeypatch):
+    """Start a local server with given meters (24-hour identifier window); checked and stopped after."""
+    servers: list[LocalStripeServer] = []
+
+    def start(meters: dict[str, dict], *, summary_lag: float = 0.0, **conn_extra) -> LocalStripeServer:
+        server = LocalStripeServer(
+            api_keys=[SECRET_KEY], validate_spec=True, identifier_window=DAY, summary_lag=summary_lag
+        ).start()
+        servers.append(server)
+        for name, settings in meters.items():
+            server.ledger.add_meter(name, **settings)
+        monkeypatch.setenv(
+            "AIRFLOW_CONN_STRIPE_DEFAULT",
+            server.connection_json(SECRET_KEY, max_network_retries=1, **conn_extra),
+        )
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+        assert server.spec_violations == [], server.spec_violations
+        assert server.request_violations == [], server.request_violations
+
+
+def bill(rows, dag_id="t_truth_rows"):
+    """Run the rows DAG; return (bill task state, its outcome)."""
+    dag_run = run_dag(dag_id, run_conf={"rows": rows})
+    outcome = xcoms(dag_run, "bill")
+    return task_states(dag_run)["bill"], outcome.get("return_value", outcome.get("outcome", outcome))
+
+
+def stamp(moment) -> str:
+    return moment.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def late_totals(rows):
+    """Per customer: the sum of the rows (late usage lands on another day; its total is what counts)."""
+    totals: dict[str, int] = defaultdict(int)
+    for customer, value, *_ in rows:
+        totals[customer] += value
+    return dict(totals)
+
+
+# -- 1. hourly "day so far" runs beside the nightly run, across midnight ---------------------------
+
+
+def test_hourly_day_so_far_runs_beside_the_nightly_run_never_bill_twice(monkeypatch, serve):
+    server = serve({"ai_tokens_used": {}})
+    clock = share_clock(monkeypatch, server, SharedClock())
+    d = pendulum.today("UTC").subtract(days=4)
+    # Twenty customers use tokens every 20 minutes of day D and of day D+1.
+    usage = [
+        [f"cus_{c:02d}", 100 + 7 * c + minute % 13, stamp(d.add(minutes=minute)), "ai_tokens_used"]
+        for c in range(20)
+        for minute in range(5, 2 * 24 * 60, 20)
+    ]
+
+    def on(day, rows):
+        return [r for r in rows if r[2][:10] == day.to_date_string()]
+
+    def so_far(day):
+        return [r for r in on(day, usage) if pendulum.parse(r[2]).timestamp() <= clock()]
+
+    #: Per day, the rows the runs so far have covered (Stripe must hold exactly their figure).
+    covered: dict[str, list] = {}
+
+    def check(day, rows, state, outcome):
+        assert (state, outcome["success"]) == ("success", True)
+        covered[day.to_date_string()] = rows
+        assert server.ledger.figures("ai_tokens_used") == source_figures(
+            [r for billed in covered.values() for r in billed]
+        )
+
+    schedule = [
+        (d.add(minutes=10), "hourly", d),
+        (d.add(hours=6, minutes=10), "hourly", d),
+        (d.add(hours=23, minutes=10), "hourly", d),
+        # Just after midnight: the hourly run now bills D+1, D ended five minutes ago.
+        (d.add(days=1, minutes=5), "hourly", d.add(days=1)),
+        # The nightly run for D, more than 24 hours after D's first send.
+        (d.add(days=1, minutes=15), "nightly", d),
+        (d.add(days=1, hours=1, minutes=10), "hourly", d.add(days=1)),
+        (d.add(days=1, hours=23, minutes=10), "hourly", d.add(days=1)),
+        (d.add(days=2, minutes=5), "nightly", d.add(days=1)),
+        # The nightly run for D again (a clear), the next evening: long past the identifier window.
+        (d.add(days=2, hours=20), "nightly", d),
+    ]
+    for moment, kind, day in schedule:
+        clock.set(moment)
+        rows = so_far(day) if kind == "hourly" else on(day, usage)
+        check(day, rows, *bill(rows))
+    duplicates_sent = server.stats["duplicates_rejected"]
+    assert duplicates_sent == 0  # every run knew what Stripe held; none leaned on a refusal
+
+
+# -- 2. a worker killed at any instant -------------------------------------------------------------
+
+
+def kill_after(server, proc, events: int) -> None:
+    """SIGKILL the process right after Stripe accepts its ``events``-th next event (its answer lost)."""
+    server.ledger.after_accepted(events, lambda: os.kill(proc.pid, signal.SIGKILL))
+
+
+@pytest.mark.parametrize("rerun", ["at_once", "after_the_window"])
+def test_a_worker_killed_mid_delivery_then_rerun_bills_exactly(monkeypatch, serve, rerun):
+    server = serve({"ai_tokens_used": {}}, summary_lag=1.0)
+    clock = share_clock(monkeypatch, server)
+    # A fresh day (sent blind) and an old one (looked up), 80 customers each.
+    rows = [[f"cus_{c:03d}", 10 + c, at(-d, 60 + c), "ai_tokens_used"] for c in range(80) for d in (1, 5)]
+
+    proc = spawn_dag("t_truth_rows", {"rows": rows})
+    kill_after(server, proc, 41)
+    assert proc.wait(timeout=120) == -signal.SIGKILL
+    assert len(server.ledger.accepted()) == 41
+    if rerun == "after_the_window":
+        clock.advance(25 * HOUR)  # Stripe has forgotten every identifier the killed run used
+
+    state, outcome = bill(rows)
+
+    assert (state, outcome["success"]) == ("success", True)
+    assert server.ledger.figures("ai_tokens_used") == source_figures(rows)
+    assert (outcome["sent"], outcome["already_recorded"]) == (160 - 41, 41)
+    state, outcome = bill(rows)  # and once more: nothing to do
+    assert (outcome["sent"], outcome["already_recorded"], outcome["success"]) == (0, 160, True)
+    assert len(server.ledger.accepted()) == 160
+
+
+@pytest.mark.parametrize("rerun", ["at_once", "after_the_window"])
+def test_a_worker_killed_while_billing_usage_older_than_35_days_then_rerun_bills_exactly(
+    monkeypatch, serve, rerun
+):
+    server = serve({"ai_tokens_used": {}}, summary_lag=1.0)
+    clock = share_clock(monkeypatch, server)
+    rows = [[f"cus_{c:03d}", 1000 + 13 * c, at(-40 - c % 3, 600), "ai_tokens_used"] for c in range(150)]
+
+    proc = spawn_dag("t_truth_rows_late", {"rows": rows})
+    kill_after(server, proc, 41)
+    assert proc.wait(timeout=120) == -signal.SIGKILL
+    assert len(server.ledger.accepted()) == 41
+    if rerun == "after_the_window":
+        clock.advance(25 * HOUR)
+
+    state, outcome = bill(rows, "t_truth_rows_late")
+
+    assert (state, outcome["success"]) == ("success", True)
+    assert server.ledger.totals("ai_tokens_used") == late_totals(rows)
+    # The killed run's 41 were found in Stripe, not assumed: counted as billed before, not re-sent.
+    assert (outcome["billed_late_settled"], outcome["billed_late"], outcome["billed_late_before"]) == (
+        41,
+        109,
+        41,
+    )
+    clock.advance(25 * HOUR)
+    state, outcome = bill(rows, "t_truth_rows_late")
+    assert (outcome["billed_late"], outcome["billed_late_before"], outcome["success"]) == (0, 150, True)
+    assert server.ledger.totals("ai_tokens_used") == late_totals(rows)
+
+
+def test_late_billing_with_lost_answers_then_an_outage_then_a_rerun_after_the_window(monkeypatch, serve):
+    server = serve({"ai_tokens_used": {}})
+    clock = share_clock(monkeypatch, server)
+    rows = [[f"cus_{c:02d}", 3000 + c, at(-45, 60 * c), "ai_tokens_used"] for c in range(30)]
+    # Ten events land with their answers lost, then Stripe is down for longer than the task waits.
+    server.inject_failures(10, after_write=True, path_prefix="/v1/billing/meter_events")
+    server.outage(5.0, path_prefix="/v1/billing/meter_events", after_requests=14)
+
+    state, _ = bill(rows, "t_truth_rows_late_fragile")
+    assert state == "failed"  # retryable (delivery incomplete); this DAG has no retries
+    landed = len(server.ledger.accepted())
+    assert 0 < landed < 30
+    clock.advance(25 * HOUR)
+
+    state, outcome = bill(rows, "t_truth_rows_late")
+
+    assert (state, outcome["success"]) == ("success", True)
+    assert server.ledger.totals("ai_tokens_used") == late_totals(rows)
+    assert outcome["billed_late"] + outcome["billed_late_before"] == 30
+
+
+# -- 3. a figure that goes back to an earlier value -------------------------------------------------
+
+
+def test_a_seat_count_that_flips_back_and_forth_is_billed_every_hour(monkeypatch, serve):
+    server = serve({"seats": {"formula": "last"}})
+    clock = share_clock(monkeypatch, server, SharedClock())
+    d = pendulum.today("UTC").subtract(days=2)
+    rows: list[list] = []
+    for hour, seats in enumerate([5, 3, 5, 3, 5], start=1):
+        clock.set(d.add(hours=hour, minutes=10))
+        rows.append(["cus_team", seats, stamp(d.add(hours=hour)), "seats"])
+
+        state, outcome = bill(rows)
+
+        assert (state, outcome["success"]) == ("success", True), outcome["samples"]
+        assert server.ledger.figures("seats") == {("cus_team", d.to_date_string()): seats}
+    identifiers = [e.identifier for e in server.ledger.accepted("seats")]
+    assert len(identifiers) == len(set(identifiers)) == 5
+
+
+def test_a_sum_day_corrected_down_and_up_again_lands_every_figure(monkeypatch, serve):
+    serve_ = serve({"ai_tokens_used": {}})
+    share_clock(monkeypatch, serve_)
+    base = [["cus_a", 100, at(-3, 60), "ai_tokens_used"]]
+    late = [["cus_a", 50, at(-3, 120), "ai_tokens_used"]]
+    for rows in (base, base + late, base, base + late, base):
+        state, outcome = bill(rows, "t_truth_rows_correct")
+        assert (state, outcome["success"]) == ("success", True)
+        assert serve_.ledger.figures("ai_tokens_used") == source_figures(rows)
+
+
+# -- 4. summaries that trail Stripe's events ---------------------------------------------------------
+
+
+def test_a_last_meter_read_while_its_summary_trails_is_not_taken_as_settled(monkeypatch, serve):
+    server = serve({"seats": {"formula": "last"}}, summary_lag=2.0)
+    share_clock(monkeypatch, server)
+    for seats in (5, 3, 5):  # back to back: each run starts as the previous one ends
+        rows = [["cus_team", seats, at(-3, 3600), "seats"]]
+        state, outcome = bill(rows)
+        assert (state, outcome["success"]) == ("success", True)
+        assert server.ledger.figures("seats") == source_figures(rows, "last")
+
+
+def test_late_rows_removed_again_while_the_summary_trails_are_reported_over(monkeypatch, serve):
+    server = serve({"ai_tokens_used": {}}, summary_lag=2.0)
+    share_clock(monkeypatch, server)
+    base = [["cus_a", 100, at(-3, 60), "ai_tokens_used"]]
+    assert bill(base)[1]["success"] is True
+    assert bill([*base, ["cus_a", 50, at(-3, 120), "ai_tokens_used"]])[1]["success"] is True
+
+    state, outcome = bill(base)  # the late rows were a mistake, removed at once
+
+    assert state == "success"
+    assert (outcome["over"], outcome["success"]) == (1, False)
+    assert outcome["samples"]["over"][0]["recorded"] == 150
+    assert server.ledger.figures("ai_tokens_used") == {("cus_a", base[0][2][:10]): 150}
+
+
+# -- 5. success that Stripe does not confirm ----------------------------------------------------------
+
+
+def test_a_meter_deactivated_mid_run_fails_the_run_and_the_rerun_bills_what_was_dropped(monkeypatch, serve):
+    server = serve({"ai_tokens_used": {}})
+    rows = [[f"cus_{c:03d}", 1 + c, at(-1, c), "ai_tokens_used"] for c in range(100)]
+    server.ledger.after_accepted(31, lambda: server.ledger.deactivate("ai_tokens_used"))
+
+    dag_run = run_dag("t_truth_rows", run_conf={"rows": rows})
+
+    [ti] = [t for t in dag_run.get_task_instances() if t.task_id == "bill"]
+    assert (str(ti.state), ti.try_number) == ("failed", 1)  # no retry spent on it
+    outcome = xcoms(dag_run, "bill")["outcome"]
+    assert (outcome["success"], outcome["unconfirmed"], outcome["sent"]) == (False, 100, 0)
+    assert len(server.ledger.accepted()) == 31  # Stripe answered 200 to all and dropped 69
+
+    server.ledger.reactivate("ai_tokens_used")
+    state, outcome = bill(rows)
+
+    assert (state, outcome["success"]) == ("success", True)
+    assert (outcome["sent"], outcome["already_recorded"]) == (69, 31)
+    assert server.ledger.figures("ai_tokens_used") == source_figures(rows)
+
+
+@pytest.mark.parametrize(("dag_id", "success"), [("t_truth_rows", True), ("t_truth_rows_confirm", False)])
+def test_a_customer_stripe_does_not_know_on_a_blind_nightly_send(monkeypatch, serve, dag_id, success):
+    server = serve({"ai_tokens_used": {}})
+    server.ledger.customers = {f"cus_{c}" for c in range(5)}
+    rows = [[f"cus_{c}", 10, at(-1, 5), "ai_tokens_used"] for c in range(5)]
+    rows.append(["cus_ghost", 7, at(-1, 5), "ai_tokens_used"])
+
+    state, outcome = bill(rows, dag_id)
+
+    assert state == "success"
+    assert outcome["success"] is success
+    if success:
+        # confirm="meter": accepted and the meter active, but nothing was read back; says so.
+        assert (outcome["unverified"], outcome["confirmed"]) == (6, 0)
+    else:
+        assert (outcome["customer_unknown"], outcome["confirmed"], outcome["unverified"]) == (1, 5, 0)
+        assert outcome["samples"]["customer_unknown"][0]["customer_id"] == "cus_ghost"
+
+
+# -- 6. the metadata database lost -------------------------------------------------------------------
+
+
+def test_after_the_marks_are_lost_a_run_that_looks_every_day_up_bills_nothing_twice(monkeypatch, serve):
+    from airflow.models.variable import Variable as VariableModel
+    from airflow.utils.session import create_session
+
+    server = serve({"ai_tokens_used": {}})
+    clock = share_clock(monkeypatch, server)
+    rows = [[f"cus_{c}", 10 + c, at(-1, 60), "ai_tokens_used"] for c in range(8)]
+    rows += [[f"cus_{c}", 5, at(0, 0), "ai_tokens_used"] for c in range(8)]  # today, so far
+    assert bill(rows)[1]["success"] is True
+    # Stripe forgets the identifiers; the "today" rows now belong to a day that ended hours ago,
+    # fresh, which an unmarked run would send blind under identifiers Stripe no longer holds.
+    clock.advance(25 * HOUR)
+    with create_session() as session:  # a restore without Variables
+        session.query(VariableModel).filter(VariableModel.key.like("stripe_meter.%")).delete(
+            synchronize_session=False
+        )
+
+    state, outcome = bill(rows, "t_truth_rows_look_up_all")
+
+    assert (state, outcome["success"]) == ("success", True)
+    assert (outcome["looked_up"], outcome["sent"], outcome["already_recorded"]) == (16, 0, 16)
+    assert server.ledger.figures("ai_tokens_used") == source_figures(rows)
