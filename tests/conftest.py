@@ -26,6 +26,9 @@ DAGS_FOLDER = _HOME / "dags"
 os.environ["AIRFLOW_HOME"] = str(_HOME)
 os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(DAGS_FOLDER)
 os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
+# One Fernet key for this process and every Airflow process a test starts (a killed worker's
+# Variables must read back here); otherwise each may generate its own before airflow.cfg exists.
+os.environ["AIRFLOW__CORE__FERNET_KEY"] = "dGVzdC1vbmx5LWZlcm5ldC1rZXktMzItYnl0ZXMhISE="
 os.environ.pop("AIRFLOW_CONN_STRIPE_DEFAULT", None)
 
 pytest_plugins = ["airflow_provider_stripe_meter.testing.pytest_plugin"]

@@ -74,7 +74,7 @@ class SentDays(_MeterStore):
         for day in sorted(set(days)):
             raw = Variable.get(self.key(day), default=None)
             if raw is not None:
-                found[day] = _mark(json.loads(raw))
+                found[day] = _mark(_loads(raw))
         return found
 
     def marked(self, days: Iterable[date]) -> set[date]:
@@ -94,7 +94,7 @@ class SentDays(_MeterStore):
 
         for day in sorted(set(days)):
             raw = Variable.get(self.key(day), default=None)
-            current = json.loads(raw) if raw is not None else {}
+            current = _loads(raw) if raw is not None else {}
             mark = _mark(current) if current else DayMark(0, 0.0)
             record = {
                 **detail,
@@ -117,6 +117,16 @@ class SentDays(_MeterStore):
             day = oldest_kept - timedelta(days=offset)
             if Variable.get(self.key(day), default=None) is not None:
                 Variable.delete(self.key(day))
+
+
+def _loads(raw: str) -> dict[str, Any]:
+    # A mark that cannot be read (edited by hand, written under another Fernet key) still says
+    # the day was sent to: the day is looked up, which is always safe.
+    try:
+        record = json.loads(raw)
+    except ValueError:
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def _mark(record: dict[str, Any]) -> DayMark:
