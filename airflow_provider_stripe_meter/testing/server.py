@@ -131,6 +131,8 @@ class LocalStripeServer:
         self.request_log: deque[tuple[str, str, dict[str, str]]] = deque(maxlen=1000)
         self._host, self._port = host, port
         self._faults: list[_Fault] = []
+        #: (fraction, path prefix, random source) of answers lost after the write (:meth:`lose_answers`).
+        self._lossy: tuple[float, str, Any] | None = None
         self._outage: tuple[float, int, str] | None = None
         self._outage_plan: tuple[int, float, int, str] | None = None
         #: Outages that began (knob: :meth:`outage`).
@@ -210,6 +212,17 @@ class LocalStripeServer:
         with self._lock:
             self._faults.append(_Fault(count, status, after_write, path_prefix))
 
+    def lose_answers(self, fraction: float, *, path_prefix: str = "/", seed: int = 0) -> None:
+        """From now on, carry out each matching request and lose its answer with probability ``fraction``.
+
+        As on a flaky network: the write lands, the client sees a 500 and retries (the SDK with the
+        same ``Idempotency-Key``, which this server does not replay for lost answers). ``0`` stops it.
+        """
+        import random
+
+        with self._lock:
+            self._lossy = (fraction, path_prefix, random.Random(seed)) if fraction else None
+
     def outage(
         self, seconds: float, *, status: int = 503, path_prefix: str = "/", after_requests: int = 0
     ) -> None:
@@ -257,6 +270,9 @@ class LocalStripeServer:
 
     def _take_fault(self, path: str) -> _Fault | None:
         with self._lock:
+            lossy = self._lossy
+            if lossy and path.startswith(lossy[1]) and lossy[2].random() < lossy[0]:
+                return _Fault(1, 500, True, lossy[1])
             for fault in self._faults:
                 if fault.remaining > 0 and path.startswith(fault.path_prefix):
                     fault.remaining -= 1

@@ -340,3 +340,44 @@ def test_after_the_marks_are_lost_a_run_that_looks_every_day_up_bills_nothing_tw
     assert (state, outcome["success"]) == ("success", True)
     assert (outcome["looked_up"], outcome["sent"], outcome["already_recorded"]) == (16, 0, 16)
     assert server.ledger.figures("ai_tokens_used") == source_figures(rows)
+
+
+# -- 7. what held before and must keep holding -------------------------------------------------------
+
+
+def test_two_runs_at_once_over_overlapping_days_bill_each_day_once(monkeypatch, serve):
+    server = serve({"ai_tokens_used": {}}, summary_lag=0.5)
+    fresh = [[f"cus_{c:02d}", 40 + c, at(-1, 100 + c), "ai_tokens_used"] for c in range(40)]
+    old = [[f"cus_{c:02d}", 70 + c, at(-6, 100 + c), "ai_tokens_used"] for c in range(40)]
+    never = [[f"cus_{c:02d}", 9, at(-3, 100 + c), "ai_tokens_used"] for c in range(40)]
+    # The nightly run and a backfill, started together: fresh and old days, both never billed.
+    first, second = fresh + old, old + never + fresh
+
+    runs = [spawn_dag("t_truth_rows", {"rows": rows}) for rows in (first, second)]
+    assert [run.wait(timeout=180) for run in runs] == [0, 0]
+
+    assert server.ledger.figures("ai_tokens_used") == source_figures(old + never + fresh)
+    # Then late rows for every kind of day, and the two at once again.
+    late = [[f"cus_{c:02d}", 5, at(-d, 5_000), "ai_tokens_used"] for c in range(0, 40, 3) for d in (1, 3, 6)]
+    runs = [spawn_dag("t_truth_rows", {"rows": rows + late}) for rows in (first, second)]
+    assert [run.wait(timeout=180) for run in runs] == [0, 0]
+
+    assert server.ledger.figures("ai_tokens_used") == source_figures(old + never + fresh + late)
+    state, outcome = bill(old + never + fresh + late)
+    assert (state, outcome["success"], outcome["sent"]) == ("success", True, 0)
+
+
+def test_thirty_percent_of_answers_lost_after_the_write_bill_exactly(monkeypatch, serve):
+    server = serve({"ai_tokens_used": {}, "seats": {"formula": "last"}})
+    server.lose_answers(0.3, path_prefix="/v1/billing/meter_events", seed=7)
+    rows = [[f"cus_{c:03d}", 100 + c, at(-d, 60), "ai_tokens_used"] for c in range(60) for d in (1, 4)]
+    rows += [[f"cus_{c:03d}", 1 + c % 4, at(-2, 60), "seats"] for c in range(30)]
+
+    for changed in (rows, [*rows, ["cus_001", 9, at(-4, 900), "ai_tokens_used"]]):
+        state, outcome = bill(changed)
+        assert (state, outcome["success"]) == ("success", True)
+        assert server.ledger.figures("ai_tokens_used") == source_figures(
+            [r for r in changed if r[3] == "ai_tokens_used"]
+        )
+        assert server.ledger.figures("seats") == source_figures([r for r in rows if r[3] == "seats"], "last")
+    assert server.stats["injected_failures"] > 20
