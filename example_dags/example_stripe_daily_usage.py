@@ -1,5 +1,7 @@
 """Bill yesterday's AI token usage every night at 00:00 UTC, exactly once, and branch on the outcome.
 
+Triggered by hand (no logical date), it bills the last whole UTC day before the trigger.
+
 The usage table lives in SQLite here (connection ``usage_db``); any common-sql database works.
 """
 
@@ -15,6 +17,7 @@ try:
 except ImportError:  # Airflow 3.1
     from airflow.timetables.interval import CronDataIntervalTimetable
 
+from airflow_provider_stripe_meter.macros import BILLING_MACROS
 from airflow_provider_stripe_meter.operators.meter_event_batch import StripeMeterEventBatchOperator
 
 # [START howto_daily_usage_dag]
@@ -24,14 +27,16 @@ with DAG(
     schedule=CronDataIntervalTimetable("0 0 * * *", timezone="UTC"),
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
+    # billing_window(): whole UTC days, also for a manual run (which has no data interval).
+    user_defined_macros=BILLING_MACROS,
     tags=["example", "stripe"],
 ) as dag:
     usage = SQLExecuteQueryOperator(
         task_id="usage",
         conn_id="usage_db",
         sql="SELECT customer_id, tokens, used_at FROM usage "
-        "WHERE datetime(used_at) >= datetime('{{ data_interval_start }}') "
-        "AND datetime(used_at) < datetime('{{ data_interval_end }}')",
+        "WHERE datetime(used_at) >= datetime('{{ billing_window().start }}') "
+        "AND datetime(used_at) < datetime('{{ billing_window().end }}')",
     )
     bill = StripeMeterEventBatchOperator(task_id="bill", event_name="ai_tokens_used", rows=usage.output)
 

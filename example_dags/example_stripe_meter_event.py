@@ -1,7 +1,8 @@
 """Record one templated usage event in Stripe and branch on whether Stripe accepted it.
 
-Run it against the local server (no Stripe account needed) with ``python -m demo`` from the
-README, or against Stripe with a ``stripe_default`` connection holding your API key.
+Run it against the local server (no Stripe account needed) with ``./dev demo`` from the
+README, or against Stripe with a ``stripe_default`` connection holding your API key. A manual
+run (no logical date) records the event at the moment it was triggered.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import pendulum
 from airflow.providers.standard.operators.empty import EmptyOperator
 from airflow.sdk import DAG, Param, task
 
+from airflow_provider_stripe_meter.macros import BILLING_MACROS
 from airflow_provider_stripe_meter.operators.meter_event import StripeMeterEventOperator
 
 with DAG(
@@ -21,6 +23,7 @@ with DAG(
         "customer_id": Param("cus_demo_acme", type="string"),
         "tokens": Param(1234, type="integer"),
     },
+    user_defined_macros=BILLING_MACROS,
     tags=["example", "stripe"],
 ) as dag:
 
@@ -38,8 +41,9 @@ with DAG(
         event_name="ai_tokens_used",
         customer_id="{{ params.customer_id }}",
         value="{{ ti.xcom_pull(task_ids='count_tokens') }}",
-        # Usage belongs to the run's data interval, not to the moment the task runs.
-        timestamp="{{ data_interval_end }}",
+        # Usage belongs to the run's data interval (a manual run: when it was triggered), not
+        # to the moment the task happens to run.
+        timestamp="{{ billing_window().as_of }}",
     )
     # [END howto_operator_stripe_meter_event]
 

@@ -15,15 +15,17 @@ try:
 except ImportError:  # Airflow 3.1
     from airflow.timetables.interval import CronDataIntervalTimetable
 
+from airflow_provider_stripe_meter.macros import BILLING_MACROS
 from airflow_provider_stripe_meter.operators.meter_event_batch import StripeMeterEventBatchOperator
 from airflow_provider_stripe_meter.operators.meter_event_correction import StripeMeterTopUpOperator
 from airflow_provider_stripe_meter.sensors.meter_reconcile import StripeMeterReconcileSensor
 
-# The last 3 days: yesterday, plus late rows for the two days before.
+# The last 3 whole UTC days: yesterday, plus late rows for the two days before (a manual run:
+# the 3 days before the day it was triggered on).
 USAGE_SQL = (
     "SELECT customer_id, tokens, used_at FROM usage "
-    "WHERE datetime(used_at) >= datetime('{{ data_interval_end }}', '-3 days') "
-    "AND datetime(used_at) < datetime('{{ data_interval_end }}')"
+    "WHERE datetime(used_at) >= datetime('{{ billing_window(3).start }}') "
+    "AND datetime(used_at) < datetime('{{ billing_window(3).end }}')"
 )
 
 with DAG(
@@ -32,6 +34,8 @@ with DAG(
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     params={"settle_seconds": Param(3600, type="integer", minimum=0)},
+    # Whole UTC days whatever the logical date, and for manual runs (no logical date at all).
+    user_defined_macros=BILLING_MACROS,
     tags=["example", "stripe"],
 ) as dag:
     # [START howto_reconcile]

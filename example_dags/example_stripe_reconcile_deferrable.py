@@ -12,12 +12,13 @@ import pendulum
 from airflow.providers.standard.operators.empty import EmptyOperator
 from airflow.sdk import DAG, Param, task
 
+from airflow_provider_stripe_meter.macros import BILLING_MACROS
 from airflow_provider_stripe_meter.sensors.meter_reconcile import StripeMeterReconcileSensor
 
 USAGE_SQL = (
     "SELECT customer_id, tokens, used_at FROM usage "
-    "WHERE datetime(used_at) >= datetime('{{ data_interval_end }}', '-3 days') "
-    "AND datetime(used_at) < datetime('{{ data_interval_end }}')"
+    "WHERE datetime(used_at) >= datetime('{{ billing_window(3).start }}') "
+    "AND datetime(used_at) < datetime('{{ billing_window(3).end }}')"
 )
 
 with DAG(
@@ -26,6 +27,8 @@ with DAG(
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     params={"settle_seconds": Param(3600, type="integer", minimum=0)},
+    # Whole UTC days whatever the logical date, and for manual runs (no logical date at all).
+    user_defined_macros=BILLING_MACROS,
     tags=["example", "stripe"],
 ) as dag:
     # [START howto_reconcile_deferrable]
