@@ -22,6 +22,26 @@ USAGE_DB = HOME / "usage.db"
 CUSTOMERS = ["cus_demo_acme", "cus_demo_globex", "cus_demo_initech", "cus_demo_umbrella"]
 
 
+#: Where the demo's own lines go (the terminal); Airflow's logs go to LOG_FILE instead.
+_STORY = sys.stdout
+LOG_FILE = HOME / "airflow.log"
+
+
+def say(*parts: object) -> None:
+    """One line of the demo's story, on the terminal."""
+    _STORY.write(" ".join(str(p) for p in parts) + "\n")
+    _STORY.flush()
+
+
+def logs_to_file() -> None:
+    """Send everything Airflow writes (stdout and stderr, its structured log lines) to LOG_FILE."""
+    global _STORY
+    _STORY = os.fdopen(os.dup(1), "w", buffering=1)
+    log = open(LOG_FILE, "w")  # noqa: SIM115 - open for the life of the process
+    os.dup2(log.fileno(), 1)
+    os.dup2(log.fileno(), 2)
+
+
 def prepare_airflow() -> None:
     """Point Airflow at a fresh home whose DAGs folder holds the example DAGs."""
     shutil.rmtree(HOME, ignore_errors=True)
@@ -67,7 +87,7 @@ def seed_usage(today) -> dict[str, int]:
 
 def show(event) -> None:
     """Print one recorded event."""
-    print(
+    say(
         f"recorded: customer={event.customer_id} value={event.payload['value']} identifier={event.identifier}"
     )
 
@@ -99,6 +119,8 @@ def main() -> None:
     import pendulum
 
     prepare_airflow()
+    logs_to_file()
+    say(f"(Airflow's own log lines go to {LOG_FILE.relative_to(ROOT)})")
     try:
         from airflow.dag_processing.dagbag import DagBag
     except ImportError:  # Airflow 3.1
@@ -111,63 +133,64 @@ def main() -> None:
     bag = DagBag(dag_folder=str(HOME / "dags"))
     with LocalStripeServer(meters=["ai_tokens_used"]) as server:
         os.environ["AIRFLOW_CONN_STRIPE_DEFAULT"] = server.connection_json()
-        print(f"Embedded Stripe meter server on {server.url} (stands in for api.stripe.com)")
+        say(f"Embedded Stripe meter server on {server.url} (stands in for api.stripe.com)")
 
-        print("\n== example_stripe_meter_event: one templated event, then branch on success")
+        say("\n== example_stripe_meter_event: one templated event, then branch on success")
         run = bag.get_dag("example_stripe_meter_event").test(
             run_conf={"customer_id": "cus_demo_acme", "tokens": 1234}
         )
         for event in server.ledger.accepted("ai_tokens_used"):
             show(event)
-        print(f"branch taken: {branch_taken(run, 'on_recorded', 'on_rejected')} (run state: {run.state})")
+        say(f"branch taken: {branch_taken(run, 'on_recorded', 'on_rejected')} (run state: {run.state})")
 
         daily = bag.get_dag("example_stripe_daily_usage")
         before = len(server.ledger.accepted())
-        print(
-            f"\n== example_stripe_daily_usage for {today.subtract(days=1).to_date_string()} (00:00 UTC run)"
-        )
+        say(f"\n== example_stripe_daily_usage for {today.subtract(days=1).to_date_string()} (00:00 UTC run)")
         run = daily.test(logical_date=today)
         result = outcome(run, "bill")
         for event in server.ledger.accepted()[before:]:
             show(event)
         billed = {e.customer_id: int(e.payload["value"]) for e in server.ledger.accepted()[before:]}
-        print(f"source table says {expected}; Stripe holds the same: {billed == expected}")
-        print(
+        say(f"source table says {expected}; Stripe holds the same: {billed == expected}")
+        say(
             f"rows={result['rows']} aggregates={result['aggregates']} sent={result['sent']} "
             f"-> branch taken: {branch_taken(run, 'all_billed', 'alert_billing_team')}"
         )
 
-        print("\n== the same night run again (a cleared run or a retry)")
+        say("\n== the same night run again (a cleared run or a retry)")
         first_night = len(server.ledger.accepted()) - before
         run = daily.test(logical_date=today)
         result = outcome(run, "bill")
         again = len(server.ledger.accepted()) - before
-        print(
+        say(
             f"sent={result['sent']} already_recorded={result['already_recorded']}; "
             f"events on the server: {again} ({'unchanged' if again == first_night else 'CHANGED'})"
         )
 
         frm, to = today.subtract(days=40).to_date_string(), today.to_date_string()
-        print(f"\n== example_stripe_usage_backfill from {frm} to {to}: the 35-day window")
+        say(f"\n== example_stripe_usage_backfill from {frm} to {to}: the 35-day window")
         run = bag.get_dag("example_stripe_usage_backfill").test(run_conf={"from_date": frm, "to_date": to})
         result = outcome(run, "bill_range")
-        print(
+        say(
             f"rows={result['rows']} aggregates={result['aggregates']} sent={result['sent']} "
             f"already_recorded={result['already_recorded']} skipped_too_old={result['skipped_too_old']} "
             f"(e.g. {result['samples']['skipped_too_old'][0]})"
         )
-        print(f"branch taken: {branch_taken(run, 'all_billed', 'report_unbillable_usage')}")
+        say(f"branch taken: {branch_taken(run, 'all_billed', 'report_unbillable_usage')}")
         reconcile_late_rows(bag, server, today)
-        print("\n== example_stripe_reconcile_deferrable: the same check, waiting in the triggerer")
+        say(
+            "\n== example_stripe_reconcile_deferrable: the same check, deferred (dag.test() runs the "
+            "trigger in-process; a deployment runs it in the triggerer)"
+        )
         run = bag.get_dag("example_stripe_reconcile_deferrable").test(
             logical_date=today, run_conf={"settle_seconds": 0}
         )
         report = outcome(run, "reconcile")
         taken = branch_taken(run, "all_billed", "alert_billing_team")
-        print(f"reconcile counts {report['counts']}; branch taken: {taken}")
-        print(f"the task's 'Stripe meter' link: {outcome(run, 'reconcile', '_link_StripeMeterLink')}")
+        say(f"reconcile counts {report['counts']}; branch taken: {taken}")
+        say(f"the task's 'Stripe meter' link: {outcome(run, 'reconcile', '_link_StripeMeterLink')}")
         total = sum(int(e.payload["value"]) for e in server.ledger.accepted())
-        print(f"\nStripe now holds {len(server.ledger.accepted())} meter events, {total} tokens in all.")
+        say(f"\nStripe now holds {len(server.ledger.accepted())} meter events, {total} tokens in all.")
 
 
 def reconcile_late_rows(bag, server, today) -> None:
@@ -180,23 +203,23 @@ def reconcile_late_rows(bag, server, today) -> None:
     with sqlite3.connect(USAGE_DB) as con:
         con.executemany("INSERT INTO usage VALUES (?, ?, ?)", late)
     server.ledger.customers = set(CUSTOMERS)  # Stripe knows the four demo customers, not the ghost
-    print("\n== late rows arrive for yesterday (+500 tokens for cus_demo_acme) and for cus_demo_ghost,")
-    print("   a customer Stripe does not know: example_stripe_reconcile bills, reconciles, corrects")
+    say("\n== late rows arrive for yesterday (+500 tokens for cus_demo_acme) and for cus_demo_ghost,")
+    say("   a customer Stripe does not know: example_stripe_reconcile bills, reconciles, corrects")
     dag = bag.get_dag("example_stripe_reconcile")
     for attempt in (1, 2):
         events_before = len(server.ledger.accepted())
         run = dag.test(logical_date=today, run_conf={"settle_seconds": 0})
         billed = outcome(run, "bill")
-        print(
+        say(
             f"run {attempt}: bill sent {billed['sent']} customer-day(s) ({billed['actions']}), "
             f"{billed['customer_unknown']} for an unknown customer reported, not sent; "
             f"{len(server.ledger.accepted()) - events_before} new event(s) on Stripe"
         )
         report = outcome(run, "reconcile")
-        print(f"  reconcile counts {report['counts']}")
+        say(f"  reconcile counts {report['counts']}")
         for line in report["lines"]:
             if line["status"] != "ok":
-                print(
+                say(
                     f"  {line['status']:<16} {line['day']} {line['customer_id']:<18} "
                     f"expected {line['expected']} recorded {line['recorded']} difference {line['difference']}"
                 )
@@ -206,10 +229,10 @@ def reconcile_late_rows(bag, server, today) -> None:
             for t in ("top_up_late_usage", "alert_billing_team", "all_billed")
             if task_state.get(t) == "success"
         ]
-        print(f"  branches taken: {', '.join(taken)}")
+        say(f"  branches taken: {', '.join(taken)}")
         if task_state.get("top_up_late_usage") == "success":
             top_up = outcome(run, "top_up_late_usage")
-            print(
+            say(
                 f"  top-up: sent {top_up['sent']} event(s), {top_up['value_sent']} tokens: "
                 f"{top_up['corrections']}"
             )
@@ -223,7 +246,7 @@ def reconcile_late_rows(bag, server, today) -> None:
             "SELECT SUM(tokens) FROM usage WHERE customer_id = 'cus_demo_acme' AND date(used_at) = ?",
             (yesterday.to_date_string(),),
         ).fetchone()[0]
-    print(f"cus_demo_acme yesterday: source {source} tokens, Stripe {acme}: equal = {acme == source}")
+    say(f"cus_demo_acme yesterday: source {source} tokens, Stripe {acme}: equal = {acme == source}")
 
 
 if __name__ == "__main__":

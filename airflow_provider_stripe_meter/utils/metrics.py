@@ -32,7 +32,16 @@ from datetime import timedelta
 from typing import Any
 
 PREFIX = "stripe_meter"
-DAY_COUNTERS = ("sent", "already_recorded", "rejected", "failed", "over", "customer_unknown", "billed_late")
+DAY_COUNTERS = (
+    "sent",
+    "already_recorded",
+    "rejected",
+    "failed",
+    "over",
+    "customer_unknown",
+    "unconfirmed",
+    "billed_late",
+)
 ROW_COUNTERS = ("skipped_too_old", "skipped_future", "invalid")
 REQUEST_COUNTERS = ("events_sent", "requests", "rate_limited")
 #: The meter tag of run-wide figures (rows, requests) of a batch that billed several meters.
