@@ -1,0 +1,222 @@
+"""The example DAGs under real Airflow components, as a team's first deployment runs them.
+
+An api-server, scheduler, dag-processor and triggerer (LocalExecutor) in processes of their own,
+with a throwaway Airflow home, against the local Stripe server in this process. The test talks to
+Airflow only through its public REST API: it unpauses the nightly DAG (the scheduler starts its
+scheduled run), triggers it by hand with no logical date, waits for the Asset-scheduled DAG the
+billing run feeds, runs the deferrable reconcile DAG through the triggerer, and reads the task's
+"Stripe meter" link, then checks what reached Stripe.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from airflow_provider_stripe_meter.testing import LocalStripeServer
+from tests.conftest import ROOT, SECRET_KEY, add_rows, at, day
+
+pytestmark = [pytest.mark.system]
+COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
+DEADLINE = 240.0  # seconds for the whole story; each wait below is bounded by it
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Airflow:
+    """The components, their environment, and a small client of the public REST API."""
+
+    def __init__(self, home: Path, env: dict[str, str], port: int) -> None:
+        self.home, self.env, self.base = home, env, f"http://127.0.0.1:{port}"
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.token = ""
+        self.deadline = time.monotonic() + DEADLINE
+
+    def start(self) -> None:
+        airflow = str(Path(sys.executable).with_name("airflow"))
+        subprocess.run([airflow, "db", "migrate"], env=self.env, check=True, capture_output=True)
+        for name in COMPONENTS:
+            log = open(self.home / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
+            args = [airflow, name] + (["--port", self.base.rsplit(":", 1)[1]] if name == "api-server" else [])
+            self.procs.append(subprocess.Popen(args, env=self.env, stdout=log, stderr=subprocess.STDOUT))
+        self.token = self.wait(
+            lambda: json.loads(self._open("GET", "/auth/token"))["access_token"], "api-server"
+        )
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+    def _open(self, method: str, path: str, body: Any = None) -> bytes:
+        request = urllib.request.Request(
+            self.base + path,
+            method=method,
+            data=None if body is None else json.dumps(body).encode(),
+            headers={
+                "Content-Type": "application/json",
+                **({"Authorization": f"Bearer {self.token}"} if self.token else {}),
+            },
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.read()
+
+    def api(self, method: str, path: str, body: Any = None) -> Any:
+        return json.loads(self._open(method, "/api/v2" + path, body) or b"null")
+
+    def wait(self, probe: Any, what: str, interval: float = 1.0) -> Any:
+        """Call ``probe`` until it returns something truthy (errors count as not yet)."""
+        last: Any = None
+        while time.monotonic() < self.deadline:
+            try:
+                found = probe()
+            except Exception as err:  # a component still starting answers with errors
+                last = err
+            else:
+                if found:
+                    return found
+            time.sleep(interval)
+        logs = {n: (self.home / f"{n}.log").read_text(errors="replace")[-3000:] for n in COMPONENTS}
+        raise AssertionError(f"timed out waiting for {what} (last: {last!r}); logs: {logs}")
+
+    def runs(self, dag_id: str) -> list[dict[str, Any]]:
+        return self.api("GET", f"/dags/{dag_id}/dagRuns?order_by=-run_after")["dag_runs"]
+
+    def finished(self, dag_id: str, run_id: str) -> dict[str, Any] | None:
+        run = self.api("GET", f"/dags/{dag_id}/dagRuns/{run_id}")
+        return run if run["state"] in ("success", "failed") else None
+
+    def task_states(self, dag_id: str, run_id: str) -> dict[str, str]:
+        tis = self.api("GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances")["task_instances"]
+        return {ti["task_id"]: ti["state"] for ti in tis}
+
+
+@pytest.fixture
+def airflow(tmp_path: Path, usage_db: Path) -> Any:
+    server = LocalStripeServer(meters=["ai_tokens_used"], api_keys=[SECRET_KEY], validate_spec=True).start()
+    home = tmp_path / "airflow"
+    (home / "dags").mkdir(parents=True)
+    for dag_file in (ROOT / "example_dags").glob("*.py"):
+        shutil.copy(dag_file, home / "dags" / dag_file.name)
+    port = _free_port()
+    env = {
+        **os.environ,
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(home / "dags"),
+        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
+        # One signing secret for every component: the api-server checks the tokens tasks carry.
+        "AIRFLOW__API_AUTH__JWT_SECRET": "system-test-only-jwt-secret",
+        "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "1",
+        "AIRFLOW__TRIGGERER__JOB_HEARTBEAT_SEC": "1",
+        "AIRFLOW_CONN_STRIPE_DEFAULT": server.connection_json(SECRET_KEY, max_network_retries=1),
+    }
+    runner = Airflow(home, env, port)
+    try:
+        runner.start()
+        yield runner, server
+    finally:
+        runner.stop()
+        server.stop()
+    assert server.spec_violations == [], server.spec_violations
+
+
+def test_the_examples_under_a_scheduler_triggerer_and_api_server(airflow, usage_db):
+    runner, server = airflow
+    rows = [(f"cus_{c}", 100 * c + d, at(-d, 3_600 * c + 17)) for c in range(1, 6) for d in (1, 2, 3)]
+    add_rows(usage_db, rows)
+    runner.wait(
+        lambda: len(runner.api("GET", "/dags?dag_id_pattern=example_stripe")["dags"]) >= 6, "the DAGs"
+    )
+
+    # The nightly DAG: unpaused, the scheduler runs its latest interval (yesterday), and the
+    # Asset it updates schedules the downstream DAG.
+    runner.api("PATCH", "/dags/example_stripe_after_billing", {"is_paused": False})
+    runner.api("PATCH", "/dags/example_stripe_daily_usage", {"is_paused": False})
+    scheduled = runner.wait(lambda: runner.runs("example_stripe_daily_usage"), "the scheduled run")[0]
+    assert scheduled["run_type"] == "scheduled"
+    scheduled = runner.wait(
+        lambda: runner.finished("example_stripe_daily_usage", scheduled["dag_run_id"]), "it"
+    )
+    assert scheduled["state"] == "success"
+    states = runner.task_states("example_stripe_daily_usage", scheduled["dag_run_id"])
+    assert (states["bill"], states["all_billed"], states["alert_billing_team"]) == (
+        "success",
+        "success",
+        "skipped",
+    )
+    yesterday = {(c, day(-1)): v for c, v, used_at in rows if used_at[:10] == day(-1)}
+    assert server.ledger.figures("ai_tokens_used") == yesterday
+
+    after = runner.wait(lambda: runner.runs("example_stripe_after_billing"), "the Asset-triggered run")[0]
+    assert after["run_type"] == "asset_triggered"
+    assert (
+        runner.wait(lambda: runner.finished("example_stripe_after_billing", after["dag_run_id"]), "it")[
+            "state"
+        ]
+        == "success"
+    )
+
+    # "Bill now": the Trigger button's run (no logical date) bills yesterday again: nothing new.
+    manual = runner.api("POST", "/dags/example_stripe_daily_usage/dagRuns", {"logical_date": None})
+    manual = runner.wait(
+        lambda: runner.finished("example_stripe_daily_usage", manual["dag_run_id"]), "manual"
+    )
+    assert (manual["state"], manual["logical_date"]) == ("success", None)
+    assert len(server.ledger.accepted()) == len(yesterday)
+
+    # The task's link to its meter, as the UI's Details tab shows it.
+    links = runner.api(
+        "GET", f"/dags/example_stripe_daily_usage/dagRuns/{scheduled['dag_run_id']}/taskInstances/bill/links"
+    )
+    meter_id = server.ledger.meter_for("ai_tokens_used").id
+    assert links["extra_links"]["Stripe meter"] == f"https://dashboard.stripe.com/test/meters/{meter_id}"
+
+    # The reconcile DAG by hand bills the three days before today and checks them (reschedule mode).
+    checked = trigger(runner, "example_stripe_reconcile", {"settle_seconds": 0})
+    states = runner.task_states("example_stripe_reconcile", checked["dag_run_id"])
+    assert (checked["state"], states["all_billed"], states["alert_billing_team"]) == (
+        "success",
+        "success",
+        "skipped",
+    )
+    assert server.ledger.figures("ai_tokens_used") == {(c, used_at[:10]): v for c, v, used_at in rows}
+
+    # The deferrable one waits in the triggerer, whose log of the trigger holds its report.
+    run = trigger(runner, "example_stripe_reconcile_deferrable", {"settle_seconds": 0})
+    states = runner.task_states("example_stripe_reconcile_deferrable", run["dag_run_id"])
+    assert (run["state"], states["reconcile"], states["all_billed"]) == ("success", "success", "success")
+    folder = (
+        runner.home / "logs" / "dag_id=example_stripe_reconcile_deferrable" / f"run_id={run['dag_run_id']}"
+    )
+    [trigger_log] = (folder / "task_id=reconcile").glob("attempt=1.log.trigger.*.log")
+    fired = [line for line in trigger_log.read_text().splitlines() if "Trigger fired event" in line]
+    assert len(fired) == 1
+    assert "'ok': 15, 'missing': 0, 'short': 0, 'over': 0, 'customer_unknown': 0" in fired[0]
+
+
+def trigger(runner: Airflow, dag_id: str, conf: dict[str, Any]) -> dict[str, Any]:
+    """Unpause ``dag_id``, trigger it as the UI's button does (no logical date), wait for the end."""
+    runner.api("PATCH", f"/dags/{dag_id}", {"is_paused": False})
+    run = runner.api("POST", f"/dags/{dag_id}/dagRuns", {"logical_date": None, "conf": conf})
+    return runner.wait(lambda: runner.finished(dag_id, run["dag_run_id"]), f"{dag_id}'s run")
