@@ -80,3 +80,17 @@ def test_the_reconcile_dags_compare_whole_days_and_raise_no_false_alarm(secret_s
         "success",
         "skipped",
     )
+
+
+def test_a_manual_run_of_the_asset_scheduled_dag_has_nothing_to_finalize(secret_server):
+    dag_run = run_dag("example_stripe_after_billing", logical_date=None)
+
+    assert task_states(dag_run)["finalize_invoices"] == "success"
+    assert xcoms(dag_run, "finalize_invoices")["return_value"] == []
+
+
+def test_a_manual_run_of_the_backfill_bills_its_default_range(secret_server, usage):
+    dag_run = run_dag("example_stripe_usage_backfill", logical_date=None)
+
+    assert dag_run.logical_date is None
+    assert task_states(dag_run)["bill_range"] == "success"
