@@ -77,10 +77,6 @@ class SentDays(_MeterStore):
                 found[day] = _mark(_loads(raw))
         return found
 
-    def marked(self, days: Iterable[date]) -> set[date]:
-        """Those of ``days`` that have been sent to."""
-        return set(self.read(days))
-
     def sending(self, days: Iterable[date], detail: dict[str, Any], now: float) -> None:
         """Before sending to ``days``: mark them, and say when, so a reader knows to let Stripe settle."""
         self._write(days, detail, now, bump=False)
