@@ -350,6 +350,8 @@ class _Run:
         self.journal: dict[str, dict[date, DayMark]] = {}
         #: Meters that were not active (or were deactivated) after this run sent to them.
         self.deactivated: set[str] = set()
+        #: Each meter's last deactivation as the run found it when planning (``None``: never).
+        self.deactivated_at: dict[str, int | None] = {}
         #: Customer-days sent to whose figure was read back equal (confirm="summaries").
         self.confirmed: set[Key] = set()
         #: The late events that landed on (or were settled for) each meter, for the outcome.
@@ -365,6 +367,7 @@ class _Run:
         op = self.op
         for name in sorted({a.event_name for a in [*aggregates, *late]}):
             meter = self.hook.active_meter(name)  # unknown or inactive: fails before anything is sent
+            self.deactivated_at[name] = (meter.get("status_transitions") or {}).get("deactivated_at")
             try:
                 self.specs[name] = meter_spec(
                     meter, customer_key=op.customer_payload_key, value_key=op.value_payload_key
@@ -850,15 +853,16 @@ class _Run:
     def check_meters(self) -> None:
         """Read each meter sent to once more: Stripe drops events of a meter deactivated meanwhile.
 
-        One request per meter. A meter that is inactive now, or was deactivated after the run
-        started, leaves every customer-day sent to it unconfirmed.
+        One request per meter. A meter that is inactive now, or whose last deactivation is not the
+        one the run saw when it planned (deactivated and reactivated meanwhile), leaves every
+        customer-day sent to it unconfirmed.
         """
         sent_to = {k[0] for k, status in self.status.items() if status in ("sent", "already_recorded")}
         sent_to |= {k[0] for k, status in self.late_status.items() if status == "sent"}
         for name in sorted(sent_to):
             meter = self.hook.retrieve_meter(self.specs[name].meter_id)
             deactivated_at = (meter.get("status_transitions") or {}).get("deactivated_at")
-            if meter.get("status") == "active" and not (deactivated_at and deactivated_at >= self.now):
+            if meter.get("status") == "active" and deactivated_at == self.deactivated_at.get(name):
                 continue
             self.deactivated.add(name)
             for key, status in self.status.items():

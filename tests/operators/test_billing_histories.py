@@ -296,6 +296,21 @@ def test_a_meter_deactivated_mid_run_fails_the_run_and_the_rerun_bills_what_was_
     assert server.ledger.figures("ai_tokens_used") == source_figures(rows)
 
 
+def test_a_meter_switched_off_and_on_again_mid_run_is_not_a_success(monkeypatch, serve):
+    server = serve({"ai_tokens_used": {}})
+    rows = [[f"cus_{c:03d}", 1 + c, at(-1, c), "ai_tokens_used"] for c in range(60)]
+    server.ledger.after_accepted(20, lambda: server.ledger.deactivate("ai_tokens_used"))
+    server.ledger.after_accepted(30, lambda: server.ledger.reactivate("ai_tokens_used"))
+
+    state, outcome = bill(rows)
+
+    assert (state, outcome["success"]) == ("failed", False)  # active at the end, but 10 were dropped
+    assert len(server.ledger.accepted()) == 50
+    state, outcome = bill(rows)
+    assert (state, outcome["success"], outcome["sent"]) == ("success", True, 10)
+    assert server.ledger.figures("ai_tokens_used") == source_figures(rows)
+
+
 @pytest.mark.parametrize(("dag_id", "success"), [("t_truth_rows", True), ("t_truth_rows_confirm", False)])
 def test_a_customer_stripe_does_not_know_on_a_blind_nightly_send(monkeypatch, serve, dag_id, success):
     server = serve({"ai_tokens_used": {}})
