@@ -390,13 +390,23 @@ class StripeHook(BaseHook):
 
         ``None`` when Stripe does not know the customer (404 with ``param=customer``).
         """
+        summaries = self._summaries_or_unknown(meter_id, customer_id, start_time, end_time, None)
+        return (
+            None
+            if summaries is None
+            else sum(round(float(x.get("aggregated_value") or 0)) for x in summaries)
+        )
+
+    def _summaries_or_unknown(
+        self, meter_id: str, customer_id: str, start_time: int, end_time: int, window: str | None
+    ) -> list[dict[str, Any]] | None:
+        """:meth:`list_event_summaries`, or ``None`` when Stripe does not know the customer (404)."""
         try:
-            summaries = self.list_event_summaries(meter_id, customer_id, start_time, end_time, None)
+            return self.list_event_summaries(meter_id, customer_id, start_time, end_time, window)
         except StripeRequestRejectedError as err:
             if err.details.get("http_status") == 404 and err.details.get("param") == "customer":
                 return None
             raise
-        return sum(round(float(s.get("aggregated_value") or 0)) for s in summaries)
 
     def list_event_summaries(
         self,
@@ -443,13 +453,7 @@ class StripeHook(BaseHook):
 
         def read(batch: list[str]) -> None:
             [customer] = batch
-            try:
-                found[customer] = self.list_event_summaries(meter_id, customer, start, end, "day")
-            except StripeRequestRejectedError as err:
-                if err.details.get("http_status") == 404 and err.details.get("param") == "customer":
-                    found[customer] = None
-                    return
-                raise
+            found[customer] = self._summaries_or_unknown(meter_id, customer, start, end, "day")
 
         # Reads are paced, backed off on 429 and ridden through outages exactly like sends.
         report = Deliverer(

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import time
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 from datetime import date, datetime, timedelta, timezone
 from itertools import combinations
@@ -354,8 +355,8 @@ class _Run:
         self.deactivated_at: dict[str, int | None] = {}
         #: Customer-days sent to whose figure was read back equal (confirm="summaries").
         self.confirmed: set[Key] = set()
-        #: The late events that landed on (or were settled for) each meter, for the outcome.
-        self.late_settled: Counter[str] = Counter()
+        #: Pending late events of earlier, cut-off runs that this run found landed in Stripe.
+        self.late_settled = 0
 
     # -- planning --------------------------------------------------------------------------
 
@@ -419,13 +420,12 @@ class _Run:
         one reads is caught by reading the journal again afterwards; those days are read again
         once settled.
         """
-        names = {k[0] for k in keys}
-        self._await_settled({n: {k[2] for k in keys if k[0] == n} for n in names}, self.journal)
+        by_meter = _days_of(keys)
+        self._await_settled(by_meter, self.journal)
         recorded, unknown = self._look_up(keys)
         for _ in range(MAX_REREADS):
             moved: dict[str, dict[date, DayMark]] = {}
-            for name in names:
-                days = {k[2] for k in keys if k[0] == name}
+            for name, days in by_meter.items():
                 now_marks = self._marks(self.specs[name]).read(days)
                 changed = {d: m for d, m in now_marks.items() if m != self.journal[name].get(d)}
                 if changed:
@@ -540,10 +540,7 @@ class _Run:
 
     def deliver(self) -> None:
         """Mark the days about to be sent to, send every planned event, then record a new version."""
-        days: dict[str, set[date]] = {}
-        for plan in self.plans.values():
-            if plan.events:
-                days.setdefault(plan.event_name, set()).add(plan.day)
+        days = _days_of(plan.key for plan in self.plans.values() if plan.events)
         # Marks of days past Stripe's window only: no event can reach those, so no run needs them.
         oldest_kept = _day_of(self.now - MARK_DAYS * SECONDS_PER_DAY)
         for spec in self.specs.values():
@@ -552,7 +549,8 @@ class _Run:
             self._send([e for plan in self.plans.values() for e in plan.events])
         self._send_late()
 
-    def _sending(self, days: dict[str, set[date]]) -> Any:
+    @contextmanager
+    def _sending(self, days: dict[str, set[date]]) -> Iterator[None]:
         """Journal ``days`` before the first event leaves and again once every answer is in.
 
         Before: a retry, re-run, hourly run or overlapping run then looks Stripe up first, and
@@ -560,28 +558,21 @@ class _Run:
         figure of the day gets identifiers of its own. A process killed in between leaves the
         version as it was: its retry derives the same identifiers, and Stripe refuses copies.
         """
-        from contextlib import contextmanager
-
         from airflow_provider_stripe_meter.utils.sent_days import DayMark
 
         ti = self.context["ti"]
         detail = {"dag_id": ti.dag_id, "run_id": ti.run_id, "task_id": ti.task_id}
-
-        @contextmanager
-        def journaled() -> Any:
+        for name, ds in days.items():
+            self._marks(self.specs[name]).sending(ds, detail, clock.now())
+        try:
+            yield
+        finally:
             for name, ds in days.items():
-                self._marks(self.specs[name]).sending(ds, detail, clock.now())
-            try:
-                yield
-            finally:
-                for name, ds in days.items():
-                    self._marks(self.specs[name]).sent(ds, detail, clock.now())
-                    for day in ds:
-                        mark = self.journal[name].get(day)
-                        # The version this run's later sends (confirming) build on.
-                        self.journal[name][day] = DayMark((mark.version if mark else 0) + 1, clock.now())
-
-        return journaled()
+                self._marks(self.specs[name]).sent(ds, detail, clock.now())
+                for day in ds:
+                    mark = self.journal[name].get(day)
+                    # The version this run's later sends (confirming) build on.
+                    self.journal[name][day] = DayMark((mark.version if mark else 0) + 1, clock.now())
 
     def _send_late(self) -> None:
         """Send usage older than the window: written as pending first, counted once Stripe answers."""
@@ -700,7 +691,7 @@ class _Run:
             len(landed),
             len(lost),
         )
-        self.late_settled[spec.event_name] += len(landed)
+        self.late_settled += len(landed)
         landings.confirm(landed)
         landings.drop_pending(e["identifier"] for e in lost)
 
@@ -794,8 +785,7 @@ class _Run:
         first = True
         if self.stale:
             # Our own sends (and the copy Stripe refused) must have had time to show.
-            days = {n: {k[2] for k in self.stale if k[0] == n} for n in {k[0] for k in self.stale}}
-            self._await_settled(days, self.journal)
+            self._await_settled(_days_of(self.stale), self.journal)
         while self.stale:
             if not first:
                 remaining = deadline - time.monotonic()
@@ -833,10 +823,7 @@ class _Run:
                         self.status[key] = "already_recorded"
                     again.extend(replanned.events)
             if again:
-                days: dict[str, set[date]] = {}
-                for event in again:
-                    days.setdefault(event.event_name, set()).add(event.day)
-                with self._sending(days):
+                with self._sending(_days_of(e.key for e in again)):
                     self._send(again)
         for key in self.stale:
             self._sample(
@@ -884,15 +871,13 @@ class _Run:
         keys = {k for k, status in self.status.items() if status == "sent"}
         if not keys:
             return
-        days = {n: {k[2] for k in keys if k[0] == n} for n in {k[0] for k in keys}}
-        self._await_settled(days, self.journal)
+        self._await_settled(_days_of(keys), self.journal)
         recorded, unknown = self._look_up(keys)
         for key in keys:
             plan = self.plans[key]
             if (key[0], key[1]) in unknown:
                 self.status[key] = "customer_unknown"
-                unknown_line = {**plan.line(), "reason": "Stripe does not know the customer"}
-                self._sample("customer_unknown", unknown_line)
+                self._sample("customer_unknown", {**plan.line(), "reason": "Stripe does not know it"})
             elif recorded.get(key, 0) == plan.expected:
                 self.confirmed.add(key)
             else:
@@ -1012,7 +997,7 @@ class _Run:
             if self.late_status.get(key) == "sent"
         )
         outcome["billed_late_rows"] = aggregator.too_old_rows
-        outcome["billed_late_settled"] = sum(self.late_settled.values())
+        outcome["billed_late_settled"] = self.late_settled
         outcome["rejected"] += late_counts["rejected"]
         outcome["failed"] += late_counts["failed"]
         outcome["over"] += 0 if self.op.dry_run else len(late_over)
@@ -1027,8 +1012,16 @@ class _Run:
         return outcome
 
 
+def _days_of(keys: Iterable[Key]) -> dict[str, set[date]]:
+    """The days of ``keys`` (event name, customer, day), per event name."""
+    days: dict[str, set[date]] = defaultdict(set)
+    for name, _, day in keys:
+        days[name].add(day)
+    return dict(days)
+
+
 def _combination(entries: list[dict[str, Any]], total: int) -> list[dict[str, Any]] | None:
-    """The one combination of ``entries`` whose values add up to ``total`` (smallest first), or ``None``."""
+    """The smallest combination of ``entries`` whose values add up to ``total`` (first found), or ``None``."""
     if total == 0:
         return []
     if len(entries) > MAX_PENDING_GROUP:

@@ -145,7 +145,7 @@ class LateLandings(_MeterStore):
     and what Stripe's summary showed there before), moved to the records above once Stripe
     accepts it (or answers that it holds it), and dropped if Stripe rejects it. A pending entry
     left by a process that was killed, or whose answer was lost, is settled by the next run from
-    Stripe's own summary of that minute (:meth:`settle_pending`'s caller), never assumed.
+    Stripe's own summary of that minute (by the batch operator), never assumed.
     """
 
     def key(self, landing_day: date) -> str:

@@ -234,14 +234,14 @@ def test_a_seat_count_that_flips_back_and_forth_is_billed_every_hour(monkeypatch
 
 
 def test_a_sum_day_corrected_down_and_up_again_lands_every_figure(monkeypatch, serve):
-    serve_ = serve({"ai_tokens_used": {}})
-    share_clock(monkeypatch, serve_)
+    server = serve({"ai_tokens_used": {}})
+    share_clock(monkeypatch, server)
     base = [["cus_a", 100, at(-3, 60), "ai_tokens_used"]]
     late = [["cus_a", 50, at(-3, 120), "ai_tokens_used"]]
     for rows in (base, base + late, base, base + late, base):
         state, outcome = bill(rows, "t_truth_rows_correct")
         assert (state, outcome["success"]) == ("success", True)
-        assert serve_.ledger.figures("ai_tokens_used") == source_figures(rows)
+        assert server.ledger.figures("ai_tokens_used") == source_figures(rows)
 
 
 # -- 4. summaries that trail Stripe's events ---------------------------------------------------------
