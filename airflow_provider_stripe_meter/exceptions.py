@@ -10,34 +10,30 @@ Two families, so Airflow spends ``retries`` only where a retry can help:
   the task fails at once, whatever ``retries`` says;
 * transient ones (429, 5xx, network, summaries not yet settled) are plain exceptions, and a
   retry of the task picks up where the failed try stopped.
+
+Each is also one of the plain kinds of :mod:`airflow_provider_stripe_meter.utils.errors`, which
+is what the Airflow-free delivery and billing code acts on.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from airflow.providers.common.compat.sdk import AirflowFailException
 
-try:
-    from airflow.sdk.exceptions import AirflowFailException
-except ImportError:  # Airflow 3.1 keeps it in airflow.exceptions only
-    from airflow.exceptions import AirflowFailException
+from airflow_provider_stripe_meter.utils import errors
 
 
-class StripeMeterError(Exception):
+class StripeMeterError(errors.MeterFailure):
     """A Stripe call failed; ``details`` says how."""
-
-    def __init__(self, message: str, details: dict[str, Any] | None = None) -> None:
-        super().__init__(message)
-        self.details: dict[str, Any] = details or {"message": message}
 
 
 # -- permanent: Airflow does not retry these ---------------------------------------------------
 
 
-class StripeRequestRejectedError(StripeMeterError, AirflowFailException):
+class StripeRequestRejectedError(StripeMeterError, errors.Rejected, AirflowFailException):
     """Stripe refused the request (4xx other than 429): sending it again cannot succeed."""
 
 
-class StripeDuplicateIdentifierError(StripeRequestRejectedError):
+class StripeDuplicateIdentifierError(StripeRequestRejectedError, errors.Duplicate):
     """Stripe already holds an event with this identifier: for a derived identifier, already recorded."""
 
 
@@ -45,7 +41,7 @@ class StripeAdjustmentTooLateError(StripeRequestRejectedError):
     """The event was received more than 24 hours ago: Stripe no longer lets it be cancelled."""
 
 
-class StripeConfigurationError(StripeMeterError, AirflowFailException):
+class StripeConfigurationError(StripeMeterError, errors.Refused, AirflowFailException):
     """The API key is missing, refused or lacks permission (401/403): a connection problem."""
 
 
@@ -57,7 +53,7 @@ class StripeMeterDeactivatedError(StripeMeterNotFoundError):
     """The meter stopped being active while the run sent to it: Stripe drops such events."""
 
 
-class StripeMeterUnsupportedError(StripeMeterError, AirflowFailException):
+class StripeMeterUnsupportedError(StripeMeterError, errors.Unsupported, AirflowFailException):
     """The meter's settings (formula, event time window) cannot be billed exactly by this operator."""
 
 
@@ -68,7 +64,7 @@ class StripeEventRejectedError(StripeMeterError, AirflowFailException):
 # -- transient: Airflow's retries apply --------------------------------------------------------
 
 
-class StripeTransientError(StripeMeterError):
+class StripeTransientError(StripeMeterError, errors.Transient):
     """Rate limit, 5xx or connection error that outlasted the retries; a later try can succeed."""
 
 
@@ -76,13 +72,5 @@ class StripeSessionExpiredError(StripeTransientError):
     """The v2 meter event session token expired; a new session fixes it."""
 
 
-class StripeDeliveryIncompleteError(StripeTransientError):
+class StripeDeliveryIncompleteError(StripeTransientError, errors.Incomplete):
     """Some usage could not be delivered (or confirmed) in this try; the task's retry resumes it."""
-
-
-# Names of the first release, kept for one release so existing ``except`` clauses keep working.
-StripeRequestRejected = StripeRequestRejectedError
-StripeDuplicateIdentifier = StripeDuplicateIdentifierError
-StripeAdjustmentTooLate = StripeAdjustmentTooLateError
-StripeMeterNotFound = StripeMeterNotFoundError
-StripeSessionExpired = StripeSessionExpiredError

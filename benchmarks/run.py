@@ -353,10 +353,10 @@ def _mark_as_billed_by_the_nightly(day: Any) -> None:
     from airflow.models.variable import Variable
 
     from airflow_provider_stripe_meter.hooks.stripe import StripeHook
-    from airflow_provider_stripe_meter.utils.sent_days import SentDays
+    from airflow_provider_stripe_meter.state.day_journal import SentDays
 
     meter_id = StripeHook().active_meter(EVENT)["id"]
-    Variable.set(SentDays(None, meter_id, "usage").key(day), json.dumps({"dag_id": "nightly"}))
+    Variable.set(SentDays(None, meter_id, "usage").day_key(day), json.dumps({"dag_id": "nightly"}))
 
 
 def _make_sqlite(path: Path, n: int) -> None:
@@ -387,8 +387,8 @@ def _inner_sql(mode: str, db: str) -> None:
     op = _operator(sql=sql, sql_conn_id="usage_db")
     from airflow.sdk import BaseHook
 
+    from airflow_provider_stripe_meter.sources import row_chunks
     from airflow_provider_stripe_meter.utils.aggregation import paused_gc
-    from airflow_provider_stripe_meter.utils.sources import row_chunks
 
     BaseHook.get_connection("usage_db").get_hook()  # imports and connection lookup outside the timing
     sampler = _RssSampler()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-import airflow_provider_stripe_meter
+from airflow_provider_stripe_meter.get_provider_info import get_provider_info
 
 
 def test_entry_point_returns_provider_info():
@@ -34,7 +34,7 @@ def test_provider_info_matches_airflows_schema():
 
     schema_path = Path(providers_manager.__file__).with_name("provider_info.schema.json")
     schema = json.loads(schema_path.read_text())
-    jsonschema.validate(airflow_provider_stripe_meter.get_provider_info(), schema)
+    jsonschema.validate(get_provider_info(), schema)
 
 
 @pytest.mark.airflow

@@ -61,8 +61,13 @@ def convert_asset_to_openlineage(asset: Asset, lineage_context: Any) -> Any:
     """
     from urllib.parse import unquote, urlsplit
 
-    from airflow_provider_stripe_meter.utils.lineage import meter_dataset
-
     parts = urlsplit(asset.uri)
     account = None if parts.netloc == PLATFORM else parts.netloc
     return meter_dataset(unquote(parts.path.split("/")[-1]), account)
+
+
+def meter_dataset(event_name: str, account: str | None) -> Any:
+    """The OpenLineage dataset of the meter ``event_name`` feeds, for ``account`` (``None``: platform)."""
+    from airflow.providers.common.compat.openlineage.facet import Dataset
+
+    return Dataset(namespace=f"stripe://{account or PLATFORM}", name=f"meters/{event_name}")

@@ -104,7 +104,7 @@ class StripeHook(BaseHook):
     @classmethod
     def get_ui_field_behaviour(cls) -> dict[str, Any]:
         """Return the connection form's custom behaviour, as declared in ``get_provider_info``."""
-        from airflow_provider_stripe_meter import get_provider_info
+        from airflow_provider_stripe_meter.get_provider_info import get_provider_info
 
         [conn] = get_provider_info()["connection-types"]
         return {key.replace("-", "_"): value for key, value in conn["ui-field-behaviour"].items()}

@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from airflow.sdk import BaseOperator
 
 from airflow_provider_stripe_meter.links.stripe import StripeMeterLink, dashboard_url
+from airflow_provider_stripe_meter.sources import DEFAULT_COLUMNS, check_source
 from airflow_provider_stripe_meter.utils.aggregation import DEFAULT_SAFETY_MARGIN, DEFAULT_SAMPLE_LIMIT
-from airflow_provider_stripe_meter.utils.sources import DEFAULT_COLUMNS, check_source
 
 if TYPE_CHECKING:
     from airflow.providers.openlineage.extractors import OperatorLineage
@@ -171,7 +171,7 @@ class UsageSourceMixin:
 
     def get_openlineage_facets_on_start(self) -> OperatorLineage | None:
         """OpenLineage: the usage tables as inputs, the meter as output (see :mod:`..utils.lineage`)."""
-        from airflow_provider_stripe_meter.utils.lineage import usage_lineage
+        from airflow_provider_stripe_meter.lineage import usage_lineage
 
         return usage_lineage(self)
 
@@ -184,7 +184,7 @@ class UsageSourceMixin:
 
         ``keep_too_old`` aggregates rows older than Stripe's window apart instead of skipping them.
         """
-        from airflow_provider_stripe_meter.utils.sources import aggregate_usage
+        from airflow_provider_stripe_meter.sources import aggregate_usage
 
         return aggregate_usage(
             rows=self.rows,

@@ -7,13 +7,13 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
+from airflow_provider_stripe_meter.metrics import MeterMetrics
 from airflow_provider_stripe_meter.operators.base import (
     StripeBaseOperator,
     meter_outlets,
     update_meter_assets,
 )
 from airflow_provider_stripe_meter.utils.identifiers import task_identifier
-from airflow_provider_stripe_meter.utils.metrics import MeterMetrics
 from airflow_provider_stripe_meter.utils.rules import (
     MeterEventInputError,
     check_fixed_event_name,

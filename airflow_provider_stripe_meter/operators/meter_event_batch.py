@@ -11,15 +11,7 @@ from datetime import date, datetime, timedelta, timezone
 from itertools import combinations
 from typing import TYPE_CHECKING, Any, Literal
 
-from airflow_provider_stripe_meter.operators.base import (
-    StripeBaseOperator,
-    UsageSourceMixin,
-    meter_outlets,
-    update_meter_assets,
-)
-from airflow_provider_stripe_meter.utils import clock
-from airflow_provider_stripe_meter.utils.aggregation import paused_gc
-from airflow_provider_stripe_meter.utils.billing import (
+from airflow_provider_stripe_meter.billing.plans import (
     ACTIONS,
     ADD,
     COUNT,
@@ -31,15 +23,23 @@ from airflow_provider_stripe_meter.utils.billing import (
     is_fresh,
     plan_day,
 )
-from airflow_provider_stripe_meter.utils.metrics import MeterMetrics
+from airflow_provider_stripe_meter.metrics import MeterMetrics
+from airflow_provider_stripe_meter.operators.base import (
+    StripeBaseOperator,
+    UsageSourceMixin,
+    meter_outlets,
+    update_meter_assets,
+)
+from airflow_provider_stripe_meter.utils import clock
+from airflow_provider_stripe_meter.utils.aggregation import paused_gc
 from airflow_provider_stripe_meter.utils.rules import SECONDS_PER_DAY, check_fixed_event_name
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
+    from airflow_provider_stripe_meter.state.day_journal import DayMark
     from airflow_provider_stripe_meter.utils.aggregation import DailyAggregate, UsageAggregator
     from airflow_provider_stripe_meter.utils.delivery import DeliveryReport
-    from airflow_provider_stripe_meter.utils.sent_days import DayMark
 
 APIS = ("v1", "v2_stream")
 TOO_OLD = ("skip", "bill_at_oldest")
@@ -75,7 +75,7 @@ class StripeMeterEventBatchOperator(UsageSourceMixin, StripeBaseOperator):
 
     Exactly once, whatever the history of runs: the source's figure for each customer-day is
     computed with the meter's own formula (the sum for ``sum``, the number of rows for
-    ``count``, the latest row's value for ``last``; see :mod:`~airflow_provider_stripe_meter.utils.billing`).
+    ``count``, the latest row's value for ``last``; see :mod:`~airflow_provider_stripe_meter.billing.plans`).
     A day that ended less than ``identifier_window`` ago and was never sent for is sent
     straight away, protected by Stripe's identifier rule; every other day is first looked up in
     Stripe's meter event summaries (one request per customer), and only the difference is sent,
@@ -362,8 +362,8 @@ class _Run:
 
     def plan(self, aggregates: list[DailyAggregate], late: list[DailyAggregate], oldest: int) -> None:
         """Read the meters, look up the days that need it, and plan every customer-day."""
+        from airflow_provider_stripe_meter.billing.plans import MeterUnsupportedError, meter_spec
         from airflow_provider_stripe_meter.exceptions import StripeMeterUnsupportedError
-        from airflow_provider_stripe_meter.utils.billing import MeterUnsupportedError, meter_spec
 
         op = self.op
         for name in sorted({a.event_name for a in [*aggregates, *late]}):
@@ -462,8 +462,8 @@ class _Run:
 
     def _plan_late(self, late: list[DailyAggregate], oldest: int) -> None:
         """Plan usage older than the window: billed once, at the oldest instant Stripe accepts."""
+        from airflow_provider_stripe_meter.billing.plans import plan_late
         from airflow_provider_stripe_meter.exceptions import StripeMeterUnsupportedError
-        from airflow_provider_stripe_meter.utils.billing import plan_late
 
         # A minute inside the window, so the event cannot expire between planning and sending.
         self.oldest = oldest + 60
@@ -488,7 +488,7 @@ class _Run:
             )
 
     def _landings(self, spec: MeterSpec) -> Any:
-        from airflow_provider_stripe_meter.utils.sent_days import LateLandings
+        from airflow_provider_stripe_meter.state.late_billing import LateLandings
 
         return LateLandings(self.hook.stripe_account, spec.meter_id, self.op.identifier_prefix)
 
@@ -527,7 +527,7 @@ class _Run:
         return recorded, unknown
 
     def _marks(self, spec: MeterSpec) -> Any:
-        from airflow_provider_stripe_meter.utils.sent_days import SentDays
+        from airflow_provider_stripe_meter.state.day_journal import SentDays
 
         return SentDays(self.hook.stripe_account, spec.meter_id, self.op.identifier_prefix)
 
@@ -558,7 +558,7 @@ class _Run:
         figure of the day gets identifiers of its own. A process killed in between leaves the
         version as it was: its retry derives the same identifiers, and Stripe refuses copies.
         """
-        from airflow_provider_stripe_meter.utils.sent_days import DayMark
+        from airflow_provider_stripe_meter.state.day_journal import DayMark
 
         ti = self.context["ti"]
         detail = {"dag_id": ti.dag_id, "run_id": ti.run_id, "task_id": ti.task_id}
@@ -568,7 +568,8 @@ class _Run:
             yield
         finally:
             for name, ds in days.items():
-                self._marks(self.specs[name]).sent(ds, detail, clock.now())
+                used = {d: self._version((name, "", d)) for d in ds}
+                self._marks(self.specs[name]).sent(used, detail, clock.now())
                 for day in ds:
                     mark = self.journal[name].get(day)
                     # The version this run's later sends (confirming) build on.

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import time
-import warnings
 from collections.abc import Sequence
 from datetime import date
 from typing import TYPE_CHECKING, Any
 
+from airflow_provider_stripe_meter.billing.plans import PlannedEvent
+from airflow_provider_stripe_meter.metrics import MeterMetrics
 from airflow_provider_stripe_meter.operators.base import StripeBaseOperator
-from airflow_provider_stripe_meter.utils.billing import PlannedEvent
-from airflow_provider_stripe_meter.utils.metrics import MeterMetrics
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -40,8 +39,6 @@ class StripeMeterTopUpOperator(StripeBaseOperator):
     :param reconciliation: The reconciliation's lines, or its whole result. (templated)
     :param event_name: The meter's event name. (templated)
     :param identifier_prefix: The batch operator's ``identifier_prefix`` (default ``usage``).
-    :param top_up_prefix: Ignored since top-ups share the batch operator's identifiers; accepted
-        with a ``DeprecationWarning`` for one release.
     :param max_rps: Requests per second; default fits the key's mode.
 
     ``stripe_conn_id`` and ``stripe_account`` (templated) are those of
@@ -56,18 +53,10 @@ class StripeMeterTopUpOperator(StripeBaseOperator):
         reconciliation: Any,
         event_name: str,
         identifier_prefix: str = "usage",
-        top_up_prefix: str | None = None,
         max_rps: float | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if top_up_prefix is not None:
-            warnings.warn(
-                "StripeMeterTopUpOperator(top_up_prefix=...) is ignored: top-ups use the batch "
-                "operator's identifiers (identifier_prefix), named after the figure they build on",
-                DeprecationWarning,
-                stacklevel=2,
-            )
         self.reconciliation = reconciliation
         self.event_name = event_name
         self.identifier_prefix = identifier_prefix
@@ -75,8 +64,8 @@ class StripeMeterTopUpOperator(StripeBaseOperator):
 
     def execute(self, context: Context) -> dict[str, Any]:
         """Read Stripe's figures again for the short days, plan the differences and send them."""
+        from airflow_provider_stripe_meter.billing.plans import meter_spec, plan_day
         from airflow_provider_stripe_meter.exceptions import StripeDeliveryIncompleteError
-        from airflow_provider_stripe_meter.utils.billing import meter_spec, plan_day
         from airflow_provider_stripe_meter.utils.delivery import Deliverer, DeliveryReport, default_max_rps
 
         lines = self.reconciliation
@@ -155,8 +144,8 @@ class StripeMeterTopUpOperator(StripeBaseOperator):
 
 def _aggregate(event_name: str, line: dict[str, Any]) -> DailyAggregate:
     """A reconciliation line as the day's aggregate: its expected figure under every formula."""
+    from airflow_provider_stripe_meter.billing.plans import day_end
     from airflow_provider_stripe_meter.utils.aggregation import DailyAggregate
-    from airflow_provider_stripe_meter.utils.billing import day_end
 
     day = date.fromisoformat(line["day"])
     expected = int(line["expected"])

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from datetime import date, datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
-from airflow.sdk import BaseSensorOperator, PokeReturnValue
+from airflow.providers.common.compat.sdk import BaseSensorOperator, PokeReturnValue, conf
 
+from airflow_provider_stripe_meter.billing import reconcile
+from airflow_provider_stripe_meter.metrics import MeterMetrics
 from airflow_provider_stripe_meter.operators.base import StripeBaseOperator, UsageSourceMixin
-from airflow_provider_stripe_meter.utils import reconcile
-from airflow_provider_stripe_meter.utils.metrics import MeterMetrics
 from airflow_provider_stripe_meter.utils.rules import check_fixed_event_name
 
 if TYPE_CHECKING:
@@ -43,9 +42,6 @@ class StripeMeterReconcileSensor(UsageSourceMixin, StripeBaseOperator, BaseSenso
     :param event_name: The meter's event name. (templated)
     :param first_day: First UTC day to compare (ISO date); default the source's first. (templated)
     :param last_day: Last UTC day to compare (ISO date); default the source's last. (templated)
-        (The first release called these two ``start_date``/``end_date``, which are
-        ``BaseOperator``'s scheduling arguments; a string under those names still works for one
-        release, with a ``DeprecationWarning``.)
     :param settle_timeout: How long mismatches may be waited out as Stripe catching up: a
         ``timedelta`` or seconds. (templated)
     :param max_rps: Summary requests per second (one per customer).
@@ -79,11 +75,9 @@ class StripeMeterReconcileSensor(UsageSourceMixin, StripeBaseOperator, BaseSenso
         last_day: str | None = None,
         settle_timeout: timedelta | float | str = timedelta(hours=1),
         max_rps: float = 20.0,
-        deferrable: bool | None = None,
+        deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
         **kwargs: Any,
     ) -> None:
-        first_day = _deprecated_day_argument(kwargs, "start_date", "first_day", first_day)
-        last_day = _deprecated_day_argument(kwargs, "end_date", "last_day", last_day)
         kwargs.setdefault("mode", "reschedule")
         kwargs.setdefault("poke_interval", 300)
         if not isinstance(settle_timeout, str):
@@ -95,7 +89,7 @@ class StripeMeterReconcileSensor(UsageSourceMixin, StripeBaseOperator, BaseSenso
         self.last_day = last_day
         self.settle_timeout = settle_timeout
         self.max_rps = max_rps
-        self.deferrable = _default_deferrable() if deferrable is None else deferrable
+        self.deferrable = deferrable
         self._first_poke: float | None = None
 
     def execute(self, context: Context) -> Any:
@@ -171,7 +165,7 @@ class StripeMeterReconcileSensor(UsageSourceMixin, StripeBaseOperator, BaseSenso
 
     def _expectation(self) -> reconcile.Expectation:
         """Read and aggregate the source; its figures by the meter's own formula, per customer-day."""
-        from airflow_provider_stripe_meter.utils.billing import MeterSpec, source_figure
+        from airflow_provider_stripe_meter.billing.plans import MeterSpec, source_figure
 
         aggregator = self.read_usage(self.event_name)
         meter = self.hook.active_meter(self.event_name)
@@ -248,36 +242,6 @@ class StripeMeterReconcileSensor(UsageSourceMixin, StripeBaseOperator, BaseSenso
             )
         if len(mismatches) > _SHOWN_MISMATCHES:
             self.log.warning("  ... and %d more in the lines XCom", len(mismatches) - _SHOWN_MISMATCHES)
-
-
-def _default_deferrable() -> bool:
-    """Airflow's ``[operators] default_deferrable`` (off unless set)."""
-    try:
-        from airflow.sdk.configuration import conf
-    except ImportError:  # Airflow 3.1
-        from airflow.configuration import conf
-    return conf.getboolean("operators", "default_deferrable", fallback=False)
-
-
-def _deprecated_day_argument(kwargs: dict[str, Any], old: str, new: str, value: str | None) -> str | None:
-    """Take a compared day given under its first-release name, with a warning.
-
-    ``start_date``/``end_date`` are ``BaseOperator``'s own arguments (datetimes that say when a
-    task may be scheduled); the first release used the names for the compared days (ISO date
-    strings). A string there is still read as the compared day, for one release.
-    """
-    given = kwargs.get(old)
-    if isinstance(given, str):
-        warnings.warn(
-            f"StripeMeterReconcileSensor({old}=...) is deprecated: use {new}=... ({old} is "
-            "BaseOperator's scheduling argument)",
-            DeprecationWarning,
-            stacklevel=3,
-        )
-        kwargs.pop(old)
-        if value is None:
-            return given
-    return value
 
 
 def _seconds(value: timedelta | float | str) -> float:

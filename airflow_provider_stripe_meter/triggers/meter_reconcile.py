@@ -19,7 +19,7 @@ from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
-from airflow_provider_stripe_meter.utils import reconcile
+from airflow_provider_stripe_meter.billing import reconcile
 
 
 class StripeMeterReconcileTrigger(BaseTrigger):
@@ -35,7 +35,7 @@ class StripeMeterReconcileTrigger(BaseTrigger):
     :param stripe_account: Connected account (``acct_...``) or ``None``.
     :param event_name: The meter's event name (for the report).
     :param expectation: What the source says, per compared customer-day, as
-        :meth:`~airflow_provider_stripe_meter.utils.reconcile.Expectation.to_json` gives it
+        :meth:`~airflow_provider_stripe_meter.billing.reconcile.Expectation.to_json` gives it
         (with the meter's id and the source rows left out).
     :param started: Unix time the sensor started waiting.
     :param settle_seconds: How long after ``started`` a mismatch may be waited out.

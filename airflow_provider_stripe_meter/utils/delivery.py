@@ -27,13 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from airflow_provider_stripe_meter.exceptions import (
-    StripeConfigurationError,
-    StripeDuplicateIdentifierError,
-    StripeMeterError,
-    StripeRequestRejectedError,
-    StripeTransientError,
-)
+from airflow_provider_stripe_meter.utils.errors import Duplicate, MeterFailure, Refused, Rejected, Transient
 
 T = TypeVar("T")
 
@@ -278,8 +272,8 @@ class Deliverer(Generic[T]):
     """Send items through ``send`` in batches of ``batch_size`` with pacing, keys and retries.
 
     :param send: Sends a batch. Returns normally when Stripe accepted all of it; raises
-        :class:`StripeDuplicateIdentifierError` (batch of one: already recorded),
-        :class:`StripeRequestRejectedError` (permanent), :class:`StripeTransientError` (retry).
+        :class:`~.errors.Duplicate` (batch of one: already recorded),
+        :class:`~.errors.Rejected` (permanent), :class:`~.errors.Transient` (retry).
     :param key: The (customer, meter) key of an item.
     :param describe: JSON-safe description of an item, for the report's samples.
     :param max_rps: Requests per second; ``None`` for no limit.
@@ -329,7 +323,7 @@ class Deliverer(Generic[T]):
         """Deliver every item and return what happened.
 
         Rejections, duplicates and transient failures are counted in the report, never raised. A
-        refused key (:class:`StripeConfigurationError`) or an unexpected error stops every
+        refused key (:class:`~.errors.Refused`) or an unexpected error stops every
         worker and is re-raised: no other item could get through either.
         """
         report = DeliveryReport(total=len(items), sample_limit=self.sample_limit)
@@ -384,18 +378,18 @@ class Deliverer(Generic[T]):
         self.limiter.acquire()
         try:
             self.send(batch)
-        except StripeTransientError as err:
+        except Transient as err:
             return self._transient(err, batch, attempt, attempts, report)
-        except StripeDuplicateIdentifierError:
+        except Duplicate:
             self.gate.answered()
             with self._lock:
                 report.requests += 1
                 report.already_recorded += len(batch)
                 report.already.extend(batch)
             return None
-        except StripeConfigurationError:
+        except Refused:
             raise
-        except StripeRequestRejectedError as err:
+        except Rejected as err:
             self.gate.answered()
             with self._lock:
                 report.requests += 1
@@ -404,7 +398,7 @@ class Deliverer(Generic[T]):
                 for item in batch:
                     report.sample("rejected", {**self.describe(item), "error": err.details})
             return None
-        except StripeMeterError as err:
+        except MeterFailure as err:
             with self._lock:
                 report.requests += 1
                 self._fail(batch, report, err.details)
@@ -417,7 +411,7 @@ class Deliverer(Generic[T]):
 
     def _transient(
         self,
-        err: StripeTransientError,
+        err: Transient,
         batch: list[T],
         attempt: int,
         attempts: dict[int, int],

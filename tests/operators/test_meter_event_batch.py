@@ -160,8 +160,8 @@ def test_preflight_catches_an_unknown_event_name_before_anything_is_sent(secret_
 
 
 def test_top_up_with_nothing_to_correct_has_the_same_keys_as_one_that_sends(secret_server):
+    from airflow_provider_stripe_meter.billing.plans import PlannedEvent
     from airflow_provider_stripe_meter.operators.meter_event_correction import StripeMeterTopUpOperator
-    from airflow_provider_stripe_meter.utils.billing import PlannedEvent
     from airflow_provider_stripe_meter.utils.delivery import DeliveryReport
 
     nothing = StripeMeterTopUpOperator(task_id="t", reconciliation=[], event_name="ai_tokens_used")

@@ -16,7 +16,7 @@ def fast_clock(monkeypatch):
     passes in pokes."""
     import time
 
-    from airflow_provider_stripe_meter.utils import reconcile
+    from airflow_provider_stripe_meter.billing import reconcile
 
     readings = []
 
@@ -117,16 +117,13 @@ def test_cancel_within_24_hours_removes_the_event_and_later_says_it_is_too_late(
     assert secret_server.ledger.totals()["cus_b"] == 40
 
 
-def test_compared_days_have_their_own_names_and_the_old_ones_warn():
+def test_compared_days_have_their_own_names_apart_from_the_scheduling_dates():
     from airflow_provider_stripe_meter.sensors.meter_reconcile import StripeMeterReconcileSensor
 
     sensor = StripeMeterReconcileSensor(
         task_id="r", event_name="e", rows=[], first_day="2026-11-01", last_day="2026-11-02"
     )
     assert (sensor.first_day, sensor.last_day) == ("2026-11-01", "2026-11-02")
-    with pytest.warns(DeprecationWarning, match="use first_day"):
-        old = StripeMeterReconcileSensor(task_id="o", event_name="e", rows=[], start_date="2026-11-01")
-    assert old.first_day == "2026-11-01"
     # A datetime start_date is BaseOperator's scheduling argument, as for any operator.
     scheduled = StripeMeterReconcileSensor(
         task_id="s", event_name="e", rows=[], start_date=pendulum.datetime(2026, 1, 1, tz="UTC")
@@ -170,7 +167,7 @@ def test_a_deferred_sensor_waits_in_the_triggerer_and_reports_what_reschedule_mo
 def test_a_deferred_sensor_finishes_as_soon_as_stripe_catches_up(secret_server, usage_db, monkeypatch):
     import time
 
-    from airflow_provider_stripe_meter.utils import reconcile
+    from airflow_provider_stripe_meter.billing import reconcile
 
     add_rows(usage_db, [("cus_a", 100, at(-1, 10)), ("cus_b", 40, at(-1, 20))])
     run_dag("t_bill_day", run_conf={"day": day(-1)})
@@ -252,9 +249,9 @@ def test_the_trigger_reports_a_refused_key_at_once_and_as_not_retryable(secret_s
 
 
 def test_stripe_down_past_the_settle_time_is_a_retryable_failure(secret_server, fast_clock):
+    from airflow_provider_stripe_meter.billing import reconcile
     from airflow_provider_stripe_meter.exceptions import StripeTransientError
     from airflow_provider_stripe_meter.sensors.meter_reconcile import StripeMeterReconcileSensor
-    from airflow_provider_stripe_meter.utils import reconcile
 
     meter_id = secret_server.ledger.meter_for("ai_tokens_used").id
     secret_server.outage(60)

@@ -136,7 +136,7 @@ def test_the_sensor_counts_its_statuses_and_the_top_up_its_corrections(
 ):
     import time
 
-    from airflow_provider_stripe_meter.utils import reconcile
+    from airflow_provider_stripe_meter.billing import reconcile
 
     readings = iter(range(1, 1_000_000))
     monkeypatch.setattr(reconcile, "clock", lambda: time.time() + next(readings))  # settle in pokes

@@ -6,13 +6,13 @@ from datetime import date, datetime, timedelta, timezone
 
 import pytest
 
-from airflow_provider_stripe_meter.utils.aggregation import DailyAggregate
-from airflow_provider_stripe_meter.utils.billing import (
+from airflow_provider_stripe_meter.billing.plans import (
     MeterUnsupportedError,
     is_fresh,
     meter_spec,
     plan_day,
 )
+from airflow_provider_stripe_meter.utils.aggregation import DailyAggregate
 
 DAY = date(2026, 11, 20)
 DAY_END = int(datetime(2026, 11, 21, tzinfo=timezone.utc).timestamp())
@@ -118,7 +118,7 @@ def test_a_day_is_fresh_while_events_sent_after_it_ended_are_inside_the_window()
 
 
 def test_late_usage_is_billed_once_from_what_was_billed_late_before():
-    from airflow_provider_stripe_meter.utils.billing import plan_late
+    from airflow_provider_stripe_meter.billing.plans import plan_late
 
     at = DAY_END + 60
     first = plan_late(aggregate(value=40), 0, prefix="usage", at=at)

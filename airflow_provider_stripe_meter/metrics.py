@@ -51,11 +51,9 @@ log = logging.getLogger(__name__)
 
 
 def _stats() -> Any:
-    """Airflow's metrics facade, wherever this Airflow version keeps it."""
-    try:
-        from airflow.sdk.observability.stats import Stats  # Airflow 3.2+
-    except ImportError:  # Airflow 3.1
-        from airflow.stats import Stats
+    """Airflow's metrics facade, wherever this Airflow version keeps it (common-compat knows)."""
+    from airflow.providers.common.compat.sdk import Stats
+
     return Stats
 
 

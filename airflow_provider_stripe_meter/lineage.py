@@ -23,6 +23,8 @@ import logging
 import re
 from typing import TYPE_CHECKING, Any
 
+from airflow_provider_stripe_meter.assets.stripe import meter_dataset
+
 if TYPE_CHECKING:
     from airflow.providers.openlineage.extractors import OperatorLineage
 
@@ -32,15 +34,6 @@ log = logging.getLogger(__name__)
 _PLACEHOLDER = re.compile(r"%\([^)]*\)s|%s")
 
 
-def meter_dataset(event_name: str, account: str | None) -> Any:
-    """The OpenLineage dataset of the meter ``event_name`` feeds, for ``account`` (``None``: platform)."""
-    from airflow.providers.common.compat.openlineage.facet import Dataset
-
-    from airflow_provider_stripe_meter.assets.stripe import PLATFORM
-
-    return Dataset(namespace=f"stripe://{account or PLATFORM}", name=f"meters/{event_name}")
-
-
 def usage_lineage(operator: Any) -> OperatorLineage | None:
     """Facets of a task that reads usage (``sql`` or upstream ``rows``) and bills (or checks) a meter.
 
@@ -48,7 +41,7 @@ def usage_lineage(operator: Any) -> OperatorLineage | None:
     """
     try:
         from airflow.providers.openlineage.extractors import OperatorLineage
-    except ImportError:
+    except ImportError:  # an optional provider, with no common-compat stand-in for this class
         return None
     inputs: list[Any] = []
     outputs: list[Any] = []

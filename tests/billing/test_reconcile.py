@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from datetime import date
 
-from airflow_provider_stripe_meter.utils.reconcile import compare, summarize
+from airflow_provider_stripe_meter.billing.reconcile import compare, summarize
 
 D1, D2 = date(2026, 11, 22), date(2026, 11, 23)
 
@@ -34,7 +34,7 @@ def test_every_status():
 
 
 def test_an_expectation_survives_its_json_form_and_compares_only_its_days():
-    from airflow_provider_stripe_meter.utils.reconcile import Expectation
+    from airflow_provider_stripe_meter.billing.reconcile import Expectation
 
     wanted = Expectation(
         meter_id="mtr_1",
