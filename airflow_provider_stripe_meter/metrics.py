@@ -31,17 +31,10 @@ from collections.abc import Iterable, Mapping
 from datetime import timedelta
 from typing import Any
 
+from airflow_provider_stripe_meter.billing.outcomes import METRIC_OUTCOMES
+
 PREFIX = "stripe_meter"
-DAY_COUNTERS = (
-    "sent",
-    "already_recorded",
-    "rejected",
-    "failed",
-    "over",
-    "customer_unknown",
-    "unconfirmed",
-    "billed_late",
-)
+DAY_COUNTERS = tuple(outcome.value for outcome in METRIC_OUTCOMES)
 ROW_COUNTERS = ("skipped_too_old", "skipped_future", "invalid")
 REQUEST_COUNTERS = ("events_sent", "requests", "rate_limited")
 #: The meter tag of run-wide figures (rows, requests) of a batch that billed several meters.

@@ -26,103 +26,21 @@ event a window; ``sum`` on an ``hour`` window, which would need hourly totals) i
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
+from airflow_provider_stripe_meter.billing.meters import COUNT, SET, MeterSpec, source_figure
+from airflow_provider_stripe_meter.billing.outcomes import Action, DayOutcome
 from airflow_provider_stripe_meter.utils.identifiers import bounded_identifier, daily_identifier
 from airflow_provider_stripe_meter.utils.rules import SECONDS_PER_DAY, MeterEvent
 
 if TYPE_CHECKING:
     from airflow_provider_stripe_meter.utils.aggregation import DailyAggregate
 
-ADD, COUNT, SET = "add", "count", "set"
-
-#: What a real run does with one customer-day.
-SEND = "send"  # nothing recorded yet: send the day
-TOP_UP = "top_up"  # Stripe shows less than the source: send the difference (or the new figure)
-LEAVE_ALONE = "leave_alone"  # Stripe shows the source's figure already
-CORRECT = "correct"  # Stripe shows more and correct_over asks to bring it down
-REPORT = "report"  # Stripe shows more (not corrected), or does not know the customer
-ACTIONS = (SEND, TOP_UP, LEAVE_ALONE, CORRECT, REPORT)
-
-
-class MeterUnsupportedError(ValueError):
-    """The meter's settings cannot be billed exactly from daily aggregates."""
-
-
-@dataclass(frozen=True)
-class MeterSpec:
-    """What the batch operator needs to know of a Stripe meter."""
-
-    event_name: str
-    meter_id: str
-    formula: str = "sum"
-    event_time_window: str | None = None
-    customer_key: str = "stripe_customer_id"
-    value_key: str = "value"
-
-    @property
-    def payload_keys(self) -> dict[str, str]:
-        """The hook's payload key arguments for this meter."""
-        return {"customer_payload_key": self.customer_key, "value_payload_key": self.value_key}
-
-    @property
-    def kind(self) -> str:
-        """``add``, ``count`` or ``set``: how Stripe turns events into the day's figure."""
-        if self.event_time_window is not None or self.formula == "last":
-            return SET
-        return COUNT if self.formula == "count" else ADD
-
-
-def meter_spec(
-    meter: Mapping[str, Any], *, customer_key: str | None = None, value_key: str | None = None
-) -> MeterSpec:
-    """Read a ``billing.meter`` object; refuse settings that cannot be billed exactly.
-
-    :raises MeterUnsupportedError: names the meter, the setting and what to do instead.
-    """
-    formula = (meter.get("default_aggregation") or {}).get("formula") or "sum"
-    window = meter.get("event_time_window") or None
-    name, meter_id = meter["event_name"], meter["id"]
-    if formula not in ("sum", "count", "last"):
-        raise MeterUnsupportedError(
-            f"meter {meter_id} ({name!r}) aggregates by {formula!r}: only sum, count and last are known"
-        )
-    if window not in (None, "day", "hour"):
-        raise MeterUnsupportedError(f"meter {meter_id} ({name!r}) has event_time_window {window!r}")
-    if formula == "count" and window is not None:
-        raise MeterUnsupportedError(
-            f"meter {meter_id} ({name!r}) counts events but is pre-aggregated (event_time_window="
-            f"{window!r}): Stripe keeps one event per {window}, so a count of rows cannot be billed. "
-            "Use a raw count meter, or a sum meter with the rows counted in SQL."
-        )
-    if formula == "sum" and window == "hour":
-        raise MeterUnsupportedError(
-            f"meter {meter_id} ({name!r}) sums pre-aggregated hourly windows (event_time_window='hour'): "
-            "Stripe keeps the newest event of each hour, so a daily total sent again in another hour "
-            "would count twice. Use a raw sum meter or a day-window meter."
-        )
-    return MeterSpec(
-        event_name=name,
-        meter_id=meter_id,
-        formula=formula,
-        event_time_window=window,
-        customer_key=customer_key
-        or (meter.get("customer_mapping") or {}).get("event_payload_key")
-        or "stripe_customer_id",
-        value_key=value_key or (meter.get("value_settings") or {}).get("event_payload_key") or "value",
-    )
-
-
-def source_figure(aggregate: DailyAggregate, spec: MeterSpec) -> int:
-    """The day's figure as the meter computes it: the sum, the number of rows, or the latest value."""
-    if spec.formula == "count":
-        return aggregate.rows
-    if spec.formula == "last":
-        return aggregate.last_value
-    return aggregate.value
+Key = tuple[str, str, date]
+#: Reason of a ``report`` plan for a customer Stripe does not know.
+CUSTOMER_UNKNOWN = "customer_unknown"
 
 
 @dataclass(frozen=True)
@@ -171,7 +89,7 @@ class DayPlan:
     #: Stripe's figure when it was looked at; ``None`` when the day was not looked up (a day
     #: that ended within the identifier window and was never marked as sent: nothing is there).
     recorded: int | None
-    action: str
+    action: Action
     reason: str = ""
     events: list[PlannedEvent] = field(default_factory=list)
 
@@ -179,6 +97,11 @@ class DayPlan:
     def key(self) -> tuple[str, str, date]:
         """(event name, customer, day)."""
         return (self.event_name, self.customer_id, self.day)
+
+    @property
+    def reported(self) -> DayOutcome:
+        """The outcome of a day planned as ``report``: the customer is unknown, or Stripe holds more."""
+        return DayOutcome.CUSTOMER_UNKNOWN if self.reason == CUSTOMER_UNKNOWN else DayOutcome.OVER
 
     def line(self) -> dict[str, Any]:
         """JSON-safe summary for XCom (what a dry run reports)."""
@@ -188,7 +111,7 @@ class DayPlan:
             "day": self.day.isoformat(),
             "expected": self.expected,
             "recorded": self.recorded,
-            "action": self.action,
+            "action": self.action.value,
             "reason": self.reason,
             "events": len(self.events),
             "value_sent": sum(e.value for e in self.events) if self.events else 0,
@@ -203,14 +126,16 @@ def plan_late(aggregate: DailyAggregate, billed: int, *, prefix: str, at: int) -
     original day and names that base, so a repeat is refused.
     """
     expected = aggregate.value
-    plan = DayPlan(aggregate.event_name, aggregate.customer_id, aggregate.day, expected, billed, LEAVE_ALONE)
+    plan = DayPlan(
+        aggregate.event_name, aggregate.customer_id, aggregate.day, expected, billed, Action.LEAVE_ALONE
+    )
     if expected == billed:
         plan.reason = "billed late before"
         return plan
     if expected < billed:
-        plan.action, plan.reason = REPORT, "over: more was billed late than the source now holds"
+        plan.action, plan.reason = Action.REPORT, "over: more was billed late than the source now holds"
         return plan
-    plan.action = TOP_UP if billed else SEND
+    plan.action = Action.TOP_UP if billed else Action.SEND
     plan.reason = (
         f"older than Stripe's 35 days: billed at {datetime.fromtimestamp(at, timezone.utc).isoformat()}"
     )
@@ -261,10 +186,10 @@ def plan_day(
     """
     expected = source_figure(aggregate, spec)
     plan = DayPlan(
-        aggregate.event_name, aggregate.customer_id, aggregate.day, expected, recorded, LEAVE_ALONE
+        aggregate.event_name, aggregate.customer_id, aggregate.day, expected, recorded, Action.LEAVE_ALONE
     )
     if customer_unknown:
-        plan.action, plan.reason = REPORT, "customer_unknown"
+        plan.action, plan.reason = Action.REPORT, CUSTOMER_UNKNOWN
         return plan
     base = recorded or 0
     if expected == base:
@@ -272,19 +197,19 @@ def plan_day(
         return plan
     if expected < base and spec.formula == "last":
         # A lower latest value (fewer seats) is the usage now, not an over-billing: send it.
-        plan.action, plan.reason = TOP_UP, "new latest value"
+        plan.action, plan.reason = Action.TOP_UP, "new latest value"
     elif expected < base:
         if not correct_over or spec.kind == COUNT:
-            plan.action = REPORT
+            plan.action = Action.REPORT
             plan.reason = (
                 "over: a count cannot be lowered by an event (cancel within 24 hours, or credit)"
                 if spec.kind == COUNT
                 else "over: Stripe holds more than the source (correct_over=True sends the correction)"
             )
             return plan
-        plan.action, plan.reason = CORRECT, "over"
+        plan.action, plan.reason = Action.CORRECT, "over"
     else:
-        plan.action = TOP_UP if base else SEND
+        plan.action = Action.TOP_UP if base else Action.SEND
         plan.reason = "late rows" if base else ("new day" if recorded is None else "missing")
     plan.events = _events(
         aggregate, spec, expected, base, prefix=prefix, now=now, blind=recorded is None, version=version

@@ -20,7 +20,10 @@ from dataclasses import asdict, dataclass
 from datetime import date
 from typing import Any
 
-STATUSES = ("ok", "missing", "short", "over", "customer_unknown")
+from airflow_provider_stripe_meter.billing.outcomes import RECONCILE_OUTCOMES, DayOutcome
+
+#: The statuses of a reconciliation line: the comparison outcomes of :class:`DayOutcome`.
+STATUSES = tuple(outcome.value for outcome in RECONCILE_OUTCOMES)
 
 
 def clock() -> float:
@@ -118,20 +121,30 @@ def compare(
         value, timestamp = expected.get(key, (0, None))
         if customer in unknown_customers:
             lines.append(
-                ReconcileLine(customer, day.isoformat(), value, None, value, "customer_unknown", timestamp)
+                ReconcileLine(
+                    customer,
+                    day.isoformat(),
+                    value,
+                    None,
+                    value,
+                    DayOutcome.CUSTOMER_UNKNOWN.value,
+                    timestamp,
+                )
             )
             continue
         got = recorded.get(key, 0)
         difference = value - got
         if difference == 0:
-            status = "ok"
+            status = DayOutcome.OK
         elif difference < 0:
-            status = "over"
+            status = DayOutcome.OVER
         elif got == 0:
-            status = "missing"
+            status = DayOutcome.MISSING
         else:
-            status = "short"
-        lines.append(ReconcileLine(customer, day.isoformat(), value, got, difference, status, timestamp))
+            status = DayOutcome.SHORT
+        lines.append(
+            ReconcileLine(customer, day.isoformat(), value, got, difference, status.value, timestamp)
+        )
     return lines
 
 
@@ -145,4 +158,5 @@ def summarize(lines: list[ReconcileLine]) -> dict[str, int]:
 
 def is_settled(counts: dict[str, int]) -> bool:
     """Whether nothing is left to wait for: every line matches, or names a customer Stripe lacks."""
-    return counts["ok"] + counts["customer_unknown"] == sum(counts.values())
+    settled = counts[DayOutcome.OK.value] + counts[DayOutcome.CUSTOMER_UNKNOWN.value]
+    return settled == sum(counts.values())

@@ -64,7 +64,8 @@ class StripeMeterTopUpOperator(StripeBaseOperator):
 
     def execute(self, context: Context) -> dict[str, Any]:
         """Read Stripe's figures again for the short days, plan the differences and send them."""
-        from airflow_provider_stripe_meter.billing.plans import meter_spec, plan_day
+        from airflow_provider_stripe_meter.billing.meters import meter_spec
+        from airflow_provider_stripe_meter.billing.plans import plan_day
         from airflow_provider_stripe_meter.exceptions import StripeDeliveryIncompleteError
         from airflow_provider_stripe_meter.utils.delivery import Deliverer, DeliveryReport, default_max_rps
 

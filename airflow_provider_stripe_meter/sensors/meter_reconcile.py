@@ -165,7 +165,7 @@ class StripeMeterReconcileSensor(UsageSourceMixin, StripeBaseOperator, BaseSenso
 
     def _expectation(self) -> reconcile.Expectation:
         """Read and aggregate the source; its figures by the meter's own formula, per customer-day."""
-        from airflow_provider_stripe_meter.billing.plans import MeterSpec, source_figure
+        from airflow_provider_stripe_meter.billing.meters import MeterSpec, source_figure
 
         aggregator = self.read_usage(self.event_name)
         meter = self.hook.active_meter(self.event_name)

@@ -28,24 +28,16 @@ events (:meth:`SentDays.forget_older_than`).
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from datetime import date, timedelta
 from typing import Any
 
+from airflow_provider_stripe_meter.billing.ports import DayMark
 from airflow_provider_stripe_meter.state.variables import Records
 
 DESCRIPTION = (
     "airflow-provider-stripe-meter: usage of this day was sent to Stripe; later runs look at "
     "Stripe's summaries (once settled) before sending more."
 )
-
-
-@dataclass(frozen=True)
-class DayMark:
-    """What the journal knows of one day: sent to at all, when last, which version is next."""
-
-    version: int
-    last_send: float
 
 
 class SentDays(Records):

@@ -6,12 +6,8 @@ from datetime import date, datetime, timedelta, timezone
 
 import pytest
 
-from airflow_provider_stripe_meter.billing.plans import (
-    MeterUnsupportedError,
-    is_fresh,
-    meter_spec,
-    plan_day,
-)
+from airflow_provider_stripe_meter.billing.meters import MeterUnsupportedError, meter_spec
+from airflow_provider_stripe_meter.billing.plans import is_fresh, plan_day
 from airflow_provider_stripe_meter.utils.aggregation import DailyAggregate
 
 DAY = date(2026, 11, 20)

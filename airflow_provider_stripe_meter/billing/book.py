@@ -1,0 +1,97 @@
+"""The state of one billing run: per customer-day, what was planned and what became of it."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import date
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from airflow_provider_stripe_meter.billing.meters import MeterSpec
+    from airflow_provider_stripe_meter.billing.outcomes import DayOutcome
+    from airflow_provider_stripe_meter.billing.plans import DayPlan, Key
+    from airflow_provider_stripe_meter.billing.ports import DayMark
+    from airflow_provider_stripe_meter.utils.aggregation import DailyAggregate
+    from airflow_provider_stripe_meter.utils.delivery import DeliveryReport
+
+
+@dataclass
+class CustomerDay:
+    """One (meter, customer, UTC day) of the run."""
+
+    aggregate: DailyAggregate
+    plan: DayPlan
+    #: What became of it once known; ``None``: left alone (or not sent yet).
+    outcome: DayOutcome | None = None
+    #: Stripe holds an event for the day whose figure its summaries do not show yet: the figure
+    #: they showed when the day was planned.
+    stale: int | None = None
+    #: Read back equal after sending (``confirm="summaries"``).
+    confirmed: bool = False
+
+
+class Samples:
+    """Examples per kind of problem, at most ``limit`` of each (they go to XCom)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.by_kind: dict[str, list[dict[str, Any]]] = {}
+
+    def add(self, kind: str, detail: dict[str, Any]) -> None:
+        """Keep ``detail`` as an example of ``kind`` if there is room."""
+        bucket = self.by_kind.setdefault(str(kind), [])
+        if len(bucket) < self.limit:
+            bucket.append(detail)
+
+    def extend(self, kind: str, details: Iterable[dict[str, Any]]) -> None:
+        """Keep as many of ``details`` as there is room for."""
+        for detail in details:
+            self.add(kind, detail)
+
+
+@dataclass
+class RunBook:
+    """Everything the phases of one run learn, in one place."""
+
+    now: int
+    sample_limit: int
+    #: Per event name, the meter as read when planning.
+    specs: dict[str, MeterSpec] = field(default_factory=dict)
+    #: Per event name, the meter's last deactivation when planning (``None``: never).
+    deactivated_at: dict[str, int | None] = field(default_factory=dict)
+    days: dict[Key, CustomerDay] = field(default_factory=dict)
+    #: Usage older than Stripe's window (``too_old="bill_at_oldest"``), planned apart.
+    late: dict[Key, CustomerDay] = field(default_factory=dict)
+    #: Per event name, the journal's marks of the days the run bills.
+    journal: dict[str, dict[date, DayMark]] = field(default_factory=dict)
+    reports: list[DeliveryReport] = field(default_factory=list)
+    #: Customer-days looked up in Stripe's summaries (each once, however often read).
+    looked_up: set[Key] = field(default_factory=set)
+    summary_requests: int = 0
+    #: Meters that were not active (or were deactivated) after the run sent to them.
+    deactivated: set[str] = field(default_factory=set)
+    #: Pending late events of earlier, cut-off runs that this run found landed in Stripe.
+    late_settled: int = 0
+    samples: Samples = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.samples = Samples(self.sample_limit)
+
+    def version(self, key: Key) -> int:
+        """The journal version the day's events are sent under."""
+        mark = self.journal.get(key[0], {}).get(key[2])
+        return mark.version if mark else 0
+
+    def with_outcome(self, *outcomes: DayOutcome) -> list[Key]:
+        """Keys of the customer-days whose outcome is one of ``outcomes``."""
+        return [key for key, day in self.days.items() if day.outcome in outcomes]
+
+
+def days_of(keys: Iterable[Key]) -> dict[str, set[date]]:
+    """The days of ``keys`` (event name, customer, day), per event name."""
+    days: dict[str, set[date]] = defaultdict(set)
+    for name, _, day in keys:
+        days[name].add(day)
+    return dict(days)

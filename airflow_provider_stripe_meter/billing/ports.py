@@ -1,0 +1,91 @@
+"""What the billing core needs of Stripe and of the state runs share, as interfaces.
+
+The operator passes the Stripe hook (:class:`StripeMeters`) and the Airflow Variable records
+(:class:`RunState`); tests may pass anything that behaves the same. Nothing here imports
+Airflow or ``stripe``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import date
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from airflow_provider_stripe_meter.utils.rules import MeterEvent
+
+
+@dataclass(frozen=True)
+class DayMark:
+    """What the day journal knows of one day: sent to at all, when last, which version is next."""
+
+    version: int
+    last_send: float
+
+
+class StreamSession(Protocol):
+    """A v2 meter event session: sends up to 100 events a request."""
+
+    def send(self, events: list[dict[str, Any]]) -> Any: ...
+
+
+class StripeMeters(Protocol):
+    """The Stripe calls of a billing run (:class:`~airflow_provider_stripe_meter.hooks.stripe.StripeHook`)."""
+
+    @property
+    def livemode(self) -> bool: ...
+
+    def active_meter(self, event_name: str) -> Mapping[str, Any]: ...
+
+    def retrieve_meter(self, meter_id: str) -> Mapping[str, Any]: ...
+
+    def recorded_per_day(
+        self, meter_id: str, customers: list[str], first: date, last: date, *, max_rps: float
+    ) -> tuple[dict[tuple[str, date], int], set[str]]: ...
+
+    def usage_between(self, meter_id: str, customer: str, start: int, end: int) -> int | None: ...
+
+    def create_meter_event(
+        self, event: MeterEvent, *, customer_payload_key: str, value_payload_key: str
+    ) -> Any: ...
+
+    def meter_event_stream(self) -> StreamSession: ...
+
+
+class Journal(Protocol):
+    """The day journal of one meter (:class:`~airflow_provider_stripe_meter.state.day_journal.SentDays`)."""
+
+    def read(self, days: Iterable[date]) -> dict[date, DayMark]: ...
+
+    def sending(self, days: Iterable[date], detail: dict[str, Any], now: float) -> None: ...
+
+    def sent(self, versions: Mapping[date, int], detail: dict[str, Any], now: float) -> None: ...
+
+    def forget_older_than(self, oldest_kept: date) -> None: ...
+
+
+class Landings(Protocol):
+    """Late-billing records of one meter (see :mod:`airflow_provider_stripe_meter.state.late_billing`)."""
+
+    def used(self) -> bool: ...
+
+    def pending(self) -> list[dict[str, Any]]: ...
+
+    def add_pending(self, entries: list[dict[str, Any]]) -> None: ...
+
+    def drop_pending(self, identifiers: Iterable[str]) -> None: ...
+
+    def confirm(self, entries: Iterable[dict[str, Any]]) -> None: ...
+
+    def read(self, landing_days: Iterable[date]) -> dict[date, dict[str, dict[str, int]]]: ...
+
+    def billed(self, original_days: Iterable[date]) -> dict[date, dict[str, int]]: ...
+
+
+class RunState(Protocol):
+    """Where the journal and the late-billing records of each meter are kept."""
+
+    def journal(self, meter_id: str) -> Journal: ...
+
+    def landings(self, meter_id: str) -> Landings: ...

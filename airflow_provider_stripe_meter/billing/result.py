@@ -1,0 +1,223 @@
+"""The result of a billing run: what became of every customer-day, in counts, totals and samples.
+
+:class:`BatchResult` is typed; :meth:`BatchResult.as_dict` is the JSON-safe form the operator
+returns (each key its own XCom). Everything in it is bounded: counts, totals per meter, at most
+``sample_limit`` examples of each problem and (dry runs) at most ``plan_limit`` plan lines.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from airflow_provider_stripe_meter.billing.meters import ADD
+from airflow_provider_stripe_meter.billing.outcomes import BATCH_OUTCOMES, IN_STRIPE, Action, DayOutcome
+
+if TYPE_CHECKING:
+    from airflow_provider_stripe_meter.billing.book import RunBook
+    from airflow_provider_stripe_meter.billing.settings import RunSettings
+
+#: What makes a run not a success, besides a plan that reports on a dry run.
+PROBLEMS = (
+    "skipped_too_old",
+    "skipped_future",
+    "invalid",
+    "rejected",
+    "failed",
+    "over",
+    "customer_unknown",
+    "unconfirmed",
+)
+
+
+@dataclass(frozen=True)
+class SourceFigures:
+    """What reading the source found: rows, customer-days, and rows left out by reason."""
+
+    rows: int
+    aggregates: int
+    problems: dict[str, int]
+    samples: dict[str, list[dict[str, Any]]]
+    late_rows: int = 0
+
+
+@dataclass
+class BatchResult:
+    """What a billing run did, per customer-day outcome and per meter."""
+
+    success: bool
+    source: SourceFigures
+    counts: dict[DayOutcome, int]
+    actions: dict[Action, int]
+    totals: dict[str, dict[str, Any]]
+    samples: dict[str, list[dict[str, Any]]]
+    by_meter: dict[str, dict[str, int]]
+    settings: dict[str, Any]
+    delivery: dict[str, Any]
+    late: dict[str, int]
+    #: Sent and answered, but never read back from Stripe's summaries (``confirm="meter"``).
+    unverified: int = 0
+    confirmed: int = 0
+    deactivated: list[str] = field(default_factory=list)
+    plan: list[dict[str, Any]] | None = None
+    plan_truncated: bool = False
+
+    def count(self, outcome: DayOutcome) -> int:
+        """Customer-days with ``outcome`` (usage billed late included where it applies)."""
+        return self.counts.get(outcome, 0)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON-safe form returned by the operator (and pushed, key by key, to XCom)."""
+        result: dict[str, Any] = {
+            "rows": self.source.rows,
+            "aggregates": self.source.aggregates,
+            **{outcome.value: self.count(outcome) for outcome in BATCH_OUTCOMES},
+            **{k: self.source.problems.get(k, 0) for k in ("skipped_too_old", "skipped_future", "invalid")},
+            "actions": {action.value: n for action, n in self.actions.items()},
+            "totals": self.totals,
+            "samples": self.samples,
+            **self.settings,
+            "unverified": self.unverified,
+            "confirmed": self.confirmed,
+            **self.delivery,
+            "by_meter": self.by_meter,
+            **self.late,
+            "success": self.success,
+        }
+        if self.plan is not None:
+            result["plan"] = self.plan
+            result["plan_truncated"] = self.plan_truncated
+        return result
+
+
+def summarize(book: RunBook, settings: RunSettings, source: SourceFigures) -> BatchResult:
+    """The run's result from its book: per-day outcomes, actions, totals, problems, delivery figures."""
+    dry = settings.dry_run
+    counts: Counter[DayOutcome] = Counter()
+    actions = dict.fromkeys(Action, 0)
+    # What became of each customer-day, per meter: the figures metrics are tagged with.
+    by_meter: defaultdict[str, Counter[str]] = defaultdict(Counter)
+    totals = _totals(book)
+    for day in book.days.values():
+        plan = day.plan
+        actions[plan.action] += 1
+        outcome = day.outcome
+        if outcome is None and plan.action == Action.REPORT:
+            outcome = plan.reported
+            book.samples.add(outcome, plan.line())
+        elif outcome is None and plan.action == Action.LEAVE_ALONE and plan.recorded is not None:
+            outcome = DayOutcome.ALREADY_RECORDED
+        if outcome is not None and not dry:
+            counts[outcome] += 1
+            by_meter[plan.event_name][outcome.value] += 1
+        entry = totals[plan.event_name]
+        in_stripe = outcome in IN_STRIPE or (outcome is None and plan.action == Action.LEAVE_ALONE)
+        entry["recorded"] += plan.expected if in_stripe else (plan.recorded or 0)
+    late = _late(book, counts, by_meter, dry, source.late_rows)
+    samples: dict[str, list[dict[str, Any]]] = {k: list(v) for k, v in source.samples.items()}
+    for report in book.reports:
+        for kind, bucket in report.samples.items():
+            samples.setdefault(kind, []).extend(bucket[: settings.sample_limit - len(samples.get(kind, []))])
+    samples.update(book.samples.by_kind)
+    result = BatchResult(
+        success=False,
+        source=source,
+        counts=dict(counts),
+        actions=actions,
+        totals=totals,
+        samples=samples,
+        by_meter={name: dict(figures) for name, figures in by_meter.items()},
+        settings={"dry_run": dry, "api": settings.api, "confirm": settings.confirm},
+        delivery={
+            "looked_up": len(book.looked_up),
+            "summary_requests": book.summary_requests,
+            "events_sent": sum(r.sent for r in book.reports),
+            "requests": sum(r.requests for r in book.reports),
+            "rate_limited": sum(r.rate_limited for r in book.reports),
+            "outages": sum(r.outages for r in book.reports),
+            "seconds": round(sum(r.seconds for r in book.reports), 3),
+        },
+        late=late,
+        unverified=sum(1 for d in book.days.values() if d.outcome == DayOutcome.SENT and not d.confirmed),
+        confirmed=sum(1 for d in book.days.values() if d.confirmed),
+        deactivated=sorted(book.deactivated),
+    )
+    if dry:
+        lines = [day.plan.line() for day in [*book.days.values(), *book.late.values()]]
+        result.plan = lines[: settings.plan_limit]
+        result.plan_truncated = len(lines) > settings.plan_limit
+    flat = result.as_dict()
+    reported = actions[Action.REPORT] + counts_late_over(book)
+    result.success = not any(flat[k] for k in PROBLEMS) and (not dry or not reported)
+    return result
+
+
+def counts_late_over(book: RunBook) -> int:
+    """Late customer-days where more was billed late than the source now holds."""
+    return sum(1 for day in book.late.values() if day.plan.action == Action.REPORT)
+
+
+def _totals(book: RunBook) -> dict[str, dict[str, Any]]:
+    """Per meter: its formula, customer-days, customers, the source's value and what is to be sent."""
+    totals: dict[str, dict[str, Any]] = {}
+    customers: dict[str, set[str]] = defaultdict(set)
+    for day in book.days.values():
+        plan, spec = day.plan, book.specs[day.plan.event_name]
+        entry = totals.setdefault(
+            plan.event_name,
+            {
+                "formula": spec.formula,
+                "event_time_window": spec.event_time_window,
+                "aggregates": 0,
+                "customers": 0,
+                "value": 0,
+                "recorded": 0,
+                "to_send": 0,
+            },
+        )
+        entry["aggregates"] += 1
+        entry["value"] += plan.expected
+        entry["to_send"] += sum(e.value for e in plan.events) if spec.kind == ADD else 0
+        customers[plan.event_name].add(plan.customer_id)
+    for name, entry in totals.items():
+        entry["customers"] = len(customers[name])
+    return totals
+
+
+def _late(
+    book: RunBook,
+    counts: Counter[DayOutcome],
+    by_meter: defaultdict[str, Counter[str]],
+    dry: bool,
+    late_rows: int,
+) -> dict[str, int]:
+    """The figures of usage billed late; its problems join the day counts."""
+    late_counts: Counter[DayOutcome] = Counter()
+    for key, day in book.late.items():
+        if day.outcome is None:
+            continue
+        late_counts[day.outcome] += 1
+        # As the result counts them: sent is billed_late, already recorded is billed before.
+        if day.outcome == DayOutcome.SENT:
+            by_meter[key[0]][DayOutcome.BILLED_LATE.value] += 1
+        elif day.outcome != DayOutcome.ALREADY_RECORDED:
+            by_meter[key[0]][day.outcome.value] += 1
+    for day in book.late.values():
+        if day.plan.action == Action.REPORT:
+            book.samples.add(DayOutcome.OVER, day.plan.line())
+            if not dry:
+                by_meter[day.plan.event_name][DayOutcome.OVER.value] += 1
+                counts[DayOutcome.OVER] += 1
+    counts[DayOutcome.REJECTED] += late_counts[DayOutcome.REJECTED]
+    counts[DayOutcome.FAILED] += late_counts[DayOutcome.FAILED]
+    return {
+        "billed_late": late_counts[DayOutcome.SENT],
+        "billed_late_before": sum(1 for d in book.late.values() if d.plan.action == Action.LEAVE_ALONE)
+        + late_counts[DayOutcome.ALREADY_RECORDED],
+        "billed_late_value": sum(
+            e.value for d in book.late.values() if d.outcome == DayOutcome.SENT for e in d.plan.events
+        ),
+        "billed_late_rows": late_rows,
+        "billed_late_settled": book.late_settled,
+    }

@@ -1,0 +1,98 @@
+"""The knobs of one billing run, resolved: the operator's arguments and the connection's."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, Literal
+
+Api = Literal["v1", "v2_stream"]
+Confirm = Literal["meter", "summaries"]
+TooOld = Literal["skip", "bill_at_oldest"]
+
+#: Stripe refuses a repeated identifier for at least this long (its documented minimum).
+STRIPE_IDENTIFIER_WINDOW = timedelta(hours=24)
+#: A day counts as fresh only if it ended this much inside the identifier window.
+FRESH_MARGIN = timedelta(hours=1)
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """How events go out: pace, parallelism and retries.
+
+    :param max_rps: Requests per second, summaries included; ``None`` fits the key's mode
+        (20 test, 900 live).
+    :param concurrency: Requests in flight at most (default from ``max_rps``).
+    :param max_attempts: Tries per request for 429, 5xx and network errors outside an outage.
+    :param outage_timeout: How long an outage (every request failing) is ridden out before what
+        is left fails the task for its retry.
+    """
+
+    max_rps: float | None = None
+    concurrency: int | None = None
+    max_attempts: int = 8
+    outage_timeout: timedelta = timedelta(minutes=10)
+
+    def __post_init__(self) -> None:
+        if self.max_rps is not None and self.max_rps <= 0:
+            raise ValueError(f"max_rps must be positive, got {self.max_rps!r}")
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be at least 1, got {self.max_attempts!r}")
+        if not isinstance(self.outage_timeout, timedelta):
+            raise TypeError(f"outage_timeout must be a timedelta, got {self.outage_timeout!r}")
+
+
+@dataclass(frozen=True)
+class Timing:
+    """How far Stripe's guarantees are trusted, and how long its summaries are waited for.
+
+    :param identifier_window: How long Stripe is assumed to refuse a repeated identifier (Stripe
+        promises at least 24 hours). Days that ended within it, less an hour, and were never
+        sent for are billed without a look at Stripe. ``None`` looks every day up (after the
+        metadata database, and so the day journal, was lost).
+    :param summary_lag: How long Stripe's meter summaries may trail the events it accepted;
+        ``None`` takes the connection's ``summary_lag`` extra (default 5 minutes).
+    :param settle_timeout: How long to wait for the summaries to show an event Stripe already
+        holds (a duplicate answer whose figure is not visible yet) before failing the task for
+        a retry.
+    """
+
+    identifier_window: timedelta | None = STRIPE_IDENTIFIER_WINDOW
+    summary_lag: timedelta | None = None
+    settle_timeout: timedelta = timedelta(minutes=10)
+
+    def __post_init__(self) -> None:
+        for name in ("identifier_window", "summary_lag", "settle_timeout"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, timedelta):
+                raise TypeError(f"{name} must be a timedelta, got {value!r}")
+        if self.identifier_window is not None and self.identifier_window <= FRESH_MARGIN:
+            raise ValueError(
+                f"identifier_window must be longer than {FRESH_MARGIN}, got {self.identifier_window}"
+            )
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Everything a :class:`~.run.BillingRun` is told (seconds where it sleeps or waits)."""
+
+    prefix: str = "usage"
+    api: Api = "v1"
+    confirm: Confirm = "meter"
+    correct_over: bool = False
+    dry_run: bool = False
+    plan_limit: int = 10_000
+    sample_limit: int = 20
+    max_rps: float = 20.0
+    delivery: Delivery = field(default_factory=Delivery)
+    timing: Timing = field(default_factory=Timing)
+    summary_lag: float = 300.0
+    customer_payload_key: str | None = None
+    value_payload_key: str | None = None
+    #: Who sends (dag, run, task), written into the day journal.
+    sender: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def settle_seconds(self) -> float:
+        """``timing.settle_timeout`` in seconds."""
+        return self.timing.settle_timeout.total_seconds()
