@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import time
 from typing import TYPE_CHECKING
 
@@ -13,7 +12,7 @@ from airflow_provider_stripe_meter.billing.plans import PlannedEvent, plan_day
 if TYPE_CHECKING:
     from airflow_provider_stripe_meter.billing.lookup import SummaryReader
     from airflow_provider_stripe_meter.billing.plans import Key
-    from airflow_provider_stripe_meter.billing.ports import StripeMeters
+    from airflow_provider_stripe_meter.billing.ports import Log, StripeMeters
     from airflow_provider_stripe_meter.billing.sending import Sender
     from airflow_provider_stripe_meter.billing.settings import RunSettings
 
@@ -26,7 +25,7 @@ class Confirmer:
         book: RunBook,
         settings: RunSettings,
         stripe: StripeMeters,
-        log: logging.Logger,
+        log: Log,
         reader: SummaryReader,
         sender: Sender,
     ) -> None:

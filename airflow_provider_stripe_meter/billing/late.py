@@ -9,7 +9,6 @@ from Stripe's summary of the minute the events landed in.
 
 from __future__ import annotations
 
-import logging
 from collections import defaultdict
 from dataclasses import replace
 from datetime import date, datetime, timezone
@@ -26,7 +25,7 @@ from airflow_provider_stripe_meter.utils.errors import Incomplete
 if TYPE_CHECKING:
     from airflow_provider_stripe_meter.billing.lookup import SummaryReader
     from airflow_provider_stripe_meter.billing.plans import Key
-    from airflow_provider_stripe_meter.billing.ports import RunState, StripeMeters
+    from airflow_provider_stripe_meter.billing.ports import Log, RunState, StripeMeters
     from airflow_provider_stripe_meter.billing.sending import Sender
     from airflow_provider_stripe_meter.billing.settings import RunSettings
     from airflow_provider_stripe_meter.utils.aggregation import DailyAggregate
@@ -44,7 +43,7 @@ class LateBilling:
         settings: RunSettings,
         stripe: StripeMeters,
         state: RunState,
-        log: logging.Logger,
+        log: Log,
         reader: SummaryReader,
         sender: Sender,
     ) -> None:
@@ -140,7 +139,7 @@ class LateBilling:
                 if e.event_name == name
             ]
             self.state.landings(spec.meter_id).add_pending(mine)
-            entries.update({entry["identifier"]: entry for entry in mine})
+            entries.update({str(entry["identifier"]): entry for entry in mine})
         return entries
 
     def _landing_instant(self, events: list[PlannedEvent]) -> int:

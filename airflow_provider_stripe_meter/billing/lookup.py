@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import time
 from datetime import date
 from typing import TYPE_CHECKING
@@ -12,7 +11,7 @@ from airflow_provider_stripe_meter.utils import clock
 
 if TYPE_CHECKING:
     from airflow_provider_stripe_meter.billing.plans import Key
-    from airflow_provider_stripe_meter.billing.ports import DayMark, RunState, StripeMeters
+    from airflow_provider_stripe_meter.billing.ports import DayMark, Log, RunState, StripeMeters
     from airflow_provider_stripe_meter.billing.settings import RunSettings
 
 #: Re-reads of summaries when another run sent to the same days while this one read them.
@@ -30,7 +29,7 @@ class SummaryReader:
         settings: RunSettings,
         stripe: StripeMeters,
         state: RunState,
-        log: logging.Logger,
+        log: Log,
     ) -> None:
         self.book, self.settings, self.stripe, self.state, self.log = book, settings, stripe, state, log
 

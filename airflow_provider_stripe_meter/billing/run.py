@@ -13,7 +13,6 @@ read again (Stripe drops events of a meter deactivated meanwhile), and with
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -28,7 +27,7 @@ from airflow_provider_stripe_meter.billing.sending import Sender
 from airflow_provider_stripe_meter.billing.settings import FRESH_MARGIN
 
 if TYPE_CHECKING:
-    from airflow_provider_stripe_meter.billing.ports import RunState, StripeMeters
+    from airflow_provider_stripe_meter.billing.ports import Log, RunState, StripeMeters
     from airflow_provider_stripe_meter.billing.settings import RunSettings
     from airflow_provider_stripe_meter.utils.aggregation import DailyAggregate
 
@@ -56,7 +55,7 @@ class BillingRun:
         settings: RunSettings,
         stripe: StripeMeters,
         state: RunState,
-        log: logging.Logger,
+        log: Log,
         now: int,
     ) -> None:
         self.settings, self.stripe, self.state, self.log = settings, stripe, state, log

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import date, datetime, timezone
@@ -19,7 +18,7 @@ from airflow_provider_stripe_meter.utils.rules import SECONDS_PER_DAY, rfc3339
 
 if TYPE_CHECKING:
     from airflow_provider_stripe_meter.billing.plans import Key
-    from airflow_provider_stripe_meter.billing.ports import RunState, StripeMeters
+    from airflow_provider_stripe_meter.billing.ports import Log, RunState, StripeMeters
     from airflow_provider_stripe_meter.billing.settings import RunSettings
 
 STREAM_BATCH = 100  # Stripe's maximum events per stream request
@@ -37,7 +36,7 @@ class Sender:
         settings: RunSettings,
         stripe: StripeMeters,
         state: RunState,
-        log: logging.Logger,
+        log: Log,
     ) -> None:
         self.book, self.settings, self.stripe, self.state, self.log = book, settings, stripe, state, log
 

@@ -523,7 +523,7 @@ class StripeHook(BaseHook):
     ) -> list[dict[str, Any]]:
         import stripe
 
-        params = {
+        params: Any = {
             "customer": customer_id,
             "start_time": start_time,
             "end_time": end_time,

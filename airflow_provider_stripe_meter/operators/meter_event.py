@@ -125,7 +125,9 @@ class StripeMeterEventOperator(StripeBaseOperator):
 
         if event.identifier is None:
             ti = context["ti"]
-            derived = task_identifier(ti.dag_id, ti.task_id, ti.run_id, ti.map_index)
+            derived = task_identifier(
+                ti.dag_id, ti.task_id, ti.run_id, ti.map_index if ti.map_index is not None else -1
+            )
             event = replace(event, identifier=derived)
 
         customer_key, value_key = self.payload_keys(

@@ -186,7 +186,8 @@ class StripeMeterEventBatchOperator(UsageSourceMixin, StripeBaseOperator):
         self.confirm: Confirm = confirm
         self.correct_over = correct_over
         self.too_old: TooOld = too_old
-        self.dry_run = dry_run
+        #: Plan only (``dry_run``); kept apart from BaseOperator's own ``dry_run()`` method.
+        self.plan_only = dry_run
         self.plan_limit = plan_limit
         self.fail_on_error = fail_on_error
         self.customer_payload_key = customer_payload_key
@@ -209,12 +210,12 @@ class StripeMeterEventBatchOperator(UsageSourceMixin, StripeBaseOperator):
         result = self._run(run, usage)
         outcome = result.as_dict()
         self._log_outcome(outcome)
-        if not self.dry_run:
+        if not self.plan_only:
             # Before any failure below, so an alert sees a failed run's figures too.
             meters = set(run.book.specs) or ({self.event_name} if self.event_name else set())
             MeterMetrics.for_task(context).batch(outcome, meters)
         self._raise_for(result, outcome, context)
-        if not self.dry_run:
+        if not self.plan_only:
             update_meter_assets(self, context, _asset_extra(outcome, aggregates))
         return outcome
 
@@ -228,7 +229,7 @@ class StripeMeterEventBatchOperator(UsageSourceMixin, StripeBaseOperator):
             api=self.api,
             confirm=self.confirm,
             correct_over=self.correct_over,
-            dry_run=self.dry_run,
+            dry_run=self.plan_only,
             plan_limit=self.plan_limit,
             sample_limit=self.sample_limit,
             max_rps=self.delivery.max_rps or default_max_rps(self.hook.livemode),

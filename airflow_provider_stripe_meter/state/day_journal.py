@@ -92,4 +92,6 @@ def _mark(record: Any) -> DayMark:
     # A mark that cannot be read still says the day was sent to: the day is looked up.
     if not isinstance(record, dict):
         return DayMark(0, 0.0)
-    return DayMark(int(record.get("version", 0)), float(record.get("last_send", record.get("marked_at", 0))))
+    return DayMark(
+        int(record.get("version") or 0), float(record.get("last_send") or record.get("marked_at") or 0)
+    )

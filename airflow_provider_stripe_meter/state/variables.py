@@ -8,8 +8,9 @@ commute, so applying one again, or on top of another writer's, loses nothing. Af
 the record is read back; if another writer's value replaced it meanwhile, the merge is applied
 to that value and written again, until the record holds this writer's change.
 
-What remains is the narrow case of a writer whose stale write lands after the other writer's
-read-back. Every record is chosen so that even then no usage is billed twice: the journal and
+A writer that reads just before another writes, and writes just after, overwrites the other's
+change; the other writer's read-back, ``SETTLE_SECONDS`` later, sees that and merges again.
+What remains is a writer stalled between its read and its write for longer than that. Every record is chosen so that even then no usage is billed twice: the journal and
 the late-billing records only ever make a later run look Stripe up, and every identifier is
 derived from the day and what Stripe held, so a repeat is refused by Stripe.
 """
@@ -24,6 +25,10 @@ from typing import Any, Protocol
 
 #: How often a merge is written again when another writer's value replaced it.
 MAX_MERGES = 5
+#: How long a writer waits before reading its write back: far longer than another writer takes
+#: from its read to its write (one round trip to Airflow's API server), so a write that raced
+#: with this one has landed by then.
+SETTLE_SECONDS = 0.05
 PREFIX = "stripe_meter"
 
 
@@ -40,7 +45,7 @@ class VariableBackend(Protocol):
 def _airflow_variables() -> VariableBackend:
     from airflow.sdk import Variable
 
-    return Variable  # type: ignore[return-value]
+    return Variable
 
 
 class Records:
@@ -91,7 +96,7 @@ class Records:
             wanted = change(current)
             self._put(key, wanted, description)
             # Let a concurrent writer's write land, then check ours is what the record holds.
-            time.sleep(random.uniform(0.0, 0.01))
+            time.sleep(SETTLE_SECONDS * (1 + random.random()))
             current = self.get(key)
             if _same(current, wanted):
                 return wanted

@@ -175,7 +175,7 @@ class LocalStripeServer:
         """Base URL for both the API and the meter-events hosts."""
         assert self._httpd is not None, "server not started"
         host, port = self._httpd.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://{host!s}:{port}"
 
     def connection_json(self, api_key: str = DEFAULT_API_KEY, **extra: Any) -> str:
         """An ``AIRFLOW_CONN_<ID>`` value for a ``stripe`` connection pointing here."""
@@ -436,14 +436,14 @@ class _Handler(BaseHTTPRequestHandler):
             if seen is not None:
                 fingerprint, status, payload = seen
                 if fingerprint != raw:
-                    err = StripeApiError(
+                    refused = StripeApiError(
                         400,
                         "Keys for idempotent requests can only be used with the same parameters they were "
                         f"first used with. Try using a key other than '{key}' if you meant to execute a "
                         "different request.",
                         type="idempotency_error",
                     )
-                    self._send_error(err, v2)
+                    self._send_error(refused, v2)
                     return
                 state.count("idempotent_replays")
                 self._send(status, payload, {"Idempotent-Replayed": "true"})

@@ -65,6 +65,8 @@ rows_correct = rows_dag("t_truth_rows_correct", correct_over=True)
 rows_late = rows_dag("t_truth_rows_late", too_old="bill_at_oldest")
 rows_confirm = rows_dag("t_truth_rows_confirm", confirm="summaries")
 # Late billing whose delivery gives up quickly in an outage (and is not retried by Airflow).
-rows_late_fragile = rows_dag("t_truth_rows_late_fragile", too_old="bill_at_oldest", outage_timeout=timedelta(seconds=0.5))
+rows_late_fragile = rows_dag(
+    "t_truth_rows_late_fragile", too_old="bill_at_oldest", outage_timeout=timedelta(seconds=0.5)
+)
 # After the metadata database was lost: nothing is sent blind, every day is looked up.
 rows_look_up_all = rows_dag("t_truth_rows_look_up_all", identifier_window=None)
