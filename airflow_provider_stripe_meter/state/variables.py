@@ -10,9 +10,10 @@ to that value and written again, until the record holds this writer's change.
 
 A writer that reads just before another writes, and writes just after, overwrites the other's
 change; the other writer's read-back, ``SETTLE_SECONDS`` later, sees that and merges again.
-What remains is a writer stalled between its read and its write for longer than that. Every record is chosen so that even then no usage is billed twice: the journal and
-the late-billing records only ever make a later run look Stripe up, and every identifier is
-derived from the day and what Stripe held, so a repeat is refused by Stripe.
+What remains is a writer stalled between its read and its write for longer than that. Every
+record is chosen so that even then no usage is billed twice: the journal and the late-billing
+records only ever make a later run look Stripe up, and every identifier is derived from the
+day and what Stripe held, so a repeat is refused by Stripe.
 """
 
 from __future__ import annotations

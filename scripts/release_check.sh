@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Build the sdist and wheel, check their metadata, and install the wheel into a fresh virtualenv
+# where Airflow must list the provider. Run through ./dev release-check (CI does).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=.venv/bin/python
+rm -rf dist
+"$PY" -m build --quiet --outdir dist . >/dev/null
+"$PY" -m twine check --strict dist/*
+wheel=$(ls dist/*.whl)
+unzip -l "$wheel" | grep -q "airflow_provider_stripe_meter/py.typed" || { echo "py.typed missing from $wheel" >&2; exit 1; }
+unzip -l "$wheel" | grep -q "licenses/LICENSE" || { echo "LICENSE missing from $wheel" >&2; exit 1; }
+fresh=$(mktemp -d)
+trap 'rm -rf "$fresh"' EXIT
+"$PY" -m venv "$fresh/venv" 2>/dev/null || "$PY" -m virtualenv -q "$fresh/venv"
+"$fresh/venv/bin/python" -m pip install --quiet "$wheel"
+export AIRFLOW_HOME="$fresh/home"
+listed=$("$fresh/venv/bin/airflow" providers list -o plain 2>/dev/null)
+echo "$listed" | grep -E "airflow-provider-stripe-meter" || { echo "airflow providers list does not show the provider:" >&2; echo "$listed" >&2; exit 1; }
+echo "release check: $(basename "$wheel") builds, passes twine check, installs and is listed by Airflow"
