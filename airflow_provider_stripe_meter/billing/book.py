@@ -12,7 +12,8 @@ if TYPE_CHECKING:
     from airflow_provider_stripe_meter.billing.meters import MeterSpec
     from airflow_provider_stripe_meter.billing.outcomes import DayOutcome
     from airflow_provider_stripe_meter.billing.plans import DayPlan, Key
-    from airflow_provider_stripe_meter.billing.ports import DayMark
+    from airflow_provider_stripe_meter.billing.ports import DayMark, Log, RunState, StripeMeters
+    from airflow_provider_stripe_meter.billing.settings import RunSettings
     from airflow_provider_stripe_meter.utils.aggregation import DailyAggregate
     from airflow_provider_stripe_meter.utils.delivery import DeliveryReport
 
@@ -95,3 +96,12 @@ def days_of(keys: Iterable[Key]) -> dict[str, set[date]]:
     for name, _, day in keys:
         days[name].add(day)
     return dict(days)
+
+
+class Phase:
+    """A step of a run (reading, sending, late billing, confirming): what every step sees."""
+
+    def __init__(
+        self, book: RunBook, settings: RunSettings, stripe: StripeMeters, state: RunState, log: Log
+    ) -> None:
+        self.book, self.settings, self.stripe, self.state, self.log = book, settings, stripe, state, log

@@ -5,31 +5,21 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from airflow_provider_stripe_meter.billing.book import CustomerDay, RunBook, days_of
+from airflow_provider_stripe_meter.billing.book import CustomerDay, Phase, days_of
 from airflow_provider_stripe_meter.billing.outcomes import IN_STRIPE, Action, DayOutcome
 from airflow_provider_stripe_meter.billing.plans import PlannedEvent, plan_day
 
 if TYPE_CHECKING:
     from airflow_provider_stripe_meter.billing.lookup import SummaryReader
     from airflow_provider_stripe_meter.billing.plans import Key
-    from airflow_provider_stripe_meter.billing.ports import Log, StripeMeters
     from airflow_provider_stripe_meter.billing.sending import Sender
-    from airflow_provider_stripe_meter.billing.settings import RunSettings
 
 
-class Confirmer:
+class Confirmer(Phase):
     """Settles duplicate answers, checks the meters, and (``confirm="summaries"``) reads back."""
 
-    def __init__(
-        self,
-        book: RunBook,
-        settings: RunSettings,
-        stripe: StripeMeters,
-        log: Log,
-        reader: SummaryReader,
-        sender: Sender,
-    ) -> None:
-        self.book, self.settings, self.stripe, self.log = book, settings, stripe, log
+    def __init__(self, phase: Phase, reader: SummaryReader, sender: Sender) -> None:
+        super().__init__(phase.book, phase.settings, phase.stripe, phase.state, phase.log)
         self.reader, self.sender = reader, sender
 
     def settle_duplicates(self) -> None:

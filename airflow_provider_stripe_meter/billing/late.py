@@ -15,7 +15,7 @@ from datetime import date, datetime, timezone
 from itertools import combinations
 from typing import TYPE_CHECKING, Any
 
-from airflow_provider_stripe_meter.billing.book import CustomerDay, RunBook
+from airflow_provider_stripe_meter.billing.book import CustomerDay, Phase
 from airflow_provider_stripe_meter.billing.meters import ADD, MeterSpec, MeterUnsupportedError
 from airflow_provider_stripe_meter.billing.outcomes import DayOutcome
 from airflow_provider_stripe_meter.billing.plans import PlannedEvent, plan_late
@@ -25,31 +25,20 @@ from airflow_provider_stripe_meter.utils.errors import Incomplete
 if TYPE_CHECKING:
     from airflow_provider_stripe_meter.billing.lookup import SummaryReader
     from airflow_provider_stripe_meter.billing.plans import Key
-    from airflow_provider_stripe_meter.billing.ports import Log, RunState, StripeMeters
     from airflow_provider_stripe_meter.billing.sending import Sender
-    from airflow_provider_stripe_meter.billing.settings import RunSettings
     from airflow_provider_stripe_meter.utils.aggregation import DailyAggregate
 
 #: Pending late events of one customer and minute settled by trying every subset, at most.
 MAX_PENDING_GROUP = 12
 
 
-class LateBilling:
+class LateBilling(Phase):
     """Plans, sends and settles a run's usage older than Stripe's window."""
 
-    def __init__(
-        self,
-        book: RunBook,
-        settings: RunSettings,
-        stripe: StripeMeters,
-        state: RunState,
-        log: Log,
-        reader: SummaryReader,
-        sender: Sender,
-    ) -> None:
-        self.book, self.settings, self.stripe, self.state, self.log = book, settings, stripe, state, log
+    def __init__(self, phase: Phase, reader: SummaryReader, sender: Sender) -> None:
+        super().__init__(phase.book, phase.settings, phase.stripe, phase.state, phase.log)
         self.reader, self.sender = reader, sender
-        self.oldest = book.now
+        self.oldest = phase.book.now
 
     def plan(self, late: list[DailyAggregate], oldest: int) -> None:
         """Plan each late customer-day from what of it was billed late before."""

@@ -6,13 +6,12 @@ import time
 from datetime import date
 from typing import TYPE_CHECKING
 
-from airflow_provider_stripe_meter.billing.book import RunBook, days_of
+from airflow_provider_stripe_meter.billing.book import Phase, days_of
 from airflow_provider_stripe_meter.utils import clock
 
 if TYPE_CHECKING:
     from airflow_provider_stripe_meter.billing.plans import Key
-    from airflow_provider_stripe_meter.billing.ports import DayMark, Log, RunState, StripeMeters
-    from airflow_provider_stripe_meter.billing.settings import RunSettings
+    from airflow_provider_stripe_meter.billing.ports import DayMark
 
 #: Re-reads of summaries when another run sent to the same days while this one read them.
 MAX_REREADS = 3
@@ -20,18 +19,8 @@ MAX_REREADS = 3
 Figures = tuple[dict["Key", int], set[tuple[str, str]]]
 
 
-class SummaryReader:
+class SummaryReader(Phase):
     """Stripe's figures for customer-days: one summaries request per (meter, customer)."""
-
-    def __init__(
-        self,
-        book: RunBook,
-        settings: RunSettings,
-        stripe: StripeMeters,
-        state: RunState,
-        log: Log,
-    ) -> None:
-        self.book, self.settings, self.stripe, self.state, self.log = book, settings, stripe, state, log
 
     def look_up(self, keys: set[Key]) -> Figures:
         """Stripe's figures for ``keys`` (late usage landed on them taken off), and unknown customers."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from airflow_provider_stripe_meter.billing.book import CustomerDay, RunBook
+from airflow_provider_stripe_meter.billing.book import CustomerDay, Phase, RunBook
 from airflow_provider_stripe_meter.billing.confirming import Confirmer
 from airflow_provider_stripe_meter.billing.late import LateBilling
 from airflow_provider_stripe_meter.billing.lookup import SummaryReader
@@ -60,10 +60,12 @@ class BillingRun:
     ) -> None:
         self.settings, self.stripe, self.state, self.log = settings, stripe, state, log
         self.book = RunBook(now=now, sample_limit=settings.sample_limit)
-        self.reader = SummaryReader(self.book, settings, stripe, state, log)
-        self.sender = Sender(self.book, settings, stripe, state, log)
-        self.late = LateBilling(self.book, settings, stripe, state, log, self.reader, self.sender)
-        self.confirmer = Confirmer(self.book, settings, stripe, log, self.reader, self.sender)
+        sees = (self.book, settings, stripe, state, log)
+        phase = Phase(*sees)
+        self.reader = SummaryReader(*sees)
+        self.sender = Sender(*sees)
+        self.late = LateBilling(phase, self.reader, self.sender)
+        self.confirmer = Confirmer(phase, self.reader, self.sender)
 
     def execute(self, usage: Usage) -> BatchResult:
         """Bill ``usage``: read -> plan -> deliver -> confirm -> result."""

@@ -7,7 +7,7 @@ from contextlib import contextmanager
 from datetime import date, datetime, timezone
 from typing import TYPE_CHECKING
 
-from airflow_provider_stripe_meter.billing.book import RunBook, days_of
+from airflow_provider_stripe_meter.billing.book import Phase, days_of
 from airflow_provider_stripe_meter.billing.meters import COUNT
 from airflow_provider_stripe_meter.billing.outcomes import DayOutcome
 from airflow_provider_stripe_meter.billing.plans import PlannedEvent
@@ -18,8 +18,6 @@ from airflow_provider_stripe_meter.utils.rules import SECONDS_PER_DAY, rfc3339
 
 if TYPE_CHECKING:
     from airflow_provider_stripe_meter.billing.plans import Key
-    from airflow_provider_stripe_meter.billing.ports import Log, RunState, StripeMeters
-    from airflow_provider_stripe_meter.billing.settings import RunSettings
 
 STREAM_BATCH = 100  # Stripe's maximum events per stream request
 PROGRESS_SECONDS = 10.0  # progress lines at least this often on long runs
@@ -27,18 +25,8 @@ PROGRESS_SECONDS = 10.0  # progress lines at least this often on long runs
 MARK_DAYS = 36
 
 
-class Sender:
+class Sender(Phase):
     """Delivers a run's events and settles each customer-day's outcome from the answers."""
-
-    def __init__(
-        self,
-        book: RunBook,
-        settings: RunSettings,
-        stripe: StripeMeters,
-        state: RunState,
-        log: Log,
-    ) -> None:
-        self.book, self.settings, self.stripe, self.state, self.log = book, settings, stripe, state, log
 
     def deliver_planned(self) -> None:
         """Send every planned event, with the days journalled around it."""
