@@ -30,7 +30,8 @@ if TYPE_CHECKING:
     from airflow.sdk import Context
 
     from airflow_provider_stripe_meter.billing.ports import Journal, Landings
-    from airflow_provider_stripe_meter.billing.result import BatchResult
+    from airflow_provider_stripe_meter.billing.result import BatchResult, SourceFigures
+    from airflow_provider_stripe_meter.billing.run import BillingRun, Usage
     from airflow_provider_stripe_meter.utils.aggregation import DailyAggregate, UsageAggregator
 
 APIS = ("v1", "v2_stream")
@@ -81,8 +82,8 @@ class StripeMeterEventBatchOperator(UsageSourceMixin, StripeBaseOperator):
         test, 900 live).
     :param concurrency: Requests in flight at most (default from ``max_rps``).
     :param max_attempts: Tries per request for 429, 5xx and network errors outside an outage.
-    :param outage_timeout: Seconds an outage (every request failing) is ridden out before what
-        is left fails the task for its retry.
+    :param outage_timeout: How long an outage (every request failing) is ridden out before what
+        is left fails the task for its retry (a ``timedelta``).
     :param identifier_prefix: First part of every identifier (default ``usage``). It names the
         events, not the meter's figure: Stripe's summaries count every sender's events, so two
         pipelines must not bill the same meter for the same customers. (templated)
@@ -92,11 +93,11 @@ class StripeMeterEventBatchOperator(UsageSourceMixin, StripeBaseOperator):
         the metadata database, and so the marks, were lost).
     :param settle_timeout: How long to wait for Stripe's summaries to show an event Stripe
         already holds (a duplicate answer whose figure is not visible yet) before failing the
-        task for a retry; a ``timedelta`` or seconds.
+        task for a retry (a ``timedelta``).
     :param summary_lag: How long Stripe's meter summaries may trail the events it accepted (they
         are eventually consistent). A day any run sent to less than this ago is read only once
         this has passed since that send, so a summary that has not caught up is never taken as
-        what Stripe holds; a ``timedelta`` or seconds.
+        what Stripe holds (a ``timedelta``; default the connection's ``summary_lag`` extra).
     :param confirm: What a run checks before it reports ``success``. ``"meter"`` (default, one
         request per meter): every event was answered and the meter was still active, and never
         deactivated, after the last one. ``"summaries"`` also reads back, once ``summary_lag``
@@ -127,7 +128,12 @@ class StripeMeterEventBatchOperator(UsageSourceMixin, StripeBaseOperator):
     :class:`~airflow_provider_stripe_meter.operators.base.UsageSourceMixin`; ``stripe_conn_id``
     and ``stripe_account`` (templated) those of
     :class:`~airflow_provider_stripe_meter.operators.base.StripeBaseOperator`. This operator
-    always reads the meters (their formula and id decide what it sends), whatever ``preflight``.
+    always reads the meters (their formula and id decide what it sends), so it refuses
+    ``preflight``.
+
+    The run itself is :class:`~airflow_provider_stripe_meter.billing.run.BillingRun`, plain
+    Python; this operator reads the source, resolves the settings, and turns the result into
+    XCom, metrics, Asset events and, where billing is incomplete, a failed task.
     """
 
     template_fields: Sequence[str] = (
@@ -241,7 +247,7 @@ class StripeMeterEventBatchOperator(UsageSourceMixin, StripeBaseOperator):
             sender={"dag_id": ti.dag_id, "run_id": ti.run_id, "task_id": ti.task_id},
         )
 
-    def _run(self, run: Any, usage: Any) -> BatchResult:
+    def _run(self, run: BillingRun, usage: Usage) -> BatchResult:
         """Run the core, with its plain failures as this provider's Airflow exceptions."""
         from airflow_provider_stripe_meter import exceptions
         from airflow_provider_stripe_meter.utils import errors
@@ -348,7 +354,7 @@ class _VariableState:
         return LateLandings(self.account, meter_id, self.prefix)
 
 
-def _source_figures(aggregator: UsageAggregator, aggregates: list[DailyAggregate]) -> Any:
+def _source_figures(aggregator: UsageAggregator, aggregates: list[DailyAggregate]) -> SourceFigures:
     from airflow_provider_stripe_meter.billing.result import SourceFigures
 
     return SourceFigures(
