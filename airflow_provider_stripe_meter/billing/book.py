@@ -46,11 +46,6 @@ class Samples:
         if len(bucket) < self.limit:
             bucket.append(detail)
 
-    def extend(self, kind: str, details: Iterable[dict[str, Any]]) -> None:
-        """Keep as many of ``details`` as there is room for."""
-        for detail in details:
-            self.add(kind, detail)
-
 
 @dataclass
 class RunBook:
