@@ -8,8 +8,17 @@ rm -rf dist
 "$PY" -m build --quiet --outdir dist . >/dev/null
 "$PY" -m twine check --strict dist/*
 wheel=$(ls dist/*.whl)
-unzip -l "$wheel" | grep -q "airflow_provider_stripe_meter/py.typed" || { echo "py.typed missing from $wheel" >&2; exit 1; }
-unzip -l "$wheel" | grep -q "licenses/LICENSE" || { echo "LICENSE missing from $wheel" >&2; exit 1; }
+# The wheel's names are read with zipfile: `unzip -l | grep -q` under pipefail fails at random,
+# when grep exits on its first match and unzip dies of SIGPIPE.
+"$PY" - "$wheel" <<'PYEOF'
+import sys
+import zipfile
+
+names = zipfile.ZipFile(sys.argv[1]).namelist()
+for wanted in ("airflow_provider_stripe_meter/py.typed", ".dist-info/licenses/LICENSE"):
+    if not any(name.endswith(wanted) for name in names):
+        sys.exit(f"{wanted} missing from {sys.argv[1]}")
+PYEOF
 fresh=$(mktemp -d)
 trap 'rm -rf "$fresh"' EXIT
 "$PY" -m venv "$fresh/venv" 2>/dev/null || "$PY" -m virtualenv -q "$fresh/venv"
