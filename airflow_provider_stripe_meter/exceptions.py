@@ -45,6 +45,10 @@ class StripeConfigurationError(StripeMeterError, errors.Refused, AirflowFailExce
     """The API key is missing, refused or lacks permission (401/403): a connection problem."""
 
 
+class StripeAccountInvalidError(StripeConfigurationError):
+    """The key cannot act for this connected account (403 ``account_invalid``); ``details`` names it."""
+
+
 class StripeMeterNotFoundError(StripeMeterError, AirflowFailException):
     """No active meter has this event name: events sent now would never be billed."""
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseHook
 
 from airflow_provider_stripe_meter.exceptions import (
+    StripeAccountInvalidError,
     StripeAdjustmentTooLateError,
     StripeConfigurationError,
     StripeDuplicateIdentifierError,
@@ -219,7 +220,8 @@ class StripeHook(BaseHook):
         headers = err.headers or {}
         details: dict[str, Any] = {
             "type": getattr(error_obj, "type", None) or type(err).__name__,
-            "code": err.code,
+            # stripe-python leaves ``code`` unset on some classes (PermissionError); the body has it.
+            "code": err.code or getattr(error_obj, "code", None),
             "message": message,
             "http_status": err.http_status,
             "request_id": err.request_id,
@@ -233,6 +235,14 @@ class StripeHook(BaseHook):
             return StripeSessionExpiredError(summary, details)
         if isinstance(err, (stripe.RateLimitError, stripe.APIConnectionError)):
             return StripeTransientError(summary, details)
+        if details["code"] == "account_invalid":
+            # A platform bills many connected accounts: say which one this key cannot reach.
+            details["account"] = self.stripe_account
+            return StripeAccountInvalidError(
+                f"Connection {self.stripe_conn_id!r} cannot act for connected account "
+                f"{self.stripe_account!r}: {summary}",
+                details,
+            )
         if isinstance(err, (stripe.AuthenticationError, stripe.PermissionError)):
             return StripeConfigurationError(f"Connection {self.stripe_conn_id!r}: {summary}", details)
         status = err.http_status

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import timedelta, timezone
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -41,6 +41,8 @@ class StripeBaseOperator(BaseOperator):
     """
 
     template_fields: Sequence[str] = ("stripe_account",)
+    #: Whether the operator's meter events update its meters' Assets (not the sensor's checks).
+    bills_meters: ClassVar[bool] = False
     ui_color = STRIPE_UI_COLOR
     operator_extra_links = (StripeMeterLink(),)
 
@@ -57,6 +59,17 @@ class StripeBaseOperator(BaseOperator):
         self.stripe_conn_id = stripe_conn_id
         self.stripe_account = stripe_account
         self.preflight = preflight
+
+    @classmethod
+    def partial(cls, **kwargs: Any) -> Any:
+        """Airflow's ``partial()``, with the meters' Asset alias as the outlet (see :func:`meter_outlets`).
+
+        A mapped task's ``__init__`` runs only when each instance runs, too late to declare an
+        outlet; the alias is declared here, and each instance adds its own meter's Asset to it.
+        """
+        if cls.bills_meters and not kwargs.get("dry_run"):
+            meter_outlets(kwargs, kwargs.get("event_name"), kwargs.get("stripe_account"), mapped=True)
+        return super().partial(**kwargs)
 
     @cached_property
     def hook(self) -> StripeHook:
@@ -96,30 +109,69 @@ class StripeBaseOperator(BaseOperator):
         )
 
 
-def meter_outlets(kwargs: dict[str, Any], event_name: Any, account: Any) -> None:
-    """Make the meter's Asset the task's outlet when both are known when the DAG is parsed.
+#: The outlet of a task whose meter is known only when it runs (a templated, per-row or mapped
+#: event name or account). The task adds the Asset of each meter it billed to the alias, so
+#: Airflow records an event for that meter's ``stripe://`` Asset, and a DAG scheduled on the
+#: Asset (or on the alias) runs once billing is done.
+#: .. seealso:: https://airflow.apache.org/docs/apache-airflow/stable/authoring-and-scheduling/assets.html
+METERS_ALIAS = "stripe_meters"
 
-    Left alone when the task names its own ``outlets``, or when the event name or the account is
-    a template (the Asset must be known when the DAG is parsed, for the DAGs scheduled on it).
+
+def _known_when_parsed(value: Any) -> bool:
+    return isinstance(value, str) and "{{" not in value
+
+
+def meter_outlets(kwargs: dict[str, Any], event_name: Any, account: Any, *, mapped: bool = False) -> None:
+    """Give the task the outlet its meter events need, unless it names its own ``outlets``.
+
+    The meter's Asset when the event name and the account are both known when the DAG is parsed
+    (an Asset must be, for the DAGs scheduled on it); otherwise, and for every mapped task (one
+    task, one meter per mapped instance), the :data:`METERS_ALIAS` alias, filled when it runs.
     """
-    fixed_account = account is None or (isinstance(account, str) and "{{" not in account)
-    if "outlets" in kwargs or not isinstance(event_name, str) or "{{" in event_name or not fixed_account:
+    if "outlets" in kwargs:
         return
+    from airflow.sdk import AssetAlias
+
     from airflow_provider_stripe_meter.assets.stripe import create_asset
 
-    kwargs["outlets"] = [create_asset(event_name=event_name, account=account)]
+    fixed = _known_when_parsed(event_name) and (account is None or _known_when_parsed(account))
+    kwargs["outlets"] = [
+        create_asset(event_name=event_name, account=account)
+        if fixed and not mapped
+        else AssetAlias(name=METERS_ALIAS)
+    ]
 
 
-def update_meter_assets(operator: BaseOperator, context: Any, extra: dict[str, Any]) -> None:
-    """Attach ``extra`` (the run's figures) to the event of every Stripe meter Asset the task updates."""
+def update_meter_assets(
+    operator: StripeBaseOperator, context: Any, extra: dict[str, Any], event_names: Iterable[str]
+) -> None:
+    """Record the run's figures (``extra``) on the Asset of each meter this task billed.
+
+    A ``stripe://`` Asset outlet gets them as its event's ``extra``; the :data:`METERS_ALIAS`
+    alias gets one event per meter billed, on that meter's Asset for this task's account.
+    """
+    from airflow.sdk import AssetAlias
+
+    from airflow_provider_stripe_meter.assets.stripe import create_asset
+
     for outlet in getattr(operator, "outlets", None) or []:
-        if str(getattr(outlet, "uri", "")).startswith("stripe://"):
+        if isinstance(outlet, AssetAlias) and outlet.name == METERS_ALIAS:
+            account = operator.hook.stripe_account
+            for name in sorted(set(event_names)):
+                context["outlet_events"][outlet].add(
+                    create_asset(event_name=name, account=account), extra=extra
+                )
+        elif str(getattr(outlet, "uri", "")).startswith("stripe://"):
             context["outlet_events"][outlet].extra = extra
 
 
-class UsageSourceMixin:
+class StripeUsageSourceOperator(StripeBaseOperator):
     """
     Where usage rows come from, for the batch operator and the reconcile sensor alike.
+
+    A ``BaseOperator`` subclass, not a plain mixin: Airflow's dynamic task mapping checks
+    ``partial()`` and ``expand()`` arguments against the ``__init__`` of the operator's
+    ``BaseOperator`` classes only, so every source argument here can be mapped.
 
     Rows come from an upstream task (``rows=usage.output``) or from a query run here (``sql`` on
     ``sql_conn_id``, any common-sql hook, streamed in chunks). Each row is ``(customer_id,
@@ -197,6 +249,6 @@ class UsageSourceMixin:
             naive_timezone=self.naive_timezone,
             safety_margin=self.safety_margin,
             sample_limit=self.sample_limit,
-            log=self.log,  # type: ignore[attr-defined]
+            log=self.log,
             keep_too_old=keep_too_old,
         )

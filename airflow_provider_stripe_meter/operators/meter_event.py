@@ -69,6 +69,7 @@ class StripeMeterEventOperator(StripeBaseOperator):
         meter's (with ``preflight``) or ``value``.
     """
 
+    bills_meters = True
     template_fields: Sequence[str] = (
         "event_name",
         "customer_id",
@@ -228,5 +229,6 @@ class StripeMeterEventOperator(StripeBaseOperator):
                 "already_recorded": bool(response.get("already_recorded")),
                 "summary": summary,
             },
+            [self.event_name],
         )
         return {"success": success, "response": response}

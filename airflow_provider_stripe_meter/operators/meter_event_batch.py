@@ -18,7 +18,7 @@ from airflow_provider_stripe_meter.billing.settings import (
 from airflow_provider_stripe_meter.metrics import MeterMetrics
 from airflow_provider_stripe_meter.operators.base import (
     StripeBaseOperator,
-    UsageSourceMixin,
+    StripeUsageSourceOperator,
     meter_outlets,
     update_meter_assets,
 )
@@ -39,7 +39,7 @@ TOO_OLD = ("skip", "bill_at_oldest")
 CONFIRM = ("meter", "summaries")
 
 
-class StripeMeterEventBatchOperator(UsageSourceMixin, StripeBaseOperator):
+class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
     """
     Bill usage rows so that Stripe's figure for every (meter, customer, UTC day) equals the source's.
 
@@ -125,7 +125,7 @@ class StripeMeterEventBatchOperator(UsageSourceMixin, StripeBaseOperator):
 
     The source parameters (``rows``, ``sql``, ``sql_conn_id``, ``parameters``, ``columns``,
     ``naive_timezone``, ``safety_margin``, ``chunk_size``, ``sample_limit``) are those of
-    :class:`~airflow_provider_stripe_meter.operators.base.UsageSourceMixin`; ``stripe_conn_id``
+    :class:`~airflow_provider_stripe_meter.operators.base.StripeUsageSourceOperator`; ``stripe_conn_id``
     and ``stripe_account`` (templated) those of
     :class:`~airflow_provider_stripe_meter.operators.base.StripeBaseOperator`. This operator
     always reads the meters (their formula and id decide what it sends), so it refuses
@@ -136,9 +136,10 @@ class StripeMeterEventBatchOperator(UsageSourceMixin, StripeBaseOperator):
     XCom, metrics, Asset events and, where billing is incomplete, a failed task.
     """
 
+    bills_meters = True
     template_fields: Sequence[str] = (
         "event_name",
-        *UsageSourceMixin.source_template_fields,
+        *StripeUsageSourceOperator.source_template_fields,
         "identifier_prefix",
         *StripeBaseOperator.template_fields,
     )
@@ -216,13 +217,13 @@ class StripeMeterEventBatchOperator(UsageSourceMixin, StripeBaseOperator):
         result = self._run(run, usage)
         outcome = result.as_dict()
         self._log_outcome(outcome)
+        meters = set(run.book.specs) or ({self.event_name} if self.event_name else set())
         if not self.plan_only:
             # Before any failure below, so an alert sees a failed run's figures too.
-            meters = set(run.book.specs) or ({self.event_name} if self.event_name else set())
             MeterMetrics.for_task(context).batch(outcome, meters)
         self._raise_for(result, outcome, context)
         if not self.plan_only:
-            update_meter_assets(self, context, _asset_extra(outcome, aggregates))
+            update_meter_assets(self, context, _asset_extra(outcome, aggregates), meters)
         return outcome
 
     def _settings(self, context: Context) -> RunSettings:

@@ -10,7 +10,7 @@ from airflow.providers.common.compat.sdk import BaseSensorOperator, PokeReturnVa
 
 from airflow_provider_stripe_meter.billing import reconcile
 from airflow_provider_stripe_meter.metrics import MeterMetrics
-from airflow_provider_stripe_meter.operators.base import StripeBaseOperator, UsageSourceMixin
+from airflow_provider_stripe_meter.operators.base import StripeBaseOperator, StripeUsageSourceOperator
 from airflow_provider_stripe_meter.utils.rules import check_fixed_event_name
 
 if TYPE_CHECKING:
@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 _SHOWN_MISMATCHES = 50
 
 
-class StripeMeterReconcileSensor(UsageSourceMixin, StripeBaseOperator, BaseSensorOperator):
+class StripeMeterReconcileSensor(StripeUsageSourceOperator, BaseSensorOperator):
     """
     Wait until Stripe's meter summaries agree with the source, per customer and UTC day.
 
@@ -53,14 +53,14 @@ class StripeMeterReconcileSensor(UsageSourceMixin, StripeBaseOperator, BaseSenso
 
     The source parameters (``rows``, ``sql``, ``sql_conn_id``, ``parameters``, ``columns``,
     ``naive_timezone``, ``safety_margin``, ``chunk_size``, ``sample_limit``) are those of
-    :class:`~airflow_provider_stripe_meter.operators.base.UsageSourceMixin`, read by the same
+    :class:`~airflow_provider_stripe_meter.operators.base.StripeUsageSourceOperator`, read by the same
     rules as the batch operator; ``stripe_conn_id`` and ``stripe_account`` (templated) those of
     :class:`~airflow_provider_stripe_meter.operators.base.StripeBaseOperator`.
     """
 
     template_fields: Sequence[str] = (
         "event_name",
-        *UsageSourceMixin.source_template_fields,
+        *StripeUsageSourceOperator.source_template_fields,
         "first_day",
         "last_day",
         "settle_timeout",

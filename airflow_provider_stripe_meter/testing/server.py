@@ -90,6 +90,10 @@ class LocalStripeServer:
     :param identifier_window: Seconds a used identifier is refused (``None``: forever).
     :param summary_lag: Seconds before an accepted event shows in event summaries.
     :param clock: "Now" for Stripe's time rules (tests move it).
+    :param accounts: Connected accounts (``acct_...``) the key may act for, as Connect platforms
+        do with the ``Stripe-Account`` header. Each has meters, customers, events, sessions and
+        idempotency keys of its own (:meth:`account` gives its ledger; :meth:`add_account` adds
+        one); an account not listed is answered 403 ``account_invalid``, as Stripe does.
     """
 
     def __init__(
@@ -107,12 +111,15 @@ class LocalStripeServer:
         identifier_window: float | None = None,
         summary_lag: float = 0.0,
         clock: Callable[[], float] = time.time,
+        accounts: Iterable[str] = (),
         host: str = "127.0.0.1",
         port: int = 0,
     ) -> None:
+        #: What Stripe holds for the key's own (platform) account.
         self.ledger = MeterLedger(
             customers=customers, identifier_window=identifier_window, summary_lag=summary_lag, clock=clock
         )
+        meters = tuple(meters)
         for name in meters:
             self.ledger.add_meter(name)
         self.api_keys = set(api_keys)
@@ -143,6 +150,10 @@ class LocalStripeServer:
         self._buckets: dict[str, _TokenBucket] = {}
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        #: What Stripe holds for each connected account, by ``acct_...`` id.
+        self.accounts: dict[str, MeterLedger] = {}
+        for account in accounts:
+            self.add_account(account, meters=meters, customers=customers)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -193,6 +204,41 @@ class LocalStripeServer:
                 },
             }
         )
+
+    def add_account(
+        self, account: str, *, meters: Iterable[str] = (), customers: Iterable[str] | None = None
+    ) -> MeterLedger:
+        """Add a connected account the key can act for, with ``sum`` meters of its own; its ledger.
+
+        Its meters get ids of their own (the same event name is a different meter on each
+        account), and it shares the platform's clock, identifier window and summary lag.
+        """
+        if not account.startswith("acct_"):
+            raise ValueError(f"a connected account id starts with acct_, got {account!r}")
+        platform = self.ledger
+        ledger = MeterLedger(
+            customers=customers,
+            identifier_window=platform.identifier_window,
+            summary_lag=platform.summary_lag,
+            # Read through the platform's ledger, so a test that moves its clock moves every account's.
+            clock=lambda: platform.clock(),
+        )
+        for name in meters:
+            ledger.add_meter(name)
+        with self._lock:
+            self.accounts[account] = ledger
+        return ledger
+
+    def account(self, account: str | None) -> MeterLedger:
+        """The ledger of ``account`` (``None``: the platform's own)."""
+        return self.ledger if account is None else self.accounts[account]
+
+    def _session_ledger(self, token: str) -> MeterLedger:
+        """The ledger a v2 stream session token belongs to (sessions are opened per account)."""
+        for ledger in (self.ledger, *self.accounts.values()):
+            if token in ledger.sessions:
+                return ledger
+        return self.ledger
 
     def count(self, name: str) -> None:
         """Add one to a counter in :attr:`stats` (thread-safe)."""
@@ -324,6 +370,10 @@ _ROUTES: list[tuple[str, re.Pattern[str], str, str]] = [
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_state: LocalStripeServer
+    #: The ledger of the account this request acts for (``Stripe-Account``, or the session's).
+    ledger: MeterLedger
+    #: The ``Stripe-Account`` this request acts for ("" for the platform).
+    account: str
 
     def setup(self) -> None:
         super().setup()
@@ -405,6 +455,7 @@ class _Handler(BaseHTTPRequestHandler):
 
         try:
             self._authenticate(name)
+            self._choose_account(name)
         except StripeApiError as err:
             self._send_error(err, v2)
             return
@@ -430,9 +481,11 @@ class _Handler(BaseHTTPRequestHandler):
             self._check_request(method, template, body, split.query)
 
         key = self.headers.get("Idempotency-Key") if method == "POST" else None
+        # Idempotency keys belong to the account the request acts for, as on Stripe.
+        scoped_key = f"{self.account}:{key}"
         if key:
             with state._lock:
-                seen = state._idempotency.get(key)
+                seen = state._idempotency.get(scoped_key)
             if seen is not None:
                 fingerprint, status, payload = seen
                 if fingerprint != raw:
@@ -498,18 +551,40 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             if key and status < 500:
                 with state._lock:
-                    state._idempotency[key] = (raw, status, payload)
+                    state._idempotency[scoped_key] = (raw, status, payload)
             self._send(status, payload, payload_headers)
         finally:
             if lock_key is not None:
                 with state._lock:
                     state._in_flight.discard(lock_key)
 
+    def _choose_account(self, name: str) -> None:
+        """Act for the ``Stripe-Account`` header's account; 403 ``account_invalid`` for one unknown."""
+        state = self.server_state
+        if name == "v2_stream":
+            # The session token was issued for one account; the stream host needs no header.
+            self.account, self.ledger = "", state._session_ledger(self._credentials() or "")
+            return
+        account = (self.headers.get("Stripe-Account") or "").strip()
+        with state._lock:
+            ledger = state.accounts.get(account) if account else state.ledger
+        if ledger is None:
+            credential = self._credentials() or ""
+            shown = f"{credential[:8]}****{credential[-4:]}" if len(credential) > 12 else "****"
+            raise StripeApiError(
+                403,
+                f"The provided key '{shown}' does not have access to account '{account}' (or that "
+                "account does not exist). Application access may have been revoked.",
+                type="invalid_request_error",
+                code="account_invalid",
+            )
+        self.account, self.ledger = account, ledger
+
     def _authenticate(self, name: str) -> None:
         state = self.server_state
         credential = self._credentials()
         if name == "v2_stream":
-            status = state.ledger.session_state(credential or "")
+            status = state._session_ledger(credential or "").session_state(credential or "")
             if status == "expired":
                 raise _V2Error(
                     401,
@@ -542,9 +617,10 @@ class _Handler(BaseHTTPRequestHandler):
             return None
         if not isinstance(body, dict) or not isinstance(body.get("payload"), dict):
             return None
-        meter = state.ledger.meter_for(str(body.get("event_name")))
+        meter = self.ledger.meter_for(str(body.get("event_name")))
         customer_key = meter.customer_key if meter else "stripe_customer_id"
-        return (str(body["payload"].get(customer_key)), str(body.get("event_name")))
+        customer = str(body["payload"].get(customer_key))
+        return (f"{self.account}:{customer}", str(body.get("event_name")))
 
     def _check_request(self, method: str, template: str, body: Any, query: str) -> None:
         from airflow_provider_stripe_meter.testing import spec
@@ -567,14 +643,14 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _h_local_summary(self, body: Any, match: re.Match[str], query: str) -> dict[str, Any]:
         state = self.server_state
-        events = state.ledger.accepted()
+        events = self.ledger.accepted()
         with state._lock:
             stats = dict(state.stats)
         return {
             "events": len(events),
             "unique_identifiers": len({e.identifier for e in events}),
             "value": sum(int(e.payload.get("value", 0)) for e in events),
-            "error_reports": len(state.ledger.error_reports),
+            "error_reports": len(self.ledger.error_reports),
             "stats": stats,
         }
 
@@ -599,7 +675,7 @@ class _Handler(BaseHTTPRequestHandler):
             timestamp = int(timestamp)
         if not isinstance(body["payload"], dict):
             raise StripeApiError(400, "Invalid object", code="parameter_invalid_object", param="payload")
-        event = self.server_state.ledger.record(
+        event = self.ledger.record(
             event_name=body["event_name"],
             payload=body["payload"],
             identifier=body.get("identifier"),
@@ -617,7 +693,7 @@ class _Handler(BaseHTTPRequestHandler):
             raise StripeApiError(
                 400, "event_name and cancel[identifier] are required.", code="parameter_missing"
             )
-        return self.server_state.ledger.cancel(body["event_name"], identifier)
+        return self.ledger.cancel(body["event_name"], identifier)
 
     def _h_v1_adjust(self, body: dict[str, Any], match: re.Match[str], query: str) -> dict[str, Any]:
         event = self._adjust(body)
@@ -636,7 +712,7 @@ class _Handler(BaseHTTPRequestHandler):
             "id": f"mtradj_test_{secrets.token_hex(8)}",
             "object": "v2.billing.meter_event_adjustment",
             "cancel": {"identifier": event.identifier},
-            "created": rfc3339(self.server_state.ledger.clock()),
+            "created": rfc3339(self.ledger.clock()),
             "event_name": event.event_name,
             "livemode": False,
             "status": "complete",
@@ -645,7 +721,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _h_v1_list_meters(self, body: Any, match: re.Match[str], query: str) -> dict[str, Any]:
         params = dict(parse_qsl(query))
-        meters = [m.as_object() for m in self.server_state.ledger.meters.values()]
+        meters = [m.as_object() for m in self.ledger.meters.values()]
         if params.get("status"):
             meters = [m for m in meters if m["status"] == params["status"]]
         return _paginate(meters, params, "/v1/billing/meters")
@@ -656,7 +732,7 @@ class _Handler(BaseHTTPRequestHandler):
                 raise StripeApiError(
                     400, f"Missing required param: {required}.", code="parameter_missing", param=required
                 )
-        meter = self.server_state.ledger.add_meter(
+        meter = self.ledger.add_meter(
             body["event_name"],
             formula=body["default_aggregation"].get("formula", "sum"),
             display_name=body["display_name"],
@@ -667,7 +743,7 @@ class _Handler(BaseHTTPRequestHandler):
         return meter.as_object()
 
     def _meter(self, match: re.Match[str]) -> Any:
-        meter = self.server_state.ledger.meters.get(match["id"])
+        meter = self.ledger.meters.get(match["id"])
         if meter is None:
             raise StripeApiError(
                 404, f"No such billing meter: '{match['id']}'", code="resource_missing", param="id"
@@ -705,15 +781,15 @@ class _Handler(BaseHTTPRequestHandler):
                 )
         if end <= start:
             raise StripeApiError(400, "end_time must be after start_time.", param="end_time")
-        if not self.server_state.ledger.customer_known(params["customer"]):
+        if not self.ledger.customer_known(params["customer"]):
             raise StripeApiError(
                 404, f"No such customer: '{params['customer']}'", code="resource_missing", param="customer"
             )
-        summaries = self.server_state.ledger.summarize(meter, params["customer"], start, end, window)
+        summaries = self.ledger.summarize(meter, params["customer"], start, end, window)
         return _paginate(summaries, params, f"/v1/billing/meters/{meter.id}/event_summaries")
 
     def _h_v2_session(self, body: Any, match: re.Match[str], query: str) -> dict[str, Any]:
-        token, created, expires = self.server_state.ledger.open_session(self.server_state.session_ttl)
+        token, created, expires = self.ledger.open_session(self.server_state.session_ttl)
         return {
             "id": f"mes_{secrets.token_hex(8)}",
             "object": "v2.billing.meter_event_session",
@@ -753,7 +829,7 @@ class _Handler(BaseHTTPRequestHandler):
             raise StripeApiError(
                 400, f"At most 100 events per request, got {len(events)}.", code="invalid_payload"
             )
-        ledger = self.server_state.ledger
+        ledger = self.ledger
         for item in events:
             # Validation on the stream is asynchronous: bad or duplicate events are dropped and
             # reported, never rejected in the response.
@@ -769,7 +845,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _h_v2_meter_event(self, body: Any, match: re.Match[str], query: str) -> dict[str, Any]:
         fields = self._v2_event_fields(body)
         try:
-            event = self.server_state.ledger.record(**fields, api="v2")
+            event = self.ledger.record(**fields, api="v2")
         except StripeApiError as err:
             if "already exists" in err.message:
                 raise _V2Error(

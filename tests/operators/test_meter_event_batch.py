@@ -200,7 +200,7 @@ def test_billing_updates_the_meters_asset_and_queues_the_dag_scheduled_on_it(sec
     assert "example_stripe_after_billing" in queued
 
 
-def test_a_templated_or_per_row_meter_has_no_asset_and_a_dry_run_updates_none():
+def test_a_templated_or_per_row_meter_has_the_meters_alias_and_a_dry_run_updates_none():
     fixed = StripeMeterEventBatchOperator(task_id="a", event_name="ai_tokens_used", rows=[])
     assert [o.uri for o in fixed.outlets] == ["stripe://platform/meters/ai_tokens_used"]
     connect = StripeMeterEventBatchOperator(task_id="b", event_name="e", rows=[], stripe_account="acct_1")
@@ -208,6 +208,8 @@ def test_a_templated_or_per_row_meter_has_no_asset_and_a_dry_run_updates_none():
     for kwargs in (
         {"event_name": "{{ params.e }}"},
         {"event_name": None},
-        {"event_name": "e", "dry_run": True},
+        {"event_name": "e", "stripe_account": "{{ params.account }}"},
     ):
-        assert StripeMeterEventBatchOperator(task_id="c", rows=[], **kwargs).outlets == []
+        outlets = StripeMeterEventBatchOperator(task_id="c", rows=[], **kwargs).outlets
+        assert [(type(o).__name__, o.name) for o in outlets] == [("AssetAlias", "stripe_meters")]
+    assert StripeMeterEventBatchOperator(task_id="d", rows=[], event_name="e", dry_run=True).outlets == []
