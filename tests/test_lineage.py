@@ -66,6 +66,7 @@ def test_rows_from_an_upstream_query_name_that_querys_table(secret_server, usage
 
 
 def test_the_sensor_names_the_meter_and_a_connected_account(secret_server, usage_db, monkeypatch):
+    secret_server.add_account("acct_1Lineage", meters=["ai_tokens_used"])
     monkeypatch.setenv(
         "AIRFLOW_CONN_STRIPE_DEFAULT",
         secret_server.connection_json(SECRET_KEY, stripe_account="acct_1Lineage"),

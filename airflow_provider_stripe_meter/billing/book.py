@@ -8,9 +8,10 @@ from dataclasses import dataclass, field
 from datetime import date
 from typing import TYPE_CHECKING, Any
 
+from airflow_provider_stripe_meter.billing.outcomes import Action, DayOutcome
+
 if TYPE_CHECKING:
     from airflow_provider_stripe_meter.billing.meters import MeterSpec
-    from airflow_provider_stripe_meter.billing.outcomes import DayOutcome
     from airflow_provider_stripe_meter.billing.plans import DayPlan, Key
     from airflow_provider_stripe_meter.billing.ports import DayMark, Log, RunState, StripeMeters
     from airflow_provider_stripe_meter.billing.settings import RunSettings
@@ -31,6 +32,25 @@ class CustomerDay:
     stale: int | None = None
     #: Read back equal after sending (``confirm="summaries"``).
     confirmed: bool = False
+
+    def final_outcome(self) -> DayOutcome | None:
+        """What became of the day, once the run is over (``None``: left alone, never looked up)."""
+        if self.outcome is not None:
+            return self.outcome
+        if self.plan.action == Action.REPORT:
+            return self.plan.reported
+        if self.plan.action == Action.LEAVE_ALONE and self.plan.recorded is not None:
+            return DayOutcome.ALREADY_RECORDED
+        return None
+
+    def line(self) -> dict[str, Any]:
+        """JSON-safe line of the run's full table: the plan, and what became of it."""
+        outcome = self.final_outcome()
+        return {
+            **self.plan.line(),
+            "outcome": outcome.value if outcome is not None else None,
+            "confirmed": self.confirmed,
+        }
 
 
 class Samples:

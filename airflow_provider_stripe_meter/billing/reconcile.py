@@ -22,6 +22,9 @@ from typing import Any
 
 from airflow_provider_stripe_meter.billing.outcomes import RECONCILE_OUTCOMES, DayOutcome
 
+#: Lines a report keeps by default (differences first): about 150 KB of XCom at most.
+DEFAULT_LINE_LIMIT = 1_000
+
 #: The statuses of a reconciliation line: the comparison outcomes of :class:`DayOutcome`.
 STATUSES = tuple(outcome.value for outcome in RECONCILE_OUTCOMES)
 
@@ -69,9 +72,24 @@ class Expectation:
         within = {k: v for k, v in recorded.items() if self.first <= k[1] <= self.last}
         return compare(self.expected, within, unknown)  # type: ignore[arg-type]
 
-    def report(self, event_name: str, lines: list[ReconcileLine], waited_seconds: float) -> dict[str, Any]:
-        """The sensor's result (reschedule, poke or deferred alike): counts, totals and every line."""
+    def report(
+        self,
+        event_name: str,
+        lines: list[ReconcileLine],
+        waited_seconds: float,
+        *,
+        line_limit: int = DEFAULT_LINE_LIMIT,
+        lines_uri: str | None = None,
+    ) -> dict[str, Any]:
+        """The sensor's result (reschedule, poke or deferred alike): counts, totals and some lines.
+
+        ``lines`` keeps at most ``line_limit`` lines, those that differ first (what a correction
+        or an alert needs), so the result stays small at any number of customers;
+        ``lines_truncated`` says whether any was left out, and ``lines_uri`` names the full
+        table when the caller wrote one.
+        """
         counts = summarize(lines)
+        shown = sorted(lines, key=lambda line: line.status == DayOutcome.OK.value)[:line_limit]
         return {
             "success": counts["ok"] == len(lines),
             "event_name": event_name,
@@ -80,7 +98,10 @@ class Expectation:
             "expected": sum(line.expected for line in lines),
             "recorded": sum(line.recorded or 0 for line in lines),
             "difference": sum(line.difference for line in lines),
-            "lines": [line.to_dict() for line in lines],
+            "lines": [line.to_dict() for line in shown],
+            "lines_total": len(lines),
+            "lines_truncated": len(shown) < len(lines),
+            "lines_uri": lines_uri,
             "skipped_rows": self.skipped_rows,
             "waited_seconds": round(waited_seconds, 1),
         }

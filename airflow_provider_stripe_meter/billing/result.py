@@ -102,12 +102,9 @@ def summarize(book: RunBook, settings: RunSettings, source: SourceFigures) -> Ba
     for day in book.days.values():
         plan = day.plan
         actions[plan.action] += 1
-        outcome = day.outcome
-        if outcome is None and plan.action == Action.REPORT:
-            outcome = plan.reported
+        outcome = day.final_outcome()
+        if day.outcome is None and outcome is not None and plan.action == Action.REPORT:
             book.samples.add(outcome, plan.line())
-        elif outcome is None and plan.action == Action.LEAVE_ALONE and plan.recorded is not None:
-            outcome = DayOutcome.ALREADY_RECORDED
         if outcome is not None and not dry:
             counts[outcome] += 1
             by_meter[plan.event_name][outcome.value] += 1

@@ -81,7 +81,7 @@ class RunSettings:
     confirm: Confirm = "meter"
     correct_over: bool = False
     dry_run: bool = False
-    plan_limit: int = 10_000
+    plan_limit: int = 1_000
     sample_limit: int = 20
     max_rps: float = 20.0
     delivery: Delivery = field(default_factory=Delivery)

@@ -69,7 +69,9 @@ class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
     Returns (and pushes each key as an XCom): ``success``, ``rows``, ``aggregates``, ``sent``,
     ``already_recorded``, ``over``, ``customer_unknown``, ``unconfirmed``, ``skipped_too_old``,
     ``skipped_future``, ``invalid``, ``rejected``, ``failed``, ``actions``, ``totals`` (per
-    event name), ``samples``, ``looked_up`` and delivery figures; with ``dry_run`` also ``plan``.
+    event name), ``samples``, ``looked_up``, delivery figures and ``report_uri``; with
+    ``dry_run`` also ``plan``. Counts, totals and bounded samples only, at any number of
+    customers: the table of every customer-day goes to ``report_path``.
 
     .. seealso:: https://docs.stripe.com/billing/subscriptions/usage-based/recording-usage-api
 
@@ -115,7 +117,12 @@ class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
     :param dry_run: Read, check and compare as a real run would, send nothing, and return the
         ``plan``: per customer-day what a real run would do (``send``, ``top_up``,
         ``leave_alone``, ``correct``, ``report``).
-    :param plan_limit: Lines of the dry-run ``plan`` kept in the result (totals count them all).
+    :param plan_limit: Lines of the dry-run ``plan`` kept in the result (totals count them all);
+        the result is an XCom, a row of Airflow's metadata database, so the full table belongs in
+        ``report_path``.
+    :param report_path: Where to write the run's full table, a JSON line per customer-day (its
+        plan and, for a real run, its outcome): an Airflow object storage URL (``file:///...``,
+        ``s3://conn_id@bucket/key``, ...); the result names it in ``report_uri``. (templated)
     :param fail_on_error: Fail the task (no retry) when rows are invalid or Stripe rejects an
         aggregate, instead of returning ``success=False``.
     :param customer_payload_key: The meter's ``customer_mapping.event_payload_key``; default the
@@ -141,6 +148,7 @@ class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
         "event_name",
         *StripeUsageSourceOperator.source_template_fields,
         "identifier_prefix",
+        "report_path",
         *StripeBaseOperator.template_fields,
     )
 
@@ -161,7 +169,8 @@ class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
         correct_over: bool = False,
         too_old: TooOld = "skip",
         dry_run: bool = False,
-        plan_limit: int = 10_000,
+        plan_limit: int = 1_000,
+        report_path: str | None = None,
         fail_on_error: bool = False,
         customer_payload_key: str | None = None,
         value_payload_key: str | None = None,
@@ -196,6 +205,7 @@ class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
         #: Plan only (``dry_run``); kept apart from BaseOperator's own ``dry_run()`` method.
         self.plan_only = dry_run
         self.plan_limit = plan_limit
+        self.report_path = report_path
         self.fail_on_error = fail_on_error
         self.customer_payload_key = customer_payload_key
         self.value_payload_key = value_payload_key
@@ -216,6 +226,7 @@ class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
         )
         result = self._run(run, usage)
         outcome = result.as_dict()
+        outcome["report_uri"] = self._write_report(run)
         self._log_outcome(outcome)
         meters = set(run.book.specs) or ({self.event_name} if self.event_name else set())
         if not self.plan_only:
@@ -225,6 +236,17 @@ class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
         if not self.plan_only:
             update_meter_assets(self, context, _asset_extra(outcome, aggregates), meters)
         return outcome
+
+    def _write_report(self, run: BillingRun) -> str | None:
+        """Write every customer-day of the run (plan and outcome) to ``report_path``, if named."""
+        if not self.report_path:
+            return None
+        from airflow_provider_stripe_meter.state.reports import write_lines
+
+        book = run.book
+        return write_lines(
+            self.report_path, (day.line() for day in [*book.days.values(), *book.late.values()])
+        )
 
     def _settings(self, context: Context) -> RunSettings:
         from airflow_provider_stripe_meter.utils.delivery import default_max_rps

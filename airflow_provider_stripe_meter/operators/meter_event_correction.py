@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import date
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +22,10 @@ class StripeMeterTopUpOperator(StripeBaseOperator):
     """
     Bring Stripe up to the source for the days a reconciliation found ``missing`` or ``short``.
 
-    Takes the reconciliation's ``lines`` (``reconcile.output["lines"]``). Because those lines may
+    Takes the reconciliation's result (``reconcile.output``), or its ``lines``. A result that
+    names its full table (the sensor's ``report_path``) is read from there, so every short day
+    is corrected at any number of customers; one that kept only some lines corrects those and
+    ends with ``success`` false (``partial_reconciliation``). Because those lines may
     be hours or days old by the time this task runs (or re-runs), it first reads Stripe's figures
     for those customer-days again, then sends what the batch operator would: the difference from
     what Stripe shows now, under an identifier that names that base
@@ -34,7 +37,8 @@ class StripeMeterTopUpOperator(StripeBaseOperator):
 
     ``over`` and ``customer_unknown`` lines need a person (cancel within 24 hours, credit, or fix
     the customer) and are left alone. Returns ``success``, ``sent``, ``already_recorded``,
-    ``rejected``, ``failed``, ``value_sent``, ``corrections`` (what was planned) and ``samples``.
+    ``rejected``, ``failed``, ``value_sent``, ``corrections`` (what was planned, the first 1,000),
+    ``corrections_total``, ``partial_reconciliation`` and ``samples``.
 
     :param reconciliation: The reconciliation's lines, or its whole result. (templated)
     :param event_name: The meter's event name. (templated)
@@ -69,9 +73,13 @@ class StripeMeterTopUpOperator(StripeBaseOperator):
         from airflow_provider_stripe_meter.exceptions import StripeDeliveryIncompleteError
         from airflow_provider_stripe_meter.utils.delivery import Deliverer, DeliveryReport, default_max_rps
 
-        lines = self.reconciliation
-        if isinstance(lines, dict):
-            lines = lines.get("lines", [])
+        lines, partial = _reconciliation_lines(self.reconciliation)
+        if partial:
+            self.log.warning(
+                "The reconciliation kept only some of its lines (lines_truncated) and wrote no full "
+                "table: correcting those it kept; the result is not a success. Give the sensor a "
+                "report_path, or re-run the batch operator, which finds every short day itself."
+            )
         wanted = [
             line
             for line in (lines or [])
@@ -79,7 +87,7 @@ class StripeMeterTopUpOperator(StripeBaseOperator):
         ]
         if not wanted:
             self.log.info("Nothing to correct: no missing or short customer-days")
-            return self._outcome([], DeliveryReport(total=0))
+            return self._outcome([], DeliveryReport(total=0), partial)
         hook = self.hook
         meter = hook.active_meter(self.event_name)
         spec = meter_spec(meter)
@@ -114,7 +122,7 @@ class StripeMeterTopUpOperator(StripeBaseOperator):
             max_rps=max_rps,
             progress=lambda line: self.log.info("Corrections: %s", line),
         ).run(events)
-        outcome = self._outcome(events, report)
+        outcome = self._outcome(events, report, partial)
         MeterMetrics.for_task(context).delivery(report, self.event_name)
         self.log.info(
             "Corrections: %s", {k: v for k, v in outcome.items() if k not in ("corrections", "samples")}
@@ -128,19 +136,41 @@ class StripeMeterTopUpOperator(StripeBaseOperator):
         return outcome
 
     @staticmethod
-    def _outcome(events: list[PlannedEvent], report: DeliveryReport) -> dict[str, Any]:
+    def _outcome(events: list[PlannedEvent], report: DeliveryReport, partial: bool = False) -> dict[str, Any]:
         not_sent = {id(e) for e in [*report.unsettled, *report.already]}
         return {
-            "success": not (report.rejected or report.failed),
+            "success": not (report.rejected or report.failed or partial),
+            "partial_reconciliation": partial,
             "sent": report.sent,
             "already_recorded": report.already_recorded,
             "rejected": report.rejected,
             "failed": report.failed,
             # Corrections Stripe already held came from an earlier run: not sent, not counted.
             "value_sent": sum(e.value for e in events if id(e) not in not_sent),
-            "corrections": [e.describe() for e in events],
+            # What was planned, bounded: XCom is a row in Airflow's metadata database.
+            "corrections": [e.describe() for e in events[:CORRECTIONS_SHOWN]],
+            "corrections_total": len(events),
             "samples": report.samples,
         }
+
+
+#: Planned corrections listed in the result at most (all are counted in ``corrections_total``).
+CORRECTIONS_SHOWN = 1_000
+
+
+def _reconciliation_lines(reconciliation: Any) -> tuple[Iterable[dict[str, Any]], bool]:
+    """The reconciliation's lines, and whether some are missing from them.
+
+    A whole result that names its full table (``lines_uri``) is read from there; a result that
+    kept only some lines (``lines_truncated``) is all there is, and says so.
+    """
+    if not isinstance(reconciliation, dict):
+        return reconciliation or [], False
+    if reconciliation.get("lines_uri"):
+        from airflow_provider_stripe_meter.state.reports import read_lines
+
+        return read_lines(reconciliation["lines_uri"]), False
+    return reconciliation.get("lines") or [], bool(reconciliation.get("lines_truncated"))
 
 
 def _aggregate(event_name: str, line: dict[str, Any]) -> DailyAggregate:

@@ -17,6 +17,8 @@ if TYPE_CHECKING:
     from airflow.sdk import Context
 
 _SHOWN_MISMATCHES = 50
+#: Customer-days (and customers) handed to the triggerer in its arguments at most (about 300 KB).
+INLINE_EXPECTATION = 5_000
 
 
 class StripeMeterReconcileSensor(StripeUsageSourceOperator, BaseSensorOperator):
@@ -30,10 +32,13 @@ class StripeMeterReconcileSensor(StripeUsageSourceOperator, BaseSensorOperator):
     in the default ``reschedule`` mode the task gives its worker slot back between checks, and
     with ``deferrable=True`` it waits in the triggerer instead.
 
-    Finishes (never fails for a mismatch) with ``success`` and a per-customer, per-day table,
-    each key also its own XCom: ``lines`` (customer_id, day, expected, recorded, difference,
-    status), ``counts`` per status (``ok``, ``missing``, ``short``, ``over``,
-    ``customer_unknown``), totals, ``meter_id``. Branch on ``counts`` to a correction
+    Finishes (never fails for a mismatch) with ``success``, each key also its own XCom:
+    ``counts`` per status (``ok``, ``missing``, ``short``, ``over``, ``customer_unknown``),
+    totals, ``meter_id``, and ``lines`` (customer_id, day, expected, recorded, difference,
+    status): at most ``line_limit`` of them, those that differ first, so the result stays small
+    at any number of customers (``lines_total``, ``lines_truncated``). The full table, a line per
+    customer-day, goes to ``report_path`` when one is named (its URL in ``lines_uri``). Branch on
+    ``counts`` to a correction
     (:class:`~airflow_provider_stripe_meter.operators.meter_event_correction.StripeMeterTopUpOperator`)
     or an alert.
 
@@ -45,6 +50,12 @@ class StripeMeterReconcileSensor(StripeUsageSourceOperator, BaseSensorOperator):
     :param settle_timeout: How long mismatches may be waited out as Stripe catching up: a
         ``timedelta`` or seconds. (templated)
     :param max_rps: Summary requests per second (one per customer).
+    :param report_path: Where to write the full table, a JSON line per customer-day: an Airflow
+        object storage URL (``file:///...``, ``s3://conn_id@bucket/key``, ...). Also where a
+        deferred sensor hands the triggerer what the source says once that is too large for
+        the trigger's arguments (more than 5,000 customer-days); without it, such a sensor
+        waits in ``reschedule`` mode instead. (templated)
+    :param line_limit: Lines kept in the result, those that differ first.
     :param deferrable: Read the source on the worker, then wait in the triggerer
         (:class:`~airflow_provider_stripe_meter.triggers.meter_reconcile.StripeMeterReconcileTrigger`
         polls the summaries asynchronously every ``poke_interval``), holding no worker slot at
@@ -64,6 +75,7 @@ class StripeMeterReconcileSensor(StripeUsageSourceOperator, BaseSensorOperator):
         "first_day",
         "last_day",
         "settle_timeout",
+        "report_path",
         *StripeBaseOperator.template_fields,
     )
 
@@ -75,6 +87,8 @@ class StripeMeterReconcileSensor(StripeUsageSourceOperator, BaseSensorOperator):
         last_day: str | None = None,
         settle_timeout: timedelta | float | str = timedelta(hours=1),
         max_rps: float = 20.0,
+        report_path: str | None = None,
+        line_limit: int = reconcile.DEFAULT_LINE_LIMIT,
         deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
         **kwargs: Any,
     ) -> None:
@@ -89,6 +103,8 @@ class StripeMeterReconcileSensor(StripeUsageSourceOperator, BaseSensorOperator):
         self.last_day = last_day
         self.settle_timeout = settle_timeout
         self.max_rps = max_rps
+        self.report_path = report_path
+        self.line_limit = line_limit
         self.deferrable = deferrable
         self._first_poke: float | None = None
 
@@ -99,6 +115,23 @@ class StripeMeterReconcileSensor(StripeUsageSourceOperator, BaseSensorOperator):
         from airflow_provider_stripe_meter.triggers.meter_reconcile import StripeMeterReconcileTrigger
 
         wanted = self._expectation()
+        expectation: dict[str, Any] | None = wanted.to_json()
+        expectation_uri = None
+        if len(wanted.expected) + len(wanted.customers) > INLINE_EXPECTATION:
+            # Trigger arguments are a row in Airflow's metadata database: a table this size goes
+            # to the user's storage, and the triggerer reads it from there.
+            if not self.report_path:
+                self.log.warning(
+                    "%d customer-days are too many to hand the triggerer in its arguments (a row of "
+                    "Airflow's metadata database); name a report_path on storage the triggerer can "
+                    "read to defer. Waiting in reschedule mode on the worker instead.",
+                    len(wanted.expected),
+                )
+                return super().execute(context)
+            from airflow_provider_stripe_meter.state.reports import write_json
+
+            expectation_uri = write_json(f"{self.report_path}.expected.json", expectation)
+            expectation = None
         self.log.info(
             "Deferring: the triggerer compares %d customer-days of meter %s with Stripe's summaries",
             len(wanted.expected),
@@ -109,7 +142,10 @@ class StripeMeterReconcileSensor(StripeUsageSourceOperator, BaseSensorOperator):
                 stripe_conn_id=self.stripe_conn_id,
                 stripe_account=self.stripe_account or None,
                 event_name=self.event_name,
-                expectation=wanted.to_json(),
+                expectation=expectation,
+                expectation_uri=expectation_uri,
+                report_path=self.report_path,
+                line_limit=self.line_limit,
                 started=reconcile.clock(),
                 settle_seconds=_seconds(self.settle_timeout),
                 poll_interval=float(self.poke_interval),
@@ -160,7 +196,13 @@ class StripeMeterReconcileSensor(StripeUsageSourceOperator, BaseSensorOperator):
                 settle,
             )
             return False
-        report = wanted.report(self.event_name, lines, waited)
+        report = wanted.report(
+            self.event_name,
+            lines,
+            waited,
+            line_limit=self.line_limit,
+            lines_uri=_write_report(self.report_path, lines),
+        )
         return PokeReturnValue(is_done=True, xcom_value=self._finish(context, report))
 
     def _expectation(self) -> reconcile.Expectation:
@@ -214,7 +256,7 @@ class StripeMeterReconcileSensor(StripeUsageSourceOperator, BaseSensorOperator):
         if report["success"]:
             self.log.info(
                 "Stripe agrees with the source: %d customer-days, %d units",
-                len(report["lines"]),
+                report["lines_total"],
                 report["expected"],
             )
             return
@@ -240,8 +282,16 @@ class StripeMeterReconcileSensor(StripeUsageSourceOperator, BaseSensorOperator):
                 line["recorded"],
                 line["difference"],
             )
-        if len(mismatches) > _SHOWN_MISMATCHES:
-            self.log.warning("  ... and %d more in the lines XCom", len(mismatches) - _SHOWN_MISMATCHES)
+        hidden = report["lines_total"] - report["counts"]["ok"] - min(len(mismatches), _SHOWN_MISMATCHES)
+        if hidden > 0:
+            where = report["lines_uri"] or "the lines XCom (up to line_limit)"
+            self.log.warning("  ... and %d more in %s", hidden, where)
+
+
+def _write_report(report_path: str | None, lines: list[reconcile.ReconcileLine]) -> str | None:
+    from airflow_provider_stripe_meter.state.reports import write_report
+
+    return write_report(report_path, lines)
 
 
 def _seconds(value: timedelta | float | str) -> float:

@@ -185,6 +185,9 @@ class MeterLedger:
         self.identifier_window = identifier_window
         self.meters: dict[str, Meter] = {}
         self.events: list[RecordedEvent] = []
+        #: Events by (event name, payload key, payload value): a summary request reads one
+        #: customer's events, not every event (a benchmark's server must not be its bottleneck).
+        self._by_payload: dict[tuple[str, str, Any], list[RecordedEvent]] = {}
         self._by_identifier: dict[str, RecordedEvent] = {}
         self.error_reports: list[dict[str, Any]] = []
         self.sessions: dict[str, float] = {}
@@ -372,6 +375,9 @@ class MeterLedger:
                 api=api,
             )
             self.events.append(event)
+            for key, value in event.payload.items():
+                if isinstance(value, str):
+                    self._by_payload.setdefault((event.event_name, key, value), []).append(event)
             self._by_identifier[identifier] = event
             # Stripe accepts these and reports them later, as error reports.
             if meter is None:
@@ -432,7 +438,7 @@ class MeterLedger:
             else:
                 relevant = [
                     e
-                    for e in self.events
+                    for e in self._by_payload.get((meter.event_name, meter.customer_key, customer_id), [])
                     if not e.cancelled
                     and not e.dropped
                     and e.received_at <= visible_before

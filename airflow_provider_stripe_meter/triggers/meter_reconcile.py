@@ -35,8 +35,12 @@ class StripeMeterReconcileTrigger(BaseTrigger):
     :param stripe_account: Connected account (``acct_...``) or ``None``.
     :param event_name: The meter's event name (for the report).
     :param expectation: What the source says, per compared customer-day, as
-        :meth:`~airflow_provider_stripe_meter.billing.reconcile.Expectation.to_json` gives it
-        (with the meter's id and the source rows left out).
+        :meth:`~airflow_provider_stripe_meter.billing.reconcile.Expectation.to_json` gives it;
+        ``None`` when it is read from ``expectation_uri``.
+    :param expectation_uri: Where the sensor wrote the expectation when it was too large for
+        these arguments (a row of Airflow's metadata database): an object storage URL.
+    :param report_path: Where to write the full table (JSON Lines), or ``None``.
+    :param line_limit: Lines kept in the report, those that differ first.
     :param started: Unix time the sensor started waiting.
     :param settle_seconds: How long after ``started`` a mismatch may be waited out.
     :param poll_interval: Seconds between polls.
@@ -49,17 +53,25 @@ class StripeMeterReconcileTrigger(BaseTrigger):
         stripe_conn_id: str,
         stripe_account: str | None,
         event_name: str,
-        expectation: dict[str, Any],
+        expectation: dict[str, Any] | None,
         started: float,
         settle_seconds: float,
         poll_interval: float,
         max_rps: float,
+        expectation_uri: str | None = None,
+        report_path: str | None = None,
+        line_limit: int = reconcile.DEFAULT_LINE_LIMIT,
     ) -> None:
         super().__init__()
+        if (expectation is None) == (expectation_uri is None):
+            raise ValueError("give the trigger either expectation or expectation_uri")
         self.stripe_conn_id = stripe_conn_id
         self.stripe_account = stripe_account
         self.event_name = event_name
         self.expectation = expectation
+        self.expectation_uri = expectation_uri
+        self.report_path = report_path
+        self.line_limit = line_limit
         self.started = started
         self.settle_seconds = settle_seconds
         self.poll_interval = poll_interval
@@ -74,6 +86,9 @@ class StripeMeterReconcileTrigger(BaseTrigger):
                 "stripe_account": self.stripe_account,
                 "event_name": self.event_name,
                 "expectation": self.expectation,
+                "expectation_uri": self.expectation_uri,
+                "report_path": self.report_path,
+                "line_limit": self.line_limit,
                 "started": self.started,
                 "settle_seconds": self.settle_seconds,
                 "poll_interval": self.poll_interval,
@@ -101,10 +116,22 @@ class StripeMeterReconcileTrigger(BaseTrigger):
         finally:
             await hook.aclose()
 
-    async def _poll(self, hook: Any) -> AsyncIterator[TriggerEvent]:
-        from airflow_provider_stripe_meter.exceptions import StripeMeterError, StripeTransientError
+    def _expectation(self) -> reconcile.Expectation:
+        """What the source says: from the arguments, or read from the sensor's storage."""
+        if self.expectation is not None:
+            return reconcile.Expectation.from_json(self.expectation)
+        from airflow_provider_stripe_meter.state.reports import read_json
 
-        wanted = reconcile.Expectation.from_json(self.expectation)
+        assert self.expectation_uri is not None
+        return reconcile.Expectation.from_json(read_json(self.expectation_uri))
+
+    async def _poll(self, hook: Any) -> AsyncIterator[TriggerEvent]:
+        from asgiref.sync import sync_to_async
+
+        from airflow_provider_stripe_meter.exceptions import StripeMeterError, StripeTransientError
+        from airflow_provider_stripe_meter.state.reports import write_report
+
+        wanted = await sync_to_async(self._expectation)()
         while True:
             try:
                 recorded, unknown = await hook.arecorded_per_day(
@@ -124,7 +151,11 @@ class StripeMeterReconcileTrigger(BaseTrigger):
             counts = reconcile.summarize(lines)
             waited = max(0.0, reconcile.clock() - self.started)
             if reconcile.is_settled(counts) or waited >= self.settle_seconds:
-                report = wanted.report(self.event_name, lines, waited)
+                # The event is stored with the task too: the report keeps ``line_limit`` lines.
+                uri = await sync_to_async(write_report)(self.report_path, lines)
+                report = wanted.report(
+                    self.event_name, lines, waited, line_limit=self.line_limit, lines_uri=uri
+                )
                 yield TriggerEvent({"status": "done", "report": report})
                 return
             self.log.info(

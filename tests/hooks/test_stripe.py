@@ -37,6 +37,8 @@ def test_custom_payload_keys(secret_server):
 
 
 def test_connection_extras_and_overrides_reach_stripe(secret_server, monkeypatch):
+    for account in ("acct_conn", "acct_task"):
+        secret_server.add_account(account, meters=["ai_tokens_used"])
     monkeypatch.setenv(
         "AIRFLOW_CONN_STRIPE_DEFAULT",
         secret_server.connection_json(
@@ -51,6 +53,10 @@ def test_connection_extras_and_overrides_reach_stripe(secret_server, monkeypatch
     headers = [h for method, path, h in secret_server.request_log if path == "/v1/billing/meter_events"]
     assert [h.get("Stripe-Account") for h in headers] == ["acct_conn", "acct_task"]
     assert headers[0]["Stripe-Version"] == "2026-07-29.dahlia"
+    # Each event landed on the account it was sent for, none on the platform.
+    assert secret_server.account("acct_conn").totals() == {"cus_hook": 9}
+    assert secret_server.account("acct_task").totals() == {"cus_hook": 1}
+    assert secret_server.ledger.accepted() == []
 
 
 def test_client_is_built_once(secret_server):

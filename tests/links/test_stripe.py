@@ -60,12 +60,14 @@ def test_a_test_key_links_the_meter_in_test_data(secret_server):
 def test_a_live_key_acting_for_a_connected_account_links_into_that_account(monkeypatch):
     from airflow_provider_stripe_meter.testing import LocalStripeServer
 
-    with LocalStripeServer(meters=["ai_tokens_used"], api_keys=[LIVE_KEY]) as server:
+    with LocalStripeServer(
+        meters=["ai_tokens_used"], accounts=["acct_1Connected"], api_keys=[LIVE_KEY]
+    ) as server:
         monkeypatch.setenv(
             "AIRFLOW_CONN_STRIPE_DEFAULT", server.connection_json(LIVE_KEY, stripe_account="acct_1Connected")
         )
         dag_run = run_dag("t_meter_event_branch", run_conf={"customer_id": "cus_link"})
-        meter_id = server.ledger.meter_for("ai_tokens_used").id
+        meter_id = server.account("acct_1Connected").meter_for("ai_tokens_used").id
 
     pushed = xcoms(dag_run, "record")
     assert pushed["success"] is True

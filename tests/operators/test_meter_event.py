@@ -161,12 +161,13 @@ def test_preflight_learns_the_meters_payload_keys(secret_server):
 
 
 def test_without_preflight_an_unknown_event_name_is_accepted_and_reported_later(secret_server):
+    account = secret_server.add_account("acct_123", meters=["ai_tokens_used"])
     dag_run = run_dag(
         "t_meter_event_no_preflight", run_conf={"event_name": "typo_meter", "account": "acct_123"}
     )
 
     assert xcoms(dag_run, "record")["success"] is True  # Stripe's 200 means accepted, not billed
-    assert [r["code"] for r in secret_server.ledger.error_reports] == ["no_meter"]
+    assert [r["code"] for r in account.error_reports] == ["no_meter"]
     [headers] = [h for _, path, h in secret_server.request_log if path == "/v1/billing/meter_events"]
     assert headers["Stripe-Account"] == "acct_123"
 
