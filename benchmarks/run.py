@@ -1,7 +1,7 @@
 """Benchmarks of the batch operator, each printed as a ratio against a baseline measured in the same run.
 
     ./dev bench                 # everything (about 12 minutes)
-    ./dev bench --only v1       # one of: v1, stream, stream-unlimited, sql, truth, import
+    ./dev bench --only v1       # one of: v1, stream, stream-unlimited, sql, truth, import, scale
 
 Every figure runs the real stripe SDK over HTTP against the local Stripe server on 127.0.0.1
 with the latency and limits named in its heading, and the operator inside a real Airflow task
@@ -74,10 +74,14 @@ with DAG("stripe_meter_bench", schedule=None, start_date=pendulum.datetime(2026,
     @task
     def bench(**context):
         from airflow_provider_stripe_meter.operators.meter_event_batch import StripeMeterEventBatchOperator
+        from airflow_provider_stripe_meter.sensors.meter_reconcile import StripeMeterReconcileSensor
 
         with open(os.environ["STRIPE_METER_BENCH_ARGS"]) as handle:
             kwargs = json.load(handle)
-        op = StripeMeterEventBatchOperator(task_id="bench", **kwargs)
+        if kwargs.pop("kind", "batch") == "sensor":
+            op = StripeMeterReconcileSensor(task_id="bench", mode="poke", **kwargs)
+        else:
+            op = StripeMeterEventBatchOperator(task_id="bench", **kwargs)
         started = time.monotonic()
         outcome = op.execute(context)
         outcome["wall"] = time.monotonic() - started
@@ -144,7 +148,8 @@ class RemoteServer:
             {
                 "conn_type": "stripe",
                 "password": DEFAULT_API_KEY,
-                "extra": {"api_base": self.url, "meter_events_api_base": self.url},
+                # This server's summaries show every event at once (no --summary-lag).
+                "extra": {"api_base": self.url, "meter_events_api_base": self.url, "summary_lag": 0},
             }
         )
         return self
@@ -344,6 +349,49 @@ def bench_truth(customers: int, days: int) -> None:
     )
 
 
+def bench_scale(customers: int, max_rps: float) -> None:
+    """Bill and reconcile ``customers`` customers for yesterday, each phase against Stripe's limits.
+
+    (1) the first nightly run sends on the v2 stream, against Stripe's 10,000 events/s; (2) a
+    re-run looks every customer up in the summaries and sends nothing, and (3) the reconcile
+    sensor reads every customer's summaries: both against ``max_rps`` (the summaries read rate
+    the operator is given; Stripe's live limit for the account is 1,000 requests/s, shared).
+    """
+    print(
+        f"\n## scale: {customers} customers billed for yesterday, then looked up and reconciled; "
+        f"summaries paced at max_rps={max_rps:.0f}, server 20 ms latency, in its own process"
+    )
+    rows = _rows(customers, 1, seed=11)
+    with RemoteServer("--latency", "0.02") as server:
+        first = _run_in_task(rows=rows, api="v2_stream", max_rps=max_rps)
+        duplicates, lost = _check_exactly_once(server, customers)
+        stream_rate = first["sent"] / first["wall"]
+        print(
+            f"(1) first billing: {first['sent']} sent in {first['wall']:.1f} s = {stream_rate:,.0f} events/s "
+            f"end to end; duplicates {duplicates}, lost {lost}"
+        )
+        again = _run_in_task(rows=rows, api="v2_stream", max_rps=max_rps)
+        lookup_rate = again["summary_requests"] / again["wall"]
+        print(
+            f"(2) re-run: {again['summary_requests']} summary look-ups, {again['sent']} sent, "
+            f"{again['already_recorded']} already recorded, {again['wall']:.1f} s end to end = "
+            f"{lookup_rate:,.0f} look-ups/s"
+        )
+        report = _run_in_task(kind="sensor", rows=rows, max_rps=max_rps, settle_timeout=0)
+        reconcile_rate = customers / report["wall"]
+        print(
+            f"(3) reconcile: {report['counts']}, {report['wall']:.1f} s end to end = "
+            f"{reconcile_rate:,.0f} summary reads/s"
+        )
+        events = server.summary()["events"]
+    print(
+        f"RESULT scale-1: stream events/s / Stripe's 10,000 = {stream_rate / 10_000:.2f}; "
+        f"RESULT scale-2: look-ups/s / max_rps = {lookup_rate / max_rps:.2f} (target >= 0.9); "
+        f"RESULT scale-3: reconcile reads/s / max_rps = {reconcile_rate / max_rps:.2f} (target >= 0.9); "
+        f"Stripe holds {events} events for {customers} customer-days"
+    )
+
+
 def _mark_as_billed_by_the_nightly(day: Any) -> None:
     """Leave the mark last night's run of the operator leaves on the day it billed.
 
@@ -523,7 +571,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--only", choices=["v1", "stream", "stream-unlimited", "sql", "truth", "import"])
+    parser.add_argument(
+        "--only", choices=["v1", "stream", "stream-unlimited", "sql", "truth", "import", "scale"]
+    )
+    parser.add_argument("--scale-customers", type=int, default=100_000)
+    parser.add_argument("--scale-max-rps", type=float, default=500.0)
     parser.add_argument("--truth-customers", type=int, default=5_000)
     parser.add_argument("--truth-days", type=int, default=35)
     parser.add_argument("--v1-events", type=int, default=5_000)
@@ -557,6 +609,8 @@ def main() -> None:
         bench_truth(args.truth_customers, args.truth_days)
     if args.only in (None, "import"):
         bench_import(args.import_repeats)
+    if args.only in (None, "scale"):
+        bench_scale(args.scale_customers, args.scale_max_rps)
     print(f"\n(benchmarks took {time.monotonic() - started:.0f} s)")
 
 

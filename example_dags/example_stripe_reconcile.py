@@ -67,7 +67,8 @@ with DAG(
 
     top_up = StripeMeterTopUpOperator(
         task_id="top_up_late_usage",
-        reconciliation=reconcile.output["lines"],
+        # The whole result: the top-up reads the full table when the sensor wrote one.
+        reconciliation=reconcile.output,
         event_name="ai_tokens_used",
     )
     bill >> reconcile

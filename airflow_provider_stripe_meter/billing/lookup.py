@@ -33,7 +33,7 @@ class SummaryReader(Phase):
             spec = self.book.specs[name]
             days = [day for listed in customers.values() for day in listed]
             found, missing = self.stripe.recorded_per_day(
-                spec.meter_id, sorted(customers), min(days), max(days), max_rps=self.settings.max_rps
+                spec.meter_id, sorted(customers), min(days), max(days), max_rps=self.settings.read_rps
             )
             self.book.summary_requests += len(customers)
             recorded.update({(name, c, d): v for (c, d), v in found.items()})

@@ -84,6 +84,8 @@ class RunSettings:
     plan_limit: int = 1_000
     sample_limit: int = 20
     max_rps: float = 20.0
+    #: Summary reads per second (Stripe's basic read limit, unless ``max_rps`` was given).
+    read_rps: float = 20.0
     delivery: Delivery = field(default_factory=Delivery)
     timing: Timing = field(default_factory=Timing)
     summary_lag: float = 300.0

@@ -80,8 +80,9 @@ class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
     :param api: ``"v1"`` (one synchronous request per event) or ``"v2_stream"`` (100 events a
         request through meter event sessions, for days sent for the first time; Stripe drops
         stream duplicates without a word, so every correction goes through v1, which answers).
-    :param max_rps: Requests per second, summaries included; default fits the key's mode (20
-        test, 900 live).
+    :param max_rps: Requests per second, summaries included. Default: what Stripe's limits allow
+        the key's mode, less headroom: 20 in test mode; in live mode 900 meter events (90 for a
+        connected account, whose meter events count toward the basic limit) and 90 summary reads.
     :param concurrency: Requests in flight at most (default from ``max_rps``).
     :param max_attempts: Tries per request for 429, 5xx and network errors outside an outage.
     :param outage_timeout: How long an outage (every request failing) is ridden out before what
@@ -249,7 +250,7 @@ class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
         )
 
     def _settings(self, context: Context) -> RunSettings:
-        from airflow_provider_stripe_meter.utils.delivery import default_max_rps
+        from airflow_provider_stripe_meter.utils.delivery import default_max_rps, default_read_rps
 
         ti = context["ti"]
         lag = self.timing.summary_lag
@@ -261,7 +262,9 @@ class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
             dry_run=self.plan_only,
             plan_limit=self.plan_limit,
             sample_limit=self.sample_limit,
-            max_rps=self.delivery.max_rps or default_max_rps(self.hook.livemode),
+            max_rps=self.delivery.max_rps
+            or default_max_rps(self.hook.livemode, connected=bool(self.hook.stripe_account)),
+            read_rps=self.delivery.max_rps or default_read_rps(self.hook.livemode),
             delivery=self.delivery,
             timing=self.timing,
             summary_lag=lag.total_seconds() if lag is not None else float(self.hook.summary_lag),

@@ -71,7 +71,12 @@ class StripeMeterTopUpOperator(StripeBaseOperator):
         from airflow_provider_stripe_meter.billing.meters import meter_spec
         from airflow_provider_stripe_meter.billing.plans import plan_day
         from airflow_provider_stripe_meter.exceptions import StripeDeliveryIncompleteError
-        from airflow_provider_stripe_meter.utils.delivery import Deliverer, DeliveryReport, default_max_rps
+        from airflow_provider_stripe_meter.utils.delivery import (
+            Deliverer,
+            DeliveryReport,
+            default_max_rps,
+            default_read_rps,
+        )
 
         lines, partial = _reconciliation_lines(self.reconciliation)
         if partial:
@@ -93,9 +98,13 @@ class StripeMeterTopUpOperator(StripeBaseOperator):
         spec = meter_spec(meter)
         days = [date.fromisoformat(line["day"]) for line in wanted]
         customers = sorted({line["customer_id"] for line in wanted})
-        max_rps = self.max_rps or default_max_rps(hook.livemode)
+        max_rps = self.max_rps or default_max_rps(hook.livemode, connected=bool(hook.stripe_account))
         recorded, unknown = hook.recorded_per_day(
-            meter["id"], customers, min(days), max(days), max_rps=max_rps
+            meter["id"],
+            customers,
+            min(days),
+            max(days),
+            max_rps=self.max_rps or default_read_rps(hook.livemode),
         )
         now = int(time.time())
         plans = [

@@ -32,14 +32,25 @@ from airflow_provider_stripe_meter.utils.errors import Duplicate, MeterFailure, 
 T = TypeVar("T")
 
 #: Stripe's documented limits (https://docs.stripe.com/rate-limits): test mode shares 25
-#: operations/s with every other call of the account, live mode allows 1,000 meter events/s.
+#: operations/s with every other call of the account; live mode allows 1,000 meter events/s
+#: per account, apart from the basic limit of 100 reads and 100 writes a second, which reads
+#: (meter event summaries, meters) count toward, and so do a connected account's meter events.
 #: Defaults leave headroom.
 DEFAULT_MAX_RPS = {"test": 20.0, "live": 900.0}
+DEFAULT_READ_RPS = {"test": 20.0, "live": 90.0}
 
 
-def default_max_rps(livemode: bool) -> float:
-    """The default request rate for a live or a test/sandbox key."""
+def default_max_rps(livemode: bool, *, connected: bool = False) -> float:
+    """The default rate of meter events for a live or a test/sandbox key, for the platform or a
+    connected account (whose meter events count toward the basic limit)."""
+    if connected:
+        return DEFAULT_READ_RPS["live" if livemode else "test"]
     return DEFAULT_MAX_RPS["live" if livemode else "test"]
+
+
+def default_read_rps(livemode: bool) -> float:
+    """The default rate of reads (meter event summaries) for a live or a test/sandbox key."""
+    return DEFAULT_READ_RPS["live" if livemode else "test"]
 
 
 def full_jitter(

@@ -253,3 +253,27 @@ def test_every_operator_and_the_sensor_take_any_argument_in_partial():
     assert [type(o).__name__ for o in dag.get_task("a").partial_kwargs["outlets"]] == ["AssetAlias"]
     with pytest.raises(TypeError, match="no_such_argument"):
         StripeMeterEventBatchOperator.partial(task_id="z", event_name="e", no_such_argument=1)
+
+
+def test_the_connect_example_bills_each_account_its_last_whole_day_when_triggered_by_hand(
+    platform, usage_db, monkeypatch
+):
+    share_clock(monkeypatch, platform)
+    rows = rows_for(ACCOUNTS, -1) + rows_for(ACCOUNTS, -2)  # the day before is not in the window
+    with sqlite3.connect(usage_db) as con:
+        con.execute(
+            "CREATE TABLE platform_usage (account TEXT, customer_id TEXT, tokens INTEGER, used_at TEXT)"
+        )
+        con.executemany("INSERT INTO platform_usage VALUES (?, ?, ?, ?)", rows)
+
+    dag_run = run_dag("example_stripe_connect_platform", logical_date=None)
+
+    assert mapped_states(dag_run, "bill") == dict.fromkeys(ACCOUNTS, "success")
+    yesterday = at(-1, 0)[:10]
+    for account in ACCOUNTS:
+        wanted: dict[tuple[str, str], int] = defaultdict(int)
+        for row_account, customer, tokens, used_at in rows:
+            if row_account == account and used_at.startswith(yesterday):
+                wanted[(customer, yesterday)] += tokens
+        assert platform.account(account).figures("ai_tokens_used") == dict(wanted), account
+    assert platform.ledger.accepted() == []

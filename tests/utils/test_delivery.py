@@ -236,3 +236,15 @@ def test_an_outage_longer_than_the_timeout_fails_what_is_left():
     )
     assert (report.sent, report.failed) == (0, 10)
     assert report.samples["failed"][-1]["error"]["type"] == "outage"
+
+
+def test_default_rates_stay_under_stripes_limits_for_the_platform_and_connected_accounts():
+    """https://docs.stripe.com/rate-limits: 1,000 meter events/s live, apart from the basic
+    limit (100/s live, 25/s test) that reads and a connected account's meter events count toward."""
+    from airflow_provider_stripe_meter.utils.delivery import default_max_rps, default_read_rps
+
+    assert 900 <= default_max_rps(True) < 1_000
+    assert 0.8 * 100 <= default_max_rps(True, connected=True) < 100
+    assert 0.8 * 100 <= default_read_rps(True) < 100
+    assert all(rate < 25 for rate in (default_max_rps(False), default_read_rps(False)))
+    assert default_max_rps(False, connected=True) < 25
