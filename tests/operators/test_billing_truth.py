@@ -174,8 +174,12 @@ def test_a_retry_after_a_failed_try_sends_only_what_stripe_does_not_hold(monkeyp
     assert server.ledger.figures("ai_tokens_used") == source_figures(db_rows(usage_db))
     assert len(server.ledger.accepted()) == 30
     outcome = xcoms(dag_run, "bill")
-    assert (outcome["sent"], outcome["already_recorded"], outcome["looked_up"]) == (20, 10, 30)
-    # Nothing Stripe held was sent again (nothing was in flight when it went down).
+    # The retry looked every day up and sent only what Stripe lacked: at least the 10 events
+    # before the outage were held (a loaded machine lets the first try land a few more before
+    # it gives up), and nothing Stripe held was sent again.
+    assert outcome["looked_up"] == 30
+    assert outcome["sent"] + outcome["already_recorded"] == 30
+    assert outcome["already_recorded"] >= 10
     assert server.stats["duplicates_rejected"] == 0
 
 

@@ -171,6 +171,12 @@ def test_each_mapped_instance_updates_its_own_accounts_meter_asset(platform, con
             .all()
         )
     by_uri = {uri: dict(extra) for uri, extra in events}
+    # Each instance also links to its own account's meter in Stripe's dashboard.
+    links = sorted(x["_link_StripeMeterLink"] for x in mapped_xcoms(dag_run, "bill").values())
+    assert links == [
+        f"https://dashboard.stripe.com/{a}/test/meters/{platform.account(a).meter_for('ai_tokens_used').id}"
+        for a in ACCOUNTS
+    ]
     assert set(by_uri) == {f"stripe://{a}/meters/ai_tokens_used" for a in ACCOUNTS}
     source = source_per_account(connect_usage)
     for account in ACCOUNTS:
@@ -248,7 +254,10 @@ def test_every_operator_and_the_sensor_take_any_argument_in_partial():
         StripeMeterEventOperator.partial(task_id="g", event_name="e", value=1).expand(
             customer_id=["cus_1", "cus_2"]
         )
-    assert len(dag.tasks) == 7
+        StripeMeterEventBatchOperator.partial(task_id="h", event_name="e").expand(
+            rows=[[["cus_1", 1, 1]], [["cus_2", 2, 2]]]
+        )
+    assert len(dag.tasks) == 8
     # A mapped task's meter is known only per instance: its outlet is the meters' alias.
     assert [type(o).__name__ for o in dag.get_task("a").partial_kwargs["outlets"]] == ["AssetAlias"]
     with pytest.raises(TypeError, match="no_such_argument"):
