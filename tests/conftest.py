@@ -78,9 +78,21 @@ def dag_bag(folder: str) -> Any:
     return DagBag(dag_folder=folder)
 
 
+def _dag_file(dag_id: str) -> Path | None:
+    """The file of the DAGs folder that names ``dag_id`` (parsing one file, not the folder, saves
+    a second or so on every run)."""
+    for path in sorted(DAGS_FOLDER.glob("*.py")):
+        if f'"{dag_id}"' in path.read_text():
+            return path
+    return None
+
+
 def run_dag(dag_id: str, **kwargs: Any) -> Any:
     """Run a DAG from the DAGs folder with ``dag.test()`` and return the finished DagRun."""
-    bag = dag_bag(str(DAGS_FOLDER))
+    path = _dag_file(dag_id)
+    bag = dag_bag(str(path or DAGS_FOLDER))
+    if bag.get_dag(dag_id) is None:
+        bag = dag_bag(str(DAGS_FOLDER))
     assert not bag.import_errors, bag.import_errors
     return bag.get_dag(dag_id).test(**kwargs)
 
