@@ -422,7 +422,14 @@ class _Handler(BaseHTTPRequestHandler):
         state = self.server_state
         split = urlsplit(self.path)
         length = int(self.headers.get("Content-Length") or 0)
-        raw = self.rfile.read(length).decode() if length else ""
+        body_bytes = self.rfile.read(length) if length else b""
+        if len(body_bytes) < length:
+            # The client went away mid-request (a worker killed with SIGKILL): like Stripe, act on
+            # nothing of a request that never fully arrived.
+            state.count("truncated_requests")
+            self.close_connection = True
+            return
+        raw = body_bytes.decode()
         route = next(
             (
                 (tmpl, name, m)

@@ -326,3 +326,22 @@ def test_command_line_server_serves():
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_a_request_cut_off_before_its_body_arrived_is_not_acted_on():
+    """A worker killed with SIGKILL mid-request leaves headers without their body: nothing happens."""
+    with LocalStripeServer(meters=["ai_tokens_used"], validate_spec=True) as server:
+        host, port = server.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(
+                b"POST /v1/billing/meter_events HTTP/1.1\r\nHost: x\r\n"
+                + f"Authorization: Bearer {DEFAULT_API_KEY}\r\n".encode()
+                + b"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 120\r\n\r\n"
+                + b"event_name=ai_tokens_used"
+            )
+        deadline = time.monotonic() + 5
+        while server.stats["truncated_requests"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert server.stats["truncated_requests"] == 1
+        assert server.ledger.accepted() == []
+        assert server.request_violations == []
