@@ -196,12 +196,14 @@ class StripeMeterReconcileSensor(StripeUsageSourceOperator, BaseSensorOperator):
                 settle,
             )
             return False
+        from airflow_provider_stripe_meter.state.reports import write_report
+
         report = wanted.report(
             self.event_name,
             lines,
             waited,
             line_limit=self.line_limit,
-            lines_uri=_write_report(self.report_path, lines),
+            lines_uri=write_report(self.report_path, lines),
         )
         return PokeReturnValue(is_done=True, xcom_value=self._finish(context, report))
 
@@ -286,12 +288,6 @@ class StripeMeterReconcileSensor(StripeUsageSourceOperator, BaseSensorOperator):
         if hidden > 0:
             where = report["lines_uri"] or "the lines XCom (up to line_limit)"
             self.log.warning("  ... and %d more in %s", hidden, where)
-
-
-def _write_report(report_path: str | None, lines: list[reconcile.ReconcileLine]) -> str | None:
-    from airflow_provider_stripe_meter.state.reports import write_report
-
-    return write_report(report_path, lines)
 
 
 def _seconds(value: timedelta | float | str) -> float:
