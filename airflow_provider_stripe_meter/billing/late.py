@@ -152,6 +152,9 @@ class LateBilling(Phase):
     def settle_pending(self, spec: MeterSpec) -> None:
         """Decide, from Stripe's summary of each landing minute, which pending late events landed.
 
+        It reads the summaries once they can be trusted: ``summary_lag`` after this run started
+        (an earlier run's events may have landed until it stopped, just before).
+
         The minute's figure less what it held before the send is what of the pending events
         landed: the combination of them whose values add up to it is counted as billed late,
         the rest is forgotten (and billed again). A figure no combination explains fails the
@@ -161,8 +164,11 @@ class LateBilling(Phase):
         pending = landings.pending()
         if not pending:
             return
+        # The run that wrote them may have sent them up to the moment it died, which is before
+        # this run started: the summaries show them summary_lag after that, not after the write.
+        written = max(float(e["written_at"]) for e in pending)
         self.reader.sleep_until(
-            max(e["written_at"] for e in pending) + self.settings.summary_lag, "a cut-off late send"
+            max(written, self.book.now) + self.settings.summary_lag, "a cut-off late send"
         )
         groups: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
         for entry in pending:
