@@ -57,13 +57,8 @@ def usage_lineage(operator: Any) -> OperatorLineage | None:
 
 def _account(operator: Any) -> str | None:
     """The connected account billed: the task's own, else its connection's (no Stripe request)."""
-    given = getattr(operator, "stripe_account", None)
-    if isinstance(given, str) and "{{" in given:
-        return None  # an unrendered template names no account yet
-    try:
-        return operator.hook.stripe_account
-    except Exception:  # no readable connection: the task's own setting is all there is
-        return given or None
+    billed_account = getattr(operator, "billed_account", None)
+    return billed_account() if callable(billed_account) else None
 
 
 def _source_tables(operator: Any) -> list[Any]:

@@ -1,7 +1,10 @@
 """The run's figures as Airflow metrics (StatsD, Datadog or OpenTelemetry, as Airflow is set up).
 
 Every name starts with ``stripe_meter.`` and every figure is tagged with the meter's event name
-(``meter``) and the task (``dag_id``, ``task_id``), so a team can alert on, say,
+(``meter``), the Stripe account billed (``account``: the connected account, or ``platform``) and
+the task (``dag_id``, ``task_id``). The instances of a mapped task share the task's tags and
+differ by account, so a platform mapping over its connected accounts sees each account's series,
+and the task's total is their sum. A team can alert on, say,
 ``stripe_meter.skipped_too_old > 0`` without reading logs. Counters are sent even when zero, so
 each series exists from the first run; a failed batch run sends its figures before it fails, a
 dry run sends none. Airflow's ``[metrics]`` section decides where they go
@@ -58,15 +61,19 @@ def _tag(value: Any) -> str:
 class MeterMetrics:
     """Sends one task's figures, tagged with the task and, per figure, the meter."""
 
-    def __init__(self, dag_id: str, task_id: str) -> None:
-        self.task_tags = {"dag_id": _tag(dag_id), "task_id": _tag(task_id)}
+    def __init__(self, dag_id: str, task_id: str, account: str | None = None) -> None:
+        self.task_tags = {
+            "dag_id": _tag(dag_id),
+            "task_id": _tag(task_id),
+            "account": _tag(account or "platform"),
+        }
         self.stats = _stats()
 
     @classmethod
-    def for_task(cls, context: Mapping[str, Any]) -> MeterMetrics:
-        """The metrics of the task instance in ``context``."""
+    def for_task(cls, context: Mapping[str, Any], account: str | None) -> MeterMetrics:
+        """The metrics of the task instance in ``context``, billing ``account`` (``None``: the platform)."""
         ti = context["ti"]
-        return cls(ti.dag_id, ti.task_id)
+        return cls(ti.dag_id, ti.task_id, account)
 
     def _tags(self, meter: str) -> dict[str, str]:
         return {**self.task_tags, "meter": _tag(meter)}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import sqlite3
 import subprocess
 import sys
 from datetime import datetime, timedelta, timezone
@@ -9,7 +11,7 @@ from datetime import datetime, timedelta, timezone
 import pendulum
 import pytest
 
-from tests.conftest import DAGS_FOLDER, SECRET_KEY, add_rows, at, dag_bag, run_dag
+from tests.conftest import DAGS_FOLDER, SECRET_KEY, add_rows, at, dag_bag, run_dag, spawn_dag
 
 pytestmark = [pytest.mark.airflow, pytest.mark.usefixtures("airflow_db")]
 
@@ -79,6 +81,36 @@ def test_the_sensor_names_the_meter_and_a_connected_account(secret_server, usage
     assert names(lineage.outputs) == [("stripe://acct_1Lineage", "meters/ai_tokens_used")]
     # SQLite's hook gives OpenLineage no database facts, so its table cannot be named.
     assert lineage.inputs == []
+
+
+def test_each_mapped_instance_emits_its_own_accounts_meter(usage_db, monkeypatch, tmp_path):
+    # The OpenLineage listener itself, as a worker runs it, writing its events to a file. Airflow
+    # registers the listener once per process, so the DAG runs in a process of its own.
+    pytest.importorskip("airflow.providers.openlineage")
+    from airflow_provider_stripe_meter.testing import LocalStripeServer
+    from tests.operators.test_mapping import ACCOUNTS, add_account_rows, rows_for
+
+    emitted = tmp_path / "openlineage.jsonl"
+    transport = {"type": "file", "log_file_path": str(emitted), "append": True}
+    monkeypatch.setenv("AIRFLOW__OPENLINEAGE__TRANSPORT", json.dumps(transport))
+    with LocalStripeServer(meters=["ai_tokens_used"], accounts=ACCOUNTS, api_keys=[SECRET_KEY]) as server:
+        monkeypatch.setenv("AIRFLOW_CONN_STRIPE_DEFAULT", server.connection_json(SECRET_KEY))
+        with sqlite3.connect(usage_db) as con:
+            con.execute(
+                "CREATE TABLE connect_usage (account TEXT, customer_id TEXT, tokens INTEGER, used_at TEXT)"
+            )
+        add_account_rows(usage_db, rows_for(ACCOUNTS, -1))
+        assert spawn_dag("t_mapped_accounts").wait(timeout=120) == 0
+        assert {a: len(server.account(a).accepted()) for a in ACCOUNTS} == dict.fromkeys(ACCOUNTS, 3)
+
+    completed = [
+        event
+        for event in map(json.loads, emitted.read_text().splitlines())
+        if event["eventType"] == "COMPLETE" and event["job"]["name"] == "t_mapped_accounts.bill"
+    ]
+    outputs = sorted([(o["namespace"], o["name"]) for o in event["outputs"]] for event in completed)
+    # One event per instance, each naming only the meter of the account it billed.
+    assert outputs == [[(f"stripe://{account}", "meters/ai_tokens_used")] for account in ACCOUNTS]
 
 
 def test_the_meters_asset_converts_to_the_same_dataset():

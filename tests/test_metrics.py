@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import sqlite3
 from collections import defaultdict
 from collections.abc import Iterator
 
@@ -87,7 +88,8 @@ def _set_up_metrics():
     return reset
 
 
-TAGS = frozenset({("dag_id", "t_batch_window"), ("task_id", "bill"), ("meter", "ai_tokens_used")})
+PLATFORM = ("account", "platform")
+TAGS = frozenset({("dag_id", "t_batch_window"), ("task_id", "bill"), ("meter", "ai_tokens_used"), PLATFORM})
 
 
 def test_a_batch_run_sends_its_counters_and_delivery_time_tagged_by_meter(secret_server, usage_db, statsd):
@@ -125,7 +127,9 @@ def test_the_single_event_operator_counts_its_event(secret_server, statsd):
     run_dag("t_meter_event_branch", run_conf={"customer_id": "cus_metrics", "value": "1.5"})
 
     got = statsd.metrics("airflow.stripe_meter.")
-    tags = frozenset({("dag_id", "t_meter_event_branch"), ("task_id", "record"), ("meter", "ai_tokens_used")})
+    tags = frozenset(
+        {("dag_id", "t_meter_event_branch"), ("task_id", "record"), ("meter", "ai_tokens_used"), PLATFORM}
+    )
     assert got[("airflow.stripe_meter.sent", tags)] == [1]
     assert got[("airflow.stripe_meter.invalid", tags)] == [1]  # the value 1.5 never left
     assert got[("airflow.stripe_meter.requests", tags)] == [1]
@@ -148,7 +152,9 @@ def test_the_sensor_counts_its_statuses_and_the_top_up_its_corrections(
     got = statsd.metrics("airflow.stripe_meter.")
 
     def tags(task_id):
-        return frozenset({("dag_id", "t_reconcile"), ("task_id", task_id), ("meter", "ai_tokens_used")})
+        return frozenset(
+            {("dag_id", "t_reconcile"), ("task_id", task_id), ("meter", "ai_tokens_used"), PLATFORM}
+        )
 
     assert got[("airflow.stripe_meter.reconcile.ok", tags("reconcile"))] == [1]
     assert got[("airflow.stripe_meter.reconcile.missing", tags("reconcile"))] == [1]
@@ -156,3 +162,31 @@ def test_the_sensor_counts_its_statuses_and_the_top_up_its_corrections(
     assert got[("airflow.stripe_meter.sent", tags("top_up"))] == [1]
     assert got[("airflow.stripe_meter.events_sent", tags("top_up"))] == [1]
     assert secret_server.ledger.totals() == {"cus_a": 12}
+
+
+def test_each_mapped_instance_sends_its_own_accounts_figures(statsd, usage_db, monkeypatch):
+    from airflow_provider_stripe_meter.testing import LocalStripeServer
+    from tests.conftest import SECRET_KEY, share_clock
+    from tests.operators.test_mapping import ACCOUNTS, add_account_rows, rows_for
+
+    with LocalStripeServer(meters=["ai_tokens_used"], accounts=ACCOUNTS, api_keys=[SECRET_KEY]) as server:
+        monkeypatch.setenv("AIRFLOW_CONN_STRIPE_DEFAULT", server.connection_json(SECRET_KEY))
+        share_clock(monkeypatch, server)
+        with sqlite3.connect(usage_db) as con:
+            con.execute(
+                "CREATE TABLE connect_usage (account TEXT, customer_id TEXT, tokens INTEGER, used_at TEXT)"
+            )
+        # Three customers per account, and two more on the last account only.
+        add_account_rows(usage_db, rows_for(ACCOUNTS, -1))
+        add_account_rows(usage_db, [(ACCOUNTS[-1], f"cus_extra{n}", 4, at(-1, 60)) for n in range(2)])
+
+        run_dag("t_mapped_accounts")
+
+    got = statsd.metrics("airflow.stripe_meter.")
+    sent = {
+        dict(tags)["account"]: values
+        for (name, tags), values in got.items()
+        if name == "airflow.stripe_meter.sent" and dict(tags)["task_id"] == "bill"
+    }
+    # One series per account (the platform billed nothing), each with its own instance's figure.
+    assert sent == {ACCOUNTS[0]: [3], ACCOUNTS[1]: [3], ACCOUNTS[2]: [5]}

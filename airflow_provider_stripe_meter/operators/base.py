@@ -78,6 +78,20 @@ class StripeBaseOperator(BaseOperator):
 
         return StripeHook(self.stripe_conn_id, stripe_account=self.stripe_account or None)
 
+    def billed_account(self) -> str | None:
+        """The connected account this task acts for (its own, else its connection's); ``None``: the platform.
+
+        Reads the connection, never Stripe. Used to tag metrics and lineage per account, so each
+        instance of a task mapped over accounts names its own.
+        """
+        given = self.stripe_account
+        if isinstance(given, str) and "{{" in given:
+            return None  # an unrendered template names no account yet
+        try:
+            return self.hook.stripe_account
+        except Exception:  # no readable connection: the task's own setting is all there is
+            return given or None
+
     def meter_dashboard_url(self) -> str | None:
         """This task's meter in Stripe's dashboard (test or live, Connect aware), once it reached Stripe.
 
@@ -222,7 +236,7 @@ class StripeUsageSourceOperator(StripeBaseOperator):
         self.sample_limit = sample_limit
 
     def get_openlineage_facets_on_start(self) -> OperatorLineage | None:
-        """OpenLineage: the usage tables as inputs, the meter as output (see :mod:`..utils.lineage`)."""
+        """OpenLineage: the usage tables as inputs, the meter as output (see :mod:`..lineage`)."""
         from airflow_provider_stripe_meter.lineage import usage_lineage
 
         return usage_lineage(self)

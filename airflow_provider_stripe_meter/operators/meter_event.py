@@ -177,7 +177,7 @@ class StripeMeterEventOperator(StripeBaseOperator):
 
     def _metrics(self, context: Context, counter: str, started: float | None = None) -> None:
         """Count this event's fate (and time its request) in Airflow's metrics, by meter."""
-        metrics = MeterMetrics.for_task(context)
+        metrics = MeterMetrics.for_task(context, self.billed_account())
         metrics.count(counter, 1, self.event_name)
         if counter == "sent":
             metrics.count("events_sent", 1, self.event_name)

@@ -232,7 +232,7 @@ class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
         meters = set(run.book.specs) or ({self.event_name} if self.event_name else set())
         if not self.plan_only:
             # Before any failure below, so an alert sees a failed run's figures too.
-            MeterMetrics.for_task(context).batch(outcome, meters)
+            MeterMetrics.for_task(context, self.billed_account()).batch(outcome, meters)
         self._raise_for(result, outcome, context)
         if not self.plan_only:
             update_meter_assets(self, context, _asset_extra(outcome, aggregates), meters)

@@ -132,7 +132,7 @@ class StripeMeterTopUpOperator(StripeBaseOperator):
             progress=lambda line: self.log.info("Corrections: %s", line),
         ).run(events)
         outcome = self._outcome(events, report, partial)
-        MeterMetrics.for_task(context).delivery(report, self.event_name)
+        MeterMetrics.for_task(context, self.billed_account()).delivery(report, self.event_name)
         self.log.info(
             "Corrections: %s", {k: v for k, v in outcome.items() if k not in ("corrections", "samples")}
         )

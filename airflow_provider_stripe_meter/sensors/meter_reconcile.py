@@ -231,7 +231,7 @@ class StripeMeterReconcileSensor(StripeUsageSourceOperator, BaseSensorOperator):
 
     def _finish(self, context: Context, report: dict[str, Any]) -> dict[str, Any]:
         self._log_report(report)
-        metrics = MeterMetrics.for_task(context)
+        metrics = MeterMetrics.for_task(context, self.billed_account())
         for status, count in report["counts"].items():
             metrics.count(f"reconcile.{status}", count, self.event_name)
         return report
