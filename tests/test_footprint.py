@@ -163,3 +163,36 @@ def test_a_deferred_sensor_with_too_much_for_the_trigger_and_no_storage_waits_on
     assert task_states(dag_run) == {"reconcile": "success"}
     assert trigger_kwargs == []  # never deferred: the expectation would not fit the trigger's row
     assert xcoms(dag_run, "reconcile")["counts"]["ok"] == 4
+
+
+def variable_sizes() -> dict[str, int]:
+    """Every ``stripe_meter.*`` Variable and the bytes its value takes in the metadata database."""
+    from airflow.models import Variable
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        rows = session.query(Variable).filter(Variable.key.like("stripe_meter.%")).all()
+        return {row.key: len(row._val) for row in rows}
+
+
+def test_usage_billed_late_for_many_customers_stays_in_small_variables(server, monkeypatch):
+    from airflow_provider_stripe_meter.state.shards import SHARD_SIZE
+
+    share_clock(monkeypatch, server)
+    customers = 1_200
+    rows = [[f"cus_{c:05d}", 100 + c, at(-40, 600), "ai_tokens_used"] for c in range(customers)]
+
+    outcome = xcoms(run_dag("t_truth_rows_late", run_conf={"rows": rows}), "bill")
+
+    assert (outcome["success"], outcome["billed_late"]) == (True, customers)
+    assert server.ledger.totals("ai_tokens_used") == {c: v for c, v, *_ in rows}
+    sizes = variable_sizes()
+    # Landed-on, billed-of and (emptied) pending records: each an index and shards of at most
+    # SHARD_SIZE customers, so 1,200 customers make three shards each, none above ~100 KB.
+    shards = [key for key in sizes if key.rsplit(".", 1)[-1].isdigit()]
+    assert len(shards) == 2 * -(-customers // SHARD_SIZE)
+    assert max(sizes.values()) < 200 * SHARD_SIZE
+    # A second run finds everything billed and writes nothing new.
+    again = xcoms(run_dag("t_truth_rows_late", run_conf={"rows": rows}), "bill")
+    assert (again["billed_late"], again["billed_late_before"]) == (0, customers)
+    assert variable_sizes() == sizes
