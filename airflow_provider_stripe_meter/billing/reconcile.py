@@ -66,6 +66,9 @@ class Expectation:
     last: date
     customers: list[str]
     skipped_rows: dict[str, int]
+    #: Units of usage older than Stripe's window that the batch operator billed onto the compared
+    #: days (``too_old="bill_at_oldest"``); already part of ``expected``.
+    billed_late: int = 0
 
     def compare(self, recorded: dict[tuple[str, date], int], unknown: set[str]) -> list[ReconcileLine]:
         """One line per compared customer-day: expected against what Stripe recorded."""
@@ -103,6 +106,7 @@ class Expectation:
             "lines_truncated": len(shown) < len(lines),
             "lines_uri": lines_uri,
             "skipped_rows": self.skipped_rows,
+            "billed_late": self.billed_late,
             "waited_seconds": round(waited_seconds, 1),
         }
 
@@ -115,6 +119,7 @@ class Expectation:
             "last": self.last.isoformat(),
             "customers": self.customers,
             "skipped_rows": self.skipped_rows,
+            "billed_late": self.billed_late,
         }
 
     @classmethod
@@ -127,6 +132,7 @@ class Expectation:
             last=date.fromisoformat(data["last"]),
             customers=list(data["customers"]),
             skipped_rows=dict(data["skipped_rows"]),
+            billed_late=int(data.get("billed_late") or 0),
         )
 
 

@@ -56,6 +56,10 @@ class StripeMeterReconcileSensor(StripeUsageSourceOperator, BaseSensorOperator):
         the trigger's arguments (more than 5,000 customer-days); without it, such a sensor
         waits in ``reschedule`` mode instead. (templated)
     :param line_limit: Lines kept in the result, those that differ first.
+    :param identifier_prefix: The batch operator's ``identifier_prefix`` (default ``usage``).
+        Usage older than Stripe's window that it billed late (``too_old="bill_at_oldest"``)
+        landed on a day inside the window: that day is expected to hold it too, and
+        ``billed_late`` gives its units. (templated)
     :param deferrable: Read the source on the worker, then wait in the triggerer
         (:class:`~airflow_provider_stripe_meter.triggers.meter_reconcile.StripeMeterReconcileTrigger`
         polls the summaries asynchronously every ``poke_interval``), holding no worker slot at
@@ -76,6 +80,7 @@ class StripeMeterReconcileSensor(StripeUsageSourceOperator, BaseSensorOperator):
         "last_day",
         "settle_timeout",
         "report_path",
+        "identifier_prefix",
         *StripeBaseOperator.template_fields,
     )
 
@@ -89,6 +94,7 @@ class StripeMeterReconcileSensor(StripeUsageSourceOperator, BaseSensorOperator):
         max_rps: float = 20.0,
         report_path: str | None = None,
         line_limit: int = reconcile.DEFAULT_LINE_LIMIT,
+        identifier_prefix: str = "usage",
         deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
         **kwargs: Any,
     ) -> None:
@@ -105,6 +111,7 @@ class StripeMeterReconcileSensor(StripeUsageSourceOperator, BaseSensorOperator):
         self.max_rps = max_rps
         self.report_path = report_path
         self.line_limit = line_limit
+        self.identifier_prefix = identifier_prefix
         self.deferrable = deferrable
         self._first_poke: float | None = None
 
@@ -220,14 +227,37 @@ class StripeMeterReconcileSensor(StripeUsageSourceOperator, BaseSensorOperator):
             (a.customer_id, a.day): (source_figure(a, spec), a.timestamp) for a in aggregator.finish()
         }
         first, last = self._day_range(expected)
+        customers = {customer for customer, _ in expected}
+        # Stripe's figure of a day that late usage landed on includes it: so does the expectation.
+        late = {k: v for k, v in self._billed_late(meter["id"], first, last).items() if k[0] in customers}
+        for key, units in late.items():
+            figure, timestamp = expected.get(key, (0, None))
+            expected[key] = (figure + units, timestamp)
         return reconcile.Expectation(
             meter_id=meter["id"],
             expected={k: v for k, v in expected.items() if first <= k[1] <= last},
             first=first,
             last=last,
-            customers=sorted({customer for customer, _ in expected}),
+            customers=sorted(customers),
             skipped_rows=dict(aggregator.problems.counts),
+            billed_late=sum(late.values()),
         )
+
+    def _billed_late(self, meter_id: str, first: date, last: date) -> dict[tuple[str, date], int]:
+        """Per customer-day of ``first``..``last``, the units the batch operator billed late onto it."""
+        from airflow_provider_stripe_meter.state.late_billing import LateLandings
+
+        landings = LateLandings(self.billed_account(), meter_id, self.identifier_prefix)
+        if not landings.used():
+            return {}
+        # Late usage lands inside Stripe's 35-day window (and a day or so of clock skew).
+        oldest = max(first, datetime.now(timezone.utc).date() - timedelta(days=36))
+        days = [oldest + timedelta(days=n) for n in range((last - oldest).days + 1)]
+        return {
+            (customer, day): sum(by_original.values())
+            for day, by_customer in landings.read(days).items()
+            for customer, by_original in by_customer.items()
+        }
 
     def _finish(self, context: Context, report: dict[str, Any]) -> dict[str, Any]:
         self._log_report(report)

@@ -89,3 +89,21 @@ with DAG(
     StripeMeterEventCancelOperator(
         task_id="cancel", event_name="ai_tokens_used", identifiers="{{ params.identifiers }}"
     )
+
+for deferrable in (False, True):
+    # A backfill that bills usage older than Stripe's window late, then the reconciliation of it.
+    with DAG(
+        "t_backfill_reconcile_deferred" if deferrable else "t_backfill_reconcile",
+        schedule=None,
+        start_date=START,
+        params={"days": 45},
+    ):
+        backfill = StripeMeterEventBatchOperator(
+            task_id="bill",
+            event_name="ai_tokens_used",
+            sql=SOURCE_SQL,
+            sql_conn_id="usage_db",
+            too_old="bill_at_oldest",
+            max_rps=200,
+        )
+        backfill >> reconcile_sensor(deferrable=deferrable)

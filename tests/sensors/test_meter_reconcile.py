@@ -263,3 +263,29 @@ def test_stripe_down_past_the_settle_time_is_a_retryable_failure(secret_server, 
     sensor = StripeMeterReconcileSensor(task_id="r", event_name="ai_tokens_used", rows=[], deferrable=True)
     with pytest.raises(StripeTransientError, match="could not read Stripe"):
         sensor.execute_complete({}, event)  # a transient failure: Airflow's retries apply
+
+
+@pytest.mark.parametrize("dag_id", ["t_backfill_reconcile", "t_backfill_reconcile_deferred"])
+def test_usage_billed_late_onto_a_day_is_expected_there_not_reported_over(
+    secret_server, usage_db, monkeypatch, dag_id
+):
+    from tests.conftest import share_clock, today
+
+    # Noon: usage older than 35 days lands at the oldest instant Stripe takes, on day -35 at 12:01,
+    # where these customers also have usage of their own later that day.
+    share_clock(monkeypatch, secret_server).set(today().add(hours=12))
+    rows = []
+    for c in range(3):
+        rows += [(f"cus_{c}", 100 + c, at(-40, 3600)), (f"cus_{c}", 10 + c, at(-35, 72_000))]
+        rows += [(f"cus_{c}", 5, at(-2, 600))]
+    add_rows(usage_db, rows)
+
+    dag_run = run_dag(dag_id)
+
+    bill, report = xcoms(dag_run, "bill"), xcoms(dag_run, "reconcile")
+    assert (bill["billed_late"], bill["sent"]) == (3, 6)
+    assert secret_server.ledger.figures("ai_tokens_used")[("cus_1", day(-35))] == 101 + 11
+    # Stripe's day -35 holds each customer's own usage of that day and the late usage landed there.
+    assert report["counts"] == {"ok": 6, "missing": 0, "short": 0, "over": 0, "customer_unknown": 0}
+    assert (report["success"], report["billed_late"]) == (True, 100 + 101 + 102)
+    assert lines_by_key(report)[("cus_1", day(-35))]["expected"] == 101 + 11
