@@ -223,7 +223,7 @@ class StripeMeterReconcileSensor(StripeUsageSourceOperator, BaseSensorOperator):
         # The source's figure by the meter's own formula: the sum, the row count, or the latest value.
         formula = (meter.get("default_aggregation") or {}).get("formula") or "sum"
         spec = MeterSpec(self.event_name, meter["id"], formula=formula)
-        expected = {
+        expected: dict[tuple[str, date], tuple[int, int | None]] = {
             (a.customer_id, a.day): (source_figure(a, spec), a.timestamp) for a in aggregator.finish()
         }
         first, last = self._day_range(expected)
