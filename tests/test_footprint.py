@@ -178,7 +178,7 @@ def variable_sizes(meter_id: str) -> dict[str, int]:
 def test_usage_billed_late_for_many_customers_stays_in_small_variables(server, monkeypatch):
     from airflow_provider_stripe_meter.state.shards import SHARD_SIZE
 
-    share_clock(monkeypatch, server)
+    clock = share_clock(monkeypatch, server)
     customers = 1_200
     rows = [[f"cus_{c:05d}", 100 + c, at(-40, 600), "ai_tokens_used"] for c in range(customers)]
 
@@ -197,3 +197,12 @@ def test_usage_billed_late_for_many_customers_stays_in_small_variables(server, m
     again = xcoms(run_dag("t_truth_rows_late", run_conf={"rows": rows}), "bill")
     assert (again["billed_late"], again["billed_late_before"]) == (0, customers)
     assert variable_sizes(meter_id) == sizes
+    # Three days on, the landing day is past Stripe's window: what landed there is removed, what
+    # was billed of the original day is kept, and nothing is billed again.
+    clock.advance(3 * 86_400)
+    later = xcoms(run_dag("t_truth_rows_late", run_conf={"rows": rows}), "bill")
+    assert (later["billed_late"], later["billed_late_before"]) == (0, customers)
+    left = variable_sizes(meter_id)
+    assert not [key for key in left if key.startswith("stripe_meter.late.")]
+    assert len([key for key in left if key.startswith("stripe_meter.late-of.")]) == 1 + 3
+    assert server.ledger.totals("ai_tokens_used") == {c: v for c, v, *_ in rows}

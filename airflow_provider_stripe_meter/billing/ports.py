@@ -82,6 +82,8 @@ class Landings(Protocol):
 
     def billed(self, original_days: Iterable[date]) -> dict[date, dict[str, int]]: ...
 
+    def forget_landed_before(self, oldest_kept: date) -> None: ...
+
 
 class RunState(Protocol):
     """Where the journal and the late-billing records of each meter are kept."""

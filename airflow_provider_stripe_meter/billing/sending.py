@@ -35,6 +35,9 @@ class Sender(Phase):
         oldest_kept = datetime.fromtimestamp(self.book.now - MARK_DAYS * SECONDS_PER_DAY, timezone.utc).date()
         for spec in self.book.specs.values():
             self.state.journal(spec.meter_id).forget_older_than(oldest_kept)
+            landings = self.state.landings(spec.meter_id)
+            if landings.used():
+                landings.forget_landed_before(oldest_kept)
         with self.sending(days_of(plan.key for plan in planned)):
             self.send([e for plan in planned for e in plan.events])
 

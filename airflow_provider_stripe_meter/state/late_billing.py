@@ -5,7 +5,7 @@ and shows in that day's summaries. These records remember, per landing day, how 
 original day each customer was billed there: later runs subtract it from what they look up.
 
 * ``stripe_meter.late.<account>.<meter id>.<prefix>.<landing day>``: what landed on that day,
-  ``{identifier: [customer, original day, value]}``;
+  ``{identifier: [customer, original day, value]}``, removed once the day is past Stripe's window;
 * ``...late-of...<original day>``: ``{identifier: [customer, value]}``, what of that day was
   billed late, however long ago;
 * ``...late-pending...``: ``{identifier: entry}``, late events sent (or about to be) whose fate
@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable
-from datetime import date
+from datetime import date, timedelta
 from typing import Any
 
 from airflow_provider_stripe_meter.state.shards import ShardedRecord
@@ -118,6 +118,15 @@ class LateLandings(Records):
             if by_customer:
                 found[day] = by_customer
         return found
+
+    def forget_landed_before(self, oldest_kept: date, lookback: int = 7) -> None:
+        """Remove what landed on the ``lookback`` days before ``oldest_kept`` (past Stripe's window).
+
+        No run looks such a day up again. What was billed of each original day is kept: a later
+        backfill of that day must still know it.
+        """
+        for offset in range(1, lookback + 1):
+            self._landed_on(oldest_kept - timedelta(days=offset)).delete()
 
     def _pending(self) -> ShardedRecord:
         return ShardedRecord(self, self.pending_key, _WHY + "late usage sent, not yet confirmed by Stripe.")

@@ -91,6 +91,12 @@ class ShardedRecord:
             if gone & shard.keys():
                 self.records.merge(self.shard_key(index), _removing(gone), self.description)
 
+    def delete(self) -> None:
+        """Remove the record: every shard, then the index."""
+        for index in range(self.count()):
+            self.records.delete(self.shard_key(index))
+        self.records.delete(self.key)
+
     def _shards(self) -> list[dict[str, Any]]:
         shards = []
         for index in range(self.count()):

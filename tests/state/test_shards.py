@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
-from datetime import date
+from datetime import date, timedelta
 
 import pytest
 
@@ -120,3 +120,19 @@ def test_runs_adding_to_the_same_shards_at_once_lose_nothing(monkeypatch):
     # Racing writers can share a shard, but none holds more than each of them put there.
     sizes = [len(json.loads(v)) for k, v in store.values.items() if k.startswith(record.key + ".")]
     assert max(sizes) <= 10 * 6
+
+
+@pytest.mark.usefixtures("no_settling")
+def test_what_landed_on_a_day_past_the_window_is_removed_and_what_was_billed_is_kept():
+    store = Variables()
+    landings = _bill_late(store, 1_200)
+    assert landings.read([LANDING])[LANDING]
+
+    landings.forget_landed_before(LANDING)  # the day before the oldest kept: nothing of LANDING goes
+    assert landings.read([LANDING])[LANDING]
+    landings.forget_landed_before(LANDING + timedelta(days=1))
+
+    assert landings.read([LANDING]) == {}
+    assert not any(key.startswith(landings.landing_key(LANDING)) for key in store.values)
+    # A later backfill of the original day still finds every customer's amount billed late.
+    assert len(landings.billed([ORIGINAL])[ORIGINAL]) == 1_200
