@@ -221,14 +221,21 @@ class StripeMeterEventOperator(StripeBaseOperator):
                 from airflow_provider_stripe_meter.exceptions import StripeEventRejectedError
 
                 raise StripeEventRejectedError(f"Meter event not recorded: {summary}", response)
-        update_meter_assets(
-            self,
-            context,
-            {
-                "success": success,
-                "already_recorded": bool(response.get("already_recorded")),
-                "summary": summary,
-            },
-            [self.event_name],
-        )
+        if success:
+            update_meter_assets(
+                self,
+                context,
+                {
+                    "success": True,
+                    "already_recorded": bool(response.get("already_recorded")),
+                    "summary": summary,
+                },
+                [self.event_name],
+            )
+        else:
+            # Nothing reached the meter, so its Asset gets no event: DAGs scheduled on the meter
+            # must not run for usage that was not recorded. Airflow emits an event for every
+            # outlet of a successful task (read after execute), so the outlets go; an event name
+            # that broke the rules could not even name an Asset.
+            self.outlets = []
         return {"success": success, "response": response}

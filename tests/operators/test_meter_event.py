@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import pytest
 
@@ -32,6 +33,8 @@ def test_templated_event_reaches_stripe_and_success_branch_runs(secret_server, c
     assert states["on_success"] == "success"
     assert states["on_failure"] == "skipped"
 
+    # The event reached the meter, so the meter's Asset (through the alias) has its event.
+    assert _asset_events(dag_run) == [("record", "stripe://platform/meters/ai_tokens_used")]
     rendered = rendered_fields(dag_run, "record")
     assert rendered["customer_id"] == "cus_rendered_7"
     assert rendered["value"] == "1234"
@@ -193,3 +196,51 @@ def test_a_fixed_meter_is_the_tasks_asset():
     )
     # Known only when the task runs: the meters' alias, which the task fills with its meter's Asset.
     assert [(type(o).__name__, o.name) for o in templated.outlets] == [("AssetAlias", "stripe_meters")]
+
+
+def _asset_events(dag_run: Any) -> list[tuple[str, str]]:
+    """(task id, asset URI) of every Asset event the run emitted."""
+    from airflow.models.asset import AssetEvent, AssetModel
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        rows = (
+            session.query(AssetEvent.source_task_id, AssetModel.uri)
+            .join(AssetModel, AssetEvent.asset_id == AssetModel.id)
+            .filter(AssetEvent.source_run_id == dag_run.run_id)
+        )
+        return sorted((task_id, uri) for task_id, uri in rows)
+
+
+def test_every_bad_input_rendered_at_run_time_answers_success_false_and_branches(secret_server):
+    from tests.dags.meter_event_dags import BAD_INPUTS
+
+    dag_run = run_dag("t_meter_event_bad_inputs")
+
+    assert secret_server.stats["v1_meter_event"] == 0
+    states = task_states(dag_run)
+    fields = {}
+    for task_id in [*BAD_INPUTS, "fixed_meter_bad_customer"]:
+        pushed = xcoms(dag_run, task_id)
+        assert pushed["success"] is False, task_id
+        response = pushed["response"]
+        assert response["type"] == "validation_error", (task_id, response)
+        assert response["rule"], task_id
+        fields[task_id] = response["field"]
+        assert (states[task_id], states[f"{task_id}_not_recorded"], states[f"{task_id}_ok"]) == (
+            "success",
+            "success",
+            "skipped",
+        ), task_id
+    assert fields == {
+        **{t: "event_name" for t in BAD_INPUTS if t.endswith("event_name")},
+        "empty_customer": "customer_id",
+        "not_a_customer": "customer_id",
+        "fixed_meter_bad_customer": "customer_id",
+        **{t: "value" for t in ("decimal_value", "empty_value", "word_value", "sixteen_digits")},
+        "long_identifier": "identifier",
+        **{t: "timestamp" for t in BAD_INPUTS if t.startswith("timestamp")},
+    }
+    # Nothing was recorded, so no meter's Asset has an event: not through the alias, and not
+    # through the fixed meter's own outlet either.
+    assert _asset_events(dag_run) == []
