@@ -57,6 +57,10 @@ class PlannedEvent:
     #: is there). Only such events may go through the v2 stream, which drops duplicates without
     #: a word; any other needs Stripe's synchronous duplicate answer.
     blind: bool = True
+    #: The ledger's sequence number of the event in its customer-day (0: not a ledger plan).
+    seq: int = 0
+    #: The latest source row the event was planned from (ledger plans).
+    source_at: int = 0
 
     @property
     def key(self) -> tuple[str, str, date]:
@@ -92,6 +96,8 @@ class DayPlan:
     action: Action
     reason: str = ""
     events: list[PlannedEvent] = field(default_factory=list)
+    #: Events to cancel (a ``count`` day with fewer rows than the ledger's events).
+    cancel: int = 0
 
     @property
     def key(self) -> tuple[str, str, date]:
@@ -115,6 +121,7 @@ class DayPlan:
             "reason": self.reason,
             "events": len(self.events),
             "value_sent": sum(e.value for e in self.events) if self.events else 0,
+            **({"cancel": self.cancel} if self.cancel else {}),
         }
 
 

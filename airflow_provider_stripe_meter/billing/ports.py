@@ -7,12 +7,13 @@ Airflow or ``stripe``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
+    from airflow_provider_stripe_meter.ledger.entries import DayFigure, Entry
     from airflow_provider_stripe_meter.utils.rules import MeterEvent
 
 
@@ -51,6 +52,8 @@ class StripeMeters(Protocol):
     ) -> Any: ...
 
     def meter_event_stream(self) -> StreamSession: ...
+
+    def cancel_meter_event(self, event_name: str, identifier: str) -> Any: ...
 
 
 class Journal(Protocol):
@@ -99,3 +102,25 @@ class Log(Protocol):
     def info(self, msg: Any, /, *args: Any, **kwargs: Any) -> Any: ...
 
     def warning(self, msg: Any, /, *args: Any, **kwargs: Any) -> Any: ...
+
+
+class LedgerStore(Protocol):
+    """The billing ledger (:class:`~airflow_provider_stripe_meter.ledger.store.SqlLedger`)."""
+
+    def figures(
+        self, account: str, meter_id: str, first: date, last: date, *, newest: bool = False
+    ) -> dict[tuple[str, date], DayFigure]: ...
+
+    def open_entries(self, account: str, meter_id: str) -> list[Entry]: ...
+
+    def entries_of(
+        self, account: str, meter_id: str, customers: Iterable[str], first: date, last: date
+    ) -> list[Entry]: ...
+
+    def entries_stamped(
+        self, account: str, meter_id: str, customers: Iterable[str], start: int, end: int
+    ) -> list[Entry]: ...
+
+    def insert(self, entries: Sequence[Entry]) -> set[str]: ...
+
+    def resolve(self, account: str, changes: Sequence[tuple[str, str, float | None, str]]) -> None: ...

@@ -62,6 +62,8 @@ class BatchResult:
     deactivated: list[str] = field(default_factory=list)
     plan: list[dict[str, Any]] | None = None
     plan_truncated: bool = False
+    #: Ledger work (runs with a ledger): rows written, open rows settled or left, events cancelled.
+    ledger: dict[str, int] | None = None
 
     def count(self, outcome: DayOutcome) -> int:
         """Customer-days with ``outcome`` (usage billed late included where it applies)."""
@@ -85,6 +87,8 @@ class BatchResult:
             **self.late,
             "success": self.success,
         }
+        if self.ledger is not None:
+            result["ledger"] = self.ledger
         if self.plan is not None:
             result["plan"] = self.plan
             result["plan_truncated"] = self.plan_truncated

@@ -17,7 +17,10 @@ from airflow_provider_stripe_meter.utils.delivery import Deliverer, DeliveryRepo
 from airflow_provider_stripe_meter.utils.rules import SECONDS_PER_DAY, rfc3339
 
 if TYPE_CHECKING:
+    from airflow_provider_stripe_meter.billing.meters import MeterSpec
     from airflow_provider_stripe_meter.billing.plans import Key
+    from airflow_provider_stripe_meter.billing.ports import Log, StripeMeters
+    from airflow_provider_stripe_meter.billing.settings import RunSettings
 
 STREAM_BATCH = 100  # Stripe's maximum events per stream request
 PROGRESS_SECONDS = 10.0  # progress lines at least this often on long runs
@@ -78,50 +81,7 @@ class Sender(Phase):
 
     def deliverer(self, api: str) -> Deliverer[PlannedEvent]:
         """A deliverer of events through ``api`` (``v1``: one a request; ``v2_stream``: 100)."""
-        delivery = self.settings.delivery
-        return Deliverer(
-            self._v1() if api == "v1" else self._stream(),
-            key=lambda e: (e.event_name, e.customer_id),
-            describe=PlannedEvent.describe,
-            batch_size=1 if api == "v1" else STREAM_BATCH,
-            max_rps=self.settings.max_rps,
-            concurrency=delivery.concurrency,
-            max_attempts=delivery.max_attempts,
-            outage_timeout=delivery.outage_timeout.total_seconds(),
-            progress=lambda line: self.log.info("Delivery (%s): %s", api, line),
-            progress_every=PROGRESS_SECONDS,
-            sample_limit=self.settings.sample_limit,
-        )
-
-    def _v1(self) -> Callable[[list[PlannedEvent]], None]:
-        specs, stripe = self.book.specs, self.stripe
-
-        def send(batch: list[PlannedEvent]) -> None:
-            [event] = batch
-            stripe.create_meter_event(event.as_meter_event(), **specs[event.event_name].payload_keys)
-
-        return send
-
-    def _stream(self) -> Callable[[list[PlannedEvent]], None]:
-        specs, session = self.book.specs, self.stripe.meter_event_stream()
-
-        def send(batch: list[PlannedEvent]) -> None:
-            session.send(
-                [
-                    {
-                        "event_name": e.event_name,
-                        "identifier": e.identifier,
-                        "timestamp": rfc3339(e.timestamp),
-                        "payload": {
-                            specs[e.event_name].customer_key: e.customer_id,
-                            specs[e.event_name].value_key: str(e.value),
-                        },
-                    }
-                    for e in batch
-                ]
-            )
-
-        return send
+        return make_deliverer(api, self.book.specs, self.settings, self.stripe, self.log)
 
     def _settle(self, events: list[PlannedEvent], report: DeliveryReport) -> None:
         """Each customer-day's outcome from what happened to its events."""
@@ -146,3 +106,63 @@ class Sender(Phase):
                 day.outcome = DayOutcome.ALREADY_RECORDED
             else:
                 day.outcome = DayOutcome.SENT
+
+
+def make_deliverer(
+    api: str,
+    specs: dict[str, MeterSpec],
+    settings: RunSettings,
+    stripe: StripeMeters,
+    log: Log,
+    send: Callable[[Callable[[list[PlannedEvent]], None]], Callable[[list[PlannedEvent]], None]]
+    | None = None,
+) -> Deliverer[PlannedEvent]:
+    """A deliverer of planned events through ``api`` (``v1``: one a request; ``v2_stream``: 100).
+
+    ``send`` may wrap the function that sends a batch (the ledger run notes when each answer came).
+    """
+    delivery = settings.delivery
+    sender = _v1(specs, stripe) if api == "v1" else _stream(specs, stripe)
+    return Deliverer(
+        send(sender) if send else sender,
+        key=lambda e: (e.event_name, e.customer_id),
+        describe=PlannedEvent.describe,
+        batch_size=1 if api == "v1" else STREAM_BATCH,
+        max_rps=settings.max_rps,
+        concurrency=delivery.concurrency,
+        max_attempts=delivery.max_attempts,
+        outage_timeout=delivery.outage_timeout.total_seconds(),
+        progress=lambda line: log.info("Delivery (%s): %s", api, line),
+        progress_every=PROGRESS_SECONDS,
+        sample_limit=settings.sample_limit,
+    )
+
+
+def _v1(specs: dict[str, MeterSpec], stripe: StripeMeters) -> Callable[[list[PlannedEvent]], None]:
+    def send(batch: list[PlannedEvent]) -> None:
+        [event] = batch
+        stripe.create_meter_event(event.as_meter_event(), **specs[event.event_name].payload_keys)
+
+    return send
+
+
+def _stream(specs: dict[str, MeterSpec], stripe: StripeMeters) -> Callable[[list[PlannedEvent]], None]:
+    session = stripe.meter_event_stream()
+
+    def send(batch: list[PlannedEvent]) -> None:
+        session.send(
+            [
+                {
+                    "event_name": e.event_name,
+                    "identifier": e.identifier,
+                    "timestamp": rfc3339(e.timestamp),
+                    "payload": {
+                        specs[e.event_name].customer_key: e.customer_id,
+                        specs[e.event_name].value_key: str(e.value),
+                    },
+                }
+                for e in batch
+            ]
+        )
+
+    return send

@@ -390,6 +390,8 @@ class MeterLedger:
                     {"code": "archived_meter", "identifier": identifier, "event_name": event_name}
                 )
             if not self.customer_known(payload.get(customer_key)):
+                # Validated when received: the event never counts, even once the customer exists.
+                event.dropped = True
                 self.error_reports.append(
                     {
                         "code": "meter_event_customer_not_found",

@@ -1,0 +1,143 @@
+"""What to send so that Stripe's figure for each customer-day equals the source's, from the ledger.
+
+Plain Python. The ledger knows every event of ours Stripe holds for the day
+(:class:`~airflow_provider_stripe_meter.ledger.entries.DayFigure`), so a plan is the source's
+figure minus the ledger's, by the meter's kind (:attr:`MeterSpec.kind`):
+
+* ``add`` (raw ``sum``): one event of the difference, negative when the source went down (a
+  refund, a corrected row): Stripe documents negative values as the way to lower usage.
+* ``count``: one event per new row; a day with fewer rows than events is corrected by
+  cancelling the newest events (Stripe allows it within 24 hours of receiving them).
+* ``set`` (``last``, or a pre-aggregated meter): the figure itself, whenever it differs from the
+  one Stripe bills, including 0 (fewer seats is usage too), stamped at the time of the snapshot,
+  so the newest snapshot wins by its own time, not by when it arrived.
+
+Two views of a day are never mixed up: a source whose latest row is older than what an event of
+the day was planned from (an hourly run retried after the nightly one) is an older view, and
+changes nothing. A day that began before the oldest instant Stripe accepts shows only part of
+its rows, so it is never lowered.
+
+Each event takes the customer-day's next sequence number, and its identifier names it, so
+Stripe refuses a second copy while it remembers the identifier, and the ledger's key refuses a
+second run's plan for the same number forever.
+
+.. seealso:: https://docs.stripe.com/billing/subscriptions/usage-based/recording-usage-api
+"""
+
+from __future__ import annotations
+
+from datetime import date
+from typing import TYPE_CHECKING
+
+from airflow_provider_stripe_meter.billing.meters import ADD, COUNT, MeterSpec, source_figure
+from airflow_provider_stripe_meter.billing.outcomes import Action
+from airflow_provider_stripe_meter.billing.plans import DayPlan, PlannedEvent, day_end
+from airflow_provider_stripe_meter.ledger.entries import DayFigure
+from airflow_provider_stripe_meter.utils.identifiers import bounded_identifier
+
+if TYPE_CHECKING:
+    from airflow_provider_stripe_meter.utils.aggregation import DailyAggregate
+
+#: Reasons a day is left as it is although the figures differ.
+OLDER_VIEW = "older view: the ledger billed this day from a later source row"
+PARTIAL_DAY = "partly older than Stripe's 35 days: the source no longer shows all of this day"
+UNSETTLED = "unsettled: an earlier run's event for this day could not be settled yet"
+
+
+def ledger_identifier(spec: MeterSpec, customer_id: str, day: date, seq: int) -> str:
+    """The identifier of a customer-day's ``seq``-th event on a meter (readable, at most 100 chars)."""
+    return bounded_identifier("sm", spec.event_name, customer_id, day.isoformat(), str(seq), spec.meter_id)
+
+
+def ledger_recorded(spec: MeterSpec, figure: DayFigure) -> int:
+    """What Stripe bills for the day from the ledger's events, by the meter's formula."""
+    if spec.kind == ADD:
+        return figure.total
+    if spec.kind == COUNT:
+        return figure.events
+    if figure.empty:
+        return 0
+    # A raw last meter bills the latest timestamp; a pre-aggregated one the newest event sent.
+    value = figure.newest if spec.event_time_window is None else figure.newest_sent
+    return value or 0
+
+
+def plan_ledger_day(
+    aggregate: DailyAggregate,
+    spec: MeterSpec,
+    figure: DayFigure | None,
+    *,
+    now: int,
+    oldest: int,
+) -> DayPlan:
+    """Plan one customer-day from the source's aggregate and the ledger's figure.
+
+    :param now: Unix seconds; no event is stamped later.
+    :param oldest: The oldest instant Stripe accepts; no event is stamped earlier (usage of an
+        older day, billed late, lands there), and a day that began before it is partial.
+    """
+    figure = figure or DayFigure()
+    expected = source_figure(aggregate, spec)
+    recorded = ledger_recorded(spec, figure)
+    plan = DayPlan(
+        aggregate.event_name, aggregate.customer_id, aggregate.day, expected, recorded, Action.LEAVE_ALONE
+    )
+    if figure.open:
+        plan.reason = UNSETTLED  # left alone; the run counts the day as failed
+        return plan
+    # A set meter's empty day is sent even at 0: otherwise the previous day's value stands.
+    if expected == recorded and not (spec.kind not in (ADD, COUNT) and figure.empty):
+        plan.reason = "recorded" if not figure.empty else "nothing to send"
+        return plan
+    if aggregate.timestamp < figure.source_at:
+        plan.reason = OLDER_VIEW
+        return plan
+    partial = _day_start(aggregate.day) < oldest
+    if expected < recorded and partial and spec.kind in (ADD, COUNT):
+        plan.reason = PARTIAL_DAY
+        return plan
+    stamp = min(max(aggregate.timestamp, oldest), now)
+    seq = figure.max_seq
+
+    def event(value: int, at: int) -> PlannedEvent:
+        nonlocal seq
+        seq += 1
+        return PlannedEvent(
+            aggregate.event_name,
+            aggregate.customer_id,
+            aggregate.day,
+            value,
+            ledger_identifier(spec, aggregate.customer_id, aggregate.day, seq),
+            at,
+            True,
+            seq=seq,
+            source_at=aggregate.timestamp,
+        )
+
+    if spec.kind == ADD:
+        diff = expected - recorded
+        plan.action = Action.CORRECT if diff < 0 else Action.SEND if figure.empty else Action.TOP_UP
+        plan.reason = "source went down" if diff < 0 else "new day" if figure.empty else "late rows"
+        plan.events = [event(diff, stamp)]
+    elif spec.kind == COUNT:
+        diff = expected - recorded
+        if diff < 0:
+            # The run cancels the newest events it may still cancel (see the run's corrections).
+            plan.action, plan.reason, plan.cancel = Action.CORRECT, "fewer rows than events", -diff
+            return plan
+        plan.action = Action.SEND if figure.empty else Action.TOP_UP
+        plan.reason = "new day" if figure.empty else "late rows"
+        plan.events = [event(1, stamp) for _ in range(diff)]
+    else:
+        if not figure.empty and stamp <= figure.newest_stamp:
+            # Same snapshot time with another figure (a row corrected in place): one second later,
+            # inside the day, so the new figure is the newest.
+            stamp = min(figure.newest_stamp + 1, day_end(aggregate.day) - 1, now)
+        plan.action = Action.SEND if figure.empty else Action.TOP_UP
+        plan.reason = "new day" if figure.empty else "new figure"
+        plan.events = [event(expected, stamp)]
+    return plan
+
+
+def _day_start(day: date) -> int:
+    return day_end(day) - 86400

@@ -1,0 +1,303 @@
+"""Reading and writing the ledger through any DB-API 2.0 connection (PEP 249).
+
+One :class:`SqlLedger` serves one run from one thread: the run writes a slice of rows
+(``pending``), sends that slice, and resolves it, so a run killed at any instant leaves at most
+one slice for the next run to settle. Writes go in multi-row statements, so a 100,000-event
+night costs a few hundred round trips, not 100,000.
+
+.. seealso:: https://peps.python.org/pep-0249/
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from datetime import date
+from typing import Any
+
+from airflow_provider_stripe_meter.ledger.entries import LIVE, OPEN, DayFigure, Entry
+from airflow_provider_stripe_meter.ledger.schema import COLUMN_NAMES, DEFAULT_TABLE, check_table_name, ddl
+
+#: Rows per multi-row statement (SQLite allows 32,766 parameters; 16 columns x 500 rows fit).
+BATCH = 500
+#: Dialects whose ``INSERT ... ON CONFLICT DO NOTHING`` and ``WITH ... UPDATE ... FROM`` we use.
+NATIVE = ("sqlite", "postgres")
+
+Key = tuple[str, date]  # (customer, day) within one meter
+
+
+def _chunks(items: Sequence[Any], size: int = BATCH) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+class SqlLedger:
+    """The ledger table, through a DB-API connection.
+
+    :param connect: Returns a new DB-API connection (called once, on first use).
+    :param placeholder: The driver's parameter marker: ``?`` (SQLite) or ``%s`` (psycopg2, most
+        others); a common-sql hook's ``placeholder``.
+    :param dialect: ``sqlite``, ``postgres`` or ``generic`` (row-by-row writes, no
+        ``ON CONFLICT``; the table's key still refuses a second writer where it is enforced).
+    :param table: The table, optionally schema-qualified.
+    :param create: Create the table and its indexes if they do not exist.
+    """
+
+    def __init__(
+        self,
+        connect: Callable[[], Any],
+        *,
+        placeholder: str = "?",
+        dialect: str = "sqlite",
+        table: str = DEFAULT_TABLE,
+        create: bool = True,
+    ) -> None:
+        self._connect = connect
+        self.placeholder = placeholder
+        self.dialect = dialect if dialect in NATIVE else "generic"
+        self.table = check_table_name(table)
+        self.create = create
+        self._conn: Any = None
+        #: Statements executed (a benchmark's and a test's measure of cost).
+        self.statements = 0
+
+    # -- connection ---------------------------------------------------------------------------
+
+    @property
+    def conn(self) -> Any:
+        """The open connection, with the table created on first use."""
+        if self._conn is None:
+            self._conn = self._connect()
+            if self.create:
+                cursor = self._conn.cursor()
+                for statement in ddl(self.table):
+                    cursor.execute(statement)
+                self._conn.commit()
+        return self._conn
+
+    def close(self) -> None:
+        """Close the connection (a later call opens a new one)."""
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _sql(self, text: str) -> str:
+        return text.replace("?", self.placeholder) if self.placeholder != "?" else text
+
+    def _marks(self, n: int) -> str:
+        return ", ".join(["?"] * n)
+
+    def _query(self, text: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        cursor = self.conn.cursor()
+        cursor.execute(self._sql(text), tuple(params))
+        self.statements += 1
+        rows = cursor.fetchall()
+        cursor.close()
+        return rows
+
+    def _execute(self, text: str, params: Sequence[Any] = ()) -> None:
+        cursor = self.conn.cursor()
+        cursor.execute(self._sql(text), tuple(params))
+        self.statements += 1
+        cursor.close()
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def figures(
+        self, account: str, meter_id: str, first: date, last: date, *, newest: bool = False
+    ) -> dict[Key, DayFigure]:
+        """What the ledger holds per (customer, day) from ``first`` to ``last``, folded.
+
+        ``newest``: also find each day's newest event (what ``last`` and pre-aggregated meters
+        bill), which reads the live rows themselves instead of per-day sums.
+        """
+        live, open_ = self._marks(len(LIVE)), self._marks(len(OPEN))
+        rows = self._query(
+            f"SELECT customer_id, day, MAX(seq), "
+            f"SUM(CASE WHEN state IN ({live}) THEN value ELSE 0 END), "
+            f"SUM(CASE WHEN state IN ({live}) THEN 1 ELSE 0 END), "
+            f"MAX(CASE WHEN state IN ({live}) THEN source_at ELSE -1 END), "
+            f"SUM(CASE WHEN state IN ({open_}) THEN 1 ELSE 0 END) "
+            f"FROM {self.table} WHERE account = ? AND meter_id = ? AND day >= ? AND day <= ? "
+            "GROUP BY customer_id, day",
+            (*LIVE, *LIVE, *LIVE, *OPEN, account, meter_id, first.isoformat(), last.isoformat()),
+        )
+        out: dict[Key, DayFigure] = {}
+        for customer, day, max_seq, total, events, source_at, open_count in rows:
+            figure = DayFigure(
+                total=int(total or 0),
+                events=int(events or 0),
+                max_seq=int(max_seq),
+                source_at=int(source_at if source_at is not None else -1),
+                open=int(open_count or 0),
+            )
+            out[(customer, date.fromisoformat(day))] = figure
+        if newest:
+            for customer, day, seq, value, stamp in self._query(
+                f"SELECT customer_id, day, seq, value, stamp FROM {self.table} "
+                f"WHERE account = ? AND meter_id = ? AND day >= ? AND day <= ? AND state IN ({live})",
+                (account, meter_id, first.isoformat(), last.isoformat(), *LIVE),
+            ):
+                figure = out[(customer, date.fromisoformat(day))]
+                if (stamp, seq) > (figure.newest_stamp, figure.newest_seq):
+                    figure.newest, figure.newest_stamp, figure.newest_seq = int(value), int(stamp), int(seq)
+                if seq > figure.last_sent_seq:
+                    figure.newest_sent, figure.last_sent_seq = int(value), int(seq)
+        return out
+
+    def open_entries(self, account: str, meter_id: str) -> list[Entry]:
+        """Rows still to be settled (pending, unverified, cancelling), of any run."""
+        return self._entries(
+            f"account = ? AND meter_id = ? AND state IN ({self._marks(len(OPEN))})",
+            (account, meter_id, *OPEN),
+        )
+
+    def entries_of(
+        self, account: str, meter_id: str, customers: Iterable[str], first: date, last: date
+    ) -> list[Entry]:
+        """Every row of ``customers`` for the days ``first`` to ``last`` (source days)."""
+        out: list[Entry] = []
+        for chunk in _chunks(sorted(set(customers))):
+            out.extend(
+                self._entries(
+                    f"account = ? AND meter_id = ? AND day >= ? AND day <= ? "
+                    f"AND customer_id IN ({self._marks(len(chunk))})",
+                    (account, meter_id, first.isoformat(), last.isoformat(), *chunk),
+                )
+            )
+        return out
+
+    def entries_stamped(
+        self, account: str, meter_id: str, customers: Iterable[str], start: int, end: int
+    ) -> list[Entry]:
+        """Every row of ``customers`` whose event is stamped in ``[start, end)``, whatever day it bills."""
+        out: list[Entry] = []
+        for chunk in _chunks(sorted(set(customers))):
+            out.extend(
+                self._entries(
+                    f"account = ? AND meter_id = ? AND stamp >= ? AND stamp < ? "
+                    f"AND customer_id IN ({self._marks(len(chunk))})",
+                    (account, meter_id, start, end, *chunk),
+                )
+            )
+        return out
+
+    def _entries(self, where: str, params: Sequence[Any]) -> list[Entry]:
+        rows = self._query(f"SELECT {', '.join(COLUMN_NAMES)} FROM {self.table} WHERE {where}", params)
+        return [_entry(row) for row in rows]
+
+    # -- writing ------------------------------------------------------------------------------
+
+    def insert(self, entries: Sequence[Entry]) -> set[str]:
+        """Write ``entries`` (each ``pending``) and return the identifiers this attempt now owns.
+
+        An entry whose key another run wrote first is not written (the table's key refuses it):
+        that run owns the customer-day's next event, and this one must plan the day again.
+        """
+        owned: set[str] = set()
+        for chunk in _chunks(entries):
+            values = [_values(entry) for entry in chunk]
+            if self.dialect in NATIVE:
+                row = f"({self._marks(len(COLUMN_NAMES))})"
+                self._execute(
+                    f"INSERT INTO {self.table} ({', '.join(COLUMN_NAMES)}) VALUES "
+                    f"{', '.join([row] * len(values))} ON CONFLICT DO NOTHING",
+                    [v for value in values for v in value],
+                )
+            else:
+                self._insert_one_by_one(values)
+            attempts = {e.identifier: e.attempt for e in chunk}
+            account = chunk[0].account
+            for identifier, attempt in self._query(
+                f"SELECT identifier, attempt FROM {self.table} "
+                f"WHERE account = ? AND identifier IN ({self._marks(len(chunk))})",
+                (account, *attempts),
+            ):
+                if attempts.get(identifier) == attempt:
+                    owned.add(identifier)
+            self.conn.commit()
+        return owned
+
+    def _insert_one_by_one(self, values: list[tuple[Any, ...]]) -> None:
+        text = (
+            f"INSERT INTO {self.table} ({', '.join(COLUMN_NAMES)}) VALUES ({self._marks(len(COLUMN_NAMES))})"
+        )
+        for value in values:
+            try:
+                self._execute(text, value)
+                self.conn.commit()
+            except Exception:  # the key is taken (each driver names its own IntegrityError)
+                self.conn.rollback()
+
+    def resolve(self, account: str, changes: Sequence[tuple[str, str, float | None, str]]) -> None:
+        """Set (state, answered_at, note) of each identifier in ``changes``: (identifier, state, at, note)."""
+        if not changes:
+            return
+        if self.dialect not in NATIVE:
+            cursor = self.conn.cursor()
+            cursor.executemany(
+                self._sql(
+                    f"UPDATE {self.table} SET state = ?, answered_at = ?, note = ? "
+                    "WHERE account = ? AND identifier = ?"
+                ),
+                [(state, at, note, account, identifier) for identifier, state, at, note in changes],
+            )
+            self.statements += 1
+            self.conn.commit()
+            return
+        for chunk in _chunks(changes):
+            rows = ", ".join(["(?, ?, ?, ?)"] * len(chunk))
+            # The answers of a slice in one statement; answered_at stays per row (the order in
+            # which Stripe took a customer's events is what settles a deactivation later).
+            self._execute(
+                f"WITH v(identifier, state, answered_at, note) AS (VALUES {rows}) "
+                f"UPDATE {self.table} SET state = v.state, answered_at = v.answered_at, note = v.note "
+                f"FROM v WHERE {self.table}.account = ? AND {self.table}.identifier = v.identifier",
+                [
+                    *(x for identifier, state, at, note in chunk for x in (identifier, state, at, note)),
+                    account,
+                ],
+            )
+        self.conn.commit()
+
+
+def _values(entry: Entry) -> tuple[Any, ...]:
+    return (
+        entry.account,
+        entry.meter_id,
+        entry.event_name,
+        entry.customer_id,
+        entry.day.isoformat(),
+        entry.seq,
+        entry.identifier,
+        entry.value,
+        entry.stamp,
+        entry.source_at,
+        entry.state,
+        entry.run_id,
+        entry.attempt,
+        entry.sent_at,
+        entry.answered_at,
+        entry.note,
+    )
+
+
+def _entry(row: Sequence[Any]) -> Entry:
+    data = dict(zip(COLUMN_NAMES, row, strict=True))
+    return Entry(
+        account=data["account"],
+        meter_id=data["meter_id"],
+        event_name=data["event_name"],
+        customer_id=data["customer_id"],
+        day=date.fromisoformat(data["day"]),
+        seq=int(data["seq"]),
+        identifier=data["identifier"],
+        value=int(data["value"]),
+        stamp=int(data["stamp"]),
+        source_at=int(data["source_at"]),
+        state=data["state"],
+        run_id=data["run_id"],
+        attempt=data["attempt"],
+        sent_at=float(data["sent_at"]),
+        answered_at=float(data["answered_at"]) if data["answered_at"] is not None else None,
+        note=data["note"] or "",
+    )

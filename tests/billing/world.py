@@ -1,0 +1,172 @@
+"""A billing world in one process: a source table, the billing ledger (SQLite), Stripe (the local
+server's ledger, called in-process) and one clock for all three, so a test can live a history
+(nights, hours, kills, a clock moved past Stripe's 24-hour window) in milliseconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import uuid
+from collections import defaultdict
+from datetime import date, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+from airflow_provider_stripe_meter.billing.ledger_run import LedgerRun, Writer
+from airflow_provider_stripe_meter.billing.result import SourceFigures
+from airflow_provider_stripe_meter.billing.run import Usage
+from airflow_provider_stripe_meter.billing.settings import Delivery, RunSettings, Timing
+from airflow_provider_stripe_meter.ledger.store import SqlLedger
+from airflow_provider_stripe_meter.testing.inprocess import InProcessStripe
+from airflow_provider_stripe_meter.testing.ledger import MeterLedger
+from airflow_provider_stripe_meter.utils.aggregation import UsageAggregator
+
+DAY = 86400
+HOUR = 3600
+EVENT = "ai_tokens_used"
+#: 02:00 UTC: when the nightly run bills yesterday.
+START = int(datetime(2026, 11, 20, 2, 0, tzinfo=timezone.utc).timestamp())
+LOG = logging.getLogger("ledger-world")
+
+
+def midnight(offset: int, now: int = START) -> int:
+    """Unix seconds of midnight UTC ``offset`` days from the day of ``now``."""
+    return (now // DAY + offset) * DAY
+
+
+def iso(stamp: int) -> str:
+    """The UTC day of ``stamp``, ISO."""
+    return datetime.fromtimestamp(stamp, timezone.utc).date().isoformat()
+
+
+class World:
+    """The source, the ledger and Stripe, on one clock."""
+
+    def __init__(
+        self,
+        tmp_path: Path,
+        monkeypatch: Any,
+        *,
+        formula: str = "sum",
+        window: str | None = None,
+        customers: list[str] | None = None,
+        summary_lag: float = 0.0,
+    ) -> None:
+        self.now = float(START)
+        monkeypatch.setattr("airflow_provider_stripe_meter.utils.clock.now", self.clock)
+        monkeypatch.setattr("airflow_provider_stripe_meter.billing.settling.time.sleep", self.advance)
+        self.stripe_state = MeterLedger(
+            clock=self.clock, identifier_window=DAY, summary_lag=summary_lag, customers=customers
+        )
+        self.meter = self.stripe_state.add_meter(EVENT, formula=formula, event_time_window=window)
+        self.stripe = InProcessStripe(self.stripe_state)
+        self.formula = formula
+        self.db = tmp_path / "ledger.db"
+        #: The usage table: (customer, value, unix seconds).
+        self.rows: list[tuple[str, int, int]] = []
+        self.results: list[dict[str, Any]] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+    def add(self, customer: str, value: int, at: int) -> None:
+        self.rows.append((customer, value, at))
+
+    def store(self) -> SqlLedger:
+        return SqlLedger(lambda: sqlite3.connect(self.db))
+
+    def run(
+        self,
+        *,
+        since: int | None = None,
+        until: int | None = None,
+        too_old: str = "skip",
+        api: str = "v1",
+        run_id: str = "nightly",
+        dry_run: bool = False,
+        summary_lag: float = 0.0,
+    ) -> dict[str, Any]:
+        """One batch run over the rows in ``[since, until)`` (default: every row up to now)."""
+        now = int(self.now)
+        rows = [
+            (c, v, datetime.fromtimestamp(t, timezone.utc))
+            for c, v, t in self.rows
+            if (since is None or t >= since) and t < (until if until is not None else now + 1)
+        ]
+        aggregator = UsageAggregator(
+            event_name=EVENT,
+            now=now,
+            columns=("customer_id", "value", "timestamp"),
+            naive_timezone=timezone.utc,
+            safety_margin=timedelta(minutes=5),
+            keep_too_old=too_old == "bill_at_oldest",
+        )
+        aggregator.add_rows(rows)
+        aggregates = aggregator.finish()
+        usage = Usage(
+            aggregates,
+            SourceFigures(
+                rows=aggregator.rows,
+                aggregates=len(aggregates),
+                problems=dict(aggregator.problems.counts),
+                samples=dict(aggregator.problems.samples),
+                late_rows=aggregator.too_old_rows,
+            ),
+            tuple(aggregator.too_old),
+            aggregator.oldest,
+        )
+        settings = RunSettings(
+            api=api,  # type: ignore[arg-type]
+            dry_run=dry_run,
+            max_rps=10_000,
+            read_rps=10_000,
+            delivery=Delivery(max_rps=10_000, max_attempts=3, outage_timeout=timedelta(seconds=5)),
+            timing=Timing(settle_timeout=timedelta(minutes=10)),
+            summary_lag=summary_lag,
+        )
+        store = self.store()
+        try:
+            run = LedgerRun(
+                settings, self.stripe, store, Writer("platform", run_id, uuid.uuid4().hex), LOG, now
+            )
+            result = run.execute(usage).as_dict()
+        finally:
+            store.close()
+        self.results.append(result)
+        return result
+
+    # -- what a test compares --------------------------------------------------------------------
+
+    def billed(self) -> dict[tuple[str, str], int]:
+        """What Stripe bills per (customer, UTC day), by the meter's formula (dropped events excluded)."""
+        return {k: v for k, v in self.stripe_state.figures(EVENT).items() if v or self.formula == "last"}
+
+    def source(self, since: int | None = None, until: int | None = None) -> dict[tuple[str, str], int]:
+        """The source's figure per (customer, UTC day) by the meter's formula, rows in ``[since, until)``."""
+        days: dict[tuple[str, str], list[tuple[int, int, int]]] = defaultdict(list)
+        for index, (customer, value, at) in enumerate(self.rows):
+            if (since is None or at >= since) and (until is None or at < until):
+                days[(customer, iso(at))].append((at, index, value))
+        out = {}
+        for key, rows in days.items():
+            if self.formula == "count":
+                out[key] = len(rows)
+            elif self.formula == "last":
+                out[key] = max(rows)[2]
+            else:
+                out[key] = sum(r[2] for r in rows)
+        return {k: v for k, v in out.items() if v or self.formula == "last"}
+
+    def ledger_rows(self) -> list[tuple[Any, ...]]:
+        with sqlite3.connect(self.db) as con:
+            return con.execute(
+                "SELECT customer_id, day, seq, value, state FROM stripe_meter_ledger ORDER BY 1, 2, 3"
+            ).fetchall()
+
+
+def day_of(stamp: int) -> date:
+    return datetime.fromtimestamp(stamp, timezone.utc).date()
