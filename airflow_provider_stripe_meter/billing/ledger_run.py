@@ -28,14 +28,23 @@ from airflow_provider_stripe_meter.billing.book import CustomerDay, RunBook
 from airflow_provider_stripe_meter.billing.ledger_plans import UNSETTLED, plan_ledger_day
 from airflow_provider_stripe_meter.billing.meters import ADD, COUNT, MeterUnsupportedError, meter_spec
 from airflow_provider_stripe_meter.billing.outcomes import DayOutcome
+from airflow_provider_stripe_meter.billing.plans import day_end
 from airflow_provider_stripe_meter.billing.result import BatchResult, summarize
 from airflow_provider_stripe_meter.billing.run import MAX_COUNT_EVENTS
 from airflow_provider_stripe_meter.billing.sending import make_deliverer
-from airflow_provider_stripe_meter.billing.settling import Settler, describe, resolved_states, stamp_day
+from airflow_provider_stripe_meter.billing.settling import (
+    Settler,
+    describe,
+    resolved_states,
+    stamp_day,
+    stripe_view,
+    wait_for_summaries,
+)
 from airflow_provider_stripe_meter.ledger.entries import (
     ACCEPTED,
     CANCELLED,
     CANCELLING,
+    DROPPED,
     REJECTED,
     UNVERIFIED,
     Entry,
@@ -85,6 +94,8 @@ class LedgerRun:
         self.accepted: dict[str, list[str]] = defaultdict(list)
         #: Ledger work: rows written, open rows settled, rows left unsettled.
         self.figures = {"written": 0, "settled": 0, "unsettled": 0, "cancelled": 0}
+        #: When the last answer of this run came (what a read-back waits on).
+        self.last_answer = 0.0
 
     # -- the run ---------------------------------------------------------------------------------
 
@@ -99,6 +110,8 @@ class LedgerRun:
                 self.deliver_planned()
                 self.cancel_over()
                 self.check_meters()
+                if self.settings.confirm == "summaries":
+                    self.read_back()
         result = summarize(self.book, self.settings, usage.source)
         result.ledger = dict(self.figures)
         if self.figures["unsettled"] and not self.settings.dry_run:
@@ -264,6 +277,7 @@ class LedgerRun:
 
         def _note(batch: list[PlannedEvent]) -> None:
             moment = clock.now()
+            self.last_answer = max(self.last_answer, moment)
             with lock:
                 for event in batch:
                     answered[id(event)] = moment
@@ -361,6 +375,64 @@ class LedgerRun:
                             "reason": f"meter {spec.meter_id} was deactivated during the run",
                         },
                     )
+
+    def read_back(self) -> None:
+        """Read back every customer sent to, once settled (``confirm="summaries"``).
+
+        One summaries request per customer. A customer Stripe does not know had its events
+        dropped: they are marked so in the ledger (the next run sends them again, once Stripe
+        knows the customer) and the day is ``customer_unknown``. A figure that differs from the
+        ledger's leaves the day ``unconfirmed`` and its events ``unverified``, for the next run
+        to settle.
+        """
+        days = self._all_days()
+        for name, identifiers in self.accepted.items():
+            spec = self.book.specs[name]
+            sent = {
+                key: day for key, day in days.items() if key[0] == name and day.outcome == DayOutcome.SENT
+            }
+            if not sent:
+                continue
+            events = [e for day in sent.values() for e in day.plan.events]
+            if not wait_for_summaries(self, self.last_answer):
+                continue
+            stamps = sorted({stamp_day(e.timestamp) for e in events})
+            customers = sorted({key[1] for key in sent})
+            found, unknown = self.stripe.recorded_per_day(
+                spec.meter_id, customers, stamps[0], stamps[-1], max_rps=self.settings.read_rps
+            )
+            self.book.summary_requests += len(customers)
+            rows = self.ledger.entries_stamped(
+                self.account, spec.meter_id, customers, day_end(stamps[0]) - 86400, day_end(stamps[-1])
+            )
+            by_stamp: dict[tuple[str, date], list[Entry]] = defaultdict(list)
+            for row in rows:
+                by_stamp[(row.customer_id, stamp_day(row.stamp))].append(row)
+            mine = set(identifiers)
+            changes: list[Change] = []
+            for key, day in sent.items():
+                ids = [e.identifier for e in day.plan.events if e.identifier in mine]
+                if key[1] in unknown:
+                    day.outcome = DayOutcome.CUSTOMER_UNKNOWN
+                    changes += [(i, DROPPED, clock.now(), "customer unknown to Stripe") for i in ids]
+                    self.book.samples.add(
+                        day.outcome, {**day.plan.line(), "reason": "Stripe does not know it"}
+                    )
+                    continue
+                checks = {(key[1], stamp_day(e.timestamp)) for e in day.plan.events}
+                if all(stripe_view(spec, by_stamp[c]) == found.get(c, 0) for c in checks):
+                    day.confirmed = True
+                    continue
+                day.outcome = DayOutcome.UNCONFIRMED
+                changes += [(i, UNVERIFIED, clock.now(), "read back differs") for i in ids]
+                self.book.samples.add(
+                    day.outcome,
+                    {
+                        **day.plan.line(),
+                        "reason": "Stripe accepted the events but its settled summary differs",
+                    },
+                )
+            self.ledger.resolve(self.account, changes)
 
 
 def _merge(aggregates: list[DailyAggregate]) -> dict[Key, DailyAggregate]:

@@ -210,8 +210,13 @@ def _late(
             if not dry:
                 by_meter[day.plan.event_name][DayOutcome.OVER.value] += 1
                 counts[DayOutcome.OVER] += 1
-    counts[DayOutcome.REJECTED] += late_counts[DayOutcome.REJECTED]
-    counts[DayOutcome.FAILED] += late_counts[DayOutcome.FAILED]
+    for outcome in (
+        DayOutcome.REJECTED,
+        DayOutcome.FAILED,
+        DayOutcome.UNCONFIRMED,
+        DayOutcome.CUSTOMER_UNKNOWN,
+    ):
+        counts[outcome] += late_counts[outcome]
     return {
         "billed_late": late_counts[DayOutcome.SENT],
         "billed_late_before": sum(1 for d in book.late.values() if d.plan.action == Action.LEAVE_ALONE)

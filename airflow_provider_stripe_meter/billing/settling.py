@@ -119,14 +119,9 @@ class Settler:
         if not entries:
             return
         run = self.run
-        latest = max((e.answered_at or e.sent_at) for e in entries)
-        wait = latest + run.settings.summary_lag - clock.now()
-        if wait > run.settings.settle_seconds:
+        if not wait_for_summaries(run, max((e.answered_at or e.sent_at) for e in entries)):
             self.unsettled.extend(entries)
             return
-        if wait > 0:
-            run.log.info("Waiting %.1f s for Stripe's summaries to show the events being settled", wait)
-            time.sleep(wait)
         customers = sorted({e.customer_id for e in entries})
         days = sorted({stamp_day(e.stamp) for e in entries})
         found, unknown = run.stripe.recorded_per_day(
@@ -182,6 +177,35 @@ class Settler:
         # otherwise none is counted (sending the figure again changes nothing if one did land).
         newest = max(group, key=lambda e: (e.stamp, e.seq))
         return len(group) if newest.value == stripe_figure else 0
+
+
+def wait_for_summaries(run: LedgerRun, latest: float) -> bool:
+    """Sleep until Stripe's summaries show what was answered at ``latest`` (``summary_lag`` on).
+
+    ``False`` without sleeping when that is further away than ``settle_timeout``: the caller
+    leaves the rows open for a later run.
+    """
+    wait = latest + run.settings.summary_lag - clock.now()
+    if wait > run.settings.settle_seconds:
+        return False
+    if wait > 0:
+        run.log.info("Waiting %.1f s for Stripe's summaries to show the events in question", wait)
+        time.sleep(wait)
+    return True
+
+
+def stripe_view(spec: MeterSpec, entries: list[Entry]) -> int:
+    """What Stripe bills for live ``entries`` stamped in one day, by the meter's formula."""
+    live = [e for e in entries if e.state in LIVE]
+    if spec.kind == ADD:
+        return sum(e.value for e in live)
+    if spec.kind == COUNT:
+        return len(live)
+    if not live:
+        return 0
+    if spec.event_time_window is None:
+        return max(live, key=lambda e: (e.stamp, e.seq)).value
+    return max(live, key=lambda e: (e.answered_at or e.sent_at, e.seq)).value
 
 
 def resolved_states(

@@ -17,11 +17,13 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Mapping
 from datetime import date, datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from airflow_provider_stripe_meter.testing.ledger import MeterLedger, StripeApiError, parse_rfc3339
 from airflow_provider_stripe_meter.utils.errors import Duplicate, Rejected, Transient
-from airflow_provider_stripe_meter.utils.rules import MeterEvent
+
+if TYPE_CHECKING:
+    from airflow_provider_stripe_meter.utils.rules import MeterEvent
 
 
 class Killed(BaseException):
@@ -70,7 +72,7 @@ class InProcessStripe:
             self._kill_at = None if accepted is None else self._accepted + accepted
 
     def lose_answers(self, every: int | None) -> None:
-        """Lose the answer to every ``every``-th accepted event (it is recorded; the caller sees a failure)."""
+        """Lose the answer to every ``every``-th accepted event (recorded; the caller sees a failure)."""
         self._lose_every = every
 
     def accept(self, record: Callable[[], Any]) -> Any:

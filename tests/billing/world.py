@@ -89,6 +89,7 @@ class World:
         run_id: str = "nightly",
         dry_run: bool = False,
         summary_lag: float = 0.0,
+        confirm: str = "meter",
     ) -> dict[str, Any]:
         """One batch run over the rows in ``[since, until)`` (default: every row up to now)."""
         now = int(self.now)
@@ -121,6 +122,7 @@ class World:
         )
         settings = RunSettings(
             api=api,  # type: ignore[arg-type]
+            confirm=confirm,  # type: ignore[arg-type]
             dry_run=dry_run,
             max_rps=10_000,
             read_rps=10_000,
@@ -138,6 +140,10 @@ class World:
             store.close()
         self.results.append(result)
         return result
+
+    def run_confirmed(self, **kwargs: Any) -> dict[str, Any]:
+        """A run with ``confirm="summaries"``: it reads back every customer it sent to."""
+        return self.run(confirm="summaries", **kwargs)
 
     # -- what a test compares --------------------------------------------------------------------
 
