@@ -22,6 +22,7 @@ import threading
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import date
 from typing import TYPE_CHECKING
 
 from airflow_provider_stripe_meter.billing.book import CustomerDay, RunBook

@@ -37,16 +37,20 @@ class _Stream:
     def send(self, events: list[dict[str, Any]]) -> None:
         self.stripe.requests["v2_stream"] += 1
         for event in events:
-            self.stripe.accept(
-                lambda event=event: self.stripe.ledger.record(
-                    event_name=event["event_name"],
-                    payload=dict(event["payload"]),
-                    identifier=event.get("identifier"),
-                    timestamp=parse_rfc3339(event["timestamp"]) if event.get("timestamp") else None,
-                    api="v2_stream",
-                    synchronous=False,
-                )
+            self.stripe.accept(self._recorder(event))
+
+    def _recorder(self, event: dict[str, Any]) -> Callable[[], Any]:
+        def record() -> Any:
+            return self.stripe.ledger.record(
+                event_name=event["event_name"],
+                payload=dict(event["payload"]),
+                identifier=event.get("identifier"),
+                timestamp=parse_rfc3339(event["timestamp"]) if event.get("timestamp") else None,
+                api="v2_stream",
+                synchronous=False,
             )
+
+        return record
 
 
 class InProcessStripe:
