@@ -38,7 +38,13 @@ with DAG(
         "WHERE datetime(used_at) >= datetime('{{ billing_window().start }}') "
         "AND datetime(used_at) < datetime('{{ billing_window().end }}')",
     )
-    bill = StripeMeterEventBatchOperator(task_id="bill", event_name="ai_tokens_used", rows=usage.output)
+    bill = StripeMeterEventBatchOperator(
+        task_id="bill",
+        event_name="ai_tokens_used",
+        rows=usage.output,
+        # The ledger of every event sent: a table in a database the team owns.
+        ledger_conn_id="usage_db",
+    )
 
     @task.branch
     def billed(success: bool) -> str:

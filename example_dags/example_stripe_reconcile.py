@@ -70,6 +70,8 @@ with DAG(
         # The whole result: the top-up reads the full table when the sensor wrote one.
         reconciliation=reconcile.output,
         event_name="ai_tokens_used",
+        # The batch operator's ledger: corrections are written there too, so none is sent twice.
+        ledger_conn_id="usage_db",
     )
     bill >> reconcile
     route(reconcile.output["counts"]) >> [

@@ -151,6 +151,14 @@ def day(offset: int) -> str:
     return today().add(days=offset).to_date_string()
 
 
+@pytest.fixture(autouse=True)
+def ledger_db(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh SQLite database for the billing ledger behind the ``ledger_db`` connection."""
+    path = tmp_path / "ledger.db"
+    monkeypatch.setenv("AIRFLOW_CONN_LEDGER_DB", json.dumps({"conn_type": "sqlite", "host": str(path)}))
+    return path
+
+
 @pytest.fixture
 def usage_db(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """An empty SQLite ``usage`` table behind the ``usage_db`` connection."""
@@ -176,6 +184,7 @@ def usage_pg(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     con.autocommit = True
     with con.cursor() as cur:
         cur.execute("DROP TABLE IF EXISTS usage")
+        cur.execute("DROP TABLE IF EXISTS stripe_meter_ledger")
         cur.execute("CREATE TABLE usage (customer_id text, tokens bigint, used_at timestamptz)")
     yield con
     con.close()

@@ -12,7 +12,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "airflow_provider_stripe_meter"
 PURE = sorted(
     f"airflow_provider_stripe_meter.{folder}.{path.stem}"
-    for folder in ("utils", "billing")
+    for folder in ("utils", "billing", "ledger")
     for path in (PACKAGE / folder).glob("*.py")
     if path.stem != "__init__"
 )

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import date
 from typing import TYPE_CHECKING, Any
 
 from airflow_provider_stripe_meter.billing.outcomes import Action, DayOutcome
@@ -13,8 +10,6 @@ from airflow_provider_stripe_meter.billing.outcomes import Action, DayOutcome
 if TYPE_CHECKING:
     from airflow_provider_stripe_meter.billing.meters import MeterSpec
     from airflow_provider_stripe_meter.billing.plans import DayPlan, Key
-    from airflow_provider_stripe_meter.billing.ports import DayMark, Log, RunState, StripeMeters
-    from airflow_provider_stripe_meter.billing.settings import RunSettings
     from airflow_provider_stripe_meter.utils.aggregation import DailyAggregate
     from airflow_provider_stripe_meter.utils.delivery import DeliveryReport
 
@@ -80,8 +75,6 @@ class RunBook:
     days: dict[Key, CustomerDay] = field(default_factory=dict)
     #: Usage older than Stripe's window (``too_old="bill_at_oldest"``), planned apart.
     late: dict[Key, CustomerDay] = field(default_factory=dict)
-    #: Per event name, the journal's marks of the days the run bills.
-    journal: dict[str, dict[date, DayMark]] = field(default_factory=dict)
     reports: list[DeliveryReport] = field(default_factory=list)
     #: Customer-days looked up in Stripe's summaries (each once, however often read).
     looked_up: set[Key] = field(default_factory=set)
@@ -95,28 +88,6 @@ class RunBook:
     def __post_init__(self) -> None:
         self.samples = Samples(self.sample_limit)
 
-    def version(self, key: Key) -> int:
-        """The journal version the day's events are sent under."""
-        mark = self.journal.get(key[0], {}).get(key[2])
-        return mark.version if mark else 0
-
     def with_outcome(self, *outcomes: DayOutcome) -> list[Key]:
         """Keys of the customer-days whose outcome is one of ``outcomes``."""
         return [key for key, day in self.days.items() if day.outcome in outcomes]
-
-
-def days_of(keys: Iterable[Key]) -> dict[str, set[date]]:
-    """The days of ``keys`` (event name, customer, day), per event name."""
-    days: dict[str, set[date]] = defaultdict(set)
-    for name, _, day in keys:
-        days[name].add(day)
-    return dict(days)
-
-
-class Phase:
-    """A step of a run (reading, sending, late billing, confirming): what every step sees."""
-
-    def __init__(
-        self, book: RunBook, settings: RunSettings, stripe: StripeMeters, state: RunState, log: Log
-    ) -> None:
-        self.book, self.settings, self.stripe, self.state, self.log = book, settings, stripe, state, log

@@ -1,38 +1,39 @@
-"""What to send so that Stripe's figure for each (meter, customer, UTC day) equals the source's.
+"""What to send so that Stripe's figure for each customer-day equals the source's, from the ledger.
 
-Plain Python (no Airflow, no ``stripe``). Stripe computes a day's figure with the meter's own
-formula and event time window; the source's figure is computed the same way from its rows
-(:func:`source_figure`). Each meter falls in one of three kinds (:attr:`MeterSpec.kind`):
+Plain Python. The ledger knows every event of ours Stripe holds for the day
+(:class:`~airflow_provider_stripe_meter.ledger.entries.DayFigure`), so a plan is the source's
+figure minus the ledger's, by the meter's kind (:attr:`MeterSpec.kind`):
 
-* ``add``: a raw ``sum`` meter adds every event. A day is sent once in full, under the day's own
-  identifier; what changes later (late rows) is sent as the difference from what Stripe's
-  summaries show (``recorded``), under an identifier that names that base (``...:from<R>``).
-  Two senders that read the same stale base derive the same identifier, so Stripe refuses the
-  second: a difference can only be sent once per base.
-* ``count``: a raw ``count`` meter counts events, so a day of N rows is N events numbered
-  ``#1..#N``; rows that arrive late become events ``#N+1...``. Event k always has the same
-  identifier, so any re-send is refused.
-* ``set``: the newest event decides (a ``last`` meter, or a pre-aggregated meter with a ``day``
-  or ``hour`` event time window, where Stripe keeps only the most recent event of each window).
-  The day's figure is sent whole, stamped with the last second of the day (or now, for today),
-  so it is the newest event of its day; re-sending it changes nothing.
+* ``add`` (raw ``sum``): one event of the difference, negative when the source went down (a
+  refund, a corrected row): Stripe documents negative values as the way to lower usage.
+* ``count``: one event per new row; a day with fewer rows than events is corrected by
+  cancelling the newest events (Stripe allows it within 24 hours of receiving them).
+* ``set`` (``last``, or a pre-aggregated meter): the figure itself, whenever it differs from the
+  one Stripe bills, including 0 (fewer seats is usage too), stamped at the time of the snapshot,
+  so the newest snapshot wins by its own time, not by when it arrived.
 
-A meter the operator cannot bill exactly (``count`` on a pre-aggregated meter, which keeps one
-event a window; ``sum`` on an ``hour`` window, which would need hourly totals) is refused
-(:func:`meter_spec`).
+Two views of a day are never mixed up: a source whose latest row is older than what an event of
+the day was planned from (an hourly run retried after the nightly one) is an older view, and
+changes nothing. A day that began before the oldest instant Stripe accepts shows only part of
+its rows, so it is never lowered.
 
-.. seealso:: https://docs.stripe.com/billing/subscriptions/usage-based/meters/configure
+Each event takes the customer-day's next sequence number, and its identifier names it, so
+Stripe refuses a second copy while it remembers the identifier, and the ledger's key refuses a
+second run's plan for the same number forever.
+
+.. seealso:: https://docs.stripe.com/billing/subscriptions/usage-based/recording-usage-api
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta, timezone
+from datetime import date, datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from airflow_provider_stripe_meter.billing.meters import COUNT, SET, MeterSpec, source_figure
+from airflow_provider_stripe_meter.billing.meters import ADD, COUNT, MeterSpec, source_figure
 from airflow_provider_stripe_meter.billing.outcomes import Action, DayOutcome
-from airflow_provider_stripe_meter.utils.identifiers import bounded_identifier, daily_identifier
+from airflow_provider_stripe_meter.ledger.entries import DayFigure
+from airflow_provider_stripe_meter.utils.identifiers import bounded_identifier
 from airflow_provider_stripe_meter.utils.rules import SECONDS_PER_DAY, MeterEvent
 
 if TYPE_CHECKING:
@@ -125,146 +126,111 @@ class DayPlan:
         }
 
 
-def plan_late(aggregate: DailyAggregate, billed: int, *, prefix: str, at: int) -> DayPlan:
-    """Plan usage of a day older than Stripe's window, billed at ``at`` (the oldest instant it takes).
-
-    Only ``sum`` meters (raw): elsewhere a late event would change another day's count or last
-    value. ``billed`` is what was billed late for this day before; the identifier keeps the
-    original day and names that base, so a repeat is refused.
-    """
-    expected = aggregate.value
-    plan = DayPlan(
-        aggregate.event_name, aggregate.customer_id, aggregate.day, expected, billed, Action.LEAVE_ALONE
-    )
-    if expected == billed:
-        plan.reason = "billed late before"
-        return plan
-    if expected < billed:
-        plan.action, plan.reason = Action.REPORT, "over: more was billed late than the source now holds"
-        return plan
-    plan.action = Action.TOP_UP if billed else Action.SEND
-    plan.reason = (
-        f"older than Stripe's 35 days: billed at {datetime.fromtimestamp(at, timezone.utc).isoformat()}"
-    )
-    identifier = bounded_identifier(
-        prefix, aggregate.event_name, aggregate.customer_id, aggregate.day.isoformat(), f"late{billed}"
-    )
-    plan.events = [
-        PlannedEvent(
-            aggregate.event_name,
-            aggregate.customer_id,
-            aggregate.day,
-            expected - billed,
-            identifier,
-            at,
-            False,
-        )
-    ]
-    return plan
-
-
 def day_end(day: date) -> int:
     """Unix seconds of the first second after ``day`` (UTC)."""
     return int(datetime(day.year, day.month, day.day, tzinfo=timezone.utc).timestamp()) + SECONDS_PER_DAY
 
 
-def is_fresh(day: date, now: float, window: timedelta) -> bool:
-    """Whether every event for ``day`` sent after it ended is still inside Stripe's identifier window."""
-    return day_end(day) > now - window.total_seconds()
+#: Reasons a day is left as it is although the figures differ.
+OLDER_VIEW = "older view: the ledger billed this day from a later source row"
+PARTIAL_DAY = "partly older than Stripe's 35 days: the source no longer shows all of this day"
+UNSETTLED = "unsettled: an earlier run's event for this day could not be settled yet"
+
+
+def ledger_identifier(spec: MeterSpec, customer_id: str, day: date, seq: int) -> str:
+    """The identifier of a customer-day's ``seq``-th event on a meter (readable, at most 100 chars)."""
+    return bounded_identifier("sm", spec.event_name, customer_id, day.isoformat(), str(seq), spec.meter_id)
+
+
+def ledger_recorded(spec: MeterSpec, figure: DayFigure) -> int:
+    """What Stripe bills for the day from the ledger's events, by the meter's formula."""
+    if spec.kind == ADD:
+        return figure.total
+    if spec.kind == COUNT:
+        return figure.events
+    if figure.empty:
+        return 0
+    # A raw last meter bills the latest timestamp; a pre-aggregated one the newest event sent.
+    value = figure.newest if spec.event_time_window is None else figure.newest_sent
+    return value or 0
 
 
 def plan_day(
     aggregate: DailyAggregate,
     spec: MeterSpec,
-    recorded: int | None,
+    figure: DayFigure | None,
     *,
-    prefix: str,
     now: int,
-    correct_over: bool = False,
-    customer_unknown: bool = False,
-    version: int = 0,
+    oldest: int,
 ) -> DayPlan:
-    """Decide what to send for one customer-day, given what Stripe shows (``None``: not looked).
+    """Plan one customer-day from the source's aggregate and the ledger's figure.
 
-    ``version`` is how many runs have sent to this day before (the day's journal): it goes into
-    the identifiers of sum differences and new figures, so a figure that returns to an earlier
-    value (5 -> 3 -> 5 -> 3 seats) gets a new identifier, while a retry or a concurrent run that
-    saw the same figure in the same version derives the same one and Stripe refuses the copy.
+    :param now: Unix seconds; no event is stamped later.
+    :param oldest: The oldest instant Stripe accepts; no event is stamped earlier (usage of an
+        older day, billed late, lands there), and a day that began before it is partial.
     """
+    figure = figure or DayFigure()
     expected = source_figure(aggregate, spec)
+    recorded = ledger_recorded(spec, figure)
     plan = DayPlan(
         aggregate.event_name, aggregate.customer_id, aggregate.day, expected, recorded, Action.LEAVE_ALONE
     )
-    if customer_unknown:
-        plan.action, plan.reason = Action.REPORT, CUSTOMER_UNKNOWN
+    if figure.open:
+        plan.reason = UNSETTLED  # left alone; the run counts the day as failed
         return plan
-    base = recorded or 0
-    if expected == base:
-        plan.reason = "recorded" if recorded is not None else "nothing to send"
+    # A set meter's empty day is sent even at 0: otherwise the previous day's value stands.
+    if expected == recorded and not (spec.kind not in (ADD, COUNT) and figure.empty):
+        plan.reason = "recorded" if not figure.empty else "nothing to send"
         return plan
-    if expected < base and spec.formula == "last":
-        # A lower latest value (fewer seats) is the usage now, not an over-billing: send it.
-        plan.action, plan.reason = Action.TOP_UP, "new latest value"
-    elif expected < base:
-        if not correct_over or spec.kind == COUNT:
-            plan.action = Action.REPORT
-            plan.reason = (
-                "over: a count cannot be lowered by an event (cancel within 24 hours, or credit)"
-                if spec.kind == COUNT
-                else "over: Stripe holds more than the source (correct_over=True sends the correction)"
-            )
+    if aggregate.timestamp < figure.source_at:
+        plan.reason = OLDER_VIEW
+        return plan
+    partial = _day_start(aggregate.day) < oldest
+    if expected < recorded and partial and spec.kind in (ADD, COUNT):
+        plan.reason = PARTIAL_DAY
+        return plan
+    stamp = min(max(aggregate.timestamp, oldest), now)
+    seq = figure.max_seq
+
+    def event(value: int, at: int) -> PlannedEvent:
+        nonlocal seq
+        seq += 1
+        return PlannedEvent(
+            aggregate.event_name,
+            aggregate.customer_id,
+            aggregate.day,
+            value,
+            ledger_identifier(spec, aggregate.customer_id, aggregate.day, seq),
+            at,
+            True,
+            seq=seq,
+            source_at=aggregate.timestamp,
+        )
+
+    if spec.kind == ADD:
+        diff = expected - recorded
+        plan.action = Action.CORRECT if diff < 0 else Action.SEND if figure.empty else Action.TOP_UP
+        plan.reason = "source went down" if diff < 0 else "new day" if figure.empty else "late rows"
+        plan.events = [event(diff, stamp)]
+    elif spec.kind == COUNT:
+        diff = expected - recorded
+        if diff < 0:
+            # The run cancels the newest events it may still cancel (see the run's corrections).
+            plan.action, plan.reason, plan.cancel = Action.CORRECT, "fewer rows than events", -diff
             return plan
-        plan.action, plan.reason = Action.CORRECT, "over"
+        plan.action = Action.SEND if figure.empty else Action.TOP_UP
+        plan.reason = "new day" if figure.empty else "late rows"
+        plan.events = [event(1, stamp) for _ in range(diff)]
     else:
-        plan.action = Action.TOP_UP if base else Action.SEND
-        plan.reason = "late rows" if base else ("new day" if recorded is None else "missing")
-    plan.events = _events(
-        aggregate, spec, expected, base, prefix=prefix, now=now, blind=recorded is None, version=version
-    )
+        if not figure.empty and stamp <= figure.newest_stamp:
+            # Same snapshot time with another figure (a row corrected in place): one second later,
+            # inside the day, so the new figure is the newest.
+            stamp = min(figure.newest_stamp + 1, day_end(aggregate.day) - 1, now)
+        plan.action = Action.SEND if figure.empty else Action.TOP_UP
+        plan.reason = "new day" if figure.empty else "new figure"
+        plan.events = [event(expected, stamp)]
     return plan
 
 
-def _events(
-    aggregate: DailyAggregate,
-    spec: MeterSpec,
-    expected: int,
-    base: int,
-    *,
-    prefix: str,
-    now: int,
-    blind: bool,
-    version: int = 0,
-) -> list[PlannedEvent]:
-    name, customer, day = aggregate.event_name, aggregate.customer_id, aggregate.day
-    iso = day.isoformat()
-    # Version 0 (nothing of ours sent to the day yet) keeps the plain identifiers.
-    tail = (f"v{version}",) if version else ()
-
-    def event(value: int, identifier: str, timestamp: int) -> PlannedEvent:
-        return PlannedEvent(name, customer, day, value, identifier, timestamp, blind)
-
-    if spec.kind == SET:
-        # The last second of the day (now, for today) makes this the day's newest event. The
-        # identifier names the figure and the base it replaces, so a re-send is refused.
-        stamp = min(day_end(day) - 1, now)
-        return [
-            event(
-                expected,
-                bounded_identifier(prefix, name, customer, iso, f"set{expected}from{base}", *tail),
-                stamp,
-            )
-        ]
-    if spec.kind == COUNT:
-        return [
-            event(1, bounded_identifier(prefix, name, customer, iso, f"n{k}"), aggregate.timestamp)
-            for k in range(base + 1, expected + 1)
-        ]
-    if base == 0 and not version:
-        return [event(expected, daily_identifier(name, customer, day, prefix), aggregate.timestamp)]
-    return [
-        event(
-            expected - base,
-            bounded_identifier(prefix, name, customer, iso, f"from{base}", *tail),
-            aggregate.timestamp,
-        )
-    ]
+def _day_start(day: date) -> int:
+    return day_end(day) - 86400

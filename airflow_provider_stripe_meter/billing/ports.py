@@ -8,21 +8,12 @@ Airflow or ``stripe``.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from datetime import date
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from airflow_provider_stripe_meter.ledger.entries import DayFigure, Entry
     from airflow_provider_stripe_meter.utils.rules import MeterEvent
-
-
-@dataclass(frozen=True)
-class DayMark:
-    """What the day journal knows of one day: sent to at all, when last, which version is next."""
-
-    version: int
-    last_send: float
 
 
 class StreamSession(Protocol):
@@ -54,46 +45,6 @@ class StripeMeters(Protocol):
     def meter_event_stream(self) -> StreamSession: ...
 
     def cancel_meter_event(self, event_name: str, identifier: str) -> Any: ...
-
-
-class Journal(Protocol):
-    """The day journal of one meter (:class:`~airflow_provider_stripe_meter.state.day_journal.SentDays`)."""
-
-    def read(self, days: Iterable[date]) -> dict[date, DayMark]: ...
-
-    def sending(self, days: Iterable[date], detail: dict[str, Any], now: float) -> None: ...
-
-    def sent(self, versions: Mapping[date, int], detail: dict[str, Any], now: float) -> None: ...
-
-    def forget_older_than(self, oldest_kept: date) -> None: ...
-
-
-class Landings(Protocol):
-    """Late-billing records of one meter (see :mod:`airflow_provider_stripe_meter.state.late_billing`)."""
-
-    def used(self) -> bool: ...
-
-    def pending(self) -> list[dict[str, Any]]: ...
-
-    def add_pending(self, entries: list[dict[str, Any]]) -> None: ...
-
-    def drop_pending(self, identifiers: Iterable[str]) -> None: ...
-
-    def confirm(self, entries: Iterable[dict[str, Any]]) -> None: ...
-
-    def read(self, landing_days: Iterable[date]) -> dict[date, dict[str, dict[str, int]]]: ...
-
-    def billed(self, original_days: Iterable[date]) -> dict[date, dict[str, int]]: ...
-
-    def forget_landed_before(self, oldest_kept: date) -> None: ...
-
-
-class RunState(Protocol):
-    """Where the journal and the late-billing records of each meter are kept."""
-
-    def journal(self, meter_id: str) -> Journal: ...
-
-    def landings(self, meter_id: str) -> Landings: ...
 
 
 class Log(Protocol):

@@ -1,35 +1,62 @@
-"""One billing run, top to bottom: read the meters, plan, deliver, confirm, report.
+"""One billing run, top to bottom: meters, settle, plan, deliver, check, result.
 
-Exactly once, whatever the history of runs: the source's figure for each customer-day is
-computed with the meter's own formula (:mod:`.plans`). A day that ended less than
-``identifier_window`` ago and was never sent for is sent straight away, protected by Stripe's
-identifier rule; every other day is first looked up in Stripe's meter event summaries, once
-they can be trusted (:mod:`.lookup`), and only the difference is sent, under an identifier that
-names what it builds on (:mod:`.sending`). After the last answer the run confirms
-(:mod:`.confirming`): duplicate answers are settled from the summaries, every meter sent to is
-read again (Stripe drops events of a meter deactivated meanwhile), and with
-``confirm="summaries"`` every customer-day sent to is read back.
+The ledger (:mod:`airflow_provider_stripe_meter.ledger`) holds every event the runs sent, so a run
+knows what Stripe holds of ours without reading Stripe: it sends the source minus the ledger.
+Each slice of events is written ``pending`` before it leaves and resolved by Stripe's answers
+(:mod:`.settling` settles what a killed run left). A run that sends nothing reads nothing from
+Stripe but its meters.
+
+Histories this protects, each tested in ``tests/billing/test_ledger_histories.py``: retries,
+clears, re-runs and backfills of any age (the ledger outlives Stripe's 24-hour identifier
+window); hourly and nightly runs of the same days, under any ``identifier_prefix`` (one ledger
+per account and meter; an older view of a day changes nothing); kill -9 at any instant (pending
+rows settled by the next run); meters deactivated mid-run (rows left ``unverified`` and settled
+from summaries once the meter is back); sources that go down (negative ``sum`` events, cancelled
+``count`` events); ``last`` meters down to 0; usage older than Stripe's window billed late,
+net of everything billed for its day.
 """
 
 from __future__ import annotations
 
+import threading
+from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import date
 from typing import TYPE_CHECKING
 
-from airflow_provider_stripe_meter.billing.book import CustomerDay, Phase, RunBook
-from airflow_provider_stripe_meter.billing.confirming import Confirmer
-from airflow_provider_stripe_meter.billing.late import LateBilling
-from airflow_provider_stripe_meter.billing.lookup import SummaryReader
-from airflow_provider_stripe_meter.billing.meters import COUNT, MeterUnsupportedError, meter_spec
-from airflow_provider_stripe_meter.billing.plans import Key, is_fresh, plan_day
+from airflow_provider_stripe_meter.billing.book import CustomerDay, RunBook
+from airflow_provider_stripe_meter.billing.meters import ADD, COUNT, MeterUnsupportedError, meter_spec
+from airflow_provider_stripe_meter.billing.outcomes import DayOutcome
+from airflow_provider_stripe_meter.billing.plans import UNSETTLED, day_end, plan_day
 from airflow_provider_stripe_meter.billing.result import BatchResult, SourceFigures, summarize
-from airflow_provider_stripe_meter.billing.sending import Sender
-from airflow_provider_stripe_meter.billing.settings import FRESH_MARGIN
+from airflow_provider_stripe_meter.billing.sending import make_deliverer
+from airflow_provider_stripe_meter.billing.settling import (
+    Settler,
+    describe,
+    resolved_states,
+    stamp_day,
+    stripe_view,
+    wait_for_summaries,
+)
+from airflow_provider_stripe_meter.ledger.entries import (
+    ACCEPTED,
+    CANCELLED,
+    CANCELLING,
+    DROPPED,
+    REJECTED,
+    UNVERIFIED,
+    Entry,
+)
+from airflow_provider_stripe_meter.utils import clock
+from airflow_provider_stripe_meter.utils.aggregation import DailyAggregate
+from airflow_provider_stripe_meter.utils.errors import Duplicate, Rejected
 
 if TYPE_CHECKING:
-    from airflow_provider_stripe_meter.billing.ports import Log, RunState, StripeMeters
+    from airflow_provider_stripe_meter.billing.plans import Key, PlannedEvent
+    from airflow_provider_stripe_meter.billing.ports import LedgerStore, Log, StripeMeters
     from airflow_provider_stripe_meter.billing.settings import RunSettings
-    from airflow_provider_stripe_meter.utils.aggregation import DailyAggregate
+    from airflow_provider_stripe_meter.billing.settling import Change
 
 #: Events a run may plan for count meters (one event per row) before it refuses to start.
 MAX_COUNT_EVENTS = 1_000_000
@@ -47,39 +74,63 @@ class Usage:
     oldest: int = 0
 
 
+#: Events written, sent and resolved together: what a run killed at any instant leaves pending.
+SLICE = 5_000
+#: Stripe cancels a meter event only within 24 hours of receiving it; an hour is kept in hand.
+CANCEL_WINDOW = 23 * 3600
+
+
+@dataclass(frozen=True)
+class Writer:
+    """Who writes ledger rows: the account billed, the Airflow run, and this try of the task."""
+
+    account: str
+    run_id: str
+    attempt: str
+
+
 class BillingRun:
-    """One run of the batch operator, in plain Python: Stripe and the state come in as ports."""
+    """One run of the batch operator against the ledger, in plain Python (Stripe and the ledger are ports)."""
 
     def __init__(
         self,
         settings: RunSettings,
         stripe: StripeMeters,
-        state: RunState,
+        ledger: LedgerStore,
+        writer: Writer,
         log: Log,
         now: int,
     ) -> None:
-        self.settings, self.stripe, self.state, self.log = settings, stripe, state, log
+        self.settings, self.stripe, self.ledger, self.log = settings, stripe, ledger, log
+        self.writer, self.account = writer, writer.account
         self.book = RunBook(now=now, sample_limit=settings.sample_limit)
-        sees = (self.book, settings, stripe, state, log)
-        phase = Phase(*sees)
-        self.reader = SummaryReader(*sees)
-        self.sender = Sender(*sees)
-        self.late = LateBilling(phase, self.reader, self.sender)
-        self.confirmer = Confirmer(phase, self.reader, self.sender)
+        #: Per event name, the identifiers of this run's events Stripe accepted.
+        self.accepted: dict[str, list[str]] = defaultdict(list)
+        #: Ledger work: rows written, open rows settled, rows left unsettled.
+        self.figures = {"written": 0, "settled": 0, "unsettled": 0, "cancelled": 0}
+        #: When the last answer of this run came (what a read-back waits on).
+        self.last_answer = 0.0
+
+    # -- the run ---------------------------------------------------------------------------------
 
     def execute(self, usage: Usage) -> BatchResult:
-        """Bill ``usage``: read -> plan -> deliver -> confirm -> result."""
-        if usage.aggregates or usage.late:
-            self.read_meters({a.event_name for a in [*usage.aggregates, *usage.late]})
-            self.plan(usage)
+        """Bill ``usage``: meters -> settle -> plan -> deliver -> correct -> check -> result."""
+        aggregates = _merge([*usage.aggregates, *usage.late])
+        if aggregates:
+            self.read_meters({key[0] for key in aggregates})
+            self.settle()
+            self.plan(aggregates, usage.oldest)
             if not self.settings.dry_run:
-                self.sender.deliver_planned()
-                self.late.send()
-                self.confirmer.settle_duplicates()
-                self.confirmer.check_meters()
+                self.deliver_planned()
+                self.cancel_over()
+                self.check_meters()
                 if self.settings.confirm == "summaries":
-                    self.confirmer.read_back()
-        return summarize(self.book, self.settings, usage.source)
+                    self.read_back()
+        result = summarize(self.book, self.settings, usage.source)
+        result.ledger = dict(self.figures)
+        if self.figures["unsettled"] and not self.settings.dry_run:
+            result.success = False
+        return result
 
     def read_meters(self, event_names: set[str]) -> None:
         """Each meter's settings; an unknown or inactive meter fails before anything is sent."""
@@ -92,48 +143,349 @@ class BillingRun:
                 value_key=self.settings.value_payload_key,
             )
 
-    def plan(self, usage: Usage) -> None:
-        """Look up the days that need it, and plan every customer-day."""
+    def reverify(self, keys: set[Key]) -> int:
+        """Mark the accepted events of ``keys`` unverified: Stripe showed less than the ledger for them.
+
+        The settle step then reads Stripe's summaries for them and marks what Stripe dropped, so
+        the plan sends it again (a top-up after a reconciliation). Returns the events marked.
+        """
+        changes: list[Change] = []
+        for name in {key[0] for key in keys}:
+            spec = self.book.specs[name]
+            mine = [k for k in keys if k[0] == name]
+            for entry in self.ledger.entries_of(
+                self.account,
+                spec.meter_id,
+                {k[1] for k in mine},
+                min(k[2] for k in mine),
+                max(k[2] for k in mine),
+            ):
+                if entry.key in keys and entry.state == ACCEPTED:
+                    changes.append((entry.identifier, UNVERIFIED, entry.answered_at, "Stripe showed less"))
+        self.ledger.resolve(self.account, changes)
+        return len(changes)
+
+    def settle(self) -> None:
+        """Settle every meter's open rows (those still open are reported by the plan)."""
+        if self.settings.dry_run:
+            return
+        for spec in self.book.specs.values():
+            settler = Settler(self, spec)
+            settler.settle()
+            self.figures["settled"] += settler.settled
+            self.figures["unsettled"] += len(settler.unsettled)
+            for entry in settler.unsettled:
+                self.book.samples.add(
+                    "unsettled",
+                    {**describe(entry), "reason": "Stripe's figure does not settle this earlier event yet"},
+                )
+
+    def plan(self, aggregates: dict[Key, DailyAggregate], oldest: int) -> None:
+        """Plan every customer-day: the source's figure minus the ledger's."""
         book = self.book
-        count_events = sum(a.rows for a in usage.aggregates if book.specs[a.event_name].kind == COUNT)
+        count_events = sum(a.rows for a in aggregates.values() if book.specs[a.event_name].kind == COUNT)
         if count_events > MAX_COUNT_EVENTS:
             raise MeterUnsupportedError(
                 f"{count_events} rows on count meters would be {count_events} events (one per row), over "
                 f"the {MAX_COUNT_EVENTS} a run sends; count rows in SQL and bill them on a sum meter",
                 {"type": "meter_unsupported", "count_events": count_events},
             )
-        aggregates = {(a.event_name, a.customer_id, a.day): a for a in usage.aggregates}
+        oldest_day = stamp_day(oldest)
         for name, spec in book.specs.items():
-            book.journal[name] = self.state.journal(spec.meter_id).read(
-                k[2] for k in aggregates if k[0] == name
+            keys = [k for k in aggregates if k[0] == name]
+            days = [k[2] for k in keys]
+            figures = self.ledger.figures(
+                self.account, spec.meter_id, min(days), max(days), newest=spec.kind not in (ADD, COUNT)
             )
-            if self.state.landings(spec.meter_id).used():
-                # Late events whose fate a killed or cut-off run never learnt: settled from
-                # Stripe before anything reads the days they landed on.
-                self.late.settle_pending(spec)
-        if usage.late:
-            self.late.plan(list(usage.late), usage.oldest)
-        to_look_up = self._days_to_look_up(aggregates)
-        recorded, unknown = self.reader.read_settled(to_look_up)
-        for key, aggregate in aggregates.items():
-            looked = key in to_look_up
-            plan = plan_day(
-                aggregate,
-                book.specs[key[0]],
-                recorded.get(key, 0) if looked else None,
-                prefix=self.settings.prefix,
-                now=book.now,
-                correct_over=self.settings.correct_over,
-                customer_unknown=looked and (key[0], key[1]) in unknown,
-                version=book.version(key),
-            )
-            book.days[key] = CustomerDay(aggregate, plan)
+            for key in keys:
+                aggregate = aggregates[key]
+                plan = plan_day(aggregate, spec, figures.get((key[1], key[2])), now=book.now, oldest=oldest)
+                day = CustomerDay(aggregate, plan)
+                if plan.reason == UNSETTLED:
+                    day.outcome = DayOutcome.FAILED
+                    book.samples.add(DayOutcome.FAILED, {**plan.line(), "reason": UNSETTLED})
+                # Usage of a day older than Stripe's window is billed late (counted apart).
+                (book.late if key[2] < oldest_day else book.days)[key] = day
 
-    def _days_to_look_up(self, aggregates: dict[Key, DailyAggregate]) -> set[Key]:
-        """Customer-days whose Stripe figure must be read before sending: old, or marked as sent."""
-        window = self.settings.timing.identifier_window
-        if window is None:
-            return set(aggregates)  # nothing sent blind: every day is looked up
-        fresh_days = {key[2] for key in aggregates if is_fresh(key[2], self.book.now, window - FRESH_MARGIN)}
-        journal = self.book.journal
-        return {key for key in aggregates if key[2] not in fresh_days or key[2] in journal[key[0]]}
+    # -- delivery --------------------------------------------------------------------------------
+
+    def _all_days(self) -> dict[Key, CustomerDay]:
+        return {**self.book.days, **self.book.late}
+
+    def deliver_planned(self) -> None:
+        """Write, send and resolve every planned event, a slice at a time."""
+        days = self._all_days()
+        planned = [(key, day.plan.events) for key, day in days.items() if day.plan.events]
+        size = 0
+        batch: list[tuple[Key, list[PlannedEvent]]] = []
+        for item in planned:
+            batch.append(item)
+            size += len(item[1])
+            if size >= SLICE:
+                self._deliver_slice(batch, days)
+                batch, size = [], 0
+        if batch:
+            self._deliver_slice(batch, days)
+
+    def _deliver_slice(
+        self, batch: list[tuple[Key, list[PlannedEvent]]], days: dict[Key, CustomerDay]
+    ) -> None:
+        now = clock.now()
+        specs = self.book.specs
+        entries = [
+            Entry(
+                account=self.account,
+                meter_id=specs[e.event_name].meter_id,
+                event_name=e.event_name,
+                customer_id=e.customer_id,
+                day=e.day,
+                seq=e.seq,
+                identifier=e.identifier,
+                value=e.value,
+                stamp=e.timestamp,
+                source_at=e.source_at,
+                state="pending",
+                run_id=self.writer.run_id,
+                attempt=self.writer.attempt,
+                sent_at=now,
+            )
+            for _, events in batch
+            for e in events
+        ]
+        owned = self.ledger.insert(entries)
+        self.figures["written"] += len(owned)
+        to_send: list[PlannedEvent] = []
+        released: list[Change] = []
+        for key, events in batch:
+            if all(e.identifier in owned for e in events):
+                to_send.extend(events)
+                continue
+            # Another run planned the same next event for this day at the same time: the table's
+            # key let one of them in. This run stands back; its retry plans the day again.
+            released += [
+                (e.identifier, REJECTED, now, "another run billed this day at the same time")
+                for e in events
+                if e.identifier in owned
+            ]
+            days[key].outcome = DayOutcome.FAILED
+            self.book.samples.add(
+                DayOutcome.FAILED,
+                {**days[key].plan.line(), "reason": "another run billed this day at the same time"},
+            )
+        self.ledger.resolve(self.account, released)
+        changes, failed = self.deliver(to_send)
+        self.ledger.resolve(self.account, changes)
+        rejected = {c[0] for c in changes if c[1] == REJECTED}
+        by_key: dict[Key, list[PlannedEvent]] = defaultdict(list)
+        for event in to_send:
+            by_key[event.key].append(event)
+        for key, events in by_key.items():
+            ids = {e.identifier for e in events}
+            day = days[key]
+            if ids & rejected:
+                day.outcome = DayOutcome.REJECTED
+            elif ids & failed:
+                day.outcome = DayOutcome.FAILED
+            else:
+                day.outcome = DayOutcome.SENT
+                self.accepted[key[0]].extend(ids)
+
+    def deliver(self, events: list[PlannedEvent]) -> tuple[list[Change], set[str]]:
+        """Send ``events`` through the run's API; return the ledger changes and the failed identifiers."""
+        if not events:
+            return [], set()
+        answered: dict[int, float] = {}
+        lock = threading.Lock()
+
+        def noting(send: Callable[[list[PlannedEvent]], None]) -> Callable[[list[PlannedEvent]], None]:
+            # When each answer came: the order Stripe took a customer's events in.
+            def send_and_note(batch: list[PlannedEvent]) -> None:
+                try:
+                    send(batch)
+                except (Duplicate, Rejected):
+                    _note(batch)
+                    raise
+                _note(batch)
+
+            return send_and_note
+
+        def _note(batch: list[PlannedEvent]) -> None:
+            moment = clock.now()
+            self.last_answer = max(self.last_answer, moment)
+            with lock:
+                for event in batch:
+                    answered[id(event)] = moment
+
+        # Every event's identifier is new to Stripe or names an event of ours, so the stream,
+        # which drops repeats without a word, is as exact as v1 here.
+        report = make_deliverer(
+            self.settings.api, self.book.specs, self.settings, self.stripe, self.log, noting
+        ).run(events)
+        self.book.reports.append(report)
+        rejected = {id(e) for e in report.rejected_items}
+        return resolved_states(events, answered, rejected, {id(e) for e in report.failed_items})
+
+    # -- corrections and checks ------------------------------------------------------------------
+
+    def cancel_over(self) -> None:
+        """Cancel the newest events of ``count`` days with more events than rows, where Stripe allows it."""
+        days = self._all_days()
+        over = {key: day for key, day in days.items() if day.plan.cancel}
+        if not over:
+            return
+        by_meter: dict[str, list[Key]] = defaultdict(list)
+        for key in over:
+            by_meter[key[0]].append(key)
+        now = clock.now()
+        for name, keys in by_meter.items():
+            spec = self.book.specs[name]
+            entries = self.ledger.entries_of(
+                self.account,
+                spec.meter_id,
+                {k[1] for k in keys},
+                min(k[2] for k in keys),
+                max(k[2] for k in keys),
+            )
+            by_key: dict[Key, list[Entry]] = defaultdict(list)
+            for entry in entries:
+                if entry.state == ACCEPTED:
+                    by_key[entry.key].append(entry)
+            for key in keys:
+                day = over[key]
+                newest = sorted(by_key[key], key=lambda e: e.seq, reverse=True)[: day.plan.cancel]
+                cancellable = [e for e in newest if e.answered_at and now - e.answered_at < CANCEL_WINDOW]
+                if len(cancellable) < day.plan.cancel:
+                    day.outcome = DayOutcome.OVER
+                    self.book.samples.add(
+                        DayOutcome.OVER,
+                        {
+                            **day.plan.line(),
+                            "reason": "fewer rows than events, and Stripe cancels events only within 24 "
+                            "hours of receiving them: credit the customer",
+                        },
+                    )
+                    continue
+                # Marked before the cancel leaves: a run killed in between cancels again next time.
+                self.ledger.resolve(
+                    self.account, [(e.identifier, CANCELLING, e.answered_at, "") for e in cancellable]
+                )
+                changes: list[Change] = []
+                for entry in cancellable:
+                    self.stripe.cancel_meter_event(entry.event_name, entry.identifier)
+                    changes.append((entry.identifier, CANCELLED, clock.now(), "source has fewer rows"))
+                self.ledger.resolve(self.account, changes)
+                self.figures["cancelled"] += len(changes)
+                day.outcome = DayOutcome.SENT
+
+    def check_meters(self) -> None:
+        """Read each meter sent to once more: Stripe drops events of a meter deactivated meanwhile.
+
+        One request per meter. A meter inactive now, or deactivated and reactivated since the
+        run planned, leaves this run's events ``unverified`` in the ledger: the next run (the
+        meter active again) settles them from Stripe's summaries and sends what was dropped.
+        """
+        book = self.book
+        for name in sorted(self.accepted):
+            spec = book.specs[name]
+            meter = self.stripe.retrieve_meter(spec.meter_id)
+            deactivated_at = (meter.get("status_transitions") or {}).get("deactivated_at")
+            if meter.get("status") == "active" and deactivated_at == book.deactivated_at.get(name):
+                continue
+            book.deactivated.add(name)
+            self.ledger.resolve(
+                self.account,
+                [
+                    (i, UNVERIFIED, clock.now(), "meter deactivated during the run")
+                    for i in self.accepted[name]
+                ],
+            )
+            for key, day in self._all_days().items():
+                if key[0] == name and day.outcome == DayOutcome.SENT:
+                    day.outcome = DayOutcome.UNCONFIRMED
+                    book.samples.add(
+                        DayOutcome.UNCONFIRMED,
+                        {
+                            **day.plan.line(),
+                            "reason": f"meter {spec.meter_id} was deactivated during the run",
+                        },
+                    )
+
+    def read_back(self) -> None:
+        """Read back every customer sent to, once settled (``confirm="summaries"``).
+
+        One summaries request per customer. A customer Stripe does not know had its events
+        dropped: they are marked so in the ledger (the next run sends them again, once Stripe
+        knows the customer) and the day is ``customer_unknown``. A figure that differs from the
+        ledger's leaves the day ``unconfirmed`` and its events ``unverified``, for the next run
+        to settle.
+        """
+        days = self._all_days()
+        for name, identifiers in self.accepted.items():
+            spec = self.book.specs[name]
+            sent = {
+                key: day for key, day in days.items() if key[0] == name and day.outcome == DayOutcome.SENT
+            }
+            if not sent:
+                continue
+            events = [e for day in sent.values() for e in day.plan.events]
+            if not wait_for_summaries(self, self.last_answer):
+                continue
+            stamps = sorted({stamp_day(e.timestamp) for e in events})
+            customers = sorted({key[1] for key in sent})
+            found, unknown = self.stripe.recorded_per_day(
+                spec.meter_id, customers, stamps[0], stamps[-1], max_rps=self.settings.read_rps
+            )
+            self.book.summary_requests += len(customers)
+            rows = self.ledger.entries_stamped(
+                self.account, spec.meter_id, customers, day_end(stamps[0]) - 86400, day_end(stamps[-1])
+            )
+            by_stamp: dict[tuple[str, date], list[Entry]] = defaultdict(list)
+            for row in rows:
+                by_stamp[(row.customer_id, stamp_day(row.stamp))].append(row)
+            mine = set(identifiers)
+            changes: list[Change] = []
+            for key, day in sent.items():
+                ids = [e.identifier for e in day.plan.events if e.identifier in mine]
+                if key[1] in unknown:
+                    day.outcome = DayOutcome.CUSTOMER_UNKNOWN
+                    changes += [(i, DROPPED, clock.now(), "customer unknown to Stripe") for i in ids]
+                    self.book.samples.add(
+                        day.outcome, {**day.plan.line(), "reason": "Stripe does not know it"}
+                    )
+                    continue
+                checks = {(key[1], stamp_day(e.timestamp)) for e in day.plan.events}
+                if all(stripe_view(spec, by_stamp[c]) == found.get(c, 0) for c in checks):
+                    day.confirmed = True
+                    continue
+                day.outcome = DayOutcome.UNCONFIRMED
+                changes += [(i, UNVERIFIED, clock.now(), "read back differs") for i in ids]
+                self.book.samples.add(
+                    day.outcome,
+                    {
+                        **day.plan.line(),
+                        "reason": "Stripe accepted the events but its settled summary differs",
+                    },
+                )
+            self.ledger.resolve(self.account, changes)
+
+
+def _merge(aggregates: list[DailyAggregate]) -> dict[Key, DailyAggregate]:
+    """One aggregate per customer-day: the rows of a day partly past Stripe's window come in two parts."""
+    out: dict[Key, DailyAggregate] = {}
+    for a in aggregates:
+        key = (a.event_name, a.customer_id, a.day)
+        known = out.get(key)
+        if known is None:
+            out[key] = a
+            continue
+        later = a if a.timestamp >= known.timestamp else known
+        out[key] = DailyAggregate(
+            a.event_name,
+            a.customer_id,
+            a.day,
+            known.value + a.value,
+            later.timestamp,
+            known.rows + a.rows,
+            later.last_value,
+        )
+    return out

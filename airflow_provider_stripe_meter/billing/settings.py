@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Literal
+from typing import Literal
 
 Api = Literal["v1", "v2_stream"]
 Confirm = Literal["meter", "summaries"]
@@ -76,10 +76,8 @@ class Timing:
 class RunSettings:
     """Everything a :class:`~.run.BillingRun` is told (seconds where it sleeps or waits)."""
 
-    prefix: str = "usage"
     api: Api = "v1"
     confirm: Confirm = "meter"
-    correct_over: bool = False
     dry_run: bool = False
     plan_limit: int = 1_000
     sample_limit: int = 20
@@ -91,8 +89,6 @@ class RunSettings:
     summary_lag: float = 300.0
     customer_payload_key: str | None = None
     value_payload_key: str | None = None
-    #: Who sends (dag, run, task), written into the day journal.
-    sender: dict[str, Any] = field(default_factory=dict)
 
     @property
     def settle_seconds(self) -> float:

@@ -41,8 +41,8 @@ from airflow_provider_stripe_meter.utils import clock
 from airflow_provider_stripe_meter.utils.errors import Rejected
 
 if TYPE_CHECKING:
-    from airflow_provider_stripe_meter.billing.ledger_run import LedgerRun
     from airflow_provider_stripe_meter.billing.meters import MeterSpec
+    from airflow_provider_stripe_meter.billing.run import BillingRun
 
 Change = tuple[str, str, float | None, str]
 
@@ -53,9 +53,9 @@ def stamp_day(stamp: int) -> date:
 
 
 class Settler:
-    """Settles one meter's open rows for a :class:`~.ledger_run.LedgerRun`."""
+    """Settles one meter's open rows for a :class:`~.ledger_run.BillingRun`."""
 
-    def __init__(self, run: LedgerRun, spec: MeterSpec) -> None:
+    def __init__(self, run: BillingRun, spec: MeterSpec) -> None:
         self.run, self.spec = run, spec
         self.ledger, self.account = run.ledger, run.account
         #: How many open rows were settled, and how many could not be.
@@ -179,7 +179,7 @@ class Settler:
         return len(group) if newest.value == stripe_figure else 0
 
 
-def wait_for_summaries(run: LedgerRun, latest: float) -> bool:
+def wait_for_summaries(run: BillingRun, latest: float) -> bool:
     """Sleep until Stripe's summaries show what was answered at ``latest`` (``summary_lag`` on).
 
     ``False`` without sleeping when that is further away than ``settle_timeout``: the caller

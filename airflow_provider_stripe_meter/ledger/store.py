@@ -11,7 +11,7 @@ night costs a few hundred round trips, not 100,000.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from datetime import date
+from datetime import date, datetime, timezone
 from typing import Any
 
 from airflow_provider_stripe_meter.ledger.entries import LIVE, OPEN, DayFigure, Entry
@@ -179,6 +179,23 @@ class SqlLedger:
                     (account, meter_id, start, end, *chunk),
                 )
             )
+        return out
+
+    def landed_late(self, account: str, meter_id: str, start: int, end: int) -> dict[Key, int]:
+        """Per (customer, day it landed on), the live usage of older days stamped in ``[start, end)``.
+
+        Usage older than Stripe's window is billed at the oldest instant Stripe accepts, so
+        Stripe's figure for that day holds it beside the day's own usage.
+        """
+        out: dict[Key, int] = {}
+        for customer, day, stamp, value in self._query(
+            f"SELECT customer_id, day, stamp, value FROM {self.table} WHERE account = ? AND meter_id = ? "
+            f"AND stamp >= ? AND stamp < ? AND state IN ({self._marks(len(LIVE))})",
+            (account, meter_id, start, end, *LIVE),
+        ):
+            landed = datetime.fromtimestamp(int(stamp), timezone.utc).date()
+            if date.fromisoformat(day) < landed:
+                out[(customer, landed)] = out.get((customer, landed), 0) + int(value)
         return out
 
     def _entries(self, where: str, params: Sequence[Any]) -> list[Entry]:

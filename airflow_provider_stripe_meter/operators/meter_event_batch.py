@@ -15,6 +15,7 @@ from airflow_provider_stripe_meter.billing.settings import (
     Timing,
     TooOld,
 )
+from airflow_provider_stripe_meter.ledger.schema import DEFAULT_TABLE, check_table_name
 from airflow_provider_stripe_meter.metrics import MeterMetrics
 from airflow_provider_stripe_meter.operators.base import (
     StripeBaseOperator,
@@ -29,7 +30,6 @@ from airflow_provider_stripe_meter.utils.rules import check_fixed_event_name
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
-    from airflow_provider_stripe_meter.billing.ports import Journal, Landings
     from airflow_provider_stripe_meter.billing.result import BatchResult, SourceFigures
     from airflow_provider_stripe_meter.billing.run import BillingRun, Usage
     from airflow_provider_stripe_meter.utils.aggregation import DailyAggregate, UsageAggregator
@@ -148,7 +148,6 @@ class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
     template_fields: Sequence[str] = (
         "event_name",
         *StripeUsageSourceOperator.source_template_fields,
-        "identifier_prefix",
         "report_path",
         *StripeBaseOperator.template_fields,
     )
@@ -162,12 +161,12 @@ class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
         concurrency: int | None = None,
         max_attempts: int = 8,
         outage_timeout: timedelta = timedelta(minutes=10),
-        identifier_prefix: str = "usage",
+        ledger_conn_id: str | None = None,
+        ledger_table: str = DEFAULT_TABLE,
         identifier_window: timedelta | None = STRIPE_IDENTIFIER_WINDOW,
         settle_timeout: timedelta = timedelta(minutes=10),
         summary_lag: timedelta | None = None,
         confirm: Confirm = "meter",
-        correct_over: bool = False,
         too_old: TooOld = "skip",
         dry_run: bool = False,
         plan_limit: int = 1_000,
@@ -193,15 +192,24 @@ class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         check_fixed_event_name(event_name)
+        check_table_name(ledger_table)
+        #: The ledger's database: ``ledger_conn_id``, else the one the usage is read from.
+        ledger_conn = ledger_conn_id or self.sql_conn_id
+        if not ledger_conn:
+            raise ValueError(
+                "ledger_conn_id is required with rows=: the ledger of every meter event sent is kept in a "
+                "database the team owns (any common-sql connection: PostgreSQL, SQLite, Snowflake, ...); "
+                "with sql= it defaults to sql_conn_id"
+            )
+        self.ledger_conn_id: str = ledger_conn
+        self.ledger_table = ledger_table
         self.event_name = event_name
         self.api: Api = api
         #: Pace, parallelism and retries of delivery.
         self.delivery = Delivery(max_rps, concurrency, max_attempts, outage_timeout)
         #: How far Stripe's identifier window and summaries are trusted.
         self.timing = Timing(identifier_window, summary_lag, settle_timeout)
-        self.identifier_prefix = identifier_prefix
         self.confirm: Confirm = confirm
-        self.correct_over = correct_over
         self.too_old: TooOld = too_old
         #: Plan only (``dry_run``); kept apart from BaseOperator's own ``dry_run()`` method.
         self.plan_only = dry_run
@@ -216,16 +224,28 @@ class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
     def execute(self, context: Context) -> dict[str, Any]:
         """Read and aggregate the source, run the billing core, report, and fail where it must."""
         from airflow_provider_stripe_meter.billing.run import BillingRun, Usage
+        from airflow_provider_stripe_meter.state.ledger import ledger_on, ledger_writer
 
         aggregator = self.read_usage(self.event_name, keep_too_old=self.too_old == "bill_at_oldest")
         with paused_gc():
             aggregates = aggregator.finish()
         self._log_problems(aggregator)
-        run = BillingRun(self._settings(context), self.hook, _VariableState(self), self.log, int(clock.now()))
+        ledger = ledger_on(self.ledger_conn_id, self.ledger_table)
+        run = BillingRun(
+            self._settings(context),
+            self.hook,
+            ledger,
+            ledger_writer(self, context),
+            self.log,
+            int(clock.now()),
+        )
         usage = Usage(
             aggregates, _source_figures(aggregator, aggregates), tuple(aggregator.too_old), aggregator.oldest
         )
-        result = self._run(run, usage)
+        try:
+            result = self._run(run, usage)
+        finally:
+            ledger.close()
         outcome = result.as_dict()
         outcome["report_uri"] = self._write_report(run)
         self._log_outcome(outcome)
@@ -252,13 +272,10 @@ class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
     def _settings(self, context: Context) -> RunSettings:
         from airflow_provider_stripe_meter.utils.delivery import default_max_rps, default_read_rps
 
-        ti = context["ti"]
         lag = self.timing.summary_lag
         return RunSettings(
-            prefix=self.identifier_prefix,
             api=self.api,
             confirm=self.confirm,
-            correct_over=self.correct_over,
             dry_run=self.plan_only,
             plan_limit=self.plan_limit,
             sample_limit=self.sample_limit,
@@ -270,7 +287,6 @@ class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
             summary_lag=lag.total_seconds() if lag is not None else float(self.hook.summary_lag),
             customer_payload_key=self.customer_payload_key,
             value_payload_key=self.value_payload_key,
-            sender={"dag_id": ti.dag_id, "run_id": ti.run_id, "task_id": ti.task_id},
         )
 
     def _run(self, run: BillingRun, usage: Usage) -> BatchResult:
@@ -360,24 +376,6 @@ class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
                 )
             ),
         )
-
-
-class _VariableState:
-    """The day journal and late-billing records of this task's account and prefix, in Airflow Variables."""
-
-    def __init__(self, operator: StripeMeterEventBatchOperator) -> None:
-        self.account = operator.hook.stripe_account
-        self.prefix = operator.identifier_prefix
-
-    def journal(self, meter_id: str) -> Journal:
-        from airflow_provider_stripe_meter.state.day_journal import SentDays
-
-        return SentDays(self.account, meter_id, self.prefix)
-
-    def landings(self, meter_id: str) -> Landings:
-        from airflow_provider_stripe_meter.state.late_billing import LateLandings
-
-        return LateLandings(self.account, meter_id, self.prefix)
 
 
 def _source_figures(aggregator: UsageAggregator, aggregates: list[DailyAggregate]) -> SourceFigures:

@@ -7,15 +7,18 @@ from collections.abc import Iterable, Sequence
 from datetime import date
 from typing import TYPE_CHECKING, Any
 
-from airflow_provider_stripe_meter.billing.plans import PlannedEvent
+from airflow_provider_stripe_meter.billing.outcomes import DayOutcome
+from airflow_provider_stripe_meter.ledger.schema import DEFAULT_TABLE, check_table_name
 from airflow_provider_stripe_meter.metrics import MeterMetrics
 from airflow_provider_stripe_meter.operators.base import StripeBaseOperator
+from airflow_provider_stripe_meter.utils.aggregation import DEFAULT_SAFETY_MARGIN
+from airflow_provider_stripe_meter.utils.rules import PAST_WINDOW
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
+    from airflow_provider_stripe_meter.billing.run import BillingRun
     from airflow_provider_stripe_meter.utils.aggregation import DailyAggregate
-    from airflow_provider_stripe_meter.utils.delivery import DeliveryReport
 
 
 class StripeMeterTopUpOperator(StripeBaseOperator):
@@ -42,7 +45,9 @@ class StripeMeterTopUpOperator(StripeBaseOperator):
 
     :param reconciliation: The reconciliation's lines, or its whole result. (templated)
     :param event_name: The meter's event name. (templated)
-    :param identifier_prefix: The batch operator's ``identifier_prefix`` (default ``usage``).
+    :param ledger_conn_id: The batch operator's ledger (required): the corrections are written
+        there as the batch operator's events are, so no run sends them again.
+    :param ledger_table: The ledger's table (default ``stripe_meter_ledger``).
     :param max_rps: Requests per second; default fits the key's mode.
 
     ``stripe_conn_id`` and ``stripe_account`` (templated) are those of
@@ -56,27 +61,26 @@ class StripeMeterTopUpOperator(StripeBaseOperator):
         *,
         reconciliation: Any,
         event_name: str,
-        identifier_prefix: str = "usage",
+        ledger_conn_id: str,
+        ledger_table: str = DEFAULT_TABLE,
         max_rps: float | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.reconciliation = reconciliation
         self.event_name = event_name
-        self.identifier_prefix = identifier_prefix
+        self.ledger_conn_id = ledger_conn_id
+        self.ledger_table = check_table_name(ledger_table)
         self.max_rps = max_rps
 
     def execute(self, context: Context) -> dict[str, Any]:
-        """Read Stripe's figures again for the short days, plan the differences and send them."""
-        from airflow_provider_stripe_meter.billing.meters import meter_spec
-        from airflow_provider_stripe_meter.billing.plans import plan_day
+        """Settle the short days' events from Stripe's summaries, then send what the ledger lacks."""
+        from airflow_provider_stripe_meter.billing.result import SourceFigures
+        from airflow_provider_stripe_meter.billing.run import BillingRun, Usage
+        from airflow_provider_stripe_meter.billing.settings import RunSettings
         from airflow_provider_stripe_meter.exceptions import StripeDeliveryIncompleteError
-        from airflow_provider_stripe_meter.utils.delivery import (
-            Deliverer,
-            DeliveryReport,
-            default_max_rps,
-            default_read_rps,
-        )
+        from airflow_provider_stripe_meter.state.ledger import ledger_on, ledger_writer
+        from airflow_provider_stripe_meter.utils.delivery import default_max_rps, default_read_rps
 
         lines, partial = _reconciliation_lines(self.reconciliation)
         if partial:
@@ -92,74 +96,60 @@ class StripeMeterTopUpOperator(StripeBaseOperator):
         ]
         if not wanted:
             self.log.info("Nothing to correct: no missing or short customer-days")
-            return self._outcome([], DeliveryReport(total=0), partial)
+            return self._outcome(None, partial)
         hook = self.hook
-        meter = hook.active_meter(self.event_name)
-        spec = meter_spec(meter)
-        days = [date.fromisoformat(line["day"]) for line in wanted]
-        customers = sorted({line["customer_id"] for line in wanted})
-        max_rps = self.max_rps or default_max_rps(hook.livemode, connected=bool(hook.stripe_account))
-        recorded, unknown = hook.recorded_per_day(
-            meter["id"],
-            customers,
-            min(days),
-            max(days),
-            max_rps=self.max_rps or default_read_rps(hook.livemode),
-        )
+        aggregates = [_aggregate(self.event_name, line) for line in wanted]
         now = int(time.time())
-        plans = [
-            plan_day(
-                _aggregate(self.event_name, line),
-                spec,
-                recorded.get((line["customer_id"], day), 0),
-                prefix=self.identifier_prefix,
-                now=now,
-                customer_unknown=line["customer_id"] in unknown,
-            )
-            for line, day in zip(wanted, days, strict=True)
-        ]
-        events = [event for plan in plans for event in plan.events]
-
-        def send(batch: list[PlannedEvent]) -> None:
-            [event] = batch
-            hook.create_meter_event(event.as_meter_event(), **spec.payload_keys)
-
-        report = Deliverer(
-            send,
-            key=lambda event: event.customer_id,
-            describe=PlannedEvent.describe,
-            max_rps=max_rps,
-            progress=lambda line: self.log.info("Corrections: %s", line),
-        ).run(events)
-        outcome = self._outcome(events, report, partial)
-        MeterMetrics.for_task(context, self.billed_account()).delivery(report, self.event_name)
+        settings = RunSettings(
+            api="v1",
+            max_rps=self.max_rps or default_max_rps(hook.livemode, connected=bool(hook.stripe_account)),
+            read_rps=self.max_rps or default_read_rps(hook.livemode),
+            summary_lag=float(hook.summary_lag),
+        )
+        ledger = ledger_on(self.ledger_conn_id, self.ledger_table)
+        try:
+            run = BillingRun(settings, hook, ledger, ledger_writer(self, context), self.log, now)
+            run.read_meters({self.event_name})
+            # Stripe showed less than the source: what the ledger says it holds of those days is
+            # read from Stripe's summaries first, so what Stripe dropped is sent again, once.
+            run.reverify({(a.event_name, a.customer_id, a.day) for a in aggregates})
+            source = SourceFigures(rows=0, aggregates=len(aggregates), problems={}, samples={})
+            oldest = now - int((PAST_WINDOW - DEFAULT_SAFETY_MARGIN).total_seconds())
+            result = run.execute(Usage(aggregates, source, (), oldest))
+        finally:
+            ledger.close()
+        outcome = self._outcome(result.as_dict(), partial, run)
         self.log.info(
             "Corrections: %s", {k: v for k, v in outcome.items() if k not in ("corrections", "samples")}
         )
-        if report.failed:
+        for report in run.book.reports:
+            MeterMetrics.for_task(context, self.billed_account()).delivery(report, self.event_name)
+        if outcome["failed"]:
             raise StripeDeliveryIncompleteError(
-                f"{report.failed} corrections could not be delivered; a retry reads Stripe again and "
-                "sends what is still missing",
-                {"type": "delivery_incomplete", "failed": report.failed},
+                f"{outcome['failed']} corrections could not be delivered; a retry settles them from the "
+                "ledger and sends what is still missing",
+                {"type": "delivery_incomplete", "failed": outcome["failed"]},
             )
         return outcome
 
     @staticmethod
-    def _outcome(events: list[PlannedEvent], report: DeliveryReport, partial: bool = False) -> dict[str, Any]:
-        not_sent = {id(e) for e in [*report.unsettled, *report.already]}
+    def _outcome(
+        result: dict[str, Any] | None, partial: bool, run: BillingRun | None = None
+    ) -> dict[str, Any]:
+        days = list(run.book.days.values()) if run else []
+        corrected = [d for d in days if d.plan.events]
         return {
-            "success": not (report.rejected or report.failed or partial),
+            "success": (result["success"] if result else True) and not partial,
             "partial_reconciliation": partial,
-            "sent": report.sent,
-            "already_recorded": report.already_recorded,
-            "rejected": report.rejected,
-            "failed": report.failed,
-            # Corrections Stripe already held came from an earlier run: not sent, not counted.
-            "value_sent": sum(e.value for e in events if id(e) not in not_sent),
+            **{k: (result or {}).get(k, 0) for k in ("sent", "already_recorded", "rejected", "failed")},
+            "value_sent": sum(
+                e.value for d in corrected if d.outcome == DayOutcome.SENT for e in d.plan.events
+            ),
             # What was planned, bounded: XCom is a row in Airflow's metadata database.
-            "corrections": [e.describe() for e in events[:CORRECTIONS_SHOWN]],
-            "corrections_total": len(events),
-            "samples": report.samples,
+            "corrections": [d.plan.line() for d in corrected[:CORRECTIONS_SHOWN]],
+            "corrections_total": len(corrected),
+            "settled": ((result or {}).get("ledger") or {}).get("settled", 0),
+            "samples": (result or {}).get("samples", {}),
         }
 
 

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.providers.common.compat.sdk import BaseSensorOperator, PokeReturnValue, conf
 
 from airflow_provider_stripe_meter.billing import reconcile
+from airflow_provider_stripe_meter.ledger.schema import DEFAULT_TABLE, check_table_name
 from airflow_provider_stripe_meter.metrics import MeterMetrics
 from airflow_provider_stripe_meter.operators.base import StripeBaseOperator, StripeUsageSourceOperator
 from airflow_provider_stripe_meter.utils.rules import check_fixed_event_name
@@ -56,10 +57,11 @@ class StripeMeterReconcileSensor(StripeUsageSourceOperator, BaseSensorOperator):
         the trigger's arguments (more than 5,000 customer-days); without it, such a sensor
         waits in ``reschedule`` mode instead. (templated)
     :param line_limit: Lines kept in the result, those that differ first.
-    :param identifier_prefix: The batch operator's ``identifier_prefix`` (default ``usage``).
-        Usage older than Stripe's window that it billed late (``too_old="bill_at_oldest"``)
-        landed on a day inside the window: that day is expected to hold it too, and
-        ``billed_late`` gives its units. (templated)
+    :param ledger_conn_id: The batch operator's ledger (default ``sql_conn_id``; ``None`` with
+        ``rows=`` reads no ledger). Usage older than Stripe's window that it billed late
+        (``too_old="bill_at_oldest"``) landed on a day inside the window: that day is expected
+        to hold it too, and ``billed_late`` gives its units.
+    :param ledger_table: The ledger's table (default ``stripe_meter_ledger``).
     :param deferrable: Read the source on the worker, then wait in the triggerer
         (:class:`~airflow_provider_stripe_meter.triggers.meter_reconcile.StripeMeterReconcileTrigger`
         polls the summaries asynchronously every ``poke_interval``), holding no worker slot at
@@ -80,7 +82,6 @@ class StripeMeterReconcileSensor(StripeUsageSourceOperator, BaseSensorOperator):
         "last_day",
         "settle_timeout",
         "report_path",
-        "identifier_prefix",
         *StripeBaseOperator.template_fields,
     )
 
@@ -94,7 +95,8 @@ class StripeMeterReconcileSensor(StripeUsageSourceOperator, BaseSensorOperator):
         max_rps: float = 20.0,
         report_path: str | None = None,
         line_limit: int = reconcile.DEFAULT_LINE_LIMIT,
-        identifier_prefix: str = "usage",
+        ledger_conn_id: str | None = None,
+        ledger_table: str = DEFAULT_TABLE,
         deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
         **kwargs: Any,
     ) -> None:
@@ -111,7 +113,8 @@ class StripeMeterReconcileSensor(StripeUsageSourceOperator, BaseSensorOperator):
         self.max_rps = max_rps
         self.report_path = report_path
         self.line_limit = line_limit
-        self.identifier_prefix = identifier_prefix
+        self.ledger_conn_id = ledger_conn_id or self.sql_conn_id
+        self.ledger_table = check_table_name(ledger_table)
         self.deferrable = deferrable
         self._first_poke: float | None = None
 
@@ -245,19 +248,18 @@ class StripeMeterReconcileSensor(StripeUsageSourceOperator, BaseSensorOperator):
 
     def _billed_late(self, meter_id: str, first: date, last: date) -> dict[tuple[str, date], int]:
         """Per customer-day of ``first``..``last``, the units the batch operator billed late onto it."""
-        from airflow_provider_stripe_meter.state.late_billing import LateLandings
-
-        landings = LateLandings(self.billed_account(), meter_id, self.identifier_prefix)
-        if not landings.used():
+        if not self.ledger_conn_id:
             return {}
-        # Late usage lands inside Stripe's 35-day window (and a day or so of clock skew).
-        oldest = max(first, datetime.now(timezone.utc).date() - timedelta(days=36))
-        days = [oldest + timedelta(days=n) for n in range((last - oldest).days + 1)]
-        return {
-            (customer, day): sum(by_original.values())
-            for day, by_customer in landings.read(days).items()
-            for customer, by_original in by_customer.items()
-        }
+        from airflow_provider_stripe_meter.billing.plans import day_end
+        from airflow_provider_stripe_meter.state.ledger import ledger_on
+
+        ledger = ledger_on(self.ledger_conn_id, self.ledger_table)
+        try:
+            return ledger.landed_late(
+                self.billed_account() or "platform", meter_id, day_end(first) - 86400, day_end(last)
+            )
+        finally:
+            ledger.close()
 
     def _finish(self, context: Context, report: dict[str, Any]) -> dict[str, Any]:
         self._log_report(report)

@@ -14,7 +14,6 @@ different lists of parts never give the same identifier (``"a:b", "c"`` is not `
 from __future__ import annotations
 
 import hashlib
-from datetime import date
 
 from airflow_provider_stripe_meter.utils.rules import MAX_IDENTIFIER_LENGTH
 
@@ -48,8 +47,3 @@ def task_identifier(dag_id: str, task_id: str, run_id: str, map_index: int = -1)
     # that may, and the plain join is already unambiguous; it is kept unescaped so identifiers
     # match those of earlier releases and a re-run after an upgrade is still refused.
     return _bounded(":".join(("airflow", dag_id, task_id, run_id, str(map_index))))
-
-
-def daily_identifier(event_name: str, customer_id: str, day: date, prefix: str = "usage") -> str:
-    """Return the identifier of one customer's usage of one meter on one UTC day."""
-    return bounded_identifier(prefix, event_name, customer_id, day.isoformat())

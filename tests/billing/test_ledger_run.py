@@ -280,13 +280,13 @@ def test_late_rows_and_a_clock_past_the_identifier_window_are_billed_once(world)
 
 
 def test_two_runs_planning_the_same_days_at_once_bill_them_once(world):
-    from airflow_provider_stripe_meter.billing.ledger_run import LedgerRun
+    from airflow_provider_stripe_meter.billing.run import BillingRun
 
     w = world()
     nightly_rows(w, 8)
     # Run A plans, then run B bills the same days, then A delivers what it planned.
-    planned: list[LedgerRun] = []
-    original = LedgerRun.deliver_planned
+    planned: list[BillingRun] = []
+    original = BillingRun.deliver_planned
 
     def pause_first(self):
         if not planned:
@@ -294,11 +294,11 @@ def test_two_runs_planning_the_same_days_at_once_bill_them_once(world):
             w.run(run_id="B")
         original(self)
 
-    LedgerRun.deliver_planned = pause_first
+    BillingRun.deliver_planned = pause_first
     try:
         a = w.run(run_id="A")
     finally:
-        LedgerRun.deliver_planned = original
+        BillingRun.deliver_planned = original
     b = w.results[0]
     assert (b["success"], b["sent"]) == (True, 8)
     assert (a["success"], a["failed"]) == (False, 8)

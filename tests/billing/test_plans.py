@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-from datetime import date, datetime, timedelta, timezone
+from datetime import date, datetime, timezone
 
 import pytest
 
 from airflow_provider_stripe_meter.billing.meters import MeterUnsupportedError, meter_spec
-from airflow_provider_stripe_meter.billing.plans import is_fresh, plan_day
+from airflow_provider_stripe_meter.billing.plans import OLDER_VIEW, PARTIAL_DAY, UNSETTLED, plan_day
+from airflow_provider_stripe_meter.ledger.entries import DayFigure
 from airflow_provider_stripe_meter.utils.aggregation import DailyAggregate
 
 DAY = date(2026, 11, 20)
 DAY_END = int(datetime(2026, 11, 21, tzinfo=timezone.utc).timestamp())
 NOW = DAY_END + 3 * 86400  # days later: the day is over
+OLDEST = NOW - 35 * 86400  # the oldest instant Stripe accepts
 
 
 def meter(formula="sum", window=None, **extra):
@@ -35,54 +37,98 @@ def events(plan):
     return [(e.value, e.identifier) for e in plan.events]
 
 
-def test_sum_sends_the_day_once_then_only_differences_named_after_their_base():
+def ledger(total=0, events=0, seq=None, source_at=DAY_END - 7200, newest=None, newest_stamp=-1, open_=0):
+    """What the ledger holds for the day."""
+    figure = DayFigure(total=total, events=events, max_seq=events if seq is None else seq, open=open_)
+    figure.source_at = source_at if events else -1
+    if newest is not None:
+        figure.newest, figure.newest_stamp, figure.newest_seq = newest, newest_stamp, figure.max_seq
+        figure.newest_sent, figure.last_sent_seq = newest, figure.max_seq
+    return figure
+
+
+def plan(agg, spec, figure=None, *, oldest=OLDEST):
+    return plan_day(agg, spec, figure, now=NOW, oldest=oldest)
+
+
+def test_sum_sends_the_source_minus_the_ledger_each_event_numbered_in_its_day():
     spec = meter_spec(meter())
-    first = plan_day(aggregate(), spec, None, prefix="usage", now=NOW)
-    assert (first.action, events(first)) == ("send", [(30, "usage:tokens:cus_a:2026-11-20")])
-    assert first.events[0].blind
-    missing = plan_day(aggregate(), spec, 0, prefix="usage", now=NOW)
-    assert (missing.action, events(missing)) == ("send", [(30, "usage:tokens:cus_a:2026-11-20")])
-    assert not missing.events[0].blind
-    late = plan_day(aggregate(value=42), spec, 30, prefix="usage", now=NOW)
-    assert (late.action, events(late)) == ("top_up", [(12, "usage:tokens:cus_a:2026-11-20:from30")])
-    same = plan_day(aggregate(), spec, 30, prefix="usage", now=NOW)
-    assert (same.action, same.events) == ("leave_alone", [])
+    first = plan(aggregate(), spec)
+    assert (first.action, events(first)) == ("send", [(30, "sm:tokens:cus_a:2026-11-20:1:mtr_1")])
+    assert (first.events[0].seq, first.events[0].timestamp) == (1, DAY_END - 7200)
+    late = plan(aggregate(value=42), spec, ledger(total=30, events=1))
+    assert (late.action, events(late)) == ("top_up", [(12, "sm:tokens:cus_a:2026-11-20:2:mtr_1")])
+    assert plan(aggregate(), spec, ledger(total=30, events=1)).action == "leave_alone"
+    # Sequence numbers follow every row, also rows Stripe dropped or refused (no identifier twice).
+    assert plan(aggregate(value=42), spec, ledger(total=30, events=1, seq=4)).events[0].seq == 5
 
 
-def test_a_shrunk_sum_is_reported_unless_correction_is_asked_for():
+def test_a_sum_that_went_down_is_corrected_with_a_negative_event():
     spec = meter_spec(meter())
-    over = plan_day(aggregate(value=25), spec, 30, prefix="usage", now=NOW)
-    assert (over.action, over.events) == ("report", [])
-    corrected = plan_day(aggregate(value=25), spec, 30, prefix="usage", now=NOW, correct_over=True)
-    assert (corrected.action, events(corrected)) == (
-        "correct",
-        [(-5, "usage:tokens:cus_a:2026-11-20:from30")],
-    )
+    lower = plan(aggregate(value=-5), spec, ledger(total=30, events=1))
+    assert (lower.action, events(lower)) == ("correct", [(-35, "sm:tokens:cus_a:2026-11-20:2:mtr_1")])
 
 
-def test_count_sends_one_numbered_event_per_row_and_late_rows_continue_the_numbers():
+def test_an_older_view_of_the_day_changes_nothing():
+    # The ledger billed the day from a row at 22:00; an hourly run retried later saw rows to 10:00.
+    spec = meter_spec(meter())
+    stale = plan(aggregate(value=10, stamp=DAY_END - 14 * 3600), spec, ledger(total=30, events=1))
+    assert (stale.action, stale.reason, stale.events) == ("leave_alone", OLDER_VIEW, [])
+
+
+def test_a_day_partly_past_stripes_window_is_never_lowered():
+    spec = meter_spec(meter())
+    oldest = DAY_END - 6 * 3600  # the day's first 18 hours are too old to show in the source
+    partial = plan(aggregate(value=12), spec, ledger(total=30, events=1), oldest=oldest)
+    assert (partial.action, partial.reason) == ("leave_alone", PARTIAL_DAY)
+    more = plan(aggregate(value=40), spec, ledger(total=30, events=1), oldest=oldest)
+    assert (more.action, events(more)[0][0], more.events[0].timestamp) == ("top_up", 10, DAY_END - 7200)
+
+
+def test_count_sends_one_event_per_new_row_and_asks_to_cancel_when_rows_went():
     spec = meter_spec(meter("count"))
-    first = plan_day(aggregate(rows=3), spec, None, prefix="usage", now=NOW)
-    assert events(first) == [(1, f"usage:tokens:cus_a:2026-11-20:n{k}") for k in (1, 2, 3)]
-    late = plan_day(aggregate(rows=5), spec, 3, prefix="usage", now=NOW)
-    assert events(late) == [(1, f"usage:tokens:cus_a:2026-11-20:n{k}") for k in (4, 5)]
-    fewer = plan_day(aggregate(rows=2), spec, 3, prefix="usage", now=NOW, correct_over=True)
-    assert (fewer.action, fewer.events) == ("report", [])  # a count cannot be lowered by an event
+    first = plan(aggregate(rows=3), spec)
+    assert [e[1].rsplit(":", 2)[1] for e in events(first)] == ["1", "2", "3"]
+    assert [e[0] for e in events(first)] == [1, 1, 1]
+    late = plan(aggregate(rows=5), spec, ledger(events=3, total=3))
+    assert [e.seq for e in late.events] == [4, 5]
+    fewer = plan(aggregate(rows=2), spec, ledger(events=3, total=3))
+    assert (fewer.action, fewer.cancel, fewer.events) == ("correct", 1, [])
 
 
 @pytest.mark.parametrize(
-    ("formula", "window", "figure"), [("last", None, 12), ("sum", "day", 30), ("last", "hour", 12)]
+    ("formula", "window", "figure"),
+    [("last", None, 12), ("sum", "day", 30), ("last", "day", 12)],
+    ids=["last", "pre_aggregated_sum", "pre_aggregated_last"],
 )
-def test_newest_event_meters_get_the_figure_whole_as_the_days_newest_event(formula, window, figure):
+def test_newest_event_meters_get_the_figure_whole_stamped_at_the_snapshot(formula, window, figure):
     spec = meter_spec(meter(formula, window))
-    plan = plan_day(aggregate(), spec, None, prefix="usage", now=NOW)
-    [event] = plan.events
-    assert (event.value, event.identifier) == (figure, f"usage:tokens:cus_a:2026-11-20:set{figure}from0")
-    assert event.timestamp == DAY_END - 1  # 2026-11-20T23:59:59Z, the last second of the day
-    today = plan_day(aggregate(), spec, None, prefix="usage", now=DAY_END - 600)
-    assert today.events[0].timestamp == DAY_END - 600  # a day not over yet: now
-    lower = plan_day(aggregate(last=4), meter_spec(meter("last")), 12, prefix="usage", now=NOW)
-    assert (lower.action, events(lower)) == ("top_up", [(4, "usage:tokens:cus_a:2026-11-20:set4from12")])
+    first = plan(aggregate(), spec)
+    assert (first.action, [e[0] for e in events(first)], first.events[0].timestamp) == (
+        "send",
+        [figure],
+        DAY_END - 7200,
+    )
+    same = plan(aggregate(), spec, ledger(events=1, newest=figure, newest_stamp=DAY_END - 7200))
+    assert same.action == "leave_alone"
+    # Corrected in place (same snapshot time, another figure): one second later, so it is newest.
+    changed = plan(aggregate(), spec, ledger(events=1, newest=figure + 1, newest_stamp=DAY_END - 7200))
+    assert (changed.action, changed.events[0].value, changed.events[0].timestamp) == (
+        "top_up",
+        figure,
+        DAY_END - 7199,
+    )
+
+
+def test_a_last_meter_sends_zero_for_a_day_it_never_billed():
+    spec = meter_spec(meter("last"))
+    zero = plan(aggregate(last=0), spec)
+    assert (zero.action, [e[0] for e in events(zero)]) == ("send", [0])
+
+
+def test_a_day_with_unsettled_events_is_left_for_the_run_to_report():
+    spec = meter_spec(meter())
+    assert plan(aggregate(), spec, ledger(total=20, events=1, open_=1)).reason == UNSETTLED
 
 
 @pytest.mark.parametrize(
@@ -99,28 +145,3 @@ def test_meters_that_cannot_be_billed_exactly_are_refused_by_name(formula, windo
         meter_spec(meter(formula, window))
     assert "mtr_1" in str(caught.value)
     assert "'tokens'" in str(caught.value)
-
-
-def test_an_unknown_customer_is_reported_never_sent():
-    plan = plan_day(aggregate(), meter_spec(meter()), 0, prefix="usage", now=NOW, customer_unknown=True)
-    assert (plan.action, plan.reason, plan.events) == ("report", "customer_unknown", [])
-
-
-def test_a_day_is_fresh_while_events_sent_after_it_ended_are_inside_the_window():
-    window = timedelta(hours=23)
-    assert is_fresh(DAY, DAY_END + 22 * 3600, window)
-    assert not is_fresh(DAY, DAY_END + 23 * 3600 + 1, window)
-    assert is_fresh(DAY + timedelta(days=1), DAY_END + 3600, window)  # a day not over yet
-
-
-def test_late_usage_is_billed_once_from_what_was_billed_late_before():
-    from airflow_provider_stripe_meter.billing.plans import plan_late
-
-    at = DAY_END + 60
-    first = plan_late(aggregate(value=40), 0, prefix="usage", at=at)
-    assert (first.action, events(first)) == ("send", [(40, "usage:tokens:cus_a:2026-11-20:late0")])
-    assert (first.events[0].timestamp, first.events[0].blind) == (at, False)
-    more = plan_late(aggregate(value=45), 40, prefix="usage", at=at)
-    assert (more.action, events(more)) == ("top_up", [(5, "usage:tokens:cus_a:2026-11-20:late40")])
-    assert plan_late(aggregate(value=40), 40, prefix="usage", at=at).action == "leave_alone"
-    assert plan_late(aggregate(value=30), 40, prefix="usage", at=at).action == "report"

@@ -13,9 +13,8 @@ from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from airflow_provider_stripe_meter.billing.ledger_run import LedgerRun, Writer
 from airflow_provider_stripe_meter.billing.result import SourceFigures
-from airflow_provider_stripe_meter.billing.run import Usage
+from airflow_provider_stripe_meter.billing.run import BillingRun, Usage, Writer
 from airflow_provider_stripe_meter.billing.settings import Delivery, RunSettings, Timing
 from airflow_provider_stripe_meter.ledger.store import SqlLedger
 from airflow_provider_stripe_meter.testing.inprocess import InProcessStripe
@@ -132,7 +131,7 @@ class World:
         )
         store = self.store()
         try:
-            run = LedgerRun(
+            run = BillingRun(
                 settings, self.stripe, store, Writer("platform", run_id, uuid.uuid4().hex), LOG, now
             )
             result = run.execute(usage).as_dict()

@@ -40,7 +40,12 @@ with DAG(
 ) as daily_dag:
     usage = SQLExecuteQueryOperator(task_id="usage", conn_id="usage_db", sql=DAILY_SQL)
     bill = StripeMeterEventBatchOperator(
-        task_id="bill", event_name="ai_tokens_used", rows=usage.output, max_rps=200, concurrency=8
+        task_id="bill",
+        event_name="ai_tokens_used",
+        rows=usage.output,
+        ledger_conn_id="ledger_db",
+        max_rps=200,
+        concurrency=8,
     )
     branch_on(bill.output["success"])
 
@@ -96,7 +101,9 @@ with DAG("t_batch_postgres_rows", schedule=None, start_date=START) as postgres_r
         conn_id="usage_pg",
         sql="SELECT customer_id, tokens, used_at FROM usage WHERE used_at >= now() - interval '30 days'",
     )
-    StripeMeterEventBatchOperator(task_id="bill", event_name="ai_tokens_used", rows=usage.output, max_rps=200)
+    StripeMeterEventBatchOperator(
+        task_id="bill", event_name="ai_tokens_used", rows=usage.output, ledger_conn_id="usage_pg", max_rps=200
+    )
 
 with DAG("t_batch_many_meters", schedule=None, start_date=START, params={"rows": []}) as many_dag:
 
@@ -105,4 +112,4 @@ with DAG("t_batch_many_meters", schedule=None, start_date=START, params={"rows":
         assert params is not None
         return params["rows"]
 
-    StripeMeterEventBatchOperator(task_id="bill", rows=usage_rows(), max_rps=200)
+    StripeMeterEventBatchOperator(task_id="bill", rows=usage_rows(), ledger_conn_id="ledger_db", max_rps=200)

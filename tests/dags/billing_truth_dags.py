@@ -54,14 +54,15 @@ def rows_dag(dag_id: str, **options) -> DAG:
             assert params is not None
             return params["rows"]
 
-        StripeMeterEventBatchOperator(task_id="bill", rows=usage_rows(), max_rps=200, **options)
+        StripeMeterEventBatchOperator(
+            task_id="bill", rows=usage_rows(), ledger_conn_id="ledger_db", max_rps=200, **options
+        )
     return dag
 
 
 rows_v1 = rows_dag("t_truth_rows")
 rows_stream = rows_dag("t_truth_rows_stream", api="v2_stream", identifier_window=timedelta(hours=48))
 rows_dry = rows_dag("t_truth_rows_dry", dry_run=True)
-rows_correct = rows_dag("t_truth_rows_correct", correct_over=True)
 rows_late = rows_dag("t_truth_rows_late", too_old="bill_at_oldest")
 rows_confirm = rows_dag("t_truth_rows_confirm", confirm="summaries")
 # Late billing whose delivery gives up quickly in an outage (and is not retried by Airflow).

@@ -54,7 +54,9 @@ with DAG("t_mapped_meters", schedule=None, start_date=START) as meters_dag:
     usage = SQLExecuteQueryOperator(
         task_id="usage", conn_id="usage_db", sql="SELECT customer_id, tokens, used_at FROM usage"
     )
-    StripeMeterEventBatchOperator.partial(task_id="bill", rows=usage.output, max_rps=200).expand(
+    StripeMeterEventBatchOperator.partial(
+        task_id="bill", rows=usage.output, ledger_conn_id="ledger_db", max_rps=200
+    ).expand(
         event_name=["ai_tokens_used", "api_calls"]
     )
 
@@ -103,7 +105,11 @@ with DAG(
             report_path="file://{{ params.reports }}/{{ task.task_id }}.jsonl",
         )
     checked >> StripeMeterTopUpOperator(
-        task_id="top_up", reconciliation=checked.output, event_name="ai_tokens_used", max_rps=500
+        task_id="top_up",
+        reconciliation=checked.output,
+        event_name="ai_tokens_used",
+        ledger_conn_id="usage_db",
+        max_rps=500,
     )
 
 with DAG(
@@ -114,5 +120,9 @@ with DAG(
     render_template_as_native_obj=True,
 ) as top_up_given_dag:
     StripeMeterTopUpOperator(
-        task_id="top_up", reconciliation="{{ params.report }}", event_name="ai_tokens_used", max_rps=100
+        task_id="top_up",
+        reconciliation="{{ params.report }}",
+        event_name="ai_tokens_used",
+        ledger_conn_id="ledger_db",
+        max_rps=100,
     )

@@ -1,0 +1,58 @@
+"""The billing ledger on an Airflow connection: any common-sql (``DbApiHook``) database.
+
+.. seealso:: https://airflow.apache.org/docs/apache-airflow-providers-common-sql/stable/index.html
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from airflow_provider_stripe_meter.ledger.schema import DEFAULT_TABLE
+from airflow_provider_stripe_meter.ledger.store import SqlLedger
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+
+    from airflow_provider_stripe_meter.billing.run import Writer
+    from airflow_provider_stripe_meter.operators.base import StripeBaseOperator
+
+#: Connection types whose SQL the ledger writes natively; any other DB-API database goes row by row.
+DIALECTS = {"sqlite": "sqlite", "postgres": "postgres", "postgresql": "postgres"}
+
+
+def ledger_on(conn_id: str, table: str = DEFAULT_TABLE) -> SqlLedger:
+    """The ledger in ``table`` of the database behind ``conn_id`` (created on first use).
+
+    :raises TypeError: the connection's hook is not a SQL (``DbApiHook``) hook.
+    """
+    from airflow.sdk import BaseHook
+
+    hook = BaseHook.get_connection(conn_id).get_hook()
+    if not hasattr(hook, "get_conn"):
+        raise TypeError(
+            f"ledger_conn_id {conn_id!r} gives {type(hook).__name__}, not a SQL (DbApiHook) hook: the "
+            "ledger needs a database the team owns (PostgreSQL, SQLite, Snowflake, ...)"
+        )
+    conn_type = getattr(hook, "conn_type", "") or ""
+    return SqlLedger(
+        hook.get_conn,
+        placeholder=getattr(hook, "placeholder", "%s") or "%s",
+        dialect=DIALECTS.get(conn_type, "generic"),
+        table=table,
+    )
+
+
+def ledger_writer(operator: StripeBaseOperator, context: Context) -> Writer:
+    """Who writes a task's ledger rows: its account, its Airflow run, and this try of the task."""
+    import uuid
+
+    from airflow_provider_stripe_meter.billing.run import Writer
+
+    ti = context["ti"]
+    map_index = ti.map_index if ti.map_index is not None else -1
+    return Writer(
+        account=operator.hook.stripe_account or "platform",
+        run_id=ti.run_id,
+        # Unique per execution: a retry, or a second worker, writes as someone else.
+        attempt=f"{ti.dag_id}:{ti.task_id}:{map_index}:{ti.try_number}:{uuid.uuid4().hex[:12]}",
+    )
