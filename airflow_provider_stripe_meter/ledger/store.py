@@ -10,6 +10,7 @@ night costs a few hundred round trips, not 100,000.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import date, datetime, timezone
 from typing import Any
@@ -17,6 +18,8 @@ from typing import Any
 from airflow_provider_stripe_meter.ledger.entries import LIVE, OPEN, DayFigure, Entry
 from airflow_provider_stripe_meter.ledger.schema import COLUMN_NAMES, DEFAULT_TABLE, check_table_name, ddl
 
+#: Tries at creating the table when other runs create it at the same moment.
+DDL_TRIES = 5
 #: Rows per multi-row statement (SQLite allows 32,766 parameters; 16 columns x 500 rows fit).
 BATCH = 500
 #: Dialects whose ``INSERT ... ON CONFLICT DO NOTHING`` and ``WITH ... UPDATE ... FROM`` we use.
@@ -68,11 +71,25 @@ class SqlLedger:
         if self._conn is None:
             self._conn = self._connect()
             if self.create:
+                self._create()
+        return self._conn
+
+    def _create(self) -> None:
+        """Create the table and indexes if missing. Two first runs at once may both try: on
+        PostgreSQL ``IF NOT EXISTS`` is not atomic, so the loser's error is caught and it tries again
+        once the winner has committed."""
+        for attempt in range(DDL_TRIES):
+            try:
                 cursor = self._conn.cursor()
                 for statement in ddl(self.table):
                     cursor.execute(statement)
                 self._conn.commit()
-        return self._conn
+                return
+            except Exception:
+                self._conn.rollback()
+                if attempt == DDL_TRIES - 1:
+                    raise
+                time.sleep(0.05 * (attempt + 1))
 
     def close(self) -> None:
         """Close the connection (a later call opens a new one)."""
