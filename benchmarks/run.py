@@ -106,6 +106,10 @@ def _run_in_task(**kwargs: Any) -> dict[str, Any]:
         for command in (["db", "migrate"], ["dags", "reserialize"]):
             subprocess.run([str(airflow), *command], check=True, capture_output=True)
     args, out = home / "bench-args.json", home / "bench-out.json"
+    if kwargs.get("kind", "batch") == "batch" and "ledger_conn_id" not in kwargs:
+        _ledger_database()
+        _reset_ledger()
+        kwargs["ledger_conn_id"] = "bench_ledger"
     args.write_text(json.dumps({"event_name": EVENT, **kwargs}))
     os.environ["STRIPE_METER_BENCH_ARGS"], os.environ["STRIPE_METER_BENCH_OUT"] = str(args), str(out)
     try:
@@ -257,154 +261,198 @@ def bench_stream_unlimited(customers: int, per_customer: int) -> None:
     )
 
 
-def bench_truth(customers: int, days: int) -> None:
-    """What exactly-once beyond the identifier window costs: (a) a first nightly, (b) a backfill."""
+def _ledger_database() -> str:
+    """Point the ``bench_ledger`` connection at PostgreSQL when a DSN is given, else a SQLite file."""
+    dsn = os.environ.get("STRIPE_METER_BENCH_PG_DSN") or os.environ.get("STRIPE_METER_TEST_PG_DSN")
+    if dsn:
+        os.environ["AIRFLOW_CONN_BENCH_LEDGER"] = dsn
+        return "postgres"
+    path = Path(os.environ["AIRFLOW_HOME"]) / "ledger.db"
+    os.environ["AIRFLOW_CONN_BENCH_LEDGER"] = json.dumps({"conn_type": "sqlite", "host": str(path)})
+    return "sqlite"
+
+
+def _reset_ledger() -> None:
+    """An empty ledger: the table dropped (it is created again on first use)."""
+    from airflow_provider_stripe_meter.state.ledger import ledger_on
+
+    store = ledger_on("bench_ledger")
+    store.create = False
+    cursor = store.conn.cursor()
+    cursor.execute(f"DROP TABLE IF EXISTS {store.table}")
+    store.conn.commit()
+    store.close()
+
+
+def _usage_table(rows: list[tuple[str, int, str]]) -> str:
+    """A SQLite usage table holding ``rows``, behind the ``bench_usage`` connection; its query."""
+    path = Path(tempfile.mkdtemp(prefix="stripe-meter-usage-")) / "usage.db"
+    with sqlite3.connect(path) as con:
+        con.execute("CREATE TABLE usage (customer_id TEXT, tokens INTEGER, used_at TEXT)")
+        con.executemany("INSERT INTO usage VALUES (?, ?, ?)", rows)
+    os.environ["AIRFLOW_CONN_BENCH_USAGE"] = json.dumps({"conn_type": "sqlite", "host": str(path)})
+    return "SELECT customer_id, tokens, used_at FROM usage"
+
+
+def bench_ledger(customers: int, days: int, stream_limit: float, v1_limit: float, v1_events: int) -> None:
+    """The ledger at scale: (a) a first nightly run, (b) a re-run over ``days`` billed days, (c) rows/s."""
     import pendulum
 
-    from airflow_provider_stripe_meter.hooks.stripe import StripeHook
-    from airflow_provider_stripe_meter.utils.delivery import Deliverer
-    from airflow_provider_stripe_meter.utils.identifiers import daily_identifier
-    from airflow_provider_stripe_meter.utils.rules import MeterEvent
+    kind = _ledger_database()
+    print(f"\n## ledger on {kind}: {customers:,} customers")
+    sql = _usage_table(_rows(customers, 1, seed=11))
+    source = {"sql": sql, "sql_conn_id": "bench_usage", "ledger_conn_id": "bench_ledger"}
 
-    limit = 100.0
-    print(
-        f"\n## truth (a): nightly run, {customers} customers billing yesterday for the first time, "
-        f"server limit {limit:.0f} requests/s, 50 ms latency"
-    )
-    rows = _rows(customers, 1, seed=5)
-    server_args = ["--latency", "0.05", "--rate-limit", str(limit)]
-    with RemoteServer(*server_args) as server:
-        # Baseline: what the operator cost before this release, one request per aggregate and
-        # nothing else (no meter list, no marks, no summaries), through the same deliverer.
-        hook = StripeHook()
-        day = pendulum.yesterday("UTC").date()
-        events = [MeterEvent(EVENT, c, v, daily_identifier(EVENT, c, day), None) for c, v, _ in rows]
-        started = time.monotonic()
-        report = Deliverer(
-            lambda batch: hook.create_meter_event(batch[0]),
-            key=lambda e: e.customer_id,
-            describe=lambda e: {"customer_id": e.customer_id},
-            max_rps=limit,
-        ).run(events)
-        base_seconds = time.monotonic() - started
-        base_requests = server.summary()["stats"]["requests"]
-        print(
-            f"baseline (send every aggregate, no look-ups): {report.sent} sent, {base_requests} requests, "
-            f"{base_seconds:.1f} s"
-        )
-    with RemoteServer(*server_args) as server:
-        outcome = _run_in_task(rows=rows, max_rps=limit)
-        requests = server.summary()["stats"]["requests"]
+    capacity = stream_limit * 100
+    _reset_ledger()
+    with RemoteServer("--latency", "0.02", "--stream-rate-limit", str(stream_limit)) as server:
+        first = _run_in_task(**source, api="v2_stream", max_rps=stream_limit)
         duplicates, lost = _check_exactly_once(server, customers)
-        print(
-            f"operator: {outcome['sent']} sent, {requests} requests ({outcome['summary_requests']} summary "
-            f"look-ups), {outcome['wall']:.1f} s end to end; duplicates {duplicates}, lost {lost}"
-        )
+    stream_rate = first["events_sent"] / first["seconds"]
     print(
-        f"RESULT truth-a: requests operator/baseline = {requests / base_requests:.3f}, "
-        f"seconds = {outcome['wall'] / base_seconds:.3f} (target <= 1.10)"
+        f"(a) first nightly run, v2 stream limited to {stream_limit:.0f} requests/s (= {capacity:,.0f} "
+        f"events/s): {first['events_sent']:,} events, delivery {first['seconds']:.1f} s = "
+        f"{stream_rate:,.0f} events/s; end to end {first['wall']:.1f} s; duplicates {duplicates}, lost {lost}"
+    )
+    _reset_ledger()
+    sql_v1 = _usage_table(_rows(v1_events, 1, seed=12))
+    with RemoteServer("--latency", "0.02", "--rate-limit", str(v1_limit)) as server:
+        v1 = _run_in_task(**{**source, "sql": sql_v1}, api="v1", max_rps=v1_limit)
+        v1_duplicates, v1_lost = _check_exactly_once(server, v1_events)
+    v1_rate = v1["events_sent"] / v1["seconds"]
+    print(
+        f"(a) first nightly run, v1 limited to {v1_limit:.0f} requests/s: {v1['events_sent']:,} events, "
+        f"delivery {v1['seconds']:.1f} s = {v1_rate:,.0f} events/s; 429s {v1['rate_limited']}; "
+        f"duplicates {v1_duplicates}, lost {v1_lost}"
     )
 
-    test_limit = 25.0
-    print(
-        f"\n## truth (b): {days}-day backfill of the same {customers} customers over days already billed, "
-        f"test-mode limits (server {test_limit:.0f} requests/s, operator default 20/s), 50 ms latency"
-    )
+    # (b) and (c): the ledger of `days` nights already billed, then the re-run over all of them.
+    _reset_ledger()
     today = pendulum.today("UTC")
-    backfill, held = [], []
-    rng = random.Random(6)
-    for back in range(1, days + 1):
-        stamp = today.add(days=-back, hours=23, minutes=30)
-        for c in range(customers):
-            customer, value = f"cus_bench{c:06d}", rng.randrange(1, 10_000)
-            backfill.append((customer, value, stamp.strftime("%Y-%m-%d %H:%M:%S")))
-            held.append(
-                {
-                    "event_name": EVENT,
-                    "customer": customer,
-                    "value": value,
-                    "timestamp": int(stamp.timestamp()),
-                    "identifier": daily_identifier(EVENT, customer, stamp.date()),
-                }
-            )
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
-        json.dump(held, handle)
-    server_args = ["--latency", "0.05", "--rate-limit", str(test_limit), "--preload", handle.name]
-    with RemoteServer(*server_args) as server:
-        _mark_as_billed_by_the_nightly(today.add(days=-1).date())
-        before = server.summary()
-        outcome = _run_in_task(rows=backfill)
-        after = server.summary()
-    os.unlink(handle.name)
-    resent = after["stats"].get("v1_meter_event", 0) + after["stats"].get("v2_stream", 0)
+    rng = random.Random(13)
+    stamps = [today.add(days=-back, hours=23, minutes=30) for back in range(1, days + 1)]
+    rows = [
+        (f"cus_bench{c:06d}", rng.randrange(1, 10_000), stamp.strftime("%Y-%m-%d %H:%M:%S"))
+        for stamp in stamps
+        for c in range(customers)
+    ]
+    sql_days = _usage_table(rows)
+    written, seconds = _fill_ledger(rows)
+    baseline = _naive_ledger_rate(min(20_000, len(rows)))
     print(
-        f"operator: {outcome['aggregates']} customer-days ({outcome['skipped_too_old']} rows too old), "
-        f"{outcome['summary_requests']} summary look-ups, {resent} events sent, "
-        f"{outcome['already_recorded']} already recorded, {outcome['rate_limited']} 429s, "
-        f"{outcome['wall']:.1f} s end to end; events on the server {before['events']} -> {after['events']}"
+        f"(c) ledger rows written pending then resolved accepted: {written:,} in {seconds:.1f} s = "
+        f"{written / seconds:,.0f} rows/s; baseline (one INSERT and one UPDATE a row, same database): "
+        f"{baseline:,.0f} rows/s"
     )
-    print(
-        f"RESULT truth-b: seconds = {outcome['wall']:.0f} / 300 = {outcome['wall'] / 300:.2f} (target < 1); "
-        f"aggregates re-sent = {resent} (target 0)"
-    )
-
-
-def bench_scale(customers: int, max_rps: float) -> None:
-    """Bill and reconcile ``customers`` customers for yesterday, each phase against Stripe's limits.
-
-    (1) the first nightly run sends on the v2 stream, against Stripe's 10,000 events/s; (2) a
-    re-run looks every customer up in the summaries and sends nothing, and (3) the reconcile
-    sensor reads every customer's summaries: both against ``max_rps`` (the summaries read rate
-    the operator is given; Stripe's live limit for the account is 1,000 requests/s, shared).
-    """
-    print(
-        f"\n## scale: {customers} customers billed for yesterday, then looked up and reconciled; "
-        f"summaries paced at max_rps={max_rps:.0f}, server 20 ms latency, in its own process"
-    )
-    rows = _rows(customers, 1, seed=11)
     with RemoteServer("--latency", "0.02") as server:
-        first = _run_in_task(rows=rows, api="v2_stream", max_rps=max_rps)
-        duplicates, lost = _check_exactly_once(server, customers)
-        stream_rate = first["sent"] / first["wall"]
-        print(
-            f"(1) first billing: {first['sent']} sent in {first['wall']:.1f} s = {stream_rate:,.0f} events/s "
-            f"end to end; duplicates {duplicates}, lost {lost}"
-        )
-        again = _run_in_task(rows=rows, api="v2_stream", max_rps=max_rps)
-        lookup_rate = again["summary_requests"] / again["wall"]
-        print(
-            f"(2) re-run: {again['summary_requests']} summary look-ups, {again['sent']} sent, "
-            f"{again['already_recorded']} already recorded, {again['wall']:.1f} s end to end = "
-            f"{lookup_rate:,.0f} look-ups/s"
-        )
-        report = _run_in_task(kind="sensor", rows=rows, max_rps=max_rps, settle_timeout=0)
-        reconcile_rate = customers / report["wall"]
-        print(
-            f"(3) reconcile: {report['counts']}, {report['wall']:.1f} s end to end = "
-            f"{reconcile_rate:,.0f} summary reads/s"
-        )
-        events = server.summary()["events"]
+        again = _run_in_task(**{**source, "sql": sql_days}, api="v2_stream", max_rps=stream_limit)
+        stats = server.summary()["stats"]
+    sent = stats.get("v1_meter_event", 0) + stats.get("v2_stream", 0)
+    reads = stats.get("v1_summaries", 0)
     print(
-        f"RESULT scale-1: stream events/s / Stripe's 10,000 = {stream_rate / 10_000:.2f}; "
-        f"RESULT scale-2: look-ups/s / max_rps = {lookup_rate / max_rps:.2f} (target >= 0.9); "
-        f"RESULT scale-3: reconcile reads/s / max_rps = {reconcile_rate / max_rps:.2f} (target >= 0.9); "
-        f"Stripe holds {events} events for {customers} customer-days"
+        f"(b) re-run over {days} billed days: {again['aggregates']:,} customer-days, {sent} events sent, "
+        f"{reads} summary reads, {again['already_recorded']:,} already recorded, {again['wall']:.1f} s end "
+        f"to end ({stats.get('requests', 0)} requests in all: the meters list and nothing else)"
     )
+    print(
+        f"RESULT ledger-a: stream events/s / limit = {stream_rate / capacity:.3f} (target >= 0.9); "
+        f"v1 events/s / limit = {v1_rate / v1_limit:.3f} (target >= 0.9)"
+    )
+    print(
+        f"RESULT ledger-b: re-run seconds / 60 = {again['wall'] / 60:.2f} (target <= 1); events {sent}, "
+        f"summary reads {reads} (target 0, 0)"
+    )
+    rate = written / seconds
+    print(f"RESULT ledger-c: ledger rows/s = {rate:,.0f} = {rate / baseline:.1f}x the baseline")
 
 
-def _mark_as_billed_by_the_nightly(day: Any) -> None:
-    """Leave the mark last night's run of the operator leaves on the day it billed.
+def _fill_ledger(rows: list[tuple[str, int, str]]) -> tuple[int, float]:
+    """Write a ledger for ``rows`` as the nightly runs would have (pending, then accepted); rows/s."""
+    from datetime import datetime, timezone
 
-    The preloaded events stand for what the nightly DAG sent; a nightly run also marks its fresh
-    day (an Airflow Variable) before sending, and that mark is what makes later runs look first.
-    """
-    from airflow.models.variable import Variable
-
+    from airflow_provider_stripe_meter.billing.meters import MeterSpec
+    from airflow_provider_stripe_meter.billing.plans import ledger_identifier
     from airflow_provider_stripe_meter.hooks.stripe import StripeHook
-    from airflow_provider_stripe_meter.state.day_journal import SentDays
+    from airflow_provider_stripe_meter.ledger.entries import ACCEPTED, PENDING, Entry
+    from airflow_provider_stripe_meter.state.ledger import ledger_on
 
-    meter_id = StripeHook().active_meter(EVENT)["id"]
-    Variable.set(SentDays(None, meter_id, "usage").day_key(day), json.dumps({"dag_id": "nightly"}))
+    with RemoteServer() as _:
+        meter_id = StripeHook().active_meter(EVENT)["id"]
+    spec = MeterSpec(EVENT, meter_id)
+    store = ledger_on("bench_ledger")
+    started = time.monotonic()
+    for start in range(0, len(rows), 100_000):
+        entries = []
+        for customer, value, used_at in rows[start : start + 100_000]:
+            moment = datetime.fromisoformat(used_at).replace(tzinfo=timezone.utc)
+            stamp = int(moment.timestamp())
+            entries.append(
+                Entry(
+                    "platform",
+                    meter_id,
+                    EVENT,
+                    customer,
+                    moment.date(),
+                    1,
+                    ledger_identifier(spec, customer, moment.date(), 1),
+                    value,
+                    stamp,
+                    stamp,
+                    PENDING,
+                    "bench",
+                    "bench",
+                    time.time(),
+                )
+            )
+        store.insert(entries)
+        store.resolve("platform", [(e.identifier, ACCEPTED, time.time(), "") for e in entries])
+    seconds = time.monotonic() - started
+    store.close()
+    return len(rows), seconds
+
+
+def _naive_ledger_rate(n: int) -> float:
+    """Rows/s of a ledger written the plain way: one INSERT, then one UPDATE, per row (a scratch table)."""
+    from airflow_provider_stripe_meter.state.ledger import ledger_on
+
+    store = ledger_on("bench_ledger", "stripe_meter_ledger_naive")
+    conn = store.conn
+    cursor = conn.cursor()
+    mark = store.placeholder
+    started = time.monotonic()
+    for i in range(n):
+        cursor.execute(
+            f"INSERT INTO {store.table} VALUES ({', '.join([mark] * 16)})",
+            (
+                "platform",
+                "mtr",
+                EVENT,
+                f"cus_{i}",
+                "2026-01-01",
+                1,
+                f"id{i}",
+                1,
+                0,
+                0,
+                "pending",
+                "r",
+                "a",
+                0.0,
+                None,
+                "",
+            ),
+        )
+        conn.commit()
+        cursor.execute(
+            f"UPDATE {store.table} SET state = {mark} WHERE account = {mark} AND identifier = {mark}",
+            ("accepted", "platform", f"id{i}"),
+        )
+        conn.commit()
+    seconds = time.monotonic() - started
+    cursor.execute(f"DROP TABLE {store.table}")
+    conn.commit()
+    store.close()
+    return n / seconds
 
 
 def _make_sqlite(path: Path, n: int) -> None:
@@ -571,13 +619,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--only", choices=["v1", "stream", "stream-unlimited", "sql", "truth", "import", "scale"]
-    )
-    parser.add_argument("--scale-customers", type=int, default=100_000)
-    parser.add_argument("--scale-max-rps", type=float, default=250.0)
-    parser.add_argument("--truth-customers", type=int, default=5_000)
-    parser.add_argument("--truth-days", type=int, default=35)
+    parser.add_argument("--only", choices=["v1", "stream", "stream-unlimited", "sql", "import", "ledger"])
+    parser.add_argument("--ledger-customers", type=int, default=100_000)
+    parser.add_argument("--ledger-days", type=int, default=35)
+    parser.add_argument("--ledger-stream-limit", type=float, default=50.0, help="stream requests/s")
+    parser.add_argument("--ledger-v1-limit", type=float, default=500.0, help="v1 requests/s")
+    parser.add_argument("--ledger-v1-events", type=int, default=30_000)
     parser.add_argument("--v1-events", type=int, default=5_000)
     parser.add_argument(
         "--baseline-events", type=int, default=300, help="events the sequential baseline sends"
@@ -605,12 +652,16 @@ def main() -> None:
         bench_stream_unlimited(customers=50_000, per_customer=4)
     if args.only in (None, "sql"):
         bench_sql(args.sql_rows, args.repeats)
-    if args.only in (None, "truth"):
-        bench_truth(args.truth_customers, args.truth_days)
     if args.only in (None, "import"):
         bench_import(args.import_repeats)
-    if args.only in (None, "scale"):
-        bench_scale(args.scale_customers, args.scale_max_rps)
+    if args.only in (None, "ledger"):
+        bench_ledger(
+            args.ledger_customers,
+            args.ledger_days,
+            args.ledger_stream_limit,
+            args.ledger_v1_limit,
+            args.ledger_v1_events,
+        )
     print(f"\n(benchmarks took {time.monotonic() - started:.0f} s)")
 
 

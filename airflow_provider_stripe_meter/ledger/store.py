@@ -10,6 +10,7 @@ night costs a few hundred round trips, not 100,000.
 
 from __future__ import annotations
 
+import io
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import date, datetime, timezone
@@ -228,27 +229,64 @@ class SqlLedger:
         that run owns the customer-day's next event, and this one must plan the day again.
         """
         owned: set[str] = set()
+        if self._copies:
+            owned |= self._insert_by_copy(entries)
+            self.conn.commit()
+            return owned
         for chunk in _chunks(entries):
             values = [_values(entry) for entry in chunk]
             if self.dialect in NATIVE:
                 row = f"({self._marks(len(COLUMN_NAMES))})"
-                self._execute(
-                    f"INSERT INTO {self.table} ({', '.join(COLUMN_NAMES)}) VALUES "
-                    f"{', '.join([row] * len(values))} ON CONFLICT DO NOTHING",
-                    [v for value in values for v in value],
-                )
+                # RETURNING names the rows this statement wrote: the ones this attempt owns.
+                owned |= {
+                    identifier
+                    for (identifier,) in self._query(
+                        f"INSERT INTO {self.table} ({', '.join(COLUMN_NAMES)}) VALUES "
+                        f"{', '.join([row] * len(values))} ON CONFLICT DO NOTHING RETURNING identifier",
+                        [v for value in values for v in value],
+                    )
+                }
             else:
                 self._insert_one_by_one(values)
-            attempts = {e.identifier: e.attempt for e in chunk}
-            account = chunk[0].account
-            for identifier, attempt in self._query(
-                f"SELECT identifier, attempt FROM {self.table} "
-                f"WHERE account = ? AND identifier IN ({self._marks(len(chunk))})",
-                (account, *attempts),
-            ):
-                if attempts.get(identifier) == attempt:
-                    owned.add(identifier)
+                attempts = {e.identifier: e.attempt for e in chunk}
+                for identifier, attempt in self._query(
+                    f"SELECT identifier, attempt FROM {self.table} "
+                    f"WHERE account = ? AND identifier IN ({self._marks(len(chunk))})",
+                    (chunk[0].account, *attempts),
+                ):
+                    if attempts.get(identifier) == attempt:
+                        owned.add(identifier)
             self.conn.commit()
+        return owned
+
+    @property
+    def _copies(self) -> bool:
+        """PostgreSQL through psycopg2: rows go in with ``COPY``, several times faster than ``INSERT``."""
+        return self.dialect == "postgres" and hasattr(self.conn.cursor(), "copy_expert")
+
+    def _copy(self, cursor: Any, temp: str, rows: Iterable[Sequence[Any]]) -> None:
+        buffer = io.StringIO()
+        for row in rows:
+            buffer.write("\t".join(_copy_text(value) for value in row))
+            buffer.write("\n")
+        buffer.seek(0)
+        cursor.copy_expert(f"COPY {temp} FROM STDIN", buffer)
+        self.statements += 1
+
+    def _insert_by_copy(self, entries: Sequence[Entry]) -> set[str]:
+        cursor = self.conn.cursor()
+        cursor.execute(
+            "CREATE TEMP TABLE IF NOT EXISTS stripe_meter_ledger_in "
+            f"(LIKE {self.table}) ON COMMIT DELETE ROWS"
+        )
+        self._copy(cursor, "stripe_meter_ledger_in", (_values(e) for e in entries))
+        cursor.execute(
+            f"INSERT INTO {self.table} SELECT * FROM stripe_meter_ledger_in ON CONFLICT DO NOTHING "
+            "RETURNING identifier"
+        )
+        self.statements += 2
+        owned = {identifier for (identifier,) in cursor.fetchall()}
+        cursor.close()
         return owned
 
     def _insert_one_by_one(self, values: list[tuple[Any, ...]]) -> None:
@@ -276,6 +314,23 @@ class SqlLedger:
                 [(state, at, note, account, identifier) for identifier, state, at, note in changes],
             )
             self.statements += 1
+            self.conn.commit()
+            return
+        if self._copies:
+            cursor = self.conn.cursor()
+            cursor.execute(
+                "CREATE TEMP TABLE IF NOT EXISTS stripe_meter_ledger_answers (identifier VARCHAR(100), "
+                "state VARCHAR(16), answered_at DOUBLE PRECISION, note VARCHAR(255)) ON COMMIT DELETE ROWS"
+            )
+            self._copy(cursor, "stripe_meter_ledger_answers", changes)
+            cursor.execute(
+                f"UPDATE {self.table} SET state = a.state, answered_at = a.answered_at, note = a.note "
+                f"FROM stripe_meter_ledger_answers a WHERE {self.table}.account = %s "
+                f"AND {self.table}.identifier = a.identifier",
+                (account,),
+            )
+            self.statements += 2
+            cursor.close()
             self.conn.commit()
             return
         for chunk in _chunks(changes):
@@ -313,6 +368,16 @@ def _values(entry: Entry) -> tuple[Any, ...]:
         entry.answered_at,
         entry.note,
     )
+
+
+def _copy_text(value: Any) -> str:
+    """One value in ``COPY``'s text format (tab-separated; ``\\N`` is NULL)."""
+    if value is None:
+        return "\\N"
+    text = str(value)
+    if any(c in text for c in "\\\t\n\r"):
+        text = text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+    return text
 
 
 def _entry(row: Sequence[Any]) -> Entry:

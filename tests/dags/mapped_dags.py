@@ -56,9 +56,7 @@ with DAG("t_mapped_meters", schedule=None, start_date=START) as meters_dag:
     )
     StripeMeterEventBatchOperator.partial(
         task_id="bill", rows=usage.output, ledger_conn_id="ledger_db", max_rps=200
-    ).expand(
-        event_name=["ai_tokens_used", "api_calls"]
-    )
+    ).expand(event_name=["ai_tokens_used", "api_calls"])
 
 # -- footprint: what lands in Airflow's metadata database at any number of customers ------------
 

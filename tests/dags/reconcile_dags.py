@@ -52,7 +52,8 @@ with DAG(
         return chosen or ["all_good"]
 
     top_up = StripeMeterTopUpOperator(
-        task_id="top_up", reconciliation=reconcile.output["lines"],
+        task_id="top_up",
+        reconciliation=reconcile.output["lines"],
         event_name="ai_tokens_used",
         ledger_conn_id="usage_db",
         max_rps=200,

@@ -158,3 +158,19 @@ def _day(stamp: int) -> date:
 def test_a_table_name_that_is_not_a_name_is_refused(name):
     with pytest.raises(ValueError, match="ledger_table must be a table name"):
         check_table_name(name)
+
+
+def test_values_with_tabs_newlines_and_backslashes_round_trip(connect):
+    # PostgreSQL rows go in through COPY's text format, where these characters are escapes.
+    store = ledger(connect)
+    odd = entry("cus_a\tb\\c", run_id="manual__2026-12-05T14:00:00+00:00\nretry")
+    assert store.insert([odd]) == {odd.identifier}
+    store.resolve("platform", [(odd.identifier, ACCEPTED, 5.0, "a\\b\tc\nd")])
+    [back] = store.entries_of("platform", "mtr_1", ["cus_a\tb\\c"], DAY, DAY)
+    assert (back.customer_id, back.run_id, back.note, back.answered_at) == (
+        odd.customer_id,
+        odd.run_id,
+        "a\\b\tc\nd",
+        5.0,
+    )
+    store.close()

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import sqlite3
 from datetime import datetime, timedelta, timezone
 
 import pendulum
 import pytest
 
 from airflow_provider_stripe_meter.operators.meter_event_batch import StripeMeterEventBatchOperator
-from airflow_provider_stripe_meter.utils.identifiers import daily_identifier
 from tests.conftest import add_rows, add_window_rows, at, run_dag, source_totals, task_states, today, xcoms
 
 pytestmark = [pytest.mark.airflow, pytest.mark.usefixtures("airflow_db")]
@@ -29,9 +29,14 @@ def test_daily_run_bills_yesterday_once_and_a_rerun_adds_nothing(secret_server, 
     assert outcome["totals"]["ai_tokens_used"]["value"] == sum(expected.values())
     events = secret_server.ledger.accepted()
     yesterday = today().add(days=-1).date()
+    meter_id = secret_server.ledger.meter_for("ai_tokens_used").id
+    # Each event is the first of its customer-day in the ledger, which names it.
     assert {e.identifier for e in events} == {
-        daily_identifier("ai_tokens_used", c, yesterday) for c in expected
+        f"sm:ai_tokens_used:{c}:{yesterday}:1:{meter_id}" for c in expected
     }
+    with sqlite3.connect(usage_db) as con:  # the ledger lives beside the usage (sql_conn_id)
+        ledger = con.execute("SELECT customer_id, value, state FROM stripe_meter_ledger").fetchall()
+    assert sorted(ledger) == sorted((c, v, "accepted") for c, v in expected.items())
     # Each event carries its latest row's time, inside yesterday.
     latest = {c: max(t for cc, _, t in rows[:200] if cc == c) for c in expected}
     assert {e.customer_id: e.timestamp for e in events} == {

@@ -8,7 +8,6 @@ import pytest
 
 from airflow_provider_stripe_meter.utils.identifiers import (
     bounded_identifier,
-    daily_identifier,
     task_identifier,
 )
 
@@ -50,12 +49,3 @@ def test_length_limit_is_exact_and_the_hash_covers_the_whole():
     assert len(over) == 100
     assert over.startswith("x" * 75 + "~")
     assert over != bounded_identifier("x" * 98, "zy")  # differs only after the readable head
-
-
-def test_daily_identifier_names_meter_customer_and_day():
-    assert (
-        daily_identifier("ai_tokens_used", "cus_1", date(2026, 11, 23))
-        == "usage:ai_tokens_used:cus_1:2026-11-23"
-    )
-    assert daily_identifier("e", "cus_1", date(2026, 11, 23), prefix="eu") == "eu:e:cus_1:2026-11-23"
-    assert len(daily_identifier("e" * 100, "cus_1", date(2026, 11, 23))) == 100
