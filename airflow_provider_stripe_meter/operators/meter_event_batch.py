@@ -49,72 +49,72 @@ class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
     with ``event_name`` fourth when no fixed ``event_name`` is given, or a mapping with the names
     given in ``columns``.
 
-    Exactly once, whatever the history of runs: the source's figure for each customer-day is
-    computed with the meter's own formula (the sum for ``sum``, the number of rows for
-    ``count``, the latest row's value for ``last``; see :mod:`~airflow_provider_stripe_meter.billing.plans`).
-    A day that ended less than ``identifier_window`` ago and was never sent for is sent
-    straight away, protected by Stripe's identifier rule; every other day is first looked up in
-    Stripe's meter event summaries (one request per customer), and only the difference is sent,
-    under an identifier that names what it builds on. Late rows are billed once; a source that
-    shrank is reported (``over``), and corrected only with ``correct_over=True``; an unknown
-    customer is reported, never sent. A meter the operator cannot bill exactly is refused before
-    anything is sent.
+    Exactly once, whatever the history of runs, because the operator knows what it sent: every
+    meter event goes through a **ledger**, a table in a database the team owns
+    (``ledger_conn_id``). A row is written before its event leaves and resolved by Stripe's
+    answer; a run sends the source's figure for each customer-day (by the meter's own formula:
+    the sum for ``sum``, the number of rows for ``count``, the latest row's value for ``last``)
+    minus what the ledger says Stripe holds, under identifiers the ledger makes unique. Re-runs,
+    retries, hourly runs and backfills read the ledger, not Stripe: a night already billed sends
+    nothing and reads nothing but the meter. A source that went down is corrected (a negative
+    ``sum`` event; the newest ``count`` events cancelled while Stripe allows it, else ``over``);
+    an older view of a day (an hourly run retried after the nightly one) changes nothing. Rows a
+    killed run left ``pending`` are settled by the next run, events of a meter deactivated
+    mid-run are settled from Stripe's summaries once it is active again, and what Stripe dropped
+    is sent again. A meter the operator cannot bill exactly is refused before anything is sent.
 
     Rows older than 35 days (less ``safety_margin``) or more than 5 minutes ahead are skipped;
     rows that break a rule are ``invalid``. Each is counted and sampled in the result, none
     blocks the good rows. When every request fails (an outage), delivery slows to one probe at a
     time and uses up no attempts; an outage longer than ``outage_timeout`` fails the task, and
-    its retry (on any worker) looks Stripe up and sends only what is missing.
+    its retry (on any worker) sends what the ledger lacks.
 
     Returns (and pushes each key as an XCom): ``success``, ``rows``, ``aggregates``, ``sent``,
     ``already_recorded``, ``over``, ``customer_unknown``, ``unconfirmed``, ``skipped_too_old``,
     ``skipped_future``, ``invalid``, ``rejected``, ``failed``, ``actions``, ``totals`` (per
-    event name), ``samples``, ``looked_up``, delivery figures and ``report_uri``; with
-    ``dry_run`` also ``plan``. Counts, totals and bounded samples only, at any number of
-    customers: the table of every customer-day goes to ``report_path``.
+    event name), ``samples``, ``ledger`` (rows written, settled, unsettled, cancelled), delivery
+    figures and ``report_uri``; with ``dry_run`` also ``plan``. Counts, totals and bounded
+    samples only, at any number of customers: the table of every customer-day goes to
+    ``report_path``.
 
     .. seealso:: https://docs.stripe.com/billing/subscriptions/usage-based/recording-usage-api
 
     :param event_name: The meter's event name for every row; ``None`` reads it from each row.
         (templated)
+    :param ledger_conn_id: Connection of the ledger's database (any common-sql ``DbApiHook``:
+        PostgreSQL, SQLite, ...); default ``sql_conn_id``, required with ``rows=``. Every DAG and
+        schedule billing a meter must use the same ledger: it is one per account and meter.
+    :param ledger_table: The ledger's table, optionally schema-qualified (default
+        ``stripe_meter_ledger``); created on first use.
     :param api: ``"v1"`` (one synchronous request per event) or ``"v2_stream"`` (100 events a
-        request through meter event sessions, for days sent for the first time; Stripe drops
-        stream duplicates without a word, so every correction goes through v1, which answers).
-    :param max_rps: Requests per second, summaries included. Default: what Stripe's limits allow
-        the key's mode, less headroom: 20 in test mode; in live mode 900 meter events (90 for a
-        connected account, whose meter events count toward the basic limit) and 90 summary reads.
+        request through meter event sessions; every identifier is new to Stripe or names an
+        event of ours, so the stream's silent dropping of repeats is as exact as v1).
+    :param max_rps: Requests per second. Default: what Stripe's limits allow the key's mode,
+        less headroom: 20 in test mode; in live mode 900 meter events (90 for a connected
+        account, whose meter events count toward the basic limit) and 90 summary reads.
     :param concurrency: Requests in flight at most (default from ``max_rps``).
     :param max_attempts: Tries per request for 429, 5xx and network errors outside an outage.
     :param outage_timeout: How long an outage (every request failing) is ridden out before what
         is left fails the task for its retry (a ``timedelta``).
-    :param identifier_prefix: First part of every identifier (default ``usage``). It names the
-        events, not the meter's figure: Stripe's summaries count every sender's events, so two
-        pipelines must not bill the same meter for the same customers. (templated)
-    :param identifier_window: How long Stripe is assumed to refuse a repeated identifier
-        (Stripe promises at least 24 hours). Days that ended within it, less an hour, and were
-        never sent for are billed without a look at Stripe. ``None`` looks every day up (after
-        the metadata database, and so the marks, were lost).
-    :param settle_timeout: How long to wait for Stripe's summaries to show an event Stripe
-        already holds (a duplicate answer whose figure is not visible yet) before failing the
-        task for a retry (a ``timedelta``).
+    :param identifier_window: How long Stripe is assumed to refuse a repeated identifier (Stripe
+        promises at least 24 hours): a killed run's ``pending`` events younger than this, less an
+        hour, are sent again under their identifiers; older ones are settled from Stripe's
+        summaries. ``None`` settles every one from the summaries.
+    :param settle_timeout: How long a run waits for Stripe's summaries before it settles events
+        from them (a ``timedelta``); longer, and the events stay open for a later run.
     :param summary_lag: How long Stripe's meter summaries may trail the events it accepted (they
-        are eventually consistent). A day any run sent to less than this ago is read only once
-        this has passed since that send, so a summary that has not caught up is never taken as
-        what Stripe holds (a ``timedelta``; default the connection's ``summary_lag`` extra).
+        are eventually consistent): events are settled, and read back, only once this has passed
+        since their answer (a ``timedelta``; default the connection's ``summary_lag`` extra).
     :param confirm: What a run checks before it reports ``success``. ``"meter"`` (default, one
         request per meter): every event was answered and the meter was still active, and never
         deactivated, after the last one. ``"summaries"`` also reads back, once ``summary_lag``
-        has passed, every customer-day it sent to (one request per customer), so a customer
-        Stripe does not know or an event Stripe dropped ends the run as not confirmed.
-    :param correct_over: Bring days where Stripe holds more than the source down to it (a
-        negative event on ``sum`` meters, a new figure on ``last`` and pre-aggregated meters).
-        Off by default: such days are reported as ``over``.
+        has passed, every customer it sent to (one request per customer), so a customer Stripe
+        does not know (its events dropped, marked so in the ledger and sent again by a later
+        run) or a figure that differs ends the run as not a success.
     :param too_old: What to do with rows older than Stripe's 35 days (less ``safety_margin``):
         ``"skip"`` (default) counts and samples them as ``skipped_too_old``; ``"bill_at_oldest"``
-        bills them (``sum`` meters only) at the oldest instant Stripe still accepts, with the
-        original day kept in the identifier, counted apart as ``billed_late``. What was billed
-        late is remembered in Airflow Variables, so it is billed once, and later look-ups of the
-        day it landed on subtract it.
+        bills them (``sum`` meters only) at the oldest instant Stripe still accepts, net of
+        everything the ledger holds for their day, counted apart as ``billed_late``.
     :param dry_run: Read, check and compare as a real run would, send nothing, and return the
         ``plan``: per customer-day what a real run would do (``send``, ``top_up``,
         ``leave_alone``, ``correct``, ``report``).
@@ -140,8 +140,8 @@ class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
     ``preflight``.
 
     The run itself is :class:`~airflow_provider_stripe_meter.billing.run.BillingRun`, plain
-    Python; this operator reads the source, resolves the settings, and turns the result into
-    XCom, metrics, Asset events and, where billing is incomplete, a failed task.
+    Python; this operator reads the source, opens the ledger, resolves the settings, and turns
+    the result into XCom, metrics, Asset events and, where billing is incomplete, a failed task.
     """
 
     bills_meters = True
@@ -316,8 +316,8 @@ class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
             raise StripeMeterDeactivatedError(
                 f"Meter(s) {', '.join(result.deactivated)} stopped being active during the run: Stripe "
                 f"drops events sent to an inactive meter, so {outcome['unconfirmed']} customer-days are not "
-                "billed. Reactivate the meter (or fix the event name) and re-run: the re-run reads what "
-                "Stripe holds and sends what is missing.",
+                "billed. Reactivate the meter (or fix the event name) and re-run: the re-run settles this "
+                "run's events from Stripe's summaries and sends what Stripe dropped.",
                 {"type": "meter_deactivated", "meters": result.deactivated},
             )
         if outcome["failed"] or outcome["unconfirmed"]:
@@ -325,7 +325,7 @@ class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
             example = (outcome["samples"].get("failed") or outcome["samples"].get("unconfirmed") or [])[:1]
             raise StripeDeliveryIncompleteError(
                 f"{outcome['failed']} customer-days could not be delivered and {outcome['unconfirmed']} not "
-                f"confirmed (e.g. {example}); a retry looks Stripe up and sends only what is missing",
+                f"confirmed (e.g. {example}); a retry settles them from the ledger and sends what is missing",
                 {
                     "type": "delivery_incomplete",
                     "failed": outcome["failed"],
