@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 from airflow_provider_stripe_meter.billing.book import CustomerDay, RunBook
 from airflow_provider_stripe_meter.billing.meters import ADD, COUNT, MeterUnsupportedError, meter_spec
 from airflow_provider_stripe_meter.billing.outcomes import DayOutcome
-from airflow_provider_stripe_meter.billing.plans import UNSETTLED, day_end, plan_day
+from airflow_provider_stripe_meter.billing.plans import UNSETTLED, day_end, ledger_identifier, plan_day
 from airflow_provider_stripe_meter.billing.result import BatchResult, SourceFigures, summarize
 from airflow_provider_stripe_meter.billing.sending import make_deliverer
 from airflow_provider_stripe_meter.billing.settling import (
@@ -119,6 +119,8 @@ class BillingRun:
         if aggregates:
             self.read_meters({key[0] for key in aggregates})
             self.settle()
+            if self.settings.adopt and not self.settings.dry_run:
+                self.adopt(aggregates)
             self.plan(aggregates, usage.oldest)
             if not self.settings.dry_run:
                 self.deliver_planned()
@@ -142,6 +144,62 @@ class BillingRun:
                 customer_key=self.settings.customer_payload_key,
                 value_key=self.settings.value_payload_key,
             )
+
+    def adopt(self, aggregates: dict[Key, DailyAggregate]) -> int:
+        """Write what Stripe's summaries show into the ledger, for customer-days it holds nothing of.
+
+        For a ledger that was lost, or started on a meter billed before it: one summaries request
+        per customer, then a row per figure (``count``: one per event), ``accepted`` and noted as
+        adopted, so the plan sends only what Stripe lacks. Returns the rows written.
+        """
+        written = 0
+        now = clock.now()
+        for name, spec in self.book.specs.items():
+            keys = [k for k in aggregates if k[0] == name]
+            if not keys:
+                continue
+            first, last = min(k[2] for k in keys), max(k[2] for k in keys)
+            held = self.ledger.figures(self.account, spec.meter_id, first, last)
+            empty = [k for k in keys if (k[1], k[2]) not in held]
+            if not empty:
+                continue
+            customers = sorted({k[1] for k in empty})
+            found, _unknown = self.stripe.recorded_per_day(
+                spec.meter_id, customers, first, last, max_rps=self.settings.read_rps
+            )
+            self.book.summary_requests += len(customers)
+            wanted = {(k[1], k[2]) for k in empty}
+            entries: list[Entry] = []
+            for (customer, day), figure in found.items():
+                if (customer, day) not in wanted or not figure:
+                    continue
+                values = [1] * figure if spec.kind == COUNT else [figure]
+                for seq, value in enumerate(values, start=1):
+                    entries.append(
+                        Entry(
+                            account=self.account,
+                            meter_id=spec.meter_id,
+                            event_name=name,
+                            customer_id=customer,
+                            day=day,
+                            seq=seq,
+                            identifier="adopted:" + ledger_identifier(spec, customer, day, seq),
+                            value=value,
+                            # The start of the day: any snapshot the source has of it is newer.
+                            stamp=day_end(day) - 86400,
+                            source_at=-1,
+                            state=ACCEPTED,
+                            run_id=self.writer.run_id,
+                            attempt=self.writer.attempt,
+                            sent_at=now,
+                            answered_at=now,
+                            note="adopted from Stripe's summaries",
+                        )
+                    )
+            written += len(self.ledger.insert(entries))
+        self.figures["adopted"] = written
+        self.log.info("Adopted %d ledger rows from Stripe's summaries", written)
+        return written
 
     def reverify(self, keys: set[Key]) -> int:
         """Mark the accepted events of ``keys`` unverified: Stripe showed less than the ledger for them.

@@ -78,6 +78,8 @@ class RunSettings:
 
     api: Api = "v1"
     confirm: Confirm = "meter"
+    #: Rebuild the ledger from Stripe's summaries for customer-days it holds nothing of.
+    adopt: bool = False
     dry_run: bool = False
     plan_limit: int = 1_000
     sample_limit: int = 20

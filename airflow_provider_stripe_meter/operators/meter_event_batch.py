@@ -115,6 +115,10 @@ class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
         ``"skip"`` (default) counts and samples them as ``skipped_too_old``; ``"bill_at_oldest"``
         bills them (``sum`` meters only) at the oldest instant Stripe still accepts, net of
         everything the ledger holds for their day, counted apart as ``billed_late``.
+    :param adopt: Before planning, write what Stripe's summaries show into the ledger for every
+        customer-day it holds nothing of (one summaries request per customer), so only what
+        Stripe lacks is sent: for a ledger that was lost, or the first run on a meter billed
+        before the ledger existed. Run once so, then leave it off.
     :param dry_run: Read, check and compare as a real run would, send nothing, and return the
         ``plan``: per customer-day what a real run would do (``send``, ``top_up``,
         ``leave_alone``, ``correct``, ``report``).
@@ -168,6 +172,7 @@ class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
         summary_lag: timedelta | None = None,
         confirm: Confirm = "meter",
         too_old: TooOld = "skip",
+        adopt: bool = False,
         dry_run: bool = False,
         plan_limit: int = 1_000,
         report_path: str | None = None,
@@ -211,6 +216,7 @@ class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
         self.timing = Timing(identifier_window, summary_lag, settle_timeout)
         self.confirm: Confirm = confirm
         self.too_old: TooOld = too_old
+        self.adopt = adopt
         #: Plan only (``dry_run``); kept apart from BaseOperator's own ``dry_run()`` method.
         self.plan_only = dry_run
         self.plan_limit = plan_limit
@@ -276,6 +282,7 @@ class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
         return RunSettings(
             api=self.api,
             confirm=self.confirm,
+            adopt=self.adopt,
             dry_run=self.plan_only,
             plan_limit=self.plan_limit,
             sample_limit=self.sample_limit,

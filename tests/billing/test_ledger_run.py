@@ -305,3 +305,20 @@ def test_two_runs_planning_the_same_days_at_once_bill_them_once(world):
     assert w.billed() == w.source()
     retry = w.run(run_id="A-retry")
     assert (retry["success"], retry["events_sent"]) == (True, 0)
+
+
+@pytest.mark.parametrize("formula", ["sum", "count", "last"])
+def test_a_lost_ledger_is_rebuilt_from_stripes_summaries_by_adopt(world, formula):
+    w = world(formula=formula)
+    nightly_rows(w, 12, per_customer=3)
+    assert w.run()["success"]
+    w.db.unlink()  # the ledger's database is lost
+    w.add("cus_001", 7, midnight(-1) + 20 * HOUR)  # and a late row arrived meanwhile
+    w.advance(3 * DAY)
+    adopted = w.run(adopt=True, run_id="adopt")
+    assert adopted["success"], adopted["samples"]
+    assert adopted["ledger"]["adopted"] == (36 if formula == "count" else 12)
+    assert (adopted["sent"], adopted["summary_requests"]) == (1, 12)
+    assert w.billed() == w.source()
+    after = w.run(run_id="the next night")
+    assert (after["events_sent"], after["summary_requests"]) == (0, 0)

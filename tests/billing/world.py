@@ -89,6 +89,7 @@ class World:
         dry_run: bool = False,
         summary_lag: float = 0.0,
         confirm: str = "meter",
+        adopt: bool = False,
     ) -> dict[str, Any]:
         """One batch run over the rows in ``[since, until)`` (default: every row up to now)."""
         now = int(self.now)
@@ -122,6 +123,7 @@ class World:
         settings = RunSettings(
             api=api,  # type: ignore[arg-type]
             confirm=confirm,  # type: ignore[arg-type]
+            adopt=adopt,
             dry_run=dry_run,
             max_rps=10_000,
             read_rps=10_000,
