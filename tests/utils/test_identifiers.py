@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import date
-
 import pytest
 
 from airflow_provider_stripe_meter.utils.identifiers import (
