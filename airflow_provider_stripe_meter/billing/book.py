@@ -76,13 +76,10 @@ class RunBook:
     #: Usage older than Stripe's window (``too_old="bill_at_oldest"``), planned apart.
     late: dict[Key, CustomerDay] = field(default_factory=dict)
     reports: list[DeliveryReport] = field(default_factory=list)
-    #: Customer-days looked up in Stripe's summaries (each once, however often read).
-    looked_up: set[Key] = field(default_factory=set)
     summary_requests: int = 0
     #: Meters that were not active (or were deactivated) after the run sent to them.
     deactivated: set[str] = field(default_factory=set)
     #: Pending late events of earlier, cut-off runs that this run found landed in Stripe.
-    late_settled: int = 0
     samples: Samples = field(init=False)
 
     def __post_init__(self) -> None:

@@ -131,7 +131,6 @@ def summarize(book: RunBook, settings: RunSettings, source: SourceFigures) -> Ba
         by_meter={name: dict(figures) for name, figures in by_meter.items()},
         settings={"dry_run": dry, "api": settings.api, "confirm": settings.confirm},
         delivery={
-            "looked_up": len(book.looked_up),
             "summary_requests": book.summary_requests,
             "events_sent": sum(r.sent for r in book.reports),
             "requests": sum(r.requests for r in book.reports),
@@ -225,5 +224,4 @@ def _late(
             e.value for d in book.late.values() if d.outcome == DayOutcome.SENT for e in d.plan.events
         ),
         "billed_late_rows": late_rows,
-        "billed_late_settled": book.late_settled,
     }

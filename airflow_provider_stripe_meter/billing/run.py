@@ -201,28 +201,6 @@ class BillingRun:
         self.log.info("Adopted %d ledger rows from Stripe's summaries", written)
         return written
 
-    def reverify(self, keys: set[Key]) -> int:
-        """Mark the accepted events of ``keys`` unverified: Stripe showed less than the ledger for them.
-
-        The settle step then reads Stripe's summaries for them and marks what Stripe dropped, so
-        the plan sends it again (a top-up after a reconciliation). Returns the events marked.
-        """
-        changes: list[Change] = []
-        for name in {key[0] for key in keys}:
-            spec = self.book.specs[name]
-            mine = [k for k in keys if k[0] == name]
-            for entry in self.ledger.entries_of(
-                self.account,
-                spec.meter_id,
-                {k[1] for k in mine},
-                min(k[2] for k in mine),
-                max(k[2] for k in mine),
-            ):
-                if entry.key in keys and entry.state == ACCEPTED:
-                    changes.append((entry.identifier, UNVERIFIED, entry.answered_at, "Stripe showed less"))
-        self.ledger.resolve(self.account, changes)
-        return len(changes)
-
     def settle(self) -> None:
         """Settle every meter's open rows (those still open are reported by the plan)."""
         if self.settings.dry_run:

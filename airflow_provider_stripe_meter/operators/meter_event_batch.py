@@ -360,7 +360,7 @@ class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
         self.log.info(
             "%s rows %d -> customer-days %d: sent %d, already recorded %d, over %d, customer unknown %d, "
             "rejected %d, failed %d, unconfirmed %d; skipped too old %d, skipped future %d, invalid %d; "
-            "looked up %d customer-days in %d summary requests; actions %s",
+            "ledger %s; %d summary requests; actions %s",
             "Dry run:" if outcome["dry_run"] else "Billed:",
             *(
                 outcome[k]
@@ -377,7 +377,7 @@ class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
                     "skipped_too_old",
                     "skipped_future",
                     "invalid",
-                    "looked_up",
+                    "ledger",
                     "summary_requests",
                     "actions",
                 )

@@ -28,20 +28,19 @@ class StripeMeterTopUpOperator(StripeBaseOperator):
     Takes the reconciliation's result (``reconcile.output``), or its ``lines``. A result that
     names its full table (the sensor's ``report_path``) is read from there, so every short day
     is corrected at any number of customers; one that kept only some lines corrects those and
-    ends with ``success`` false (``partial_reconciliation``). Because those lines may
-    be hours or days old by the time this task runs (or re-runs), it first reads Stripe's figures
-    for those customer-days again, then sends what the batch operator would: the difference from
-    what Stripe shows now, under an identifier that names that base
-    (``<prefix>:<event>:<customer>:<day>:from<recorded>``; a day with nothing recorded goes out
-    under the batch operator's own daily identifier). A re-run on the same data finds nothing
-    left to send; two runs that read the same stale figure derive the same identifier, and
-    Stripe refuses the second. ``count`` and ``last`` meters get what their formula needs (more
-    numbered events; the latest value).
+    ends with ``success`` false (``partial_reconciliation``). It goes through the batch
+    operator's billing core and ledger: for each short day it sends the source's figure minus
+    what the ledger holds (late rows the batch has not billed yet), written to the ledger before
+    it leaves, so neither a re-run of the top-up nor the next batch run sends it again. A day the
+    ledger holds in full is not sent again (``in_ledger``): Stripe's summaries may still trail,
+    and a shortfall alone does not say what Stripe dropped; events of customers Stripe does not
+    know are marked dropped by the sensor, and the batch operator sends them once the customer
+    exists.
 
-    ``over`` and ``customer_unknown`` lines need a person (cancel within 24 hours, credit, or fix
-    the customer) and are left alone. Returns ``success``, ``sent``, ``already_recorded``,
-    ``rejected``, ``failed``, ``value_sent``, ``corrections`` (what was planned, the first 1,000),
-    ``corrections_total``, ``partial_reconciliation`` and ``samples``.
+    ``over`` and ``customer_unknown`` lines need a person (credit, or fix the customer) and are
+    left alone. Returns ``success``, ``sent``, ``already_recorded``, ``rejected``, ``failed``,
+    ``value_sent``, ``corrections`` (what was planned, the first 1,000), ``corrections_total``,
+    ``in_ledger``, ``settled``, ``partial_reconciliation`` and ``samples``.
 
     :param reconciliation: The reconciliation's lines, or its whole result. (templated)
     :param event_name: The meter's event name. (templated)
@@ -109,16 +108,23 @@ class StripeMeterTopUpOperator(StripeBaseOperator):
         ledger = ledger_on(self.ledger_conn_id, self.ledger_table)
         try:
             run = BillingRun(settings, hook, ledger, ledger_writer(self, context), self.log, now)
-            run.read_meters({self.event_name})
-            # Stripe showed less than the source: what the ledger says it holds of those days is
-            # read from Stripe's summaries first, so what Stripe dropped is sent again, once.
-            run.reverify({(a.event_name, a.customer_id, a.day) for a in aggregates})
+            # Only what the ledger lacks is sent. A day Stripe shows short that the ledger holds
+            # in full is not sent again: a shortfall alone does not say Stripe dropped anything
+            # (its summaries may trail longer than summary_lag), and guessing would bill twice.
             source = SourceFigures(rows=0, aggregates=len(aggregates), problems={}, samples={})
             oldest = now - int((PAST_WINDOW - DEFAULT_SAFETY_MARGIN).total_seconds())
             result = run.execute(Usage(aggregates, source, (), oldest))
         finally:
             ledger.close()
         outcome = self._outcome(result.as_dict(), partial, run)
+        if outcome["in_ledger"]:
+            self.log.warning(
+                "%d customer-days the reconciliation found short are in the ledger in full: not sent "
+                "again. Stripe's summaries may still trail (give the sensor a longer settle_timeout); "
+                "events of customers Stripe does not know are marked dropped by the sensor and sent "
+                "again by the next batch run once the customer exists.",
+                outcome["in_ledger"],
+            )
         self.log.info(
             "Corrections: %s", {k: v for k, v in outcome.items() if k not in ("corrections", "samples")}
         )
@@ -149,6 +155,8 @@ class StripeMeterTopUpOperator(StripeBaseOperator):
             "corrections": [d.plan.line() for d in corrected[:CORRECTIONS_SHOWN]],
             "corrections_total": len(corrected),
             "settled": ((result or {}).get("ledger") or {}).get("settled", 0),
+            # Short in Stripe, but in the ledger in full: not sent again (see execute).
+            "in_ledger": sum(1 for d in days if not d.plan.events and d.plan.action == "leave_alone"),
             "samples": (result or {}).get("samples", {}),
         }
 

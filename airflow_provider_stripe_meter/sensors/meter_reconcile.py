@@ -182,7 +182,38 @@ class StripeMeterReconcileSensor(StripeUsageSourceOperator, BaseSensorOperator):
         # A resumed task is a new process: name the meter for the extra link from the report.
         self.linked_meter_id = event["report"]["meter_id"]
         self.hook  # noqa: B018 (built here so the link knows the key's mode and the account)
+        self._mark_dropped(event["report"]["meter_id"], event["report"].get("lines") or [])
         return self._finish(context, event["report"])
+
+    def _mark_dropped(self, meter_id: str, lines: list[dict[str, Any]]) -> int:
+        """Mark in the ledger the events of customers Stripe does not know as ``dropped``.
+
+        Stripe accepts such events and drops them; marked so, they are sent again by the batch
+        operator's next run, once the customer exists in Stripe. Returns the rows marked.
+        """
+        keys = {
+            (line["customer_id"], date.fromisoformat(line["day"]))
+            for line in lines
+            if line.get("status") == "customer_unknown"
+        }
+        if not keys or not self.ledger_conn_id:
+            return 0
+        from airflow_provider_stripe_meter.state.ledger import ledger_on, mark_dropped
+
+        ledger = ledger_on(self.ledger_conn_id, self.ledger_table)
+        try:
+            marked = mark_dropped(
+                ledger, self.billed_account() or "platform", meter_id, keys, "customer unknown to Stripe"
+            )
+        finally:
+            ledger.close()
+        if marked:
+            self.log.info(
+                "Marked %d ledger rows dropped: Stripe does not know their customers; the batch "
+                "operator sends them again once it does",
+                marked,
+            )
+        return marked
 
     def poke(self, context: Context) -> PokeReturnValue | bool:
         """Compare once; done when everything matches or the settle time is over."""
@@ -215,6 +246,7 @@ class StripeMeterReconcileSensor(StripeUsageSourceOperator, BaseSensorOperator):
             line_limit=self.line_limit,
             lines_uri=write_report(self.report_path, lines),
         )
+        self._mark_dropped(wanted.meter_id, [line.to_dict() for line in lines])
         return PokeReturnValue(is_done=True, xcom_value=self._finish(context, report))
 
     def _expectation(self) -> reconcile.Expectation:

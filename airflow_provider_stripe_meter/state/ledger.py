@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import time
+from datetime import date
 from typing import TYPE_CHECKING
 
 from airflow_provider_stripe_meter.ledger.schema import DEFAULT_TABLE
@@ -56,3 +58,24 @@ def ledger_writer(operator: StripeBaseOperator, context: Context) -> Writer:
         # Unique per execution: a retry, or a second worker, writes as someone else.
         attempt=f"{ti.dag_id}:{ti.task_id}:{map_index}:{ti.try_number}:{uuid.uuid4().hex[:12]}",
     )
+
+
+def mark_dropped(
+    ledger: SqlLedger, account: str, meter_id: str, keys: set[tuple[str, date]], note: str
+) -> int:
+    """Mark the live events of ``keys`` (customer, day) ``dropped``: Stripe holds none of them."""
+    from airflow_provider_stripe_meter.ledger.entries import DROPPED, LIVE
+
+    if not keys:
+        return 0
+    entries = ledger.entries_of(
+        account, meter_id, {k[0] for k in keys}, min(k[1] for k in keys), max(k[1] for k in keys)
+    )
+    now = time.time()
+    changes = [
+        (e.identifier, DROPPED, now, note)
+        for e in entries
+        if (e.customer_id, e.day) in keys and e.state in LIVE
+    ]
+    ledger.resolve(account, changes)
+    return len(changes)

@@ -83,7 +83,8 @@ def test_backfill_three_times_across_the_identifier_window_bills_each_day_exactl
 
     advance(server, 25 * 3600)  # Stripe has forgotten every identifier of the first run
     second = run_backfill()
-    assert (second["sent"], second["already_recorded"], second["looked_up"]) == (0, 84, 84)
+    # The ledger says what the first run sent: nothing is read from Stripe, nothing re-sent.
+    assert (second["sent"], second["already_recorded"], second["summary_requests"]) == (0, 84, 0)
     assert len(server.ledger.accepted()) == events_after_first  # nothing re-sent
 
     late = [("cus_00", 5, at(-1, 50_000)), ("cus_03", 7, at(-6, 60_000)), ("cus_new", 9, at(-4, 100))]
@@ -111,9 +112,10 @@ def test_late_rows_while_stripe_still_remembers_the_first_run_are_billed_once(
         assert server.ledger.figures("ai_tokens_used") == source_figures(db_rows(usage_db))
 
     identifiers = {e.identifier for e in server.ledger.accepted()}
-    # The day had been sent to once before (version 1): the difference names both.
-    assert f"usage:ai_tokens_used:cus_1:{day(-1)}:from101:v1" in identifiers
-    assert f"usage:ai_tokens_used:cus_2:{day(-3)}:from102:v1" in identifiers
+    meter = server.ledger.meter_for("ai_tokens_used").id
+    # Each difference is its day's second event in the ledger, and its identifier says so.
+    assert f"sm:ai_tokens_used:cus_1:{day(-1)}:2:{meter}" in identifiers
+    assert f"sm:ai_tokens_used:cus_2:{day(-3)}:2:{meter}" in identifiers
     assert len(identifiers) == 12
     assert xcoms(dag_run, "bill_range")["already_recorded"] == 10
 
@@ -174,12 +176,12 @@ def test_a_retry_after_a_failed_try_sends_only_what_stripe_does_not_hold(monkeyp
     assert server.ledger.figures("ai_tokens_used") == source_figures(db_rows(usage_db))
     assert len(server.ledger.accepted()) == 30
     outcome = xcoms(dag_run, "bill")
-    # The retry looked every day up and sent only what Stripe lacked: at least the 10 events
-    # before the outage were held (a loaded machine lets the first try land a few more before
-    # it gives up), and nothing Stripe held was sent again.
-    assert outcome["looked_up"] == 30
-    assert outcome["sent"] + outcome["already_recorded"] == 30
-    assert outcome["already_recorded"] >= 10
+    # The first try left the events the outage stopped pending in the ledger; the retry sent
+    # them under the same identifiers (Stripe held none of them), read nothing from Stripe,
+    # and sent nothing Stripe held.
+    assert outcome["summary_requests"] == 0
+    assert (outcome["sent"], outcome["already_recorded"]) == (0, 30)
+    assert 0 < outcome["ledger"]["settled"] <= 20
     assert server.stats["duplicates_rejected"] == 0
 
 
@@ -226,13 +228,12 @@ def test_the_stream_bills_exactly_across_reruns_late_rows_and_the_identifier_win
     assert server.ledger.figures("ai_tokens_used") == source_figures(rows)
     outcome = xcoms(dag_run, "bill")
     assert (outcome["sent"], outcome["already_recorded"]) == (1, 299)
-    # The stream carried the first run's 300 fresh events (and the old day, looked up and empty,
-    # through v1); every difference went through v1, which answers duplicates.
-    assert {e.api for e in server.ledger.accepted() if ":from" in e.identifier} == {"v1"}
-    assert len([e for e in server.ledger.accepted() if e.api == "v2_stream"]) == 150
+    # Every identifier the ledger gives is new to Stripe, so the stream carries every event.
+    assert {e.api for e in server.ledger.accepted()} == {"v2_stream"}
+    assert len(server.ledger.accepted()) == 302
 
 
-def test_dry_run_says_what_a_real_run_would_do_and_sends_nothing(monkeypatch, stop_after):
+def test_dry_run_says_what_a_real_run_would_do_and_sends_nothing(monkeypatch, stop_after, ledger_db):
     server = serve(monkeypatch, {"ai_tokens_used": {}})
     server.ledger.customers = {"cus_a", "cus_b", "cus_c", "cus_d"}
     stop_after(server)
@@ -257,35 +258,38 @@ def test_dry_run_says_what_a_real_run_would_do_and_sends_nothing(monkeypatch, st
     assert {c: plan[c]["action"] for c in plan} == {
         "cus_a": "leave_alone",
         "cus_b": "top_up",
-        "cus_c": "report",
+        "cus_c": "correct",
         "cus_d": "send",
-        "cus_ghost": "report",
+        # Stripe takes an unknown customer's events and drops them: only a read-back or the
+        # reconcile sensor can see it.
+        "cus_ghost": "send",
     }
-    assert (plan["cus_b"]["value_sent"], plan["cus_d"]["value_sent"]) == (4, 8)
-    assert plan["cus_ghost"]["reason"] == "customer_unknown"
-    assert outcome["actions"] == {"send": 1, "top_up": 1, "leave_alone": 1, "correct": 0, "report": 2}
-    assert outcome["totals"]["ai_tokens_used"]["to_send"] == 12
-    assert (outcome["dry_run"], outcome["success"]) == (True, False)
+    assert (plan["cus_b"]["value_sent"], plan["cus_c"]["value_sent"], plan["cus_d"]["value_sent"]) == (
+        4,
+        -5,
+        8,
+    )
+    assert outcome["actions"] == {"send": 2, "top_up": 1, "leave_alone": 1, "correct": 1, "report": 0}
+    assert outcome["totals"]["ai_tokens_used"]["to_send"] == 8
+    assert outcome["dry_run"] is True
+    with sqlite3.connect(ledger_db) as con:  # a dry run writes nothing to the ledger either
+        assert con.execute("SELECT count(*) FROM stripe_meter_ledger").fetchone() == (3,)
 
 
-def test_a_shrunk_source_is_reported_and_corrected_only_on_request(monkeypatch, stop_after):
+def test_a_shrunk_source_is_corrected_with_a_negative_event(monkeypatch, stop_after):
     server = serve(monkeypatch, {"ai_tokens_used": {}})
     stop_after(server)
     run_dag("t_truth_rows", run_conf={"rows": [["cus_a", 50, at(-2, 5), "ai_tokens_used"]]})
-    shrunk = [["cus_a", 35, at(-2, 5), "ai_tokens_used"]]
+    shrunk = [["cus_a", 35, at(-2, 5), "ai_tokens_used"]]  # the row was corrected in the warehouse
 
     dag_run = run_dag("t_truth_rows", run_conf={"rows": shrunk})
 
     outcome = xcoms(dag_run, "bill")
-    assert (outcome["over"], outcome["success"]) == (1, False)
-    assert outcome["samples"]["over"][0]["recorded"] == 50
-    assert server.ledger.figures("ai_tokens_used") == {("cus_a", day(-2)): 50}
-
-    dag_run = run_dag("t_truth_rows_correct", run_conf={"rows": shrunk})
-
+    assert (outcome["over"], outcome["actions"]["correct"], outcome["success"]) == (0, 1, True)
     assert server.ledger.figures("ai_tokens_used") == {("cus_a", day(-2)): 35}
     assert [int(e.payload["value"]) for e in server.ledger.accepted()] == [50, -15]
-    assert xcoms(dag_run, "bill")["success"] is True
+    again = xcoms(run_dag("t_truth_rows", run_conf={"rows": shrunk}), "bill")
+    assert (again["events_sent"], again["success"]) == (0, True)
 
 
 def test_usage_older_than_35_days_is_billed_once_at_the_oldest_instant_on_request(monkeypatch, stop_after):
@@ -309,19 +313,22 @@ def test_usage_older_than_35_days_is_billed_once_at_the_oldest_instant_on_reques
     outcome = xcoms(dag_run, "bill")
     assert (outcome["billed_late"], outcome["billed_late_rows"], outcome["billed_late_value"]) == (2, 2, 43)
     assert (outcome["skipped_too_old"], outcome["success"]) == (0, True)
-    late = {e.identifier: e for e in server.ledger.accepted() if ":late" in e.identifier}
+    meter = server.ledger.meter_for("ai_tokens_used").id
+    # Events of days older than Stripe's window: the day is the identifier's fourth part.
+    late = {e.identifier: e for e in server.ledger.accepted() if e.identifier.split(":")[3] < day(-35)}
+    # The ledger keeps each old day as its own customer-day; the events carry the oldest
+    # instant Stripe takes (35 days less safety_margin) as the run read its source.
     assert set(late) == {
-        f"usage:ai_tokens_used:cus_a:{day(-40)}:late0",
-        f"usage:ai_tokens_used:cus_b:{day(-38)}:late0",
+        f"sm:ai_tokens_used:cus_a:{day(-40)}:1:{meter}",
+        f"sm:ai_tokens_used:cus_b:{day(-38)}:1:{meter}",
     }
-    # The oldest instant Stripe takes (35 days less the hour's margin), a minute inside, at run time.
-    oldest = 35 * DAY - 3600 - 60
-    assert all(started - oldest <= e.timestamp <= ended - oldest for e in late.values())
+    oldest = 35 * DAY - 3600
+    assert all(started - oldest - 5 <= e.timestamp <= ended - oldest for e in late.values())
 
     rows.append(["cus_a", 5, at(-40, 99), "ai_tokens_used"])  # a late row for the old day
     outcome = xcoms(run_dag("t_truth_rows_late", run_conf={"rows": rows}), "bill")
     assert (outcome["billed_late"], outcome["billed_late_before"], outcome["billed_late_value"]) == (1, 1, 5)
-    assert f"usage:ai_tokens_used:cus_a:{day(-40)}:late40" in {e.identifier for e in server.ledger.accepted()}
+    assert f"sm:ai_tokens_used:cus_a:{day(-40)}:2:{meter}" in {e.identifier for e in server.ledger.accepted()}
 
     advance(server, 25 * 3600)  # Stripe forgets the identifiers; the operator still knows
     events_before = len(server.ledger.accepted())

@@ -289,3 +289,29 @@ def test_usage_billed_late_onto_a_day_is_expected_there_not_reported_over(
     assert report["counts"] == {"ok": 6, "missing": 0, "short": 0, "over": 0, "customer_unknown": 0}
     assert (report["success"], report["billed_late"]) == (True, 100 + 101 + 102)
     assert lines_by_key(report)[("cus_1", day(-35))]["expected"] == 101 + 11
+
+
+def test_an_unknown_customers_events_are_marked_dropped_and_billed_once_it_exists(
+    secret_server, usage_db, fast_clock
+):
+    # The CRM sync trails Stripe: the nightly run bills a customer Stripe does not know yet, and
+    # Stripe takes the events and drops them. The audit finds them; the next run bills them.
+    import sqlite3
+
+    secret_server.ledger.customers = {"cus_a"}
+    add_rows(usage_db, [("cus_a", 5, at(-1, 10)), ("cus_new", 9, at(-1, 30)), ("cus_new", 4, at(-1, 90))])
+    first = xcoms(run_dag("t_bill_day", run_conf={"day": day(-1)}), "bill")
+    assert first["sent"] == 2  # Stripe answered 200 for both
+
+    audit = xcoms(run_dag("t_reconcile_rescheduled", run_conf={"days": 3}), "reconcile")
+    assert audit["counts"]["customer_unknown"] == 1
+    with sqlite3.connect(usage_db) as con:
+        states = dict(con.execute("SELECT customer_id, state FROM stripe_meter_ledger"))
+    assert states == {"cus_a": "accepted", "cus_new": "dropped"}
+
+    secret_server.ledger.customers.add("cus_new")  # the CRM sync caught up
+    again = xcoms(run_dag("t_bill_day", run_conf={"day": day(-1)}), "bill")
+    assert (again["success"], again["sent"], again["already_recorded"]) == (True, 1, 1)
+    assert secret_server.ledger.totals() == {"cus_a": 5, "cus_new": 13}
+    audit = xcoms(run_dag("t_reconcile_rescheduled", run_conf={"days": 3}), "reconcile")
+    assert audit["counts"] == {"ok": 2, "missing": 0, "short": 0, "over": 0, "customer_unknown": 0}
