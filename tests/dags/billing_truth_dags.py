@@ -69,5 +69,5 @@ rows_confirm = rows_dag("t_truth_rows_confirm", confirm="summaries")
 rows_late_fragile = rows_dag(
     "t_truth_rows_late_fragile", too_old="bill_at_oldest", outage_timeout=timedelta(seconds=0.5)
 )
-# After the metadata database was lost: nothing is sent blind, every day is looked up.
-rows_look_up_all = rows_dag("t_truth_rows_look_up_all", identifier_window=None)
+# After the ledger was lost: what Stripe holds is adopted from its summaries first.
+rows_adopt = rows_dag("t_truth_rows_adopt", adopt=True)

@@ -163,7 +163,15 @@ def test_a_worker_killed_mid_delivery_then_rerun_bills_exactly(monkeypatch, serv
 
     assert (state, outcome["success"]) == ("success", True)
     assert server.ledger.figures("ai_tokens_used") == source_figures(rows)
-    assert (outcome["sent"], outcome["already_recorded"]) == (160 - landed, landed)
+    # The killed run's events were pending in the ledger: all 160 settled before planning.
+    assert outcome["ledger"]["settled"] == 160
+    if rerun == "at_once":
+        # Sent again under the same identifiers: Stripe refused its copies of those it held.
+        assert (outcome["sent"], outcome["already_recorded"]) == (0, 160)
+        assert server.stats["duplicates_rejected"] >= landed
+    else:
+        # Past Stripe's identifier window: read from the summaries, the rest sent as new events.
+        assert (outcome["sent"], outcome["already_recorded"]) == (160 - landed, landed)
     state, outcome = bill(rows)  # and once more: nothing to do
     assert (outcome["sent"], outcome["already_recorded"], outcome["success"]) == (0, 160, True)
     assert len(server.ledger.accepted()) == 160
@@ -194,12 +202,13 @@ def test_a_worker_killed_while_billing_usage_older_than_35_days_then_rerun_bills
 
     assert (state, outcome["success"]) == ("success", True)
     assert server.ledger.totals("ai_tokens_used") == late_totals(rows)
-    # The killed run's events were found in Stripe, not assumed: counted as billed before, not re-sent.
-    assert (outcome["billed_late_settled"], outcome["billed_late"], outcome["billed_late_before"]) == (
-        landed,
-        150 - landed,
-        landed,
-    )
+    assert outcome["ledger"]["settled"] == 150
+    if rerun == "after_the_window":
+        # Found in Stripe's summaries, not assumed: the landed ones billed before, the rest now.
+        assert (outcome["billed_late"], outcome["billed_late_before"]) == (150 - landed, landed)
+    else:
+        # Sent again under their identifiers while Stripe still refuses copies.
+        assert (outcome["billed_late"], outcome["billed_late_before"]) == (0, 150)
     clock.advance(25 * HOUR)
     state, outcome = bill(rows, "t_truth_rows_late")
     assert (outcome["billed_late"], outcome["billed_late_before"], outcome["success"]) == (0, 150, True)
@@ -251,9 +260,12 @@ def test_a_sum_day_corrected_down_and_up_again_lands_every_figure(monkeypatch, s
     server = serve({"ai_tokens_used": {}})
     share_clock(monkeypatch, server)
     base = [["cus_a", 100, at(-3, 60), "ai_tokens_used"]]
-    late = [["cus_a", 50, at(-3, 120), "ai_tokens_used"]]
-    for rows in (base, base + late, base, base + late, base):
-        state, outcome = bill(rows, "t_truth_rows_correct")
+
+    def late(value):  # a row corrected in place: 50, then 0, then 50 again
+        return [["cus_a", value, at(-3, 120), "ai_tokens_used"]]
+
+    for rows in (base, base + late(50), base + late(0), base + late(50), base + late(0)):
+        state, outcome = bill(rows)
         assert (state, outcome["success"]) == ("success", True)
         assert server.ledger.figures("ai_tokens_used") == source_figures(rows)
 
@@ -271,18 +283,20 @@ def test_a_last_meter_read_while_its_summary_trails_is_not_taken_as_settled(monk
         assert server.ledger.figures("seats") == source_figures(rows, "last")
 
 
-def test_late_rows_removed_again_while_the_summary_trails_are_reported_over(monkeypatch, serve):
+def test_a_deleted_newest_row_looks_like_an_older_view_and_is_shown_not_guessed(monkeypatch, serve):
     server = serve({"ai_tokens_used": {}}, summary_lag=2.0)
     share_clock(monkeypatch, server)
     base = [["cus_a", 100, at(-3, 60), "ai_tokens_used"]]
     assert bill(base)[1]["success"] is True
     assert bill([*base, ["cus_a", 50, at(-3, 120), "ai_tokens_used"]])[1]["success"] is True
 
-    state, outcome = bill(base)  # the late rows were a mistake, removed at once
+    state, outcome = bill(base)  # the late row is gone: a deletion, or a run that reads less
 
-    assert state == "success"
-    assert (outcome["over"], outcome["success"]) == (1, False)
-    assert outcome["samples"]["over"][0]["recorded"] == 150
+    # The source now ends before the row the ledger billed from: as an hourly run retried after
+    # the nightly one would see it. Nothing is sent, and the day is shown for a person to judge.
+    assert (state, outcome["success"], outcome["events_sent"]) == ("success", True, 0)
+    [shown] = outcome["samples"]["older_view"]
+    assert (shown["customer_id"], shown["expected"], shown["recorded"]) == ("cus_a", 100, 150)
     assert server.ledger.figures("ai_tokens_used") == {("cus_a", base[0][2][:10]): 150}
 
 
@@ -344,31 +358,27 @@ def test_a_customer_stripe_does_not_know_on_a_blind_nightly_send(monkeypatch, se
         assert outcome["samples"]["customer_unknown"][0]["customer_id"] == "cus_ghost"
 
 
-# -- 6. the metadata database lost -------------------------------------------------------------------
+# -- 6. the ledger lost -----------------------------------------------------------------------------
 
 
-def test_after_the_marks_are_lost_a_run_that_looks_every_day_up_bills_nothing_twice(monkeypatch, serve):
-    from airflow.models.variable import Variable as VariableModel
-    from airflow.utils.session import create_session
-
+def test_after_the_ledger_is_lost_an_adopting_run_bills_nothing_twice(monkeypatch, serve, ledger_db):
     server = serve({"ai_tokens_used": {}})
     clock = share_clock(monkeypatch, server)
     rows = [[f"cus_{c}", 10 + c, at(-1, 60), "ai_tokens_used"] for c in range(8)]
     rows += [[f"cus_{c}", 5, at(0, 0), "ai_tokens_used"] for c in range(8)]  # today, so far
     assert bill(rows)[1]["success"] is True
-    # Stripe forgets the identifiers; the "today" rows now belong to a day that ended hours ago,
-    # fresh, which an unmarked run would send blind under identifiers Stripe no longer holds.
-    clock.advance(25 * HOUR)
-    with create_session() as session:  # a restore without Variables
-        session.query(VariableModel).filter(VariableModel.key.like("stripe_meter.%")).delete(
-            synchronize_session=False
-        )
+    clock.advance(25 * HOUR)  # Stripe forgets the identifiers
+    ledger_db.unlink()  # and the ledger's database is lost
 
-    state, outcome = bill(rows, "t_truth_rows_look_up_all")
+    state, outcome = bill(rows, "t_truth_rows_adopt")
 
     assert (state, outcome["success"]) == ("success", True)
-    assert (outcome["looked_up"], outcome["sent"], outcome["already_recorded"]) == (16, 0, 16)
+    assert (outcome["summary_requests"], outcome["sent"], outcome["already_recorded"]) == (8, 0, 16)
+    assert outcome["ledger"]["adopted"] == 16
     assert server.ledger.figures("ai_tokens_used") == source_figures(rows)
+    # From then on, the ledger knows again: no summary is read.
+    state, outcome = bill(rows)
+    assert (outcome["summary_requests"], outcome["events_sent"]) == (0, 0)
 
 
 # -- 7. what held before and must keep holding -------------------------------------------------------
@@ -379,21 +389,36 @@ def test_two_runs_at_once_over_overlapping_days_bill_each_day_once(monkeypatch, 
     fresh = [[f"cus_{c:02d}", 40 + c, at(-1, 100 + c), "ai_tokens_used"] for c in range(40)]
     old = [[f"cus_{c:02d}", 70 + c, at(-6, 100 + c), "ai_tokens_used"] for c in range(40)]
     never = [[f"cus_{c:02d}", 9, at(-3, 100 + c), "ai_tokens_used"] for c in range(40)]
-    # The nightly run and a backfill, started together: fresh and old days, both never billed.
+    # The nightly run and a backfill, started together over overlapping days, each day whole.
     first, second = fresh + old, old + never + fresh
 
-    runs = [spawn_dag("t_truth_rows", {"rows": rows}) for rows in (first, second)]
-    assert [run.wait(timeout=180) for run in runs] == [0, 0]
+    def at_once(sources):
+        runs = [spawn_dag("t_truth_rows", {"rows": rows}) for rows in sources]
+        assert [run.wait(timeout=180) for run in runs] == [0, 0]
+        # The table's key lets one run write each day's next event: a day is never billed twice;
+        # where both planned it at once, the run that lost stood back (its retry finishes it).
+        held = server.ledger.figures("ai_tokens_used")
+        union = list({tuple(r): r for rows in sources for r in rows}.values())
+        wanted = source_figures(union)
+        assert all(held.get(key, 0) <= figure for key, figure in wanted.items()), (held, wanted)
 
+    at_once([first, second])
+    state, outcome = bill(old + never + fresh)  # what a retry of the run that stood back does
+    assert (state, outcome["success"]) == ("success", True)
     assert server.ledger.figures("ai_tokens_used") == source_figures(old + never + fresh)
-    # Then late rows for every kind of day, and the two at once again.
-    late = [[f"cus_{c:02d}", 5, at(-d, 5_000), "ai_tokens_used"] for c in range(0, 40, 3) for d in (1, 3, 6)]
-    runs = [spawn_dag("t_truth_rows", {"rows": rows + late}) for rows in (first, second)]
-    assert [run.wait(timeout=180) for run in runs] == [0, 0]
 
-    assert server.ledger.figures("ai_tokens_used") == source_figures(old + never + fresh + late)
-    state, outcome = bill(old + never + fresh + late)
-    assert (state, outcome["success"], outcome["sent"]) == ("success", True, 0)
+    # Late rows for every kind of day, each run seeing the days it covers whole; both at once again.
+    late_first = [
+        [f"cus_{c:02d}", 5, at(-d, 5_000), "ai_tokens_used"] for c in range(0, 40, 3) for d in (1, 6)
+    ]
+    late_never = [[f"cus_{c:02d}", 5, at(-3, 5_000), "ai_tokens_used"] for c in range(0, 40, 3)]
+    at_once([first + late_first, second + late_first + late_never])
+    everything = old + never + fresh + late_first + late_never
+    state, outcome = bill(everything)
+    assert (state, outcome["success"]) == ("success", True)
+    assert server.ledger.figures("ai_tokens_used") == source_figures(everything)
+    state, outcome = bill(everything)
+    assert (state, outcome["success"], outcome["events_sent"]) == ("success", True, 0)
 
 
 def test_thirty_percent_of_answers_lost_after_the_write_bill_exactly(monkeypatch, serve):
