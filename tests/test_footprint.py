@@ -14,6 +14,10 @@ from collections import Counter, defaultdict
 import pendulum
 import pytest
 
+from airflow_provider_stripe_meter.billing.meters import MeterSpec
+from airflow_provider_stripe_meter.billing.plans import ledger_identifier
+from airflow_provider_stripe_meter.ledger.entries import ACCEPTED, Entry
+from airflow_provider_stripe_meter.ledger.store import SqlLedger
 from airflow_provider_stripe_meter.testing import LocalStripeServer
 from airflow_provider_stripe_meter.triggers.meter_reconcile import StripeMeterReconcileTrigger
 from tests.conftest import SECRET_KEY, add_rows, at, day, run_dag, share_clock, task_states, today, xcoms
@@ -68,8 +72,8 @@ def test_fifty_thousand_customer_days_leave_small_rows_in_airflow_and_full_table
     server, usage_db, tmp_path, trigger_kwargs, monkeypatch
 ):
     customers, days = 5_000, 10
-    # Noon: yesterday is inside Stripe's identifier window and goes out on the v2 stream; the nine
-    # days before it were billed by earlier runs, and are looked up and left alone.
+    # Yesterday goes out on the v2 stream; the nine days before it were billed by earlier runs,
+    # and the ledger leaves them alone without a look at Stripe.
     share_clock(monkeypatch, server).set(today().add(hours=12))
     rows = [
         (f"cus_{c:05d}", 1 + (c * 7 + d) % 97, at(-d, 3600 + c))
@@ -77,16 +81,44 @@ def test_fifty_thousand_customer_days_leave_small_rows_in_airflow_and_full_table
         for d in range(1, 11)
     ]
     add_rows(usage_db, rows)
+    # What the earlier nights sent: in Stripe, and in the ledger (beside the usage, sql_conn_id).
+    meter = server.ledger.meter_for("ai_tokens_used")
+    spec = MeterSpec("ai_tokens_used", meter.id)
+    store = SqlLedger(lambda: sqlite3.connect(usage_db))
+    entries = []
     for customer, value, used_at in rows:
         if not used_at.startswith(day(-1)):
             moment = pendulum.parse(used_at, tz="UTC")
+            identifier = ledger_identifier(spec, customer, moment.date(), 1)
             server.ledger.record(
                 event_name="ai_tokens_used",
                 payload={"stripe_customer_id": customer, "value": str(value)},
-                identifier=f"earlier-{customer}-{used_at}",
+                identifier=identifier,
                 timestamp=int(moment.timestamp()),
                 api="v1",
             )
+            stamp = int(moment.timestamp())
+            entries.append(
+                Entry(
+                    "platform",
+                    meter.id,
+                    "ai_tokens_used",
+                    customer,
+                    moment.date(),
+                    1,
+                    identifier,
+                    value,
+                    stamp,
+                    stamp,
+                    ACCEPTED,
+                    "earlier",
+                    "earlier",
+                    0.0,
+                    0.0,
+                )
+            )
+    store.insert(entries)
+    store.close()
 
     dag_run = run_dag("t_footprint", run_conf={"reports": str(tmp_path)})
 
@@ -165,19 +197,18 @@ def test_a_deferred_sensor_with_too_much_for_the_trigger_and_no_storage_waits_on
     assert xcoms(dag_run, "reconcile")["counts"]["ok"] == 4
 
 
-def variable_sizes(meter_id: str) -> dict[str, int]:
-    """The ``stripe_meter.*`` Variables of one meter, and the bytes each value takes in the database."""
+def stripe_meter_variables() -> list[str]:
+    """Every Airflow Variable the provider could have written (``stripe_meter.*``)."""
     from airflow.models import Variable
     from airflow.utils.session import create_session
 
     with create_session() as session:
-        rows = session.query(Variable).filter(Variable.key.like(f"stripe_meter.%.{meter_id}.%")).all()
-        return {row.key: len(row._val) for row in rows}
+        return [row.key for row in session.query(Variable).filter(Variable.key.like("stripe_meter.%"))]
 
 
-def test_usage_billed_late_for_many_customers_stays_in_small_variables(server, monkeypatch):
-    from airflow_provider_stripe_meter.state.shards import SHARD_SIZE
-
+def test_usage_billed_late_for_many_customers_is_remembered_in_the_ledger_not_in_airflow(
+    server, monkeypatch, ledger_db
+):
     clock = share_clock(monkeypatch, server)
     customers = 1_200
     rows = [[f"cus_{c:05d}", 100 + c, at(-40, 600), "ai_tokens_used"] for c in range(customers)]
@@ -186,23 +217,14 @@ def test_usage_billed_late_for_many_customers_stays_in_small_variables(server, m
 
     assert (outcome["success"], outcome["billed_late"]) == (True, customers)
     assert server.ledger.totals("ai_tokens_used") == {c: v for c, v, *_ in rows}
-    meter_id = server.ledger.meter_for("ai_tokens_used").id
-    sizes = variable_sizes(meter_id)
-    # Landed-on, billed-of and (emptied) pending records: each an index and shards of at most
-    # SHARD_SIZE customers, so 1,200 customers make three shards each, none near 100 KB (encrypted).
-    shards = [key for key in sizes if key.rsplit(".", 1)[-1].isdigit()]
-    assert len(shards) == 2 * -(-customers // SHARD_SIZE)
-    assert max(sizes.values()) < 200 * SHARD_SIZE, max(sizes.values())
-    # A second run finds everything billed and writes nothing new.
-    again = xcoms(run_dag("t_truth_rows_late", run_conf={"rows": rows}), "bill")
-    assert (again["billed_late"], again["billed_late_before"]) == (0, customers)
-    assert variable_sizes(meter_id) == sizes
-    # Three days on, the landing day is past Stripe's window: what landed there is removed, what
-    # was billed of the original day is kept, and nothing is billed again.
+    # One ledger row per customer-day, in the team's database; nothing in Airflow's.
+    assert stripe_meter_variables() == []
+    with sqlite3.connect(ledger_db) as con:
+        assert con.execute("SELECT state, count(*) FROM stripe_meter_ledger GROUP BY 1").fetchall() == [
+            ("accepted", customers)
+        ]
+    # Days on, Stripe long past its identifier window: nothing is billed again.
     clock.advance(3 * 86_400)
     later = xcoms(run_dag("t_truth_rows_late", run_conf={"rows": rows}), "bill")
-    assert (later["billed_late"], later["billed_late_before"]) == (0, customers)
-    left = variable_sizes(meter_id)
-    assert not [key for key in left if key.startswith("stripe_meter.late.")]
-    assert len([key for key in left if key.startswith("stripe_meter.late-of.")]) == 1 + 3
+    assert (later["billed_late"], later["billed_late_before"], later["summary_requests"]) == (0, customers, 0)
     assert server.ledger.totals("ai_tokens_used") == {c: v for c, v, *_ in rows}

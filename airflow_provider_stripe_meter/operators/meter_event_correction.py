@@ -204,6 +204,10 @@ class StripeMeterEventCancelOperator(StripeBaseOperator):
     :param event_name: The meter's event name. (templated)
     :param identifiers: One identifier or a list. (templated)
     :param fail_on_error: Fail the task (no retry) if any cancellation is refused.
+    :param ledger_conn_id: The batch operator's ledger, if the events are in it: each event
+        cancelled is marked ``cancelled`` there, so the batch operator knows Stripe no longer
+        holds it (and sends the usage again if the source still has it).
+    :param ledger_table: The ledger's table (default ``stripe_meter_ledger``).
 
     ``stripe_conn_id``, ``stripe_account`` (templated) and ``preflight`` are those of
     :class:`~airflow_provider_stripe_meter.operators.base.StripeBaseOperator`; with
@@ -218,12 +222,16 @@ class StripeMeterEventCancelOperator(StripeBaseOperator):
         event_name: str,
         identifiers: str | Sequence[str],
         fail_on_error: bool = False,
+        ledger_conn_id: str | None = None,
+        ledger_table: str = DEFAULT_TABLE,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.event_name = event_name
         self.identifiers = identifiers
         self.fail_on_error = fail_on_error
+        self.ledger_conn_id = ledger_conn_id
+        self.ledger_table = check_table_name(ledger_table)
 
     def execute(self, context: Context) -> dict[str, Any]:
         """Cancel each event; report what was cancelled and what was refused, and why."""
@@ -252,6 +260,18 @@ class StripeMeterEventCancelOperator(StripeBaseOperator):
                 continue
             cancelled.append(identifier)
             self.log.info("Cancelled meter event %r", identifier)
+        if cancelled and self.ledger_conn_id:
+            from airflow_provider_stripe_meter.ledger.entries import CANCELLED
+            from airflow_provider_stripe_meter.state.ledger import ledger_on
+
+            ledger = ledger_on(self.ledger_conn_id, self.ledger_table)
+            try:
+                ledger.resolve(
+                    hook.stripe_account or "platform",
+                    [(i, CANCELLED, time.time(), f"cancelled by task {self.task_id}") for i in cancelled],
+                )
+            finally:
+                ledger.close()
         outcome = {"success": not errors, "cancelled": cancelled, "errors": errors}
         if errors and self.fail_on_error:
             raise StripeEventRejectedError(

@@ -91,7 +91,10 @@ with DAG(
     render_template_as_native_obj=True,
 ) as cancel_dag:
     StripeMeterEventCancelOperator(
-        task_id="cancel", event_name="ai_tokens_used", identifiers="{{ params.identifiers }}"
+        task_id="cancel",
+        event_name="ai_tokens_used",
+        identifiers="{{ params.identifiers }}",
+        ledger_conn_id="usage_db",
     )
 
 for deferrable in (False, True):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+
 import pendulum
 import pytest
 
@@ -54,7 +56,10 @@ def test_reconciliation_finds_an_unknown_customer_and_a_missing_day(secret_serve
     states = task_states(dag_run)
     assert (states["top_up"], states["alert"], states["all_good"]) == ("success", "success", "skipped")
     # The missing day went out under the batch operator's own identifier for it.
-    assert f"usage:ai_tokens_used:cus_a:{day(-2)}" in {e.identifier for e in secret_server.ledger.accepted()}
+    meter = secret_server.ledger.meter_for("ai_tokens_used").id
+    assert f"sm:ai_tokens_used:cus_a:{day(-2)}:1:{meter}" in {
+        e.identifier for e in secret_server.ledger.accepted()
+    }
     assert secret_server.ledger.totals()["cus_a"] == 12
 
 
@@ -73,16 +78,13 @@ def test_late_rows_are_topped_up_exactly_however_often_the_flow_runs(secret_serv
     for _ in range(2):
         dag_run = run_dag("t_reconcile")
     assert secret_server.ledger.totals() == source_totals(usage_db) == {"cus_a": 130, "cus_b": 42}
+    meter = secret_server.ledger.meter_for("ai_tokens_used").id
     identifiers = sorted(e.identifier for e in secret_server.ledger.accepted())
+    # Top-ups are the days' next events in the ledger: a re-run, or a reconciliation that read
+    # a summary that trailed, finds them there and sends nothing again.
     assert identifiers == sorted(
-        [
-            f"usage:ai_tokens_used:cus_a:{day(-1)}",
-            f"usage:ai_tokens_used:cus_b:{day(-1)}",
-            # Top-ups are named after the figure Stripe showed when they were planned.
-            f"usage:ai_tokens_used:cus_a:{day(-1)}:from100",
-            f"usage:ai_tokens_used:cus_b:{day(-1)}:from40",
-            f"usage:ai_tokens_used:cus_a:{day(-1)}:from125",
-        ]
+        f"sm:ai_tokens_used:{customer}:{day(-1)}:{seq}:{meter}"
+        for customer, seq in [("cus_a", 1), ("cus_b", 1), ("cus_a", 2), ("cus_b", 2), ("cus_a", 3)]
     )
     advance(secret_server, 1.6)
     dag_run = run_dag("t_reconcile")
@@ -93,19 +95,24 @@ def test_late_rows_are_topped_up_exactly_however_often_the_flow_runs(secret_serv
 def test_cancel_within_24_hours_removes_the_event_and_later_says_it_is_too_late(secret_server, usage_db):
     add_rows(usage_db, [("cus_a", 100, at(-1, 10)), ("cus_b", 40, at(-1, 20))])
     run_dag("t_bill_day", run_conf={"day": day(-1)})
-    dup = f"usage:ai_tokens_used:cus_a:{day(-1)}"
+    meter = secret_server.ledger.meter_for("ai_tokens_used").id
+    dup = f"sm:ai_tokens_used:cus_a:{day(-1)}:1:{meter}"
 
     dag_run = run_dag("t_cancel", run_conf={"identifiers": [dup]})
 
     assert xcoms(dag_run, "cancel")["return_value"] == {"success": True, "cancelled": [dup], "errors": []}
     assert secret_server.ledger.totals() == {"cus_b": 40}
+    with sqlite3.connect(usage_db) as con:  # the ledger knows: the next batch run bills it again
+        assert con.execute(
+            "SELECT state FROM stripe_meter_ledger WHERE identifier = ?", (dup,)
+        ).fetchall() == [("cancelled",)]
     dag_run = run_dag("t_reconcile")
     cancelled_line = lines_by_key(xcoms(dag_run, "reconcile"))[("cus_a", day(-1))]
     assert (cancelled_line["status"], cancelled_line["recorded"]) == ("missing", 0)
 
     real_clock = secret_server.ledger.clock
     secret_server.ledger.clock = lambda: real_clock() + 86_400 + 60  # a day and a minute later
-    late = f"usage:ai_tokens_used:cus_b:{day(-1)}"
+    late = f"sm:ai_tokens_used:cus_b:{day(-1)}:1:{meter}"
     dag_run = run_dag("t_cancel", run_conf={"identifiers": [late]})
 
     outcome = xcoms(dag_run, "cancel")
@@ -296,8 +303,6 @@ def test_an_unknown_customers_events_are_marked_dropped_and_billed_once_it_exist
 ):
     # The CRM sync trails Stripe: the nightly run bills a customer Stripe does not know yet, and
     # Stripe takes the events and drops them. The audit finds them; the next run bills them.
-    import sqlite3
-
     secret_server.ledger.customers = {"cus_a"}
     add_rows(usage_db, [("cus_a", 5, at(-1, 10)), ("cus_new", 9, at(-1, 30)), ("cus_new", 4, at(-1, 90))])
     first = xcoms(run_dag("t_bill_day", run_conf={"day": day(-1)}), "bill")
