@@ -45,6 +45,10 @@ class ReconcileLine:
     difference: int
     status: str
     timestamp: int | None = None
+    #: What the batch operator's ledger says Stripe holds for the day (``None``: no ledger read).
+    ledger: int | None = None
+    #: Why Stripe's figure differs from the source's (see :func:`explain`).
+    cause: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe form for XCom."""
@@ -173,6 +177,39 @@ def compare(
             ReconcileLine(customer, day.isoformat(), value, got, difference, status.value, timestamp)
         )
     return lines
+
+
+#: Why a day differs, from the source's, the ledger's and Stripe's figures.
+CAUSES = {
+    "another_sender": "Stripe holds more than the ledger: events this pipeline did not send",
+    "not_in_stripe": (
+        "the ledger says Stripe took more than its summaries show: they may still trail, or Stripe "
+        "dropped events (an unknown customer, an inactive meter)"
+    ),
+    "not_sent": "the ledger holds less than the source: not billed yet (late rows; run the batch)",
+    "source_went_down": "the ledger billed more than the source now holds (rows deleted or corrected)",
+    "customer_unknown": "Stripe does not know the customer: its events were dropped",
+}
+
+
+def explain(line: ReconcileLine, ledger: int) -> ReconcileLine:
+    """``line`` with the ledger's figure and, where Stripe's differs from the source's, the cause."""
+    from dataclasses import replace
+
+    cause = ""
+    recorded = line.recorded
+    if line.status == DayOutcome.CUSTOMER_UNKNOWN.value:
+        cause = "customer_unknown"
+    elif line.status != DayOutcome.OK.value and recorded is not None:
+        if recorded > ledger:
+            cause = "another_sender"
+        elif recorded < ledger:
+            cause = "not_in_stripe"
+        elif ledger < line.expected:
+            cause = "not_sent"
+        else:
+            cause = "source_went_down"
+    return replace(line, ledger=ledger, cause=cause)
 
 
 def summarize(lines: list[ReconcileLine]) -> dict[str, int]:

@@ -185,9 +185,13 @@ class SqlLedger:
         return out
 
     def entries_stamped(
-        self, account: str, meter_id: str, customers: Iterable[str], start: int, end: int
+        self, account: str, meter_id: str, customers: Iterable[str] | None, start: int, end: int
     ) -> list[Entry]:
-        """Every row of ``customers`` whose event is stamped in ``[start, end)``, whatever day it bills."""
+        """Every row of ``customers`` (``None``: all) stamped in ``[start, end)``, whatever day it bills."""
+        if customers is None:
+            return self._entries(
+                "account = ? AND meter_id = ? AND stamp >= ? AND stamp < ?", (account, meter_id, start, end)
+            )
         out: list[Entry] = []
         for chunk in _chunks(sorted(set(customers))):
             out.extend(

@@ -185,6 +185,43 @@ class StripeMeterReconcileSensor(StripeUsageSourceOperator, BaseSensorOperator):
         self._mark_dropped(event["report"]["meter_id"], event["report"].get("lines") or [])
         return self._finish(context, event["report"])
 
+    def _explain(
+        self, wanted: reconcile.Expectation, lines: list[reconcile.ReconcileLine]
+    ) -> list[reconcile.ReconcileLine]:
+        """Each line with the ledger's figure for its day and the cause of any difference.
+
+        The ledger is folded per day the events were stamped in, by the meter's formula, as
+        Stripe's summaries are; a sensor without a ledger leaves the lines as they are.
+        """
+        if not self.ledger_conn_id or not lines:
+            return lines
+        from airflow_provider_stripe_meter.billing.meters import meter_spec
+        from airflow_provider_stripe_meter.billing.plans import day_end
+        from airflow_provider_stripe_meter.billing.settling import stamp_day, stripe_view
+        from airflow_provider_stripe_meter.state.ledger import ledger_on
+
+        spec = meter_spec(self.hook.active_meter(self.event_name))
+        ledger = ledger_on(self.ledger_conn_id, self.ledger_table)
+        try:
+            entries = ledger.entries_stamped(
+                self.billed_account() or "platform",
+                wanted.meter_id,
+                None,
+                day_end(wanted.first) - 86400,
+                day_end(wanted.last),
+            )
+        finally:
+            ledger.close()
+        by_day: dict[tuple[str, date], list[Any]] = {}
+        for entry in entries:
+            by_day.setdefault((entry.customer_id, stamp_day(entry.stamp)), []).append(entry)
+        return [
+            reconcile.explain(
+                line, stripe_view(spec, by_day.get((line.customer_id, date.fromisoformat(line.day)), []))
+            )
+            for line in lines
+        ]
+
     def _mark_dropped(self, meter_id: str, lines: list[dict[str, Any]]) -> int:
         """Mark in the ledger the events of customers Stripe does not know as ``dropped``.
 
@@ -239,6 +276,7 @@ class StripeMeterReconcileSensor(StripeUsageSourceOperator, BaseSensorOperator):
             return False
         from airflow_provider_stripe_meter.state.reports import write_report
 
+        lines = self._explain(wanted, lines)
         report = wanted.report(
             self.event_name,
             lines,

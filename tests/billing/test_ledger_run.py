@@ -322,3 +322,40 @@ def test_a_lost_ledger_is_rebuilt_from_stripes_summaries_by_adopt(world, formula
     assert w.billed() == w.source()
     after = w.run(run_id="the next night")
     assert (after["events_sent"], after["summary_requests"]) == (0, 0)
+
+
+def test_a_seat_count_that_flips_back_and_forth_is_billed_every_hour(world):
+    w = world(formula="last")
+    for hour, seats in enumerate([5, 3, 5, 3, 5], start=1):
+        w.add("cus_team", seats, midnight(-2) + hour * HOUR)
+        w.now = midnight(-2) + hour * HOUR + 600
+        result = w.run(since=midnight(-2), run_id=f"hourly-{hour}")
+        assert result["success"], result["samples"]
+        assert w.billed() == {("cus_team", iso(midnight(-2))): seats}
+    identifiers = [e.identifier for e in w.stripe_state.accepted()]
+    assert len(identifiers) == len(set(identifiers)) == 5
+
+
+def test_a_sum_day_corrected_in_place_down_and_up_lands_every_figure(world):
+    w = world()
+    w.add("cus_a", 100, midnight(-3) + 60)
+    for late in (50, 0, 50, 0):
+        w.rows = [r for r in w.rows if r[2] != midnight(-3) + 120] + [("cus_a", late, midnight(-3) + 120)]
+        w.advance(HOUR)
+        result = w.run()
+        assert (result["success"], result["over"]) == (True, 0)
+        assert w.billed() == w.source()
+    assert [int(e.payload["value"]) for e in w.stripe_state.accepted()] == [150, -50, 50, -50]
+
+
+def test_a_deleted_newest_row_is_shown_as_an_older_view_not_guessed(world):
+    w = world()
+    w.add("cus_a", 100, midnight(-3) + 60)
+    w.add("cus_a", 50, midnight(-3) + 120)
+    assert w.run()["success"]
+    w.rows.pop()  # the newest row is deleted: the source now ends before what the ledger billed from
+    w.advance(HOUR)
+    result = w.run()
+    assert (result["success"], result["events_sent"]) == (True, 0)
+    [shown] = result["samples"]["older_view"]
+    assert (shown["expected"], shown["recorded"]) == (100, 150)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from datetime import date
 
+import pytest
+
 from airflow_provider_stripe_meter.billing.reconcile import compare, summarize
 
 D1, D2 = date(2026, 11, 22), date(2026, 11, 23)
@@ -54,3 +56,25 @@ def test_an_expectation_survives_its_json_form_and_compares_only_its_days():
         ("cus_a", "ok"),
         ("cus_b", "customer_unknown"),
     ]
+
+
+@pytest.mark.parametrize(
+    ("expected", "ledger", "recorded", "status", "cause"),
+    [
+        (100, 100, 100, "ok", ""),
+        (125, 100, 100, "short", "not_sent"),  # late rows the batch has not billed yet
+        (100, 100, 60, "short", "not_in_stripe"),  # summaries trail, or Stripe dropped events
+        (100, 100, 130, "over", "another_sender"),  # events this pipeline did not send
+        (80, 100, 100, "over", "source_went_down"),  # rows deleted after billing
+    ],
+)
+def test_a_difference_is_explained_by_the_ledger(expected, ledger, recorded, status, cause):
+    from datetime import date
+
+    from airflow_provider_stripe_meter.billing.reconcile import CAUSES, compare, explain
+
+    [line] = compare({("cus_a", date(2026, 12, 1)): (expected, 1)}, {("cus_a", date(2026, 12, 1)): recorded})
+    assert line.status == status
+    explained = explain(line, ledger)
+    assert (explained.ledger, explained.cause) == (ledger, cause)
+    assert not cause or cause in CAUSES

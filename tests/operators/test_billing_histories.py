@@ -1,5 +1,7 @@
-"""Billing truth in the histories billing teams live: intraday runs beside the nightly one, workers
-killed with SIGKILL, figures that go back, summaries that trail, meters switched off mid-run.
+"""Billing truth through real Airflow, where the wiring matters: workers killed with SIGKILL, two
+runs at once in separate processes, meters switched off mid-run, answers lost over real HTTP, a
+lost ledger adopted. The billing core's histories (hourly beside nightly runs, figures that go
+back, summaries that trail, every formula) run in-process in ``tests/billing/test_ledger_run.py``.
 
 Real Airflow (dag.test(), and a separate process for the runs that are killed), the real stripe
 SDK and the local server. After every run the test compares Stripe's settled figures (the
@@ -12,13 +14,11 @@ import os
 import signal
 from collections import defaultdict
 
-import pendulum
 import pytest
 
 from airflow_provider_stripe_meter.testing import LocalStripeServer
 from tests.conftest import (
     SECRET_KEY,
-    SharedClock,
     at,
     run_dag,
     share_clock,
@@ -80,55 +80,6 @@ def late_totals(rows):
 # -- 1. hourly "day so far" runs beside the nightly run, across midnight ---------------------------
 
 
-def test_hourly_day_so_far_runs_beside_the_nightly_run_never_bill_twice(monkeypatch, serve):
-    server = serve({"ai_tokens_used": {}})
-    clock = share_clock(monkeypatch, server, SharedClock())
-    d = pendulum.today("UTC").subtract(days=4)
-    # Twenty customers use tokens every 20 minutes of day D and of day D+1.
-    usage = [
-        [f"cus_{c:02d}", 100 + 7 * c + minute % 13, stamp(d.add(minutes=minute)), "ai_tokens_used"]
-        for c in range(20)
-        for minute in range(5, 2 * 24 * 60, 20)
-    ]
-
-    def on(day, rows):
-        return [r for r in rows if r[2][:10] == day.to_date_string()]
-
-    def so_far(day):
-        return [r for r in on(day, usage) if pendulum.parse(r[2]).timestamp() <= clock()]
-
-    #: Per day, the rows the runs so far have covered (Stripe must hold exactly their figure).
-    covered: dict[str, list] = {}
-
-    def check(day, rows, state, outcome):
-        assert (state, outcome["success"]) == ("success", True)
-        covered[day.to_date_string()] = rows
-        assert server.ledger.figures("ai_tokens_used") == source_figures(
-            [r for billed in covered.values() for r in billed]
-        )
-
-    schedule = [
-        (d.add(minutes=10), "hourly", d),
-        (d.add(hours=6, minutes=10), "hourly", d),
-        (d.add(hours=23, minutes=10), "hourly", d),
-        # Just after midnight: the hourly run now bills D+1, D ended five minutes ago.
-        (d.add(days=1, minutes=5), "hourly", d.add(days=1)),
-        # The nightly run for D, more than 24 hours after D's first send.
-        (d.add(days=1, minutes=15), "nightly", d),
-        (d.add(days=1, hours=1, minutes=10), "hourly", d.add(days=1)),
-        (d.add(days=1, hours=23, minutes=10), "hourly", d.add(days=1)),
-        (d.add(days=2, minutes=5), "nightly", d.add(days=1)),
-        # The nightly run for D again (a clear), the next evening: long past the identifier window.
-        (d.add(days=2, hours=20), "nightly", d),
-    ]
-    for moment, kind, day in schedule:
-        clock.set(moment)
-        rows = so_far(day) if kind == "hourly" else on(day, usage)
-        check(day, rows, *bill(rows))
-    duplicates_sent = server.stats["duplicates_rejected"]
-    assert duplicates_sent == 0  # every run knew what Stripe held; none leaned on a refusal
-
-
 # -- 2. a worker killed at any instant -------------------------------------------------------------
 
 
@@ -177,7 +128,7 @@ def test_a_worker_killed_mid_delivery_then_rerun_bills_exactly(monkeypatch, serv
     assert len(server.ledger.accepted()) == 160
 
 
-@pytest.mark.parametrize("rerun", ["at_once", "after_the_window", "at_once_after_a_slow_send"])
+@pytest.mark.parametrize("rerun", ["after_the_window", "at_once_after_a_slow_send"])
 def test_a_worker_killed_while_billing_usage_older_than_35_days_then_rerun_bills_exactly(
     monkeypatch, serve, rerun
 ):
@@ -239,65 +190,7 @@ def test_late_billing_with_lost_answers_then_an_outage_then_a_rerun_after_the_wi
 # -- 3. a figure that goes back to an earlier value -------------------------------------------------
 
 
-def test_a_seat_count_that_flips_back_and_forth_is_billed_every_hour(monkeypatch, serve):
-    server = serve({"seats": {"formula": "last"}})
-    clock = share_clock(monkeypatch, server, SharedClock())
-    d = pendulum.today("UTC").subtract(days=2)
-    rows: list[list] = []
-    for hour, seats in enumerate([5, 3, 5, 3, 5], start=1):
-        clock.set(d.add(hours=hour, minutes=10))
-        rows.append(["cus_team", seats, stamp(d.add(hours=hour)), "seats"])
-
-        state, outcome = bill(rows)
-
-        assert (state, outcome["success"]) == ("success", True), outcome["samples"]
-        assert server.ledger.figures("seats") == {("cus_team", d.to_date_string()): seats}
-    identifiers = [e.identifier for e in server.ledger.accepted("seats")]
-    assert len(identifiers) == len(set(identifiers)) == 5
-
-
-def test_a_sum_day_corrected_down_and_up_again_lands_every_figure(monkeypatch, serve):
-    server = serve({"ai_tokens_used": {}})
-    share_clock(monkeypatch, server)
-    base = [["cus_a", 100, at(-3, 60), "ai_tokens_used"]]
-
-    def late(value):  # a row corrected in place: 50, then 0, then 50 again
-        return [["cus_a", value, at(-3, 120), "ai_tokens_used"]]
-
-    for rows in (base, base + late(50), base + late(0), base + late(50), base + late(0)):
-        state, outcome = bill(rows)
-        assert (state, outcome["success"]) == ("success", True)
-        assert server.ledger.figures("ai_tokens_used") == source_figures(rows)
-
-
 # -- 4. summaries that trail Stripe's events ---------------------------------------------------------
-
-
-def test_a_last_meter_read_while_its_summary_trails_is_not_taken_as_settled(monkeypatch, serve):
-    server = serve({"seats": {"formula": "last"}}, summary_lag=2.0)
-    share_clock(monkeypatch, server)
-    for seats in (5, 3, 5):  # back to back: each run starts as the previous one ends
-        rows = [["cus_team", seats, at(-3, 3600), "seats"]]
-        state, outcome = bill(rows)
-        assert (state, outcome["success"]) == ("success", True)
-        assert server.ledger.figures("seats") == source_figures(rows, "last")
-
-
-def test_a_deleted_newest_row_looks_like_an_older_view_and_is_shown_not_guessed(monkeypatch, serve):
-    server = serve({"ai_tokens_used": {}}, summary_lag=2.0)
-    share_clock(monkeypatch, server)
-    base = [["cus_a", 100, at(-3, 60), "ai_tokens_used"]]
-    assert bill(base)[1]["success"] is True
-    assert bill([*base, ["cus_a", 50, at(-3, 120), "ai_tokens_used"]])[1]["success"] is True
-
-    state, outcome = bill(base)  # the late row is gone: a deletion, or a run that reads less
-
-    # The source now ends before the row the ledger billed from: as an hourly run retried after
-    # the nightly one would see it. Nothing is sent, and the day is shown for a person to judge.
-    assert (state, outcome["success"], outcome["events_sent"]) == ("success", True, 0)
-    [shown] = outcome["samples"]["older_view"]
-    assert (shown["customer_id"], shown["expected"], shown["recorded"]) == ("cus_a", 100, 150)
-    assert server.ledger.figures("ai_tokens_used") == {("cus_a", base[0][2][:10]): 150}
 
 
 # -- 5. success that Stripe does not confirm ----------------------------------------------------------

@@ -310,6 +310,8 @@ def test_an_unknown_customers_events_are_marked_dropped_and_billed_once_it_exist
 
     audit = xcoms(run_dag("t_reconcile_rescheduled", run_conf={"days": 3}), "reconcile")
     assert audit["counts"]["customer_unknown"] == 1
+    unknown = lines_by_key(audit)[("cus_new", day(-1))]
+    assert (unknown["ledger"], unknown["cause"]) == (13, "customer_unknown")
     with sqlite3.connect(usage_db) as con:
         states = dict(con.execute("SELECT customer_id, state FROM stripe_meter_ledger"))
     assert states == {"cus_a": "accepted", "cus_new": "dropped"}
