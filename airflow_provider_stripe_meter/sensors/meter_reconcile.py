@@ -182,12 +182,14 @@ class StripeMeterReconcileSensor(StripeUsageSourceOperator, BaseSensorOperator):
         # A resumed task is a new process: name the meter for the extra link from the report.
         self.linked_meter_id = event["report"]["meter_id"]
         self.hook  # noqa: B018 (built here so the link knows the key's mode and the account)
-        self._mark_dropped(event["report"]["meter_id"], event["report"].get("lines") or [])
-        return self._finish(context, event["report"])
+        report = event["report"]
+        # The triggerer read Stripe; the ledger is read here, as a poke reads it.
+        shown = [reconcile.ReconcileLine(**line) for line in report.get("lines") or []]
+        report["lines"] = [line.to_dict() for line in self._explain(report["meter_id"], shown)]
+        self._mark_dropped(report["meter_id"], report["lines"])
+        return self._finish(context, report)
 
-    def _explain(
-        self, wanted: reconcile.Expectation, lines: list[reconcile.ReconcileLine]
-    ) -> list[reconcile.ReconcileLine]:
+    def _explain(self, meter_id: str, lines: list[reconcile.ReconcileLine]) -> list[reconcile.ReconcileLine]:
         """Each line with the ledger's figure for its day and the cause of any difference.
 
         The ledger is folded per day the events were stamped in, by the meter's formula, as
@@ -201,14 +203,15 @@ class StripeMeterReconcileSensor(StripeUsageSourceOperator, BaseSensorOperator):
         from airflow_provider_stripe_meter.state.ledger import ledger_on
 
         spec = meter_spec(self.hook.active_meter(self.event_name))
+        days = [date.fromisoformat(line.day) for line in lines]
         ledger = ledger_on(self.ledger_conn_id, self.ledger_table)
         try:
             entries = ledger.entries_stamped(
                 self.billed_account() or "platform",
-                wanted.meter_id,
+                meter_id,
                 None,
-                day_end(wanted.first) - 86400,
-                day_end(wanted.last),
+                day_end(min(days)) - 86400,
+                day_end(max(days)),
             )
         finally:
             ledger.close()
@@ -276,7 +279,7 @@ class StripeMeterReconcileSensor(StripeUsageSourceOperator, BaseSensorOperator):
             return False
         from airflow_provider_stripe_meter.state.reports import write_report
 
-        lines = self._explain(wanted, lines)
+        lines = self._explain(wanted.meter_id, lines)
         report = wanted.report(
             self.event_name,
             lines,
