@@ -173,32 +173,36 @@ class SqlLedger:
         self, account: str, meter_id: str, customers: Iterable[str], first: date, last: date
     ) -> list[Entry]:
         """Every row of ``customers`` for the days ``first`` to ``last`` (source days)."""
-        out: list[Entry] = []
-        for chunk in _chunks(sorted(set(customers))):
-            out.extend(
-                self._entries(
-                    f"account = ? AND meter_id = ? AND day >= ? AND day <= ? "
-                    f"AND customer_id IN ({self._marks(len(chunk))})",
-                    (account, meter_id, first.isoformat(), last.isoformat(), *chunk),
-                )
-            )
-        return out
+        return self._entries_of_customers(
+            "day >= ? AND day <= ?", (first.isoformat(), last.isoformat()), account, meter_id, customers
+        )
 
     def entries_stamped(
         self, account: str, meter_id: str, customers: Iterable[str] | None, start: int, end: int
     ) -> list[Entry]:
         """Every row of ``customers`` (``None``: all) stamped in ``[start, end)``, whatever day it bills."""
+        return self._entries_of_customers(
+            "stamp >= ? AND stamp < ?", (start, end), account, meter_id, customers
+        )
+
+    def _entries_of_customers(
+        self,
+        where: str,
+        params: tuple[Any, ...],
+        account: str,
+        meter_id: str,
+        customers: Iterable[str] | None,
+    ) -> list[Entry]:
+        """The rows of a meter matching ``where``, for ``customers`` (``None``: all), in bounded queries."""
+        base = f"account = ? AND meter_id = ? AND {where}"
         if customers is None:
-            return self._entries(
-                "account = ? AND meter_id = ? AND stamp >= ? AND stamp < ?", (account, meter_id, start, end)
-            )
+            return self._entries(base, (account, meter_id, *params))
         out: list[Entry] = []
         for chunk in _chunks(sorted(set(customers))):
             out.extend(
                 self._entries(
-                    f"account = ? AND meter_id = ? AND stamp >= ? AND stamp < ? "
-                    f"AND customer_id IN ({self._marks(len(chunk))})",
-                    (account, meter_id, start, end, *chunk),
+                    f"{base} AND customer_id IN ({self._marks(len(chunk))})",
+                    (account, meter_id, *params, *chunk),
                 )
             )
         return out
