@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from airflow_provider_stripe_meter.utils.delivery import DeliveryReport
 
 
-@dataclass
+@dataclass(slots=True)
 class CustomerDay:
     """One (meter, customer, UTC day) of the run."""
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from airflow_provider_stripe_meter.utils.errors import Unsupported
@@ -41,7 +42,7 @@ class MeterSpec:
         """The hook's payload key arguments for this meter."""
         return {"customer_payload_key": self.customer_key, "value_payload_key": self.value_key}
 
-    @property
+    @cached_property
     def kind(self) -> str:
         """``add``, ``count`` or ``set``: how Stripe turns events into the day's figure."""
         if self.event_time_window is not None or self.formula == "last":

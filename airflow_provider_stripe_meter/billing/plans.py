@@ -44,7 +44,7 @@ Key = tuple[str, str, date]
 CUSTOMER_UNKNOWN = "customer_unknown"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PlannedEvent:
     """One meter event to send."""
 
@@ -83,7 +83,7 @@ class PlannedEvent:
         }
 
 
-@dataclass
+@dataclass(slots=True)
 class DayPlan:
     """What a run does with one customer-day, and why."""
 
@@ -170,6 +170,7 @@ def plan_day(
         older day, billed late, lands there), and a day that began before it is partial.
     """
     figure = figure or DayFigure()
+    kind = spec.kind
     expected = source_figure(aggregate, spec)
     recorded = ledger_recorded(spec, figure)
     plan = DayPlan(
@@ -179,14 +180,14 @@ def plan_day(
         plan.reason = UNSETTLED  # left alone; the run counts the day as failed
         return plan
     # A set meter's empty day is sent even at 0: otherwise the previous day's value stands.
-    if expected == recorded and not (spec.kind not in (ADD, COUNT) and figure.empty):
+    if expected == recorded and (kind in (ADD, COUNT) or figure.events):
         plan.reason = "recorded" if not figure.empty else "nothing to send"
         return plan
     if aggregate.timestamp < figure.source_at:
         plan.reason = OLDER_VIEW
         return plan
     partial = _day_start(aggregate.day) < oldest
-    if expected < recorded and partial and spec.kind in (ADD, COUNT):
+    if expected < recorded and partial and kind in (ADD, COUNT):
         plan.reason = PARTIAL_DAY
         return plan
     stamp = min(max(aggregate.timestamp, oldest), now)
@@ -207,12 +208,12 @@ def plan_day(
             source_at=aggregate.timestamp,
         )
 
-    if spec.kind == ADD:
+    if kind == ADD:
         diff = expected - recorded
         plan.action = Action.CORRECT if diff < 0 else Action.SEND if figure.empty else Action.TOP_UP
         plan.reason = "source went down" if diff < 0 else "new day" if figure.empty else "late rows"
         plan.events = [event(diff, stamp)]
-    elif spec.kind == COUNT:
+    elif kind == COUNT:
         diff = expected - recorded
         if diff < 0:
             # The run cancels the newest events it may still cancel (see the run's corrections).

@@ -38,7 +38,7 @@ LIVE = (PENDING, ACCEPTED, UNVERIFIED, CANCELLING)
 OPEN = (PENDING, UNVERIFIED, CANCELLING)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Entry:
     """One meter event, as the ledger keeps it."""
 
@@ -71,7 +71,7 @@ class Entry:
         return (self.event_name, self.customer_id, self.day)
 
 
-@dataclass
+@dataclass(slots=True)
 class DayFigure:
     """What the ledger holds for one (meter, customer, day): the live events, folded.
 

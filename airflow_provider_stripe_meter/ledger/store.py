@@ -140,6 +140,7 @@ class SqlLedger:
             (*LIVE, *LIVE, *LIVE, *OPEN, account, meter_id, first.isoformat(), last.isoformat()),
         )
         out: dict[Key, DayFigure] = {}
+        days: dict[str, date] = {}  # a few dozen days for millions of rows: parse each once
         for customer, day, max_seq, total, events, source_at, open_count in rows:
             figure = DayFigure(
                 total=int(total or 0),
@@ -148,7 +149,7 @@ class SqlLedger:
                 source_at=int(source_at if source_at is not None else -1),
                 open=int(open_count or 0),
             )
-            out[(customer, date.fromisoformat(day))] = figure
+            out[(customer, days.get(day) or days.setdefault(day, date.fromisoformat(day)))] = figure
         if newest:
             for customer, day, seq, value, stamp in self._query(
                 f"SELECT customer_id, day, seq, value, stamp FROM {self.table} "

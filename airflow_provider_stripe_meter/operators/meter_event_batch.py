@@ -249,7 +249,10 @@ class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
             aggregates, _source_figures(aggregator, aggregates), tuple(aggregator.too_old), aggregator.oldest
         )
         try:
-            result = self._run(run, usage)
+            # Millions of per-day objects and no cycles: the cyclic collector would walk them all
+            # again and again while they are built.
+            with paused_gc():
+                result = self._run(run, usage)
         finally:
             ledger.close()
         outcome = result.as_dict()
