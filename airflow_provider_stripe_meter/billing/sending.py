@@ -53,7 +53,8 @@ def make_deliverer(
 def _v1(specs: dict[str, MeterSpec], stripe: StripeMeters) -> Callable[[list[PlannedEvent]], None]:
     def send(batch: list[PlannedEvent]) -> None:
         [event] = batch
-        stripe.create_meter_event(event.as_meter_event(), **specs[event.event_name].payload_keys)
+        # The deliverer retries (with backoff and its outage gate): no SDK retries inside.
+        stripe.create_meter_event(event.as_meter_event(), **specs[event.event_name].payload_keys, retry=False)
 
     return send
 

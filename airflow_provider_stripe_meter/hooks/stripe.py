@@ -152,7 +152,9 @@ class StripeHook(BaseHook):
         """The connected account requests act for, if any."""
         return self._settings.get("stripe_account")
 
-    def _new_client(self, api_key: str, http_client: Any = None) -> stripe.StripeClient:
+    def _new_client(
+        self, api_key: str, http_client: Any = None, retries: int | None = None
+    ) -> stripe.StripeClient:
         import stripe
 
         _quiet_sdk_logger()
@@ -169,7 +171,7 @@ class StripeHook(BaseHook):
             stripe_version=settings.get("stripe_version"),
             base_addresses=base_addresses,  # type: ignore[arg-type]
             # None would mean zero retries in stripe-python; always pass a number.
-            max_network_retries=self.max_network_retries,
+            max_network_retries=self.max_network_retries if retries is None else retries,
             http_client=http_client or stripe.RequestsClient(timeout=timeout),
         )
 
@@ -177,6 +179,16 @@ class StripeHook(BaseHook):
     def client(self) -> stripe.StripeClient:
         """The ``stripe.StripeClient`` for this connection, built once per hook."""
         return self._new_client(self._settings["api_key"])
+
+    @cached_property
+    def delivery_client(self) -> stripe.StripeClient:
+        """A client without the SDK's retries, for calls a deliverer makes and retries itself.
+
+        A batch paces, backs off and rides out outages in one place
+        (:class:`~airflow_provider_stripe_meter.utils.delivery.Deliverer`); SDK retries inside
+        its attempts would multiply them (3 x 8) and hide the failures its outage gate counts.
+        """
+        return self._new_client(self._settings["api_key"], retries=0)
 
     @cached_property
     def async_client(self) -> stripe.StripeClient:
@@ -198,8 +210,11 @@ class StripeHook(BaseHook):
         return self.client
 
     def session_client(self, authentication_token: str) -> stripe.StripeClient:
-        """Return a client that authenticates with a v2 meter event session token."""
-        return self._new_client(authentication_token)
+        """Return a client that authenticates with a v2 meter event session token.
+
+        The stream is only ever driven by a deliverer, which retries: no SDK retries here.
+        """
+        return self._new_client(authentication_token, retries=0)
 
     # -- error translation -------------------------------------------------------------------
 
@@ -268,6 +283,7 @@ class StripeHook(BaseHook):
         *,
         customer_payload_key: str = "stripe_customer_id",
         value_payload_key: str = "value",
+        retry: bool = True,
     ) -> dict[str, Any]:
         """Record one meter event through ``POST /v1/billing/meter_events`` and return it as a dict.
 
@@ -275,6 +291,7 @@ class StripeHook(BaseHook):
             fact) so that sending it again is refused instead of billed twice.
         :param customer_payload_key: The meter's ``customer_mapping.event_payload_key``.
         :param value_payload_key: The meter's ``value_settings.event_payload_key``.
+        :param retry: Let the SDK retry network errors and 5xx (off when a deliverer retries).
         :raises StripeDuplicateIdentifierError: Stripe already holds an event with this identifier.
         :raises StripeRequestRejectedError: Stripe refused the event.
         :raises StripeTransientError: rate limited or unreachable after the SDK's retries.
@@ -288,7 +305,8 @@ class StripeHook(BaseHook):
             params["identifier"] = event.identifier
         if event.timestamp is not None:
             params["timestamp"] = event.timestamp
-        created = self._call(self.client.v1.billing.meter_events.create, params)
+        client = self.client if retry else self.delivery_client
+        created = self._call(client.v1.billing.meter_events.create, params)
         return created.to_dict()
 
     def cancel_meter_event(self, event_name: str, identifier: str) -> dict[str, Any]:
@@ -408,11 +426,17 @@ class StripeHook(BaseHook):
         )
 
     def _summaries_or_unknown(
-        self, meter_id: str, customer_id: str, start_time: int, end_time: int, window: str | None
+        self,
+        meter_id: str,
+        customer_id: str,
+        start_time: int,
+        end_time: int,
+        window: str | None,
+        retry: bool = True,
     ) -> list[dict[str, Any]] | None:
         """:meth:`list_event_summaries`, or ``None`` when Stripe does not know the customer (404)."""
         try:
-            return self.list_event_summaries(meter_id, customer_id, start_time, end_time, window)
+            return self.list_event_summaries(meter_id, customer_id, start_time, end_time, window, retry=retry)
         except StripeRequestRejectedError as err:
             if err.details.get("http_status") == 404 and err.details.get("param") == "customer":
                 return None
@@ -425,8 +449,10 @@ class StripeHook(BaseHook):
         start_time: int,
         end_time: int,
         value_grouping_window: str | None = "day",
+        *,
+        retry: bool = True,
     ) -> list[dict[str, Any]]:
-        """Return a meter's aggregated usage for one customer, window by window."""
+        """Return a meter's aggregated usage for one customer, window by window (``retry``: SDK retries)."""
         params: dict[str, Any] = {
             "customer": customer_id,
             "start_time": start_time,
@@ -435,7 +461,8 @@ class StripeHook(BaseHook):
         }
         if value_grouping_window:
             params["value_grouping_window"] = value_grouping_window
-        page = self._call(self.client.v1.billing.meters.event_summaries.list, meter_id, params)
+        client = self.client if retry else self.delivery_client
+        page = self._call(client.v1.billing.meters.event_summaries.list, meter_id, params)
         return [summary.to_dict() for summary in self._call(lambda: list(page.auto_paging_iter()))]
 
     def recorded_per_day(
@@ -463,7 +490,8 @@ class StripeHook(BaseHook):
 
         def read(batch: list[str]) -> None:
             [customer] = batch
-            found[customer] = self._summaries_or_unknown(meter_id, customer, start, end, "day")
+            # The deliverer around this retries and backs off: one retry layer.
+            found[customer] = self._summaries_or_unknown(meter_id, customer, start, end, "day", retry=False)
 
         # Reads are paced, backed off on 429 and ridden through outages exactly like sends.
         report = Deliverer(

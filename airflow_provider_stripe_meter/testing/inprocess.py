@@ -135,7 +135,7 @@ class InProcessStripe:
         return sum(round(s["aggregated_value"]) for s in summaries)
 
     def create_meter_event(
-        self, event: MeterEvent, *, customer_payload_key: str, value_payload_key: str
+        self, event: MeterEvent, *, customer_payload_key: str, value_payload_key: str, retry: bool = True
     ) -> Any:
         """``POST /v1/billing/meter_events``, with Stripe's answers as the core's kinds of failure."""
         self.requests["v1_meter_event"] += 1

@@ -90,6 +90,21 @@ def test_faults_and_rate_limits_still_bill_every_unit_exactly_once(secret_server
     assert secret_server.stats["concurrent_rejected"] == 0
 
 
+def test_a_batch_has_one_retry_layer_the_deliverers(secret_server, usage_db):
+    # The connection lets the SDK retry once; a batch's events go out without SDK retries, so
+    # each try is the deliverer's own (its backoff, its outage count), each a new request.
+    add_rows(usage_db, [("cus_one", 5, at(-1, 60))])
+    secret_server.inject_failures(2, status=503, path_prefix="/v1/billing/meter_events")
+
+    dag_run = run_dag("t_batch_daily", logical_date=today())
+
+    assert xcoms(dag_run, "bill")["success"] is True
+    tries = [h for _, path, h in secret_server.request_log if path == "/v1/billing/meter_events"]
+    # The SDK reuses its Idempotency-Key across its own retries; three keys: three deliverer tries.
+    assert len({h.get("Idempotency-Key") for h in tries}) == len(tries) == 3
+    assert secret_server.ledger.totals() == {"cus_one": 5}
+
+
 def test_v2_stream_sends_100_events_a_request(secret_server, usage_db):
     add_rows(usage_db, [(f"cus_{n:04d}", n + 1, at(-1, n)) for n in range(250)])
 

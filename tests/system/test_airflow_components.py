@@ -10,9 +10,11 @@ billing run feeds, runs the deferrable reconcile DAG through the triggerer, and 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -37,6 +39,12 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
+    """Send ``sig`` to every process of ``proc``'s session (it leads its own process group)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, sig)
+
+
 class Airflow:
     """The components, their environment, and a small client of the public REST API."""
 
@@ -52,7 +60,13 @@ class Airflow:
         for name in COMPONENTS:
             log = open(self.home / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
             args = [airflow, name] + (["--port", self.base.rsplit(":", 1)[1]] if name == "api-server" else [])
-            self.procs.append(subprocess.Popen(args, env=self.env, stdout=log, stderr=subprocess.STDOUT))
+            # Each component in a session of its own: stop() ends it with every process it started
+            # (log servers, workers), so nothing outlives the test.
+            self.procs.append(
+                subprocess.Popen(
+                    args, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                )
+            )
         self.token = self.wait(
             lambda: json.loads(self._open("GET", "/auth/token"))["access_token"], "api-server"
         )
@@ -61,7 +75,7 @@ class Airflow:
         # The test is over: a component still shutting down after 5 s (one waited 30 s for its
         # own timeouts) is killed rather than waited for.
         for proc in self.procs:
-            proc.terminate()
+            _signal_group(proc, signal.SIGTERM)
         deadline = time.monotonic() + 5
         for proc in self.procs:
             try:
@@ -69,6 +83,7 @@ class Airflow:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=10)
+            _signal_group(proc, signal.SIGKILL)  # whatever the component left running
 
     def _open(self, method: str, path: str, body: Any = None) -> bytes:
         request = urllib.request.Request(
