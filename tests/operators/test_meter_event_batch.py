@@ -71,8 +71,10 @@ def test_faults_and_rate_limits_still_bill_every_unit_exactly_once(secret_server
     rows = [(f"cus_{n % 60:03d}", n * 1_000 + 1, at(-(n // 300) - 1, n)) for n in range(900)]
     add_rows(usage_db, rows)
     secret_server.set_rate_limit(60, burst=10)
-    secret_server.inject_failures(15, status=500, after_write=True, path_prefix="/v1/billing/meter_events")
-    secret_server.inject_failures(15, status=503, path_prefix="/v1/billing/meter_events")
+    # Scattered faults, not an outage (that is the outage tests' business): a few 503s, and one
+    # answer in ten lost after Stripe wrote the event.
+    secret_server.inject_failures(3, status=503, path_prefix="/v1/billing/meter_events")
+    secret_server.lose_answers(0.1, path_prefix="/v1/billing/meter_events", seed=5)
 
     dag_run = run_dag("t_batch_faults")
 
@@ -86,7 +88,7 @@ def test_faults_and_rate_limits_still_bill_every_unit_exactly_once(secret_server
     # for an identifier of ours means Stripe holds the event.
     assert secret_server.stats["duplicates_rejected"] >= 1
     assert secret_server.stats["rate_limited"] > 0
-    assert secret_server.stats["injected_failures"] == 30
+    assert secret_server.stats["injected_failures"] > 3
     assert secret_server.stats["concurrent_rejected"] == 0
 
 
