@@ -37,6 +37,10 @@ T = TypeVar("T")
 #: (meter event summaries, meters) count toward, and so do a connected account's meter events.
 #: Defaults leave headroom.
 DEFAULT_MAX_RPS = {"test": 20.0, "live": 900.0}
+#: The longest wait before a 5xx or network failure is tried again (stripe-python's own cap).
+NETWORK_RETRY_CAP = 2.0
+#: The most failures in a row a deliverer waits for before it treats them as an outage.
+OUTAGE_AFTER_MAX = 16
 DEFAULT_READ_RPS = {"test": 20.0, "live": 90.0}
 
 
@@ -290,7 +294,10 @@ class Deliverer(Generic[T]):
     :param max_rps: Requests per second; ``None`` for no limit.
     :param concurrency: Worker threads; enough to keep ``max_rps`` busy at the server's latency.
     :param max_attempts: Tries per batch before its items count as failed (an outage uses none).
-    :param outage_after: Transient failures in a row that mean Stripe is down (see :class:`OutageGate`).
+    :param outage_after: Transient failures in a row that mean Stripe is down (see :class:`OutageGate`);
+        default twice the requests in flight, from 5 to 16: with many in flight, a flaky network
+        fails several in a row by chance (30% lost: 5 in a row is common, 16 is not), while an
+        outage fails every one.
     :param outage_timeout: Seconds an outage may last before what is left counts as failed.
     :param progress: Called with a progress line at most every ``progress_every`` seconds.
     """
@@ -310,7 +317,7 @@ class Deliverer(Generic[T]):
         progress: Callable[[str], None] | None = None,
         progress_every: float = 10.0,
         sample_limit: int = 20,
-        outage_after: int = 5,
+        outage_after: int | None = None,
         outage_timeout: float = 600.0,
     ) -> None:
         self.send = send
@@ -325,9 +332,10 @@ class Deliverer(Generic[T]):
         self.progress = progress
         self.progress_every = progress_every
         self.sample_limit = sample_limit
+        #: ``None``: twice the requests a run has in flight, from 5 to 16 (set in :meth:`run`).
         self.outage_after = outage_after
         self.outage_timeout = outage_timeout
-        self.gate = OutageGate(after=outage_after, timeout=outage_timeout)
+        self.gate = OutageGate(after=outage_after or 5, timeout=outage_timeout)
         self._lock = threading.Lock()
 
     def run(self, items: Sequence[T]) -> DeliveryReport:
@@ -344,6 +352,7 @@ class Deliverer(Generic[T]):
         last_progress = [started]
         workers = max(1, min(self.concurrency, math.ceil(len(items) / self.batch_size)))
         abort: list[BaseException] = []
+        self.gate.after = self.outage_threshold(workers)
 
         gate = self.gate
 
@@ -379,6 +388,10 @@ class Deliverer(Generic[T]):
             raise abort[0]
         self._maybe_progress(report, started, last_progress, force=True)
         return report
+
+    def outage_threshold(self, in_flight: int) -> int:
+        """Failures in a row that mean an outage, with ``in_flight`` requests at a time."""
+        return self.outage_after or min(OUTAGE_AFTER_MAX, max(5, 2 * in_flight))
 
     def _attempt(self, batch: list[T], attempts: dict[int, int], report: DeliveryReport) -> float | None:
         """Send one batch; return seconds to wait before trying it again, or None when settled."""
@@ -450,7 +463,10 @@ class Deliverer(Generic[T]):
         wait = self.backoff(attempt)
         if rate_limited:
             self.limiter.pause(wait)
-        return wait
+            return wait
+        # A lost answer or a 5xx is tried again soon, as the SDK would (its waits stop at 2 s);
+        # the long backoff is for the account's rate limit, and an outage is the gate's.
+        return min(wait, NETWORK_RETRY_CAP)
 
     def _give_up(self, batch: list[T], report: DeliveryReport) -> None:
         """The outage outlasted ``outage_timeout``: what is left fails, for the task's retry."""

@@ -218,13 +218,20 @@ def test_an_outage_becomes_one_probe_at_a_time_and_uses_no_attempts():
     items = [(f"cus_{n}", n) for n in range(30)]
     # With max_attempts >= outage_after (5), no item can use up its attempts before the outage is
     # recognised; 40 failures in a row would otherwise sink every item several times over.
-    paced = deliverer(send, max_attempts=5, concurrency=8, sleep=lambda s: None)
+    paced = deliverer(send, max_attempts=5, concurrency=8, sleep=lambda s: None, outage_after=5)
     report = paced.run(items)
     assert (report.sent, report.failed) == (30, 0)
     assert report.outages == 1
     # Outside the gate fail at most the 4 before the outage is recognised and the 8 in flight.
     assert report.probes >= failing_calls - 4 - 8
     assert most_probes_in_flight[0] == 1
+
+
+def test_the_outage_threshold_grows_with_the_requests_in_flight():
+    # Eight in flight on a flaky network fail five in a row by chance; an outage fails them all.
+    paced = deliverer(lambda b: None, concurrency=50)
+    assert [paced.outage_threshold(n) for n in (1, 2, 3, 8, 50)] == [5, 5, 6, 16, 16]
+    assert deliverer(lambda b: None, outage_after=3).outage_threshold(8) == 3
 
 
 def test_an_outage_longer_than_the_timeout_fails_what_is_left():
