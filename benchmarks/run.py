@@ -1,13 +1,14 @@
 """Benchmarks of the batch operator, each printed as a ratio against a baseline measured in the same run.
 
-    ./dev bench                 # everything (about 27 minutes; --only scale alone about 14)
-    ./dev bench --only v1       # one of: v1, stream, stream-unlimited, sql, truth, import, scale
+    ./dev bench                 # everything (about 25 minutes; --only ledger alone about 10)
+    ./dev bench --only v1       # one of: v1, stream, stream-unlimited, sql, import, ledger
 
 Every figure runs the real stripe SDK over HTTP against the local Stripe server on 127.0.0.1
 with the latency and limits named in its heading, and the operator inside a real Airflow task
-(``dag.test()`` on a throwaway SQLite metadata database: its marks of sent days are Airflow
-Variables); the SQL figure runs in fresh processes so that peak memory (resident set, sampled
-every 2 ms) belongs to one path alone.
+(``dag.test()`` on a throwaway SQLite metadata database). The ledger lives in PostgreSQL when
+``STRIPE_METER_BENCH_PG_DSN`` (or ``STRIPE_METER_TEST_PG_DSN``) names one, in SQLite otherwise;
+its table is dropped before each figure. The SQL figure runs in fresh processes so that peak
+memory (resident set, sampled every 2 ms) belongs to one path alone.
 """
 
 from __future__ import annotations
