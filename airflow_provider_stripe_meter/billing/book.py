@@ -32,8 +32,6 @@ class CustomerDay:
         """What became of the day, once the run is over (``None``: left alone, never looked up)."""
         if self.outcome is not None:
             return self.outcome
-        if self.plan.action == Action.REPORT:
-            return self.plan.reported
         if self.plan.action == Action.LEAVE_ALONE and self.plan.recorded is not None:
             return DayOutcome.ALREADY_RECORDED
         return None

@@ -14,10 +14,12 @@ class Action(str, Enum):
     """What a real run does with one customer-day."""
 
     SEND = "send"  # nothing recorded yet: send the day
-    TOP_UP = "top_up"  # Stripe shows less than the source: send the difference (or the new figure)
-    LEAVE_ALONE = "leave_alone"  # Stripe shows the source's figure already
-    CORRECT = "correct"  # Stripe shows more and correct_over asks to bring it down
-    REPORT = "report"  # Stripe shows more (not corrected), or does not know the customer
+    TOP_UP = "top_up"  # the ledger holds less than the source: send the difference (or the new figure)
+    LEAVE_ALONE = "leave_alone"  # the ledger holds the source's figure already
+    CORRECT = "correct"  # the source went down: a negative event, cancelled events, a new figure
+    # Not planned since the ledger (what Stripe shows is no longer read to plan); kept so the
+    # result's ``actions`` keep their keys.
+    REPORT = "report"
 
     def __str__(self) -> str:
         return self.value

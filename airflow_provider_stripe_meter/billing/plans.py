@@ -31,7 +31,7 @@ from datetime import date, datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from airflow_provider_stripe_meter.billing.meters import ADD, COUNT, MeterSpec, source_figure
-from airflow_provider_stripe_meter.billing.outcomes import Action, DayOutcome
+from airflow_provider_stripe_meter.billing.outcomes import Action
 from airflow_provider_stripe_meter.ledger.entries import DayFigure
 from airflow_provider_stripe_meter.utils.identifiers import bounded_identifier
 from airflow_provider_stripe_meter.utils.rules import SECONDS_PER_DAY, MeterEvent
@@ -40,8 +40,6 @@ if TYPE_CHECKING:
     from airflow_provider_stripe_meter.utils.aggregation import DailyAggregate
 
 Key = tuple[str, str, date]
-#: Reason of a ``report`` plan for a customer Stripe does not know.
-CUSTOMER_UNKNOWN = "customer_unknown"
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,11 +102,6 @@ class DayPlan:
     def key(self) -> tuple[str, str, date]:
         """(event name, customer, day)."""
         return (self.event_name, self.customer_id, self.day)
-
-    @property
-    def reported(self) -> DayOutcome:
-        """The outcome of a day planned as ``report``: the customer is unknown, or Stripe holds more."""
-        return DayOutcome.CUSTOMER_UNKNOWN if self.reason == CUSTOMER_UNKNOWN else DayOutcome.OVER
 
     def line(self) -> dict[str, Any]:
         """JSON-safe summary for XCom (what a dry run reports)."""

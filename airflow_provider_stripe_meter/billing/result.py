@@ -107,8 +107,6 @@ def summarize(book: RunBook, settings: RunSettings, source: SourceFigures) -> Ba
         plan = day.plan
         actions[plan.action] += 1
         outcome = day.final_outcome()
-        if day.outcome is None and outcome is not None and plan.action == Action.REPORT:
-            book.samples.add(outcome, plan.line())
         if outcome is not None and not dry:
             counts[outcome] += 1
             by_meter[plan.event_name][outcome.value] += 1
@@ -148,14 +146,8 @@ def summarize(book: RunBook, settings: RunSettings, source: SourceFigures) -> Ba
         result.plan = lines[: settings.plan_limit]
         result.plan_truncated = len(lines) > settings.plan_limit
     flat = result.as_dict()
-    reported = actions[Action.REPORT] + counts_late_over(book)
-    result.success = not any(flat[k] for k in PROBLEMS) and (not dry or not reported)
+    result.success = not any(flat[k] for k in PROBLEMS)
     return result
-
-
-def counts_late_over(book: RunBook) -> int:
-    """Late customer-days where more was billed late than the source now holds."""
-    return sum(1 for day in book.late.values() if day.plan.action == Action.REPORT)
 
 
 def _totals(book: RunBook) -> dict[str, dict[str, Any]]:
@@ -203,12 +195,6 @@ def _late(
             by_meter[key[0]][DayOutcome.BILLED_LATE.value] += 1
         elif day.outcome != DayOutcome.ALREADY_RECORDED:
             by_meter[key[0]][day.outcome.value] += 1
-    for day in book.late.values():
-        if day.plan.action == Action.REPORT:
-            book.samples.add(DayOutcome.OVER, day.plan.line())
-            if not dry:
-                by_meter[day.plan.event_name][DayOutcome.OVER.value] += 1
-                counts[DayOutcome.OVER] += 1
     for outcome in (
         DayOutcome.REJECTED,
         DayOutcome.FAILED,
