@@ -52,10 +52,6 @@ class PlannedEvent:
     value: int
     identifier: str
     timestamp: int
-    #: Planned without looking at Stripe (a fresh day never marked as sent, so nothing of ours
-    #: is there). Only such events may go through the v2 stream, which drops duplicates without
-    #: a word; any other needs Stripe's synchronous duplicate answer.
-    blind: bool = True
     #: The ledger's sequence number of the event in its customer-day (0: not a ledger plan).
     seq: int = 0
     #: The latest source row the event was planned from (ledger plans).
@@ -196,7 +192,6 @@ def plan_day(
             value,
             ledger_identifier(spec, aggregate.customer_id, aggregate.day, seq),
             at,
-            True,
             seq=seq,
             source_at=aggregate.timestamp,
         )

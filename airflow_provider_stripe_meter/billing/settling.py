@@ -105,7 +105,7 @@ class Settler:
             return
         events = [
             PlannedEvent(
-                e.event_name, e.customer_id, e.day, e.value, e.identifier, e.stamp, True, e.seq, e.source_at
+                e.event_name, e.customer_id, e.day, e.value, e.identifier, e.stamp, e.seq, e.source_at
             )
             for e in entries
         ]

@@ -61,8 +61,6 @@ class SqlLedger:
         self.table = check_table_name(table)
         self.create = create
         self._conn: Any = None
-        #: Statements executed (a benchmark's and a test's measure of cost).
-        self.statements = 0
 
     # -- connection ---------------------------------------------------------------------------
 
@@ -107,7 +105,6 @@ class SqlLedger:
     def _query(self, text: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         cursor = self.conn.cursor()
         cursor.execute(self._sql(text), tuple(params))
-        self.statements += 1
         rows = cursor.fetchall()
         cursor.close()
         return rows
@@ -115,7 +112,6 @@ class SqlLedger:
     def _execute(self, text: str, params: Sequence[Any] = ()) -> None:
         cursor = self.conn.cursor()
         cursor.execute(self._sql(text), tuple(params))
-        self.statements += 1
         cursor.close()
 
     # -- reading ------------------------------------------------------------------------------
@@ -280,7 +276,6 @@ class SqlLedger:
             buffer.write("\n")
         buffer.seek(0)
         cursor.copy_expert(f"COPY {temp} FROM STDIN", buffer)
-        self.statements += 1
 
     def _insert_by_copy(self, entries: Sequence[Entry]) -> set[str]:
         cursor = self.conn.cursor()
@@ -293,7 +288,6 @@ class SqlLedger:
             f"INSERT INTO {self.table} SELECT * FROM stripe_meter_ledger_in ON CONFLICT DO NOTHING "
             "RETURNING identifier"
         )
-        self.statements += 2
         owned = {identifier for (identifier,) in cursor.fetchall()}
         cursor.close()
         return owned
@@ -322,7 +316,6 @@ class SqlLedger:
                 ),
                 [(state, at, note, account, identifier) for identifier, state, at, note in changes],
             )
-            self.statements += 1
             self.conn.commit()
             return
         if self._copies:
@@ -338,7 +331,6 @@ class SqlLedger:
                 f"AND {self.table}.identifier = a.identifier",
                 (account,),
             )
-            self.statements += 2
             cursor.close()
             self.conn.commit()
             return
