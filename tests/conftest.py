@@ -54,6 +54,34 @@ def airflow_db() -> Path:
     return _HOME
 
 
+@pytest.fixture(scope="session", autouse=True)
+def pg_database_per_worker() -> Iterator[None]:
+    """Give each pytest-xdist worker its own PostgreSQL database, so that tests running at the same
+    time on two workers never drop each other's ``usage`` or ledger table."""
+    dsn = os.environ.get("STRIPE_METER_TEST_PG_DSN")
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if not dsn or not worker:
+        yield
+        return
+    from urllib.parse import urlsplit, urlunsplit
+
+    import psycopg2
+
+    name = f"stripe_meter_{worker}"
+    con = psycopg2.connect(dsn)
+    con.autocommit = True  # CREATE DATABASE cannot run inside a transaction
+    with con.cursor() as cur:
+        cur.execute(f"DROP DATABASE IF EXISTS {name}")
+        cur.execute(f"CREATE DATABASE {name}")
+    con.close()
+    # The DSN stays a URI: it is an Airflow connection too (AIRFLOW_CONN_USAGE_PG).
+    os.environ["STRIPE_METER_TEST_PG_DSN"] = urlunsplit(urlsplit(dsn)._replace(path=f"/{name}"))
+    try:
+        yield
+    finally:
+        os.environ["STRIPE_METER_TEST_PG_DSN"] = dsn
+
+
 @pytest.fixture
 def secret_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     """The local Stripe server, accepting only :data:`SECRET_KEY`, spec checks on, SDK retries 1."""

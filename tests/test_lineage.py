@@ -48,7 +48,7 @@ def test_the_batch_operators_query_is_its_input_and_the_meter_its_output(secret_
 
     lineage = lineage_of(dag_run, "bill")
 
-    assert names(lineage.inputs) == [(f"postgres://127.0.0.1:{port}", "postgres.public.usage")]
+    assert names(lineage.inputs) == [(f"postgres://127.0.0.1:{port}", f"{usage_pg.info.dbname}.public.usage")]
     assert names(lineage.outputs) == [("stripe://platform", "meters/ai_tokens_used")]
     # The SQL parser also read the table's columns from the database.
     schema = lineage.inputs[0].facets["schema"]
@@ -63,7 +63,9 @@ def test_rows_from_an_upstream_query_name_that_querys_table(secret_server, usage
 
     lineage = lineage_of(dag_run, "bill")
 
-    assert names(lineage.inputs) == [(f"postgres://127.0.0.1:{usage_pg.info.port}", "postgres.public.usage")]
+    assert names(lineage.inputs) == [
+        (f"postgres://127.0.0.1:{usage_pg.info.port}", f"{usage_pg.info.dbname}.public.usage")
+    ]
     assert names(lineage.outputs) == [("stripe://platform", "meters/ai_tokens_used")]
 
 
