@@ -413,6 +413,47 @@ class StripeHook(BaseHook):
         """
         return self._call(self.client.v1.billing.meters.retrieve, meter_id).to_dict()
 
+    def meter_error_reports(self, meter_id: str, since: float, *, samples: int = 10) -> dict[str, Any]:
+        """What Stripe's asynchronous validation dropped for a meter since ``since`` (unix seconds).
+
+        Stripe answers 200 to an event for an unknown customer or an inactive meter and drops it
+        later; each validation window that dropped something is reported as a
+        ``v1.billing.meter.error_report_triggered`` event, listed for 30 days. Returns the
+        reports read, the errors per code, and up to ``samples`` sample errors (code, message,
+        the event's identifier): a bounded summary at any number of errors.
+
+        .. seealso:: https://docs.stripe.com/api/v2/core/events/list
+        .. seealso:: https://docs.stripe.com/billing/subscriptions/usage-based/recording-usage-api#error-handling
+        """
+        from airflow_provider_stripe_meter.utils.rules import rfc3339
+
+        params: dict[str, Any] = {
+            "object_id": meter_id,
+            "types": ["v1.billing.meter.error_report_triggered"],
+            # Stripe keeps events 30 days; asking for more is refused.
+            "created": {"gte": rfc3339(int(max(since, time.time() - 30 * 86400 + 60)))},
+        }
+        page = self._call(self.client.v2.core.events.list, params)
+        codes: dict[str, int] = {}
+        found: list[dict[str, Any]] = []
+        reports = 0
+        for event in self._call(lambda: list(page.auto_paging_iter())):
+            reports += 1
+            reason = ((event.to_dict().get("data") or {}).get("reason")) or {}
+            for kind in reason.get("error_types") or []:
+                code = str(kind.get("code"))
+                codes[code] = codes.get(code, 0) + int(kind.get("error_count") or 0)
+                for sample in kind.get("sample_errors") or []:
+                    if len(found) < samples:
+                        found.append(
+                            {
+                                "code": code,
+                                "message": self._scrub(str(sample.get("error_message") or "")),
+                                "identifier": (sample.get("request") or {}).get("identifier"),
+                            }
+                        )
+        return {"reports": reports, "error_count": sum(codes.values()), "codes": codes, "samples": found}
+
     def usage_between(self, meter_id: str, customer_id: str, start_time: int, end_time: int) -> int | None:
         """The meter's figure for one customer over ``[start_time, end_time)`` (minute-aligned).
 

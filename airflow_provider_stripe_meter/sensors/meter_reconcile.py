@@ -38,7 +38,10 @@ class StripeMeterReconcileSensor(StripeUsageSourceOperator, BaseSensorOperator):
     totals, ``meter_id``, and ``lines`` (customer_id, day, expected, recorded, difference,
     status): at most ``line_limit`` of them, those that differ first, so the result stays small
     at any number of customers (``lines_total``, ``lines_truncated``). The full table, a line per
-    customer-day, goes to ``report_path`` when one is named (its URL in ``lines_uri``). Branch on
+    customer-day, goes to ``report_path`` when one is named (its URL in ``lines_uri``). When
+    something differs, ``stripe_errors`` holds Stripe's own error reports for the meter since the
+    first day (``v1.billing.meter.error_report_triggered``: errors per code and a few samples),
+    and a line whose customer a sample names carries that code as ``stripe_error``. Branch on
     ``counts`` to a correction
     (:class:`~airflow_provider_stripe_meter.operators.meter_event_correction.StripeMeterTopUpOperator`)
     or an alert.
@@ -335,11 +338,41 @@ class StripeMeterReconcileSensor(StripeUsageSourceOperator, BaseSensorOperator):
             ledger.close()
 
     def _finish(self, context: Context, report: dict[str, Any]) -> dict[str, Any]:
+        report["stripe_errors"] = self._stripe_errors(report)
         self._log_report(report)
         metrics = MeterMetrics.for_task(context, self.billed_account())
         for status, count in report["counts"].items():
             metrics.count(f"reconcile.{status}", count, self.event_name)
         return report
+
+    def _stripe_errors(self, report: dict[str, Any]) -> dict[str, Any] | None:
+        """Stripe's own word on what it dropped, read only when something differs.
+
+        The meter's error reports (``v1.billing.meter.error_report_triggered``) since the first
+        compared day: counts per code and a few samples. A shown line whose customer a sample
+        names gets that code as ``stripe_error``: the evidence behind ``customer_unknown`` and
+        ``not_in_stripe``. Evidence only: nothing is re-sent on a sample's word, and a key that
+        may not read events leaves it ``None`` without failing the check.
+        """
+        lines = report.get("lines") or []
+        if report.get("success") or not lines:
+            return None
+        from airflow_provider_stripe_meter.exceptions import StripeMeterError
+
+        first = min(date.fromisoformat(line["day"]) for line in lines)
+        since = datetime(first.year, first.month, first.day, tzinfo=timezone.utc).timestamp()
+        try:
+            found = self.hook.meter_error_reports(report["meter_id"], since)
+        except StripeMeterError as err:
+            self.log.warning("Could not read Stripe's error reports for the meter: %s", err)
+            return None
+        for line in lines:
+            if line.get("status") == "ok":
+                continue
+            named = [s["code"] for s in found["samples"] if line["customer_id"] in s["message"]]
+            if named:
+                line["stripe_error"] = named[0]
+        return found
 
     def _first_poke_time(self, context: Context) -> float:
         if self.reschedule:

@@ -150,6 +150,10 @@ def _aggregate(meter: Meter, events: list[RecordedEvent]) -> int:
     return sum(int(e.payload[meter.value_key]) for e in events)
 
 
+def _rfc3339(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+
+
 def parse_rfc3339(text: str) -> int:
     """Parse a v2 timestamp; raises ``ValueError`` on anything else."""
     moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
@@ -290,7 +294,13 @@ class MeterLedger:
                 raise
             with self.lock:
                 self.error_reports.append(
-                    {"code": err.code or "invalid_event", "message": err.message, "identifier": identifier}
+                    {
+                        "code": err.code or "invalid_event",
+                        "message": err.message,
+                        "identifier": identifier,
+                        "event_name": event_name,
+                        "at": self.clock(),
+                    }
                 )
             return None
 
@@ -381,29 +391,99 @@ class MeterLedger:
             self._by_identifier[identifier] = event
             # Stripe accepts these and reports them later, as error reports.
             if meter is None:
-                self.error_reports.append(
-                    {"code": "no_meter", "identifier": identifier, "event_name": event_name}
-                )
+                self._report("no_meter", event, f"No active meter was found for event_name '{event_name}'.")
             elif meter.status != "active":
                 event.dropped = True
-                self.error_reports.append(
-                    {"code": "archived_meter", "identifier": identifier, "event_name": event_name}
-                )
+                self._report("archived_meter", event, f"The meter for event_name '{event_name}' is inactive.")
             if not self.customer_known(payload.get(customer_key)):
                 # Validated when received: the event never counts, even once the customer exists.
                 event.dropped = True
-                self.error_reports.append(
-                    {
-                        "code": "meter_event_customer_not_found",
-                        "identifier": identifier,
-                        "customer": payload.get(customer_key),
-                    }
+                self._report(
+                    "meter_event_customer_not_found",
+                    event,
+                    f"No such customer: '{payload.get(customer_key)}'",
+                    customer=payload.get(customer_key),
                 )
             due = [action for at, action in self._after_accepted if at == len(self.events)]
             self._after_accepted = [(at, a) for at, a in self._after_accepted if at != len(self.events)]
         for action in due:
             action()
         return event
+
+    def _report(self, code: str, event: RecordedEvent, message: str, **extra: Any) -> None:
+        """Note a dropped event for Stripe's asynchronous validation report of its meter."""
+        self.error_reports.append(
+            {
+                "code": code,
+                "identifier": event.identifier,
+                "event_name": event.event_name,
+                "message": message,
+                "at": event.received_at,
+                **extra,
+            }
+        )
+
+    def error_report_events(self, *, window: int = 60, samples: int = 5) -> list[dict[str, Any]]:
+        """Stripe's ``v1.billing.meter.error_report_triggered`` events, newest first.
+
+        One event per meter and validation window (``window`` seconds of receipt time) that
+        dropped something: the error count, and per code its count and up to ``samples``
+        sample errors (message and the event's identifier), as Stripe lists them in
+        ``GET /v2/core/events``. Events of an unknown event name have no meter to report on.
+        """
+        with self.lock:
+            reports = list(self.error_reports)
+        windows: dict[tuple[str, int], list[dict[str, Any]]] = {}
+        for report in reports:
+            meter = self.meter_for(str(report.get("event_name") or ""))
+            if meter is None or "at" not in report:
+                continue
+            start = int(report["at"]) // window * window
+            windows.setdefault((meter.id, start), []).append(report)
+        events = []
+        for (meter_id, start), found in windows.items():
+            codes: dict[str, list[dict[str, Any]]] = {}
+            for report in found:
+                codes.setdefault(report["code"], []).append(report)
+            events.append(
+                {
+                    "id": f"evt_test_{meter_id[-8:]}{start}",
+                    "object": "v2.core.event",
+                    "type": "v1.billing.meter.error_report_triggered",
+                    "created": _rfc3339(start + window),
+                    "livemode": False,
+                    "context": None,
+                    "related_object": {
+                        "id": meter_id,
+                        "type": "billing.meter",
+                        "url": f"/v1/billing/meters/{meter_id}",
+                    },
+                    "reason": None,
+                    "data": {
+                        "developer_message_summary": f"{len(found)} meter events were dropped",
+                        "validation_start": _rfc3339(start),
+                        "validation_end": _rfc3339(start + window),
+                        "reason": {
+                            "error_count": len(found),
+                            "error_types": [
+                                {
+                                    "code": code,
+                                    "error_count": len(items),
+                                    "sample_errors": [
+                                        {
+                                            "error_message": item["message"],
+                                            "request": {"identifier": item["identifier"]},
+                                        }
+                                        for item in items[:samples]
+                                    ],
+                                }
+                                for code, items in sorted(codes.items())
+                            ],
+                        },
+                    },
+                }
+            )
+        return sorted(events, key=lambda e: e["created"], reverse=True)
 
     def cancel(self, event_name: str, identifier: str) -> RecordedEvent:
         """Cancel an event by identifier, within 24 hours of receiving it."""

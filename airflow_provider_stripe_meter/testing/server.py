@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qs, parse_qsl, quote, urlsplit
 
 from airflow_provider_stripe_meter.testing.forms import decode_form
 from airflow_provider_stripe_meter.testing.ledger import (
@@ -362,6 +362,7 @@ _ROUTES: list[tuple[str, re.Pattern[str], str, str]] = [
         "/v2/billing/meter_event_adjustments",
         "v2_adjust",
     ),
+    ("GET", re.compile(r"/v2/core/events"), "", "v2_events"),
     # Not Stripe's: what this server holds, for benchmarks and people driving it from another process.
     ("GET", re.compile(r"/_local/summary"), "", "local_summary"),
 ]
@@ -848,6 +849,36 @@ class _Handler(BaseHTTPRequestHandler):
                 continue
             ledger.record(**fields, api="v2_stream", synchronous=False)
         return {}
+
+    def _h_v2_events(self, body: Any, match: re.Match[str], query: str) -> dict[str, Any]:
+        """``GET /v2/core/events``: the meters' error reports, filtered by ``object_id``, ``types``
+        and ``created``, newest first, a page of ``limit`` (default 20) at a time."""
+        params = parse_qs(query)
+        events = self.ledger.error_report_events()
+        if params.get("object_id"):
+            events = [e for e in events if e["related_object"]["id"] == params["object_id"][0]]
+        types = [v for k, vs in params.items() if k == "types" or k.startswith("types[") for v in vs]
+        if types:
+            events = [e for e in events if e["type"] in types]
+        for bound, keep in (
+            ("gt", lambda a, b: a > b),
+            ("gte", lambda a, b: a >= b),
+            ("lt", lambda a, b: a < b),
+            ("lte", lambda a, b: a <= b),
+        ):
+            value = (params.get(f"created[{bound}]") or params.get(f"created.{bound}") or [""])[0]
+            if value:
+                events = [e for e in events if keep(parse_rfc3339(e["created"]), parse_rfc3339(value))]
+        limit = max(1, min(100, int((params.get("limit") or ["20"])[0])))
+        offset = int((params.get("page") or ["0"])[0])
+        page = events[offset : offset + limit]
+        rest = offset + limit < len(events)
+        keep_query = "&".join(f"{k}={quote(v)}" for k, vs in params.items() if k != "page" for v in vs)
+        return {
+            "data": page,
+            "next_page_url": f"/v2/core/events?{keep_query}&page={offset + limit}" if rest else None,
+            "previous_page_url": None,
+        }
 
     def _h_v2_meter_event(self, body: Any, match: re.Match[str], query: str) -> dict[str, Any]:
         fields = self._v2_event_fields(body)

@@ -177,3 +177,26 @@ def test_ui_field_behaviour_is_the_one_declared_for_airflow():
         "relabeling": {"password": "API key"},
         "placeholders": {"password": "sk_live_... or rk_live_... (restricted key)"},
     }
+
+
+def test_error_reports_name_what_stripe_dropped_per_code_with_samples(secret_server):
+    import time
+
+    secret_server.ledger.customers = {"cus_known"}
+    hook = StripeHook()
+    for n, customer in enumerate(["cus_known", "cus_ghost", "cus_ghost", "cus_other"]):
+        hook.create_meter_event(MeterEvent("ai_tokens_used", customer, 5, f"r-{n}"))
+    meter_id = hook.active_meter("ai_tokens_used")["id"]
+
+    found = hook.meter_error_reports(meter_id, since=time.time() - 3600, samples=2)
+
+    # Three events were accepted (200) and dropped; the known customer's counts.
+    assert secret_server.ledger.totals() == {"cus_known": 5}
+    assert found["error_count"] == 3
+    assert found["codes"] == {"meter_event_customer_not_found": 3}
+    assert [s["identifier"] for s in found["samples"]] == ["r-1", "r-2"]
+    assert "cus_ghost" in found["samples"][0]["message"]
+    # Nothing dropped for another meter, nor before the window asked for.
+    other = secret_server.ledger.add_meter("gb_stored").id
+    assert hook.meter_error_reports(other, since=time.time() - 3600)["error_count"] == 0
+    assert hook.meter_error_reports(meter_id, since=time.time() + 3600)["error_count"] == 0

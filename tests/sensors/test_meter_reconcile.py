@@ -320,6 +320,10 @@ def test_an_unknown_customers_events_are_marked_dropped_and_billed_once_it_exist
     assert audit["counts"]["customer_unknown"] == 1
     unknown = lines_by_key(audit)[("cus_new", day(-1))]
     assert (unknown["ledger"], unknown["cause"]) == (13, "customer_unknown")
+    # Stripe's own error report is the evidence: one dropped event, naming the customer.
+    assert audit["stripe_errors"]["codes"] == {"meter_event_customer_not_found": 1}
+    assert unknown["stripe_error"] == "meter_event_customer_not_found"
+    assert "stripe_error" not in lines_by_key(audit)[("cus_a", day(-1))]
     with sqlite3.connect(usage_db) as con:
         states = dict(con.execute("SELECT customer_id, state FROM stripe_meter_ledger"))
     assert states == {"cus_a": "accepted", "cus_new": "dropped"}
@@ -330,3 +334,4 @@ def test_an_unknown_customers_events_are_marked_dropped_and_billed_once_it_exist
     assert secret_server.ledger.totals() == {"cus_a": 5, "cus_new": 13}
     audit = xcoms(run_dag("t_reconcile_rescheduled", run_conf={"days": 3}), "reconcile")
     assert audit["counts"] == {"ok": 2, "missing": 0, "short": 0, "over": 0, "customer_unknown": 0}
+    assert audit["stripe_errors"] is None  # nothing differs: no error reports read
