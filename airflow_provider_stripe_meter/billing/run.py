@@ -145,11 +145,8 @@ class BillingRun:
         for name in sorted(event_names):
             meter = self.stripe.active_meter(name)
             self.book.deactivated_at[name] = (meter.get("status_transitions") or {}).get("deactivated_at")
-            self.book.specs[name] = meter_spec(
-                meter,
-                customer_key=self.settings.customer_payload_key,
-                value_key=self.settings.value_payload_key,
-            )
+            # The payload keys are the meter's own: an event under other keys would be dropped.
+            self.book.specs[name] = meter_spec(meter)
 
     def adopt(self, aggregates: dict[Key, DailyAggregate]) -> int:
         """Write what Stripe's summaries show into the ledger, for customer-days it holds nothing of.

@@ -89,8 +89,6 @@ class RunSettings:
     delivery: Delivery = field(default_factory=Delivery)
     timing: Timing = field(default_factory=Timing)
     summary_lag: float = 300.0
-    customer_payload_key: str | None = None
-    value_payload_key: str | None = None
 
     @property
     def settle_seconds(self) -> float:

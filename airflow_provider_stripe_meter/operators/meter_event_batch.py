@@ -130,10 +130,6 @@ class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
         ``s3://conn_id@bucket/key``, ...); the result names it in ``report_uri``. (templated)
     :param fail_on_error: Fail the task (no retry) when rows are invalid or Stripe rejects an
         aggregate, instead of returning ``success=False``.
-    :param customer_payload_key: The meter's ``customer_mapping.event_payload_key``; default the
-        meter's.
-    :param value_payload_key: The meter's ``value_settings.event_payload_key``; default the
-        meter's.
 
     The source parameters (``rows``, ``sql``, ``sql_conn_id``, ``parameters``, ``columns``,
     ``naive_timezone``, ``safety_margin``, ``chunk_size``, ``sample_limit``) are those of
@@ -177,8 +173,6 @@ class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
         plan_limit: int = 1_000,
         report_path: str | None = None,
         fail_on_error: bool = False,
-        customer_payload_key: str | None = None,
-        value_payload_key: str | None = None,
         **kwargs: Any,
     ) -> None:
         if "preflight" in kwargs:
@@ -222,8 +216,6 @@ class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
         self.plan_limit = plan_limit
         self.report_path = report_path
         self.fail_on_error = fail_on_error
-        self.customer_payload_key = customer_payload_key
-        self.value_payload_key = value_payload_key
 
     # -- the task --------------------------------------------------------------------------
 
@@ -295,8 +287,6 @@ class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
             delivery=self.delivery,
             timing=self.timing,
             summary_lag=lag.total_seconds() if lag is not None else float(self.hook.summary_lag),
-            customer_payload_key=self.customer_payload_key,
-            value_payload_key=self.value_payload_key,
         )
 
     def _run(self, run: BillingRun, usage: Usage) -> BatchResult:
