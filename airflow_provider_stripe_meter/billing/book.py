@@ -6,10 +6,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from airflow_provider_stripe_meter.billing.outcomes import Action, DayOutcome
+from airflow_provider_stripe_meter.billing.plans import INVOICE_FINAL, NO_INVOICE, SUBSCRIPTION_ENDED
 
 if TYPE_CHECKING:
     from airflow_provider_stripe_meter.billing.meters import MeterSpec
-    from airflow_provider_stripe_meter.billing.plans import DayPlan, Key
+    from airflow_provider_stripe_meter.billing.periods import PeriodBook
+    from airflow_provider_stripe_meter.billing.plans import DayPlan, Held, Key
     from airflow_provider_stripe_meter.utils.aggregation import DailyAggregate
     from airflow_provider_stripe_meter.utils.delivery import DeliveryReport
 
@@ -77,11 +79,32 @@ class RunBook:
     summary_requests: int = 0
     #: Meters that were not active (or were deactivated) after the run sent to them.
     deactivated: set[str] = field(default_factory=set)
-    #: Pending late events of earlier, cut-off runs that this run found landed in Stripe.
+    #: Usage no open invoice carries, per outcome: customer-day parts and their value.
+    held: dict[str, dict[str, int]] = field(default_factory=dict)
     samples: Samples = field(init=False)
 
     def __post_init__(self) -> None:
         self.samples = Samples(self.sample_limit)
+
+    def hold(self, part: Held, plan: DayPlan) -> None:
+        """Count (and sample) usage of a customer-day part that no open invoice will carry."""
+        figures = self.held.setdefault(part.outcome, {"customer_days": 0, "value": 0})
+        figures["customer_days"] += 1
+        figures["value"] += part.value
+        self.samples.add(part.outcome, part.describe(plan))
+
+    def invoices(self, periods: PeriodBook | None, meters: set[str]) -> dict[str, Any]:
+        """What the run knew of invoices: held usage by outcome, usage carried, meters in periods."""
+        carried = [
+            e for d in [*self.days.values(), *self.late.values()] for e in d.plan.events if e.carried_from
+        ]
+        out: dict[str, Any] = {
+            "meters_in_periods": sorted(m for m in meters if periods is not None and periods.covers(m)),
+            "carried": {"events": len(carried), "value": sum(e.value for e in carried)},
+        }
+        for outcome in (INVOICE_FINAL, SUBSCRIPTION_ENDED, NO_INVOICE):
+            out[outcome] = dict(self.held.get(outcome, {"customer_days": 0, "value": 0}))
+        return out
 
     def with_outcome(self, *outcomes: DayOutcome) -> list[Key]:
         """Keys of the customer-days whose outcome is one of ``outcomes``."""

@@ -26,18 +26,17 @@ second run's plan for the same number forever.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timezone
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from airflow_provider_stripe_meter.billing.meters import ADD, COUNT, MeterSpec, source_figure
 from airflow_provider_stripe_meter.billing.outcomes import Action
-from airflow_provider_stripe_meter.ledger.entries import DayFigure
+from airflow_provider_stripe_meter.billing.periods import BILLABLE, ENDED, FINAL, NONE, Period, PeriodBook
+from airflow_provider_stripe_meter.ledger.entries import DayFigure, Entry
+from airflow_provider_stripe_meter.utils.aggregation import DailyAggregate, DayPart
 from airflow_provider_stripe_meter.utils.identifiers import bounded_identifier
 from airflow_provider_stripe_meter.utils.rules import SECONDS_PER_DAY, MeterEvent
-
-if TYPE_CHECKING:
-    from airflow_provider_stripe_meter.utils.aggregation import DailyAggregate
 
 Key = tuple[str, str, date]
 
@@ -56,6 +55,12 @@ class PlannedEvent:
     seq: int = 0
     #: The latest source row the event was planned from (ledger plans).
     source_at: int = 0
+    #: The slice of a split day it bills (its start; 0: the whole day).
+    part: int = 0
+    #: The end of the billing period it is stamped in (``None``: periods not read).
+    period_end: int | None = None
+    #: Usage carried into the open period: the end of the final period it belonged to.
+    carried_from: int | None = None
 
     @property
     def key(self) -> tuple[str, str, date]:
@@ -223,3 +228,175 @@ def plan_day(
 
 def _day_start(day: date) -> int:
     return day_end(day) - 86400
+
+
+#: What becomes of usage no open invoice will carry (the result's keys of the same names).
+INVOICE_FINAL = "invoice_final"
+SUBSCRIPTION_ENDED = "subscription_ended"
+NO_INVOICE = "no_invoice"
+HELD_BECAUSE = {FINAL: INVOICE_FINAL, ENDED: SUBSCRIPTION_ENDED, NONE: NO_INVOICE}
+
+
+@dataclass(frozen=True, slots=True)
+class Held:
+    """Usage of one part of a customer-day that no open invoice will carry: not sent."""
+
+    outcome: str
+    value: int
+    start: int
+    end: int
+    #: The period it belongs to, when it had one (``invoice_final``).
+    period_end: int | None = None
+
+    def describe(self, plan: DayPlan) -> dict[str, Any]:
+        """JSON-safe sample."""
+        return {
+            "event_name": plan.event_name,
+            "customer_id": plan.customer_id,
+            "day": plan.day.isoformat(),
+            "from": iso_seconds(self.start),
+            "to": iso_seconds(self.end),
+            "value": self.value,
+            **({"period_end": iso_seconds(self.period_end)} if self.period_end else {}),
+        }
+
+
+def iso_seconds(seconds: int) -> str:
+    """Unix seconds as an ISO 8601 UTC string."""
+    return datetime.fromtimestamp(seconds, tz=timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def part_figure(entries: list[Entry], part: DayPart) -> DayFigure:
+    """The ledger's figure for one part of a split day: the events planned for it (``part``), or,
+    for events written before the day was split, those stamped inside it."""
+    figure = DayFigure()
+    for e in entries:
+        mine = e.part == part.start if e.part else part.start <= e.stamp < part.end
+        if mine:
+            figure.add(e.seq, e.value, e.stamp, e.source_at, e.state)
+    return figure
+
+
+def plan_in_periods(
+    aggregate: DailyAggregate,
+    spec: MeterSpec,
+    figure: DayFigure | None,
+    entries: list[Entry] | None,
+    periods: PeriodBook,
+    *,
+    now: int,
+    oldest: int,
+    carry: bool,
+) -> tuple[DayPlan, list[Held]]:
+    """Plan one customer-day part by part, each part's events stamped in the billing period its
+    usage belongs to, and only while an invoice will still carry them.
+
+    A day without a period boundary is one part. Each part is planned like a day
+    (:func:`plan_day`: its source figure minus the ledger's events for it), then: in an ``open``
+    or ``draft`` period the events are stamped inside the part and the period (a minute clear of
+    a boundary, as Stripe's summaries are aligned to minutes); in a ``final`` one they are held,
+    or with ``carry`` stamped in the customer's open period (named so in the ledger); after the
+    subscription ended, or with no subscription at all, they are held.
+    """
+    day_figure = figure or DayFigure()
+    whole = DayPart(
+        _day_start(aggregate.day),
+        day_end(aggregate.day),
+        aggregate.value,
+        aggregate.timestamp,
+        aggregate.rows,
+        aggregate.last_value,
+    )
+    parts = aggregate.parts or (whole,)
+    plan = plan_day(aggregate, spec, day_figure, now=now, oldest=oldest) if not aggregate.parts else None
+    if plan is None:
+        plan = DayPlan(
+            aggregate.event_name,
+            aggregate.customer_id,
+            aggregate.day,
+            source_figure(aggregate, spec),
+            ledger_recorded(spec, day_figure),
+            Action.LEAVE_ALONE,
+            reason="recorded",
+        )
+        if day_figure.open:
+            plan.reason = UNSETTLED
+            return plan, []
+    elif not plan.events:
+        return plan, []  # nothing to send (or a count day to cancel, or left alone)
+    held: list[Held] = []
+    seq = day_figure.max_seq
+    planned: list[PlannedEvent] = []
+    for part in parts:
+        if aggregate.parts:
+            mine = part_figure(entries or [], part)
+            mine.max_seq = seq
+            piece = DailyAggregate(
+                aggregate.event_name,
+                aggregate.customer_id,
+                aggregate.day,
+                part.value,
+                part.timestamp,
+                part.rows,
+                part.last_value,
+            )
+            sub = plan_day(piece, spec, mine, now=now, oldest=oldest)
+            if sub.cancel:
+                plan.cancel += sub.cancel
+                plan.action, plan.reason = Action.CORRECT, sub.reason
+            if not sub.events:
+                continue
+            events, action, reason = sub.events, sub.action, sub.reason
+        else:
+            events, action, reason = plan.events, plan.action, plan.reason
+        state, period = periods.state(aggregate.event_name, aggregate.customer_id, part.timestamp)
+        value = sum(e.value for e in events)
+        if state in BILLABLE and period is not None:
+            lo, hi = _inside(part, period, oldest, now)
+            events = [
+                replace(e, timestamp=min(max(e.timestamp, lo), hi), period_end=period.end) for e in events
+            ]
+        elif state == FINAL and carry and (open_ := periods.open_period(*_who(aggregate))) is not None:
+            stamp = min(max(now, open_.start), open_.end - 1)
+            events = [
+                replace(e, timestamp=stamp, period_end=open_.end, carried_from=period.end if period else None)
+                for e in events
+            ]
+        else:
+            held.append(
+                Held(HELD_BECAUSE[state], value, part.start, part.end, period.end if period else None)
+            )
+            continue
+        # Parts take the day's sequence numbers in turn; identifiers follow them.
+        events = [
+            replace(
+                e,
+                seq=seq + n,
+                identifier=ledger_identifier(spec, aggregate.customer_id, aggregate.day, seq + n),
+                part=part.start if aggregate.parts else 0,
+            )
+            for n, e in enumerate(events, start=1)
+        ]
+        seq += len(events)
+        planned.extend(events)
+        if plan.action == Action.LEAVE_ALONE:
+            plan.action, plan.reason = action, reason
+    plan.events = planned
+    if not planned and not plan.cancel and held:
+        plan.action, plan.reason = Action.LEAVE_ALONE, "held: no open invoice carries it"
+    return plan, held
+
+
+def _who(aggregate: DailyAggregate) -> tuple[str, str]:
+    return aggregate.event_name, aggregate.customer_id
+
+
+def _inside(part: DayPart, period: Period, oldest: int, now: int) -> tuple[int, int]:
+    """The stamps an event of ``part`` may carry: inside the part and its period, a whole minute
+    clear of a boundary that falls inside a minute, within Stripe's window."""
+    lo, hi = max(part.start, period.start), min(part.end, period.end) - 1
+    if lo % 60 and hi - lo > 120:
+        lo += 60 - lo % 60
+    if (hi + 1) % 60 and hi - lo > 120:
+        hi -= (hi + 1) % 60
+    return max(lo, oldest), max(min(hi, now), lo)

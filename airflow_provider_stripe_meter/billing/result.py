@@ -28,6 +28,9 @@ PROBLEMS = (
     "over",
     "customer_unknown",
     "unconfirmed",
+    "invoice_final",
+    "subscription_ended",
+    "no_invoice",
 )
 
 
@@ -64,6 +67,8 @@ class BatchResult:
     plan_truncated: bool = False
     #: Ledger work (runs with a ledger): rows written, open rows settled or left, events cancelled.
     ledger: dict[str, int] | None = None
+    #: Billing periods: usage held because no open invoice carries it, usage carried.
+    invoices: dict[str, Any] | None = None
 
     def count(self, outcome: DayOutcome) -> int:
         """Customer-days with ``outcome`` (usage billed late included where it applies)."""
@@ -89,6 +94,11 @@ class BatchResult:
         }
         if self.ledger is not None:
             result["ledger"] = self.ledger
+        invoices = self.invoices or {}
+        for held in ("invoice_final", "subscription_ended", "no_invoice"):
+            # Customer-day parts whose usage was not sent: no open invoice would carry it.
+            result[held] = (invoices.get(held) or {}).get("customer_days", 0)
+        result["invoices"] = invoices
         if self.plan is not None:
             result["plan"] = self.plan
             result["plan_truncated"] = self.plan_truncated
@@ -145,6 +155,7 @@ def summarize(book: RunBook, settings: RunSettings, source: SourceFigures) -> Ba
         lines = [day.plan.line() for day in [*book.days.values(), *book.late.values()]]
         result.plan = lines[: settings.plan_limit]
         result.plan_truncated = len(lines) > settings.plan_limit
+    result.invoices = book.invoices(None, set())
     flat = result.as_dict()
     result.success = not any(flat[k] for k in PROBLEMS)
     return result

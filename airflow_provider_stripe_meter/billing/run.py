@@ -32,8 +32,10 @@ from airflow_provider_stripe_meter.billing.plans import (
     OLDER_VIEW,
     UNSETTLED,
     day_end,
+    iso_seconds,
     ledger_identifier,
     plan_day,
+    plan_in_periods,
 )
 from airflow_provider_stripe_meter.billing.result import BatchResult, SourceFigures, summarize
 from airflow_provider_stripe_meter.billing.sending import make_deliverer
@@ -59,6 +61,7 @@ from airflow_provider_stripe_meter.utils.aggregation import DailyAggregate
 from airflow_provider_stripe_meter.utils.errors import Duplicate, Rejected
 
 if TYPE_CHECKING:
+    from airflow_provider_stripe_meter.billing.periods import PeriodBook
     from airflow_provider_stripe_meter.billing.plans import Key, PlannedEvent
     from airflow_provider_stripe_meter.billing.ports import LedgerStore, Log, StripeMeters
     from airflow_provider_stripe_meter.billing.settings import RunSettings
@@ -78,6 +81,8 @@ class Usage:
     late: tuple[DailyAggregate, ...] = ()
     #: The oldest instant Stripe still accepts, as the source was read.
     oldest: int = 0
+    #: The customers' billing periods on the meters (``None``: billed by UTC day alone).
+    periods: PeriodBook | None = None
 
 
 #: Events written, sent and resolved together: what a run killed at any instant leaves pending.
@@ -127,7 +132,7 @@ class BillingRun:
             self.settle()
             if self.settings.adopt and not self.settings.dry_run:
                 self.adopt(aggregates)
-            self.plan(aggregates, usage.oldest)
+            self.plan(aggregates, usage.oldest, usage.periods)
             if not self.settings.dry_run:
                 self.deliver_planned()
                 self.cancel_over()
@@ -136,6 +141,7 @@ class BillingRun:
                     self.read_back()
         result = summarize(self.book, self.settings, usage.source)
         result.ledger = dict(self.figures)
+        result.invoices = self.book.invoices(usage.periods, set(self.book.specs))
         if self.figures["unsettled"] and not self.settings.dry_run:
             result.success = False
         return result
@@ -219,8 +225,11 @@ class BillingRun:
                     {**describe(entry), "reason": "Stripe's figure does not settle this earlier event yet"},
                 )
 
-    def plan(self, aggregates: dict[Key, DailyAggregate], oldest: int) -> None:
-        """Plan every customer-day: the source's figure minus the ledger's."""
+    def plan(
+        self, aggregates: dict[Key, DailyAggregate], oldest: int, periods: PeriodBook | None = None
+    ) -> None:
+        """Plan every customer-day: the source's figure minus the ledger's, in billing periods
+        where the meter has a metered price (``periods``)."""
         book = self.book
         count_events = sum(a.rows for a in aggregates.values() if book.specs[a.event_name].kind == COUNT)
         if count_events > MAX_COUNT_EVENTS:
@@ -236,9 +245,38 @@ class BillingRun:
             figures = self.ledger.figures(
                 self.account, spec.meter_id, min(days), max(days), newest=spec.kind not in (ADD, COUNT)
             )
+            in_periods = periods is not None and periods.covers(name)
+            split = [key for key in keys if aggregates[key].parts] if in_periods else []
+            # A split day is planned part by part, from its rows (a few per customer a period).
+            by_day: dict[tuple[str, date], list[Entry]] = defaultdict(list)
+            if split:
+                for entry in self.ledger.entries_of(
+                    self.account,
+                    spec.meter_id,
+                    {k[1] for k in split},
+                    min(k[2] for k in split),
+                    max(k[2] for k in split),
+                ):
+                    by_day[(entry.customer_id, entry.day)].append(entry)
             for key in keys:
                 aggregate = aggregates[key]
-                plan = plan_day(aggregate, spec, figures.get((key[1], key[2])), now=book.now, oldest=oldest)
+                figure = figures.get((key[1], key[2]))
+                if in_periods and key[2] >= oldest_day:
+                    assert periods is not None
+                    plan, held = plan_in_periods(
+                        aggregate,
+                        spec,
+                        figure,
+                        by_day.get((key[1], key[2])),
+                        periods,
+                        now=book.now,
+                        oldest=oldest,
+                        carry=self.settings.carry,
+                    )
+                    for part in held:
+                        book.hold(part, plan)
+                else:
+                    plan = plan_day(aggregate, spec, figure, now=book.now, oldest=oldest)
                 day = CustomerDay(aggregate, plan)
                 if plan.reason == OLDER_VIEW and plan.expected != plan.recorded:
                     # Left alone (an hourly run retried after the nightly one, or the day's newest
@@ -291,6 +329,11 @@ class BillingRun:
                 run_id=self.writer.run_id,
                 attempt=self.writer.attempt,
                 sent_at=now,
+                note=f"carried from the period ending {iso_seconds(e.carried_from)}"
+                if e.carried_from
+                else "",
+                part=e.part,
+                period_end=e.period_end,
             )
             for _, events in batch
             for e in events

@@ -80,6 +80,8 @@ class RunSettings:
     confirm: Confirm = "meter"
     #: Rebuild the ledger from Stripe's summaries for customer-days it holds nothing of.
     adopt: bool = False
+    #: Send usage of a period whose invoice is final into the customer's open period instead.
+    carry: bool = False
     dry_run: bool = False
     plan_limit: int = 1_000
     sample_limit: int = 20

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
     import stripe
 
+    from airflow_provider_stripe_meter.billing.periods import PeriodBook
     from airflow_provider_stripe_meter.utils.rules import MeterEvent
 
 DEFAULT_MAX_NETWORK_RETRIES = 3
@@ -453,6 +454,62 @@ class StripeHook(BaseHook):
                             }
                         )
         return {"reports": reports, "error_count": sum(codes.values()), "codes": codes, "samples": found}
+
+    def billing_periods(self, meters: dict[str, str], since: int, now: int) -> PeriodBook:
+        """The billing periods of every customer subscribed to a metered price on ``meters``.
+
+        ``meters`` maps event names to meter ids. Reads, each paged at 100 a request: the
+        account's recurring prices (those with ``recurring.meter`` on one of the meters), the
+        subscriptions of each such price whose current period ends after ``since`` (items
+        embedded: the periods live on the item), and the draft invoices (when each finalizes).
+        About one request per 100 subscriptions, not one per customer.
+
+        .. seealso:: https://docs.stripe.com/api/subscriptions/list
+        .. seealso:: https://docs.stripe.com/api/invoices/list
+        """
+        from airflow_provider_stripe_meter.billing.periods import (
+            CustomerPeriods,
+            PeriodBook,
+            customer_periods,
+        )
+
+        by_meter = {meter_id: name for name, meter_id in meters.items()}
+
+        def every(list_call: Any, params: dict[str, Any]) -> list[dict[str, Any]]:
+            page = self._call(list_call, {"limit": 100, **params})
+            return [obj.to_dict() for obj in self._call(lambda: list(page.auto_paging_iter()))]
+
+        prices = [
+            p
+            for p in every(self.client.v1.prices.list, {"type": "recurring", "active": True})
+            if (p.get("recurring") or {}).get("meter") in by_meter
+            and (p.get("recurring") or {}).get("usage_type") == "metered"
+        ]
+        drafts = {
+            (str(i.get("subscription") or ""), int(i["period_end"])): int(i["automatically_finalizes_at"])
+            for i in every(self.client.v1.invoices.list, {"status": "draft"})
+            if i.get("automatically_finalizes_at")
+        }
+        customers: dict[tuple[str, str], CustomerPeriods] = {}
+        for price in prices:
+            name = by_meter[price["recurring"]["meter"]]
+            subscriptions = every(
+                self.client.v1.subscriptions.list,
+                {"price": price["id"], "status": "all", "current_period_end": {"gte": since}},
+            )
+            for sub in subscriptions:
+                for item in (sub.get("items") or {}).get("data") or []:
+                    if (item.get("price") or {}).get("id") != price["id"]:
+                        continue
+                    found = customer_periods(sub, item, since, drafts)
+                    key = (name, str(sub["customer"]))
+                    known = customers.get(key)
+                    if known is None:
+                        customers[key] = found
+                    else:  # a second subscription on the meter: both periods count
+                        customers[key] = CustomerPeriods(known.periods + found.periods, found.ended_at)
+        metered = {by_meter[p["recurring"]["meter"]] for p in prices}
+        return PeriodBook(customers, metered, now)
 
     def usage_between(self, meter_id: str, customer_id: str, start_time: int, end_time: int) -> int | None:
         """The meter's figure for one customer over ``[start_time, end_time)`` (minute-aligned).

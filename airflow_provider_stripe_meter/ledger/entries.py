@@ -64,6 +64,12 @@ class Entry:
     sent_at: float
     answered_at: float | None = None
     note: str = ""
+    #: The slice of the day it bills, by its start (unix seconds), when the day is split at a
+    #: billing period boundary; 0 for the whole day. Usage carried into a later period keeps
+    #: the part it came from.
+    part: int = 0
+    #: The end of the billing period the event was stamped in (``None``: none was read).
+    period_end: int | None = None
 
     @property
     def key(self) -> tuple[str, str, date]:

@@ -31,6 +31,8 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("sent_at", "DOUBLE PRECISION NOT NULL"),
     ("answered_at", "DOUBLE PRECISION"),
     ("note", "VARCHAR(255)"),
+    ("part", "BIGINT NOT NULL"),
+    ("period_end", "BIGINT"),
 )
 COLUMN_NAMES = tuple(name for name, _ in COLUMNS)
 

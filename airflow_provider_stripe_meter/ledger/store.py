@@ -368,6 +368,8 @@ def _values(entry: Entry) -> tuple[Any, ...]:
         entry.sent_at,
         entry.answered_at,
         entry.note,
+        entry.part,
+        entry.period_end,
     )
 
 
@@ -400,4 +402,6 @@ def _entry(row: Sequence[Any]) -> Entry:
         sent_at=float(data["sent_at"]),
         answered_at=float(data["answered_at"]) if data["answered_at"] is not None else None,
         note=data["note"] or "",
+        part=int(data["part"] or 0),
+        period_end=int(data["period_end"]) if data["period_end"] is not None else None,
     )

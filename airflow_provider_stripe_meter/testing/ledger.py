@@ -194,6 +194,10 @@ class MeterLedger:
         self._by_payload: dict[tuple[str, str, Any], list[RecordedEvent]] = {}
         self._by_identifier: dict[str, RecordedEvent] = {}
         self.error_reports: list[dict[str, Any]] = []
+        from airflow_provider_stripe_meter.testing.billing import BillingModel
+
+        #: Prices, subscriptions and invoices: where the meter's usage turns into money.
+        self.billing = BillingModel(self)
         self.sessions: dict[str, float] = {}
         self._ids = itertools.count(1)
         #: (accepted events to wait for, action): run once that many more events are accepted.

@@ -363,6 +363,11 @@ _ROUTES: list[tuple[str, re.Pattern[str], str, str]] = [
         "v2_adjust",
     ),
     ("GET", re.compile(r"/v2/core/events"), "", "v2_events"),
+    # Billing: metered prices, subscriptions (their items' periods), invoices and previews.
+    ("GET", re.compile(r"/v1/prices"), "", "v1_prices"),
+    ("GET", re.compile(r"/v1/subscriptions"), "", "v1_subscriptions"),
+    ("GET", re.compile(r"/v1/invoices"), "", "v1_invoices"),
+    ("POST", re.compile(r"/v1/invoices/create_preview"), "", "v1_invoice_preview"),
     # Not Stripe's: what this server holds, for benchmarks and people driving it from another process.
     ("GET", re.compile(r"/_local/summary"), "", "local_summary"),
 ]
@@ -849,6 +854,70 @@ class _Handler(BaseHTTPRequestHandler):
                 continue
             ledger.record(**fields, api="v2_stream", synchronous=False)
         return {}
+
+    def _h_v1_prices(self, body: Any, match: re.Match[str], query: str) -> dict[str, Any]:
+        """``GET /v1/prices``: the account's metered prices (``type``, ``active`` filters)."""
+        params = dict(parse_qsl(query))
+        prices = [p.as_object() for p in self.ledger.billing.prices.values()]
+        if params.get("type") not in (None, "recurring"):
+            prices = []
+        return _paginate(prices, params, "/v1/prices")
+
+    def _h_v1_subscriptions(self, body: Any, match: re.Match[str], query: str) -> dict[str, Any]:
+        """``GET /v1/subscriptions``: filters ``price``, ``customer``, ``status`` (default: not
+        canceled; ``all``), ``current_period_end[gte]``; the item embedded."""
+        params = dict(parse_qsl(query))
+        billing = self.ledger.billing
+        now = int(self.ledger.clock())
+        subs = list(billing.subscriptions.values())
+        if params.get("price"):
+            subs = [s for s in subs if s.price.id == params["price"]]
+        if params.get("customer"):
+            subs = [s for s in subs if s.customer == params["customer"]]
+        status = params.get("status")
+        if status != "all":
+            want_ended = status == "canceled"
+            subs = [s for s in subs if (s.ended_at(now) is not None) == want_ended]
+        if params.get("current_period_end[gte]"):
+            floor = int(params["current_period_end[gte]"])
+            subs = [s for s in subs if billing.current_period(s, now)[1] >= floor]
+        # Paged on the objects themselves; only the page is rendered (a benchmark lists 100,000).
+        limit = max(1, min(100, int(params.get("limit") or 10)))
+        after = params.get("starting_after")
+        if after:
+            ids = [s.id for s in subs]
+            subs = subs[ids.index(after) + 1 :] if after in ids else []
+        return {
+            "object": "list",
+            "data": [billing.subscription_object(s) for s in subs[:limit]],
+            "has_more": len(subs) > limit,
+            "url": "/v1/subscriptions",
+        }
+
+    def _h_v1_invoices(self, body: Any, match: re.Match[str], query: str) -> dict[str, Any]:
+        """``GET /v1/invoices``: filters ``subscription``, ``customer``, ``status``; newest first."""
+        params = dict(parse_qsl(query))
+        billing = self.ledger.billing
+        invoices = [i for s in billing.subscriptions.values() for i in billing.invoices(s)]
+        for name in ("subscription", "customer", "status"):
+            if params.get(name):
+                invoices = [i for i in invoices if i[name] == params[name]]
+        invoices.sort(key=lambda i: i["created"], reverse=True)
+        return _paginate(invoices, params, "/v1/invoices")
+
+    def _h_v1_invoice_preview(self, body: Any, match: re.Match[str], query: str) -> dict[str, Any]:
+        """``POST /v1/invoices/create_preview``: the subscription's upcoming invoice, as it stands."""
+        billing = self.ledger.billing
+        sub = billing.subscriptions.get(str((body or {}).get("subscription") or ""))
+        if sub is None:
+            raise StripeApiError(
+                404, f"No such subscription: '{(body or {}).get('subscription')}'", code="resource_missing"
+            )
+        if sub.ended_at(int(self.ledger.clock())) is not None:
+            raise StripeApiError(
+                400, "The subscription has ended: it has no upcoming invoice.", code="invoice_upcoming_none"
+            )
+        return billing.preview(sub)
 
     def _h_v2_events(self, body: Any, match: re.Match[str], query: str) -> dict[str, Any]:
         """``GET /v2/core/events``: the meters' error reports, filtered by ``object_id``, ``types``

@@ -71,6 +71,22 @@ class DailyAggregate:
     #: The value of the day's latest row (what a ``last`` meter bills); the later row in source
     #: order wins a tie.
     last_value: int = 0
+    #: A day split at billing period boundaries: its parts, each aggregated like a day, in
+    #: time order (empty: the day is one part).
+    parts: tuple[DayPart, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class DayPart:
+    """The rows of one slice ``[start, end)`` of a UTC day: a day split at a billing period boundary."""
+
+    start: int
+    end: int
+    value: int
+    #: Unix seconds of the part's latest row.
+    timestamp: int
+    rows: int
+    last_value: int
 
 
 @dataclass
@@ -102,6 +118,8 @@ class UsageAggregator:
     :param keep_too_old: Aggregate rows older than that into :attr:`too_old` (to be billed at
         the oldest instant Stripe accepts) instead of skipping them.
     :param sample_limit: How many examples of each problem to keep.
+    :param split: Per (event name, customer), the instants where its days split (billing period
+        boundaries): a day holding one is aggregated in parts, one per slice.
     """
 
     def __init__(
@@ -114,8 +132,17 @@ class UsageAggregator:
         safety_margin: timedelta = DEFAULT_SAFETY_MARGIN,
         sample_limit: int = DEFAULT_SAMPLE_LIMIT,
         keep_too_old: bool = False,
+        split: Mapping[tuple[str, str], Sequence[int]] | None = None,
     ) -> None:
         self.event_name = validate_event_name(event_name) if event_name is not None else None
+        # (event name, customer) -> boundaries, and per UTC day number the keys split on it.
+        self._split: dict[tuple[str, str], tuple[int, ...]] = {}
+        self._split_days: dict[int, set[str]] = {}
+        for key, bounds in (split or {}).items():
+            self._split[key] = tuple(sorted(bounds))
+            for b in bounds:
+                if b % SECONDS_PER_DAY:  # a boundary at midnight splits nothing
+                    self._split_days.setdefault(b // SECONDS_PER_DAY, set()).add(key[1])
         self.columns = tuple(columns[:3] if event_name is not None else columns[:4])
         self.naive_timezone = naive_timezone
         self.oldest = now - int((PAST_WINDOW - safety_margin).total_seconds())
@@ -125,10 +152,10 @@ class UsageAggregator:
         #: Chunks that took the fast path (the rest went row by row).
         self.fast_chunks = 0
         # (event name, customer, UTC day number) -> [sum, latest unix seconds, rows, latest row's value]
-        self._totals: dict[tuple[str, str, int], list[int]] = {}
+        self._totals: dict[tuple[Any, ...], list[int]] = {}
         self._finished: list[DailyAggregate] | None = None
         self.keep_too_old = keep_too_old
-        self._too_old_totals: dict[tuple[str, str, int], list[int]] = {}
+        self._too_old_totals: dict[tuple[Any, ...], list[int]] = {}
         #: With ``keep_too_old``: rows older than the window, and their aggregates (after finish()).
         self.too_old_rows = 0
         self.too_old: list[DailyAggregate] = []
@@ -211,6 +238,17 @@ class UsageAggregator:
         self, ordinal: int, customers: list[str], values: list[int], stamps: list[datetime]
     ) -> None:
         day = ordinal - _EPOCH_ORDINAL
+        split = self._split_days.get(day)
+        if split and not split.isdisjoint(customers):
+            # Customers whose day holds a period boundary: their rows go to the day's parts.
+            keep = [c not in split for c in customers]
+            for customer, value, stamp, kept in zip(customers, values, stamps, keep, strict=True):
+                if not kept:
+                    seconds = _naive_utc_seconds(stamp)
+                    self._merge(self._key(self.event_name, customer, seconds), value, seconds, 1, value)  # type: ignore[arg-type]
+            customers = list(compress(customers, keep))
+            values = list(compress(values, keep))
+            stamps = list(compress(stamps, keep))
         totals = self._fast_days.get(day)
         if totals is None:
             totals = self._fast_days[day] = {}
@@ -229,12 +267,12 @@ class UsageAggregator:
 
     def _merge(
         self,
-        key: tuple[str, str, int],
+        key: tuple[Any, ...],
         total: int,
         seconds: int,
         rows: int,
         last: int,
-        into: dict[tuple[str, str, int], list[int]] | None = None,
+        into: dict[tuple[Any, ...], list[int]] | None = None,
     ) -> None:
         totals = self._totals if into is None else into
         entry = totals.get(key)
@@ -272,7 +310,20 @@ class UsageAggregator:
                 "skipped_future", {"row": index, "customer_id": customer, "timestamp": iso_utc(seconds)}
             )
             return
-        self._merge((event_name, customer, seconds // SECONDS_PER_DAY), number, seconds, 1, number)
+        self._merge(self._key(event_name, customer, seconds), number, seconds, 1, number)
+
+    def _key(self, event_name: str, customer: str, seconds: int) -> tuple[Any, ...]:
+        """The aggregate a row goes to: its customer-day, and the day's part when it is split."""
+        day = seconds // SECONDS_PER_DAY
+        if customer not in self._split_days.get(day, ()):
+            return (event_name, customer, day)
+        bounds = self._split.get((event_name, customer), ())
+        start = day * SECONDS_PER_DAY
+        inside = [b for b in bounds if start < b < start + SECONDS_PER_DAY]
+        if not inside:
+            return (event_name, customer, day)
+        part = max([start, *(b for b in inside if b <= seconds)])
+        return (event_name, customer, day, part)
 
     def _fields(self, row: Any) -> tuple[Any, Any, Any, Any]:
         names = self.columns
@@ -321,34 +372,67 @@ class UsageAggregator:
         event_name = self.event_name
         for day, customers in self._fast_days.items():
             for customer, (total, latest, rows, last) in customers.items():
-                self._merge((event_name, customer, day), total, _naive_utc_seconds(latest), rows, last)  # type: ignore[arg-type]
+                self._merge((event_name, customer, day), total, _naive_utc_seconds(latest), rows, last)
         self._fast_days.clear()
         self.too_old = self._fold(self._too_old_totals)
         self._finished = self._fold(self._totals)
         return self._finished
 
-    def _fold(self, totals: dict[tuple[str, str, int], list[int]]) -> list[DailyAggregate]:
+    def _fold(self, totals: dict[tuple[Any, ...], list[int]]) -> list[DailyAggregate]:
         out: list[DailyAggregate] = []
         days: dict[int, date] = {}
+        parts: dict[tuple[str, str, int], list[DayPart]] = {}
         # Not sorted: comparing 3-tuples would cost more than the whole aggregation.
-        for (event_name, customer, day_number), (total, seconds, rows, last) in totals.items():
+        for key, (total, seconds, rows, last) in totals.items():
+            if len(key) == 4:  # a part of a split day: folded into its day below
+                event_name, customer, day_number, start = key
+                bounds = self._split.get((event_name, customer), ())
+                end = min([b for b in bounds if b > start] + [(day_number + 1) * SECONDS_PER_DAY])
+                parts.setdefault((event_name, customer, day_number), []).append(
+                    DayPart(start, end, total, seconds, rows, last)
+                )
+                continue
+            event_name, customer, day_number = key
             day = days.get(day_number) or days.setdefault(day_number, _day(day_number))
             if -MAX_VALUE <= total <= MAX_VALUE:
                 out.append(DailyAggregate(event_name, customer, day, total, seconds, rows, last))
                 continue
-            self.problems.add(
-                "invalid",
-                {
-                    "type": "validation_error",
-                    "field": "value",
-                    "value": str(total),
-                    "rule": f"the day's total must have at most {MAX_VALUE_DIGITS} digits",
-                    "customer_id": customer,
-                    "day": day.isoformat(),
-                },
-                count=rows,
+            self._too_big(customer, day, total, rows)
+        for (event_name, customer, day_number), found in parts.items():
+            found.sort(key=lambda p: p.start)
+            day = _day(day_number)
+            total = sum(p.value for p in found)
+            if not all(-MAX_VALUE <= v <= MAX_VALUE for v in (total, *(p.value for p in found))):
+                self._too_big(customer, day, total, sum(p.rows for p in found))
+                continue
+            latest = max(found, key=lambda p: p.timestamp)
+            out.append(
+                DailyAggregate(
+                    event_name,
+                    customer,
+                    day,
+                    total,
+                    latest.timestamp,
+                    sum(p.rows for p in found),
+                    latest.last_value,
+                    tuple(found),
+                )
             )
         return out
+
+    def _too_big(self, customer: str, day: date, total: int, rows: int) -> None:
+        self.problems.add(
+            "invalid",
+            {
+                "type": "validation_error",
+                "field": "value",
+                "value": str(total),
+                "rule": f"the day's total must have at most {MAX_VALUE_DIGITS} digits",
+                "customer_id": customer,
+                "day": day.isoformat(),
+            },
+            count=rows,
+        )
 
 
 def _is_customer(value: Any) -> bool:

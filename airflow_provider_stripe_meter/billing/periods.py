@@ -1,0 +1,186 @@
+"""Billing periods: which invoice a meter event lands on, and until when it can still get there.
+
+Plain Python. Stripe bills a metered price from the meter events whose **timestamp** lies in the
+customer's billing period, which lives on the subscription item (``current_period_start``,
+``current_period_end``) and starts at the subscription's ``billing_cycle_anchor``, any time of
+day. When a period ends its invoice stays a draft until ``automatically_finalizes_at`` (the
+account's finalization grace period), then it is locked: usage stamped in it and sent later is
+billed nowhere. So a UTC day that straddles a period boundary is billed as two parts, each
+stamped inside its own period, and usage is sent only while an invoice can still carry it.
+
+Each (meter, customer) gets its periods over the run's window; an instant is then in one of:
+
+* ``open``: the current period; its invoice is still to come.
+* ``draft``: a period that ended and whose draft invoice finalizes later than the margin from now.
+* ``final``: a period whose invoice finalized (or finalizes within the margin): too late.
+* ``ended``: after the subscription ended: no invoice will ever carry it.
+* ``none``: no subscription on the meter at that time (before it started, or none at all).
+
+.. seealso:: https://docs.stripe.com/billing/subscriptions/usage-based/configure-grace-period
+.. seealso:: https://docs.stripe.com/changelog/basil/2025-03-31/deprecate-subscription-current-period-start-and-end
+"""
+
+from __future__ import annotations
+
+import bisect
+import calendar
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from itertools import pairwise
+from typing import Any
+
+OPEN, DRAFT, FINAL, ENDED, NONE = "open", "draft", "final", "ended", "none"
+#: States whose usage an invoice will still carry.
+BILLABLE = (OPEN, DRAFT)
+#: A draft whose finalization is nearer than this is treated as final: an event must land (and
+#: Stripe's aggregation catch up) before the invoice locks.
+FINALIZATION_MARGIN = 600
+
+
+@dataclass(frozen=True, slots=True)
+class Period:
+    """One billing period ``[start, end)`` of a subscription item metered on a meter."""
+
+    start: int
+    end: int
+    subscription: str
+    #: When the period's draft invoice finalizes (``None``: no draft seen).
+    finalizes_at: int | None = None
+
+
+@dataclass
+class CustomerPeriods:
+    """A customer's periods on one meter, oldest first, and when its subscription ended."""
+
+    periods: list[Period]
+    ended_at: int | None = None
+    starts: list[int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.periods.sort(key=lambda p: p.start)
+        self.starts = [p.start for p in self.periods]
+
+    def at(self, instant: int) -> Period | None:
+        """The period holding ``instant``, if any."""
+        i = bisect.bisect_right(self.starts, instant) - 1
+        if i >= 0 and instant < self.periods[i].end:
+            return self.periods[i]
+        return None
+
+    def boundaries(self) -> list[int]:
+        """Every instant a period starts or ends (where a day must be split)."""
+        return sorted({p.start for p in self.periods} | {p.end for p in self.periods})
+
+
+class PeriodBook:
+    """The billing periods of every customer on the meters that have a metered price.
+
+    A meter with no metered price is billed by UTC day alone (``covers`` is false for it): no
+    invoice is built from it, so there is no period to land in.
+    """
+
+    def __init__(
+        self,
+        customers: Mapping[tuple[str, str], CustomerPeriods],
+        metered: Iterable[str],
+        now: int,
+        margin: int = FINALIZATION_MARGIN,
+    ) -> None:
+        self.customers = dict(customers)
+        self.metered = set(metered)
+        self.now, self.margin = now, margin
+
+    def covers(self, event_name: str) -> bool:
+        """Whether the meter of ``event_name`` has a metered price (periods apply)."""
+        return event_name in self.metered
+
+    def split(self) -> dict[tuple[str, str], tuple[int, ...]]:
+        """Per (event name, customer), the instants where its days split."""
+        return {key: tuple(c.boundaries()) for key, c in self.customers.items() if c.periods}
+
+    def state(self, event_name: str, customer: str, instant: int) -> tuple[str, Period | None]:
+        """Where usage at ``instant`` lands: ``open``, ``draft``, ``final``, ``ended`` or ``none``."""
+        found = self.customers.get((event_name, customer))
+        if found is None:
+            return NONE, None
+        period = found.at(instant)
+        if period is None:
+            if found.ended_at is not None and instant >= found.ended_at:
+                return ENDED, None
+            return NONE, None
+        if period.end > self.now:
+            return OPEN, period
+        if period.finalizes_at is not None and self.now < period.finalizes_at - self.margin:
+            return DRAFT, period
+        return FINAL, period
+
+    def open_period(self, event_name: str, customer: str) -> Period | None:
+        """The customer's current period on the meter (where carried usage goes), if any."""
+        found = self.customers.get((event_name, customer))
+        if found is None:
+            return None
+        period = found.at(self.now)
+        return period if period is not None and period.end > self.now else None
+
+
+def add_months(anchor: int, months: int) -> int:
+    """``anchor`` plus ``months`` calendar months; a day the month lacks becomes its last day."""
+    moment = datetime.fromtimestamp(anchor, tz=timezone.utc)
+    index = moment.month - 1 + months
+    year, month = moment.year + index // 12, index % 12 + 1
+    day = min(moment.day, calendar.monthrange(year, month)[1])
+    return int(moment.replace(year=year, month=month, day=day).timestamp())
+
+
+def _boundary(anchor: int, interval: str, count: int, n: int) -> int:
+    if interval == "month":
+        return add_months(anchor, n * count)
+    if interval == "year":
+        return add_months(anchor, 12 * n * count)
+    return anchor + n * count * {"day": 86400, "week": 7 * 86400}[interval]
+
+
+def customer_periods(
+    subscription: Mapping[str, Any],
+    item: Mapping[str, Any],
+    since: int,
+    drafts: Mapping[tuple[str, int], int],
+) -> CustomerPeriods:
+    """A subscription item's periods from ``since`` to its current one.
+
+    Stripe gives only the current period; earlier ones follow from the anchor and the price's
+    interval (months counted from the anchor, clamped to each month's last day), back to the
+    subscription's start. ``drafts`` maps (subscription, period end) to when its draft invoice
+    finalizes.
+    """
+    sub_id = str(subscription["id"])
+    anchor = int(subscription.get("billing_cycle_anchor") or item["current_period_start"])
+    start_date = int(subscription.get("start_date") or anchor)
+    ended_at = subscription.get("ended_at")
+    recurring = (item.get("price") or {}).get("recurring") or {}
+    interval, count = str(recurring.get("interval") or "month"), int(recurring.get("interval_count") or 1)
+    current = (int(item["current_period_start"]), int(item["current_period_end"]))
+    bounds = [current[1], current[0]]
+    # Earlier boundaries, from the anchor's n-th interval back, until before ``since``.
+    n = 0
+    while _boundary(anchor, interval, count, n + 1) <= current[0]:
+        n += 1
+    while bounds[-1] > max(since, start_date) and n >= 0:
+        b = _boundary(anchor, interval, count, n)
+        if b < bounds[-1]:
+            bounds.append(b)
+        n -= 1
+    if bounds[-1] > start_date and bounds[-1] > since:
+        bounds.append(start_date)  # the prorated first period, before the anchor
+    bounds = sorted(set(bounds))
+    periods = []
+    for lo, hi in pairwise(bounds):
+        if lo < start_date:
+            continue
+        if ended_at is not None:
+            if lo >= int(ended_at):
+                continue
+            hi = min(hi, int(ended_at))
+        periods.append(Period(lo, hi, sub_id, drafts.get((sub_id, hi))))
+    return CustomerPeriods(periods, int(ended_at) if ended_at is not None else None)

@@ -1,0 +1,355 @@
+"""Subscriptions, metered prices, billing periods and invoices behind the local server.
+
+What Stripe does with meter events once they are in (docs.stripe.com/billing/subscriptions/usage-based):
+a **subscription item** whose price is metered on a meter bills, for each billing period, the
+meter's aggregate of the customer's events whose *timestamp* lies in the period. Periods start
+at the subscription's ``billing_cycle_anchor`` (any time of day); a monthly period whose anchor
+day does not exist in a month ends on that month's last day (anchored on the 31st: Feb 28, then
+Mar 31). When a period ends its invoice is a **draft** until ``automatically_finalizes_at`` (the
+account's finalization grace period, 1 hour by default, up to 72), then it is locked: an event
+stamped in the period and received later is accepted and billed nowhere. A subscription that
+ended (``ended_at``) has no later period.
+
+Everything is computed from the events and the clock when asked, so a test that moves the
+clock sees invoices draft, then final, exactly as Stripe would show them then.
+
+.. seealso:: https://docs.stripe.com/billing/subscriptions/usage-based/configure-grace-period
+.. seealso:: https://docs.stripe.com/api/subscriptions/object
+"""
+
+from __future__ import annotations
+
+import calendar
+import itertools
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from airflow_provider_stripe_meter.testing.ledger import MeterLedger
+
+#: Stripe's default finalization grace period.
+DEFAULT_GRACE = 3600
+
+
+def add_months(anchor: int, months: int) -> int:
+    """``anchor`` plus ``months`` calendar months, the day clamped to the month's last day."""
+    moment = datetime.fromtimestamp(anchor, tz=timezone.utc)
+    index = moment.month - 1 + months
+    year, month = moment.year + index // 12, index % 12 + 1
+    day = min(moment.day, calendar.monthrange(year, month)[1])
+    return int(moment.replace(year=year, month=month, day=day).timestamp())
+
+
+@dataclass
+class Price:
+    """A recurring metered price on a meter."""
+
+    id: str
+    meter_id: str
+    interval: str = "month"
+    interval_count: int = 1
+    unit_amount: int = 1
+
+    def as_object(self) -> dict[str, Any]:
+        """The ``price`` object."""
+        return {
+            "id": self.id,
+            "object": "price",
+            "active": True,
+            "billing_scheme": "per_unit",
+            "created": 1_700_000_000,
+            "currency": "usd",
+            "custom_unit_amount": None,
+            "livemode": False,
+            "lookup_key": None,
+            "metadata": {},
+            "nickname": None,
+            "product": "prod_local",
+            "recurring": {
+                "interval": self.interval,
+                "interval_count": self.interval_count,
+                "meter": self.meter_id,
+                "trial_period_days": None,
+                "usage_type": "metered",
+            },
+            "tax_behavior": "unspecified",
+            "tiers_mode": None,
+            "transform_quantity": None,
+            "type": "recurring",
+            "unit_amount": self.unit_amount,
+            "unit_amount_decimal": str(self.unit_amount),
+        }
+
+
+@dataclass
+class Subscription:
+    """One customer's subscription with one metered item."""
+
+    id: str
+    item_id: str
+    customer: str
+    price: Price
+    start_date: int
+    billing_cycle_anchor: int
+    #: When it ends (``cancel_at``, or the period end for ``cancel_at_period_end``).
+    cancel_at: int | None = None
+    created: int = 0
+
+    def step(self, start: int, count: int) -> int:
+        """The period boundary ``count`` intervals after ``start`` (anchor-based for months)."""
+        p = self.price
+        if p.interval == "month":
+            return add_months(self.billing_cycle_anchor, count * p.interval_count)
+        seconds = {"day": 86400, "week": 7 * 86400}[p.interval] * p.interval_count
+        return self.billing_cycle_anchor + count * seconds
+
+    def periods(self, until: int) -> list[tuple[int, int]]:
+        """Every billing period ``[start, end)`` that began before ``until``, oldest first."""
+        out: list[tuple[int, int]] = []
+        start = self.start_date
+        if start < self.billing_cycle_anchor:
+            out.append((start, self.billing_cycle_anchor))  # the prorated first period
+            start = self.billing_cycle_anchor
+        for k in itertools.count(1):
+            if start >= until or (self.cancel_at is not None and start >= self.cancel_at):
+                break
+            end = self.step(self.billing_cycle_anchor, k)
+            if end <= start:
+                continue
+            out.append((start, end))
+            start = end
+        if self.cancel_at is not None and out:
+            out = [(s, min(e, self.cancel_at)) for s, e in out if s < self.cancel_at]
+        return out
+
+    def ended_at(self, now: int) -> int | None:
+        """When the subscription ended, if it has."""
+        return self.cancel_at if self.cancel_at is not None and self.cancel_at <= now else None
+
+
+@dataclass
+class BillingModel:
+    """Prices, subscriptions and invoices of one account, read against its meter events."""
+
+    ledger: MeterLedger
+    #: The account's finalization grace period, in seconds (1 hour to 72 hours on Stripe).
+    grace: int = DEFAULT_GRACE
+    prices: dict[str, Price] = field(default_factory=dict)
+    subscriptions: dict[str, Subscription] = field(default_factory=dict)
+    _ids: Any = field(default_factory=lambda: itertools.count(1))
+
+    def add_price(self, event_name: str, *, interval: str = "month", interval_count: int = 1) -> Price:
+        """A metered price on the meter of ``event_name``."""
+        meter = self.ledger.meter_for(event_name)
+        if meter is None:
+            raise KeyError(event_name)
+        price = Price(f"price_local{next(self._ids):04d}", meter.id, interval, interval_count)
+        self.prices[price.id] = price
+        return price
+
+    def subscribe(
+        self,
+        customer: str,
+        price: Price,
+        *,
+        anchor: int,
+        start: int | None = None,
+        cancel_at: int | None = None,
+    ) -> Subscription:
+        """Subscribe ``customer`` to ``price``, periods starting at ``anchor`` (``start``: when it began)."""
+        n = next(self._ids)
+        sub = Subscription(
+            f"sub_local{n:04d}",
+            f"si_local{n:04d}",
+            customer,
+            price,
+            start_date=start if start is not None else anchor,
+            billing_cycle_anchor=anchor,
+            cancel_at=cancel_at,
+            created=start if start is not None else anchor,
+        )
+        self.subscriptions[sub.id] = sub
+        return sub
+
+    # -- what Stripe shows -----------------------------------------------------------------
+
+    def _now(self) -> int:
+        return int(self.ledger.clock())
+
+    def current_period(self, sub: Subscription, now: int) -> tuple[int, int]:
+        """The item's ``current_period_start`` and ``current_period_end`` (the last one, once ended)."""
+        periods = sub.periods(now + 1) or [(sub.start_date, sub.step(sub.billing_cycle_anchor, 1))]
+        return periods[-1]
+
+    def quantity(self, sub: Subscription, start: int, end: int, received_before: float) -> int:
+        """The meter's figure for the customer's events stamped in ``[start, end)``, received in time."""
+        from airflow_provider_stripe_meter.testing.ledger import _aggregate
+
+        meter = next((m for m in self.ledger.meters.values() if m.id == sub.price.meter_id), None)
+        if meter is None or meter.status != "active":
+            return 0
+        with self.ledger.lock:
+            events = [
+                e
+                for e in self.ledger._by_payload.get((meter.event_name, meter.customer_key, sub.customer), [])
+                if not e.cancelled
+                and not e.dropped
+                and start <= e.timestamp < end
+                and e.received_at <= received_before
+            ]
+        return _aggregate(meter, events)
+
+    def invoices(self, sub: Subscription) -> list[dict[str, Any]]:
+        """The subscription's invoices for periods that ended, newest first: draft, then final."""
+        now = self._now()
+        out = []
+        for start, end in sub.periods(now):
+            if end > now:
+                continue
+            finalizes_at = end + self.grace
+            final = now >= finalizes_at
+            quantity = self.quantity(sub, start, end, finalizes_at if final else now)
+            out.append(self._invoice(sub, start, end, quantity, "open" if final else "draft", finalizes_at))
+        return list(reversed(out))
+
+    def preview(self, sub: Subscription) -> dict[str, Any]:
+        """``POST /v1/invoices/create_preview``: the current period's invoice as it stands now."""
+        now = self._now()
+        start, end = self.current_period(sub, now)
+        quantity = self.quantity(sub, start, end, now)
+        invoice = self._invoice(sub, start, end, quantity, "draft", None)
+        invoice["id"] = None  # an upcoming invoice has no id
+        return invoice
+
+    def _invoice(
+        self, sub: Subscription, start: int, end: int, quantity: int, status: str, finalizes_at: int | None
+    ) -> dict[str, Any]:
+        amount = quantity * sub.price.unit_amount
+        invoice_id = f"in_{sub.id[4:]}_{end}"
+        line = {
+            "id": f"il_{sub.id[4:]}_{end}",
+            "object": "line_item",
+            "amount": amount,
+            "currency": "usd",
+            "description": f"{quantity} units",
+            "discount_amounts": [],
+            "discountable": True,
+            "discounts": [],
+            "invoice": invoice_id,
+            "livemode": False,
+            "metadata": {},
+            "parent": {
+                "type": "subscription_item_details",
+                "subscription_item_details": {
+                    "subscription": sub.id,
+                    "subscription_item": sub.item_id,
+                    "proration": False,
+                    "invoice_item": None,
+                    "proration_details": {"credited_items": None},
+                },
+                "invoice_item_details": None,
+            },
+            "period": {"start": start, "end": end},
+            "pretax_credit_amounts": [],
+            "pricing": {
+                "type": "price_details",
+                "price_details": {"price": sub.price.id, "product": "prod_local"},
+                "unit_amount_decimal": str(sub.price.unit_amount),
+            },
+            "quantity": quantity,
+            "quantity_decimal": str(quantity),
+            "subscription": sub.id,
+            "subtotal": amount,
+            "taxes": [],
+        }
+        return {
+            "id": invoice_id,
+            "object": "invoice",
+            "automatically_finalizes_at": finalizes_at if status == "draft" else None,
+            "billing_reason": "subscription_cycle",
+            "created": end,
+            "currency": "usd",
+            "customer": sub.customer,
+            "lines": {
+                "object": "list",
+                "data": [line],
+                "has_more": False,
+                "url": f"/v1/invoices/{invoice_id}/lines",
+            },
+            "livemode": False,
+            "parent": {
+                "type": "subscription_details",
+                "subscription_details": {"subscription": sub.id, "metadata": {}},
+                "quote_details": None,
+            },
+            "period_end": end,
+            "period_start": start,
+            "status": status,
+            "status_transitions": {"finalized_at": (end + self.grace) if status != "draft" else None},
+            "subscription": sub.id,
+            "subtotal": amount,
+            "total": amount,
+            "amount_due": amount,
+        }
+
+    def subscription_object(self, sub: Subscription) -> dict[str, Any]:
+        """The ``subscription`` object, its item embedded (periods on the item, as since 2025-03-31)."""
+        now = self._now()
+        start, end = self.current_period(sub, now)
+        ended = sub.ended_at(now)
+        return {
+            "id": sub.id,
+            "object": "subscription",
+            "billing_cycle_anchor": sub.billing_cycle_anchor,
+            "cancel_at": sub.cancel_at,
+            "cancel_at_period_end": False,
+            "canceled_at": sub.cancel_at if ended else None,
+            "created": sub.created,
+            "currency": "usd",
+            "customer": sub.customer,
+            "ended_at": ended,
+            "items": {
+                "object": "list",
+                "data": [
+                    {
+                        "id": sub.item_id,
+                        "object": "subscription_item",
+                        "created": sub.created,
+                        "current_period_start": start,
+                        "current_period_end": end,
+                        "metadata": {},
+                        "price": sub.price.as_object(),
+                        "quantity": None,
+                        "subscription": sub.id,
+                    }
+                ],
+                "has_more": False,
+                "url": f"/v1/subscription_items?subscription={sub.id}",
+            },
+            "livemode": False,
+            "metadata": {},
+            "start_date": sub.start_date,
+            "status": "canceled" if ended else "active",
+        }
+
+    # -- for tests -------------------------------------------------------------------------
+
+    def invoice_quantities(self) -> dict[tuple[str, int, int], tuple[int, str]]:
+        """Per (customer, period start, period end): the invoice's quantity and status, every
+        period that began so far (the current one as its preview shows it)."""
+        now = self._now()
+        out: dict[tuple[str, int, int], tuple[int, str]] = {}
+        for sub in self.subscriptions.values():
+            for invoice in self.invoices(sub):
+                out[(sub.customer, invoice["period_start"], invoice["period_end"])] = (
+                    invoice["lines"]["data"][0]["quantity"],
+                    invoice["status"],
+                )
+            if sub.ended_at(now) is None:
+                preview = self.preview(sub)
+                out[(sub.customer, preview["period_start"], preview["period_end"])] = (
+                    preview["lines"]["data"][0]["quantity"],
+                    "upcoming",
+                )
+        return out
