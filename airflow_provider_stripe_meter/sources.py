@@ -7,7 +7,7 @@ both read and aggregate the source by the same rules.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import closing
 from datetime import timedelta, tzinfo
 from typing import TYPE_CHECKING, Any
@@ -102,6 +102,7 @@ def aggregate_usage(
     sample_limit: int,
     log: logging.Logger | Any,
     keep_too_old: bool = False,
+    split: Mapping[tuple[str, str], Sequence[int]] | None = None,
 ) -> UsageAggregator:
     """Read the source and aggregate it per (event name, customer, UTC day), logging progress."""
     aggregator = UsageAggregator(
@@ -112,6 +113,7 @@ def aggregate_usage(
         safety_margin=safety_margin,
         sample_limit=sample_limit,
         keep_too_old=keep_too_old,
+        split=split,
     )
     started = last = time.monotonic()
     with paused_gc():

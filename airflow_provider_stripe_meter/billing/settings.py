@@ -9,6 +9,7 @@ from typing import Literal
 Api = Literal["v1", "v2_stream"]
 Confirm = Literal["meter", "summaries"]
 TooOld = Literal["skip", "bill_at_oldest"]
+BillingPeriods = Literal["hold", "carry", "off"]
 
 #: Stripe refuses a repeated identifier for at least this long (its documented minimum).
 STRIPE_IDENTIFIER_WINDOW = timedelta(hours=24)

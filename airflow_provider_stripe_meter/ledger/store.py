@@ -304,15 +304,18 @@ class SqlLedger:
                 self.conn.rollback()
 
     def resolve(self, account: str, changes: Sequence[tuple[str, str, float | None, str]]) -> None:
-        """Set (state, answered_at, note) of each identifier in ``changes``: (identifier, state, at, note)."""
+        """Set (state, answered_at, note) of each identifier in ``changes``: (identifier, state, at, note).
+
+        An empty note keeps the row's own (why it was written, such as usage carried).
+        """
         if not changes:
             return
         if self.dialect not in NATIVE:
             cursor = self.conn.cursor()
             cursor.executemany(
                 self._sql(
-                    f"UPDATE {self.table} SET state = ?, answered_at = ?, note = ? "
-                    "WHERE account = ? AND identifier = ?"
+                    f"UPDATE {self.table} SET state = ?, answered_at = ?, "
+                    "note = COALESCE(NULLIF(?, ''), note) WHERE account = ? AND identifier = ?"
                 ),
                 [(state, at, note, account, identifier) for identifier, state, at, note in changes],
             )
@@ -326,7 +329,8 @@ class SqlLedger:
             )
             self._copy(cursor, "stripe_meter_ledger_answers", changes)
             cursor.execute(
-                f"UPDATE {self.table} SET state = a.state, answered_at = a.answered_at, note = a.note "
+                f"UPDATE {self.table} SET state = a.state, answered_at = a.answered_at, "
+                f"note = COALESCE(NULLIF(a.note, ''), {self.table}.note) "
                 f"FROM stripe_meter_ledger_answers a WHERE {self.table}.account = %s "
                 f"AND {self.table}.identifier = a.identifier",
                 (account,),
@@ -340,7 +344,8 @@ class SqlLedger:
             # which Stripe took a customer's events is what settles a deactivation later).
             self._execute(
                 f"WITH v(identifier, state, answered_at, note) AS (VALUES {rows}) "
-                f"UPDATE {self.table} SET state = v.state, answered_at = v.answered_at, note = v.note "
+                f"UPDATE {self.table} SET state = v.state, answered_at = v.answered_at, "
+                f"note = COALESCE(NULLIF(v.note, ''), {self.table}.note) "
                 f"FROM v WHERE {self.table}.account = ? AND {self.table}.identifier = v.identifier",
                 [
                     *(x for identifier, state, at, note in chunk for x in (identifier, state, at, note)),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import timedelta, timezone
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -245,10 +245,17 @@ class StripeUsageSourceOperator(StripeBaseOperator):
         """OpenLineage facets when the task ends: the same as at its start."""
         return self.get_openlineage_facets_on_start()
 
-    def read_usage(self, event_name: str | None, *, keep_too_old: bool = False) -> UsageAggregator:
+    def read_usage(
+        self,
+        event_name: str | None,
+        *,
+        keep_too_old: bool = False,
+        split: Mapping[tuple[str, str], Sequence[int]] | None = None,
+    ) -> UsageAggregator:
         """Read the source and aggregate it per (event name, customer, UTC day), once.
 
-        ``keep_too_old`` aggregates rows older than Stripe's window apart instead of skipping them.
+        ``keep_too_old`` aggregates rows older than Stripe's window apart instead of skipping them;
+        ``split`` gives per (event name, customer) the instants where a day is aggregated in parts.
         """
         from airflow_provider_stripe_meter.sources import aggregate_usage
 
@@ -265,4 +272,5 @@ class StripeUsageSourceOperator(StripeBaseOperator):
             sample_limit=self.sample_limit,
             log=self.log,
             keep_too_old=keep_too_old,
+            split=split,
         )

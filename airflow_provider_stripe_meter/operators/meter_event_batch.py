@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from airflow_provider_stripe_meter.billing.settings import (
     STRIPE_IDENTIFIER_WINDOW,
     Api,
+    BillingPeriods,
     Confirm,
     Delivery,
     RunSettings,
@@ -30,12 +31,14 @@ from airflow_provider_stripe_meter.utils.rules import check_fixed_event_name
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
+    from airflow_provider_stripe_meter.billing.periods import PeriodBook
     from airflow_provider_stripe_meter.billing.result import BatchResult, SourceFigures
     from airflow_provider_stripe_meter.billing.run import BillingRun, Usage
     from airflow_provider_stripe_meter.utils.aggregation import DailyAggregate, UsageAggregator
 
 APIS = ("v1", "v2_stream")
 TOO_OLD = ("skip", "bill_at_oldest")
+BILLING_PERIODS = ("hold", "carry", "off")
 CONFIRM = ("meter", "summaries")
 
 
@@ -173,6 +176,7 @@ class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
         plan_limit: int = 1_000,
         report_path: str | None = None,
         fail_on_error: bool = False,
+        billing_periods: BillingPeriods = "hold",
         **kwargs: Any,
     ) -> None:
         if "preflight" in kwargs:
@@ -187,6 +191,7 @@ class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
             ("api", api, APIS),
             ("confirm", confirm, CONFIRM),
             ("too_old", too_old, TOO_OLD),
+            ("billing_periods", billing_periods, BILLING_PERIODS),
         ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
@@ -216,6 +221,7 @@ class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
         self.plan_limit = plan_limit
         self.report_path = report_path
         self.fail_on_error = fail_on_error
+        self.billing_periods: BillingPeriods = billing_periods
 
     # -- the task --------------------------------------------------------------------------
 
@@ -224,7 +230,12 @@ class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
         from airflow_provider_stripe_meter.billing.run import BillingRun, Usage
         from airflow_provider_stripe_meter.state.ledger import ledger_on, ledger_writer
 
-        aggregator = self.read_usage(self.event_name, keep_too_old=self.too_old == "bill_at_oldest")
+        periods = self._read_periods()
+        aggregator = self.read_usage(
+            self.event_name,
+            keep_too_old=self.too_old == "bill_at_oldest",
+            split=periods.split() if periods is not None else None,
+        )
         with paused_gc():
             aggregates = aggregator.finish()
         self._log_problems(aggregator)
@@ -238,7 +249,11 @@ class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
             int(clock.now()),
         )
         usage = Usage(
-            aggregates, _source_figures(aggregator, aggregates), tuple(aggregator.too_old), aggregator.oldest
+            aggregates,
+            _source_figures(aggregator, aggregates),
+            tuple(aggregator.too_old),
+            aggregator.oldest,
+            periods,
         )
         try:
             # Millions of per-day objects and no cycles: the cyclic collector would walk them all
@@ -258,6 +273,36 @@ class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
         if not self.plan_only:
             update_meter_assets(self, context, _asset_extra(outcome, aggregates), meters)
         return outcome
+
+    def _read_periods(self) -> PeriodBook | None:
+        """The customers' billing periods on the meters billed (``billing_periods`` not ``"off"``).
+
+        Read before the source, so each day is aggregated in parts at its customer's period
+        boundaries. A fixed ``event_name`` reads its meter's; per-row names read every active meter's.
+        """
+        if self.billing_periods == "off":
+            return None
+        from airflow_provider_stripe_meter.utils.aggregation import DEFAULT_SAFETY_MARGIN
+        from airflow_provider_stripe_meter.utils.rules import PAST_WINDOW
+
+        now = int(clock.now())
+        if self.event_name:
+            meters = {self.event_name: self.hook.active_meter(self.event_name)["id"]}
+        else:
+            meters = {
+                name: found[0]["id"]
+                for name, found in self.hook.meters_by_event_name().items()
+                if found and found[0].get("status") == "active"
+            }
+        since = now - int((PAST_WINDOW - DEFAULT_SAFETY_MARGIN).total_seconds()) - 86400
+        periods = self.hook.billing_periods(meters, since, now)
+        self.log.info(
+            "Billing periods: %d customers subscribed on %s; days that straddle a period boundary "
+            "are billed in parts",
+            len(periods.customers),
+            ", ".join(sorted(periods.metered)) or "no meter with a metered price (billed by UTC day)",
+        )
+        return periods
 
     def _write_report(self, run: BillingRun) -> str | None:
         """Write every customer-day of the run (plan and outcome) to ``report_path``, if named."""
@@ -287,6 +332,7 @@ class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
             delivery=self.delivery,
             timing=self.timing,
             summary_lag=lag.total_seconds() if lag is not None else float(self.hook.summary_lag),
+            carry=self.billing_periods == "carry",
         )
 
     def _run(self, run: BillingRun, usage: Usage) -> BatchResult:

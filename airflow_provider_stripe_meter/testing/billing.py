@@ -177,6 +177,10 @@ class BillingModel:
     def _now(self) -> int:
         return int(self.ledger.clock())
 
+    def _received_by(self) -> float:
+        # Events received within this very second count: receipt times are not whole seconds.
+        return float(self.ledger.clock())
+
     def current_period(self, sub: Subscription, now: int) -> tuple[int, int]:
         """The item's ``current_period_start`` and ``current_period_end`` (the last one, once ended)."""
         periods = sub.periods(now + 1) or [(sub.start_date, sub.step(sub.billing_cycle_anchor, 1))]
@@ -209,7 +213,7 @@ class BillingModel:
                 continue
             finalizes_at = end + self.grace
             final = now >= finalizes_at
-            quantity = self.quantity(sub, start, end, finalizes_at if final else now)
+            quantity = self.quantity(sub, start, end, finalizes_at if final else self._received_by())
             out.append(self._invoice(sub, start, end, quantity, "open" if final else "draft", finalizes_at))
         return list(reversed(out))
 
@@ -217,7 +221,7 @@ class BillingModel:
         """``POST /v1/invoices/create_preview``: the current period's invoice as it stands now."""
         now = self._now()
         start, end = self.current_period(sub, now)
-        quantity = self.quantity(sub, start, end, now)
+        quantity = self.quantity(sub, start, end, self._received_by())
         invoice = self._invoice(sub, start, end, quantity, "draft", None)
         invoice["id"] = None  # an upcoming invoice has no id
         return invoice
