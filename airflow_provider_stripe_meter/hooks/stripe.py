@@ -485,6 +485,8 @@ class StripeHook(BaseHook):
             if (p.get("recurring") or {}).get("meter") in by_meter
             and (p.get("recurring") or {}).get("usage_type") == "metered"
         ]
+        if not prices:  # no metered price on these meters: no invoice, nothing more to read
+            return PeriodBook({}, (), now)
         drafts = {
             (str(i.get("subscription") or ""), int(i["period_end"])): int(i["automatically_finalizes_at"])
             for i in every(self.client.v1.invoices.list, {"status": "draft"})

@@ -23,10 +23,7 @@ import calendar
 import itertools
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from airflow_provider_stripe_meter.testing.ledger import MeterLedger
+from typing import Any
 
 #: Stripe's default finalization grace period.
 DEFAULT_GRACE = 3600
@@ -132,7 +129,8 @@ class Subscription:
 class BillingModel:
     """Prices, subscriptions and invoices of one account, read against its meter events."""
 
-    ledger: MeterLedger
+    #: The account's :class:`~airflow_provider_stripe_meter.testing.ledger.MeterLedger`.
+    ledger: Any
     #: The account's finalization grace period, in seconds (1 hour to 72 hours on Stripe).
     grace: int = DEFAULT_GRACE
     prices: dict[str, Price] = field(default_factory=dict)
@@ -188,8 +186,6 @@ class BillingModel:
 
     def quantity(self, sub: Subscription, start: int, end: int, received_before: float) -> int:
         """The meter's figure for the customer's events stamped in ``[start, end)``, received in time."""
-        from airflow_provider_stripe_meter.testing.ledger import _aggregate
-
         meter = next((m for m in self.ledger.meters.values() if m.id == sub.price.meter_id), None)
         if meter is None or meter.status != "active":
             return 0
@@ -202,7 +198,7 @@ class BillingModel:
                 and start <= e.timestamp < end
                 and e.received_at <= received_before
             ]
-        return _aggregate(meter, events)
+        return int(self.ledger.aggregate(meter, events))
 
     def invoices(self, sub: Subscription) -> list[dict[str, Any]]:
         """The subscription's invoices for periods that ended, newest first: draft, then final."""

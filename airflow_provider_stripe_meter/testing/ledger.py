@@ -414,6 +414,10 @@ class MeterLedger:
             action()
         return event
 
+    def aggregate(self, meter: Meter, events: list[RecordedEvent]) -> int:
+        """The meter's formula over ``events`` (what an invoice line bills for them)."""
+        return _aggregate(meter, events)
+
     def _report(self, code: str, event: RecordedEvent, message: str, **extra: Any) -> None:
         """Note a dropped event for Stripe's asynchronous validation report of its meter."""
         self.error_reports.append(
