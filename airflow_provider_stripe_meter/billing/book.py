@@ -29,11 +29,15 @@ class CustomerDay:
     stale: int | None = None
     #: Read back equal after sending (``confirm="summaries"``).
     confirmed: bool = False
+    #: Some of its usage was held: no open invoice carries it (counted apart, by reason).
+    held: bool = False
 
     def final_outcome(self) -> DayOutcome | None:
         """What became of the day, once the run is over (``None``: left alone, never looked up)."""
         if self.outcome is not None:
             return self.outcome
+        if self.held:
+            return None  # not in Stripe, and not for want of sending: see the held counts
         if self.plan.action == Action.LEAVE_ALONE and self.plan.recorded is not None:
             return DayOutcome.ALREADY_RECORDED
         return None

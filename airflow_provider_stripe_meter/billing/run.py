@@ -276,8 +276,8 @@ class BillingRun:
                     for part in held:
                         book.hold(part, plan)
                 else:
-                    plan = plan_day(aggregate, spec, figure, now=book.now, oldest=oldest)
-                day = CustomerDay(aggregate, plan)
+                    plan, held = plan_day(aggregate, spec, figure, now=book.now, oldest=oldest), []
+                day = CustomerDay(aggregate, plan, held=bool(held))
                 if plan.reason == OLDER_VIEW and plan.expected != plan.recorded:
                     # Left alone (an hourly run retried after the nightly one, or the day's newest
                     # row deleted since): shown, so a deletion is not missed.

@@ -1,0 +1,170 @@
+"""Billing periods: reading them from Stripe's objects, and planning a day split at a boundary."""
+
+from __future__ import annotations
+
+from datetime import date, datetime, timezone
+
+from airflow_provider_stripe_meter.billing.meters import meter_spec
+from airflow_provider_stripe_meter.billing.periods import (
+    DRAFT,
+    ENDED,
+    FINAL,
+    NONE,
+    OPEN,
+    CustomerPeriods,
+    Period,
+    PeriodBook,
+    add_months,
+    customer_periods,
+)
+from airflow_provider_stripe_meter.billing.plans import plan_in_periods
+from airflow_provider_stripe_meter.ledger.entries import DayFigure, Entry
+from airflow_provider_stripe_meter.utils.aggregation import DailyAggregate, DayPart, UsageAggregator
+
+
+def ts(*args: int) -> int:
+    return int(datetime(*args, tzinfo=timezone.utc).timestamp())
+
+
+DAY = date(2026, 11, 30)
+START, END = ts(2026, 11, 30), ts(2026, 12, 1)
+B = ts(2026, 11, 30, 14, 37, 12)  # November's period ends here (the 31st clamped)
+NOW = ts(2026, 12, 1, 1, 0)
+
+
+def meter(formula: str = "sum") -> dict:
+    return {"id": "mtr_1", "event_name": "tokens", "default_aggregation": {"formula": formula}}
+
+
+def test_monthly_periods_clamp_to_the_months_end_and_earlier_ones_follow_from_the_anchor():
+    anchor = ts(2026, 1, 31, 14, 37, 12)
+    assert add_months(anchor, 1) == ts(2026, 2, 28, 14, 37, 12)
+    assert add_months(anchor, 10) == B
+    sub = {"id": "sub_1", "billing_cycle_anchor": anchor, "start_date": anchor, "ended_at": None}
+    item = {
+        "current_period_start": B,
+        "current_period_end": ts(2026, 12, 31, 14, 37, 12),
+        "price": {"recurring": {"interval": "month", "interval_count": 1}},
+    }
+    found = customer_periods(sub, item, since=ts(2026, 10, 20), drafts={("sub_1", B): B + 86400})
+    assert [(p.start, p.end, p.finalizes_at) for p in found.periods] == [
+        (ts(2026, 9, 30, 14, 37, 12), ts(2026, 10, 31, 14, 37, 12), None),
+        (ts(2026, 10, 31, 14, 37, 12), B, B + 86400),
+        (B, ts(2026, 12, 31, 14, 37, 12), None),
+    ]
+    assert found.boundaries()[-2:] == [B, ts(2026, 12, 31, 14, 37, 12)]
+
+
+def test_an_instant_is_open_draft_final_ended_or_without_a_subscription():
+    periods = CustomerPeriods(
+        [Period(ts(2026, 10, 31), B, "sub_1", B + 3600), Period(B, ts(2026, 12, 20), "sub_1")],
+        ended_at=ts(2026, 12, 20),
+    )
+    book = PeriodBook({("tokens", "cus_a"): periods}, ["tokens"], now=B + 600)
+    assert book.state("tokens", "cus_a", B - 1)[0] == DRAFT  # finalizes in 50 min
+    assert book.state("tokens", "cus_a", B)[0] == OPEN
+    assert book.state("tokens", "cus_a", ts(2026, 12, 21))[0] == ENDED
+    assert book.state("tokens", "cus_a", ts(2026, 10, 1))[0] == NONE
+    assert book.state("tokens", "cus_b", B)[0] == NONE
+    # Within the margin of finalizing, a draft counts as final: the event could land too late.
+    late = PeriodBook({("tokens", "cus_a"): periods}, ["tokens"], now=B + 3600 - 300)
+    assert late.state("tokens", "cus_a", B - 1)[0] == FINAL
+
+
+def split_day(rows: list[tuple[int, int]]) -> DailyAggregate:
+    agg = UsageAggregator(event_name="tokens", now=NOW, split={("tokens", "cus_a"): (B,)})
+    agg.add_rows(
+        [("cus_a", v, datetime.fromtimestamp(t, tz=timezone.utc).replace(tzinfo=None)) for v, t in rows]
+    )
+    [day] = agg.finish()
+    return day
+
+
+def book(finalizes_at: int = NOW + 86400) -> PeriodBook:
+    periods = CustomerPeriods(
+        [Period(ts(2026, 10, 31), B, "sub_1", finalizes_at), Period(B, ts(2026, 12, 31), "sub_1")]
+    )
+    return PeriodBook({("tokens", "cus_a"): periods}, ["tokens"], now=NOW)
+
+
+def test_each_part_is_stamped_inside_its_period_a_minute_clear_of_the_boundary():
+    day = split_day([(60, START + 3600), (40, B - 7), (30, B + 28), (5, END - 1)])
+    assert day.parts == (DayPart(START, B, 100, B - 7, 2, 40), DayPart(B, END, 35, END - 1, 2, 5))
+    plan, held = plan_in_periods(
+        day, meter_spec(meter()), None, [], book(), now=NOW, oldest=NOW - 34 * 86400, carry=False
+    )
+    assert held == []
+    # The boundary falls inside 14:37: the first part stays before 14:37:00, the second after 14:38.
+    assert [(e.value, e.timestamp, e.seq, e.part, e.period_end) for e in plan.events] == [
+        (100, B - 12 - 1, 1, START, B),
+        (35, END - 1, 2, B, ts(2026, 12, 31)),
+    ]
+
+
+def test_count_and_last_meters_bill_each_part_by_their_formula():
+    day = split_day([(7, START + 60), (9, B - 3600), (4, B + 3600)])
+    count, _ = plan_in_periods(
+        day, meter_spec(meter("count")), None, [], book(), now=NOW, oldest=0, carry=False
+    )
+    assert [(e.value, e.period_end) for e in count.events] == [(1, B), (1, B), (1, ts(2026, 12, 31))]
+    last, _ = plan_in_periods(
+        day, meter_spec(meter("last")), None, [], book(), now=NOW, oldest=0, carry=False
+    )
+    assert [(e.value, e.period_end) for e in last.events] == [(9, B), (4, ts(2026, 12, 31))]
+
+
+def test_a_part_already_billed_sends_nothing_and_late_rows_top_up_only_their_part():
+    day = split_day([(100, B - 3600), (50, B + 3600), (8, B - 60)])
+    billed = [
+        Entry(
+            "platform",
+            "mtr_1",
+            "tokens",
+            "cus_a",
+            DAY,
+            1,
+            "i1",
+            100,
+            B - 3600,
+            B - 3600,
+            "accepted",
+            "r",
+            "a",
+            0,
+            part=START,
+        ),
+        Entry(
+            "platform",
+            "mtr_1",
+            "tokens",
+            "cus_a",
+            DAY,
+            2,
+            "i2",
+            50,
+            B + 3600,
+            B + 3600,
+            "accepted",
+            "r",
+            "a",
+            0,
+            part=B,
+        ),
+    ]
+    figure = DayFigure()
+    for e in billed:
+        figure.add(e.seq, e.value, e.stamp, e.source_at, e.state)
+    plan, held = plan_in_periods(
+        day, meter_spec(meter()), figure, billed, book(), now=NOW, oldest=0, carry=False
+    )
+    assert [(e.value, e.seq, e.part) for e in plan.events] == [(8, 3, START)]
+    # The same late rows once November's invoice is final: held, not sent anywhere.
+    plan, held = plan_in_periods(
+        day, meter_spec(meter()), figure, billed, book(NOW - 1), now=NOW, oldest=0, carry=False
+    )
+    assert (plan.events, [(h.outcome, h.value) for h in held]) == ([], [("invoice_final", 8)])
+    # Carried: into the open period, stamped now, remembering where it came from.
+    plan, held = plan_in_periods(
+        day, meter_spec(meter()), figure, billed, book(NOW - 1), now=NOW, oldest=0, carry=True
+    )
+    assert [(e.value, e.timestamp, e.part, e.carried_from) for e in plan.events] == [(8, NOW, START, B)]
