@@ -27,3 +27,21 @@ for dag_id, periods in (("t_invoice_hold", "hold"), ("t_invoice_carry", "carry")
             max_rps=200,
         )
     globals()[dag_id] = dag
+
+with DAG(
+    "t_invoice_mapped", schedule=None, start_date=START, params={"from": "2026-01-01", "to": "2026-01-02"}
+) as mapped_dag:
+    # A Connect platform: one usage table, one mapped instance per connected account, each billed
+    # into its own customers' periods on that account.
+    StripeMeterEventBatchOperator.partial(
+        task_id="bill",
+        event_name="ai_tokens_used",
+        sql=(
+            "SELECT customer_id, tokens, used_at FROM connect_usage WHERE account = :account "
+            "AND used_at >= '{{ params['from'] }}' AND used_at < '{{ params['to'] }}'"
+        ),
+        sql_conn_id="usage_db",
+        parameters={"account": "{{ task.stripe_account }}"},
+        map_index_template="{{ task.stripe_account }}",
+        max_rps=200,
+    ).expand(stripe_account=["acct_1North", "acct_1South"])

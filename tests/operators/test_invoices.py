@@ -204,3 +204,65 @@ def test_a_subscription_that_starts_mid_day_bills_from_its_start_and_reports_the
     assert invoices(secret_server, "cus_new") == {first: (70, "upcoming")}
     assert outcome["invoices"]["no_invoice"] == {"customer_days": 1, "value": 50}
     assert outcome["success"] is False
+
+
+def test_a_mapped_run_over_two_connected_accounts_bills_each_accounts_invoices(usage_db, monkeypatch):
+    from airflow_provider_stripe_meter.testing import LocalStripeServer
+    from airflow_provider_stripe_meter.utils import clock
+    from tests.conftest import SECRET_KEY
+
+    accounts = {"acct_1North": ANCHOR, "acct_1South": pendulum.datetime(2026, 1, 30, 6, 0, tz="UTC")}
+    offset = NIGHTLY.timestamp() - time.time()
+    monkeypatch.setattr(clock, "now", lambda: time.time() + offset)
+    with sqlite3.connect(usage_db) as con:
+        con.execute(
+            "CREATE TABLE connect_usage (account TEXT, customer_id TEXT, tokens INTEGER, used_at TEXT)"
+        )
+        for account in accounts:
+            con.executemany(
+                "INSERT INTO connect_usage VALUES (?, ?, ?, ?)",
+                [
+                    (account, "cus_shared", v, f"2026-11-30 {t}")
+                    for v, t in ((10, "05:00:00"), (20, "12:00:00"), (40, "20:00:00"))
+                ],
+            )
+    with LocalStripeServer(
+        meters=["ai_tokens_used"], accounts=list(accounts), api_keys=[SECRET_KEY]
+    ) as server:
+        monkeypatch.setenv(
+            "AIRFLOW_CONN_STRIPE_DEFAULT", server.connection_json(SECRET_KEY, max_network_retries=1)
+        )
+        for account, anchor in accounts.items():
+            ledger = server.account(account)
+            ledger.clock = clock.now
+            ledger.billing.grace = 24 * 3600
+            price = ledger.billing.add_price("ai_tokens_used")
+            ledger.billing.subscribe("cus_shared", price, anchor=int(anchor.timestamp()))
+
+        run = run_dag(
+            "t_invoice_mapped", run_conf={"from": "2026-11-30 00:00:00", "to": "2026-12-01 00:00:00"}
+        )
+
+        from airflow.models.xcom import XComModel
+        from airflow.utils.session import create_session
+
+        with create_session() as session:
+            rows = session.query(XComModel).filter(
+                XComModel.run_id == run.run_id, XComModel.task_id == "bill", XComModel.key == "success"
+            )
+            assert sorted(XComModel.deserialize_value(r) for r in rows) == [True, True]
+        figures = {
+            account: {
+                (start, end): q
+                for (who, start, end), (q, _) in server.account(account).billing.invoice_quantities().items()
+                if end > NOV[0]
+            }
+            for account in accounts
+        }
+        south = int(pendulum.datetime(2026, 11, 30, 6, 0, tz="UTC").timestamp())
+        assert figures["acct_1North"] == {NOV: 30, DEC: 40}  # split at 14:37:12
+        assert figures["acct_1South"] == {
+            (int(pendulum.datetime(2026, 10, 30, 6, 0, tz="UTC").timestamp()), south): 10,
+            (south, int(pendulum.datetime(2026, 12, 30, 6, 0, tz="UTC").timestamp())): 60,
+        }
+        assert server.ledger.accepted() == []  # nothing on the platform
