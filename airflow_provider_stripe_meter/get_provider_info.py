@@ -38,6 +38,7 @@ def get_provider_info() -> dict:
                     "airflow_provider_stripe_meter.operators.meter_event",
                     "airflow_provider_stripe_meter.operators.meter_event_batch",
                     "airflow_provider_stripe_meter.operators.meter_event_correction",
+                    "airflow_provider_stripe_meter.operators.invoice_check",
                 ],
             }
         ],

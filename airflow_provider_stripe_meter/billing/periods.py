@@ -47,6 +47,8 @@ class Period:
     subscription: str
     #: When the period's draft invoice finalizes (``None``: no draft seen).
     finalizes_at: int | None = None
+    #: The metered price the period bills the meter through.
+    price: str = ""
 
 
 @dataclass
@@ -182,5 +184,7 @@ def customer_periods(
             if lo >= int(ended_at):
                 continue
             hi = min(hi, int(ended_at))
-        periods.append(Period(lo, hi, sub_id, drafts.get((sub_id, hi))))
+        periods.append(
+            Period(lo, hi, sub_id, drafts.get((sub_id, hi)), str((item.get("price") or {}).get("id") or ""))
+        )
     return CustomerPeriods(periods, int(ended_at) if ended_at is not None else None)

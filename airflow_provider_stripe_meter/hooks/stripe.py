@@ -513,6 +513,28 @@ class StripeHook(BaseHook):
         metered = {by_meter[p["recurring"]["meter"]] for p in prices}
         return PeriodBook(customers, metered, now)
 
+    def draft_invoices(self) -> list[dict[str, Any]]:
+        """Every draft invoice of the account (lines embedded), paged at 100 a request.
+
+        .. seealso:: https://docs.stripe.com/api/invoices/list
+        """
+        page = self._call(self.client.v1.invoices.list, {"status": "draft", "limit": 100})
+        return [i.to_dict() for i in self._call(lambda: list(page.auto_paging_iter()))]
+
+    def invoice_preview(self, subscription: str) -> dict[str, Any] | None:
+        """The subscription's upcoming invoice as it stands (``None``: it has none, having ended).
+
+        .. seealso:: https://docs.stripe.com/api/invoices/create_preview
+        """
+        try:
+            return self._call(
+                self.client.v1.invoices.create_preview, {"subscription": subscription}
+            ).to_dict()
+        except StripeRequestRejectedError as err:
+            if (err.details or {}).get("code") == "invoice_upcoming_none":
+                return None
+            raise
+
     def usage_between(self, meter_id: str, customer_id: str, start_time: int, end_time: int) -> int | None:
         """The meter's figure for one customer over ``[start_time, end_time)`` (minute-aligned).
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pendulum
 from airflow.sdk import DAG
 
+from airflow_provider_stripe_meter.operators.invoice_check import StripeMeterInvoiceCheckOperator
 from airflow_provider_stripe_meter.operators.meter_event_batch import StripeMeterEventBatchOperator
 
 START = pendulum.datetime(2026, 1, 1, tz="UTC")
@@ -45,3 +46,10 @@ with DAG(
         map_index_template="{{ task.stripe_account }}",
         max_rps=200,
     ).expand(stripe_account=["acct_1North", "acct_1South"])
+
+with DAG(
+    "t_invoice_check", schedule=None, start_date=START, params={"from": "2026-01-01", "to": "2026-01-02"}
+) as check_dag:
+    StripeMeterInvoiceCheckOperator(
+        task_id="check", event_name="ai_tokens_used", sql=WINDOW, sql_conn_id="usage_db"
+    )

@@ -266,3 +266,42 @@ def test_a_mapped_run_over_two_connected_accounts_bills_each_accounts_invoices(u
             (south, int(pendulum.datetime(2026, 12, 30, 6, 0, tz="UTC").timestamp())): 60,
         }
         assert server.ledger.accepted() == []  # nothing on the platform
+
+
+def test_the_invoice_check_finds_a_draft_short_of_the_source_and_names_its_deadline(
+    secret_server, usage_db, at_time
+):
+    secret_server.ledger.billing.grace = 24 * 3600
+    subscribe(secret_server, ["cus_a", "cus_b"])
+    add_rows(
+        usage_db, rows_at(("cus_a", 60, "09:00:00"), ("cus_a", 70, "20:00:00"), ("cus_b", 5, "10:00:00"))
+    )
+    at_time(NIGHTLY)
+    bill("t_invoice_hold", NIGHTLY.start_of("day"))
+    # Late rows reach the table after the nightly run: November's draft is now short by 40.
+    add_rows(usage_db, rows_at(("cus_a", 40, "11:00:00")))
+    window = {"from": "2026-11-01 00:00:00", "to": "2026-12-01 00:00:00"}
+
+    found = xcoms(run_dag("t_invoice_check", run_conf=window), "check")
+
+    assert found["success"] is False
+    assert found["counts"] == {"ok": 2, "differs": 1}
+    [risk] = found["at_risk"]
+    assert (risk["customer_id"], risk["status"], risk["source"], risk["invoice"], risk["difference"]) == (
+        "cus_a",
+        "draft",
+        100,
+        60,
+        40,
+    )
+    assert risk["deadline"] == NOV[1] + 24 * 3600  # automatically_finalizes_at
+    # The batch operator, run again before the deadline, closes the gap.
+    bill("t_invoice_hold", NIGHTLY.start_of("day"))
+    again = xcoms(run_dag("t_invoice_check", run_conf=window), "check")
+    assert (again["success"], again["counts"]) == (True, {"ok": 3, "differs": 0})
+    lines = {(x["customer_id"], x["status"]): (x["source"], x["invoice"]) for x in again["lines"]}
+    assert lines == {
+        ("cus_a", "draft"): (100, 100),
+        ("cus_a", "upcoming"): (70, 70),
+        ("cus_b", "draft"): (5, 5),
+    }

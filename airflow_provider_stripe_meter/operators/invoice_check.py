@@ -1,0 +1,119 @@
+"""Operator that compares each open invoice's metered quantity with the source, before it locks."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from airflow_provider_stripe_meter.operators.base import StripeBaseOperator, StripeUsageSourceOperator
+from airflow_provider_stripe_meter.utils import clock
+from airflow_provider_stripe_meter.utils.rules import check_fixed_event_name
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+
+
+class StripeMeterInvoiceCheckOperator(StripeUsageSourceOperator):
+    """
+    Compare what each customer's draft and upcoming invoice bills for a meter with the source.
+
+    Reads the customers' billing periods (as the batch operator does: the metered prices on the
+    meter, their subscriptions, the draft invoices), aggregates the source in parts at the
+    period boundaries, and folds it per (customer, period) by the meter's formula. Against it:
+    each **draft** invoice's metered line (a period that ended and has not finalized; its
+    deadline is ``automatically_finalizes_at``) and each **upcoming** invoice
+    (``POST /v1/invoices/create_preview``, one request per customer with usage in the open
+    period; its deadline is the period's end). Final invoices are past changing and not read.
+
+    Returns ``success`` (every invoice matches), ``counts`` (``ok``, ``differs``), ``lines`` (the
+    invoices that differ first, at most ``line_limit``: customer, period, status, source, invoice,
+    difference, deadline), ``at_risk`` (the differing ones, the nearest deadline first, at most
+    ``line_limit``) and ``lines_total``. Branch on ``success`` to the batch operator (run it again
+    before the deadline) or to an alert.
+
+    .. seealso:: https://docs.stripe.com/api/invoices/create_preview
+    .. seealso:: https://docs.stripe.com/billing/subscriptions/usage-based/configure-grace-period
+
+    :param event_name: The meter's event name. (templated)
+    :param line_limit: Lines kept in the result (it is an XCom: a row of Airflow's database).
+
+    The source parameters are those of
+    :class:`~airflow_provider_stripe_meter.operators.base.StripeUsageSourceOperator`;
+    ``stripe_conn_id`` and ``stripe_account`` (templated) those of
+    :class:`~airflow_provider_stripe_meter.operators.base.StripeBaseOperator`.
+    """
+
+    template_fields: Sequence[str] = (
+        "event_name",
+        *StripeUsageSourceOperator.source_template_fields,
+        *StripeBaseOperator.template_fields,
+    )
+
+    def __init__(self, *, event_name: str, line_limit: int = 1_000, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        check_fixed_event_name(event_name)
+        self.event_name = event_name
+        self.line_limit = line_limit
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        """Read periods, source and invoices; compare per customer and period."""
+        from airflow_provider_stripe_meter.billing.invoices import (
+            compare,
+            metered_quantity,
+            source_per_period,
+        )
+        from airflow_provider_stripe_meter.billing.meters import meter_spec
+        from airflow_provider_stripe_meter.utils.aggregation import DEFAULT_SAFETY_MARGIN
+        from airflow_provider_stripe_meter.utils.rules import PAST_WINDOW
+
+        now = int(clock.now())
+        meter = self.hook.active_meter(self.event_name)
+        spec = meter_spec(meter)
+        since = now - int((PAST_WINDOW - DEFAULT_SAFETY_MARGIN).total_seconds()) - 86400
+        periods = self.hook.billing_periods({self.event_name: meter["id"]}, since, now)
+        aggregator = self.read_usage(self.event_name, split=periods.split())
+        source = source_per_period(aggregator.finish(), spec, periods)
+
+        price_ids = {p.price for c in periods.customers.values() for p in c.periods if p.price}
+        invoices: dict[tuple[str, int, int], tuple[str, int | None, int]] = {}
+        for invoice in self.hook.draft_invoices():
+            quantity = metered_quantity(invoice, price_ids)
+            if quantity is None or not invoice.get("automatically_finalizes_at"):
+                continue  # not an invoice of this meter's prices
+            key = (str(invoice["customer"]), int(invoice["period_start"]), int(invoice["period_end"]))
+            invoices[key] = ("draft", quantity, int(invoice["automatically_finalizes_at"]))
+        # The open period: a preview per customer with usage in it (one request each).
+        for key in sorted(source):
+            customer, start, end = key
+            period = periods.open_period(self.event_name, customer)
+            if period is None or (period.start, period.end) != (start, end):
+                continue
+            preview = self.hook.invoice_preview(period.subscription)
+            if preview is not None:
+                invoices[key] = ("upcoming", metered_quantity(preview, price_ids), end)
+        lines = compare(source, invoices)
+        differs = [line for line in lines if line.difference]
+        at_risk = sorted(differs, key=lambda line: line.deadline)
+        shown = (differs + [line for line in lines if not line.difference])[: self.line_limit]
+        result = {
+            "success": not differs,
+            "event_name": self.event_name,
+            "meter_id": meter["id"],
+            "counts": {"ok": len(lines) - len(differs), "differs": len(differs)},
+            "lines": [line.to_dict() for line in shown],
+            "at_risk": [line.to_dict() for line in at_risk[: self.line_limit]],
+            "lines_total": len(lines),
+        }
+        for line in at_risk[:20]:
+            self.log.warning(
+                "Invoice of %s for %s..%s (%s) bills %s, the source %s: fix before %s",
+                line.customer_id,
+                line.period_start,
+                line.period_end,
+                line.status,
+                line.invoice,
+                line.source,
+                line.deadline,
+            )
+        self.log.info("Invoices compared: %s", result["counts"])
+        return result
