@@ -1,7 +1,7 @@
 """Benchmarks of the batch operator, each printed as a ratio against a baseline measured in the same run.
 
     ./dev bench                 # everything (about 25 minutes; --only ledger alone about 10)
-    ./dev bench --only v1       # one of: v1, stream, stream-unlimited, sql, import, ledger
+    ./dev bench --only v1       # one of: v1, stream, stream-unlimited, sql, import, ledger, periods
 
 Every figure runs the real stripe SDK over HTTP against the local Stripe server on 127.0.0.1
 with the latency and limits named in its heading, and the operator inside a real Airflow task
@@ -625,11 +625,49 @@ def bench_import(repeats: int) -> None:
     print(f"  stripe or OpenLineage modules imported: {added or 'none'}")
 
 
+def bench_periods(customers: int, stream_limit: float) -> None:
+    """What reading billing periods costs a nightly run: the same run with and without them."""
+    kind = _ledger_database()
+    print(f"\n## billing periods: a nightly run of {customers:,} customers, ledger on {kind}")
+    sql = _usage_table(_rows(customers, 1, seed=21))
+    source = {"sql": sql, "sql_conn_id": "bench_usage", "ledger_conn_id": "bench_ledger"}
+    figures = {}
+    for mode in ("off", "hold"):
+        _reset_ledger()
+        with RemoteServer(
+            "--latency",
+            "0.02",
+            "--stream-rate-limit",
+            str(stream_limit),
+            "--subscriptions",
+            str(customers),
+            "--grace",
+            str(72 * 3600),
+        ) as server:
+            outcome = _run_in_task(**source, api="v2_stream", max_rps=stream_limit, billing_periods=mode)
+            stats = server.summary()["stats"]
+        figures[mode] = (outcome, stats)
+        print(
+            f"billing_periods={mode}: {outcome['events_sent']:,} events, {stats.get('requests', 0):,} "
+            f"requests ({stats.get('v1_subscriptions', 0)} subscription pages, {stats.get('v1_invoices', 0)} "
+            f"invoice pages, {stats.get('v1_prices', 0)} price pages), {outcome['wall']:.1f} s end to end; "
+            f"success {outcome['success']}, held {outcome['invoices']}"
+        )
+    (off, off_stats), (hold, hold_stats) = figures["off"], figures["hold"]
+    requests = hold_stats.get("requests", 0) / max(1, off_stats.get("requests", 0))
+    print(
+        f"RESULT periods: requests with / without = {requests:.3f}, time with / without = "
+        f"{hold['wall'] / off['wall']:.3f} (target <= 1.05 each)"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--only", choices=["v1", "stream", "stream-unlimited", "sql", "import", "ledger"])
+    parser.add_argument(
+        "--only", choices=["v1", "stream", "stream-unlimited", "sql", "import", "ledger", "periods"]
+    )
     parser.add_argument("--ledger-customers", type=int, default=100_000)
     parser.add_argument("--ledger-days", type=int, default=35)
     parser.add_argument("--ledger-stream-limit", type=float, default=50.0, help="stream requests/s")
@@ -672,6 +710,8 @@ def main() -> None:
             args.ledger_v1_limit,
             args.ledger_v1_events,
         )
+    if args.only in (None, "periods"):
+        bench_periods(args.ledger_customers, args.ledger_stream_limit)
     print(f"\n(benchmarks took {time.monotonic() - started:.0f} s)")
 
 

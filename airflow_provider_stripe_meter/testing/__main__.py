@@ -32,6 +32,14 @@ def main(argv: list[str] | None = None) -> None:
         help="JSON file of events Stripe already holds: "
         "[{event_name, customer, value, timestamp, identifier}, ...]",
     )
+    parser.add_argument(
+        "--subscriptions",
+        type=int,
+        default=0,
+        help="subscribe cus_bench000000... to a monthly metered price on the first meter, anchors "
+        "spread over the last 30 days",
+    )
+    parser.add_argument("--grace", type=int, default=3600, help="finalization grace period, seconds")
     args = parser.parse_args(argv)
 
     server = LocalStripeServer(
@@ -54,6 +62,16 @@ def main(argv: list[str] | None = None) -> None:
                     timestamp=event["timestamp"],
                     api="preload",
                 )
+    if args.subscriptions:
+        import time
+
+        billing = server.ledger.billing
+        billing.grace = args.grace
+        price = billing.add_price((args.meter or ["ai_tokens_used"])[0])
+        now = int(time.time())
+        for i in range(args.subscriptions):
+            anchor = now - (i % 30) * 86400 - 3600 - i % 3600
+            billing.subscribe(f"cus_bench{i:06d}", price, anchor=anchor, start=anchor - 60 * 86400)
     print(f"Local Stripe meter server on {server.url}", flush=True)
     print(f"AIRFLOW_CONN_STRIPE_DEFAULT='{server.connection_json(args.api_key)}'", flush=True)
     stop = threading.Event()

@@ -869,18 +869,23 @@ class _Handler(BaseHTTPRequestHandler):
         params = dict(parse_qsl(query))
         billing = self.ledger.billing
         now = int(self.ledger.clock())
-        subs = list(billing.subscriptions.values())
-        if params.get("price"):
-            subs = [s for s in subs if s.price.id == params["price"]]
-        if params.get("customer"):
-            subs = [s for s in subs if s.customer == params["customer"]]
-        status = params.get("status")
-        if status != "all":
-            want_ended = status == "canceled"
-            subs = [s for s in subs if (s.ended_at(now) is not None) == want_ended]
-        if params.get("current_period_end[gte]"):
-            floor = int(params["current_period_end[gte]"])
-            subs = [s for s in subs if billing.current_period(s, now)[1] >= floor]
+
+        def build() -> list[Any]:
+            subs = list(billing.subscriptions.values())
+            if params.get("price"):
+                subs = [s for s in subs if s.price.id == params["price"]]
+            if params.get("customer"):
+                subs = [s for s in subs if s.customer == params["customer"]]
+            status = params.get("status")
+            if status != "all":
+                want_ended = status == "canceled"
+                subs = [s for s in subs if (s.ended_at(now) is not None) == want_ended]
+            if params.get("current_period_end[gte]"):
+                floor = int(params["current_period_end[gte]"])
+                subs = [s for s in subs if billing.current_period(s, now)[1] >= floor]
+            return subs
+
+        subs = billing.listing(params, build)
         # Paged on the objects themselves; only the page is rendered (a benchmark lists 100,000).
         limit = max(1, min(100, int(params.get("limit") or 10)))
         after = params.get("starting_after")
@@ -898,12 +903,19 @@ class _Handler(BaseHTTPRequestHandler):
         """``GET /v1/invoices``: filters ``subscription``, ``customer``, ``status``; newest first."""
         params = dict(parse_qsl(query))
         billing = self.ledger.billing
-        invoices = [i for s in billing.subscriptions.values() for i in billing.invoices(s)]
-        for name in ("subscription", "customer", "status"):
-            if params.get(name):
-                invoices = [i for i in invoices if i[name] == params[name]]
-        invoices.sort(key=lambda i: i["created"], reverse=True)
-        return _paginate(invoices, params, "/v1/invoices")
+
+        def build() -> list[Any]:
+            subs = list(billing.subscriptions.values())
+            if params.get("subscription"):
+                subs = [s for s in subs if s.id == params["subscription"]]
+            invoices = [i for s in subs for i in billing.invoices(s)]
+            for name in ("customer", "status"):
+                if params.get(name):
+                    invoices = [i for i in invoices if i[name] == params[name]]
+            invoices.sort(key=lambda i: i["created"], reverse=True)
+            return invoices
+
+        return _paginate(billing.listing({"invoices": "1", **params}, build), params, "/v1/invoices")
 
     def _h_v1_invoice_preview(self, body: Any, match: re.Match[str], query: str) -> dict[str, Any]:
         """``POST /v1/invoices/create_preview``: the subscription's upcoming invoice, as it stands."""
