@@ -1,5 +1,9 @@
 """Record one templated usage event in Stripe and branch on whether Stripe accepted it.
 
+The event bills the minutes of a support call on its own meter (``support_minutes``): one
+sender per meter and customer, as the guarantees assume; the AI tokens are billed by the
+nightly batch (``example_stripe_daily_usage``) and nothing else.
+
 Run it against the local server (no Stripe account needed) with ``./dev demo`` from the
 README, or against Stripe with a ``stripe_default`` connection holding your API key. A manual
 run (no logical date) records the event at the moment it was triggered.
@@ -21,26 +25,26 @@ with DAG(
     catchup=False,
     params={
         "customer_id": Param("cus_demo_acme", type="string"),
-        "tokens": Param(1234, type="integer"),
+        "minutes": Param(45, type="integer"),
     },
     user_defined_macros=BILLING_MACROS,
     tags=["example", "stripe"],
 ) as dag:
 
     @task
-    def count_tokens(params: dict | None = None) -> int:
-        """Stand-in for the query that measures usage."""
+    def call_minutes(params: dict | None = None) -> int:
+        """Stand-in for the query that measures usage: the minutes of one support call."""
         assert params is not None
-        return int(params["tokens"])
+        return int(params["minutes"])
 
-    tokens = count_tokens()
+    minutes = call_minutes()
 
     # [START howto_operator_stripe_meter_event]
     record = StripeMeterEventOperator(
-        task_id="record_tokens",
-        event_name="ai_tokens_used",
+        task_id="record_minutes",
+        event_name="support_minutes",
         customer_id="{{ params.customer_id }}",
-        value="{{ ti.xcom_pull(task_ids='count_tokens') }}",
+        value="{{ ti.xcom_pull(task_ids='call_minutes') }}",
         # Usage belongs to the run's data interval (a manual run: when it was triggered), not
         # to the moment the task happens to run.
         timestamp="{{ billing_window().as_of }}",
@@ -56,6 +60,6 @@ with DAG(
     on_rejected = EmptyOperator(task_id="on_rejected")
     done = EmptyOperator(task_id="done", trigger_rule="none_failed_min_one_success")
 
-    tokens >> record
+    minutes >> record
     recorded(record.output["success"]) >> [on_recorded, on_rejected] >> done
     # [END howto_branch_on_success]

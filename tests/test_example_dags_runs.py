@@ -46,10 +46,12 @@ def test_a_manual_run_of_the_nightly_dag_bills_the_last_whole_day(secret_server,
 
 
 def test_a_manual_run_of_the_meter_event_dag_records_at_the_trigger_time(secret_server):
-    dag_run = run_dag("example_stripe_meter_event", logical_date=None, run_conf={"tokens": 7})
+    secret_server.ledger.add_meter("support_minutes")
+    dag_run = run_dag("example_stripe_meter_event", logical_date=None, run_conf={"minutes": 7})
 
     assert task_states(dag_run)["on_recorded"] == "success"
     [event] = secret_server.ledger.accepted()
+    assert (event.event_name, event.payload["value"]) == ("support_minutes", "7")
     assert abs(event.timestamp - dag_run.run_after.timestamp()) < 1
 
 

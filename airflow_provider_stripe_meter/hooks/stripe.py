@@ -475,13 +475,10 @@ class StripeHook(BaseHook):
 
         by_meter = {meter_id: name for name, meter_id in meters.items()}
 
-        def every(list_call: Any, params: dict[str, Any]) -> list[dict[str, Any]]:
-            page = self._call(list_call, {"limit": 100, **params})
-            return [obj.to_dict() for obj in self._call(lambda: list(page.auto_paging_iter()))]
-
+        every = self._list_json
         prices = [
             p
-            for p in every(self.client.v1.prices.list, {"type": "recurring", "active": True})
+            for p in every("/v1/prices", {"type": "recurring", "active": True})
             if (p.get("recurring") or {}).get("meter") in by_meter
             and (p.get("recurring") or {}).get("usage_type") == "metered"
         ]
@@ -489,14 +486,14 @@ class StripeHook(BaseHook):
             return PeriodBook({}, (), now)
         drafts = {
             (str(i.get("subscription") or ""), int(i["period_end"])): int(i["automatically_finalizes_at"])
-            for i in every(self.client.v1.invoices.list, {"status": "draft"})
+            for i in every("/v1/invoices", {"status": "draft"})
             if i.get("automatically_finalizes_at")
         }
         customers: dict[tuple[str, str], CustomerPeriods] = {}
         for price in prices:
             name = by_meter[price["recurring"]["meter"]]
             subscriptions = every(
-                self.client.v1.subscriptions.list,
+                "/v1/subscriptions",
                 {"price": price["id"], "status": "all", "current_period_end": {"gte": since}},
             )
             for sub in subscriptions:
@@ -518,8 +515,26 @@ class StripeHook(BaseHook):
 
         .. seealso:: https://docs.stripe.com/api/invoices/list
         """
-        page = self._call(self.client.v1.invoices.list, {"status": "draft", "limit": 100})
-        return [i.to_dict() for i in self._call(lambda: list(page.auto_paging_iter()))]
+        return self._list_json("/v1/invoices", {"status": "draft"})
+
+    def _list_json(self, path: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+        """Every object of a v1 list endpoint, 100 a page, as plain JSON.
+
+        Plain JSON, not the SDK's objects: building ``StripeObject`` trees costs about 0.6 ms an
+        object, a minute for the subscriptions of 100,000 customers.
+
+        .. seealso:: https://docs.stripe.com/api/pagination
+        """
+        out: list[dict[str, Any]] = []
+        after: str | None = None
+        while True:
+            page_params = {**params, "limit": 100, **({"starting_after": after} if after else {})}
+            page = self._call(self.client.raw_request, "get", path, **page_params).data
+            data = page.get("data") or []
+            out.extend(data)
+            if not page.get("has_more") or not data:
+                return out
+            after = data[-1]["id"]
 
     def invoice_preview(self, subscription: str) -> dict[str, Any] | None:
         """The subscription's upcoming invoice as it stands (``None``: it has none, having ended).

@@ -130,7 +130,9 @@ class Airflow:
 
 @pytest.fixture
 def airflow(tmp_path: Path, usage_db: Path) -> Any:
-    server = LocalStripeServer(meters=["ai_tokens_used"], api_keys=[SECRET_KEY], validate_spec=True).start()
+    server = LocalStripeServer(
+        meters=["ai_tokens_used", "support_minutes"], api_keys=[SECRET_KEY], validate_spec=True
+    ).start()
     home = tmp_path / "airflow"
     (home / "dags").mkdir(parents=True)
     for dag_file in (ROOT / "example_dags").glob("*.py"):
