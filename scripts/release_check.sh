@@ -26,4 +26,9 @@ trap 'rm -rf "$fresh"' EXIT
 export AIRFLOW_HOME="$fresh/home"
 listed=$("$fresh/venv/bin/airflow" providers list -o plain 2>/dev/null)
 echo "$listed" | grep -E "airflow-provider-stripe-meter" || { echo "airflow providers list does not show the provider:" >&2; echo "$listed" >&2; exit 1; }
-echo "release check: $(basename "$wheel") builds, passes twine check, installs and is listed by Airflow"
+# The sdist too: it builds and installs on its own (its dependencies are the wheel's, already there).
+sdist=$(ls dist/*.tar.gz)
+"$fresh/venv/bin/python" -m pip install --quiet --force-reinstall --no-deps "$sdist"
+listed=$("$fresh/venv/bin/airflow" providers list -o plain 2>/dev/null)
+echo "$listed" | grep -qE "airflow-provider-stripe-meter" || { echo "the sdist's install is not listed by Airflow" >&2; exit 1; }
+echo "release check: $(basename "$wheel") and $(basename "$sdist") build, pass twine check, install and are listed by Airflow"

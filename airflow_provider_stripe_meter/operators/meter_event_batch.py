@@ -133,6 +133,12 @@ class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
         ``s3://conn_id@bucket/key``, ...); the result names it in ``report_uri``. (templated)
     :param fail_on_error: Fail the task (no retry) when rows are invalid or Stripe rejects an
         aggregate, instead of returning ``success=False``.
+    :param billing_periods: Where the meter has a metered price, bill each customer's usage into
+        its billing periods (read from its subscriptions): ``"hold"`` (default) splits a day at a
+        period boundary, each part stamped in its own period, and holds usage no open invoice
+        will carry (``invoice_final``, ``subscription_ended``, ``no_invoice``: counted, summed,
+        sampled; the run is not a success); ``"carry"`` also bills a final period's usage on the
+        customer's open period, noted so in the ledger; ``"off"`` bills by UTC day alone.
 
     The source parameters (``rows``, ``sql``, ``sql_conn_id``, ``parameters``, ``columns``,
     ``naive_timezone``, ``safety_margin``, ``chunk_size``, ``sample_limit``) are those of
