@@ -17,6 +17,8 @@ one event, the top-up operator its corrections):
 * ``sent``, ``already_recorded``, ``rejected``, ``failed``, ``over``, ``customer_unknown``,
   ``billed_late``: what became of each customer-day;
 * ``skipped_too_old``, ``skipped_future``, ``invalid``: source rows left out, by reason;
+* ``invoice_final``, ``subscription_ended``, ``no_invoice``: customer-day parts held because no
+  open invoice will carry them (see the batch operator's ``billing_periods``);
 * ``events_sent``, ``requests``, ``rate_limited`` (429s): meter events and HTTP requests;
 
 the timer ``delivery``: time spent delivering events (milliseconds, as StatsD times are); and,
@@ -39,6 +41,8 @@ from airflow_provider_stripe_meter.billing.outcomes import METRIC_OUTCOMES
 PREFIX = "stripe_meter"
 DAY_COUNTERS = tuple(outcome.value for outcome in METRIC_OUTCOMES)
 ROW_COUNTERS = ("skipped_too_old", "skipped_future", "invalid")
+#: Customer-day parts held because no open invoice carries them (run-wide).
+INVOICE_COUNTERS = ("invoice_final", "subscription_ended", "no_invoice")
 REQUEST_COUNTERS = ("events_sent", "requests", "rate_limited")
 #: The meter tag of run-wide figures (rows, requests) of a batch that billed several meters.
 SEVERAL_METERS = "several"
@@ -104,7 +108,7 @@ class MeterMetrics:
             for name in DAY_COUNTERS:
                 self.count(name, counts.get(name, 0), meter)
         run_meter = names[0] if len(names) == 1 else SEVERAL_METERS
-        for name in (*ROW_COUNTERS, *REQUEST_COUNTERS):
+        for name in (*ROW_COUNTERS, *INVOICE_COUNTERS, *REQUEST_COUNTERS):
             self.count(name, outcome.get(name, 0), run_meter)
         self.time("delivery", outcome.get("seconds", 0.0), run_meter)
 
