@@ -7,6 +7,7 @@ The usage table lives in SQLite here (connection ``usage_db``); any common-sql d
 
 from __future__ import annotations
 
+# [START howto_daily_usage_dag]
 import pendulum
 from airflow.providers.common.sql.operators.sql import SQLExecuteQueryOperator
 from airflow.providers.standard.operators.empty import EmptyOperator
@@ -20,7 +21,6 @@ except ImportError:  # Airflow 3.1
 from airflow_provider_stripe_meter.macros import BILLING_MACROS
 from airflow_provider_stripe_meter.operators.meter_event_batch import StripeMeterEventBatchOperator
 
-# [START howto_daily_usage_dag]
 with DAG(
     dag_id="example_stripe_daily_usage",
     # A data-interval timetable: the run at 00:00 UTC covers the previous UTC day.
@@ -31,16 +31,21 @@ with DAG(
     user_defined_macros=BILLING_MACROS,
     tags=["example", "stripe"],
 ) as dag:
+    # Any common-sql connection: PostgreSQL, Snowflake, BigQuery, SQLite (here). The window's
+    # bounds render as '2026-01-01 00:00:00+00:00'; compare them as your warehouse compares
+    # timestamps (a timestamptz column in PostgreSQL takes them as they are).
     usage = SQLExecuteQueryOperator(
         task_id="usage",
         conn_id="usage_db",
         sql="SELECT customer_id, tokens, used_at FROM usage "
-        "WHERE datetime(used_at) >= datetime('{{ billing_window().start }}') "
-        "AND datetime(used_at) < datetime('{{ billing_window().end }}')",
+        "WHERE used_at >= '{{ billing_window().start }}' AND used_at < '{{ billing_window().end }}'",
     )
     bill = StripeMeterEventBatchOperator(
         task_id="bill",
         event_name="ai_tokens_used",
+        # Every row of the query goes through XCom (a row of Airflow's metadata database): fine
+        # for thousands of rows. For more, give the operator the query itself (sql=, sql_conn_id=):
+        # it streams the rows in chunks and keeps only counts and samples in XCom.
         rows=usage.output,
         # The ledger of every event sent: a table in a database the team owns.
         ledger_conn_id="usage_db",

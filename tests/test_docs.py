@@ -127,3 +127,16 @@ def test_the_pypi_page_starts_with_installing_and_links_only_absolutely():
     assert "./dev" not in text, "the sdist and wheel do not ship ./dev"
     relative = re.findall(r"\]\((?!https?://)([^)]+)\)", text)
     assert not relative, f"relative links 404 on PyPI: {relative}"
+
+
+def test_the_layout_in_the_testing_page_names_every_part_of_the_package():
+    package = ROOT / "airflow_provider_stripe_meter"
+    layout = " ".join(PAGES["testing.md"].split())
+    parts = [p.name + "/" for p in package.iterdir() if p.is_dir() and (p / "__init__.py").exists()]
+    parts += [
+        p.name
+        for p in package.glob("*.py")
+        if p.name not in ("__init__.py", "version.py", "get_provider_info.py")
+    ]
+    missing = [p for p in parts if f"`{p}" not in layout and f"/{p}`" not in layout]
+    assert not missing, f"docs/testing.md's layout does not name {missing}"
