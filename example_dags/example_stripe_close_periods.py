@@ -27,6 +27,14 @@ USAGE_SO_FAR = (
     "AND used_at < '{{ dag_run.run_after.strftime('%Y-%m-%d %H:%M:%S') }}'"
 )
 
+# The invoice check compares whole periods: it reads every row of the periods still open or in
+# their grace period (a monthly period and its grace fit in the last 40 days).
+OPEN_PERIODS = (
+    "SELECT customer_id, tokens, used_at FROM usage "
+    "WHERE used_at >= '{{ (dag_run.run_after - macros.timedelta(days=40)).strftime('%Y-%m-%d') }}' "
+    "AND used_at < '{{ dag_run.run_after.strftime('%Y-%m-%d %H:%M:%S') }}'"
+)
+
 # [START howto_close_periods]
 with DAG(
     dag_id="example_stripe_close_periods",
@@ -46,7 +54,7 @@ with DAG(
         billing_periods="hold",
     )
     check = StripeMeterInvoiceCheckOperator(
-        task_id="check_invoices", event_name="ai_tokens_used", sql=USAGE_SO_FAR, sql_conn_id="usage_db"
+        task_id="check_invoices", event_name="ai_tokens_used", sql=OPEN_PERIODS, sql_conn_id="usage_db"
     )
 
     @task.branch

@@ -131,66 +131,80 @@ def main() -> None:
     today = pendulum.today("UTC")
     expected = seed_usage(today)
     bag = DagBag(dag_folder=str(HOME / "dags"))
-    with LocalStripeServer(meters=["ai_tokens_used"]) as server:
+    with LocalStripeServer(meters=["ai_tokens_used", "support_minutes"]) as server:
         os.environ["AIRFLOW_CONN_STRIPE_DEFAULT"] = server.connection_json()
         say(f"Embedded Stripe meter server on {server.url} (stands in for api.stripe.com)")
 
-        say("\n== example_stripe_meter_event: one templated event, then branch on success")
+        say("\n== 1. example_stripe_meter_event: one support call's minutes, then branch on success")
         run = bag.get_dag("example_stripe_meter_event").test(
-            run_conf={"customer_id": "cus_demo_acme", "tokens": 1234}
+            run_conf={"customer_id": "cus_demo_acme", "minutes": 45}
         )
-        for event in server.ledger.accepted("ai_tokens_used"):
+        for event in server.ledger.accepted("support_minutes"):
             show(event)
         say(f"branch taken: {branch_taken(run, 'on_recorded', 'on_rejected')} (run state: {run.state})")
 
         daily = bag.get_dag("example_stripe_daily_usage")
         before = len(server.ledger.accepted())
-        say(f"\n== example_stripe_daily_usage for {today.subtract(days=1).to_date_string()} (00:00 UTC run)")
+        say(
+            "\n== 2. example_stripe_daily_usage: the 00:00 UTC run bills "
+            f"{today.subtract(days=1).to_date_string()}, one event per customer (tokens summed per UTC day)"
+        )
         run = daily.test(logical_date=today)
         result = outcome(run, "bill")
         for event in server.ledger.accepted()[before:]:
             show(event)
         billed = {e.customer_id: int(e.payload["value"]) for e in server.ledger.accepted()[before:]}
-        say(f"source table says {expected}; Stripe holds the same: {billed == expected}")
         say(
-            f"rows={result['rows']} aggregates={result['aggregates']} sent={result['sent']} "
-            f"-> branch taken: {branch_taken(run, 'all_billed', 'alert_billing_team')}"
+            f"tokens per customer in the usage table: {expected}; Stripe holds the same: {billed == expected}"
+        )
+        say(
+            f"{result['rows']} rows read -> {result['aggregates']} customer-days, {result['sent']} sent; "
+            f"branch taken: {branch_taken(run, 'all_billed', 'alert_billing_team')}"
         )
 
-        say("\n== the same night run again (a cleared run or a retry)")
+        say("\n== 3. the same night again (a cleared run or a retry): the ledger says it is billed")
         first_night = len(server.ledger.accepted()) - before
         run = daily.test(logical_date=today)
         result = outcome(run, "bill")
         again = len(server.ledger.accepted()) - before
         say(
-            f"sent={result['sent']} already_recorded={result['already_recorded']}; "
-            f"events on the server: {again} ({'unchanged' if again == first_night else 'CHANGED'})"
+            f"customer-days sent {result['sent']}, already in the ledger {result['already_recorded']}; "
+            f"events in Stripe for the night: {again} ({'unchanged' if again == first_night else 'CHANGED'})"
         )
 
         frm, to = today.subtract(days=40).to_date_string(), today.to_date_string()
-        say(f"\n== example_stripe_usage_backfill from {frm} to {to}: the 35-day window")
+        say(
+            f"\n== 4. example_stripe_usage_backfill from {frm} to {to}: 40 days, of which Stripe takes "
+            "the last 35"
+        )
         run = bag.get_dag("example_stripe_usage_backfill").test(run_conf={"from_date": frm, "to_date": to})
         result = outcome(run, "bill_range")
         say(
-            f"rows={result['rows']} aggregates={result['aggregates']} sent={result['sent']} "
-            f"already_recorded={result['already_recorded']} skipped_too_old={result['skipped_too_old']} "
-            f"(e.g. {result['samples']['skipped_too_old'][0]})"
+            f"{result['rows']:,} rows read -> {result['aggregates']} customer-days: {result['sent']} sent, "
+            f"{result['already_recorded']} already in the ledger (the night billed in 2); "
+            f"{result['skipped_too_old']} rows older than 35 days skipped and reported, "
+            f"e.g. {result['samples']['skipped_too_old'][0]}"
         )
-        say(f"branch taken: {branch_taken(run, 'all_billed', 'report_unbillable_usage')}")
+        say(f"branch taken: {branch_taken(run, 'all_billed', 'report_unbillable_usage')} (the skipped rows)")
         reconcile_late_rows(bag, server, today)
         say(
-            "\n== example_stripe_reconcile_deferrable: the same check, deferred (dag.test() runs the "
-            "trigger in-process; a deployment runs it in the triggerer)"
+            "\n== 6. example_stripe_reconcile_deferrable: the same check with deferrable=True: it waits "
+            "in the triggerer, holding no worker slot (dag.test() runs the trigger in-process)"
         )
         run = bag.get_dag("example_stripe_reconcile_deferrable").test(
             logical_date=today, run_conf={"settle_seconds": 0}
         )
         report = outcome(run, "reconcile")
         taken = branch_taken(run, "all_billed", "alert_billing_team")
-        say(f"reconcile counts {report['counts']}; branch taken: {taken}")
+        say(f"reconcile: customer-days per status {report['counts']}; branch taken: {taken}")
         say(f"the task's 'Stripe meter' link: {outcome(run, 'reconcile', '_link_StripeMeterLink')}")
-        total = sum(int(e.payload["value"]) for e in server.ledger.accepted())
-        say(f"\nStripe now holds {len(server.ledger.accepted())} meter events, {total} tokens in all.")
+        tokens = server.ledger.accepted("ai_tokens_used")
+        say(
+            f"\nStripe now holds {len(tokens)} ai_tokens_used events "
+            f"({sum(int(e.payload['value']) for e in tokens):,} tokens) and "
+            f"{len(server.ledger.accepted('support_minutes'))} support_minutes event."
+        )
+        close_periods(bag, server, today)
 
 
 def reconcile_late_rows(bag, server, today) -> None:
@@ -203,8 +217,10 @@ def reconcile_late_rows(bag, server, today) -> None:
     with sqlite3.connect(USAGE_DB) as con:
         con.executemany("INSERT INTO usage VALUES (?, ?, ?)", late)
     server.ledger.customers = set(CUSTOMERS)  # Stripe knows the four demo customers, not the ghost
-    say("\n== late rows arrive for yesterday (+500 tokens for cus_demo_acme) and for cus_demo_ghost,")
-    say("   a customer Stripe does not know: example_stripe_reconcile bills, reconciles, corrects")
+    say("\n== 5. late rows arrive for yesterday: +500 tokens for cus_demo_acme, and 42 for cus_demo_ghost,")
+    say("   a customer Stripe does not know. example_stripe_reconcile runs on two nights: its batch")
+    say("   bills the late rows itself (so its top-up branch has nothing to do), then its reconcile")
+    say("   sensor (reschedule mode: no worker slot held while it waits) compares with Stripe")
     dag = bag.get_dag("example_stripe_reconcile")
     for attempt in (1, 2):
         events_before = len(server.ledger.events)
@@ -213,13 +229,18 @@ def reconcile_late_rows(bag, server, today) -> None:
         billed = outcome(run, "bill")
         received = len(server.ledger.events) - events_before
         counted = len(server.ledger.accepted()) - counted_before
+        why = (
+            "Stripe answers 200 for an unknown customer's event and drops it; the sensor finds it"
+            if attempt == 1
+            else "the ghost's events, marked dropped by the sensor, are sent again; Stripe drops them "
+            "again until the customer exists"
+        )
         say(
-            f"run {attempt}: bill sent {billed['sent']} customer-day(s) ({billed['actions']}); "
-            f"Stripe received {received} event(s) and counts {counted} "
-            f"(it drops events of a customer it does not know: the reconcile sensor finds them)"
+            f"night {attempt}: the batch sent {billed['sent']} customer-day(s); Stripe received {received} "
+            f"event(s) and counts {counted}: {why}"
         )
         report = outcome(run, "reconcile")
-        say(f"  reconcile counts {report['counts']}")
+        say(f"  reconcile: customer-days per status {report['counts']}")
         for line in report["lines"]:
             if line["status"] != "ok":
                 say(
@@ -232,7 +253,7 @@ def reconcile_late_rows(bag, server, today) -> None:
             for t in ("top_up_late_usage", "alert_billing_team", "all_billed")
             if task_state.get(t) == "success"
         ]
-        say(f"  branches taken: {', '.join(taken)}")
+        say(f"  branch taken: {', '.join(taken)}")
         if task_state.get("top_up_late_usage") == "success":
             top_up = outcome(run, "top_up_late_usage")
             say(
@@ -250,6 +271,55 @@ def reconcile_late_rows(bag, server, today) -> None:
             (yesterday.to_date_string(),),
         ).fetchone()[0]
     say(f"cus_demo_acme yesterday: source {source} tokens, Stripe {acme}: equal = {acme == source}")
+
+
+def close_periods(bag, server, today) -> None:
+    """Subscriptions arrive: bill each customer's usage into its billing periods, check the invoices."""
+    yesterday = today.subtract(days=1)
+    boundary = yesterday.add(hours=14, minutes=37, seconds=12)
+    billing = server.ledger.billing
+    billing.grace = 72 * 3600
+    price = billing.add_price("ai_tokens_used")
+    for customer in CUSTOMERS:
+        # Started the day before yesterday; the first (prorated) period ends yesterday at 14:37:12
+        # UTC, and monthly periods follow from there.
+        billing.subscribe(
+            customer,
+            price,
+            anchor=int(boundary.timestamp()),
+            start=int(yesterday.subtract(days=1).timestamp()),
+        )
+    say(
+        f"\n== 7. example_stripe_close_periods: subscriptions arrive; each customer's first period ends "
+        f"{boundary.strftime('%Y-%m-%d %H:%M:%S')} UTC, inside the day billed in 2"
+    )
+    say("   (the account's grace period is 72 h, so that period's draft invoice is still open)")
+    run = bag.get_dag("example_stripe_close_periods").test()
+    billed, check = outcome(run, "bill"), outcome(run, "check_invoices")
+    invoices = billed["invoices"]
+    say(
+        f"the batch billed yesterday again part by part from the ledger: {billed['events_sent']} events move "
+        f"the usage before 14:37:12 onto the closing invoice; held because no invoice carries it: "
+        f"no_invoice {invoices['no_invoice']} (cus_demo_ghost has no subscription)"
+    )
+    figures = billing.invoice_quantities()
+    start = yesterday.subtract(days=1)
+    with sqlite3.connect(USAGE_DB) as con:
+        for customer in CUSTOMERS[:2]:
+            source = con.execute(
+                "SELECT SUM(tokens) FROM usage WHERE customer_id = ? AND used_at >= ? AND used_at < ?",
+                (customer, start.strftime("%Y-%m-%d %H:%M:%S"), boundary.strftime("%Y-%m-%d %H:%M:%S")),
+            ).fetchone()[0]
+            mine = {(s, e): q for (c, s, e), (q, status) in figures.items() if c == customer}
+            closing = next(q for (_, end), q in mine.items() if end == int(boundary.timestamp()))
+            say(
+                f"  {customer}: usage table from {start.strftime('%Y-%m-%d %H:%M')} to the period's end: "
+                f"{source} tokens; its closing invoice (a draft) bills {closing}"
+            )
+    say(
+        f"invoice check: {check['counts']} (draft and upcoming invoices against the source); branch "
+        f"taken: {branch_taken(run, 'invoices_match', 'alert_billing_team')} (the ghost's usage is held)"
+    )
 
 
 if __name__ == "__main__":
