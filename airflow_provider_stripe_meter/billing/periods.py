@@ -148,18 +148,27 @@ def customer_periods(
     item: Mapping[str, Any],
     since: int,
     drafts: Mapping[tuple[str, int], int],
+    *,
+    grace: int | None = None,
+    until: int | None = None,
 ) -> CustomerPeriods:
-    """A subscription item's periods from ``since`` to its current one.
+    """A subscription item's periods from ``since`` to its current one, or up to ``until``.
 
     Stripe gives only the current period; earlier ones follow from the anchor and the price's
     interval (months counted from the anchor, clamped to each month's last day), back to the
     subscription's start. ``drafts`` maps (subscription, period end) to when its draft invoice
-    finalizes.
+    finalizes; otherwise a period finalizes ``grace`` seconds after its end (``None``: unknown,
+    so a period that ended counts as final). Periods that began after the item's current one,
+    up to ``until``, follow from the anchor too (a subscription read before it renewed), but
+    never past ``cancel_at``.
     """
     sub_id = str(subscription["id"])
     anchor = int(subscription.get("billing_cycle_anchor") or item["current_period_start"])
     start_date = int(subscription.get("start_date") or anchor)
     ended_at = subscription.get("ended_at")
+    cancel_at = subscription.get("cancel_at")
+    if ended_at is None and cancel_at is not None and until is not None and int(cancel_at) <= until:
+        ended_at = cancel_at  # it ended since it was read
     recurring = (item.get("price") or {}).get("recurring") or {}
     interval, count = str(recurring.get("interval") or "month"), int(recurring.get("interval_count") or 1)
     current = (int(item["current_period_start"]), int(item["current_period_end"]))
@@ -175,6 +184,20 @@ def customer_periods(
         n -= 1
     if bounds[-1] > start_date and bounds[-1] > since:
         bounds.append(start_date)  # the prorated first period, before the anchor
+    if until is not None and ended_at is None:
+        k = 0
+        while _boundary(anchor, interval, count, k) < current[1]:
+            k += 1
+        last = current[1]
+        while last <= until:  # the period starting at ``last`` has begun: add its end
+            k += 1
+            nxt = _boundary(anchor, interval, count, k)
+            if cancel_at is not None:
+                nxt = min(nxt, int(cancel_at))
+            if nxt <= last:
+                break
+            bounds.append(nxt)
+            last = nxt
     bounds = sorted(set(bounds))
     periods = []
     for lo, hi in pairwise(bounds):
@@ -184,7 +207,6 @@ def customer_periods(
             if lo >= int(ended_at):
                 continue
             hi = min(hi, int(ended_at))
-        periods.append(
-            Period(lo, hi, sub_id, drafts.get((sub_id, hi)), str((item.get("price") or {}).get("id") or ""))
-        )
+        finalizes = drafts.get((sub_id, hi), hi + grace if grace is not None else None)
+        periods.append(Period(lo, hi, sub_id, finalizes, str((item.get("price") or {}).get("id") or "")))
     return CustomerPeriods(periods, int(ended_at) if ended_at is not None else None)

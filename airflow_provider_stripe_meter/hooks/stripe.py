@@ -29,7 +29,6 @@ if TYPE_CHECKING:
 
     import stripe
 
-    from airflow_provider_stripe_meter.billing.periods import PeriodBook
     from airflow_provider_stripe_meter.utils.rules import MeterEvent
 
 DEFAULT_MAX_NETWORK_RETRIES = 3
@@ -455,60 +454,67 @@ class StripeHook(BaseHook):
                         )
         return {"reports": reports, "error_count": sum(codes.values()), "codes": codes, "samples": found}
 
-    def billing_periods(self, meters: dict[str, str], since: int, now: int) -> PeriodBook:
-        """The billing periods of every customer subscribed to a metered price on ``meters``.
+    def metered_prices(self, meter_ids: set[str]) -> list[dict[str, Any]]:
+        """The account's active recurring prices metered on one of ``meter_ids``.
 
-        ``meters`` maps event names to meter ids. Reads, each paged at 100 a request: the
-        account's recurring prices (those with ``recurring.meter`` on one of the meters), the
-        subscriptions of each such price whose current period ends after ``since`` (items
-        embedded: the periods live on the item), and the draft invoices (when each finalizes).
-        About one request per 100 subscriptions, not one per customer.
-
-        .. seealso:: https://docs.stripe.com/api/subscriptions/list
-        .. seealso:: https://docs.stripe.com/api/invoices/list
+        .. seealso:: https://docs.stripe.com/api/prices/list
         """
-        from airflow_provider_stripe_meter.billing.periods import (
-            CustomerPeriods,
-            PeriodBook,
-            customer_periods,
-        )
-
-        by_meter = {meter_id: name for name, meter_id in meters.items()}
-
-        every = self._list_json
-        prices = [
+        return [
             p
-            for p in every("/v1/prices", {"type": "recurring", "active": True})
-            if (p.get("recurring") or {}).get("meter") in by_meter
+            for p in self._list_json("/v1/prices", {"type": "recurring", "active": True})
+            if (p.get("recurring") or {}).get("meter") in meter_ids
             and (p.get("recurring") or {}).get("usage_type") == "metered"
         ]
-        if not prices:  # no metered price on these meters: no invoice, nothing more to read
-            return PeriodBook({}, (), now)
-        drafts = {
-            (str(i.get("subscription") or ""), int(i["period_end"])): int(i["automatically_finalizes_at"])
-            for i in every("/v1/invoices", {"status": "draft"})
-            if i.get("automatically_finalizes_at")
-        }
-        customers: dict[tuple[str, str], CustomerPeriods] = {}
-        for price in prices:
-            name = by_meter[price["recurring"]["meter"]]
-            subscriptions = every(
-                "/v1/subscriptions",
-                {"price": price["id"], "status": "all", "current_period_end": {"gte": since}},
-            )
-            for sub in subscriptions:
-                for item in (sub.get("items") or {}).get("data") or []:
-                    if (item.get("price") or {}).get("id") != price["id"]:
-                        continue
-                    found = customer_periods(sub, item, since, drafts)
-                    key = (name, str(sub["customer"]))
-                    known = customers.get(key)
-                    if known is None:
-                        customers[key] = found
-                    else:  # a second subscription on the meter: both periods count
-                        customers[key] = CustomerPeriods(known.periods + found.periods, found.ended_at)
-        metered = {by_meter[p["recurring"]["meter"]] for p in prices}
-        return PeriodBook(customers, metered, now)
+
+    def subscriptions_of(self, price_ids: Sequence[str], since: int) -> list[dict[str, Any]]:
+        """Every subscription on ``price_ids`` (any status) whose current period ends after ``since``,
+        items embedded: one request per 100.
+
+        .. seealso:: https://docs.stripe.com/api/subscriptions/list
+        """
+        found: dict[str, dict[str, Any]] = {}
+        for price in price_ids:
+            params = {"price": price, "status": "all", "current_period_end": {"gte": since}}
+            for subscription in self._list_json("/v1/subscriptions", params):
+                found[str(subscription["id"])] = subscription
+        return list(found.values())
+
+    def subscription_changes(self, since: int) -> list[dict[str, Any]]:
+        """The subscriptions created, updated (a renewal too) or deleted after ``since``, each as
+        its newest event shows it: one request per 100 events (Stripe keeps 30 days).
+
+        .. seealso:: https://docs.stripe.com/api/events/list
+        """
+        events = self._list_json(
+            "/v1/events",
+            {
+                "types": [
+                    "customer.subscription.created",
+                    "customer.subscription.updated",
+                    "customer.subscription.deleted",
+                ],
+                "created": {"gt": since},
+            },
+        )
+        newest: dict[str, dict[str, Any]] = {}
+        for event in events:  # newest first
+            subscription = (event.get("data") or {}).get("object") or {}
+            if subscription.get("id") and subscription["id"] not in newest:
+                newest[subscription["id"]] = subscription
+        return list(newest.values())
+
+    def finalization_grace(self) -> int | None:
+        """The account's finalization grace period in seconds, read from a draft subscription
+        invoice (``automatically_finalizes_at`` less its period's end); ``None`` with no draft
+        (then no period that ended is still open).
+
+        .. seealso:: https://docs.stripe.com/billing/subscriptions/usage-based/configure-grace-period
+        """
+        page = self._call(self.client.raw_request, "get", "/v1/invoices", status="draft", limit=10).data
+        for invoice in page.get("data") or []:
+            if invoice.get("subscription") and invoice.get("automatically_finalizes_at"):
+                return int(invoice["automatically_finalizes_at"]) - int(invoice["period_end"])
+        return None
 
     def draft_invoices(self) -> list[dict[str, Any]]:
         """Every draft invoice of the account (lines embedded), paged at 100 a request.

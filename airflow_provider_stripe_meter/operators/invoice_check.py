@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from airflow_provider_stripe_meter.ledger.schema import DEFAULT_TABLE, check_table_name
 from airflow_provider_stripe_meter.operators.base import StripeBaseOperator, StripeUsageSourceOperator
-from airflow_provider_stripe_meter.utils import clock
 from airflow_provider_stripe_meter.utils.rules import check_fixed_event_name
 
 if TYPE_CHECKING:
@@ -35,6 +35,9 @@ class StripeMeterInvoiceCheckOperator(StripeUsageSourceOperator):
     .. seealso:: https://docs.stripe.com/billing/subscriptions/usage-based/configure-grace-period
 
     :param event_name: The meter's event name. (templated)
+    :param ledger_conn_id: The batch operator's ledger database (default ``sql_conn_id``;
+        required with ``rows=``), where the meter's subscriptions are kept between runs.
+    :param ledger_table: The ledger's table (default ``stripe_meter_ledger``).
     :param line_limit: Lines kept in the result (it is an XCom: a row of Airflow's database).
 
     The source parameters are those of
@@ -49,10 +52,26 @@ class StripeMeterInvoiceCheckOperator(StripeUsageSourceOperator):
         *StripeBaseOperator.template_fields,
     )
 
-    def __init__(self, *, event_name: str, line_limit: int = 1_000, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        event_name: str,
+        ledger_conn_id: str | None = None,
+        ledger_table: str = DEFAULT_TABLE,
+        line_limit: int = 1_000,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         check_fixed_event_name(event_name)
         self.event_name = event_name
+        ledger_conn = ledger_conn_id or self.sql_conn_id
+        if not ledger_conn:
+            raise ValueError(
+                "ledger_conn_id is required with rows=: the meter's subscriptions are kept beside the "
+                "batch operator's ledger; with sql= it defaults to sql_conn_id"
+            )
+        self.ledger_conn_id: str = ledger_conn
+        self.ledger_table = check_table_name(ledger_table)
         self.line_limit = line_limit
 
     def execute(self, context: Context) -> dict[str, Any]:
@@ -63,14 +82,16 @@ class StripeMeterInvoiceCheckOperator(StripeUsageSourceOperator):
             source_per_period,
         )
         from airflow_provider_stripe_meter.billing.meters import meter_spec
-        from airflow_provider_stripe_meter.utils.aggregation import DEFAULT_SAFETY_MARGIN
-        from airflow_provider_stripe_meter.utils.rules import PAST_WINDOW
+        from airflow_provider_stripe_meter.state.ledger import ledger_on
+        from airflow_provider_stripe_meter.state.periods import read_billing_periods
 
-        now = int(clock.now())
         meter = self.hook.active_meter(self.event_name)
         spec = meter_spec(meter)
-        since = now - int((PAST_WINDOW - DEFAULT_SAFETY_MARGIN).total_seconds()) - 86400
-        periods = self.hook.billing_periods({self.event_name: meter["id"]}, since, now)
+        ledger = ledger_on(self.ledger_conn_id, self.ledger_table)
+        try:
+            periods = read_billing_periods(self, ledger, self.event_name)
+        finally:
+            ledger.close()
         aggregator = self.read_usage(self.event_name, split=periods.split())
         source = source_per_period(aggregator.finish(), spec, periods)
 

@@ -24,6 +24,7 @@ from airflow_provider_stripe_meter.operators.base import (
     meter_outlets,
     update_meter_assets,
 )
+from airflow_provider_stripe_meter.state.periods import read_billing_periods
 from airflow_provider_stripe_meter.utils import clock
 from airflow_provider_stripe_meter.utils.aggregation import paused_gc
 from airflow_provider_stripe_meter.utils.rules import check_fixed_event_name
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
     from airflow_provider_stripe_meter.billing.periods import PeriodBook
     from airflow_provider_stripe_meter.billing.result import BatchResult, SourceFigures
     from airflow_provider_stripe_meter.billing.run import BillingRun, Usage
+    from airflow_provider_stripe_meter.ledger.store import SqlLedger
     from airflow_provider_stripe_meter.utils.aggregation import DailyAggregate, UsageAggregator
 
 APIS = ("v1", "v2_stream")
@@ -236,7 +238,12 @@ class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
         from airflow_provider_stripe_meter.billing.run import BillingRun, Usage
         from airflow_provider_stripe_meter.state.ledger import ledger_on, ledger_writer
 
-        periods = self._read_periods()
+        ledger = ledger_on(self.ledger_conn_id, self.ledger_table)
+        try:
+            periods = self._read_periods(ledger)
+        except BaseException:
+            ledger.close()
+            raise
         aggregator = self.read_usage(
             self.event_name,
             keep_too_old=self.too_old == "bill_at_oldest",
@@ -245,7 +252,6 @@ class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
         with paused_gc():
             aggregates = aggregator.finish()
         self._log_problems(aggregator)
-        ledger = ledger_on(self.ledger_conn_id, self.ledger_table)
         run = BillingRun(
             self._settings(context),
             self.hook,
@@ -280,35 +286,17 @@ class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
             update_meter_assets(self, context, _asset_extra(outcome, aggregates), meters)
         return outcome
 
-    def _read_periods(self) -> PeriodBook | None:
+    def _read_periods(self, ledger: SqlLedger) -> PeriodBook | None:
         """The customers' billing periods on the meters billed (``billing_periods`` not ``"off"``).
 
         Read before the source, so each day is aggregated in parts at its customer's period
-        boundaries. A fixed ``event_name`` reads its meter's; per-row names read every active meter's.
+        boundaries. A fixed ``event_name`` reads its meter's; per-row names read every active
+        meter's. The subscriptions are kept beside the ledger and brought up to date from
+        Stripe's events (:mod:`~airflow_provider_stripe_meter.billing.period_sync`).
         """
         if self.billing_periods == "off":
             return None
-        from airflow_provider_stripe_meter.utils.aggregation import DEFAULT_SAFETY_MARGIN
-        from airflow_provider_stripe_meter.utils.rules import PAST_WINDOW
-
-        now = int(clock.now())
-        if self.event_name:
-            meters = {self.event_name: self.hook.active_meter(self.event_name)["id"]}
-        else:
-            meters = {
-                name: found[0]["id"]
-                for name, found in self.hook.meters_by_event_name().items()
-                if found and found[0].get("status") == "active"
-            }
-        since = now - int((PAST_WINDOW - DEFAULT_SAFETY_MARGIN).total_seconds()) - 86400
-        periods = self.hook.billing_periods(meters, since, now)
-        self.log.info(
-            "Billing periods: %d customers subscribed on %s; days that straddle a period boundary "
-            "are billed in parts",
-            len(periods.customers),
-            ", ".join(sorted(periods.metered)) or "no meter with a metered price (billed by UTC day)",
-        )
-        return periods
+        return read_billing_periods(self, ledger, self.event_name)
 
     def _write_report(self, run: BillingRun) -> str | None:
         """Write every customer-day of the run (plan and outcome) to ``report_path``, if named."""

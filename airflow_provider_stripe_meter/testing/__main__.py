@@ -71,7 +71,9 @@ def main(argv: list[str] | None = None) -> None:
         now = int(time.time())
         for i in range(args.subscriptions):
             anchor = now - (i % 30) * 86400 - 3600 - i % 3600
-            billing.subscribe(f"cus_bench{i:06d}", price, anchor=anchor, start=anchor - 60 * 86400)
+            start = anchor - 60 * 86400
+            # Made long ago: no customer.subscription.created event inside any run's window.
+            billing.subscribe(f"cus_bench{i:06d}", price, anchor=anchor, start=start, created_at=start)
     print(f"Local Stripe meter server on {server.url}", flush=True)
     print(f"AIRFLOW_CONN_STRIPE_DEFAULT='{server.connection_json(args.api_key)}'", flush=True)
     stop = threading.Event()

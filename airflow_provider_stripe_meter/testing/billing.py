@@ -92,6 +92,9 @@ class Subscription:
     #: When it ends (``cancel_at``, or the period end for ``cancel_at_period_end``).
     cancel_at: int | None = None
     created: int = 0
+    #: When the API calls that made and changed it happened: (time, event type). Stripe's
+    #: ``customer.subscription.*`` events are stamped with these, not with the subscription's dates.
+    changes: list[tuple[int, str]] = field(default_factory=list)
 
     def step(self, start: int, count: int) -> int:
         """The period boundary ``count`` intervals after ``start`` (anchor-based for months)."""
@@ -171,8 +174,13 @@ class BillingModel:
         anchor: int,
         start: int | None = None,
         cancel_at: int | None = None,
+        created_at: int | None = None,
     ) -> Subscription:
-        """Subscribe ``customer`` to ``price``, periods starting at ``anchor`` (``start``: when it began)."""
+        """Subscribe ``customer`` to ``price``, periods starting at ``anchor`` (``start``: when it began).
+
+        ``created_at`` is when the API call happened (default now): its
+        ``customer.subscription.created`` event carries that time.
+        """
         n = next(self._ids)
         sub = Subscription(
             f"sub_local{n:04d}",
@@ -184,8 +192,42 @@ class BillingModel:
             cancel_at=cancel_at,
             created=start if start is not None else anchor,
         )
+        sub.changes.append((int(self.ledger.clock()) if created_at is None else created_at, "created"))
         self.subscriptions[sub.id] = sub
         return sub
+
+    def cancel(self, sub: Subscription, at: int) -> None:
+        """Cancel ``sub`` at ``at`` (now or later): a ``customer.subscription.updated`` event now."""
+        sub.cancel_at = at
+        sub.changes.append((int(self.ledger.clock()), "updated"))
+
+    def events(self, after: int) -> list[dict[str, Any]]:
+        """``customer.subscription.*`` events created after ``after``, newest first: each call that
+        made or changed a subscription, each renewal (a new period began), each end."""
+        now = self._now()
+        found: list[tuple[int, str, Subscription]] = []
+        for sub in self.subscriptions.values():
+            moments = [(at, kind) for at, kind in sub.changes if after < at <= now]
+            made = sub.changes[0][0] if sub.changes else sub.created
+            for start, _ in sub.periods(now + 1):
+                if after < start <= now and start > made:
+                    moments.append((start, "updated"))
+            ended = sub.ended_at(now)
+            if ended is not None and after < ended <= now:
+                moments.append((ended, "deleted"))
+            found.extend((at, kind, sub) for at, kind in moments)
+        found.sort(key=lambda f: f[0], reverse=True)
+        return [
+            {
+                "id": f"evt_{sub.id[4:]}_{at}_{kind}",
+                "object": "event",
+                "type": f"customer.subscription.{kind}",
+                "created": at,
+                "livemode": False,
+                "data": {"object": self.subscription_object(sub)},
+            }
+            for at, kind, sub in found
+        ]
 
     # -- what Stripe shows -----------------------------------------------------------------
 

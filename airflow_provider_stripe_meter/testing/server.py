@@ -367,6 +367,7 @@ _ROUTES: list[tuple[str, re.Pattern[str], str, str]] = [
     ("GET", re.compile(r"/v1/prices"), "", "v1_prices"),
     ("GET", re.compile(r"/v1/subscriptions"), "", "v1_subscriptions"),
     ("GET", re.compile(r"/v1/invoices"), "", "v1_invoices"),
+    ("GET", re.compile(r"/v1/events"), "", "v1_events"),
     ("POST", re.compile(r"/v1/invoices/create_preview"), "", "v1_invoice_preview"),
     # Not Stripe's: what this server holds, for benchmarks and people driving it from another process.
     ("GET", re.compile(r"/_local/summary"), "", "local_summary"),
@@ -916,6 +917,19 @@ class _Handler(BaseHTTPRequestHandler):
             return invoices
 
         return _paginate(billing.listing({"invoices": "1", **params}, build), params, "/v1/invoices")
+
+    def _h_v1_events(self, body: Any, match: re.Match[str], query: str) -> dict[str, Any]:
+        """``GET /v1/events``: the subscriptions' events, filters ``types[]`` and ``created[gt]``."""
+        params = dict(parse_qsl(query))
+        types = [v for k, v in parse_qsl(query) if k.startswith("types")]
+        after = int(params.get("created[gt]") or 0)
+        billing = self.ledger.billing
+
+        def build() -> list[Any]:
+            found = billing.events(after)
+            return [e for e in found if not types or e["type"] in types]
+
+        return _paginate(billing.listing({"events": "1", **params}, build), params, "/v1/events")
 
     def _h_v1_invoice_preview(self, body: Any, match: re.Match[str], query: str) -> dict[str, Any]:
         """``POST /v1/invoices/create_preview``: the subscription's upcoming invoice, as it stands."""

@@ -71,7 +71,11 @@ def invoices(server, customer: str) -> dict[tuple[int, int], tuple[int, str]]:
 def subscribe(server, customers, **kwargs):
     price = server.ledger.billing.add_price("ai_tokens_used")
     return [
-        server.ledger.billing.subscribe(c, price, anchor=int(ANCHOR.timestamp()), **kwargs) for c in customers
+        # Subscribed back when the anchor was (the API call's time stamps its events).
+        server.ledger.billing.subscribe(
+            c, price, anchor=int(ANCHOR.timestamp()), created_at=int(ANCHOR.timestamp()), **kwargs
+        )
+        for c in customers
     ]
 
 
@@ -194,7 +198,9 @@ def test_a_subscription_that_starts_mid_day_bills_from_its_start_and_reports_the
 ):
     start = pendulum.datetime(2026, 11, 30, 9, 0, tz="UTC")
     price = secret_server.ledger.billing.add_price("ai_tokens_used")
-    secret_server.ledger.billing.subscribe("cus_new", price, anchor=int(start.timestamp()))
+    secret_server.ledger.billing.subscribe(
+        "cus_new", price, anchor=int(start.timestamp()), created_at=int(start.timestamp())
+    )
     add_rows(usage_db, rows_at(("cus_new", 50, "08:00:00"), ("cus_new", 70, "12:00:00")))
     at_time(NIGHTLY)
 
@@ -237,7 +243,9 @@ def test_a_mapped_run_over_two_connected_accounts_bills_each_accounts_invoices(u
             ledger.clock = clock.now
             ledger.billing.grace = 24 * 3600
             price = ledger.billing.add_price("ai_tokens_used")
-            ledger.billing.subscribe("cus_shared", price, anchor=int(anchor.timestamp()))
+            ledger.billing.subscribe(
+                "cus_shared", price, anchor=int(anchor.timestamp()), created_at=int(anchor.timestamp())
+            )
 
         run = run_dag(
             "t_invoice_mapped", run_conf={"from": "2026-11-30 00:00:00", "to": "2026-12-01 00:00:00"}
@@ -305,3 +313,45 @@ def test_the_invoice_check_finds_a_draft_short_of_the_source_and_names_its_deadl
         ("cus_a", "upcoming"): (70, 70),
         ("cus_b", "draft"): (5, 5),
     }
+
+
+def test_after_the_first_run_subscriptions_are_brought_up_to_date_from_stripes_events(
+    secret_server, usage_db, at_time
+):
+    # Night 1 lists the meter's subscriptions in full and keeps them beside the ledger.
+    secret_server.ledger.billing.grace = 24 * 3600
+    [sub_a] = subscribe(secret_server, ["cus_a"])
+    add_rows(usage_db, [("cus_a", 5, "2026-11-28 10:00:00")])
+    at_time(pendulum.datetime(2026, 11, 29, 1, 0, tz="UTC"))
+    first = bill("t_invoice_hold", pendulum.datetime(2026, 11, 29, tz="UTC"), start="2026-11-28 00:00:00")
+    assert first["success"] is True
+    listed = secret_server.stats["v1_subscriptions"]
+
+    # During the day cus_a cancels (ending at noon) and cus_new subscribes from 09:00.
+    at_time(pendulum.datetime(2026, 11, 30, 10, 0, tz="UTC"))
+    noon = int(pendulum.datetime(2026, 11, 30, 12, 0, tz="UTC").timestamp())
+    secret_server.ledger.billing.cancel(sub_a, noon)
+    nine = int(pendulum.datetime(2026, 11, 30, 9, 0, tz="UTC").timestamp())
+    price = sub_a.price
+    secret_server.ledger.billing.subscribe("cus_new", price, anchor=nine)
+    add_rows(
+        usage_db,
+        rows_at(
+            ("cus_a", 10, "11:00:00"),
+            ("cus_a", 20, "13:00:00"),
+            ("cus_new", 7, "08:00:00"),
+            ("cus_new", 9, "10:00:00"),
+        ),
+    )
+
+    # Night 2 reads only the events since night 1: no subscription is listed again.
+    at_time(NIGHTLY)
+    second = bill("t_invoice_hold", NIGHTLY.start_of("day"))
+
+    assert secret_server.stats["v1_subscriptions"] == listed
+    assert secret_server.stats["v1_events"] >= 1
+    assert second["invoices"]["subscription_ended"] == {"customer_days": 1, "value": 20}
+    assert second["invoices"]["no_invoice"] == {"customer_days": 1, "value": 7}
+    assert invoices(secret_server, "cus_a") == {(NOV[0], noon): (15, "draft")}
+    new_period = (nine, int(pendulum.datetime(2026, 12, 30, 9, 0, tz="UTC").timestamp()))
+    assert invoices(secret_server, "cus_new") == {new_period: (9, "upcoming")}

@@ -1,0 +1,49 @@
+"""The customers' billing periods for a task: Stripe through the task's hook, the subscriptions
+table through its ledger's connection."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from airflow_provider_stripe_meter.utils import clock
+
+if TYPE_CHECKING:
+    from airflow_provider_stripe_meter.billing.periods import PeriodBook
+    from airflow_provider_stripe_meter.ledger.store import SqlLedger
+    from airflow_provider_stripe_meter.operators.base import StripeBaseOperator
+
+
+def read_billing_periods(
+    operator: StripeBaseOperator, ledger: SqlLedger, event_name: str | None
+) -> PeriodBook:
+    """The periods of the meter of ``event_name`` (``None``: of every active meter), logged."""
+    from airflow_provider_stripe_meter.billing.period_sync import read_periods
+    from airflow_provider_stripe_meter.ledger.subscriptions import SubscriptionCache
+    from airflow_provider_stripe_meter.utils.aggregation import DEFAULT_SAFETY_MARGIN
+    from airflow_provider_stripe_meter.utils.rules import PAST_WINDOW
+
+    hook = operator.hook
+    now = int(clock.now())
+    if event_name:
+        meters = {event_name: hook.active_meter(event_name)["id"]}
+    else:
+        meters = {
+            name: found[0]["id"]
+            for name, found in hook.meters_by_event_name().items()
+            if found and found[0].get("status") == "active"
+        }
+    # Periods reaching back over every day Stripe still takes usage for (and one more).
+    since = now - int((PAST_WINDOW - DEFAULT_SAFETY_MARGIN).total_seconds()) - 86400
+    periods, figures = read_periods(
+        hook, SubscriptionCache(ledger), meters, operator.billed_account() or "platform", since, now
+    )
+    operator.log.info(
+        "Billing periods: %d customers subscribed on %s (subscriptions listed %d, changes read %d, "
+        "kept %d); days that straddle a period boundary are billed in parts",
+        len(periods.customers),
+        ", ".join(sorted(periods.metered)) or "no meter with a metered price (billed by UTC day)",
+        figures["listed"],
+        figures["changes"],
+        figures["cached"],
+    )
+    return periods
