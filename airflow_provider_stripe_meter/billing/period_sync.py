@@ -20,11 +20,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from airflow_provider_stripe_meter.billing.periods import CustomerPeriods, PeriodBook, customer_periods
+from airflow_provider_stripe_meter.billing.periods import PeriodBook, StoredPeriods, customer_periods
 from airflow_provider_stripe_meter.ledger.subscriptions import (
     SubscriptionCache,
     SyncState,
-    as_objects,
     row_of,
 )
 
@@ -55,7 +54,7 @@ def read_periods(
         return PeriodBook({}, (), now), figures
     grace = stripe.finalization_grace()
     changes: list[dict[str, Any]] | None = None
-    customers: dict[tuple[str, str], CustomerPeriods] = {}
+    customers = StoredPeriods(grace)
     metered = set()
     for name, meter_id in meters.items():
         ids = tuple(sorted(p["id"] for p in prices if p["recurring"]["meter"] == meter_id))
@@ -88,14 +87,22 @@ def read_periods(
         cached = cache.rows(account, meter_id)
         figures["cached"] += len(cached)
         for row in cached:
-            subscription, item = as_objects(row)
-            found = customer_periods(subscription, item, since, {}, grace=grace, until=now)
-            key = (name, str(subscription["customer"]))
-            known = customers.get(key)
-            customers[key] = (
-                found if known is None else CustomerPeriods(known.periods + found.periods, found.ended_at)
+            # (account, meter, subscription, customer, price, anchor, start, ended, cancel, ..., bounds)
+            ended = row[7] if row[7] is not None else row[8]
+            customers.add(
+                (name, str(row[3])),
+                str(row[2]),
+                str(row[4]),
+                tuple(int(b) for b in str(row[-1]).split(",") if b),
+                int(row[6]),
+                int(ended) if ended is not None else None,
             )
     return PeriodBook(customers, metered, now), figures
+
+
+#: How far around the current period the stored boundaries reach (a run looks back 36 days,
+#: and a row is written again at each renewal).
+HORIZON = 70 * 86400
 
 
 def _rows(
@@ -105,5 +112,12 @@ def _rows(
     for subscription in subscriptions:
         for item in (subscription.get("items") or {}).get("data") or []:
             if (item.get("price") or {}).get("id") in ids:
-                rows.append(row_of(account, meter_id, subscription, item))
+                found = customer_periods(
+                    subscription,
+                    item,
+                    int(item["current_period_start"]) - HORIZON,
+                    {},
+                    until=int(item["current_period_end"]) + HORIZON,
+                )
+                rows.append(row_of(account, meter_id, subscription, item, found.boundaries()))
     return rows

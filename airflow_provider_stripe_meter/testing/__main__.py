@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> None:
             anchor = now - (i % 30) * 86400 - 3600 - i % 3600
             start = anchor - 60 * 86400
             # Made long ago: no customer.subscription.created event inside any run's window.
-            billing.subscribe(f"cus_bench{i:06d}", price, anchor=anchor, start=start, created_at=start)
+            sub = billing.subscribe(f"cus_bench{i:06d}", price, anchor=anchor, start=start, created_at=start)
+            sub.starts_between(0, 0)  # works out its renewals now, not in the first events list
     print(f"Local Stripe meter server on {server.url}", flush=True)
     print(f"AIRFLOW_CONN_STRIPE_DEFAULT='{server.connection_json(args.api_key)}'", flush=True)
     stop = threading.Event()

@@ -19,6 +19,7 @@ clock sees invoices draft, then final, exactly as Stripe would show them then.
 
 from __future__ import annotations
 
+import bisect
 import calendar
 import itertools
 from dataclasses import dataclass, field
@@ -123,6 +124,33 @@ class Subscription:
             out = [(s, min(e, self.cancel_at)) for s, e in out if s < self.cancel_at]
         return out
 
+    def starts_between(self, lo: int, hi: int) -> list[int]:
+        """The instants in ``(lo, hi]`` where a period began (a renewal), found without walking
+        every period since the anchor: the first 400 days of starts are worked out once."""
+        starts = self.__dict__.get("_starts")
+        if starts is None:
+            horizon = self.billing_cycle_anchor + 400 * 86400
+            starts = self._walk_starts(self.start_date - 1, horizon)
+            self.__dict__["_starts"] = (starts, horizon)
+        else:
+            starts, horizon = starts
+        if hi <= horizon:
+            found = starts[bisect.bisect_right(starts, lo) : bisect.bisect_right(starts, hi)]
+            return [b for b in found if self.cancel_at is None or b < self.cancel_at]
+        return self._walk_starts(lo, hi)
+
+    def _walk_starts(self, lo: int, hi: int) -> list[int]:
+        out = [self.start_date] if lo < self.start_date <= hi else []
+        days = {"month": 31, "week": 7, "day": 1}[self.price.interval] * self.price.interval_count
+        k = max(0, (lo - self.billing_cycle_anchor) // (days * 86400))
+        while True:
+            b = self.step(self.billing_cycle_anchor, k)
+            if b > hi or (self.cancel_at is not None and b >= self.cancel_at):
+                return out
+            if b > lo and b > self.start_date:
+                out.append(b)
+            k += 1
+
     def ended_at(self, now: int) -> int | None:
         """When the subscription ended, if it has."""
         return self.cancel_at if self.cancel_at is not None and self.cancel_at <= now else None
@@ -198,7 +226,7 @@ class BillingModel:
 
     def cancel(self, sub: Subscription, at: int) -> None:
         """Cancel ``sub`` at ``at`` (now or later): a ``customer.subscription.updated`` event now."""
-        sub.cancel_at = at
+        sub.cancel_at = at  # starts_between() drops the starts from ``at`` on
         sub.changes.append((int(self.ledger.clock()), "updated"))
 
     def events(self, after: int) -> list[dict[str, Any]]:
@@ -209,9 +237,8 @@ class BillingModel:
         for sub in self.subscriptions.values():
             moments = [(at, kind) for at, kind in sub.changes if after < at <= now]
             made = sub.changes[0][0] if sub.changes else sub.created
-            for start, _ in sub.periods(now + 1):
-                if after < start <= now and start > made:
-                    moments.append((start, "updated"))
+            for start in sub.starts_between(max(after, made), now):
+                moments.append((start, "updated"))
             ended = sub.ended_at(now)
             if ended is not None and after < ended <= now:
                 moments.append((ended, "deleted"))
