@@ -140,3 +140,31 @@ def test_the_layout_in_the_testing_page_names_every_part_of_the_package():
     ]
     missing = [p for p in parts if f"`{p}" not in layout and f"/{p}`" not in layout]
     assert not missing, f"docs/testing.md's layout does not name {missing}"
+
+
+def test_the_documented_tables_have_the_codes_columns():
+    """Every CREATE TABLE in the ledger page names each column the code writes, in every dialect."""
+    from airflow_provider_stripe_meter.ledger import schema, subscriptions
+
+    text = PAGES["ledger.md"]
+    tables = {
+        "stripe_meter_ledger (": schema.COLUMN_NAMES,
+        "STRIPE_METER_LEDGER (": schema.COLUMN_NAMES,
+        "stripe_meter_ledger_subscriptions (": subscriptions.NAMES,
+        "stripe_meter_ledger_subscriptions_sync (": tuple(n for n, _ in subscriptions.SYNC_COLUMNS),
+    }
+    checked = 0
+    for block in re.findall(r"CREATE TABLE IF NOT EXISTS [\w.]+ \(.*?\n\);", text, flags=re.S):
+        head = block.split("\n")[0]
+        names = next((names for marker, names in tables.items() if head.endswith(marker)), None)
+        assert names is not None, head
+        declared = set(
+            re.findall(
+                r"(?:^|[,(]\s*)(\w+) (?:VARCHAR|CHAR|INTEGER|BIGINT|NUMBER|FLOAT|DOUBLE|STRING|INT64)",
+                block,
+                flags=re.M,
+            )
+        )
+        assert declared == set(names), f"{head}: {sorted(set(names) ^ declared)}"
+        checked += 1
+    assert checked >= 5

@@ -91,7 +91,8 @@ class SubscriptionCache:
         self._created = False
 
     def _create(self) -> None:
-        if self._created:
+        if self._created or not self.ledger.create:  # a team that creates its tables itself
+            self._created = True
             return
         base = self.table.replace(".", "_")
         cursor = self.ledger.conn.cursor()
