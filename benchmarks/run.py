@@ -692,7 +692,8 @@ def bench_periods(customers: int, stream_limit: float) -> None:
         f"billing_periods=hold, a steady-state night: {hold['events_sent']:,} events, {night['requests']:,} "
         f"requests ({night['v1_events']} event pages, {night['v1_subscriptions']} subscription pages, "
         f"{night['v1_invoices']} invoice pages, {night['v1_prices']} price pages), {hold['wall']:.1f} s end "
-        f"to end; success {hold['success']}, held {hold['invoices']}"
+        f"to end, of which reading the periods {hold['invoices']['read']['seconds']:.1f} s; success "
+        f"{hold['success']}, held {[hold[k] for k in ('invoice_final', 'subscription_ended', 'no_invoice')]}"
     )
     print(
         f"RESULT periods: requests with / without = {night['requests'] / max(1, off_requests):.3f}, time "

@@ -92,6 +92,9 @@ class PeriodBook:
         self.customers = customers if isinstance(customers, StoredPeriods) else dict(customers)
         self.metered = set(metered)
         self.now, self.margin = now, margin
+        #: How long reading them took, and what it read (set by whoever read them).
+        self.read_seconds = 0.0
+        self.read_figures: dict[str, int] = {}
 
     def covers(self, event_name: str) -> bool:
         """Whether the meter of ``event_name`` has a metered price (periods apply)."""

@@ -26,7 +26,7 @@ second run's plan for the same number forever.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
 from typing import Any
 
@@ -299,102 +299,135 @@ def plan_in_periods(
     subscription ended, or with no subscription at all, they are held.
     """
     day_figure = figure or DayFigure()
-    whole = DayPart(
-        _day_start(aggregate.day),
-        day_end(aggregate.day),
-        aggregate.value,
-        aggregate.timestamp,
-        aggregate.rows,
-        aggregate.last_value,
-    )
-    parts = aggregate.parts or (whole,)
-    plan = plan_day(aggregate, spec, day_figure, now=now, oldest=oldest) if not aggregate.parts else None
-    if plan is None:
-        plan = DayPlan(
-            aggregate.event_name,
-            aggregate.customer_id,
-            aggregate.day,
-            source_figure(aggregate, spec),
-            ledger_recorded(spec, day_figure),
-            Action.LEAVE_ALONE,
-            reason="recorded",
-        )
-        if day_figure.open:
-            plan.reason = UNSETTLED
+    if not aggregate.parts:
+        # The common case, kept lean (a night plans every customer-day): one part, the day.
+        plan = plan_day(aggregate, spec, day_figure, now=now, oldest=oldest)
+        if not plan.events:
             return plan, []
-    elif not plan.events:
-        return plan, []  # nothing to send (or a count day to cancel, or left alone)
+        start = _day_start(aggregate.day)
+        whole = (start, start + SECONDS_PER_DAY)
+        placed = _place(plan.events, whole, aggregate, periods, now=now, oldest=oldest, carry=carry)
+        if isinstance(placed, Held):
+            plan.events = []
+            plan.action, plan.reason = Action.LEAVE_ALONE, "held: no open invoice carries it"
+            return plan, [placed]
+        plan.events = placed
+        return plan, []
+    plan = DayPlan(
+        aggregate.event_name,
+        aggregate.customer_id,
+        aggregate.day,
+        source_figure(aggregate, spec),
+        ledger_recorded(spec, day_figure),
+        Action.LEAVE_ALONE,
+        reason="recorded",
+    )
+    if day_figure.open:
+        plan.reason = UNSETTLED
+        return plan, []
     held: list[Held] = []
     seq = day_figure.max_seq
     planned: list[PlannedEvent] = []
-    for part in parts:
-        if aggregate.parts:
-            mine = part_figure(entries or [], part)
-            mine.max_seq = seq
-            piece = DailyAggregate(
-                aggregate.event_name,
-                aggregate.customer_id,
-                aggregate.day,
-                part.value,
-                part.timestamp,
-                part.rows,
-                part.last_value,
-            )
-            sub = plan_day(piece, spec, mine, now=now, oldest=oldest)
-            if sub.cancel:
-                plan.cancel += sub.cancel
-                plan.action, plan.reason = Action.CORRECT, sub.reason
-            if not sub.events:
-                continue
-            events, action, reason = sub.events, sub.action, sub.reason
-        else:
-            events, action, reason = plan.events, plan.action, plan.reason
-        state, period = periods.state(aggregate.event_name, aggregate.customer_id, part.timestamp)
-        value = sum(e.value for e in events)
-        if state in BILLABLE and period is not None:
-            lo, hi = _inside(part, period, oldest, now)
-            events = [
-                replace(e, timestamp=min(max(e.timestamp, lo), hi), period_end=period.end) for e in events
-            ]
-        elif state == FINAL and carry and (open_ := periods.open_period(*_who(aggregate))) is not None:
-            stamp = min(max(now, open_.start), open_.end - 1)
-            events = [
-                replace(e, timestamp=stamp, period_end=open_.end, carried_from=period.end if period else None)
-                for e in events
-            ]
-        else:
-            held.append(
-                Held(HELD_BECAUSE[state], value, part.start, part.end, period.end if period else None)
-            )
+    for part in aggregate.parts:
+        mine = part_figure(entries or [], part)
+        mine.max_seq = seq
+        piece = DailyAggregate(
+            aggregate.event_name,
+            aggregate.customer_id,
+            aggregate.day,
+            part.value,
+            part.timestamp,
+            part.rows,
+            part.last_value,
+        )
+        sub = plan_day(piece, spec, mine, now=now, oldest=oldest)
+        if sub.cancel:
+            plan.cancel += sub.cancel
+            plan.action, plan.reason = Action.CORRECT, sub.reason
+        if not sub.events:
             continue
-        # Parts take the day's sequence numbers in turn; identifiers follow them.
-        events = [
-            replace(
-                e,
-                seq=seq + n,
-                identifier=ledger_identifier(spec, aggregate.customer_id, aggregate.day, seq + n),
-                part=part.start if aggregate.parts else 0,
-            )
-            for n, e in enumerate(events, start=1)
-        ]
-        seq += len(events)
-        planned.extend(events)
+        placed = _place(
+            sub.events,
+            (part.start, part.end),
+            piece,
+            periods,
+            now=now,
+            oldest=oldest,
+            carry=carry,
+            part=part.start,
+        )
+        if isinstance(placed, Held):
+            held.append(placed)
+            continue
+        seq = placed[-1].seq
+        planned.extend(placed)
         if plan.action == Action.LEAVE_ALONE:
-            plan.action, plan.reason = action, reason
+            plan.action, plan.reason = sub.action, sub.reason
     plan.events = planned
     if not planned and not plan.cancel and held:
         plan.action, plan.reason = Action.LEAVE_ALONE, "held: no open invoice carries it"
     return plan, held
 
 
+def _place(
+    events: list[PlannedEvent],
+    span: tuple[int, int],
+    aggregate: DailyAggregate,
+    periods: PeriodBook,
+    *,
+    now: int,
+    oldest: int,
+    carry: bool,
+    part: int = 0,
+) -> list[PlannedEvent] | Held:
+    """``events`` of one part (``span``), stamped in their billing period; or what is held instead.
+
+    Events keep the sequence numbers (and identifiers) they were planned with: a part's events
+    are planned after the parts before it took theirs.
+    """
+    name, customer = aggregate.event_name, aggregate.customer_id
+    state, period = periods.state(name, customer, aggregate.timestamp)
+    carried_from = None
+    if state in BILLABLE and period is not None:
+        lo, hi = _inside(span, period, oldest, now)
+        period_end = period.end
+    elif state == FINAL and carry and (open_ := periods.open_period(name, customer)) is not None:
+        lo = hi = min(max(now, open_.start), open_.end - 1)
+        period_end, carried_from = open_.end, period.end if period else None
+    else:
+        return Held(
+            HELD_BECAUSE[state],
+            sum(e.value for e in events),
+            span[0],
+            span[1],
+            period.end if period else None,
+        )
+    return [
+        PlannedEvent(
+            e.event_name,
+            e.customer_id,
+            e.day,
+            e.value,
+            e.identifier,
+            min(max(e.timestamp, lo), hi),
+            e.seq,
+            e.source_at,
+            part,
+            period_end,
+            carried_from,
+        )
+        for e in events
+    ]
+
+
 def _who(aggregate: DailyAggregate) -> tuple[str, str]:
     return aggregate.event_name, aggregate.customer_id
 
 
-def _inside(part: DayPart, period: Period, oldest: int, now: int) -> tuple[int, int]:
-    """The stamps an event of ``part`` may carry: inside the part and its period, a whole minute
-    clear of a boundary that falls inside a minute, within Stripe's window."""
-    lo, hi = max(part.start, period.start), min(part.end, period.end) - 1
+def _inside(span: tuple[int, int], period: Period, oldest: int, now: int) -> tuple[int, int]:
+    """The stamps an event of a part (``span``) may carry: inside the part and its period, a whole
+    minute clear of a boundary that falls inside a minute, within Stripe's window."""
+    lo, hi = max(span[0], period.start), min(span[1], period.end) - 1
     if lo % 60 and hi - lo > 120:
         lo += 60 - lo % 60
     if (hi + 1) % 60 and hi - lo > 120:

@@ -17,12 +17,15 @@ def read_billing_periods(
     operator: StripeBaseOperator, ledger: SqlLedger, event_name: str | None
 ) -> PeriodBook:
     """The periods of the meter of ``event_name`` (``None``: of every active meter), logged."""
+    import time
+
     from airflow_provider_stripe_meter.billing.period_sync import read_periods
     from airflow_provider_stripe_meter.ledger.subscriptions import SubscriptionCache
     from airflow_provider_stripe_meter.utils.aggregation import DEFAULT_SAFETY_MARGIN
     from airflow_provider_stripe_meter.utils.rules import PAST_WINDOW
 
     hook = operator.hook
+    started = time.monotonic()
     now = int(clock.now())
     if event_name:
         meters = {event_name: hook.active_meter(event_name)["id"]}
@@ -37,13 +40,16 @@ def read_billing_periods(
     periods, figures = read_periods(
         hook, SubscriptionCache(ledger), meters, operator.billed_account() or "platform", since, now
     )
+    periods.read_seconds = round(time.monotonic() - started, 3)
+    periods.read_figures = figures
     operator.log.info(
         "Billing periods: %d customers subscribed on %s (subscriptions listed %d, changes read %d, "
-        "kept %d); days that straddle a period boundary are billed in parts",
+        "kept %d; %.1f s); days that straddle a period boundary are billed in parts",
         len(periods.customers),
         ", ".join(sorted(periods.metered)) or "no meter with a metered price (billed by UTC day)",
         figures["listed"],
         figures["changes"],
         figures["cached"],
+        periods.read_seconds,
     )
     return periods
