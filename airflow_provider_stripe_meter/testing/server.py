@@ -909,6 +909,15 @@ class _Handler(BaseHTTPRequestHandler):
             subs = list(billing.subscriptions.values())
             if params.get("subscription"):
                 subs = [s for s in subs if s.id == params["subscription"]]
+            if params.get("status") == "draft":
+                # Only a period that ended within the grace period has a draft: find those first.
+                now = int(self.ledger.clock())
+                subs = [
+                    s
+                    for s in subs
+                    if s.starts_between(now - billing.grace, now)
+                    or (s.ended_at(now) is not None and now - billing.grace < s.ended_at(now) <= now)  # type: ignore[operator]
+                ]
             invoices = [i for s in subs for i in billing.invoices(s)]
             for name in ("customer", "status"):
                 if params.get(name):
