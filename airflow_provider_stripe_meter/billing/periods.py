@@ -108,12 +108,17 @@ class PeriodBook:
 
     def state(self, event_name: str, customer: str, instant: int) -> tuple[str, Period | None]:
         """Where usage at ``instant`` lands: ``open``, ``draft``, ``final``, ``ended`` or ``none``."""
-        found = self.customers.get((event_name, customer))
-        if found is None:
-            return NONE, None
-        period = found.at(instant)
+        if isinstance(self.customers, StoredPeriods):
+            if (event_name, customer) not in self.customers.raw:
+                return NONE, None
+            period, ended_at = self.customers.period_at((event_name, customer), instant)
+        else:
+            found = self.customers.get((event_name, customer))
+            if found is None:
+                return NONE, None
+            period, ended_at = found.at(instant), found.ended_at
         if period is None:
-            if found.ended_at is not None and instant >= found.ended_at:
+            if ended_at is not None and instant >= ended_at:
                 return ENDED, None
             return NONE, None
         if period.end > self.now:
@@ -124,10 +129,11 @@ class PeriodBook:
 
     def open_period(self, event_name: str, customer: str) -> Period | None:
         """The customer's current period on the meter (where carried usage goes), if any."""
-        found = self.customers.get((event_name, customer))
-        if found is None:
-            return None
-        period = found.at(self.now)
+        if isinstance(self.customers, StoredPeriods):
+            period = self.customers.period_at((event_name, customer), self.now)[0]
+        else:
+            found = self.customers.get((event_name, customer))
+            period = found.at(self.now) if found is not None else None
         return period if period is not None and period.end > self.now else None
 
 
@@ -176,6 +182,29 @@ class StoredPeriods(Mapping[tuple[str, str], CustomerPeriods]):
 
     def __len__(self) -> int:
         return len(self.raw)
+
+    def period_at(self, key: tuple[str, str], instant: int) -> tuple[Period | None, int | None]:
+        """The period holding ``instant`` and when the subscription ended, without building the
+        customer's other periods (a run asks once per customer-day)."""
+        entries = self.raw.get(key)
+        if entries is None:
+            return None, None
+        if len(entries) > 1:
+            found = self[key]
+            return found.at(instant), found.ended_at
+        subscription, price, bounds, start_date, ended_at = entries[0]
+        i = bisect.bisect_right(bounds, instant)
+        if i == 0 or i == len(bounds) or instant < start_date:
+            return None, ended_at
+        lo, hi = bounds[i - 1], bounds[i]
+        if ended_at is not None:
+            if lo >= ended_at:
+                return None, ended_at
+            hi = min(hi, ended_at)
+        if instant >= hi:
+            return None, ended_at
+        finalizes = hi + self.grace if self.grace is not None else None
+        return Period(lo, hi, subscription, finalizes, price), ended_at
 
     def split(self) -> dict[tuple[str, str], tuple[int, ...]]:
         """Per customer, every boundary of its subscriptions (no periods built)."""

@@ -136,13 +136,22 @@ class UsageAggregator:
     ) -> None:
         self.event_name = validate_event_name(event_name) if event_name is not None else None
         # (event name, customer) -> boundaries, and per UTC day number the keys split on it.
+        # Only boundaries inside a day this aggregator can see, and not at midnight, split.
         self._split: dict[tuple[str, str], tuple[int, ...]] = {}
         self._split_days: dict[int, set[str]] = {}
-        for key, bounds in (split or {}).items():
-            self._split[key] = tuple(sorted(bounds))
-            for b in bounds:
-                if b % SECONDS_PER_DAY:  # a boundary at midnight splits nothing
-                    self._split_days.setdefault(b // SECONDS_PER_DAY, set()).add(key[1])
+        if split:
+            lo = (now - int(PAST_WINDOW.total_seconds())) // SECONDS_PER_DAY * SECONDS_PER_DAY
+            hi = now + int(FUTURE_TOLERANCE.total_seconds())
+            days = self._split_days
+            for key, bounds in split.items():
+                inside = tuple(b for b in bounds if lo < b <= hi and b % SECONDS_PER_DAY)
+                if inside:
+                    self._split[key] = inside
+                    for b in inside:
+                        day_keys = days.get(b // SECONDS_PER_DAY)
+                        if day_keys is None:
+                            day_keys = days[b // SECONDS_PER_DAY] = set()
+                        day_keys.add(key[1])
         self.columns = tuple(columns[:3] if event_name is not None else columns[:4])
         self.naive_timezone = naive_timezone
         self.oldest = now - int((PAST_WINDOW - safety_margin).total_seconds())
