@@ -932,11 +932,16 @@ class _Handler(BaseHTTPRequestHandler):
         params = dict(parse_qsl(query))
         types = [v for k, v in parse_qsl(query) if k.startswith("types")]
         after = int(params.get("created[gt]") or 0)
+        upto = int(params.get("created[lte]") or 0) or None
         billing = self.ledger.billing
 
         def build() -> list[Any]:
             found = billing.events(after)
-            return [e for e in found if not types or e["type"] in types]
+            return [
+                e
+                for e in found
+                if (not types or e["type"] in types) and (upto is None or e["created"] <= upto)
+            ]
 
         return _paginate(billing.listing({"events": "1", **params}, build), params, "/v1/events")
 
