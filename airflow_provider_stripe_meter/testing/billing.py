@@ -229,32 +229,37 @@ class BillingModel:
         sub.cancel_at = at  # starts_between() drops the starts from ``at`` on
         sub.changes.append((int(self.ledger.clock()), "updated"))
 
-    def events(self, after: int) -> list[dict[str, Any]]:
-        """``customer.subscription.*`` events created after ``after``, newest first: each call that
-        made or changed a subscription, each renewal (a new period began), each end."""
+    def events(self, after: int, upto: int | None = None) -> list[dict[str, Any]]:
+        """``customer.subscription.*`` events created in ``(after, upto]``, newest first: each
+        call that made or changed a subscription, each renewal (a new period began), each end."""
+        return [self.event_object(m) for m in self.event_moments(after, upto)]
+
+    def event_moments(self, after: int, upto: int | None = None) -> list[tuple[int, str, Subscription]]:
+        """The events of :meth:`events` as (time, kind, subscription), not rendered yet."""
         now = self._now()
+        top = now if upto is None else min(upto, now)
         found: list[tuple[int, str, Subscription]] = []
         for sub in self.subscriptions.values():
-            moments = [(at, kind) for at, kind in sub.changes if after < at <= now]
             made = sub.changes[0][0] if sub.changes else sub.created
-            for start in sub.starts_between(max(after, made), now):
-                moments.append((start, "updated"))
+            found.extend((at, kind, sub) for at, kind in sub.changes if after < at <= top)
+            found.extend((start, "updated", sub) for start in sub.starts_between(max(after, made), top))
             ended = sub.ended_at(now)
-            if ended is not None and after < ended <= now:
-                moments.append((ended, "deleted"))
-            found.extend((at, kind, sub) for at, kind in moments)
+            if ended is not None and after < ended <= top:
+                found.append((ended, "deleted", sub))
         found.sort(key=lambda f: f[0], reverse=True)
-        return [
-            {
-                "id": f"evt_{sub.id[4:]}_{at}_{kind}",
-                "object": "event",
-                "type": f"customer.subscription.{kind}",
-                "created": at,
-                "livemode": False,
-                "data": {"object": self.subscription_object(sub)},
-            }
-            for at, kind, sub in found
-        ]
+        return found
+
+    def event_object(self, moment: tuple[int, str, Subscription]) -> dict[str, Any]:
+        """One ``event`` object, its subscription as it is now."""
+        at, kind, sub = moment
+        return {
+            "id": f"evt_{sub.id[4:]}_{at}_{kind}",
+            "object": "event",
+            "type": f"customer.subscription.{kind}",
+            "created": at,
+            "livemode": False,
+            "data": {"object": self.subscription_object(sub)},
+        }
 
     # -- what Stripe shows -----------------------------------------------------------------
 

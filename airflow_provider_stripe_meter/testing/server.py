@@ -936,14 +936,23 @@ class _Handler(BaseHTTPRequestHandler):
         billing = self.ledger.billing
 
         def build() -> list[Any]:
-            found = billing.events(after)
-            return [
-                e
-                for e in found
-                if (not types or e["type"] in types) and (upto is None or e["created"] <= upto)
-            ]
+            found = billing.event_moments(after, upto)
+            return [m for m in found if not types or f"customer.subscription.{m[1]}" in types]
 
-        return _paginate(billing.listing({"events": "1", **params}, build), params, "/v1/events")
+        # Paged on the moments; only the page is rendered (a night lists thousands of renewals).
+        moments = billing.listing({"events": "1", **params}, build)
+        limit = max(1, min(100, int(params.get("limit") or 10)))
+        start = 0
+        if params.get("starting_after"):
+            ids = [f"evt_{m[2].id[4:]}_{m[0]}_{m[1]}" for m in moments]
+            start = ids.index(params["starting_after"]) + 1 if params["starting_after"] in ids else len(ids)
+        page = moments[start : start + limit]
+        return {
+            "object": "list",
+            "data": [billing.event_object(m) for m in page],
+            "has_more": start + limit < len(moments),
+            "url": "/v1/events",
+        }
 
     def _h_v1_invoice_preview(self, body: Any, match: re.Match[str], query: str) -> dict[str, Any]:
         """``POST /v1/invoices/create_preview``: the subscription's upcoming invoice, as it stands."""
