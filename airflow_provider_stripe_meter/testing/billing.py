@@ -22,6 +22,7 @@ from __future__ import annotations
 import bisect
 import calendar
 import itertools
+import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -169,6 +170,11 @@ class BillingModel:
     _ids: Any = field(default_factory=lambda: itertools.count(1))
     #: Filtered lists by query, for the pages that follow the first (a benchmark lists 100,000).
     _lists: dict[Any, list[Any]] = field(default_factory=dict)
+    #: Every subscription event, newest first, and what they were worked out for.
+    _moments: list[Any] = field(default_factory=list)
+    _moment_times: list[int] = field(default_factory=list)
+    _moments_key: Any = None
+    _moments_lock: Any = field(default_factory=threading.Lock)
 
     def listing(self, query: dict[str, str], build: Any) -> list[Any]:
         """``build()``'s list for ``query`` (its paging left out), kept while nothing changes and
@@ -235,19 +241,36 @@ class BillingModel:
         return [self.event_object(m) for m in self.event_moments(after, upto)]
 
     def event_moments(self, after: int, upto: int | None = None) -> list[tuple[int, str, Subscription]]:
-        """The events of :meth:`events` as (time, kind, subscription), not rendered yet."""
+        """The events of :meth:`events` as (time, kind, subscription), not rendered yet.
+
+        Every subscription's events are worked out once (while nothing changes, within the
+        minute) and each request takes its time range from them: a night lists its renewals in
+        several slices at once.
+        """
         now = self._now()
         top = now if upto is None else min(upto, now)
-        found: list[tuple[int, str, Subscription]] = []
-        for sub in self.subscriptions.values():
-            made = sub.changes[0][0] if sub.changes else sub.created
-            found.extend((at, kind, sub) for at, kind in sub.changes if after < at <= top)
-            found.extend((start, "updated", sub) for start in sub.starts_between(max(after, made), top))
-            ended = sub.ended_at(now)
-            if ended is not None and after < ended <= top:
-                found.append((ended, "deleted", sub))
-        found.sort(key=lambda f: f[0], reverse=True)
-        return found
+        every = self._all_moments(now)
+        times = self._moment_times
+        # ``every`` is newest first; ``times`` holds the negated times, ascending, to bisect.
+        lo = bisect.bisect_left(times, -top)
+        hi = bisect.bisect_left(times, -after)
+        return every[lo:hi]
+
+    def _all_moments(self, now: int) -> list[tuple[int, str, Subscription]]:
+        key = (now // 60, len(self.subscriptions), sum(len(s.changes) for s in self.subscriptions.values()))
+        with self._moments_lock:
+            if self._moments_key != key:
+                found: list[tuple[int, str, Subscription]] = []
+                for sub in self.subscriptions.values():
+                    made = sub.changes[0][0] if sub.changes else sub.created
+                    found.extend((at, kind, sub) for at, kind in sub.changes if at <= now)
+                    found.extend((start, "updated", sub) for start in sub.starts_between(made, now))
+                    ended = sub.ended_at(now)
+                    if ended is not None:
+                        found.append((ended, "deleted", sub))
+                found.sort(key=lambda f: f[0], reverse=True)
+                self._moments, self._moment_times, self._moments_key = found, [-f[0] for f in found], key
+            return self._moments
 
     def event_object(self, moment: tuple[int, str, Subscription]) -> dict[str, Any]:
         """One ``event`` object, its subscription as it is now."""
