@@ -37,9 +37,20 @@ def read_billing_periods(
         }
     # Periods reaching back over every day Stripe still takes usage for (and one more).
     since = now - int((PAST_WINDOW - DEFAULT_SAFETY_MARGIN).total_seconds()) - 86400
-    periods, figures = read_periods(
-        hook, SubscriptionCache(ledger), meters, operator.billed_account() or "platform", since, now
-    )
+    from airflow_provider_stripe_meter.exceptions import StripeConfigurationError
+
+    try:
+        periods, figures = read_periods(
+            hook, SubscriptionCache(ledger), meters, operator.billed_account() or "platform", since, now
+        )
+    except StripeConfigurationError as err:
+        # A restricted key made for meter events alone: say what the periods need, and the way out.
+        raise StripeConfigurationError(
+            f"Reading billing periods (billing_periods={getattr(operator, 'billing_periods', 'hold')!r}) "
+            "needs the key to read Prices, Subscriptions, Invoices and Events: grant them, or set "
+            f"billing_periods='off' to bill by UTC day alone. {err}",
+            err.details,
+        ) from err
     periods.read_seconds = round(time.monotonic() - started, 3)
     periods.read_figures = figures
     operator.log.info(
