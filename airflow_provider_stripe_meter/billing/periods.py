@@ -127,6 +127,12 @@ class PeriodBook:
             return DRAFT, period
         return FINAL, period
 
+    def prices(self) -> set[str]:
+        """The metered prices the customers' periods bill through (without building the periods)."""
+        if isinstance(self.customers, StoredPeriods):
+            return {entry[1] for entries in self.customers.raw.values() for entry in entries if entry[1]}
+        return {p.price for c in self.customers.values() for p in c.periods if p.price}
+
     def open_period(self, event_name: str, customer: str) -> Period | None:
         """The customer's current period on the meter (where carried usage goes), if any."""
         if isinstance(self.customers, StoredPeriods):

@@ -95,7 +95,7 @@ class StripeMeterInvoiceCheckOperator(StripeUsageSourceOperator):
         aggregator = self.read_usage(self.event_name, split=periods.split())
         source = source_per_period(aggregator.finish(), spec, periods)
 
-        price_ids = {p.price for c in periods.customers.values() for p in c.periods if p.price}
+        price_ids = periods.prices()
         invoices: dict[tuple[str, int, int], tuple[str, int | None, int]] = {}
         for invoice in self.hook.draft_invoices():
             quantity = metered_quantity(invoice, price_ids)

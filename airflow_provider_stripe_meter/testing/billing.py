@@ -235,13 +235,10 @@ class BillingModel:
         sub.cancel_at = at  # starts_between() drops the starts from ``at`` on
         sub.changes.append((int(self.ledger.clock()), "updated"))
 
-    def events(self, after: int, upto: int | None = None) -> list[dict[str, Any]]:
-        """``customer.subscription.*`` events created in ``(after, upto]``, newest first: each
-        call that made or changed a subscription, each renewal (a new period began), each end."""
-        return [self.event_object(m) for m in self.event_moments(after, upto)]
-
     def event_moments(self, after: int, upto: int | None = None) -> list[tuple[int, str, Subscription]]:
-        """The events of :meth:`events` as (time, kind, subscription), not rendered yet.
+        """``customer.subscription.*`` events created in ``(after, upto]``, newest first, as (time,
+        kind, subscription), not rendered yet (:meth:`event_object` renders one): each call that
+        made or changed a subscription, each renewal (a new period began), each end.
 
         Every subscription's events are worked out once (while nothing changes, within the
         minute) and each request takes its time range from them: a night lists its renewals in
