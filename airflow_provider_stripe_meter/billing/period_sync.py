@@ -18,6 +18,7 @@ Plain Python; Stripe and the subscriptions table are ports
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from airflow_provider_stripe_meter.billing.periods import PeriodBook, StoredPeriods, customer_periods
@@ -47,20 +48,19 @@ def read_periods(
 
     Returns the book and what it took: subscriptions ``listed`` in full, ``changes`` read from
     events, ``cached`` rows read from the table.
+
+    The requests that follow the prices (the grace period, the changes) are made while the
+    table is read: a night waits on the slower of the two, not on their sum.
     """
     figures = {"listed": 0, "changes": 0, "cached": 0}
     prices = stripe.metered_prices(set(meters.values()))
     if not prices:
         return PeriodBook({}, (), now), figures
-    grace = stripe.finalization_grace()
-    changes: list[dict[str, Any]] | None = None
-    customers = StoredPeriods(grace)
-    metered = set()
+    plans: dict[str, tuple[str, tuple[str, ...], SyncState | None, bool]] = {}
     for name, meter_id in meters.items():
         ids = tuple(sorted(p["id"] for p in prices if p["recurring"]["meter"] == meter_id))
         if not ids:
             continue
-        metered.add(name)
         state = cache.state(account, meter_id)
         stale = (
             state is None
@@ -68,6 +68,30 @@ def read_periods(
             or now - state.full_at > FULL_EVERY
             or now - state.events_to > EVENTS_KEPT
         )
+        plans[name] = (meter_id, ids, state, stale)
+    # One listing of the account's changes serves every meter brought up to date from events.
+    synced = [state.events_to for _, _, state, stale in plans.values() if state is not None and not stale]
+    # The grace period is set once read: the periods are built only when a run asks for them.
+    customers = StoredPeriods(None)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        grace_read = pool.submit(stripe.finalization_grace)
+        changes_read = None
+        if synced:
+            after = min(synced) - OVERLAP
+            expected = sorted(
+                moment
+                for meter_id, _, state, stale in plans.values()
+                if not stale
+                for moment in cache.renewals(account, meter_id, after, now)
+            )
+            changes_read = pool.submit(stripe.subscription_changes, after, cuts=_cuts(expected, PARALLEL))
+        # Meanwhile: the table as the last run left it, parsed (the changes replace their rows).
+        for name, (meter_id, _, _, stale) in plans.items():
+            if not stale:
+                _add_rows(customers, name, cache.periods(account, meter_id))
+        changes = changes_read.result() if changes_read is not None else []
+        customers.grace = grace_read.result()
+    for name, (meter_id, ids, state, stale) in plans.items():
         if stale:
             subscriptions = stripe.subscriptions_of(ids, since)
             figures["listed"] += len(subscriptions)
@@ -75,29 +99,61 @@ def read_periods(
             cache.replace(account, meter_id, rows, full=True, state=SyncState(ids, now, now))
         else:
             assert state is not None
-            if changes is None:
-                changes = stripe.subscription_changes(state.events_to - OVERLAP)
             figures["changes"] += len(changes)
-            rows = _rows(account, meter_id, changes, ids)
-            kept = {r[2] for r in rows}
-            removed = [str(s["id"]) for s in changes if str(s["id"]) not in kept]
+            changed = [str(s["id"]) for s in changes]
+            known = {str(row[2]): row for row in cache.rows(account, meter_id, changed)} if changes else {}
+            rows = _rows(account, meter_id, changes, ids, known)
+            kept = {str(row[2]) for row in rows}
+            removed = [i for i in changed if i not in kept]
             cache.replace(
                 account, meter_id, rows, full=False, state=SyncState(ids, state.full_at, now), removed=removed
             )
-        cached = cache.rows(account, meter_id)
-        figures["cached"] += len(cached)
-        for row in cached:
-            # (account, meter, subscription, customer, price, anchor, start, ended, cancel, ..., bounds)
-            ended = row[7] if row[7] is not None else row[8]
-            customers.add(
-                (name, str(row[3])),
-                str(row[2]),
-                str(row[4]),
-                tuple(int(b) for b in str(row[-1]).split(",") if b),
-                int(row[6]),
-                int(ended) if ended is not None else None,
-            )
-    return PeriodBook(customers, metered, now), figures
+            for subscription in changes:
+                customers.forget((name, str(subscription.get("customer"))), str(subscription["id"]))
+        _add_rows(customers, name, [_used(row) for row in rows])
+        figures["cached"] += sum(len(entries) for key, entries in customers.raw.items() if key[0] == name)
+    return PeriodBook(customers, set(plans), now), figures
+
+
+def _used(row: tuple[Any, ...]) -> tuple[Any, ...]:
+    """A full table row as :meth:`SubscriptionCache.periods` reads it."""
+    return (row[2], row[3], row[4], row[6], row[7] if row[7] is not None else row[8], row[-1])
+
+
+#: Time ranges of the changes listed at once.
+PARALLEL = 4
+
+
+def _cuts(moments: list[int], parts: int) -> list[int]:
+    """Instants that cut sorted ``moments`` into ``parts`` ranges holding as many each."""
+    if len(moments) < 200 * parts:  # a couple of pages each at least, or not worth a range
+        parts = max(1, len(moments) // 200)
+    return sorted({moments[len(moments) * k // parts] for k in range(1, parts)})
+
+
+def _add_rows(customers: StoredPeriods, name: str, rows: list[tuple[Any, ...]]) -> None:
+    """Rows as :meth:`SubscriptionCache.periods` reads them into ``customers``, their
+    boundaries parsed at once (a run reads 100,000)."""
+    texts = [str(row[5] or "") for row in rows]
+    flat = list(map(int, ",".join(t for t in texts if t).split(","))) if any(texts) else []
+    raw = customers.raw
+    at = 0
+    for (subscription, customer, price, start, ended, _), text in zip(rows, texts, strict=True):
+        n = text.count(",") + 1 if text else 0
+        entry = (
+            str(subscription),
+            str(price),
+            tuple(flat[at : at + n]),
+            int(start),
+            None if ended is None else int(ended),
+        )
+        at += n
+        key = (name, str(customer))
+        found = raw.get(key)
+        if found is None:
+            raw[key] = [entry]
+        else:
+            found.append(entry)
 
 
 #: How far around the current period the stored boundaries reach (a run looks back 36 days,
@@ -106,18 +162,35 @@ HORIZON = 70 * 86400
 
 
 def _rows(
-    account: str, meter_id: str, subscriptions: list[dict[str, Any]], ids: tuple[str, ...]
+    account: str,
+    meter_id: str,
+    subscriptions: list[dict[str, Any]],
+    ids: tuple[str, ...],
+    known: dict[str, Any] | None = None,
 ) -> list[Any]:
+    """Table rows of ``subscriptions``' items on ``ids``. A ``known`` row of the same terms
+    (a renewal) keeps its boundaries while they reach half the horizon past the new period."""
     rows = []
     for subscription in subscriptions:
         for item in (subscription.get("items") or {}).get("data") or []:
-            if (item.get("price") or {}).get("id") in ids:
-                found = customer_periods(
-                    subscription,
-                    item,
-                    int(item["current_period_start"]) - HORIZON,
-                    {},
-                    until=int(item["current_period_end"]) + HORIZON,
-                )
-                rows.append(row_of(account, meter_id, subscription, item, found.boundaries()))
+            if (item.get("price") or {}).get("id") not in ids:
+                continue
+            row = row_of(account, meter_id, subscription, item, ())
+            old = (known or {}).get(row[2])
+            if (
+                old is not None
+                and tuple(old[3:11]) == row[3:11]
+                and old[-1]
+                and int(str(old[-1]).rsplit(",", 1)[-1]) >= row[12] + HORIZON // 2
+            ):
+                rows.append((*row[:-1], str(old[-1])))
+                continue
+            found = customer_periods(
+                subscription,
+                item,
+                int(item["current_period_start"]) - HORIZON,
+                {},
+                until=int(item["current_period_end"]) + HORIZON,
+            )
+            rows.append(row_of(account, meter_id, subscription, item, found.boundaries()))
     return rows

@@ -167,13 +167,24 @@ class StoredPeriods(Mapping[tuple[str, str], CustomerPeriods]):
         """One subscription of the customer ``key`` (event name, customer)."""
         self.raw.setdefault(key, []).append((subscription, price, bounds, start_date, ended_at))
 
+    def forget(self, key: tuple[str, str], subscription: str) -> None:
+        """Drop the customer's entry for ``subscription`` (it changed, or left the meter)."""
+        entries = [e for e in self.raw.get(key, ()) if e[0] != subscription]
+        if entries:
+            self.raw[key] = entries
+        else:
+            self.raw.pop(key, None)
+        self._built.pop(key, None)
+
     def __getitem__(self, key: tuple[str, str]) -> CustomerPeriods:
         built = self._built.get(key)
         if built is None:
             periods: list[Period] = []
-            ended = None
-            for subscription, price, bounds, start_date, ended_at in self.raw[key]:
-                ended = ended_at
+            entries = self.raw[key]
+            # The customer's subscriptions ended when the last of them did (none while one runs).
+            ends = [e[4] for e in entries]
+            ended = None if None in ends else max(e for e in ends if e is not None)
+            for subscription, price, bounds, start_date, ended_at in entries:
                 for lo, hi in pairwise(bounds):
                     if lo < start_date or (ended_at is not None and lo >= ended_at):
                         continue

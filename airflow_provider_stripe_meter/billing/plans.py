@@ -156,12 +156,15 @@ def plan_day(
     *,
     now: int,
     oldest: int,
+    within: tuple[int, int, int | None] | None = None,
 ) -> DayPlan:
     """Plan one customer-day from the source's aggregate and the ledger's figure.
 
     :param now: Unix seconds; no event is stamped later.
     :param oldest: The oldest instant Stripe accepts; no event is stamped earlier (usage of an
         older day, billed late, lands there), and a day that began before it is partial.
+    :param within: The stamps the events may carry and the end of the billing period that
+        holds them (the whole day in one open period: :func:`plan_in_periods`).
     """
     figure = figure or DayFigure()
     kind = spec.kind
@@ -186,6 +189,7 @@ def plan_day(
         return plan
     stamp = min(max(aggregate.timestamp, oldest), now)
     seq = figure.max_seq
+    lo, hi, period_end = within if within is not None else (stamp, stamp, None)
 
     def event(value: int, at: int) -> PlannedEvent:
         nonlocal seq
@@ -196,9 +200,11 @@ def plan_day(
             aggregate.day,
             value,
             ledger_identifier(spec, aggregate.customer_id, aggregate.day, seq),
-            at,
-            seq=seq,
-            source_at=aggregate.timestamp,
+            min(max(at, lo), hi) if within is not None else at,
+            seq,
+            aggregate.timestamp,
+            0,
+            period_end,
         )
 
     if kind == ADD:
@@ -300,12 +306,19 @@ def plan_in_periods(
     """
     day_figure = figure or DayFigure()
     if not aggregate.parts:
-        # The common case, kept lean (a night plans every customer-day): one part, the day.
+        # The common case, kept lean (a night plans every customer-day): one part, the day, in
+        # an open or draft period: its events are made where they belong at once.
+        start = _day_start(aggregate.day)
+        whole = (start, start + SECONDS_PER_DAY)
+        state, period = periods.state(aggregate.event_name, aggregate.customer_id, aggregate.timestamp)
+        if state in BILLABLE and period is not None:
+            lo, hi = _inside(whole, period, oldest, now)
+            return plan_day(
+                aggregate, spec, day_figure, now=now, oldest=oldest, within=(lo, hi, period.end)
+            ), []
         plan = plan_day(aggregate, spec, day_figure, now=now, oldest=oldest)
         if not plan.events:
             return plan, []
-        start = _day_start(aggregate.day)
-        whole = (start, start + SECONDS_PER_DAY)
         placed = _place(plan.events, whole, aggregate, periods, now=now, oldest=oldest, carry=carry)
         if isinstance(placed, Held):
             plan.events = []

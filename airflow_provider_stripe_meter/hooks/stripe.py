@@ -479,45 +479,89 @@ class StripeHook(BaseHook):
                 found[str(subscription["id"])] = subscription
         return list(found.values())
 
-    def subscription_changes(self, since: int, *, slices: int = 4) -> list[dict[str, Any]]:
+    def subscription_changes(
+        self, since: int, *, cuts: Sequence[int] = (), parallel: int = 4
+    ) -> list[dict[str, Any]]:
         """The subscriptions created, updated (a renewal too) or deleted after ``since``, each as
-        its newest event shows it: one request per 100 events (Stripe keeps 30 days).
+        its newest event shows it: about one request per 100 events (Stripe keeps 30 days).
 
-        The time since ``since`` is cut in ``slices`` listed at the same time: pages follow one
-        another, so a night's thousands of renewals would otherwise wait on each page in turn.
+        Pages of one listing follow one another, so a night's thousands of renewals are listed
+        in time ranges, up to ``parallel`` at once, split at ``cuts`` (instants after
+        ``since``): where the renewals expected are evenly shared, as they cluster where the
+        anchors do. A range that turns out to hold many more pages than the others (a burst of
+        changes nobody expected) is halved, once at least eight pages remain in it and a
+        worker is spare.
 
         .. seealso:: https://docs.stripe.com/api/events/list
+        .. seealso:: https://docs.stripe.com/api/pagination
         """
-        from concurrent.futures import ThreadPoolExecutor
+        from concurrent.futures import Future, ThreadPoolExecutor
 
         types = [
             "customer.subscription.created",
             "customer.subscription.updated",
             "customer.subscription.deleted",
         ]
-        from airflow_provider_stripe_meter.utils import clock
+        found: dict[str, dict[str, Any]] = {}
+        lock = threading.Lock()
+        busy = [0]
+        futures: list[Future[None]] = []
 
-        # The last slice has no upper end: an event stamped after our clock's now still counts.
-        step = max(1, (int(clock.now()) - since) // slices + 1)
-        starts = [since + k * step for k in range(slices)]
-        ranges = [
-            {"gt": lo, **({"lte": starts[k + 1]} if k + 1 < len(starts) else {})}
-            for k, lo in enumerate(starts)
-        ]
-        with ThreadPoolExecutor(max_workers=len(ranges)) as pool:
-            pages = list(
-                pool.map(
-                    lambda created: self._list_json("/v1/events", {"types": types, "created": created}),
-                    ranges,
-                )
-            )
-        events = sorted((e for page in pages for e in page), key=lambda e: int(e["created"]), reverse=True)
-        newest: dict[str, dict[str, Any]] = {}
+        def walk(lo: int, hi: int | None) -> None:
+            """Every event created in ``(lo, hi]`` (``hi`` ``None``: up to now and later)."""
+            after: str | None = None
+            try:
+                while True:
+                    params: dict[str, Any] = {
+                        "types": types,
+                        "created": {"gt": lo, **({"lte": hi} if hi is not None else {})},
+                        "limit": 100,
+                        **({"starting_after": after} if after else {}),
+                    }
+                    page = self._call(self.client.raw_request, "get", "/v1/events", **params).data
+                    data = page.get("data") or []
+                    with lock:
+                        for event in data:
+                            found[str(event["id"])] = event
+                    if not page.get("has_more") or not data:
+                        return
+                    # Newest first: what is left of the range is (lo, oldest], the events of the
+                    # second ``oldest`` partly seen already (they are kept once, by id).
+                    newest, oldest = int(data[0]["created"]), int(data[-1]["created"])
+                    left = (oldest - lo) * len(data) / max(1, newest - oldest) / 100
+                    with lock:
+                        spare = busy[0] < parallel
+                    if spare and newest > oldest and left >= 8:
+                        mid = lo + (oldest - lo) // 2
+                        start(lo, mid)
+                        lo, hi, after = mid, oldest, None
+                    else:
+                        after = str(data[-1]["id"])
+            finally:
+                with lock:
+                    busy[0] -= 1
+
+        with ThreadPoolExecutor(max_workers=parallel) as pool:
+
+            def start(lo: int, hi: int | None) -> None:
+                with lock:
+                    busy[0] += 1
+                    futures.append(pool.submit(walk, lo, hi))
+
+            bounds = [since, *sorted({c for c in cuts if c > since})]
+            for lo, hi in zip(bounds, [*bounds[1:], None], strict=True):
+                start(lo, hi)
+            done = 0
+            while done < len(futures):  # a walker adds its split before it ends
+                futures[done].result()
+                done += 1
+        events = sorted(found.values(), key=lambda e: (int(e["created"]), str(e["id"])), reverse=True)
+        newest_of: dict[str, dict[str, Any]] = {}
         for event in events:  # newest first
             subscription = (event.get("data") or {}).get("object") or {}
-            if subscription.get("id") and subscription["id"] not in newest:
-                newest[subscription["id"]] = subscription
-        return list(newest.values())
+            if subscription.get("id") and subscription["id"] not in newest_of:
+                newest_of[subscription["id"]] = subscription
+        return list(newest_of.values())
 
     def finalization_grace(self) -> int | None:
         """The account's finalization grace period in seconds, read from a draft subscription

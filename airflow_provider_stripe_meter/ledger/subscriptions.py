@@ -124,13 +124,44 @@ class SubscriptionCache:
         prices, full_at, events_to = rows[0]
         return SyncState(tuple(p for p in str(prices).split(",") if p), int(full_at), int(events_to))
 
-    def rows(self, account: str, meter_id: str) -> list[tuple[Any, ...]]:
-        """Every subscription row of the meter."""
+    def rows(
+        self, account: str, meter_id: str, subscriptions: Sequence[str] | None = None
+    ) -> list[tuple[Any, ...]]:
+        """The meter's subscription rows (only those of ``subscriptions``, if given)."""
+        self._create()
+        query = f"SELECT {', '.join(NAMES)} FROM {self.table} WHERE account = ? AND meter_id = ?"
+        if subscriptions is None:
+            return self.ledger._query(query, (account, meter_id))
+        ids = sorted(set(subscriptions))
+        out: list[tuple[Any, ...]] = []
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            out += self.ledger._query(
+                f"{query} AND subscription_id IN ({self.ledger._marks(len(chunk))})",
+                (account, meter_id, *chunk),
+            )
+        return out
+
+    def periods(self, account: str, meter_id: str) -> list[tuple[Any, ...]]:
+        """What a run needs of each of the meter's rows: (subscription, customer, price, start,
+        end or cancellation, boundaries), and nothing else (a run reads 100,000)."""
         self._create()
         return self.ledger._query(
-            f"SELECT {', '.join(NAMES)} FROM {self.table} WHERE account = ? AND meter_id = ?",
+            f"SELECT subscription_id, customer_id, price_id, start_date, COALESCE(ended_at, cancel_at), "
+            f"bounds FROM {self.table} WHERE account = ? AND meter_id = ?",
             (account, meter_id),
         )
+
+    def renewals(self, account: str, meter_id: str, after: int, upto: int) -> list[int]:
+        """When the meter's subscriptions renew or end in ``(after, upto]``, as the table knows
+        them (each a ``customer.subscription.*`` event): where a night's changes will be."""
+        self._create()
+        rows = self.ledger._query(
+            f"SELECT current_end, cancel_at FROM {self.table} WHERE account = ? AND meter_id = ? "
+            "AND ((current_end > ? AND current_end <= ?) OR (cancel_at > ? AND cancel_at <= ?))",
+            (account, meter_id, after, upto, after, upto),
+        )
+        return [int(c if c is not None and after < int(c) <= upto else e) for e, c in rows]
 
     def replace(
         self,

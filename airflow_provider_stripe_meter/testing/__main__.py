@@ -6,6 +6,7 @@ import argparse
 import json
 import signal
 import threading
+import time
 
 from airflow_provider_stripe_meter.testing.server import DEFAULT_API_KEY, LocalStripeServer
 
@@ -39,7 +40,19 @@ def main(argv: list[str] | None = None) -> None:
         help="subscribe cus_bench000000... to a monthly metered price on the first meter, anchors "
         "spread over the last 30 days",
     )
+    parser.add_argument(
+        "--subscriptions-at",
+        type=int,
+        help="unix seconds the --subscriptions anchors count back from (default: now), so two "
+        "servers hold the same subscriptions",
+    )
     parser.add_argument("--grace", type=int, default=3600, help="finalization grace period, seconds")
+    parser.add_argument(
+        "--clock-offset",
+        type=float,
+        default=0.0,
+        help="seconds added to this server's clock (negative: the server lives in the past)",
+    )
     args = parser.parse_args(argv)
 
     server = LocalStripeServer(
@@ -52,6 +65,7 @@ def main(argv: list[str] | None = None) -> None:
         one_request_per_customer_meter=not args.allow_concurrent_per_customer,
         port=args.port,
     ).start()
+    server.clock_offset = args.clock_offset
     if args.preload:
         with open(args.preload) as handle:
             for event in json.load(handle):
@@ -63,18 +77,17 @@ def main(argv: list[str] | None = None) -> None:
                     api="preload",
                 )
     if args.subscriptions:
-        import time
-
         billing = server.ledger.billing
         billing.grace = args.grace
         price = billing.add_price((args.meter or ["ai_tokens_used"])[0])
-        now = int(time.time())
+        now = args.subscriptions_at or int(time.time())
         for i in range(args.subscriptions):
             anchor = now - (i % 30) * 86400 - 3600 - i % 3600
             start = anchor - 60 * 86400
             # Made long ago: no customer.subscription.created event inside any run's window.
-            sub = billing.subscribe(f"cus_bench{i:06d}", price, anchor=anchor, start=start, created_at=start)
-            sub.starts_between(0, 0)  # works out its renewals now, not in the first events list
+            billing.subscribe(f"cus_bench{i:06d}", price, anchor=anchor, start=start, created_at=start)
+        # Stripe lists events it stored as they happened: work them out now, not on a first request.
+        billing.event_moments(0)
     print(f"Local Stripe meter server on {server.url}", flush=True)
     print(f"AIRFLOW_CONN_STRIPE_DEFAULT='{server.connection_json(args.api_key)}'", flush=True)
     stop = threading.Event()

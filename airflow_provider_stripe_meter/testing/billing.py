@@ -157,6 +157,25 @@ class Subscription:
         return self.cancel_at if self.cancel_at is not None and self.cancel_at <= now else None
 
 
+#: How far ahead of now the subscription events are worked out (each request bisects by time).
+MOMENTS_AHEAD = 3600
+
+
+@dataclass(frozen=True)
+class InvoiceRef:
+    """An invoice before its quantity is read: its subscription, period and status."""
+
+    sub: Subscription
+    start: int
+    end: int
+    status: str
+    finalizes_at: int
+
+    @property
+    def id(self) -> str:
+        return f"in_{self.sub.id[4:]}_{self.end}"
+
+
 @dataclass
 class BillingModel:
     """Prices, subscriptions and invoices of one account, read against its meter events."""
@@ -254,19 +273,25 @@ class BillingModel:
         return every[lo:hi]
 
     def _all_moments(self, now: int) -> list[tuple[int, str, Subscription]]:
-        key = (now // 60, len(self.subscriptions), sum(len(s.changes) for s in self.subscriptions.values()))
+        """Every subscription event up to an hour ahead of ``now``, newest first: Stripe stores
+        its events as they happen, so they are worked out once (again when a subscription is
+        made or changed, or the hour runs out), not per request; a request bisects by time."""
+        changes = sum(len(s.changes) for s in self.subscriptions.values())
         with self._moments_lock:
-            if self._moments_key != key:
+            key = self._moments_key
+            if key is None or key[1:] != (len(self.subscriptions), changes) or now > key[0]:
+                horizon = now + MOMENTS_AHEAD
                 found: list[tuple[int, str, Subscription]] = []
                 for sub in self.subscriptions.values():
                     made = sub.changes[0][0] if sub.changes else sub.created
-                    found.extend((at, kind, sub) for at, kind in sub.changes if at <= now)
-                    found.extend((start, "updated", sub) for start in sub.starts_between(made, now))
-                    ended = sub.ended_at(now)
+                    found.extend((at, kind, sub) for at, kind in sub.changes if at <= horizon)
+                    found.extend((start, "updated", sub) for start in sub.starts_between(made, horizon))
+                    ended = sub.ended_at(horizon)
                     if ended is not None:
                         found.append((ended, "deleted", sub))
                 found.sort(key=lambda f: f[0], reverse=True)
-                self._moments, self._moment_times, self._moments_key = found, [-f[0] for f in found], key
+                self._moments, self._moment_times = found, [-f[0] for f in found]
+                self._moments_key = (horizon, len(self.subscriptions), changes)
             return self._moments
 
     def event_object(self, moment: tuple[int, str, Subscription]) -> dict[str, Any]:
@@ -313,16 +338,24 @@ class BillingModel:
 
     def invoices(self, sub: Subscription) -> list[dict[str, Any]]:
         """The subscription's invoices for periods that ended, newest first: draft, then final."""
+        return [self.render_invoice(ref) for ref in self.invoice_refs(sub)]
+
+    def invoice_refs(self, sub: Subscription) -> list[InvoiceRef]:
+        """What :meth:`invoices` holds, its quantities not read yet (a list renders one page)."""
         now = self._now()
         out = []
         for start, end in sub.periods(now):
             if end > now:
                 continue
             finalizes_at = end + self.grace
-            final = now >= finalizes_at
-            quantity = self.quantity(sub, start, end, finalizes_at if final else self._received_by())
-            out.append(self._invoice(sub, start, end, quantity, "open" if final else "draft", finalizes_at))
+            out.append(InvoiceRef(sub, start, end, "open" if now >= finalizes_at else "draft", finalizes_at))
         return list(reversed(out))
+
+    def render_invoice(self, ref: InvoiceRef) -> dict[str, Any]:
+        """The ``invoice`` object of ``ref``: a final one holds what was received before it finalized."""
+        received = ref.finalizes_at if ref.status != "draft" else self._received_by()
+        quantity = self.quantity(ref.sub, ref.start, ref.end, received)
+        return self._invoice(ref.sub, ref.start, ref.end, quantity, ref.status, ref.finalizes_at)
 
     def preview(self, sub: Subscription) -> dict[str, Any]:
         """``POST /v1/invoices/create_preview``: the current period's invoice as it stands now."""

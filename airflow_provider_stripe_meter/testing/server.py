@@ -110,11 +110,15 @@ class LocalStripeServer:
         session_ttl: float = 900.0,
         identifier_window: float | None = None,
         summary_lag: float = 0.0,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] | None = None,
         accounts: Iterable[str] = (),
         host: str = "127.0.0.1",
         port: int = 0,
     ) -> None:
+        #: Seconds added to the wall clock when no ``clock`` is given (``POST /_local/clock``).
+        self.clock_offset = 0.0
+        if clock is None:
+            clock = lambda: time.time() + self.clock_offset  # noqa: E731
         #: What Stripe holds for the key's own (platform) account.
         self.ledger = MeterLedger(
             customers=customers, identifier_window=identifier_window, summary_lag=summary_lag, clock=clock
@@ -371,6 +375,7 @@ _ROUTES: list[tuple[str, re.Pattern[str], str, str]] = [
     ("POST", re.compile(r"/v1/invoices/create_preview"), "", "v1_invoice_preview"),
     # Not Stripe's: what this server holds, for benchmarks and people driving it from another process.
     ("GET", re.compile(r"/_local/summary"), "", "local_summary"),
+    ("POST", re.compile(r"/_local/clock"), "", "local_clock"),
 ]
 
 
@@ -655,6 +660,14 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- endpoints -------------------------------------------------------------------------
 
+    def _h_local_clock(self, body: Any, match: re.Match[str], query: str) -> dict[str, Any]:
+        """Set the clock's offset from the wall clock (``offset``, seconds): a benchmark lists
+        subscriptions as they were a day ago, then bills tonight, on one server."""
+        self.server_state.clock_offset = float((body or {}).get("offset") or 0)
+        # Stripe's events are stored as they happen: work them out now, not on the next list.
+        self.ledger.billing.event_moments(0)
+        return {"now": int(self.ledger.clock())}
+
     def _h_local_summary(self, body: Any, match: re.Match[str], query: str) -> dict[str, Any]:
         state = self.server_state
         events = self.ledger.accepted()
@@ -918,14 +931,18 @@ class _Handler(BaseHTTPRequestHandler):
                     if s.starts_between(now - billing.grace, now)
                     or (s.ended_at(now) is not None and now - billing.grace < s.ended_at(now) <= now)  # type: ignore[operator]
                 ]
-            invoices = [i for s in subs for i in billing.invoices(s)]
-            for name in ("customer", "status"):
-                if params.get(name):
-                    invoices = [i for i in invoices if i[name] == params[name]]
-            invoices.sort(key=lambda i: i["created"], reverse=True)
-            return invoices
+            refs = [r for s in subs for r in billing.invoice_refs(s)]
+            if params.get("customer"):
+                refs = [r for r in refs if r.sub.customer == params["customer"]]
+            if params.get("status"):
+                refs = [r for r in refs if r.status == params["status"]]
+            refs.sort(key=lambda r: r.end, reverse=True)
+            return refs
 
-        return _paginate(billing.listing({"invoices": "1", **params}, build), params, "/v1/invoices")
+        # Paged on references; only the page's quantities are read and rendered.
+        page = _paginate(billing.listing({"invoices": "1", **params}, build), params, "/v1/invoices")
+        page["data"] = [billing.render_invoice(ref) for ref in page["data"]]
+        return page
 
     def _h_v1_events(self, body: Any, match: re.Match[str], query: str) -> dict[str, Any]:
         """``GET /v1/events``: the subscriptions' events, filters ``types[]`` and ``created[gt]``."""
@@ -1037,10 +1054,10 @@ def _error_headers(err: StripeApiError) -> dict[str, str]:
     return {"Stripe-Should-Retry": "true" if err.should_retry else "false"}
 
 
-def _paginate(items: list[dict[str, Any]], params: dict[str, str], url: str) -> dict[str, Any]:
+def _paginate(items: list[Any], params: dict[str, str], url: str) -> dict[str, Any]:
     limit = max(1, min(100, int(params.get("limit") or 10)))
     after = params.get("starting_after")
     if after:
-        ids = [item["id"] for item in items]
+        ids = [item["id"] if isinstance(item, dict) else item.id for item in items]
         items = items[ids.index(after) + 1 :] if after in ids else []
     return {"object": "list", "data": items[:limit], "has_more": len(items) > limit, "url": url}
