@@ -18,7 +18,9 @@ Plain Python; Stripe and the subscriptions table are ports
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
 from airflow_provider_stripe_meter.billing.periods import PeriodBook, StoredPeriods, customer_periods
@@ -43,11 +45,14 @@ def read_periods(
     account: str,
     since: int,
     now: int,
+    *,
+    defer: bool = False,
 ) -> tuple[PeriodBook, dict[str, int]]:
     """The periods of every customer subscribed on ``meters`` (event name -> meter id).
 
     Returns the book and what it took: subscriptions ``listed`` in full, ``changes`` read from
-    events, ``cached`` rows read from the table.
+    events, ``cached`` rows read from the table. With ``defer`` the table is written by
+    :meth:`PeriodBook.save` (after the run: a run that dies first reads the same changes again).
 
     The requests that follow the prices (the grace period, the changes) are made while the
     table is read: a night waits on the slower of the two, not on their sum.
@@ -91,12 +96,15 @@ def read_periods(
                 _add_rows(customers, name, cache.periods(account, meter_id))
         changes = changes_read.result() if changes_read is not None else []
         customers.grace = grace_read.result()
+    writes: list[Callable[[], None]] = []
     for name, (meter_id, ids, state, stale) in plans.items():
         if stale:
             subscriptions = stripe.subscriptions_of(ids, since)
             figures["listed"] += len(subscriptions)
             rows = _rows(account, meter_id, subscriptions, ids)
-            cache.replace(account, meter_id, rows, full=True, state=SyncState(ids, now, now))
+            writes.append(
+                partial(cache.replace, account, meter_id, rows, full=True, state=SyncState(ids, now, now))
+            )
         else:
             assert state is not None
             figures["changes"] += len(changes)
@@ -105,14 +113,26 @@ def read_periods(
             rows = _rows(account, meter_id, changes, ids, known)
             kept = {str(row[2]) for row in rows}
             removed = [i for i in changed if i not in kept]
-            cache.replace(
-                account, meter_id, rows, full=False, state=SyncState(ids, state.full_at, now), removed=removed
+            writes.append(
+                partial(
+                    cache.replace,
+                    account,
+                    meter_id,
+                    rows,
+                    full=False,
+                    state=SyncState(ids, state.full_at, now),
+                    removed=removed,
+                )
             )
             for subscription in changes:
                 customers.forget((name, str(subscription.get("customer"))), str(subscription["id"]))
         _add_rows(customers, name, [_used(row) for row in rows])
         figures["cached"] += sum(len(entries) for key, entries in customers.raw.items() if key[0] == name)
-    return PeriodBook(customers, set(plans), now), figures
+    book = PeriodBook(customers, set(plans), now)
+    book.pending = writes
+    if not defer:
+        book.save()
+    return book, figures
 
 
 def _used(row: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -132,24 +152,20 @@ def _cuts(moments: list[int], parts: int) -> list[int]:
 
 
 def _add_rows(customers: StoredPeriods, name: str, rows: list[tuple[Any, ...]]) -> None:
-    """Rows as :meth:`SubscriptionCache.periods` reads them into ``customers``, their
-    boundaries parsed at once (a run reads 100,000)."""
-    texts = [str(row[5] or "") for row in rows]
-    flat = list(map(int, ",".join(t for t in texts if t).split(","))) if any(texts) else []
+    """Rows as :meth:`SubscriptionCache.periods` reads them into ``customers`` (a run reads
+    100,000: kept lean)."""
     raw = customers.raw
-    at = 0
-    for (subscription, customer, price, start, ended, _), text in zip(rows, texts, strict=True):
-        n = text.count(",") + 1 if text else 0
+    get = raw.get
+    for subscription, customer, price, start, ended, text in rows:
         entry = (
-            str(subscription),
-            str(price),
-            tuple(flat[at : at + n]),
+            subscription,
+            price,
+            tuple(map(int, text.split(","))) if text else (),
             int(start),
             None if ended is None else int(ended),
         )
-        at += n
-        key = (name, str(customer))
-        found = raw.get(key)
+        key = (name, customer)
+        found = get(key)
         if found is None:
             raw[key] = [entry]
         else:

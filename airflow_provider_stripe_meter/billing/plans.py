@@ -32,7 +32,7 @@ from typing import Any
 
 from airflow_provider_stripe_meter.billing.meters import ADD, COUNT, MeterSpec, source_figure
 from airflow_provider_stripe_meter.billing.outcomes import Action
-from airflow_provider_stripe_meter.billing.periods import BILLABLE, ENDED, FINAL, NONE, Period, PeriodBook
+from airflow_provider_stripe_meter.billing.periods import BILLABLE, ENDED, FINAL, NONE, PeriodBook
 from airflow_provider_stripe_meter.ledger.entries import DayFigure, Entry
 from airflow_provider_stripe_meter.utils.aggregation import DailyAggregate, DayPart
 from airflow_provider_stripe_meter.utils.identifiers import bounded_identifier
@@ -156,15 +156,17 @@ def plan_day(
     *,
     now: int,
     oldest: int,
-    within: tuple[int, int, int | None] | None = None,
+    within: tuple[int, int] | None = None,
+    period_end: int | None = None,
 ) -> DayPlan:
     """Plan one customer-day from the source's aggregate and the ledger's figure.
 
     :param now: Unix seconds; no event is stamped later.
     :param oldest: The oldest instant Stripe accepts; no event is stamped earlier (usage of an
         older day, billed late, lands there), and a day that began before it is partial.
-    :param within: The stamps the events may carry and the end of the billing period that
-        holds them (the whole day in one open period: :func:`plan_in_periods`).
+    :param within: The stamps the events may carry (part of the day in a billing period).
+    :param period_end: The end of the billing period the events are stamped in
+        (:func:`plan_in_periods`).
     """
     figure = figure or DayFigure()
     kind = spec.kind
@@ -189,7 +191,7 @@ def plan_day(
         return plan
     stamp = min(max(aggregate.timestamp, oldest), now)
     seq = figure.max_seq
-    lo, hi, period_end = within if within is not None else (stamp, stamp, None)
+    lo, hi = within if within is not None else (stamp, stamp)
 
     def event(value: int, at: int) -> PlannedEvent:
         nonlocal seq
@@ -310,12 +312,15 @@ def plan_in_periods(
         # an open or draft period: its events are made where they belong at once.
         start = _day_start(aggregate.day)
         whole = (start, start + SECONDS_PER_DAY)
-        state, period = periods.state(aggregate.event_name, aggregate.customer_id, aggregate.timestamp)
-        if state in BILLABLE and period is not None:
-            lo, hi = _inside(whole, period, oldest, now)
-            return plan_day(
-                aggregate, spec, day_figure, now=now, oldest=oldest, within=(lo, hi, period.end)
-            ), []
+        found = periods.billable(aggregate.event_name, aggregate.customer_id, aggregate.timestamp)
+        if found is not None:
+            # The whole day in the period: plan_day's stamps (inside the day) are inside it.
+            inside = found[0] <= start and whole[1] <= found[1]
+            within = None if inside else _inside(whole, found, oldest, now)
+            plan = plan_day(
+                aggregate, spec, day_figure, now=now, oldest=oldest, within=within, period_end=found[1]
+            )
+            return plan, []
         plan = plan_day(aggregate, spec, day_figure, now=now, oldest=oldest)
         if not plan.events:
             return plan, []
@@ -402,7 +407,7 @@ def _place(
     state, period = periods.state(name, customer, aggregate.timestamp)
     carried_from = None
     if state in BILLABLE and period is not None:
-        lo, hi = _inside(span, period, oldest, now)
+        lo, hi = _inside(span, (period.start, period.end), oldest, now)
         period_end = period.end
     elif state == FINAL and carry and (open_ := periods.open_period(name, customer)) is not None:
         lo = hi = min(max(now, open_.start), open_.end - 1)
@@ -437,10 +442,11 @@ def _who(aggregate: DailyAggregate) -> tuple[str, str]:
     return aggregate.event_name, aggregate.customer_id
 
 
-def _inside(span: tuple[int, int], period: Period, oldest: int, now: int) -> tuple[int, int]:
-    """The stamps an event of a part (``span``) may carry: inside the part and its period, a whole
-    minute clear of a boundary that falls inside a minute, within Stripe's window."""
-    lo, hi = max(span[0], period.start), min(span[1], period.end) - 1
+def _inside(span: tuple[int, int], period: tuple[int, int], oldest: int, now: int) -> tuple[int, int]:
+    """The stamps an event of a part (``span``) may carry: inside the part and its period
+    (start, end), a whole minute clear of a boundary that falls inside a minute, within Stripe's
+    window."""
+    lo, hi = max(span[0], period[0]), min(span[1], period[1]) - 1
     if lo % 60 and hi - lo > 120:
         lo += 60 - lo % 60
     if (hi + 1) % 60 and hi - lo > 120:

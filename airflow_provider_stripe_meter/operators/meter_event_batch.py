@@ -239,41 +239,40 @@ class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
         from airflow_provider_stripe_meter.state.ledger import ledger_on, ledger_writer
 
         ledger = ledger_on(self.ledger_conn_id, self.ledger_table)
+        periods: PeriodBook | None = None
         try:
             periods = self._read_periods(ledger)
-        except BaseException:
-            ledger.close()
-            raise
-        aggregator = self.read_usage(
-            self.event_name,
-            keep_too_old=self.too_old == "bill_at_oldest",
-            split=periods.split() if periods is not None else None,
-        )
-        with paused_gc():
-            aggregates = aggregator.finish()
-        self._log_problems(aggregator)
-        run = BillingRun(
-            self._settings(context),
-            self.hook,
-            ledger,
-            ledger_writer(self, context),
-            self.log,
-            int(clock.now()),
-        )
-        usage = Usage(
-            aggregates,
-            _source_figures(aggregator, aggregates),
-            tuple(aggregator.too_old),
-            aggregator.oldest,
-            periods,
-        )
-        try:
+            aggregator = self.read_usage(
+                self.event_name,
+                keep_too_old=self.too_old == "bill_at_oldest",
+                split=periods.split() if periods is not None else None,
+            )
+            with paused_gc():
+                aggregates = aggregator.finish()
+            self._log_problems(aggregator)
+            run = BillingRun(
+                self._settings(context),
+                self.hook,
+                ledger,
+                ledger_writer(self, context),
+                self.log,
+                int(clock.now()),
+            )
+            usage = Usage(
+                aggregates,
+                _source_figures(aggregator, aggregates),
+                tuple(aggregator.too_old),
+                aggregator.oldest,
+                periods,
+            )
             # Millions of per-day objects and no cycles: the cyclic collector would walk them all
             # again and again while they are built.
             with paused_gc():
                 result = self._run(run, usage)
-        finally:
-            ledger.close()
+        except BaseException:
+            self._close(ledger, periods, failing=True)
+            raise
+        self._close(ledger, periods)
         outcome = result.as_dict()
         outcome["report_uri"] = self._write_report(run)
         self._log_outcome(outcome)
@@ -286,6 +285,22 @@ class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
             update_meter_assets(self, context, _asset_extra(outcome, aggregates), meters)
         return outcome
 
+    def _close(self, ledger: SqlLedger, periods: PeriodBook | None, *, failing: bool = False) -> None:
+        """Write the subscriptions table (what reading the periods learnt), then close the ledger.
+
+        When the run is failing anyway, a failed write is logged, not raised over the run's own
+        error: the next run reads the same changes again.
+        """
+        try:
+            if periods is not None:
+                periods.save()
+        except Exception:
+            if not failing:
+                raise
+            self.log.warning("Could not write the subscriptions table; the next run reads its changes again")
+        finally:
+            ledger.close()
+
     def _read_periods(self, ledger: SqlLedger) -> PeriodBook | None:
         """The customers' billing periods on the meters billed (``billing_periods`` not ``"off"``).
 
@@ -296,7 +311,8 @@ class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
         """
         if self.billing_periods == "off":
             return None
-        return read_billing_periods(self, ledger, self.event_name)
+        # The subscriptions table is written after the run (see ``execute``): off its path.
+        return read_billing_periods(self, ledger, self.event_name, defer=True)
 
     def _write_report(self, run: BillingRun) -> str | None:
         """Write every customer-day of the run (plan and outcome) to ``report_path``, if named."""

@@ -14,9 +14,12 @@ if TYPE_CHECKING:
 
 
 def read_billing_periods(
-    operator: StripeBaseOperator, ledger: SqlLedger, event_name: str | None
+    operator: StripeBaseOperator, ledger: SqlLedger, event_name: str | None, *, defer: bool = False
 ) -> PeriodBook:
-    """The periods of the meter of ``event_name`` (``None``: of every active meter), logged."""
+    """The periods of the meter of ``event_name`` (``None``: of every active meter), logged.
+
+    With ``defer`` the subscriptions table is written by the book's ``save()``, once the run is done.
+    """
     import time
 
     from airflow_provider_stripe_meter.billing.period_sync import read_periods
@@ -41,7 +44,13 @@ def read_billing_periods(
 
     try:
         periods, figures = read_periods(
-            hook, SubscriptionCache(ledger), meters, operator.billed_account() or "platform", since, now
+            hook,
+            SubscriptionCache(ledger),
+            meters,
+            operator.billed_account() or "platform",
+            since,
+            now,
+            defer=defer,
         )
     except StripeConfigurationError as err:
         # A restricted key made for meter events alone: say what the periods need, and the way out.
