@@ -120,9 +120,13 @@ class DayPlan:
         }
 
 
+#: The proleptic ordinal of 1970-01-01: days since it are whole UTC days of Unix time.
+_EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
+
+
 def day_end(day: date) -> int:
     """Unix seconds of the first second after ``day`` (UTC)."""
-    return int(datetime(day.year, day.month, day.day, tzinfo=timezone.utc).timestamp()) + SECONDS_PER_DAY
+    return (day.toordinal() - _EPOCH_ORDINAL + 1) * SECONDS_PER_DAY
 
 
 #: Reasons a day is left as it is although the figures differ.

@@ -136,27 +136,25 @@ class UsageAggregator:
         split: Mapping[tuple[str, str], Sequence[int]] | None = None,
     ) -> None:
         self.event_name = validate_event_name(event_name) if event_name is not None else None
-        # (event name, customer) -> boundaries, and per UTC day number the keys split on it.
-        # Only boundaries inside a day this aggregator can see, and not at midnight, split.
-        self._split: dict[tuple[str, str], tuple[int, ...]] = {}
+        # (event name, customer) -> boundaries (read only for the rows of a split day), and per
+        # UTC day number the customers split on it: only boundaries inside a day this aggregator
+        # can see, and not at midnight, split one.
+        self._split: Mapping[tuple[str, str], Sequence[int]] = split or {}
         self._split_days: dict[int, set[str]] = {}
         if split:
             lo = (now - int(PAST_WINDOW.total_seconds())) // SECONDS_PER_DAY * SECONDS_PER_DAY
             hi = now + int(FUTURE_TOLERANCE.total_seconds())
             days = self._split_days
-            for key, bounds in split.items():
-                # Sorted: the boundaries inside the window are found by bisection (100,000
+            for (_, customer), bounds in split.items():
+                # Ascending: the boundaries inside the window are found by bisection (100,000
                 # customers' boundaries, most of them outside it).
-                inside = tuple(bounds[bisect_right(bounds, lo) : bisect_right(bounds, hi)])
-                if inside and not all(b % SECONDS_PER_DAY for b in inside):
-                    inside = tuple(b for b in inside if b % SECONDS_PER_DAY)
-                if inside:
-                    self._split[key] = inside
-                    for b in inside:
+                for i in range(bisect_right(bounds, lo), bisect_right(bounds, hi)):
+                    b = bounds[i]
+                    if b % SECONDS_PER_DAY:
                         day_keys = days.get(b // SECONDS_PER_DAY)
                         if day_keys is None:
                             day_keys = days[b // SECONDS_PER_DAY] = set()
-                        day_keys.add(key[1])
+                        day_keys.add(customer)
         self.columns = tuple(columns[:3] if event_name is not None else columns[:4])
         self.naive_timezone = naive_timezone
         self.oldest = now - int((PAST_WINDOW - safety_margin).total_seconds())
