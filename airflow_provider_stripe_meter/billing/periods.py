@@ -108,8 +108,8 @@ class PeriodBook:
         """Whether the meter of ``event_name`` has a metered price (periods apply)."""
         return event_name in self.metered
 
-    def split(self) -> dict[tuple[str, str], tuple[int, ...]]:
-        """Per (event name, customer), the instants where its days split."""
+    def split(self) -> Mapping[tuple[str, str], tuple[int, ...]]:
+        """Per (event name, customer), the instants where its days split, ascending."""
         if isinstance(self.customers, StoredPeriods):
             return self.customers.split()
         return {key: tuple(c.boundaries()) for key, c in self.customers.items() if c.periods}
@@ -260,12 +260,33 @@ class StoredPeriods(Mapping[tuple[str, str], CustomerPeriods]):
         finalizes = hi + self.grace if self.grace is not None else None
         return Period(lo, hi, subscription, finalizes, price), ended_at
 
-    def split(self) -> dict[tuple[str, str], tuple[int, ...]]:
-        """Per customer, every boundary of its subscriptions (no periods built)."""
-        return {
-            key: entries[0][2] if len(entries) == 1 else tuple(sorted({b for e in entries for b in e[2]}))
-            for key, entries in self.raw.items()
-        }
+    def split(self) -> Mapping[tuple[str, str], tuple[int, ...]]:
+        """Per customer, every boundary of its subscriptions, ascending (a view: nothing built)."""
+        return _Boundaries(self.raw)
+
+
+class _Boundaries(Mapping[tuple[str, str], tuple[int, ...]]):
+    """Every boundary of each customer's subscriptions, read from the entries when asked."""
+
+    def __init__(self, raw: dict[tuple[str, str], list[tuple[str, str, tuple[int, ...], int, int | None]]]):
+        self.raw = raw
+
+    def __getitem__(self, key: tuple[str, str]) -> tuple[int, ...]:
+        return _merged(self.raw[key])
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        return iter(self.raw)
+
+    def __len__(self) -> int:
+        return len(self.raw)
+
+    def items(self) -> Iterator[tuple[tuple[str, str], tuple[int, ...]]]:  # type: ignore[override]
+        for key, entries in self.raw.items():
+            yield key, entries[0][2] if len(entries) == 1 else _merged(entries)
+
+
+def _merged(entries: list[tuple[str, str, tuple[int, ...], int, int | None]]) -> tuple[int, ...]:
+    return entries[0][2] if len(entries) == 1 else tuple(sorted({b for e in entries for b in e[2]}))
 
 
 def add_months(anchor: int, months: int) -> int:
