@@ -10,7 +10,11 @@ Plain Python; Stripe and the subscriptions table are ports
 * per meter, its subscriptions: listed in full on the first run, when its prices change, once a
   week, or when the last run is older than the 30 days Stripe keeps events; otherwise the
   ``customer.subscription.*`` events since the last run (five minutes overlap, as events are
-  listed eventually) bring the table up to date, one request per 100 changes.
+  listed eventually) bring the table up to date, one request per 100 changes, listed in time
+  ranges at once, cut where the table expects the renewals (:func:`_cuts`).
+
+The table is read (and its boundaries parsed) while the changes are listed; with ``defer`` it is
+written once the run is done.
 
 .. seealso:: https://docs.stripe.com/api/events/list
 .. seealso:: https://docs.stripe.com/billing/subscriptions/usage-based/configure-grace-period
