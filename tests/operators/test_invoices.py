@@ -355,3 +355,29 @@ def test_after_the_first_run_subscriptions_are_brought_up_to_date_from_stripes_e
     assert invoices(secret_server, "cus_a") == {(NOV[0], noon): (15, "draft")}
     new_period = (nine, int(pendulum.datetime(2026, 12, 30, 9, 0, tz="UTC").timestamp()))
     assert invoices(secret_server, "cus_new") == {new_period: (9, "upcoming")}
+
+
+def test_a_run_that_fails_after_reading_the_periods_still_keeps_what_it_read(
+    secret_server, usage_db, at_time
+):
+    secret_server.ledger.billing.grace = 24 * 3600
+    subscribe(secret_server, ["cus_a"])
+    # The usage table is gone (a warehouse outage): the run reads the periods, then fails on
+    # its source. The subscriptions table is written all the same, after the run.
+    with sqlite3.connect(usage_db) as con:
+        con.execute("DROP TABLE usage")
+    at_time(NIGHTLY)
+    failed = run_dag("t_invoice_hold", run_conf={"from": "2026-11-30 00:00:00", "to": "2026-12-01 00:00:00"})
+    assert failed.get_state() == "failed"
+    listed = secret_server.stats["v1_subscriptions"]
+    assert listed >= 1
+
+    with sqlite3.connect(usage_db) as con:
+        con.execute("CREATE TABLE usage (customer_id TEXT, tokens INTEGER, used_at TEXT)")
+    add_rows(usage_db, rows_at(("cus_a", 25, "20:00:00")))
+    outcome = bill("t_invoice_hold", NIGHTLY.start_of("day"))
+
+    assert outcome["success"] is True
+    # Not listed again: the failed run's sync was kept.
+    assert secret_server.stats["v1_subscriptions"] == listed
+    assert invoices(secret_server, "cus_a")[DEC] == (25, "upcoming")
