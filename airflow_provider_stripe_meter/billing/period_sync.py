@@ -157,17 +157,11 @@ def _cuts(moments: list[int], parts: int) -> list[int]:
 
 def _add_rows(customers: StoredPeriods, name: str, rows: list[tuple[Any, ...]]) -> None:
     """Rows as :meth:`SubscriptionCache.periods` reads them into ``customers`` (a run reads
-    100,000: kept lean)."""
+    100,000: kept lean, their boundaries parsed when first asked for)."""
     raw = customers.raw
     get = raw.get
     for subscription, customer, price, start, ended, text in rows:
-        entry = (
-            subscription,
-            price,
-            tuple(map(int, text.split(","))) if text else (),
-            int(start),
-            None if ended is None else int(ended),
-        )
+        entry = (subscription, price, text or "", int(start), None if ended is None else int(ended))
         key = (name, customer)
         found = get(key)
         if found is None:

@@ -140,7 +140,7 @@ class PeriodBook:
         :meth:`state` tells, kept lean for the customer-days of a night (100,000 of them)."""
         customers = self.customers
         if isinstance(customers, StoredPeriods):
-            entries = customers.raw.get((event_name, customer))
+            entries = customers.entries((event_name, customer))
             if entries is None or len(entries) > 1:
                 return self._billable(event_name, customer, instant)
             _, _, bounds, start_date, ended_at = entries[0]
@@ -189,8 +189,21 @@ class StoredPeriods(Mapping[tuple[str, str], CustomerPeriods]):
 
     def __init__(self, grace: int | None) -> None:
         self.grace = grace
-        self.raw: dict[tuple[str, str], list[tuple[str, str, tuple[int, ...], int, int | None]]] = {}
+        #: Per customer, its subscriptions: (subscription, price, boundaries, start, end). The
+        #: boundaries may be kept as stored ("b1,b2,..."), parsed when the customer is first asked
+        #: about: a run reads 100,000 while it lists the night's changes, and parsing them all
+        #: then would compete with the listing for the interpreter.
+        self.raw: dict[tuple[str, str], list[Entry]] = {}
         self._built: dict[tuple[str, str], CustomerPeriods] = {}
+
+    def entries(self, key: tuple[str, str]) -> list[Parsed] | None:
+        """The customer's entries, their boundaries parsed."""
+        found = self.raw.get(key)
+        if found is not None:
+            for i, entry in enumerate(found):
+                if isinstance(entry[2], str):
+                    found[i] = _parse(entry)
+        return found  # type: ignore[return-value]
 
     def add(
         self,
@@ -217,7 +230,9 @@ class StoredPeriods(Mapping[tuple[str, str], CustomerPeriods]):
         built = self._built.get(key)
         if built is None:
             periods: list[Period] = []
-            entries = self.raw[key]
+            entries = self.entries(key)
+            if entries is None:
+                raise KeyError(key)
             # The customer's subscriptions ended when the last of them did (none while one runs).
             ends = [e[4] for e in entries]
             ended = None if None in ends else max(e for e in ends if e is not None)
@@ -240,7 +255,7 @@ class StoredPeriods(Mapping[tuple[str, str], CustomerPeriods]):
     def period_at(self, key: tuple[str, str], instant: int) -> tuple[Period | None, int | None]:
         """The period holding ``instant`` and when the subscription ended, without building the
         customer's other periods (a run asks once per customer-day)."""
-        entries = self.raw.get(key)
+        entries = self.entries(key)
         if entries is None:
             return None, None
         if len(entries) > 1:
@@ -265,14 +280,30 @@ class StoredPeriods(Mapping[tuple[str, str], CustomerPeriods]):
         return _Boundaries(self.raw)
 
 
+#: One subscription of a customer: (subscription, price, boundaries, start, end).
+Parsed = tuple[str, str, tuple[int, ...], int, "int | None"]
+#: The same, its boundaries possibly still as stored (text).
+Entry = tuple[str, str, "tuple[int, ...] | str", int, "int | None"]
+
+
+def _parse(entry: Entry) -> Parsed:
+    text = entry[2]
+    if not isinstance(text, str):
+        return entry  # type: ignore[return-value]
+    return (entry[0], entry[1], tuple(map(int, text.split(","))) if text else (), entry[3], entry[4])
+
+
 class _Boundaries(Mapping[tuple[str, str], tuple[int, ...]]):
     """Every boundary of each customer's subscriptions, read from the entries when asked."""
 
-    def __init__(self, raw: dict[tuple[str, str], list[tuple[str, str, tuple[int, ...], int, int | None]]]):
+    def __init__(self, raw: dict[tuple[str, str], list[Entry]]):
         self.raw = raw
 
     def __getitem__(self, key: tuple[str, str]) -> tuple[int, ...]:
-        return _merged(self.raw[key])
+        entries = self.raw[key]
+        for i, entry in enumerate(entries):
+            entries[i] = _parse(entry)
+        return _merged(entries)  # type: ignore[arg-type]
 
     def __iter__(self) -> Iterator[tuple[str, str]]:
         return iter(self.raw)
@@ -282,7 +313,13 @@ class _Boundaries(Mapping[tuple[str, str], tuple[int, ...]]):
 
     def items(self) -> Iterator[tuple[tuple[str, str], tuple[int, ...]]]:  # type: ignore[override]
         for key, entries in self.raw.items():
-            yield key, entries[0][2] if len(entries) == 1 else _merged(entries)
+            if len(entries) == 1:
+                entry = entries[0]
+                if isinstance(entry[2], str):
+                    entry = entries[0] = _parse(entry)
+                yield key, entry[2]  # type: ignore[misc]
+            else:
+                yield key, self[key]
 
 
 def _merged(entries: list[tuple[str, str, tuple[int, ...], int, int | None]]) -> tuple[int, ...]:
