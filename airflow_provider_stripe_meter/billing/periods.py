@@ -205,18 +205,6 @@ class StoredPeriods(Mapping[tuple[str, str], CustomerPeriods]):
                     found[i] = _parse(entry)
         return found  # type: ignore[return-value]
 
-    def add(
-        self,
-        key: tuple[str, str],
-        subscription: str,
-        price: str,
-        bounds: tuple[int, ...],
-        start_date: int,
-        ended_at: int | None,
-    ) -> None:
-        """One subscription of the customer ``key`` (event name, customer)."""
-        self.raw.setdefault(key, []).append((subscription, price, bounds, start_date, ended_at))
-
     def forget(self, key: tuple[str, str], subscription: str) -> None:
         """Drop the customer's entry for ``subscription`` (it changed, or left the meter)."""
         entries = [e for e in self.raw.get(key, ()) if e[0] != subscription]
