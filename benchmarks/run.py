@@ -658,7 +658,7 @@ def bench_periods(customers: int, stream_limit: float, repeats: int = 3) -> None
     a run 24 hours earlier (measured apart, as the first run's cost, with the server's clock a
     day behind), so the table holds them as they were then and the night reads a day of Stripe's
     subscription events (the renewals of about 1/30 of the subscriptions). Before each night
-    the table is put back as that run left it.
+    the table is put back as that run left it, and the setup's writes are flushed to disk.
     """
     kind = _ledger_database()
     print(f"\n## billing periods: a nightly run of {customers:,} customers, ledger on {kind}")
@@ -687,6 +687,9 @@ def bench_periods(customers: int, stream_limit: float, repeats: int = 3) -> None
         def run(**kwargs: Any) -> tuple[dict[str, Any], dict[str, int]]:
             before = server.summary()["stats"]
             _reset_ledger()
+            # The setup's writes (the ledger dropped, the table put back: tens of MB) reach the
+            # disk now, not during the night, whose commits would wait on them.
+            os.sync()
             outcome = _run_in_task(**{**source, **kwargs}, api="v2_stream", max_rps=stream_limit)
             after = server.summary()["stats"]
             return outcome, {k: after.get(k, 0) - before.get(k, 0) for k in keys}

@@ -99,10 +99,11 @@ class PeriodBook:
         self.pending: list[Callable[[], None]] = []
 
     def save(self) -> None:
-        """Write what reading the periods learnt to the subscriptions table (once)."""
-        pending, self.pending = self.pending, []
-        for write in pending:
-            write()
+        """Write what reading the periods learnt to the subscriptions table (once). A write that
+        fails is kept, with those after it, for the next call."""
+        while self.pending:
+            self.pending[0]()
+            self.pending.pop(0)
 
     def covers(self, event_name: str) -> bool:
         """Whether the meter of ``event_name`` has a metered price (periods apply)."""

@@ -23,6 +23,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date
+from functools import partial
 from typing import TYPE_CHECKING
 
 from airflow_provider_stripe_meter.billing.book import CustomerDay, RunBook
@@ -121,6 +122,10 @@ class BillingRun:
         self.figures = {"written": 0, "settled": 0, "unsettled": 0, "cancelled": 0}
         #: When the last answer of this run came (what a read-back waits on).
         self.last_answer = 0.0
+        #: Ledger-side work that need not come first (writing the subscriptions table): done on
+        #: this thread while the first slice's requests are out, not after the run. Work that
+        #: fails is logged; it keeps what it has left for whoever calls it next.
+        self.meanwhile: list[Callable[[], None]] = []
 
     # -- the run ---------------------------------------------------------------------------------
 
@@ -404,12 +409,21 @@ class BillingRun:
 
         # Every event's identifier is new to Stripe or names an event of ours, so the stream,
         # which drops repeats without a word, is as exact as v1 here.
+        work, self.meanwhile = self.meanwhile, []
         report = make_deliverer(
             self.settings.api, self.book.specs, self.settings, self.stripe, self.log, noting
-        ).run(events)
+        ).run(events, meanwhile=partial(self._meanwhile, work) if work else None)
         self.book.reports.append(report)
         rejected = {id(e) for e in report.rejected_items}
         return resolved_states(events, answered, rejected, {id(e) for e in report.failed_items})
+
+    def _meanwhile(self, work: list[Callable[[], None]]) -> None:
+        """Do ``work`` while requests are out; a failure is logged, not raised into the sending."""
+        for job in work:
+            try:
+                job()
+            except Exception as err:  # the caller does it again after the run, and raises then
+                self.log.warning("Work left for after the run (it failed while sending): %s", err)
 
     # -- corrections and checks ------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ Plain Python over DB-API, through the ledger's connection.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -173,9 +174,29 @@ class SubscriptionCache:
         state: SyncState,
         removed: Iterable[str] = (),
     ) -> None:
-        """Write ``rows`` (all of the meter's with ``full``, else the changed ones) and the state, at once."""
+        """Write ``rows`` (all of the meter's with ``full``, else the changed ones) and the state, at once.
+
+        A failure rolls back what was written: the connection carries on with the ledger's own
+        work, which must not commit half of this.
+        """
         self._create()
-        rows = list(rows)
+        try:
+            self._replace(account, meter_id, list(rows), full=full, state=state, removed=removed)
+        except BaseException:
+            with suppress(Exception):  # a connection that broke: the write's own error says more
+                self.ledger.conn.rollback()
+            raise
+
+    def _replace(
+        self,
+        account: str,
+        meter_id: str,
+        rows: list[tuple[Any, ...]],
+        *,
+        full: bool,
+        state: SyncState,
+        removed: Iterable[str],
+    ) -> None:
         ledger = self.ledger
         if full:
             ledger._execute(

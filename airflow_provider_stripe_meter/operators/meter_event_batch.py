@@ -241,13 +241,16 @@ class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
         ledger = ledger_on(self.ledger_conn_id, self.ledger_table)
         periods: PeriodBook | None = None
         try:
-            periods = self._read_periods(ledger)
-            aggregator = self.read_usage(
-                self.event_name,
-                keep_too_old=self.too_old == "bill_at_oldest",
-                split=periods.split() if periods is not None else None,
-            )
+            # The periods (100,000 customers' rows) and the aggregates are objects without cycles
+            # that live through the run: passes of the cyclic collector over them while they are
+            # built would cost more than building them.
             with paused_gc():
+                periods = self._read_periods(ledger)
+                aggregator = self.read_usage(
+                    self.event_name,
+                    keep_too_old=self.too_old == "bill_at_oldest",
+                    split=periods.split() if periods is not None else None,
+                )
                 aggregates = aggregator.finish()
             self._log_problems(aggregator)
             run = BillingRun(
@@ -258,6 +261,9 @@ class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
                 self.log,
                 int(clock.now()),
             )
+            if periods is not None:
+                # The subscriptions table is written while the first events are on their way.
+                run.meanwhile.append(periods.save)
             usage = Usage(
                 aggregates,
                 _source_figures(aggregator, aggregates),
@@ -286,7 +292,8 @@ class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
         return outcome
 
     def _close(self, ledger: SqlLedger, periods: PeriodBook | None, *, failing: bool = False) -> None:
-        """Write the subscriptions table (what reading the periods learnt), then close the ledger.
+        """Write the subscriptions table (what reading the periods learnt), if the run did not
+        while sending, then close the ledger.
 
         When the run is failing anyway, a failed write is logged, not raised over the run's own
         error: the next run reads the same changes again.

@@ -338,12 +338,15 @@ class Deliverer(Generic[T]):
         self.gate = OutageGate(after=outage_after or 5, timeout=outage_timeout)
         self._lock = threading.Lock()
 
-    def run(self, items: Sequence[T]) -> DeliveryReport:
+    def run(self, items: Sequence[T], meanwhile: Callable[[], None] | None = None) -> DeliveryReport:
         """Deliver every item and return what happened.
 
         Rejections, duplicates and transient failures are counted in the report, never raised. A
         refused key (:class:`~.errors.Refused`) or an unexpected error stops every
         worker and is re-raised: no other item could get through either.
+
+        ``meanwhile`` runs on the calling thread once the workers are sending (work that would
+        otherwise wait its turn while the requests wait on the rate limit); it must not raise.
         """
         report = DeliveryReport(total=len(items), sample_limit=self.sample_limit)
         queue: KeyedWorkQueue[T] = KeyedWorkQueue(items, self.key)
@@ -380,7 +383,10 @@ class Deliverer(Generic[T]):
                 self._maybe_progress(report, started, last_progress)
 
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stripe-meter") as pool:
-            for future in [pool.submit(worker) for _ in range(workers)]:
+            futures = [pool.submit(worker) for _ in range(workers)]
+            if meanwhile is not None:
+                meanwhile()
+            for future in futures:
                 future.result()
         report.seconds = time.monotonic() - started
         report.outages, report.probes, report.outage_seconds = gate.outages, gate.probes, gate.longest

@@ -359,3 +359,36 @@ def test_a_deleted_newest_row_is_shown_as_an_older_view_not_guessed(world):
     assert (result["success"], result["events_sent"]) == (True, 0)
     [shown] = result["samples"]["older_view"]
     assert (shown["expected"], shown["recorded"]) == (100, 150)
+
+
+def test_work_left_for_while_events_are_out_is_done_once_and_a_failure_there_sends_all_the_same(
+    world, caplog
+):
+    # The subscriptions table is written this way: on the run's thread, after the first slice's
+    # rows are written pending and while its requests are out; it is kept if the write fails.
+    from airflow_provider_stripe_meter.billing.periods import PeriodBook
+
+    w = world()
+    nightly_rows(w, 5)
+    done: list[int] = []
+    book = PeriodBook({}, (), int(w.now))
+
+    def fails_once() -> None:
+        if not done:
+            done.append(len(w.stripe_state.accepted()))
+            raise RuntimeError("database went away")
+        done.append(-1)
+
+    book.pending = [fails_once]
+    first = w.run(meanwhile=[book.save])
+    assert (first["success"], first["events_sent"]) == (True, 5)
+    assert w.billed() == w.source()
+    assert len(done) == 1  # tried once, while the run was sending
+    assert 0 <= done[0] <= 5
+    assert "database went away" in caplog.text
+    assert book.pending == [fails_once]  # kept: the operator writes it again after the run
+    book.save()
+    assert done[1:] == [-1]
+    assert book.pending == []
+    w.advance(HOUR)
+    assert w.run(meanwhile=[book.save])["events_sent"] == 0  # nothing left to do, nothing sent

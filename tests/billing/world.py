@@ -90,8 +90,10 @@ class World:
         summary_lag: float = 0.0,
         confirm: str = "meter",
         adopt: bool = False,
+        meanwhile: list[Any] | None = None,
     ) -> dict[str, Any]:
-        """One batch run over the rows in ``[since, until)`` (default: every row up to now)."""
+        """One batch run over the rows in ``[since, until)`` (default: every row up to now);
+        ``meanwhile``: work the run does while its first events are out."""
         now = int(self.now)
         rows = [
             (c, v, datetime.fromtimestamp(t, timezone.utc))
@@ -136,6 +138,7 @@ class World:
             run = BillingRun(
                 settings, self.stripe, store, Writer("platform", run_id, uuid.uuid4().hex), LOG, now
             )
+            run.meanwhile = list(meanwhile or [])
             result = run.execute(usage).as_dict()
         finally:
             store.close()

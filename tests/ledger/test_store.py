@@ -174,3 +174,28 @@ def test_values_with_tabs_newlines_and_backslashes_round_trip(connect):
         5.0,
     )
     store.close()
+
+
+def test_a_subscriptions_write_that_fails_half_way_leaves_the_table_as_it_was(connect):
+    # The write shares the ledger's connection (it runs while a run's events are out): a failure
+    # after its DELETE must not be committed by the ledger's next write.
+    from airflow_provider_stripe_meter.ledger.subscriptions import NAMES, SubscriptionCache, SyncState
+
+    factory, placeholder, dialect = connect
+    fresh = factory()
+    for table in ("stripe_meter_ledger_subscriptions", "stripe_meter_ledger_subscriptions_sync"):
+        fresh.cursor().execute(f"DROP TABLE IF EXISTS {table}")
+    fresh.commit()
+    fresh.close()
+    store = SqlLedger(factory, placeholder=placeholder, dialect=dialect)
+    cache = SubscriptionCache(store)
+    row = ("platform", "mtr_1", "sub_1", "cus_a", "price_1", 10, 10, None, None, "month", 1, 10, 20, "10,20")
+    assert len(row) == len(NAMES)
+    cache.replace("platform", "mtr_1", [row], full=True, state=SyncState(("price_1",), 5, 5))
+    broken = (*row[:4], None, *row[5:])  # price_id is NOT NULL: the INSERT fails after the DELETE
+    with pytest.raises(Exception, match=r"(?i)null"):  # the driver's own IntegrityError
+        cache.replace("platform", "mtr_1", [broken], full=False, state=SyncState(("price_1",), 5, 9))
+    store.insert([entry()])  # the ledger's own work goes on, and commits
+    assert [r[2] for r in cache.rows("platform", "mtr_1")] == ["sub_1"]
+    assert cache.state("platform", "mtr_1") == SyncState(("price_1",), 5, 5)
+    store.close()

@@ -255,3 +255,22 @@ def test_default_rates_stay_under_stripes_limits_for_the_platform_and_connected_
     assert 0.8 * 100 <= default_read_rps(True) < 100
     assert all(rate < 25 for rate in (default_max_rps(False), default_read_rps(False)))
     assert default_max_rps(False, connected=True) < 25
+
+
+def test_work_given_meanwhile_runs_on_the_callers_thread_while_requests_are_out():
+    # The requests cannot finish until the caller's work is done: run first, then the work,
+    # would leave every request waiting out its 5 s and unsent.
+    done = threading.Event()
+    seen = []
+
+    def send(batch):
+        seen.append(done.wait(5))
+
+    def work():
+        seen.append(threading.current_thread() is threading.main_thread())
+        done.set()
+
+    report = deliverer(send, concurrency=4).run([(f"cus_{n}", 1) for n in range(8)], meanwhile=work)
+    assert report.sent == 8
+    assert seen[0] is True  # the work, on the caller's (main) thread
+    assert seen[1:] == [True] * 8  # every request saw it done while it was out
