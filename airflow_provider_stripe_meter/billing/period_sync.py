@@ -141,7 +141,8 @@ def read_periods(
 
 def _used(row: tuple[Any, ...]) -> tuple[Any, ...]:
     """A full table row as :meth:`SubscriptionCache.periods` reads it."""
-    return (row[2], row[3], row[4], row[6], row[7] if row[7] is not None else row[8], row[-1])
+    ended = row[7] if row[7] is not None else row[8]
+    return (row[2], row[3], row[4], row[6], ended, row[11], row[12], row[-1])
 
 
 #: Time ranges of the changes listed at once.
@@ -160,8 +161,16 @@ def _add_rows(customers: StoredPeriods, name: str, rows: list[tuple[Any, ...]]) 
     100,000: kept lean, their boundaries parsed when first asked for)."""
     raw = customers.raw
     get = raw.get
-    for subscription, customer, price, start, ended, text in rows:
-        entry = (subscription, price, text or "", int(start), None if ended is None else int(ended))
+    for subscription, customer, price, start, ended, current_start, current_end, text in rows:
+        entry = (
+            subscription,
+            price,
+            text or "",
+            int(start),
+            None if ended is None else int(ended),
+            int(current_start),
+            int(current_end),
+        )
         key = (name, customer)
         found = get(key)
         if found is None:
@@ -173,6 +182,20 @@ def _add_rows(customers: StoredPeriods, name: str, rows: list[tuple[Any, ...]]) 
 #: How far around the current period the stored boundaries reach (a run looks back 36 days,
 #: and a row is written again at each renewal).
 HORIZON = 70 * 86400
+
+
+def _still_holds(text: str, current_start: int, current_end: int) -> bool:
+    """Whether stored boundaries serve a renewal: the new current period is one of their periods
+    (a run answers from the current period alone, :class:`~.periods.StoredPeriods`), and they
+    reach half the horizon past it."""
+    if not text:
+        return False
+    bounds = [int(b) for b in text.split(",")]
+    try:
+        i = bounds.index(current_start)
+    except ValueError:
+        return False
+    return i + 1 < len(bounds) and bounds[i + 1] == current_end and bounds[-1] >= current_end + HORIZON // 2
 
 
 def _rows(
@@ -191,13 +214,9 @@ def _rows(
                 continue
             row = row_of(account, meter_id, subscription, item, ())
             old = (known or {}).get(row[2])
-            if (
-                old is not None
-                and tuple(old[3:11]) == row[3:11]
-                and old[-1]
-                and int(str(old[-1]).rsplit(",", 1)[-1]) >= row[12] + HORIZON // 2
-            ):
-                rows.append((*row[:-1], str(old[-1])))
+            kept = str(old[-1]) if old is not None and tuple(old[3:11]) == row[3:11] else ""
+            if kept and _still_holds(kept, row[11], row[12]):
+                rows.append((*row[:-1], kept))
                 continue
             found = customer_periods(
                 subscription,

@@ -145,11 +145,12 @@ class SubscriptionCache:
 
     def periods(self, account: str, meter_id: str) -> list[tuple[Any, ...]]:
         """What a run needs of each of the meter's rows: (subscription, customer, price, start,
-        end or cancellation, boundaries), and nothing else (a run reads 100,000)."""
+        end or cancellation, current period start and end, boundaries), and nothing else (a run
+        reads 100,000)."""
         self._create()
         return self.ledger._query(
             f"SELECT subscription_id, customer_id, price_id, start_date, COALESCE(ended_at, cancel_at), "
-            f"bounds FROM {self.table} WHERE account = ? AND meter_id = ?",
+            f"current_start, current_end, bounds FROM {self.table} WHERE account = ? AND meter_id = ?",
             (account, meter_id),
         )
 

@@ -138,23 +138,16 @@ class UsageAggregator:
         self.event_name = validate_event_name(event_name) if event_name is not None else None
         # (event name, customer) -> boundaries (read only for the rows of a split day), and per
         # UTC day number the customers split on it: only boundaries inside a day this aggregator
-        # can see, and not at midnight, split one.
+        # can see, and not at midnight, split one. Worked out per day as rows of the day come,
+        # for the first LAZY_DAYS days (a night's source holds one or two), then for the whole
+        # window at once.
         self._split: Mapping[tuple[str, str], Sequence[int]] = split or {}
         self._split_days: dict[int, set[str]] = {}
-        if split:
-            lo = (now - int(PAST_WINDOW.total_seconds())) // SECONDS_PER_DAY * SECONDS_PER_DAY
-            hi = now + int(FUTURE_TOLERANCE.total_seconds())
-            days = self._split_days
-            for (_, customer), bounds in split.items():
-                # Ascending: the boundaries inside the window are found by bisection (100,000
-                # customers' boundaries, most of them outside it).
-                for i in range(bisect_right(bounds, lo), bisect_right(bounds, hi)):
-                    b = bounds[i]
-                    if b % SECONDS_PER_DAY:
-                        day_keys = days.get(b // SECONDS_PER_DAY)
-                        if day_keys is None:
-                            day_keys = days[b // SECONDS_PER_DAY] = set()
-                        day_keys.add(customer)
+        self._split_window = (
+            (now - int(PAST_WINDOW.total_seconds())) // SECONDS_PER_DAY * SECONDS_PER_DAY,
+            now + int(FUTURE_TOLERANCE.total_seconds()),
+        )
+        self._split_whole = not split
         self.columns = tuple(columns[:3] if event_name is not None else columns[:4])
         self.naive_timezone = naive_timezone
         self.oldest = now - int((PAST_WINDOW - safety_margin).total_seconds())
@@ -250,7 +243,7 @@ class UsageAggregator:
         self, ordinal: int, customers: list[str], values: list[int], stamps: list[datetime]
     ) -> None:
         day = ordinal - _EPOCH_ORDINAL
-        split = self._split_days.get(day)
+        split = self._split_on(day)
         if split and not split.isdisjoint(customers):
             # Customers whose day holds a period boundary: their rows go to the day's parts.
             keep = [c not in split for c in customers]
@@ -324,10 +317,40 @@ class UsageAggregator:
             return
         self._merge(self._key(event_name, customer, seconds), number, seconds, 1, number)
 
+    def _split_on(self, day: int) -> set[str] | frozenset[str]:
+        """The customers whose UTC day ``day`` (day number) holds a period boundary."""
+        found = self._split_days.get(day)
+        if found is not None or self._split_whole:
+            return found or _NOBODY
+        lo, hi = self._split_window
+        by_day = getattr(self._split, "split_on", None)
+        if by_day is None or len(self._split_days) >= LAZY_DAYS:
+            self._split_days = self._whole_window(lo, hi)
+            self._split_whole = True
+            return self._split_days.get(day) or _NOBODY
+        start = day * SECONDS_PER_DAY
+        found = self._split_days[day] = by_day(max(start, lo), min(start + SECONDS_PER_DAY, hi + 1))
+        return found
+
+    def _whole_window(self, lo: int, hi: int) -> dict[int, set[str]]:
+        """Per day number, the customers split on it, for every boundary in ``(lo, hi]``."""
+        days: dict[int, set[str]] = {}
+        for (_, customer), bounds in self._split.items():
+            # Ascending: the boundaries inside the window are found by bisection (100,000
+            # customers' boundaries, most of them outside it).
+            for i in range(bisect_right(bounds, lo), bisect_right(bounds, hi)):
+                b = bounds[i]
+                if b % SECONDS_PER_DAY:
+                    day_keys = days.get(b // SECONDS_PER_DAY)
+                    if day_keys is None:
+                        day_keys = days[b // SECONDS_PER_DAY] = set()
+                    day_keys.add(customer)
+        return days
+
     def _key(self, event_name: str, customer: str, seconds: int) -> tuple[Any, ...]:
         """The aggregate a row goes to: its customer-day, and the day's part when it is split."""
         day = seconds // SECONDS_PER_DAY
-        if customer not in self._split_days.get(day, ()):
+        if customer not in self._split_on(day):
             return (event_name, customer, day)
         bounds = self._split.get((event_name, customer), ())
         start = day * SECONDS_PER_DAY
@@ -462,6 +485,12 @@ def _naive_utc_seconds(moment: datetime) -> int:
         + moment.minute * 60
         + moment.second
     )
+
+
+#: Days a source may hold before the days split at a boundary are worked out for the whole
+#: window at once (a pass over every customer) rather than day by day (a pass each).
+LAZY_DAYS = 2
+_NOBODY: frozenset[str] = frozenset()
 
 
 def _day(day_number: int) -> date:

@@ -129,6 +129,24 @@ def assert_same(book, full, now: int) -> None:
         moments = {m for b in theirs[key] for m in (b - 1, b)} | set(range(lo, now, 5 * 3600))
         for moment in sorted(m for m in moments if lo <= m <= now):
             assert book.state(*key, moment) == full.state(*key, moment), (key, moment)
+            # The lean lookup of a night (from the current period where it can) tells the same.
+            assert book.billable(*key, moment) == full._billable(*key, moment), (key, moment)
+    # The customers split on each day, worked out a day at a time as a night does.
+    for day in range(lo // DAY, now // DAY + 1):
+        start, end = day * DAY, day * DAY + DAY
+        expected = {key[1] for key in full.customers if any(start < b < end for b in theirs[key])}
+        assert ours.split_on(start, end) == expected, day
+
+
+def test_stored_boundaries_serve_a_renewal_only_if_the_new_period_is_one_of_theirs():
+    from airflow_provider_stripe_meter.billing.period_sync import HORIZON, _still_holds
+
+    far = 100 + HORIZON
+    assert _still_holds(f"10,40,70,{far}", 40, 70)
+    assert not _still_holds(f"10,40,70,{far}", 40, 69)  # Stripe's period is not one of ours
+    assert not _still_holds(f"10,40,55,70,{far}", 40, 70)  # a boundary inside the new period
+    assert not _still_holds("10,40,70,100", 40, 70)  # not far enough past it
+    assert not _still_holds("", 40, 70)
 
 
 def test_cuts_share_the_expected_events_evenly():

@@ -168,3 +168,72 @@ def test_a_part_already_billed_sends_nothing_and_late_rows_top_up_only_their_par
         day, meter_spec(meter()), figure, billed, book(NOW - 1), now=NOW, oldest=0, carry=True
     )
     assert [(e.value, e.timestamp, e.part, e.carried_from) for e in plan.events] == [(8, NOW, START, B)]
+
+
+def test_stored_periods_answer_from_the_current_period_only_while_no_end_is_set():
+    # Stored rows as a night reads them: (subscription, customer, price, start, end or
+    # cancellation, current period start and end, boundaries). cus_a's subscription was cancelled
+    # for Dec 5, inside the period Stripe names as current; cus_b's runs on.
+    from airflow_provider_stripe_meter.billing.period_sync import _add_rows
+    from airflow_provider_stripe_meter.billing.periods import StoredPeriods
+
+    first, nxt = ts(2026, 10, 31, 14, 37, 12), ts(2026, 12, 31, 14, 37, 12)
+    cancelled = ts(2026, 12, 5, 10)
+    stored = StoredPeriods(grace=3 * 86400)
+    _add_rows(
+        stored,
+        "tokens",
+        [
+            ("sub_a", "cus_a", "price_1", first, cancelled, B, nxt, f"{first},{B},{cancelled}"),
+            ("sub_b", "cus_b", "price_1", first, None, B, nxt, f"{first},{B},{nxt}"),
+        ],
+    )
+    periods = PeriodBook(stored, ["tokens"], now=NOW)
+    assert periods.billable("tokens", "cus_b", B + 60) == (B, nxt)
+    assert periods.billable("tokens", "cus_a", B + 60) == (B, cancelled)
+    assert periods.billable("tokens", "cus_a", cancelled + 60) is None  # ended: held, not billed
+    assert periods.state("tokens", "cus_a", cancelled + 60)[0] == ENDED
+    # The day of the renewal splits at the renewal, the day of the cancellation at it.
+    assert periods.split().split_on(START, END) == {"cus_a", "cus_b"}
+    assert periods.split().split_on(END, END + 86400) == set()
+    dec5 = ts(2026, 12, 5)
+    assert periods.split().split_on(dec5, dec5 + 86400) == {"cus_a"}
+
+
+def test_days_split_a_day_at_a_time_or_for_the_whole_window_aggregate_the_same():
+    # A night's source holds a day or two: the customers split on them are worked out per day;
+    # a backfill's many days, for the whole window at once. Both must split the same rows.
+    from airflow_provider_stripe_meter.billing.period_sync import _add_rows
+    from airflow_provider_stripe_meter.billing.periods import StoredPeriods
+
+    day = 86400
+    stored = StoredPeriods(grace=None)
+    rows = []
+    for c in range(6):
+        edges = [NOW - (30 - c) * day - 3600 * c, NOW - (5 - c % 3) * day + 777 * c, NOW + 25 * day]
+        ended = NOW - 2 * day + 5 if c == 5 else None
+        text = ",".join(str(b) for b in sorted([*edges, *([ended] if ended else [])]))
+        rows.append((f"sub_{c}", f"cus_{c}", "price_1", edges[0], ended, edges[1], edges[2], text))
+    _add_rows(stored, "tokens", rows)
+    usage = [
+        (
+            f"cus_{c}",
+            10 + h,
+            datetime.fromtimestamp(NOW - d * day + h * 3600, tz=timezone.utc).replace(tzinfo=None),
+        )
+        for c in range(6)
+        for d in range(1, 7)
+        for h in range(-20, 0, 3)
+    ]
+
+    def aggregate(split, days: int) -> list:
+        agg = UsageAggregator(event_name="tokens", now=NOW, split=split)
+        agg.add_rows([r for r in usage if (NOW - r[2].replace(tzinfo=timezone.utc).timestamp()) < days * day])
+        return sorted(agg.finish(), key=lambda a: (a.customer_id, a.day))
+
+    whole = {key: stored.split()[key] for key in stored}  # a plain mapping: the whole window
+    # A night (a day at a time), a backfill (a day at a time, then the whole window).
+    for days, split_days in ((2, 1), (7, 7)):
+        by_day = aggregate(stored.split(), days)
+        assert by_day == aggregate(whole, days)
+        assert sum(1 for a in by_day if a.parts) == split_days
