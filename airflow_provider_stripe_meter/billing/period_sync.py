@@ -13,8 +13,9 @@ Plain Python; Stripe and the subscriptions table are ports
   listed eventually) bring the table up to date, one request per 100 changes, listed in time
   ranges at once, cut where the table expects the renewals (:func:`_cuts`).
 
-The table is read (and its boundaries parsed) while the changes are listed; with ``defer`` it is
-written once the run is done.
+The table is read while the changes are listed; a customer's boundaries are parsed only when a
+run asks about an instant outside its current period. With ``defer`` the table is written later
+(by the batch operator, while its first events are out).
 
 .. seealso:: https://docs.stripe.com/api/events/list
 .. seealso:: https://docs.stripe.com/billing/subscriptions/usage-based/configure-grace-period
@@ -56,7 +57,7 @@ def read_periods(
 
     Returns the book and what it took: subscriptions ``listed`` in full, ``changes`` read from
     events, ``cached`` rows read from the table. With ``defer`` the table is written by
-    :meth:`PeriodBook.save` (after the run: a run that dies first reads the same changes again).
+    :meth:`PeriodBook.save`, later (a run that dies first reads the same changes again).
 
     The requests that follow the prices (the grace period, the changes) are made while the
     table is read: a night waits on the slower of the two, not on their sum.
