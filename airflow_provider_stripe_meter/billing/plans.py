@@ -408,22 +408,27 @@ def _place(
     are planned after the parts before it took theirs.
     """
     name, customer = aggregate.event_name, aggregate.customer_id
-    state, period = periods.state(name, customer, aggregate.timestamp)
     carried_from = None
-    if state in BILLABLE and period is not None:
-        lo, hi = _inside(span, (period.start, period.end), oldest, now)
-        period_end = period.end
-    elif state == FINAL and carry and (open_ := periods.open_period(name, customer)) is not None:
-        lo = hi = min(max(now, open_.start), open_.end - 1)
-        period_end, carried_from = open_.end, period.end if period else None
-    else:
-        return Held(
-            HELD_BECAUSE[state],
-            sum(e.value for e in events),
-            span[0],
-            span[1],
-            period.end if period else None,
-        )
+    # Open or draft, by the lean look-up first (a night has thousands of split days).
+    found = periods.billable(name, customer, aggregate.timestamp)
+    if found is None:
+        state, period = periods.state(name, customer, aggregate.timestamp)
+        if state in BILLABLE and period is not None:
+            found = (period.start, period.end)
+        elif state == FINAL and carry and (open_ := periods.open_period(name, customer)) is not None:
+            lo = hi = min(max(now, open_.start), open_.end - 1)
+            period_end, carried_from = open_.end, period.end if period else None
+        else:
+            return Held(
+                HELD_BECAUSE[state],
+                sum(e.value for e in events),
+                span[0],
+                span[1],
+                period.end if period else None,
+            )
+    if found is not None:
+        lo, hi = _inside(span, found, oldest, now)
+        period_end = found[1]
     return [
         PlannedEvent(
             e.event_name,

@@ -318,7 +318,7 @@ class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
         """
         if self.billing_periods == "off":
             return None
-        # The subscriptions table is written after the run (see ``execute``): off its path.
+        # The subscriptions table is written while the first events are out (see ``execute``).
         return read_billing_periods(self, ledger, self.event_name, defer=True)
 
     def _write_report(self, run: BillingRun) -> str | None:
