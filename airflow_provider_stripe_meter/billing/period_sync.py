@@ -143,7 +143,7 @@ def read_periods(
 def _used(row: tuple[Any, ...]) -> tuple[Any, ...]:
     """A full table row as :meth:`SubscriptionCache.periods` reads it."""
     ended = row[7] if row[7] is not None else row[8]
-    return (row[2], row[3], row[4], row[6], ended, row[11], row[12], row[-1])
+    return (row[2], row[4], row[-1], row[6], ended, row[11], row[12], row[3])
 
 
 #: Time ranges of the changes listed at once.
@@ -158,26 +158,22 @@ def _cuts(moments: list[int], parts: int) -> list[int]:
 
 
 def _add_rows(customers: StoredPeriods, name: str, rows: list[tuple[Any, ...]]) -> None:
-    """Rows as :meth:`SubscriptionCache.periods` reads them into ``customers`` (a run reads
-    100,000: kept lean, their boundaries parsed when first asked for)."""
+    """Rows as :meth:`SubscriptionCache.periods` reads them into ``customers``: each row is an
+    entry as it is (a run reads 100,000; their boundaries are parsed when first needed)."""
+    if rows and not all(type(v) is int for v in rows[0][3:4] + rows[0][5:7]):
+        # A driver that returns its numbers as another type (a ``Decimal``): made ints once.
+        rows = [
+            (*r[:3], int(r[3]), None if r[4] is None else int(r[4]), int(r[5]), int(r[6]), r[7]) for r in rows
+        ]
     raw = customers.raw
     get = raw.get
-    for subscription, customer, price, start, ended, current_start, current_end, text in rows:
-        entry = (
-            subscription,
-            price,
-            text or "",
-            int(start),
-            None if ended is None else int(ended),
-            int(current_start),
-            int(current_end),
-        )
-        key = (name, customer)
+    for row in rows:
+        key = (name, row[7])
         found = get(key)
         if found is None:
-            raw[key] = [entry]
+            raw[key] = [row]
         else:
-            found.append(entry)
+            found.append(row)
 
 
 #: How far around the current period the stored boundaries reach (a run looks back 36 days,

@@ -206,8 +206,9 @@ class StoredPeriods(Mapping[tuple[str, str], CustomerPeriods]):
     def __init__(self, grace: int | None) -> None:
         self.grace = grace
         #: Per customer, its subscriptions: (subscription, price, boundaries, start, end, current
-        #: period start, current period end). The boundaries may be kept as stored ("b1,b2,..."),
-        #: parsed when the customer is first asked about an instant outside its current period.
+        #: period start, current period end, customer). The boundaries may be kept as stored
+        #: ("b1,b2,..."), parsed when the customer is first asked about an instant outside its
+        #: current period.
         self.raw: dict[tuple[str, str], list[Entry]] = {}
         self._built: dict[tuple[str, str], CustomerPeriods] = {}
 
@@ -284,10 +285,10 @@ class StoredPeriods(Mapping[tuple[str, str], CustomerPeriods]):
 
 
 #: One subscription of a customer: (subscription, price, boundaries, start, end, current period
-#: start, current period end).
-Parsed = tuple[str, str, tuple[int, ...], int, "int | None", int, int]
+#: start, current period end, customer).
+Parsed = tuple[str, str, tuple[int, ...], int, "int | None", int, int, str]
 #: The same, its boundaries possibly still as stored (text).
-Entry = tuple[str, str, "tuple[int, ...] | str", int, "int | None", int, int]
+Entry = tuple[str, str, "tuple[int, ...] | str", int, "int | None", int, int, str]
 
 
 def _parse(entry: Entry) -> Parsed:

@@ -144,13 +144,13 @@ class SubscriptionCache:
         return out
 
     def periods(self, account: str, meter_id: str) -> list[tuple[Any, ...]]:
-        """What a run needs of each of the meter's rows: (subscription, customer, price, start,
-        end or cancellation, current period start and end, boundaries), and nothing else (a run
-        reads 100,000)."""
+        """What a run needs of each of the meter's rows: (subscription, price, boundaries, start,
+        end or cancellation, current period start and end, customer), and nothing else (a run
+        reads 100,000, and keeps each row as it comes)."""
         self._create()
         return self.ledger._query(
-            f"SELECT subscription_id, customer_id, price_id, start_date, COALESCE(ended_at, cancel_at), "
-            f"current_start, current_end, bounds FROM {self.table} WHERE account = ? AND meter_id = ?",
+            f"SELECT subscription_id, price_id, bounds, start_date, COALESCE(ended_at, cancel_at), "
+            f"current_start, current_end, customer_id FROM {self.table} WHERE account = ? AND meter_id = ?",
             (account, meter_id),
         )
 

@@ -171,8 +171,8 @@ def test_a_part_already_billed_sends_nothing_and_late_rows_top_up_only_their_par
 
 
 def test_stored_periods_answer_from_the_current_period_only_while_no_end_is_set():
-    # Stored rows as a night reads them: (subscription, customer, price, start, end or
-    # cancellation, current period start and end, boundaries). cus_a's subscription was cancelled
+    # Stored rows as a night reads them: (subscription, price, boundaries, start, end or
+    # cancellation, current period start and end, customer). cus_a's subscription was cancelled
     # for Dec 5, inside the period Stripe names as current; cus_b's runs on.
     from airflow_provider_stripe_meter.billing.period_sync import _add_rows
     from airflow_provider_stripe_meter.billing.periods import StoredPeriods
@@ -184,8 +184,8 @@ def test_stored_periods_answer_from_the_current_period_only_while_no_end_is_set(
         stored,
         "tokens",
         [
-            ("sub_a", "cus_a", "price_1", first, cancelled, B, nxt, f"{first},{B},{cancelled}"),
-            ("sub_b", "cus_b", "price_1", first, None, B, nxt, f"{first},{B},{nxt}"),
+            ("sub_a", "price_1", f"{first},{B},{cancelled}", first, cancelled, B, nxt, "cus_a"),
+            ("sub_b", "price_1", f"{first},{B},{nxt}", first, None, B, nxt, "cus_b"),
         ],
     )
     periods = PeriodBook(stored, ["tokens"], now=NOW)
@@ -213,7 +213,7 @@ def test_days_split_a_day_at_a_time_or_for_the_whole_window_aggregate_the_same()
         edges = [NOW - (30 - c) * day - 3600 * c, NOW - (5 - c % 3) * day + 777 * c, NOW + 25 * day]
         ended = NOW - 2 * day + 5 if c == 5 else None
         text = ",".join(str(b) for b in sorted([*edges, *([ended] if ended else [])]))
-        rows.append((f"sub_{c}", f"cus_{c}", "price_1", edges[0], ended, edges[1], edges[2], text))
+        rows.append((f"sub_{c}", "price_1", text, edges[0], ended, edges[1], edges[2], f"cus_{c}"))
     _add_rows(stored, "tokens", rows)
     usage = [
         (
@@ -237,3 +237,18 @@ def test_days_split_a_day_at_a_time_or_for_the_whole_window_aggregate_the_same()
         by_day = aggregate(stored.split(), days)
         assert by_day == aggregate(whole, days)
         assert sum(1 for a in by_day if a.parts) == split_days
+
+
+def test_stored_rows_whose_driver_returns_decimals_are_read_as_ints():
+    from decimal import Decimal
+
+    from airflow_provider_stripe_meter.billing.period_sync import _add_rows
+    from airflow_provider_stripe_meter.billing.periods import StoredPeriods
+
+    first, nxt = ts(2026, 10, 31, 14, 37, 12), ts(2026, 12, 31, 14, 37, 12)
+    stored = StoredPeriods(grace=None)
+    row = ("sub_a", "price_1", f"{first},{B},{nxt}", Decimal(first), None, Decimal(B), Decimal(nxt), "cus_a")
+    _add_rows(stored, "tokens", [row])
+    [entry] = stored.raw[("tokens", "cus_a")]
+    assert [type(v) for v in entry[3:7]] == [int, type(None), int, int]
+    assert PeriodBook(stored, ["tokens"], now=NOW).billable("tokens", "cus_a", B + 60) == (B, nxt)
