@@ -52,18 +52,21 @@ def read_periods(
     now: int,
     *,
     defer: bool = False,
+    prices: list[dict[str, Any]] | None = None,
 ) -> tuple[PeriodBook, dict[str, int]]:
     """The periods of every customer subscribed on ``meters`` (event name -> meter id).
 
     Returns the book and what it took: subscriptions ``listed`` in full, ``changes`` read from
     events, ``cached`` rows read from the table. With ``defer`` the table is written by
     :meth:`PeriodBook.save`, later (a run that dies first reads the same changes again).
+    ``prices``: the metered prices on ``meters``, if already listed.
 
     The requests that follow the prices (the grace period, the changes) are made while the
     table is read: a night waits on the slower of the two, not on their sum.
     """
     figures = {"listed": 0, "changes": 0, "cached": 0}
-    prices = stripe.metered_prices(set(meters.values()))
+    if prices is None:
+        prices = stripe.metered_prices(set(meters.values()))
     if not prices:
         return PeriodBook({}, (), now), figures
     plans: dict[str, tuple[str, tuple[str, ...], SyncState | None, bool]] = {}

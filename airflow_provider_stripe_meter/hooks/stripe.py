@@ -454,16 +454,17 @@ class StripeHook(BaseHook):
                         )
         return {"reports": reports, "error_count": sum(codes.values()), "codes": codes, "samples": found}
 
-    def metered_prices(self, meter_ids: set[str]) -> list[dict[str, Any]]:
-        """The account's active recurring prices metered on one of ``meter_ids``.
+    def metered_prices(self, meter_ids: set[str] | None) -> list[dict[str, Any]]:
+        """The account's active recurring prices metered on one of ``meter_ids`` (``None``: on
+        any meter).
 
         .. seealso:: https://docs.stripe.com/api/prices/list
         """
         return [
             p
             for p in self._list_json("/v1/prices", {"type": "recurring", "active": True})
-            if (p.get("recurring") or {}).get("meter") in meter_ids
-            and (p.get("recurring") or {}).get("usage_type") == "metered"
+            if (p.get("recurring") or {}).get("usage_type") == "metered"
+            and (meter_ids is None or (p.get("recurring") or {}).get("meter") in meter_ids)
         ]
 
     def subscriptions_of(self, price_ids: Sequence[str], since: int) -> list[dict[str, Any]]:

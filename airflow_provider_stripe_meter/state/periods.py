@@ -18,7 +18,7 @@ def read_billing_periods(
 ) -> PeriodBook:
     """The periods of the meter of ``event_name`` (``None``: of every active meter), logged.
 
-    With ``defer`` the subscriptions table is written by the book's ``save()``, once the run is done.
+    With ``defer`` the subscriptions table is written by the book's ``save()``, later.
     """
     import time
 
@@ -30,19 +30,26 @@ def read_billing_periods(
     hook = operator.hook
     started = time.monotonic()
     now = int(clock.now())
-    if event_name:
-        meters = {event_name: hook.active_meter(event_name)["id"]}
-    else:
-        meters = {
-            name: found[0]["id"]
-            for name, found in hook.meters_by_event_name().items()
-            if found and found[0].get("status") == "active"
-        }
     # Periods reaching back over every day Stripe still takes usage for (and one more).
     since = now - int((PAST_WINDOW - DEFAULT_SAFETY_MARGIN).total_seconds()) - 86400
+    from concurrent.futures import ThreadPoolExecutor
+
     from airflow_provider_stripe_meter.exceptions import StripeConfigurationError
 
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        # The metered prices are listed while the meters are: neither request needs the other.
+        listed = pool.submit(hook.metered_prices, None)
+        if event_name:
+            meters = {event_name: hook.active_meter(event_name)["id"]}
+        else:
+            meters = {
+                name: found[0]["id"]
+                for name, found in hook.meters_by_event_name().items()
+                if found and found[0].get("status") == "active"
+            }
     try:
+        ids = set(meters.values())
+        prices = [p for p in listed.result() if p["recurring"]["meter"] in ids]
         periods, figures = read_periods(
             hook,
             SubscriptionCache(ledger),
@@ -51,6 +58,7 @@ def read_billing_periods(
             since,
             now,
             defer=defer,
+            prices=prices,
         )
     except StripeConfigurationError as err:
         # A restricted key made for meter events alone: say what the periods need, and the way out.
