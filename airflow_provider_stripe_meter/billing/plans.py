@@ -33,7 +33,7 @@ from typing import Any
 
 from airflow_provider_stripe_meter.billing.meters import ADD, COUNT, MeterSpec, source_figure
 from airflow_provider_stripe_meter.billing.outcomes import Action
-from airflow_provider_stripe_meter.billing.periods import BILLABLE, ENDED, FINAL, NONE, PeriodBook
+from airflow_provider_stripe_meter.billing.periods import BILLABLE, ENDED, FINAL, NONE, OPEN, PeriodBook
 from airflow_provider_stripe_meter.ledger.entries import DayFigure, Entry
 from airflow_provider_stripe_meter.utils.aggregation import DailyAggregate, DayPart
 from airflow_provider_stripe_meter.utils.identifiers import bounded_identifier
@@ -412,26 +412,25 @@ def _place(
     """
     name, customer = aggregate.event_name, aggregate.customer_id
     carried_from = None
-    # Open or draft, by the lean look-up first (a night has thousands of split days).
+    # Open or draft, by the lean look-up (a night has thousands of split days); else the state.
     found = periods.billable(name, customer, aggregate.timestamp)
-    if found is None:
-        state, period = periods.state(name, customer, aggregate.timestamp)
-        if state in BILLABLE and period is not None:
-            found = (period.start, period.end)
-        elif state == FINAL and carry and (open_ := periods.open_period(name, customer)) is not None:
-            lo = hi = min(max(now, open_.start), open_.end - 1)
-            period_end, carried_from = open_.end, period.end if period else None
-        else:
-            return Held(
-                HELD_BECAUSE[state],
-                sum(e.value for e in events),
-                span[0],
-                span[1],
-                period.end if period else None,
-            )
+    state, period = (OPEN, None) if found is not None else periods.state(name, customer, aggregate.timestamp)
+    if found is None and state in BILLABLE and period is not None:
+        found = (period.start, period.end)
     if found is not None:
         lo, hi = _inside(span, found, oldest, now)
         period_end = found[1]
+    elif state == FINAL and carry and (open_ := periods.open_period(name, customer)) is not None:
+        lo = hi = min(max(now, open_.start), open_.end - 1)
+        period_end, carried_from = open_.end, period.end if period else None
+    else:
+        return Held(
+            HELD_BECAUSE[state],
+            sum(e.value for e in events),
+            span[0],
+            span[1],
+            period.end if period else None,
+        )
     return [
         PlannedEvent(
             e.event_name,
