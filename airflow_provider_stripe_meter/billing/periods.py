@@ -153,17 +153,10 @@ class PeriodBook:
                 # customer-days): no other boundary lies in it (see :class:`StoredPeriods`).
                 lo, hi = entry[5], entry[6]
             else:
-                _, _, bounds, start_date, ended_at = customers.entries(key)[0][:5]  # type: ignore[index]
-                i = bisect.bisect_right(bounds, instant)
-                if i == 0 or i == len(bounds) or instant < start_date:
+                period = customers.period_at(key, instant)[0]
+                if period is None:
                     return None
-                lo, hi = bounds[i - 1], bounds[i]
-                if ended_at is not None:
-                    if lo >= ended_at:
-                        return None
-                    hi = min(hi, ended_at)
-                if instant >= hi:
-                    return None
+                lo, hi = period.start, period.end
             if hi > self.now:
                 return lo, hi
             grace = customers.grace
@@ -345,7 +338,7 @@ class _Boundaries(Mapping[tuple[str, str], tuple[int, ...]]):
                 yield key, self[key]
 
 
-def _merged(entries: list[tuple[str, str, tuple[int, ...], int, int | None]]) -> tuple[int, ...]:
+def _merged(entries: list[Parsed]) -> tuple[int, ...]:
     return entries[0][2] if len(entries) == 1 else tuple(sorted({b for e in entries for b in e[2]}))
 
 
