@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import threading
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import date
 from functools import partial
 from typing import TYPE_CHECKING
 
+from airflow_provider_stripe_meter.billing.ahead import PlanAhead
 from airflow_provider_stripe_meter.billing.book import CustomerDay, RunBook
 from airflow_provider_stripe_meter.billing.meters import ADD, COUNT, MeterUnsupportedError, meter_spec
 from airflow_provider_stripe_meter.billing.outcomes import DayOutcome
@@ -126,18 +127,24 @@ class BillingRun:
         #: this thread while the first slice's requests are out, not after the run. Work that
         #: fails is logged; it keeps what it has left for whoever calls it next.
         self.meanwhile: list[Callable[[], None]] = []
+        #: The customer-days planned and their events not sent yet (:meth:`plan`).
+        self.planned: PlanAhead[Key, PlannedEvent] = PlanAhead(iter(()))
 
     # -- the run ---------------------------------------------------------------------------------
 
     def execute(self, usage: Usage) -> BatchResult:
-        """Bill ``usage``: meters -> settle -> plan -> deliver -> correct -> check -> result."""
+        """Bill ``usage``: meters -> settle -> plan -> deliver -> correct -> check -> result.
+
+        Sending starts once the first slice is planned; each next slice is planned while the
+        requests of the one before are out (:mod:`.ahead`).
+        """
         aggregates = _merge([*usage.aggregates, *usage.late])
         if aggregates:
             self.read_meters({key[0] for key in aggregates})
             self.settle()
             if self.settings.adopt and not self.settings.dry_run:
                 self.adopt(aggregates)
-            self.plan(aggregates, usage.oldest, usage.periods)
+            self.plan(aggregates, usage.oldest, usage.periods, first=None if self.settings.dry_run else SLICE)
             if not self.settings.dry_run:
                 self.deliver_planned()
                 self.cancel_over()
@@ -231,10 +238,27 @@ class BillingRun:
                 )
 
     def plan(
-        self, aggregates: dict[Key, DailyAggregate], oldest: int, periods: PeriodBook | None = None
+        self,
+        aggregates: dict[Key, DailyAggregate],
+        oldest: int,
+        periods: PeriodBook | None = None,
+        *,
+        first: int | None = None,
     ) -> None:
         """Plan every customer-day: the source's figure minus the ledger's, in billing periods
-        where the meter has a metered price (``periods``)."""
+        where the meter has a metered price (``periods``).
+
+        With ``first``, only until that many events are planned: :meth:`deliver_planned` plans
+        the rest a slice ahead of the slice being sent (:mod:`.ahead`).
+        """
+        self.planned = PlanAhead(self._plan_days(aggregates, oldest, periods))
+        self.planned.fill(first)
+
+    def _plan_days(
+        self, aggregates: dict[Key, DailyAggregate], oldest: int, periods: PeriodBook | None
+    ) -> Iterator[tuple[Key, list[PlannedEvent], bool]]:
+        """Plan each customer-day in turn, keep it in the book, and yield its events (and whether
+        it is billed late)."""
         book = self.book
         count_events = sum(a.rows for a in aggregates.values() if book.specs[a.event_name].kind == COUNT)
         if count_events > MAX_COUNT_EVENTS:
@@ -291,7 +315,9 @@ class BillingRun:
                     day.outcome = DayOutcome.FAILED
                     book.samples.add(DayOutcome.FAILED, {**plan.line(), "reason": UNSETTLED})
                 # Usage of a day older than Stripe's window is billed late (counted apart).
-                (book.late if key[2] < oldest_day else book.days)[key] = day
+                late = key[2] < oldest_day
+                (book.late if late else book.days)[key] = day
+                yield key, plan.events, late
 
     # -- delivery --------------------------------------------------------------------------------
 
@@ -299,22 +325,24 @@ class BillingRun:
         return {**self.book.days, **self.book.late}
 
     def deliver_planned(self) -> None:
-        """Write, send and resolve every planned event, a slice at a time."""
-        days = self._all_days()
-        planned = [(key, day.plan.events) for key, day in days.items() if day.plan.events]
-        size = 0
-        batch: list[tuple[Key, list[PlannedEvent]]] = []
-        for item in planned:
-            batch.append(item)
-            size += len(item[1])
-            if size >= SLICE:
-                self._deliver_slice(batch, days)
-                batch, size = [], 0
-        if batch:
+        """Write, send and resolve every planned event, a slice at a time, planning the next
+        slice while the requests of the one before are out."""
+        planned = self.planned
+        while batch := planned.take(SLICE):
+            ahead = None
+            if not planned.done:
+                ahead = partial(planned.fill_quietly, SLICE)
+                self.meanwhile.append(ahead)
+            book = self.book
+            days = {key: book.days[key] if key in book.days else book.late[key] for key, _ in batch}
             self._deliver_slice(batch, days)
+            if ahead is not None and ahead in self.meanwhile:
+                # Nothing of the slice was sent (another run had it): planned here instead.
+                self.meanwhile.remove(ahead)
+                ahead()
 
     def _deliver_slice(
-        self, batch: list[tuple[Key, list[PlannedEvent]]], days: dict[Key, CustomerDay]
+        self, batch: Sequence[tuple[Key, Sequence[PlannedEvent]]], days: dict[Key, CustomerDay]
     ) -> None:
         now = clock.now()
         specs = self.book.specs

@@ -6,6 +6,7 @@ is SQLite; one clock drives both."""
 from __future__ import annotations
 
 import contextlib
+import sqlite3
 
 import pytest
 
@@ -392,3 +393,76 @@ def test_work_left_for_while_events_are_out_is_done_once_and_a_failure_there_sen
     assert book.pending == []
     w.advance(HOUR)
     assert w.run(meanwhile=[book.save])["events_sent"] == 0  # nothing left to do, nothing sent
+
+
+# -- planning a slice ahead of the one being sent ------------------------------------------------
+
+
+@pytest.fixture
+def slices_of_three(monkeypatch):
+    """Slices of 3 events, and a note of how many ledger rows were written as each customer-day
+    was planned."""
+    from airflow_provider_stripe_meter.billing import run as run_module
+
+    monkeypatch.setattr(run_module, "SLICE", 3)
+    seen: list[tuple[str, int]] = []
+    faults: dict[str, BaseException] = {}
+    original = run_module.plan_day
+
+    def noting(aggregate, *args, **kwargs):
+        if aggregate.customer_id in faults:
+            raise faults.pop(aggregate.customer_id)
+        with sqlite3.connect(noting.db) as con:
+            written = con.execute("SELECT COUNT(*) FROM stripe_meter_ledger").fetchone()[0]
+        seen.append((aggregate.customer_id, written))
+        return original(aggregate, *args, **kwargs)
+
+    monkeypatch.setattr(run_module, "plan_day", noting)
+    return noting, seen, faults
+
+
+def test_each_slice_is_planned_while_the_one_before_is_out(world, slices_of_three):
+    noting, seen, _ = slices_of_three
+    w = world()
+    noting.db = w.db
+    nightly_rows(w, 10)
+    result = w.run()
+    assert (result["success"], result["sent"], result["events_sent"]) == (True, 10, 10)
+    assert w.billed() == w.source()
+    written = dict(seen)
+    # The first slice is planned before anything is written; each next one once the slice before
+    # it is written, while its requests are out (the deliverer's ``meanwhile``).
+    assert [written[f"cus_{c:03d}"] for c in range(10)] == [0, 0, 0, 3, 3, 3, 6, 6, 6, 9]
+
+
+def test_a_run_killed_while_planning_ahead_is_billed_once_by_the_next(world, slices_of_three):
+    noting, _, faults = slices_of_three
+    w = world()
+    noting.db = w.db
+    nightly_rows(w, 10)
+    faults["cus_007"] = Killed("kill -9 while the third slice is planned")
+    with pytest.raises(Killed):
+        w.run()
+    w.advance(60)
+    again = w.run(run_id="retry")
+    assert again["success"], again["samples"]
+    assert w.billed() == w.source()
+    assert not [r for r in w.ledger_rows() if r[4] == "pending"]
+
+
+def test_planning_that_fails_while_a_slice_is_out_fails_the_run_after_the_slice_is_resolved(
+    world, slices_of_three
+):
+    noting, _, faults = slices_of_three
+    w = world()
+    noting.db = w.db
+    nightly_rows(w, 10)
+    faults["cus_007"] = RuntimeError("the ledger's database went away")
+    with pytest.raises(RuntimeError, match="went away"):
+        w.run()
+    # The slices sent before are resolved: nothing is left pending for the next run to settle.
+    states = [r[4] for r in w.ledger_rows()]
+    assert states == ["accepted"] * 6
+    again = w.run(run_id="retry")
+    assert (again["success"], again["events_sent"]) == (True, 4)
+    assert w.billed() == w.source()
