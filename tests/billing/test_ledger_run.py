@@ -443,6 +443,8 @@ def test_a_run_killed_while_planning_ahead_is_billed_once_by_the_next(world, sli
     faults["cus_007"] = Killed("kill -9 while the third slice is planned")
     with pytest.raises(Killed):
         w.run()
+    # Killed while the second slice's requests were out: that slice alone is left pending.
+    assert sorted(r[4] for r in w.ledger_rows()) == ["accepted"] * 3 + ["pending"] * 3
     w.advance(60)
     again = w.run(run_id="retry")
     assert again["success"], again["samples"]
