@@ -327,19 +327,16 @@ class BillingRun:
     def deliver_planned(self) -> None:
         """Write, send and resolve every planned event, a slice at a time, planning the next
         slice while the requests of the one before are out."""
-        planned = self.planned
+        planned, book = self.planned, self.book
         while batch := planned.take(SLICE):
-            ahead = None
+            ahead = partial(planned.fill_quietly, SLICE)
             if not planned.done:
-                ahead = partial(planned.fill_quietly, SLICE)
                 self.meanwhile.append(ahead)
-            book = self.book
             days = {key: book.days[key] if key in book.days else book.late[key] for key, _ in batch}
             self._deliver_slice(batch, days)
-            if ahead is not None and ahead in self.meanwhile:
-                # Nothing of the slice was sent (another run had it): planned here instead.
+            if ahead in self.meanwhile:
+                # Nothing of the slice was sent (another run had it): the next take() plans.
                 self.meanwhile.remove(ahead)
-                ahead()
 
     def _deliver_slice(
         self, batch: Sequence[tuple[Key, Sequence[PlannedEvent]]], days: dict[Key, CustomerDay]

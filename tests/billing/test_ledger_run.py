@@ -468,3 +468,33 @@ def test_planning_that_fails_while_a_slice_is_out_fails_the_run_after_the_slice_
     again = w.run(run_id="retry")
     assert (again["success"], again["events_sent"]) == (True, 4)
     assert w.billed() == w.source()
+
+
+def test_two_runs_at_once_bill_each_day_once_when_the_plan_runs_ahead(world, slices_of_three):
+    from airflow_provider_stripe_meter.billing.run import BillingRun
+
+    noting, _, _ = slices_of_three
+    w = world()
+    noting.db = w.db
+    nightly_rows(w, 10)
+    # Run A plans its first slice, then run B bills every day, then A sends: none of A's slices
+    # gets through (nothing of them is sent), and A plans each next one itself.
+    original = BillingRun.deliver_planned
+    started: list[BillingRun] = []
+
+    def pause_first(self):
+        if not started:
+            started.append(self)
+            w.run(run_id="B")
+        original(self)
+
+    BillingRun.deliver_planned = pause_first
+    try:
+        a = w.run(run_id="A")
+    finally:
+        BillingRun.deliver_planned = original
+    b = w.results[0]
+    assert (b["success"], b["sent"]) == (True, 10)
+    assert (a["success"], a["failed"], a["events_sent"]) == (False, 10, 0)
+    assert w.billed() == w.source()
+    assert (w.run(run_id="A-retry")["events_sent"]) == 0
