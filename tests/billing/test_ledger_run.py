@@ -28,6 +28,28 @@ def nightly_rows(w: World, customers: int, day: int = -1, per_customer: int = 1,
             w.add(f"cus_{c:03d}", base + c + r, midnight(day, int(w.now)) + HOUR * (1 + r) + c)
 
 
+def run_b_while_a_waits_to_deliver(w: World) -> tuple[dict, dict]:
+    """Run A, which stops once it has planned (before it delivers) while run B bills the same
+    days; A then delivers what it planned. Returns A's result and B's."""
+    from airflow_provider_stripe_meter.billing.run import BillingRun
+
+    original = BillingRun.deliver_planned
+    started: list[BillingRun] = []
+
+    def pause_first(self):
+        if not started:
+            started.append(self)
+            w.run(run_id="B")
+        original(self)
+
+    BillingRun.deliver_planned = pause_first
+    try:
+        a = w.run(run_id="A")
+    finally:
+        BillingRun.deliver_planned = original
+    return a, w.results[0]
+
+
 def test_a_night_is_billed_once_and_a_rerun_sends_and_reads_nothing(world):
     w = world()
     nightly_rows(w, 5)
@@ -281,26 +303,10 @@ def test_late_rows_and_a_clock_past_the_identifier_window_are_billed_once(world)
 
 
 def test_two_runs_planning_the_same_days_at_once_bill_them_once(world):
-    from airflow_provider_stripe_meter.billing.run import BillingRun
-
     w = world()
     nightly_rows(w, 8)
     # Run A plans, then run B bills the same days, then A delivers what it planned.
-    planned: list[BillingRun] = []
-    original = BillingRun.deliver_planned
-
-    def pause_first(self):
-        if not planned:
-            planned.append(self)
-            w.run(run_id="B")
-        original(self)
-
-    BillingRun.deliver_planned = pause_first
-    try:
-        a = w.run(run_id="A")
-    finally:
-        BillingRun.deliver_planned = original
-    b = w.results[0]
+    a, b = run_b_while_a_waits_to_deliver(w)
     assert (b["success"], b["sent"]) == (True, 8)
     assert (a["success"], a["failed"]) == (False, 8)
     assert w.billed() == w.source()
@@ -471,29 +477,13 @@ def test_planning_that_fails_while_a_slice_is_out_fails_the_run_after_the_slice_
 
 
 def test_two_runs_at_once_bill_each_day_once_when_the_plan_runs_ahead(world, slices_of_three):
-    from airflow_provider_stripe_meter.billing.run import BillingRun
-
     noting, _, _ = slices_of_three
     w = world()
     noting.db = w.db
     nightly_rows(w, 10)
     # Run A plans its first slice, then run B bills every day, then A sends: none of A's slices
     # gets through (nothing of them is sent), and A plans each next one itself.
-    original = BillingRun.deliver_planned
-    started: list[BillingRun] = []
-
-    def pause_first(self):
-        if not started:
-            started.append(self)
-            w.run(run_id="B")
-        original(self)
-
-    BillingRun.deliver_planned = pause_first
-    try:
-        a = w.run(run_id="A")
-    finally:
-        BillingRun.deliver_planned = original
-    b = w.results[0]
+    a, b = run_b_while_a_waits_to_deliver(w)
     assert (b["success"], b["sent"]) == (True, 10)
     assert (a["success"], a["failed"], a["events_sent"]) == (False, 10, 0)
     assert w.billed() == w.source()
