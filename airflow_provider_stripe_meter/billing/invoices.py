@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from airflow_provider_stripe_meter.billing.meters import MeterSpec, source_figure
+from airflow_provider_stripe_meter.billing.periods import invoice_subscription, line_price
 from airflow_provider_stripe_meter.utils.aggregation import DailyAggregate, DayPart
 
 if TYPE_CHECKING:
@@ -37,8 +38,9 @@ class InvoiceLine:
     invoice: int | None
     difference: int
     #: When the invoice locks: the draft's ``automatically_finalizes_at``, or the open period's
-    #: end (its draft then has the grace period more).
-    deadline: int
+    #: end (its draft then has the grace period more); ``None``: a draft that finalizes only by
+    #: hand (``auto_advance`` false), at a time Stripe cannot tell.
+    deadline: int | None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe form for XCom."""
@@ -84,18 +86,38 @@ def source_per_period(
 
 
 def metered_quantity(invoice: dict[str, Any], price_ids: set[str]) -> int | None:
-    """The quantity of the invoice's line for one of ``price_ids`` (``None``: no such line)."""
+    """The quantity of the invoice's lines on ``price_ids`` (``None``: no such line among the
+    lines it holds)."""
+    found = [
+        int(line.get("quantity") or 0)
+        for line in (invoice.get("lines") or {}).get("data") or []
+        if line_price(line) in price_ids
+    ]
+    return sum(found) if found else None
+
+
+def draft_lines(invoice: dict[str, Any], price_ids: set[str]) -> dict[tuple[str, int, int], int]:
+    """Per (customer, service period start, end), the quantity a draft bills on ``price_ids``:
+    matched by the metered lines' own ``period`` (a cycle invoice's ``period_start``/``period_end``
+    bound when items could attach, not the usage billed)."""
+    customer = invoice.get("customer")
+    if isinstance(customer, dict):
+        customer = customer.get("id")
+    out: dict[tuple[str, int, int], int] = {}
+    if invoice_subscription(invoice) is None:
+        return out  # a manual or one-off invoice: no subscription's usage on it
     for line in (invoice.get("lines") or {}).get("data") or []:
-        pricing = (line.get("pricing") or {}).get("price_details") or {}
-        price = pricing.get("price") or (line.get("price") or {}).get("id")
-        if price in price_ids:
-            return int(line.get("quantity") or 0)
-    return None
+        if line_price(line) not in price_ids:
+            continue
+        period = line.get("period") or {}
+        key = (str(customer), int(period["start"]), int(period["end"]))
+        out[key] = out.get(key, 0) + int(line.get("quantity") or 0)
+    return out
 
 
 def compare(
     source: dict[PeriodKey, int],
-    invoices: dict[PeriodKey, tuple[str, int | None, int]],
+    invoices: dict[PeriodKey, tuple[str, int | None, int | None]],
 ) -> list[InvoiceLine]:
     """One line per invoice still open to change: (status, quantity, deadline) against the source."""
     lines = []

@@ -5,8 +5,9 @@ Plain Python; Stripe and the subscriptions table are ports
 :class:`~airflow_provider_stripe_meter.ledger.subscriptions.SubscriptionCache`). Per run:
 
 * the account's metered prices on the meters (one request per 100 prices);
-* the account's finalization grace period, from one draft invoice (one request): a period that
-  ended finalizes that long after its end; with no draft at all, every period that ended is final;
+* when each period that ended locks, from that period's own draft invoice
+  (:class:`~.periods.DraftLocks`): drafts are listed only once a run asks about a period that
+  ended, from that period's UTC day on, about one request per 100 drafts;
 * per meter, its subscriptions: listed in full on the first run, when its prices change, once a
   week, or when the last run is older than the 30 days Stripe keeps events; otherwise the
   ``customer.subscription.*`` events since the last run (five minutes overlap, as events are
@@ -28,7 +29,12 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any
 
-from airflow_provider_stripe_meter.billing.periods import PeriodBook, StoredPeriods, customer_periods
+from airflow_provider_stripe_meter.billing.periods import (
+    DraftLocks,
+    PeriodBook,
+    StoredPeriods,
+    customer_periods,
+)
 from airflow_provider_stripe_meter.ledger.subscriptions import (
     SubscriptionCache,
     SyncState,
@@ -61,8 +67,8 @@ def read_periods(
     :meth:`PeriodBook.save`, later (a run that dies first reads the same changes again).
     ``prices``: the metered prices on ``meters``, if already listed.
 
-    The requests that follow the prices (the grace period, the changes) are made while the
-    table is read: a night waits on the slower of the two, not on their sum.
+    The changes are listed while the table is read: a night waits on the slower of the two, not
+    on their sum. Draft invoices are read later, when the run first asks about a period that ended.
     """
     figures = {"listed": 0, "changes": 0, "cached": 0}
     if prices is None:
@@ -84,10 +90,11 @@ def read_periods(
         plans[name] = (meter_id, ids, state, stale)
     # One listing of the account's changes serves every meter brought up to date from events.
     synced = [state.events_to for _, _, state, stale in plans.values() if state is not None and not stale]
-    # The grace period is set once read: the periods are built only when a run asks for them.
-    customers = StoredPeriods(None)
+    customers = StoredPeriods(DraftLocks(stripe.draft_invoices, (p["id"] for p in prices), now))
     with ThreadPoolExecutor(max_workers=2) as pool:
-        grace_read = pool.submit(stripe.finalization_grace)
+        # The drafts are listed while planning; a key that may not read them fails here, before
+        # anything is sent (one request, made while the changes are listed).
+        readable = pool.submit(stripe.check_invoices_readable)
         changes_read = None
         if synced:
             after = min(synced) - OVERLAP
@@ -103,7 +110,7 @@ def read_periods(
             if not stale:
                 _add_rows(customers, name, cache.periods(account, meter_id))
         changes = changes_read.result() if changes_read is not None else []
-        customers.grace = grace_read.result()
+        readable.result()
     writes: list[Callable[[], None]] = []
     for name, (meter_id, ids, state, stale) in plans.items():
         if stale:

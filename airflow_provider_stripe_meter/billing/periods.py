@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import bisect
 import calendar
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from itertools import pairwise
 from typing import Any
@@ -49,6 +50,9 @@ class Period:
     finalizes_at: int | None = None
     #: The metered price the period bills the meter through.
     price: str = ""
+    #: Its draft invoice finalizes only by hand (``auto_advance`` false): it takes usage until
+    #: someone finalizes it, at a time no API tells in advance.
+    manual: bool = False
 
 
 @dataclass
@@ -132,7 +136,13 @@ class PeriodBook:
             return NONE, None
         if period.end > self.now:
             return OPEN, period
-        if period.finalizes_at is not None and self.now < period.finalizes_at - self.margin:
+        locks = self.customers.locks if isinstance(self.customers, StoredPeriods) else None
+        if locks is not None:
+            finalizes_at, manual = locks.lock(period.subscription, period.end)
+            period = replace(period, finalizes_at=finalizes_at, manual=manual)
+        if period.manual or (
+            period.finalizes_at is not None and self.now < period.finalizes_at - self.margin
+        ):
             return DRAFT, period
         return FINAL, period
 
@@ -159,9 +169,16 @@ class PeriodBook:
                 lo, hi = period.start, period.end
             if hi > self.now:
                 return lo, hi
-            grace = customers.grace
-            return (lo, hi) if grace is not None and self.now < hi + grace - self.margin else None
+            return self._billable(event_name, customer, instant)
         return self._billable(event_name, customer, instant)
+
+    def manual_drafts(self) -> list[tuple[str, int]]:
+        """The (subscription, period end) of every draft the run found that finalizes only by hand."""
+        if isinstance(self.customers, StoredPeriods) and self.customers.locks is not None:
+            return self.customers.locks.manual()
+        return sorted(
+            {(p.subscription, p.end) for c in self.customers.values() for p in c.periods if p.manual}
+        )
 
     def _billable(self, event_name: str, customer: str, instant: int) -> tuple[int, int] | None:
         state, period = self.state(event_name, customer, instant)
@@ -183,6 +200,119 @@ class PeriodBook:
         return period if period is not None and period.end > self.now else None
 
 
+#: Stripe's shortest finalization grace period: a period that ended less long ago has not been
+#: finalized automatically on any account, even if its draft is not listed yet.
+SHORTEST_GRACE = 3600
+
+
+class DraftLocks:
+    """When each period that ended locks, read from that period's own draft invoice.
+
+    A period's invoice is a draft from the period's end until it finalizes: automatically at the
+    draft's ``automatically_finalizes_at`` (the account's grace period after the end, or later if
+    finalization was postponed), by hand when ``auto_advance`` is false (then
+    ``automatically_finalizes_at`` is null), or earlier if someone finalizes it. So no account-wide
+    figure answers for a period: its draft does. A draft is matched to a period through its
+    subscription (``parent.subscription_details.subscription``) and the service period of its
+    metered line (``line.period``), never through the invoice's own ``period_start``/``period_end``
+    (which bound when items could attach), so drafts of other kinds (manual, one-off,
+    ``subscription_update``, threshold) are never taken for a period's.
+
+    Drafts are listed lazily, when a run first asks about a period that ended, from the start of
+    that period's UTC day (a draft is created at its period's end or later): a night that bills
+    yesterday lists yesterday's and today's drafts once. A period that ended with no draft listed
+    is final, unless it ended less than :data:`SHORTEST_GRACE` ago (its draft may not be listed
+    yet, and no account finalizes sooner): then it is a draft locking at that bound.
+
+    .. seealso:: https://docs.stripe.com/billing/subscriptions/usage-based/configure-grace-period
+    .. seealso:: https://docs.stripe.com/api/invoices/object#invoice_object-automatically_finalizes_at
+    """
+
+    def __init__(
+        self, list_drafts: Callable[[int, int | None], list[dict[str, Any]]], prices: Iterable[str], now: int
+    ) -> None:
+        self._list = list_drafts
+        self.prices = set(prices)
+        self.now = now
+        #: Drafts created at or after this instant have been listed (``None``: none yet).
+        self.listed_from: int | None = None
+        #: (subscription, period end) -> (``automatically_finalizes_at``, finalizes only by hand).
+        self.found: dict[tuple[str, int], tuple[int | None, bool]] = {}
+        #: Draft invoices read, and list requests made (for the run's figures).
+        self.drafts_read = 0
+        self._lock = threading.Lock()
+
+    def lock(self, subscription: str, end: int) -> tuple[int | None, bool]:
+        """When the period of ``subscription`` that ended at ``end`` locks: (instant, by hand).
+        ``(None, False)``: it is final (or no invoice carries it)."""
+        with self._lock:
+            if self.listed_from is None or end < self.listed_from:
+                lo = end - end % 86400
+                self._read(lo, self.listed_from)
+                self.listed_from = lo
+        found = self.found.get((subscription, end))
+        if found is not None:
+            return found
+        if self.now < end + SHORTEST_GRACE:
+            return end + SHORTEST_GRACE, False
+        return None, False
+
+    def _read(self, lo: int, hi: int | None) -> None:
+        for invoice in self._list(lo, hi):
+            self.drafts_read += 1
+            for subscription, _, end in draft_periods(invoice, self.prices):
+                at = invoice.get("automatically_finalizes_at")
+                manual = not invoice.get("auto_advance") and at is None
+                self.found[(subscription, end)] = (int(at) if at is not None else None, manual)
+
+    def manual(self) -> list[tuple[str, int]]:
+        """The (subscription, period end) of the drafts read that finalize only by hand."""
+        return sorted(key for key, (_, manual) in self.found.items() if manual)
+
+
+def invoice_subscription(invoice: Mapping[str, Any]) -> str | None:
+    """The subscription an invoice was generated for (``None``: another kind of invoice).
+
+    Since API version 2025-03-31.basil it is ``parent.subscription_details.subscription``.
+
+    .. seealso:: https://docs.stripe.com/changelog/basil/2025-03-31/adds-new-parent-field-to-invoicing-objects
+    """
+    parent = invoice.get("parent") or {}
+    if parent.get("type") != "subscription_details":
+        return None
+    found = (parent.get("subscription_details") or {}).get("subscription")
+    if isinstance(found, dict):  # expanded
+        found = found.get("id")
+    return str(found) if found else None
+
+
+def line_price(line: Mapping[str, Any]) -> str | None:
+    """The price a line item bills (``pricing.price_details.price`` since 2025-03-31.basil)."""
+    price = ((line.get("pricing") or {}).get("price_details") or {}).get("price")
+    if isinstance(price, dict):  # expanded
+        price = price.get("id")
+    return str(price) if price else None
+
+
+def draft_periods(invoice: Mapping[str, Any], prices: set[str]) -> list[tuple[str, int, int]]:
+    """(subscription, service period start, end) of each of the invoice's lines on ``prices``
+    billed for the invoice's subscription: the periods whose usage the invoice carries."""
+    subscription = invoice_subscription(invoice)
+    if subscription is None:
+        return []
+    out = []
+    for line in (invoice.get("lines") or {}).get("data") or []:
+        if line_price(line) not in prices:
+            continue
+        details = (line.get("parent") or {}).get("subscription_item_details") or {}
+        if details.get("subscription") not in (None, subscription):
+            continue
+        period = line.get("period") or {}
+        if period.get("start") is not None and period.get("end") is not None:
+            out.append((subscription, int(period["start"]), int(period["end"])))
+    return out
+
+
 class StoredPeriods(Mapping[tuple[str, str], CustomerPeriods]):
     """Customers' periods from stored boundaries, built only for the customers asked about.
 
@@ -196,8 +326,9 @@ class StoredPeriods(Mapping[tuple[str, str], CustomerPeriods]):
     reading its boundaries (most of a night's 100,000 customer-days).
     """
 
-    def __init__(self, grace: int | None) -> None:
-        self.grace = grace
+    def __init__(self, locks: DraftLocks | None) -> None:
+        #: When each period that ended locks (``None``: no draft known, every ended period is final).
+        self.locks = locks
         #: Per customer, its subscriptions: (subscription, price, boundaries, start, end, current
         #: period start, current period end, customer). The boundaries may be kept as stored
         #: ("b1,b2,..."), parsed when the customer is first asked about an instant outside its
@@ -238,8 +369,7 @@ class StoredPeriods(Mapping[tuple[str, str], CustomerPeriods]):
                     if lo < start_date or (ended_at is not None and lo >= ended_at):
                         continue
                     hi = min(hi, ended_at) if ended_at is not None else hi
-                    finalizes = hi + self.grace if self.grace is not None else None
-                    periods.append(Period(lo, hi, subscription, finalizes, price))
+                    periods.append(self._period(lo, hi, subscription, price))
             built = self._built[key] = CustomerPeriods(periods, ended)
         return built
 
@@ -269,8 +399,12 @@ class StoredPeriods(Mapping[tuple[str, str], CustomerPeriods]):
             hi = min(hi, ended_at)
         if instant >= hi:
             return None, ended_at
-        finalizes = hi + self.grace if self.grace is not None else None
-        return Period(lo, hi, subscription, finalizes, price), ended_at
+        return self._period(lo, hi, subscription, price), ended_at
+
+    def _period(self, lo: int, hi: int, subscription: str, price: str) -> Period:
+        """The period ``[lo, hi)``; when it locks is read from its draft only when a run asks
+        where usage in it lands (:meth:`PeriodBook.state`): most periods it builds are never asked."""
+        return Period(lo, hi, subscription, None, price)
 
     def split(self) -> Mapping[tuple[str, str], tuple[int, ...]]:
         """Per customer, every boundary of its subscriptions, ascending (a view: nothing built)."""

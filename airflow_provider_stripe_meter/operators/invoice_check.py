@@ -78,6 +78,7 @@ class StripeMeterInvoiceCheckOperator(StripeUsageSourceOperator):
         """Read periods, source and invoices; compare per customer and period."""
         from airflow_provider_stripe_meter.billing.invoices import (
             compare,
+            draft_lines,
             metered_quantity,
             source_per_period,
         )
@@ -96,13 +97,13 @@ class StripeMeterInvoiceCheckOperator(StripeUsageSourceOperator):
         source = source_per_period(aggregator.finish(), spec, periods)
 
         price_ids = periods.prices()
-        invoices: dict[tuple[str, int, int], tuple[str, int | None, int]] = {}
+        invoices: dict[tuple[str, int, int], tuple[str, int | None, int | None]] = {}
         for invoice in self.hook.draft_invoices():
-            quantity = metered_quantity(invoice, price_ids)
-            if quantity is None or not invoice.get("automatically_finalizes_at"):
-                continue  # not an invoice of this meter's prices
-            key = (str(invoice["customer"]), int(invoice["period_start"]), int(invoice["period_end"]))
-            invoices[key] = ("draft", quantity, int(invoice["automatically_finalizes_at"]))
+            # Each draft by the service period of its metered lines (every line read, however many);
+            # a draft of another kind has none and is passed over.
+            locks = invoice.get("automatically_finalizes_at")
+            for key, quantity in draft_lines(invoice, price_ids).items():
+                invoices[key] = ("draft", quantity, int(locks) if locks is not None else None)
         # The open period: a preview per customer with usage in it (one request each).
         for key in sorted(source):
             customer, start, end = key
@@ -114,7 +115,8 @@ class StripeMeterInvoiceCheckOperator(StripeUsageSourceOperator):
                 invoices[key] = ("upcoming", metered_quantity(preview, price_ids), end)
         lines = compare(source, invoices)
         differs = [line for line in lines if line.difference]
-        at_risk = sorted(differs, key=lambda line: line.deadline)
+        # A draft finalized by hand has no deadline: listed first, as it may lock at any moment.
+        at_risk = sorted(differs, key=lambda line: line.deadline if line.deadline is not None else -1)
         shown = (differs + [line for line in lines if not line.difference])[: self.line_limit]
         result = {
             "success": not differs,
@@ -134,7 +136,7 @@ class StripeMeterInvoiceCheckOperator(StripeUsageSourceOperator):
                 line.status,
                 line.invoice,
                 line.source,
-                line.deadline,
+                line.deadline if line.deadline is not None else "it is finalized by hand (auto_advance off)",
             )
         self.log.info("Invoices compared: %s", result["counts"])
         return result

@@ -179,7 +179,7 @@ def test_stored_periods_answer_from_the_current_period_only_while_no_end_is_set(
 
     first, nxt = ts(2026, 10, 31, 14, 37, 12), ts(2026, 12, 31, 14, 37, 12)
     cancelled = ts(2026, 12, 5, 10)
-    stored = StoredPeriods(grace=3 * 86400)
+    stored = StoredPeriods(None)
     _add_rows(
         stored,
         "tokens",
@@ -207,7 +207,7 @@ def test_days_split_a_day_at_a_time_or_for_the_whole_window_aggregate_the_same()
     from airflow_provider_stripe_meter.billing.periods import StoredPeriods
 
     day = 86400
-    stored = StoredPeriods(grace=None)
+    stored = StoredPeriods(None)
     rows = []
     for c in range(6):
         edges = [NOW - (30 - c) * day - 3600 * c, NOW - (5 - c % 3) * day + 777 * c, NOW + 25 * day]
@@ -246,7 +246,7 @@ def test_stored_rows_whose_driver_returns_decimals_are_read_as_ints():
     from airflow_provider_stripe_meter.billing.periods import StoredPeriods
 
     first, nxt = ts(2026, 10, 31, 14, 37, 12), ts(2026, 12, 31, 14, 37, 12)
-    stored = StoredPeriods(grace=None)
+    stored = StoredPeriods(None)
     row = ("sub_a", "price_1", f"{first},{B},{nxt}", Decimal(first), None, Decimal(B), Decimal(nxt), "cus_a")
     _add_rows(stored, "tokens", [row])
     [entry] = stored.raw[("tokens", "cus_a")]
