@@ -455,14 +455,20 @@ class StripeHook(BaseHook):
         return {"reports": reports, "error_count": sum(codes.values()), "codes": codes, "samples": found}
 
     def metered_prices(self, meter_ids: set[str] | None) -> list[dict[str, Any]]:
-        """The account's active recurring prices metered on one of ``meter_ids`` (``None``: on
-        any meter).
+        """The account's recurring prices metered on one of ``meter_ids`` (``None``: on any meter),
+        archived ones too.
+
+        An archived price (``active=false``) can no longer be added to a subscription, but keeps
+        billing the subscriptions already on it (a grandfathered plan), so it is listed with the
+        active ones.
 
         .. seealso:: https://docs.stripe.com/api/prices/list
+        .. seealso:: https://docs.stripe.com/products-prices/manage-prices#archive-price
         """
+        listed = self._list_json("/v1/prices", {"type": "recurring", "recurring": {"usage_type": "metered"}})
         return [
             p
-            for p in self._list_json("/v1/prices", {"type": "recurring", "active": True})
+            for p in listed
             if (p.get("recurring") or {}).get("usage_type") == "metered"
             and (meter_ids is None or (p.get("recurring") or {}).get("meter") in meter_ids)
         ]
@@ -561,30 +567,53 @@ class StripeHook(BaseHook):
         for event in events:  # newest first
             subscription = (event.get("data") or {}).get("object") or {}
             if subscription.get("id") and subscription["id"] not in newest_of:
-                newest_of[subscription["id"]] = subscription
+                newest_of[subscription["id"]] = _items_with_periods(subscription)
+        # An event rendered at a version that has the periods on neither the subscription nor its
+        # items: the subscription is read as the pinned version shows it (one request each).
+        for sub_id, subscription in newest_of.items():
+            if not _has_item_periods(subscription):
+                newest_of[sub_id] = self._call(
+                    self.client.raw_request, "get", f"/v1/subscriptions/{sub_id}"
+                ).data
         return list(newest_of.values())
 
-    def finalization_grace(self) -> int | None:
-        """The account's finalization grace period in seconds, read from a draft subscription
-        invoice (``automatically_finalizes_at`` less its period's end); ``None`` with no draft
-        (then no period that ended is still open).
+    def check_invoices_readable(self) -> None:
+        """One draft invoice listed (or none): raises when the key may not read invoices, so a run
+        that will need its drafts fails before it sends anything.
 
-        .. seealso:: https://docs.stripe.com/billing/subscriptions/usage-based/configure-grace-period
+        .. seealso:: https://docs.stripe.com/keys#limit-access
         """
-        page = self._call(self.client.raw_request, "get", "/v1/invoices", status="draft", limit=10).data
-        for invoice in page.get("data") or []:
-            if invoice.get("subscription") and invoice.get("automatically_finalizes_at"):
-                return int(invoice["automatically_finalizes_at"]) - int(invoice["period_end"])
-        return None
+        self._call(self.client.raw_request, "get", "/v1/invoices", status="draft", limit=1)
 
-    def draft_invoices(self) -> list[dict[str, Any]]:
-        """Every draft invoice of the account (lines embedded), paged at 100 a request.
+    def draft_invoices(
+        self, created_from: int | None = None, created_to: int | None = None
+    ) -> list[dict[str, Any]]:
+        """Every draft invoice of the account created in ``[created_from, created_to)`` (either
+        open-ended), newest first, as plain JSON with **every** line: an invoice embeds only its
+        first lines (``lines.has_more``), the rest are read from ``GET /v1/invoices/{id}/lines``.
 
         .. seealso:: https://docs.stripe.com/api/invoices/list
+        .. seealso:: https://docs.stripe.com/api/invoices/invoice_lines
         """
-        return self._list_json("/v1/invoices", {"status": "draft"})
+        created: dict[str, int] = {}
+        if created_from is not None:
+            created["gte"] = int(created_from)
+        if created_to is not None:
+            created["lt"] = int(created_to)
+        params: dict[str, Any] = {"status": "draft", **({"created": created} if created else {})}
+        invoices = self._list_json("/v1/invoices", params)
+        for invoice in invoices:
+            lines = invoice.get("lines") or {}
+            if lines.get("has_more") and invoice.get("id"):
+                data = list(lines.get("data") or [])
+                after = str(data[-1]["id"]) if data else None
+                rest = self._list_json(f"/v1/invoices/{invoice['id']}/lines", {}, after=after)
+                invoice["lines"] = {**lines, "data": data + rest, "has_more": False}
+        return invoices
 
-    def _list_json(self, path: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+    def _list_json(
+        self, path: str, params: dict[str, Any], *, after: str | None = None
+    ) -> list[dict[str, Any]]:
         """Every object of a v1 list endpoint, 100 a page, as plain JSON.
 
         Plain JSON, not the SDK's objects: building ``StripeObject`` trees costs about 0.6 ms an
@@ -593,7 +622,6 @@ class StripeHook(BaseHook):
         .. seealso:: https://docs.stripe.com/api/pagination
         """
         out: list[dict[str, Any]] = []
-        after: str | None = None
         while True:
             page_params = {**params, "limit": 100, **({"starting_after": after} if after else {})}
             page = self._call(self.client.raw_request, "get", path, **page_params).data
@@ -827,6 +855,42 @@ def _per_day(
                 # Summaries are numbers (floats in JSON); meter values are whole numbers.
                 recorded[(customer, day)] = recorded.get((customer, day), 0) + round(value)
     return recorded, unknown
+
+
+def _has_item_periods(subscription: dict[str, Any]) -> bool:
+    items = (subscription.get("items") or {}).get("data") or []
+    return all(
+        i.get("current_period_start") is not None and i.get("current_period_end") is not None for i in items
+    )
+
+
+def _items_with_periods(subscription: dict[str, Any]) -> dict[str, Any]:
+    """A subscription from an event, its billing period on each item, as the pinned version has it.
+
+    An event renders its object at the event's own ``api_version`` (the account's default when it
+    happened), not at the version a request pins. Before 2025-03-31.basil the period lived on the
+    subscription (``current_period_start``/``_end``) and no item carried one; since then it lives on
+    each item and the subscription has none. An older rendering is moved to the items (every item
+    of a subscription shared its period then).
+
+    .. seealso:: https://docs.stripe.com/api/events/object#event_object-api_version
+    .. seealso:: https://docs.stripe.com/changelog/basil/2025-03-31/deprecate-subscription-current-period-start-and-end
+    """
+    if _has_item_periods(subscription):
+        return subscription
+    start, end = subscription.get("current_period_start"), subscription.get("current_period_end")
+    if start is None or end is None:
+        return subscription  # neither shape: read again at the pinned version
+    items = (subscription.get("items") or {}).get("data") or []
+    moved = [
+        {
+            **i,
+            "current_period_start": i.get("current_period_start") or start,
+            "current_period_end": i.get("current_period_end") or end,
+        }
+        for i in items
+    ]
+    return {**subscription, "items": {**(subscription.get("items") or {}), "data": moved}}
 
 
 def _is_duplicate_identifier(details: dict[str, Any]) -> bool:
