@@ -144,7 +144,7 @@ def test_the_layout_in_the_testing_page_names_every_part_of_the_package():
 
 def test_the_documented_tables_have_the_codes_columns():
     """Every CREATE TABLE in the ledger page names each column the code writes, in every dialect."""
-    from airflow_provider_stripe_meter.ledger import schema, subscriptions
+    from airflow_provider_stripe_meter.ledger import customers, schema, subscriptions
 
     text = PAGES["ledger.md"]
     tables = {
@@ -152,6 +152,8 @@ def test_the_documented_tables_have_the_codes_columns():
         "STRIPE_METER_LEDGER (": schema.COLUMN_NAMES,
         "stripe_meter_ledger_subscriptions (": subscriptions.NAMES,
         "stripe_meter_ledger_subscriptions_sync (": tuple(n for n, _ in subscriptions.SYNC_COLUMNS),
+        "stripe_meter_ledger_customers (": customers.NAMES,
+        "STRIPE_METER_LEDGER_CUSTOMERS (": customers.NAMES,
     }
     checked = 0
     for block in re.findall(r"CREATE TABLE IF NOT EXISTS [\w.]+ \(.*?\n\);", text, flags=re.S):

@@ -6,7 +6,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from airflow_provider_stripe_meter.billing.outcomes import Action, DayOutcome
-from airflow_provider_stripe_meter.billing.plans import INVOICE_FINAL, NO_INVOICE, SUBSCRIPTION_ENDED
+from airflow_provider_stripe_meter.billing.plans import (
+    CUSTOMER_UNKNOWN,
+    INVOICE_FINAL,
+    NO_INVOICE,
+    SUBSCRIPTION_ENDED,
+    iso_seconds,
+)
 
 if TYPE_CHECKING:
     from airflow_provider_stripe_meter.billing.meters import MeterSpec
@@ -81,6 +87,8 @@ class RunBook:
     late: dict[Key, CustomerDay] = field(default_factory=dict)
     reports: list[DeliveryReport] = field(default_factory=list)
     summary_requests: int = 0
+    #: Requests that asked Stripe whether customers exist (0 on a night of known customers).
+    customer_requests: int = 0
     #: Meters that were not active (or were deactivated) after the run sent to them.
     deactivated: set[str] = field(default_factory=set)
     #: Usage no open invoice carries, per outcome: customer-day parts and their value.
@@ -110,7 +118,18 @@ class RunBook:
             else None,
             "carried": {"events": len(carried), "value": sum(e.value for e in carried)},
         }
-        for outcome in (INVOICE_FINAL, SUBSCRIPTION_ENDED, NO_INVOICE):
+        # Drafts that finalize only by hand (``auto_advance`` off) take usage until someone
+        # finalizes them, at a time no API tells: named, so the team finalizes after the run.
+        by_hand = periods.manual_drafts() if periods is not None else []
+        out["drafts_by_hand"] = {
+            "count": len(by_hand),
+            "sample": [
+                {"subscription": sub, "period_end": iso_seconds(end)}
+                for sub, end in by_hand[: self.sample_limit]
+            ],
+        }
+        # Usage of customers Stripe does not know yet is held too, with or without periods.
+        for outcome in (INVOICE_FINAL, SUBSCRIPTION_ENDED, NO_INVOICE, CUSTOMER_UNKNOWN):
             out[outcome] = dict(self.held.get(outcome, {"customer_days": 0, "value": 0}))
         return out
 

@@ -261,9 +261,10 @@ class DraftLocks:
         for invoice in self._list(lo, hi):
             self.drafts_read += 1
             for subscription, _, end in draft_periods(invoice, self.prices):
+                # A draft with no scheduled finalization (``auto_advance`` off) is open until
+                # someone finalizes it.
                 at = invoice.get("automatically_finalizes_at")
-                manual = not invoice.get("auto_advance") and at is None
-                self.found[(subscription, end)] = (int(at) if at is not None else None, manual)
+                self.found[(subscription, end)] = (int(at), False) if at is not None else (None, True)
 
     def manual(self) -> list[tuple[str, int]]:
         """The (subscription, period end) of the drafts read that finalize only by hand."""

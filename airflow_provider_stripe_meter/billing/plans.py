@@ -250,6 +250,9 @@ INVOICE_FINAL = "invoice_final"
 SUBSCRIPTION_ENDED = "subscription_ended"
 NO_INVOICE = "no_invoice"
 HELD_BECAUSE = {FINAL: INVOICE_FINAL, ENDED: SUBSCRIPTION_ENDED, NONE: NO_INVOICE}
+#: Usage of a customer Stripe does not know (yet): Stripe would take its events and drop them.
+CUSTOMER_UNKNOWN = "customer_unknown"
+UNKNOWN_CUSTOMER = "held: Stripe does not know the customer yet; the first run after it exists sends it"
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,6 +265,8 @@ class Held:
     end: int
     #: The period it belongs to, when it had one (``invoice_final``).
     period_end: int | None = None
+    #: Why, in words, where the outcome does not say it all (``customer_unknown``).
+    reason: str = ""
 
     def describe(self, plan: DayPlan) -> dict[str, Any]:
         """JSON-safe sample."""
@@ -273,7 +278,27 @@ class Held:
             "to": iso_seconds(self.end),
             "value": self.value,
             **({"period_end": iso_seconds(self.period_end)} if self.period_end else {}),
+            **({"reason": self.reason} if self.reason else {}),
         }
+
+
+def hold_unknown(plan: DayPlan) -> Held | None:
+    """Hold what ``plan`` would send for a customer Stripe does not know, and say so in the plan.
+
+    Stripe answers 200 to a meter event for an unknown customer and drops it later, so nothing is
+    sent (nor written to the ledger): the first run after the customer exists plans the same
+    events again. ``None`` when the plan sends nothing anyway (the ledger holds the figure, or
+    an earlier event is still unsettled).
+
+    .. seealso:: https://docs.stripe.com/billing/subscriptions/usage-based/recording-usage-api
+    """
+    if not plan.events and not plan.cancel:
+        return None
+    value = sum(e.value for e in plan.events)
+    plan.events, plan.cancel = [], 0
+    plan.action, plan.reason = Action.LEAVE_ALONE, UNKNOWN_CUSTOMER
+    start = _day_start(plan.day)
+    return Held(CUSTOMER_UNKNOWN, value, start, start + SECONDS_PER_DAY, reason=UNKNOWN_CUSTOMER)
 
 
 def iso_seconds(seconds: int) -> str:

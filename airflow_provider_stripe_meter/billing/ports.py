@@ -46,6 +46,19 @@ class StripeMeters(Protocol):
 
     def cancel_meter_event(self, event_name: str, identifier: str) -> Any: ...
 
+    def customers_known(self, customers: Sequence[str], *, max_rps: float) -> set[str]: ...
+
+    def customer_ids(self) -> set[str]: ...
+
+
+class CustomerStore(Protocol):
+    """The customers Stripe has shown to exist
+    (:class:`~airflow_provider_stripe_meter.ledger.customers.CustomerTable`)."""
+
+    def known(self, account: str, customers: Iterable[str]) -> set[str]: ...
+
+    def add(self, account: str, customers: Iterable[str], seen_at: int) -> None: ...
+
 
 class Log(Protocol):
     """Where a run says what it is doing (the task's logger)."""

@@ -140,6 +140,7 @@ def summarize(book: RunBook, settings: RunSettings, source: SourceFigures) -> Ba
         settings={"dry_run": dry, "api": settings.api, "confirm": settings.confirm},
         delivery={
             "summary_requests": book.summary_requests,
+            "customer_requests": book.customer_requests,
             "events_sent": sum(r.sent for r in book.reports),
             "requests": sum(r.requests for r in book.reports),
             "rate_limited": sum(r.rate_limited for r in book.reports),
@@ -157,7 +158,9 @@ def summarize(book: RunBook, settings: RunSettings, source: SourceFigures) -> Ba
         result.plan_truncated = len(lines) > settings.plan_limit
     result.invoices = book.invoices(None, set())
     flat = result.as_dict()
-    result.success = not any(flat[k] for k in PROBLEMS)
+    # Usage held for customers Stripe does not know is a problem on a dry run too (not counted there).
+    unknown = flat["invoices"].get("customer_unknown", {}).get("customer_days", 0)
+    result.success = not any(flat[k] for k in PROBLEMS) and not unknown
     return result
 
 

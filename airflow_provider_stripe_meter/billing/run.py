@@ -34,6 +34,7 @@ from airflow_provider_stripe_meter.billing.plans import (
     OLDER_VIEW,
     UNSETTLED,
     day_end,
+    hold_unknown,
     iso_seconds,
     ledger_identifier,
     plan_day,
@@ -64,13 +65,19 @@ from airflow_provider_stripe_meter.utils.errors import Duplicate, Rejected
 
 if TYPE_CHECKING:
     from airflow_provider_stripe_meter.billing.periods import PeriodBook
-    from airflow_provider_stripe_meter.billing.plans import Key, PlannedEvent
-    from airflow_provider_stripe_meter.billing.ports import LedgerStore, Log, StripeMeters
+    from airflow_provider_stripe_meter.billing.plans import Held, Key, PlannedEvent
+    from airflow_provider_stripe_meter.billing.ports import CustomerStore, LedgerStore, Log, StripeMeters
     from airflow_provider_stripe_meter.billing.settings import RunSettings
     from airflow_provider_stripe_meter.billing.settling import Change
 
 #: Events a run may plan for count meters (one event per row) before it refuses to start.
 MAX_COUNT_EVENTS = 1_000_000
+#: New customers a run asks Stripe about one by one; more, and it lists every customer once
+#: (100 a page: cheaper from a few hundred on, and what a first run over a whole base needs).
+CUSTOMER_LOOKUPS = 100
+#: Customers missing from Stripe's full list that are still asked about one by one (one created
+#: while the list was read is found so); past this, they are held unasked.
+CUSTOMER_RECHECKS = 1_000
 
 
 @dataclass(frozen=True)
@@ -113,8 +120,13 @@ class BillingRun:
         writer: Writer,
         log: Log,
         now: int,
+        customers: CustomerStore | None = None,
     ) -> None:
         self.settings, self.stripe, self.ledger, self.log = settings, stripe, ledger, log
+        #: The customers Stripe has shown to exist (``None``: not checked, every one is sent).
+        self.customers = customers
+        #: Customers of the source Stripe does not know: their usage is held, not sent.
+        self.unknown: set[str] = set()
         self.writer, self.account = writer, writer.account
         self.book = RunBook(now=now, sample_limit=settings.sample_limit)
         #: Per event name, the identifiers of this run's events Stripe accepted.
@@ -142,6 +154,7 @@ class BillingRun:
         if aggregates:
             self.read_meters({key[0] for key in aggregates})
             self.settle()
+            self.unknown = self.check_customers({key[1] for key in aggregates}, usage.periods)
             if self.settings.adopt and not self.settings.dry_run:
                 self.adopt(aggregates)
             self.plan(aggregates, usage.oldest, usage.periods, first=None if self.settings.dry_run else SLICE)
@@ -165,6 +178,54 @@ class BillingRun:
             self.book.deactivated_at[name] = (meter.get("status_transitions") or {}).get("deactivated_at")
             # The payload keys are the meter's own: an event under other keys would be dropped.
             self.book.specs[name] = meter_spec(meter)
+
+    def check_customers(self, customers: set[str], periods: PeriodBook | None = None) -> set[str]:
+        """The customers of the source Stripe does not know (their usage is held, not sent).
+
+        Stripe answers 200 to a meter event for a customer it does not know and drops it later,
+        reported only in the meter's error reports: a CRM that creates customers after the
+        nightly run would be under-billed without a word. A customer Stripe has shown to exist
+        is in the known-customers table; the rest are asked about: a few one by one
+        (``GET /v1/customers/{id}``), more by listing every customer once. Customers with a
+        subscription on a metered price exist. Those found are written to the table (not on a
+        dry run), so a night of known customers asks Stripe nothing.
+
+        .. seealso:: https://docs.stripe.com/api/customers/retrieve
+        """
+        if self.customers is None or not customers:
+            return set()
+        unchecked = customers - self.customers.known(self.account, customers)
+        found: set[str] = set()
+        if periods is not None and unchecked:
+            # A subscription belongs to a customer: Stripe knows everyone the periods were read for.
+            found = {customer for (_, customer) in periods.customers} & unchecked
+            unchecked -= found
+        unknown: set[str] = set()
+        if unchecked:
+            read_rps = self.settings.read_rps
+            if len(unchecked) <= CUSTOMER_LOOKUPS:
+                found |= self.stripe.customers_known(sorted(unchecked), max_rps=read_rps)
+                self.book.customer_requests += len(unchecked)
+            else:
+                listed = self.stripe.customer_ids()
+                self.book.customer_requests += max(1, -(-len(listed) // 100))  # 100 a page
+                found |= unchecked & listed
+                missing = sorted(unchecked - listed)
+                again = missing[:CUSTOMER_RECHECKS]
+                if again:
+                    found |= self.stripe.customers_known(again, max_rps=read_rps)
+                    self.book.customer_requests += len(again)
+            unknown = unchecked - found
+        if found and not self.settings.dry_run:
+            self.customers.add(self.account, found, int(clock.now()))
+        if unknown:
+            self.log.warning(
+                "%d customers of the source are unknown to Stripe (e.g. %s): their usage is held, not "
+                "sent, until they exist",
+                len(unknown),
+                sorted(unknown)[:5],
+            )
+        return unknown
 
     def adopt(self, aggregates: dict[Key, DailyAggregate]) -> int:
         """Write what Stripe's summaries show into the ledger, for customer-days it holds nothing of.
@@ -290,7 +351,18 @@ class BillingRun:
             for key in keys:
                 aggregate = aggregates[key]
                 figure = figures.get((key[1], key[2]))
-                if in_periods and key[2] >= oldest_day:
+                if key[1] in self.unknown:
+                    plan = plan_day(aggregate, spec, figure, now=book.now, oldest=oldest)
+                    unknown = hold_unknown(plan)
+                    if unknown is not None:
+                        # Not sent, not written: the first run after the customer exists sends it.
+                        book.hold(unknown, plan)
+                        day = CustomerDay(aggregate, plan, DayOutcome.CUSTOMER_UNKNOWN, held=True)
+                        (book.late if key[2] < oldest_day else book.days)[key] = day
+                        yield key, plan.events, key[2] < oldest_day
+                        continue
+                    held: list[Held] = []
+                elif in_periods and key[2] >= oldest_day:
                     assert periods is not None
                     plan, held = plan_in_periods(
                         aggregate,

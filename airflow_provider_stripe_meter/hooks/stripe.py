@@ -634,16 +634,90 @@ class StripeHook(BaseHook):
     def invoice_preview(self, subscription: str) -> dict[str, Any] | None:
         """The subscription's upcoming invoice as it stands (``None``: it has none, having ended).
 
+        Lines past the first ones the preview embeds are read from its ``lines.url`` (a preview's
+        id starts with ``upcoming_in``); where Stripe does not serve them, the preview keeps the
+        lines it embeds and says so (``lines.has_more`` stays true).
+
         .. seealso:: https://docs.stripe.com/api/invoices/create_preview
         """
         try:
-            return self._call(
+            preview: dict[str, Any] = self._call(
                 self.client.v1.invoices.create_preview, {"subscription": subscription}
             ).to_dict()
         except StripeRequestRejectedError as err:
             if (err.details or {}).get("code") == "invoice_upcoming_none":
                 return None
             raise
+        lines = preview.get("lines") or {}
+        data = list(lines.get("data") or [])
+        if lines.get("has_more") and lines.get("url") and data:
+            try:
+                rest = self._list_json(str(lines["url"]), {}, after=str(data[-1]["id"]))
+            except StripeRequestRejectedError:
+                return preview
+            preview["lines"] = {**lines, "data": data + rest, "has_more": False}
+        return preview
+
+    def customer_exists(self, customer_id: str, *, retry: bool = True) -> bool:
+        """Whether Stripe knows ``customer_id``: ``False`` for a missing customer (404
+        ``resource_missing``) and for a deleted one (``deleted: true``), whose meter events
+        Stripe would take and drop.
+
+        .. seealso:: https://docs.stripe.com/api/customers/retrieve
+        """
+        from urllib.parse import quote
+
+        client = self.client if retry else self.delivery_client
+        path = f"/v1/customers/{quote(customer_id, safe='')}"
+        try:
+            # Plain JSON: a deleted customer comes back as {"id", "object", "deleted": true}.
+            found = self._call(client.raw_request, "get", path).data
+        except StripeRequestRejectedError as err:
+            if err.details.get("http_status") == 404 and err.details.get("code") == "resource_missing":
+                return False
+            raise
+        return not found.get("deleted")
+
+    def customers_known(self, customers: Sequence[str], *, max_rps: float | None = 20.0) -> set[str]:
+        """Which of ``customers`` Stripe knows, one ``GET /v1/customers/{id}`` each, paced at
+        ``max_rps`` and backed off on 429 like every read.
+
+        .. seealso:: https://docs.stripe.com/api/customers/retrieve
+        """
+        from airflow_provider_stripe_meter.utils.delivery import Deliverer
+
+        known: set[str] = set()
+
+        def read(batch: list[str]) -> None:
+            [customer] = batch
+            # The deliverer around this retries and backs off: one retry layer.
+            if self.customer_exists(customer, retry=False):
+                known.add(customer)
+
+        report = Deliverer(
+            read,
+            key=lambda customer: customer,
+            describe=lambda customer: {"customer_id": customer},
+            max_rps=max_rps,
+        ).run(list(customers))
+        if report.rejected or report.failed:
+            kind = "rejected" if report.rejected else "failed"
+            example = report.samples.get(kind, [{}])[0]
+            error = StripeRequestRejectedError if report.rejected else StripeTransientError
+            raise error(
+                f"Could not ask Stripe about {report.rejected + report.failed} of {len(customers)} "
+                f"customers (e.g. {example})",
+                example.get("error") or {"type": "customers_unavailable"},
+            )
+        return known
+
+    def customer_ids(self) -> set[str]:
+        """The id of every customer of the account (``GET /v1/customers``, 100 a page; deleted
+        customers are not listed).
+
+        .. seealso:: https://docs.stripe.com/api/customers/list
+        """
+        return {str(c["id"]) for c in self._list_json("/v1/customers", {}) if not c.get("deleted")}
 
     def usage_between(self, meter_id: str, customer_id: str, start_time: int, end_time: int) -> int | None:
         """The meter's figure for one customer over ``[start_time, end_time)`` (minute-aligned).

@@ -137,6 +137,16 @@ class StripeMeterEventOperator(StripeBaseOperator):
         note = self._formula_note(event.event_name)
         if note:
             self.log.warning("Meter event %r: %s", event.event_name, note)
+        if not self.hook.customer_exists(event.customer_id):
+            # Stripe would answer 200 and drop the event later (reported only in the meter's error
+            # reports): nothing is sent, and the task says so; a retry once the customer exists sends it.
+            details = {
+                "type": "customer_unknown",
+                "code": "customer_unknown",
+                "customer_id": event.customer_id,
+                "message": f"Stripe does not know customer {event.customer_id!r}: the event was not sent",
+            }
+            return self._finish(context, False, details, details["message"], counter="customer_unknown")
         self.log.info(
             "Recording %s=%s for %s on meter event %r (identifier %r, timestamp %s)",
             value_key,

@@ -67,6 +67,11 @@ class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
     killed run left ``pending`` are settled by the next run, events of a meter deactivated
     mid-run are settled from Stripe's summaries once it is active again, and what Stripe dropped
     is sent again. A meter the operator cannot bill exactly is refused before anything is sent.
+    Stripe answers 200 to an event for a customer it does not know and drops it later, so each
+    customer of the source not met before is asked about first (kept beside the ledger in
+    ``<ledger_table>_customers``; a night of known customers asks nothing): the usage of an
+    unknown one is held as ``customer_unknown``, not sent, and sent by the first run after the
+    customer exists.
 
     Rows older than 35 days (less ``safety_margin``) or more than 5 minutes ahead are skipped;
     rows that break a rule are ``invalid``. Each is counted and sampled in the result, none
@@ -236,6 +241,7 @@ class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
     def execute(self, context: Context) -> dict[str, Any]:
         """Read and aggregate the source, run the billing core, report, and fail where it must."""
         from airflow_provider_stripe_meter.billing.run import BillingRun, Usage
+        from airflow_provider_stripe_meter.ledger.customers import CustomerTable
         from airflow_provider_stripe_meter.state.ledger import ledger_on, ledger_writer
 
         ledger = ledger_on(self.ledger_conn_id, self.ledger_table)
@@ -260,6 +266,8 @@ class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
                 ledger_writer(self, context),
                 self.log,
                 int(clock.now()),
+                # Customers Stripe has shown to exist: usage of any other is held, not sent.
+                customers=CustomerTable(ledger),
             )
             if periods is not None:
                 # The subscriptions table is written while the first events are on their way.

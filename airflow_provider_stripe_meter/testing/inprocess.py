@@ -15,7 +15,7 @@ of every n-th accepted event (Stripe took it, the caller sees a network error).
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import date, datetime, timezone
 from typing import TYPE_CHECKING, Any
 
@@ -60,7 +60,13 @@ class InProcessStripe:
 
     def __init__(self, ledger: MeterLedger) -> None:
         self.ledger = ledger
-        self.requests: dict[str, int] = {"v1_meter_event": 0, "v2_stream": 0, "summaries": 0, "meters": 0}
+        self.requests: dict[str, int] = {
+            "v1_meter_event": 0,
+            "v2_stream": 0,
+            "summaries": 0,
+            "meters": 0,
+            "customers": 0,
+        }
         self._lock = threading.Lock()
         self._kill_at: int | None = None
         self._lose_every: int | None = None
@@ -155,6 +161,20 @@ class InProcessStripe:
                 raise Duplicate(err.message, details) from err
             raise Rejected(err.message, details) from err
         return recorded.as_v1()
+
+    def customers_known(self, customers: Sequence[str], *, max_rps: float) -> set[str]:
+        """Which of ``customers`` Stripe knows, one ``GET /v1/customers/{id}`` each."""
+        self.requests["customers"] += len(customers)
+        known = {c for c in customers if self.ledger.customer_known(c)}
+        for customer in known:
+            self.ledger.customer_created(customer)  # met: listed from now on
+        return known
+
+    def customer_ids(self) -> set[str]:
+        """Every customer ``GET /v1/customers`` lists (one request per 100)."""
+        listed = self.ledger.customer_list()
+        self.requests["customers"] += max(1, -(-len(listed) // 100))
+        return set(listed)
 
     def meter_event_stream(self) -> _Stream:
         """A v2 meter event session (duplicates and bad events dropped without a word, as Stripe does)."""

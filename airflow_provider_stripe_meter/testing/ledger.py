@@ -186,6 +186,11 @@ class MeterLedger:
         self.summary_lag = summary_lag
         self.clock = clock
         self.customers: set[str] | None = set(customers) if customers is not None else None
+        #: Customers deleted (known before, unknown from then on), and when each customer was
+        #: created, as ``GET /v1/customers`` shows them (newest first).
+        self.deleted_customers: set[str] = set()
+        self._customer_created: dict[str, int] = {}
+        self._customer_pages: tuple[tuple[int, ...], list[str], dict[str, int]] | None = None
         self.identifier_window = identifier_window
         self.meters: dict[str, Meter] = {}
         self.events: list[RecordedEvent] = []
@@ -270,9 +275,76 @@ class MeterLedger:
 
     def customer_known(self, customer_id: str | None) -> bool:
         """Whether Stripe would find this customer."""
-        if not customer_id:
+        if not customer_id or customer_id in self.deleted_customers:
             return False
         return self.customers is None or customer_id in self.customers
+
+    def add_customer(self, customer_id: str) -> None:
+        """Create a customer (a CRM sync catching up): known from now on."""
+        with self.lock:
+            if self.customers is not None:
+                self.customers.add(customer_id)
+            self.deleted_customers.discard(customer_id)
+            self._customer_created.setdefault(customer_id, int(self.clock()))
+
+    def delete_customer(self, customer_id: str) -> None:
+        """Delete a customer: retrieving it shows ``deleted: true``; its meter events are dropped."""
+        with self.lock:
+            self.deleted_customers.add(customer_id)
+
+    def customer_created(self, customer_id: str) -> int:
+        """When the customer was created (first met, with ``customers=None``)."""
+        with self.lock:
+            return self._customer_created.setdefault(customer_id, int(self.clock()))
+
+    def customer_list(self) -> list[str]:
+        """The customers ``GET /v1/customers`` shows, newest first (deleted ones are not listed).
+
+        With ``customers=None`` every ``cus_`` id is known but no list can hold them all: the
+        list shows those this Stripe has met (created with :meth:`add_customer`, retrieved,
+        named in meter events or subscriptions), as an account lists the customers it made.
+        """
+        with self.lock:
+            if self.customers is not None:
+                ids = set(self.customers)
+            else:
+                ids = set(self._customer_created)
+                for meter in self.meters.values():
+                    ids |= {
+                        str(value)
+                        for (name, key, value) in self._by_payload
+                        if name == meter.event_name and key == meter.customer_key
+                    }
+                ids |= {str(s.customer) for s in self.billing.subscriptions.values()}
+            ids = {c for c in ids if self.customer_known(c)}
+            created = self._customer_created
+            for c in ids:
+                created.setdefault(c, int(self.clock()))
+        return sorted(ids, key=lambda c: (-created[c], c))
+
+    def customer_page(self, starting_after: str | None, limit: int) -> tuple[list[str], bool]:
+        """A page of :meth:`customer_list` after ``starting_after``, and whether more follow.
+
+        The list is kept between pages while nothing changed (a run lists 100,000 customers in
+        1,000 pages).
+        """
+
+        def mark() -> tuple[int, ...]:
+            return (
+                len(self.customers or ()),
+                len(self.deleted_customers),
+                len(self._customer_created),
+                len(self.events),
+                len(self.billing.subscriptions),
+            )
+
+        with self.lock:
+            if self._customer_pages is None or self._customer_pages[0] != mark():
+                ids = self.customer_list()
+                self._customer_pages = (mark(), ids, {c: i for i, c in enumerate(ids)})
+            _, ids, position = self._customer_pages
+        start = 0 if not starting_after else position.get(starting_after, len(ids) - 1) + 1
+        return ids[start : start + limit], start + limit < len(ids)
 
     # -- meter events ---------------------------------------------------------------------
 

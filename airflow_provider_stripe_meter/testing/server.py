@@ -28,10 +28,13 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from operator import attrgetter
 from typing import Any
 from urllib.parse import parse_qs, parse_qsl, quote, urlsplit
 
+from airflow_provider_stripe_meter.testing.billing import EVENT_RETENTION, EVENT_TYPES, MAX_EVENT_TYPES
 from airflow_provider_stripe_meter.testing.forms import decode_form
 from airflow_provider_stripe_meter.testing.ledger import (
     MeterLedger,
@@ -373,6 +376,12 @@ _ROUTES: list[tuple[str, re.Pattern[str], str, str]] = [
     ("GET", re.compile(r"/v1/invoices"), "", "v1_invoices"),
     ("GET", re.compile(r"/v1/events"), "", "v1_events"),
     ("POST", re.compile(r"/v1/invoices/create_preview"), "", "v1_invoice_preview"),
+    ("GET", re.compile(r"/v1/invoices/(?P<id>[^/]+)/lines"), "", "v1_invoice_lines"),
+    ("GET", re.compile(r"/v1/invoices/(?P<id>[^/]+)"), "", "v1_invoice"),
+    ("GET", re.compile(r"/v1/subscription_items"), "", "v1_subscription_items"),
+    # Customers: whether Stripe knows the customers usage is billed for.
+    ("GET", re.compile(r"/v1/customers"), "", "v1_customers"),
+    ("GET", re.compile(r"/v1/customers/(?P<id>[^/]+)"), "", "v1_customer"),
     # Not Stripe's: what this server holds, for benchmarks and people driving it from another process.
     ("GET", re.compile(r"/_local/summary"), "", "local_summary"),
     ("POST", re.compile(r"/_local/clock"), "", "local_clock"),
@@ -870,12 +879,20 @@ class _Handler(BaseHTTPRequestHandler):
         return {}
 
     def _h_v1_prices(self, body: Any, match: re.Match[str], query: str) -> dict[str, Any]:
-        """``GET /v1/prices``: the account's metered prices (``type``, ``active`` filters)."""
+        """``GET /v1/prices``: the account's prices, newest first; ``active`` (absent: both, as
+        Stripe lists archived prices too) and ``type`` filters (docs.stripe.com/api/prices/list)."""
         params = dict(parse_qsl(query))
-        prices = [p.as_object() for p in self.ledger.billing.prices.values()]
+        prices = sorted(self.ledger.billing.prices.values(), key=lambda p: (p.created, p.id), reverse=True)
+        active = params.get("active")
+        if active is not None:
+            if active not in ("true", "false"):
+                raise StripeApiError(
+                    400, f"Invalid boolean: {active}", code="parameter_invalid_boolean", param="active"
+                )
+            prices = [p for p in prices if p.active == (active == "true")]
         if params.get("type") not in (None, "recurring"):
-            prices = []
-        return _paginate(prices, params, "/v1/prices")
+            prices = []  # every price here is recurring
+        return _paginate([p.as_object() for p in prices], params, "/v1/prices")
 
     def _h_v1_subscriptions(self, body: Any, match: re.Match[str], query: str) -> dict[str, Any]:
         """``GET /v1/subscriptions``: filters ``price``, ``customer``, ``status`` (default: not
@@ -885,7 +902,9 @@ class _Handler(BaseHTTPRequestHandler):
         now = int(self.ledger.clock())
 
         def build() -> list[Any]:
-            subs = list(billing.subscriptions.values())
+            # Newest first, as Stripe lists (docs.stripe.com/api/subscriptions/list).
+            # Made later comes first among equals: the reversed order of making, sorted stably.
+            subs = sorted(reversed(billing.subscriptions.values()), key=attrgetter("created"), reverse=True)
             if params.get("price"):
                 subs = [s for s in subs if s.price.id == params["price"]]
             if params.get("customer"):
@@ -914,54 +933,117 @@ class _Handler(BaseHTTPRequestHandler):
         }
 
     def _h_v1_invoices(self, body: Any, match: re.Match[str], query: str) -> dict[str, Any]:
-        """``GET /v1/invoices``: filters ``subscription``, ``customer``, ``status``; newest first."""
+        """``GET /v1/invoices``: filters ``subscription``, ``customer``, ``status``,
+        ``created[gt|gte|lt|lte]``; newest first by ``created`` (docs.stripe.com/api/invoices/list)."""
         params = dict(parse_qsl(query))
         billing = self.ledger.billing
+        low, high = _created_bounds(params)
 
         def build() -> list[Any]:
+            now = int(self.ledger.clock())
             subs = list(billing.subscriptions.values())
             if params.get("subscription"):
                 subs = [s for s in subs if s.id == params["subscription"]]
+            if params.get("customer"):
+                subs = [s for s in subs if s.customer == params["customer"]]
             if params.get("status") == "draft":
-                # Only a period that ended within the grace period has a draft: find those first.
-                now = int(self.ledger.clock())
+                # A cycle's draft lives through the grace period after its period ended, unless a
+                # test changed how it finalizes: find those first (a benchmark has 100,000).
+                controlled = billing.controlled()
                 subs = [
                     s
                     for s in subs
-                    if s.starts_between(now - billing.grace, now)
+                    if s.id in controlled
+                    or s.starts_between(now - billing.grace, now)
                     or (s.ended_at(now) is not None and now - billing.grace < s.ended_at(now) <= now)  # type: ignore[operator]
                 ]
-            refs = [r for s in subs for r in billing.invoice_refs(s)]
+            refs = billing.all_invoice_refs(subs)
+            if params.get("subscription"):
+                refs = [r for r in refs if r.sub is not None and r.sub.id == params["subscription"]]
             if params.get("customer"):
-                refs = [r for r in refs if r.sub.customer == params["customer"]]
+                refs = [r for r in refs if r.customer == params["customer"]]
             if params.get("status"):
-                refs = [r for r in refs if r.status == params["status"]]
-            refs.sort(key=lambda r: r.end, reverse=True)
-            return refs
+                refs = [r for r in refs if billing.status_of(r) == params["status"]]
+            return [r for r in refs if low < r.created <= high]
 
         # Paged on references; only the page's quantities are read and rendered.
         page = _paginate(billing.listing({"invoices": "1", **params}, build), params, "/v1/invoices")
         page["data"] = [billing.render_invoice(ref) for ref in page["data"]]
         return page
 
-    def _h_v1_events(self, body: Any, match: re.Match[str], query: str) -> dict[str, Any]:
-        """``GET /v1/events``: the subscriptions' events, filters ``types[]`` and ``created[gt]``."""
+    def _h_v1_invoice(self, body: Any, match: re.Match[str], query: str) -> dict[str, Any]:
+        """``GET /v1/invoices/{id}``."""
+        ref = self.ledger.billing.find_invoice(match["id"])
+        if ref is None:
+            raise StripeApiError(
+                404, f"No such invoice: '{match['id']}'", code="resource_missing", param="id"
+            )
+        return self.ledger.billing.render_invoice(ref)
+
+    def _h_v1_invoice_lines(self, body: Any, match: re.Match[str], query: str) -> dict[str, Any]:
+        """``GET /v1/invoices/{id}/lines``: every line, paged (an invoice embeds only its first 10;
+        docs.stripe.com/api/invoices/invoice_lines); a preview's ``upcoming_in_...`` id too."""
+        lines = self.ledger.billing.invoice_lines(match["id"])
+        if lines is None:
+            raise StripeApiError(
+                404, f"No such invoice: '{match['id']}'", code="resource_missing", param="id"
+            )
+        return _paginate(lines, dict(parse_qsl(query)), f"/v1/invoices/{match['id']}/lines")
+
+    def _h_v1_subscription_items(self, body: Any, match: re.Match[str], query: str) -> dict[str, Any]:
+        """``GET /v1/subscription_items?subscription=``: the subscription's items, as embedded."""
         params = dict(parse_qsl(query))
-        types = [v for k, v in parse_qsl(query) if k.startswith("types")]
-        after = int(params.get("created[gt]") or 0)
-        upto = int(params.get("created[lte]") or 0) or None
         billing = self.ledger.billing
+        sub = billing.subscriptions.get(params.get("subscription") or "")
+        if sub is None:
+            if not params.get("subscription"):
+                raise StripeApiError(
+                    400,
+                    "Missing required param: subscription.",
+                    code="parameter_missing",
+                    param="subscription",
+                )
+            raise StripeApiError(
+                404, f"No such subscription: '{params['subscription']}'", code="resource_missing"
+            )
+        items = billing.subscription_object(sub)["items"]["data"]
+        return _paginate(items, params, "/v1/subscription_items")
+
+    def _h_v1_events(self, body: Any, match: re.Match[str], query: str) -> dict[str, Any]:
+        """``GET /v1/events``: the subscriptions' events of the last 30 days, newest first; filters
+        ``type`` (``*`` wildcards), ``types[]`` (at most 20) and ``created[gt|gte|lt|lte]``
+        (docs.stripe.com/api/events/list)."""
+        pairs = parse_qsl(query)
+        params = dict(pairs)
+        types = [v for k, v in pairs if k == "types" or k.startswith("types[")]
+        if len(types) > MAX_EVENT_TYPES:
+            raise StripeApiError(
+                400,
+                f"You can pass at most {MAX_EVENT_TYPES} types, got {len(types)}.",
+                code="parameter_invalid_array",
+                param="types",
+            )
+        if params.get("type"):
+            if types:
+                raise StripeApiError(400, "You may pass either type or types, not both.", param="types")
+            types = [params["type"]]
+        billing = self.ledger.billing
+        low, high = _created_bounds(params)
+        # Stripe keeps events 30 days: older ones are not listed.
+        low = max(low, int(self.ledger.clock()) - EVENT_RETENTION)
 
         def build() -> list[Any]:
-            found = billing.event_moments(after, upto)
-            return [m for m in found if not types or f"customer.subscription.{m[1]}" in types]
+            found = billing.event_moments(low, None if high == _FAR else high)
+            if not types:
+                return found
+            return [m for m in found if any(fnmatchcase(EVENT_TYPES[m[1]], t) for t in types)]
 
         # Paged on the moments; only the page is rendered (a night lists thousands of renewals).
         moments = billing.listing({"events": "1", **params}, build)
         limit = max(1, min(100, int(params.get("limit") or 10)))
         start = 0
         if params.get("starting_after"):
-            ids = [f"evt_{m[2].id[4:]}_{m[0]}_{m[1]}" for m in moments]
+            ids = [billing.event_id(m) for m in moments]
             start = ids.index(params["starting_after"]) + 1 if params["starting_after"] in ids else len(ids)
         page = moments[start : start + limit]
         return {
@@ -984,6 +1066,49 @@ class _Handler(BaseHTTPRequestHandler):
                 400, "The subscription has ended: it has no upcoming invoice.", code="invoice_upcoming_none"
             )
         return billing.preview(sub)
+
+    def _customer_object(self, customer_id: str) -> dict[str, Any]:
+        """A customer as ``stripe.Customer`` declares it: every required field, a few optional ones."""
+        return {
+            "id": customer_id,
+            "object": "customer",
+            "created": self.ledger.customer_created(customer_id),
+            "livemode": False,
+            "balance": 0,
+            "currency": None,
+            "delinquent": False,
+            "description": None,
+            "email": None,
+            "metadata": {},
+            "name": None,
+        }
+
+    def _h_v1_customers(self, body: Any, match: re.Match[str], query: str) -> dict[str, Any]:
+        """``GET /v1/customers``: the account's customers, newest first, deleted ones left out
+        (with ``customers=None``, those this server has met: see ``MeterLedger.customer_list``)."""
+        params = dict(parse_qsl(query))
+        limit = max(1, min(100, int(params.get("limit") or 10)))
+        page, more = self.ledger.customer_page(params.get("starting_after"), limit)
+        return {
+            "object": "list",
+            "data": [self._customer_object(c) for c in page],
+            "has_more": more,
+            "url": "/v1/customers",
+        }
+
+    def _h_v1_customer(self, body: Any, match: re.Match[str], query: str) -> dict[str, Any]:
+        """``GET /v1/customers/{id}``: the customer; a deleted one as ``deleted: true``; 404 for
+        one Stripe does not know, as Stripe answers (``resource_missing``, ``param: id``)."""
+        from urllib.parse import unquote
+
+        customer_id = unquote(match["id"])
+        if customer_id in self.ledger.deleted_customers:
+            return {"id": customer_id, "object": "customer", "deleted": True}
+        if not self.ledger.customer_known(customer_id):
+            raise StripeApiError(
+                404, f"No such customer: '{customer_id}'", code="resource_missing", param="id"
+            )
+        return self._customer_object(customer_id)
 
     def _h_v2_events(self, body: Any, match: re.Match[str], query: str) -> dict[str, Any]:
         """``GET /v2/core/events``: the meters' error reports, filtered by ``object_id``, ``types``
@@ -1054,10 +1179,45 @@ def _error_headers(err: StripeApiError) -> dict[str, str]:
     return {"Stripe-Should-Retry": "true" if err.should_retry else "false"}
 
 
+#: No upper bound on ``created``.
+_FAR = 2**62
+
+
+def _created_bounds(params: dict[str, str]) -> tuple[int, int]:
+    """``created`` / ``created[gt|gte|lt|lte]`` as ``(low, high)``: an object matches when
+    ``low < created <= high`` (Stripe's list filters, docs.stripe.com/api/pagination)."""
+    low, high = -1, _FAR
+    for key, value in params.items():
+        if key != "created" and not key.startswith("created["):
+            continue
+        try:
+            bound = int(value)
+        except ValueError:
+            raise StripeApiError(
+                400, f"Invalid integer: {value}", code="parameter_invalid_integer", param=key
+            ) from None
+        if key in ("created", "created[gte]"):
+            low = max(low, bound - 1)
+        if key in ("created", "created[lte]"):
+            high = min(high, bound)
+        if key == "created[gt]":
+            low = max(low, bound)
+        if key == "created[lt]":
+            high = min(high, bound - 1)
+    return low, high
+
+
 def _paginate(items: list[Any], params: dict[str, str], url: str) -> dict[str, Any]:
+    """One page of ``items`` (``limit``, and ``starting_after`` or ``ending_before`` an id)."""
     limit = max(1, min(100, int(params.get("limit") or 10)))
-    after = params.get("starting_after")
-    if after:
+    after, before = params.get("starting_after"), params.get("ending_before")
+    if after or before:
         ids = [item["id"] if isinstance(item, dict) else item.id for item in items]
+    if after:
         items = items[ids.index(after) + 1 :] if after in ids else []
+    elif before:
+        # The page just before ``before``: its ``has_more`` says whether more lie before it.
+        kept = items[: ids.index(before)] if before in ids else []
+        page = kept[-limit:]
+        return {"object": "list", "data": page, "has_more": len(kept) > limit, "url": url}
     return {"object": "list", "data": items[:limit], "has_more": len(items) > limit, "url": url}

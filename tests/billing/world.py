@@ -16,6 +16,7 @@ from typing import Any
 from airflow_provider_stripe_meter.billing.result import SourceFigures
 from airflow_provider_stripe_meter.billing.run import BillingRun, Usage, Writer
 from airflow_provider_stripe_meter.billing.settings import Delivery, RunSettings, Timing
+from airflow_provider_stripe_meter.ledger.customers import CustomerTable
 from airflow_provider_stripe_meter.ledger.store import SqlLedger
 from airflow_provider_stripe_meter.testing.inprocess import InProcessStripe
 from airflow_provider_stripe_meter.testing.ledger import MeterLedger
@@ -51,6 +52,7 @@ class World:
         window: str | None = None,
         customers: list[str] | None = None,
         summary_lag: float = 0.0,
+        check_customers: bool = True,
     ) -> None:
         self.now = float(START)
         monkeypatch.setattr("airflow_provider_stripe_meter.utils.clock.now", self.clock)
@@ -61,6 +63,8 @@ class World:
         self.meter = self.stripe_state.add_meter(EVENT, formula=formula, event_time_window=window)
         self.stripe = InProcessStripe(self.stripe_state)
         self.formula = formula
+        #: Runs check the source's customers against the known-customers table, as the operator's do.
+        self.check_customers = check_customers
         self.db = tmp_path / "ledger.db"
         #: The usage table: (customer, value, unix seconds).
         self.rows: list[tuple[str, int, int]] = []
@@ -136,7 +140,13 @@ class World:
         store = self.store()
         try:
             run = BillingRun(
-                settings, self.stripe, store, Writer("platform", run_id, uuid.uuid4().hex), LOG, now
+                settings,
+                self.stripe,
+                store,
+                Writer("platform", run_id, uuid.uuid4().hex),
+                LOG,
+                now,
+                customers=CustomerTable(store) if self.check_customers else None,
             )
             run.meanwhile = list(meanwhile or [])
             result = run.execute(usage).as_dict()

@@ -264,17 +264,17 @@ def test_dry_run_says_what_a_real_run_would_do_and_sends_nothing(monkeypatch, st
         "cus_b": "top_up",
         "cus_c": "correct",
         "cus_d": "send",
-        # Stripe takes an unknown customer's events and drops them: only a read-back or the
-        # reconcile sensor can see it.
-        "cus_ghost": "send",
+        # Stripe would take an unknown customer's events and drop them: held, and said so.
+        "cus_ghost": "leave_alone",
     }
     assert (plan["cus_b"]["value_sent"], plan["cus_c"]["value_sent"], plan["cus_d"]["value_sent"]) == (
         4,
         -5,
         8,
     )
-    assert outcome["actions"] == {"send": 2, "top_up": 1, "leave_alone": 1, "correct": 1, "report": 0}
-    assert outcome["totals"]["ai_tokens_used"]["to_send"] == 8
+    assert outcome["actions"] == {"send": 1, "top_up": 1, "leave_alone": 2, "correct": 1, "report": 0}
+    assert outcome["totals"]["ai_tokens_used"]["to_send"] == 7
+    assert outcome["invoices"]["customer_unknown"] == {"customer_days": 1, "value": 1}
     assert outcome["dry_run"] is True
     with sqlite3.connect(ledger_db) as con:  # a dry run writes nothing to the ledger either
         assert con.execute("SELECT count(*) FROM stripe_meter_ledger").fetchone() == (3,)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Callable
 
 import pendulum
 import pytest
@@ -27,25 +26,6 @@ BOUNDARY = pendulum.datetime(2026, 11, 30, 14, 37, 12, tz="UTC")
 NOV = (int(pendulum.datetime(2026, 10, 31, 14, 37, 12, tz="UTC").timestamp()), int(BOUNDARY.timestamp()))
 DEC = (int(BOUNDARY.timestamp()), int(pendulum.datetime(2026, 12, 31, 14, 37, 12, tz="UTC").timestamp()))
 NIGHTLY = pendulum.datetime(2026, 12, 1, 1, 0, tz="UTC")
-
-
-@pytest.fixture
-def at_time(monkeypatch, secret_server) -> Callable[[pendulum.DateTime], None]:
-    """Set the virtual now of the operator and of the local server (it runs on from there)."""
-    from airflow_provider_stripe_meter.utils import clock
-
-    offset = [0.0]
-
-    def now() -> float:
-        return time.time() + offset[0]
-
-    monkeypatch.setattr(clock, "now", now)
-    secret_server.ledger.clock = now
-
-    def set_to(moment: pendulum.DateTime) -> None:
-        offset[0] = moment.timestamp() - time.time()
-
-    return set_to
 
 
 def rows_at(*rows: tuple[str, int, str]) -> list[tuple[str, int, str]]:

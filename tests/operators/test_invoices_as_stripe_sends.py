@@ -22,7 +22,6 @@ from tests.operators.test_invoices import (
     DEC,
     NIGHTLY,
     NOV,
-    at_time,  # noqa: F401  (a fixture)
     bill,
     invoices,
     rows_at,
@@ -47,7 +46,7 @@ def test_each_period_locks_when_its_own_draft_does_postponed_by_hand_or_early(
     # was postponed to noon, one finalizes only by hand (auto_advance off), and one was finalized
     # early although the account's grace period is long; the fourth follows the default.
     billing = secret_server.ledger.billing
-    postponed, by_hand, default = subscribe(secret_server, ["cus_late", "cus_hand", "cus_default"])
+    postponed, by_hand, _default = subscribe(secret_server, ["cus_late", "cus_hand", "cus_default"])
     at_time(BOUNDARY.add(minutes=5))
     billing.postpone(postponed, NOV[1], int(NIGHTLY.add(hours=11).timestamp()))
     billing.set_auto_advance(by_hand, NOV[1], False)
@@ -74,7 +73,7 @@ def test_a_draft_finalized_early_by_hand_is_final_though_the_grace_period_runs_o
 ):
     billing = secret_server.ledger.billing
     billing.grace = 72 * HOUR
-    early, kept = subscribe(secret_server, ["cus_early", "cus_kept"])
+    early, _kept = subscribe(secret_server, ["cus_early", "cus_kept"])
     usage(usage_db, "cus_early", "cus_kept")
     at_time(NIGHTLY.subtract(minutes=30))
     billing.finalize(early, NOV[1])

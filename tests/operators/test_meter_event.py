@@ -244,3 +244,18 @@ def test_every_bad_input_rendered_at_run_time_answers_success_false_and_branches
     # Nothing was recorded, so no meter's Asset has an event: not through the alias, and not
     # through the fixed meter's own outlet either.
     assert _asset_events(dag_run) == []
+
+
+def test_event_for_a_customer_stripe_does_not_know_is_not_sent(secret_server):
+    # Stripe would answer 200 and drop the event later: the task asks first and says why.
+    secret_server.ledger.customers = {"cus_known"}
+
+    dag_run = run_dag("t_meter_event_branch", run_conf={"customer_id": "cus_crm_later", "value": "5"})
+
+    assert secret_server.ledger.events == []
+    assert secret_server.stats["v1_customer"] == 1
+    pushed = xcoms(dag_run, "record")
+    assert pushed["success"] is False
+    assert pushed["response"]["code"] == "customer_unknown"
+    assert pushed["response"]["customer_id"] == "cus_crm_later"
+    assert task_states(dag_run)["on_failure"] == "success"

@@ -349,3 +349,286 @@ def test_a_request_cut_off_before_its_body_arrived_is_not_acted_on():
         assert server.stats["truncated_requests"] == 1
         assert server.ledger.accepted() == []
         assert server.request_violations == []
+
+
+# -- billing objects as Stripe sends them (shapes: tests/testing/test_contract.py) ---------------
+
+
+def _raw(server: LocalStripeServer, method: str, path: str, **params):
+    return json.loads(client(server).raw_request(method, path, **params).body)
+
+
+@pytest.fixture
+def subscribed(stripe_server):
+    """Two subscriptions on a metered price, their last period ended 10 minutes ago (draft now)."""
+    billing = stripe_server.ledger.billing
+    now = int(stripe_server.ledger.clock())
+    price = billing.add_price("ai_tokens_used")
+    first = billing.subscribe(
+        "cus_a", price, anchor=now - 600, start=now - 31 * DAY, created_at=now - 2 * DAY
+    )
+    second = billing.subscribe("cus_b", price, anchor=now - 600, start=now - 31 * DAY, created_at=now - DAY)
+    for customer in ("cus_a", "cus_b"):
+        stripe_server.ledger.record(
+            event_name="ai_tokens_used",
+            payload={"stripe_customer_id": customer, "value": "4"},
+            identifier=f"u-{customer}",
+            timestamp=now - 3 * DAY,
+            api="v1",
+        )
+    return stripe_server, first, second, now
+
+
+def _move(server: LocalStripeServer, seconds: float) -> None:
+    server.clock_offset += seconds
+
+
+def test_cycle_invoice_looks_back_and_names_its_subscription_under_parent(subscribed):
+    server, first, _, now = subscribed
+    [invoice] = _raw(server, "get", "/v1/invoices", subscription=first.id)["data"]
+    end = now - 600
+    assert invoice["period_end"] == end == invoice["created"]
+    assert invoice["period_start"] < end
+    assert (invoice["status"], invoice["billing_reason"], invoice["auto_advance"]) == (
+        "draft",
+        "subscription_cycle",
+        True,
+    )
+    assert invoice["automatically_finalizes_at"] == end + server.ledger.billing.grace
+    assert "subscription" not in invoice
+    assert invoice["parent"]["type"] == "subscription_details"
+    assert invoice["parent"]["subscription_details"]["subscription"] == first.id
+    [line] = invoice["lines"]["data"]
+    assert "subscription" not in line
+    assert line["parent"]["subscription_item_details"]["subscription"] == first.id
+    assert line["parent"]["subscription_item_details"]["subscription_item"] == first.item_id
+    assert line["pricing"]["price_details"]["price"] == first.price.id
+    assert line["period"] == {"start": invoice["period_start"], "end": end}
+    assert line["quantity"] == 4
+
+
+def test_metered_line_after_ten_other_lines_is_found_through_the_lines_endpoint(subscribed):
+    server, first, _, _ = subscribed
+    first.other_lines = 10
+    [invoice] = _raw(server, "get", "/v1/invoices", subscription=first.id)["data"]
+    embedded = invoice["lines"]["data"]
+    assert len(embedded) == 10
+    assert invoice["lines"]["has_more"] is True
+    assert all(line["pricing"]["price_details"]["price"] != first.price.id for line in embedded)
+    c = client(server)
+    rest = _raw(server, "get", invoice["lines"]["url"], limit=5, starting_after=embedded[-1]["id"])
+    [metered] = rest["data"]
+    assert rest["has_more"] is False
+    assert (metered["pricing"]["price_details"]["price"], metered["quantity"]) == (first.price.id, 4)
+    # The SDK pages through all eleven.
+    assert len(list(c.v1.invoices.line_items.list(invoice["id"], {"limit": 4}).auto_paging_iter())) == 11
+    before = _raw(server, "get", invoice["lines"]["url"], limit=3, ending_before=metered["id"])
+    assert [line["id"] for line in before["data"]] == [line["id"] for line in embedded[7:]]
+    # The preview too, and the model still reads the metered line.
+    preview = _raw(server, "post", "/v1/invoices/create_preview", subscription=first.id)
+    assert preview["id"].startswith("upcoming_in_")
+    assert preview["lines"]["has_more"] is True
+    assert _raw(server, "get", preview["lines"]["url"], starting_after=preview["lines"]["data"][-1]["id"])[
+        "data"
+    ]
+    assert server.ledger.billing.invoice_quantities()[
+        ("cus_a", invoice["period_start"], invoice["period_end"])
+    ] == (
+        4,
+        "draft",
+    )
+
+
+def test_postponed_draft_keeps_taking_usage_until_its_new_time(subscribed):
+    server, first, _, now = subscribed
+    billing = server.ledger.billing
+    end = now - 600
+    billing.postpone(first, end, end + 10 * 3600)
+    _move(server, 2 * 3600)  # past the grace period
+    [invoice] = _raw(server, "get", "/v1/invoices", subscription=first.id)["data"]
+    assert (invoice["status"], invoice["automatically_finalizes_at"]) == ("draft", end + 10 * 3600)
+    assert any(i["id"] == invoice["id"] for i in _raw(server, "get", "/v1/invoices", status="draft")["data"])
+    server.ledger.record(
+        event_name="ai_tokens_used",
+        payload={"stripe_customer_id": "cus_a", "value": "3"},
+        identifier="late",
+        timestamp=end - 60,
+        api="v1",
+    )
+    _move(server, 9 * 3600)
+    [invoice] = _raw(server, "get", "/v1/invoices", subscription=first.id)["data"]
+    assert (invoice["status"], invoice["lines"]["data"][0]["quantity"]) == ("open", 7)
+    assert invoice["status_transitions"]["finalized_at"] == end + 10 * 3600
+
+
+def test_draft_without_auto_advance_waits_for_finalize_and_misses_later_usage(subscribed):
+    server, first, _, now = subscribed
+    billing = server.ledger.billing
+    end = now - 600
+    billing.set_auto_advance(first, end, False)
+    _move(server, 5 * 3600)
+    [invoice] = _raw(server, "get", "/v1/invoices", subscription=first.id)["data"]
+    assert (invoice["status"], invoice["auto_advance"], invoice["automatically_finalizes_at"]) == (
+        "draft",
+        False,
+        None,
+    )
+    billing.finalize(first, end)
+    server.ledger.record(
+        event_name="ai_tokens_used",
+        payload={"stripe_customer_id": "cus_a", "value": "3"},
+        identifier="after-finalize",
+        timestamp=end - 60,
+        api="v1",
+    )
+    [invoice] = _raw(server, "get", "/v1/invoices", subscription=first.id)["data"]
+    assert (invoice["status"], invoice["lines"]["data"][0]["quantity"]) == ("open", 4)
+    with pytest.raises(ValueError, match="not a draft"):
+        billing.finalize(first, end)
+
+
+def test_finalize_early_ends_the_draft_inside_its_grace_period(subscribed):
+    server, first, _, now = subscribed
+    server.ledger.billing.finalize(first, now - 600)
+    [invoice] = _raw(server, "get", "/v1/invoices", subscription=first.id)["data"]
+    assert (invoice["status"], invoice["status_transitions"]["finalized_at"]) == ("open", now)
+    assert invoice["id"] not in {i["id"] for i in _raw(server, "get", "/v1/invoices", status="draft")["data"]}
+
+
+def test_other_kinds_of_drafts_are_listed_newest_first_with_no_metered_line(subscribed):
+    server, first, _, now = subscribed
+    billing = server.ledger.billing
+    manual = billing.add_draft("cus_a", created=now - 100)
+    update = billing.add_draft(
+        "cus_a", billing_reason="subscription_update", subscription=first, created=now - 50
+    )
+    threshold = billing.add_draft(
+        "cus_a", billing_reason="subscription_threshold", subscription=first.id, auto_advance=False
+    )
+    drafts = _raw(server, "get", "/v1/invoices", status="draft", customer="cus_a")["data"]
+    assert [d["id"] for d in drafts] == [threshold, update, manual, f"in_{first.id[4:]}_{now - 600}"]
+    assert [d["created"] for d in drafts] == sorted((d["created"] for d in drafts), reverse=True)
+    by_id = {d["id"]: d for d in drafts}
+    assert by_id[manual]["parent"] is None
+    assert by_id[manual]["billing_reason"] == "manual"
+    assert by_id[update]["parent"]["subscription_details"]["subscription"] == first.id
+    assert by_id[threshold]["automatically_finalizes_at"] is None
+    for draft_id in (manual, update, threshold):
+        [line] = by_id[draft_id]["lines"]["data"]
+        assert line["pricing"]["price_details"]["price"] != first.price.id
+    assert by_id[manual]["automatically_finalizes_at"] == now - 100 + 3600
+    # Listed with the subscription's invoices; the created filter bounds them.
+    assert {i["id"] for i in _raw(server, "get", "/v1/invoices", subscription=first.id)["data"]} == {
+        update,
+        threshold,
+        f"in_{first.id[4:]}_{now - 600}",
+    }
+    window = _raw(server, "get", "/v1/invoices", **{"created[gte]": now - 100, "created[lt]": now})["data"]
+    assert {i["id"] for i in window} == {manual, update}
+
+
+def test_prices_active_filter_and_archived_prices_still_bill(subscribed):
+    server, first, _, _ = subscribed
+    billing = server.ledger.billing
+    other = billing.add_price("ai_tokens_used")
+    billing.archive(first.price)
+    ids = lambda **p: [x["id"] for x in _raw(server, "get", "/v1/prices", **p)["data"]]  # noqa: E731
+    assert set(ids()) == {first.price.id, other.id}
+    assert ids(active="true") == [other.id]
+    assert ids(active="false") == [first.price.id]
+    assert ids(type="one_time") == []
+    _move(server, 40 * DAY)
+    invoices = _raw(server, "get", "/v1/invoices", subscription=first.id)["data"]
+    assert len(invoices) == 2
+    assert invoices[0]["lines"]["data"][0]["pricing"]["price_details"]["price"] == first.price.id
+
+
+def test_subscriptions_are_listed_newest_first(subscribed):
+    server, first, second, _ = subscribed
+    third = server.ledger.billing.subscribe("cus_c", first.price, anchor=first.billing_cycle_anchor)
+    listed = _raw(server, "get", "/v1/subscriptions")["data"]
+    assert [s["id"] for s in listed] == [third.id, second.id, first.id]
+    assert [s["created"] for s in listed] == sorted((s["created"] for s in listed), reverse=True)
+
+
+def test_events_filters_and_thirty_days_kept(subscribed):
+    server, first, second, now = subscribed
+    billing = server.ledger.billing
+    old = billing.subscribe("cus_old", first.price, anchor=now - 45 * DAY, created_at=now - 45 * DAY)
+    server.ledger.billing.cancel(second, now + 5 * DAY)  # an update event, now
+
+    def listed(**params):
+        return [
+            (e["type"], e["data"]["object"]["id"], e["created"])
+            for e in _raw(server, "get", "/v1/events", limit=100, **params)["data"]
+        ]
+
+    every = listed()
+    assert all(created > now - 30 * DAY for _, _, created in every)
+    assert ("customer.subscription.created", old.id, now - 45 * DAY) not in every
+    assert ("customer.subscription.created", first.id, now - 2 * DAY) in every
+    assert [e for e in every if e[0] == "customer.subscription.created"] == listed(
+        type="customer.subscription.created"
+    )
+    assert listed(type="customer.subscription.*") == every
+    assert listed(type="invoice.*") == []
+    assert listed(**{"types[0]": "customer.subscription.updated"}) == [
+        e for e in every if e[0] == "customer.subscription.updated"
+    ]
+    assert listed(**{"created[gte]": now - 2 * DAY, "created[lt]": now - DAY}) == [
+        ("customer.subscription.created", first.id, now - 2 * DAY)
+    ]
+    with pytest.raises(stripe.InvalidRequestError):
+        client(server).raw_request(
+            "get", "/v1/events", **{f"types[{i}]": "customer.subscription.updated" for i in range(21)}
+        )
+
+
+def test_events_render_the_subscription_as_it_was_then(subscribed):
+    server, first, _, now = subscribed
+    billing = server.ledger.billing
+    billing.cancel(first, now + 3 * DAY)
+    events = _raw(server, "get", "/v1/events", limit=100)["data"]
+    by_type = {(e["type"], e["created"]): e for e in events if e["data"]["object"]["id"] == first.id}
+    renewal = by_type[("customer.subscription.updated", now - 600)]
+    created = by_type[("customer.subscription.created", now - 2 * DAY)]
+    update = by_type[("customer.subscription.updated", now)]
+    for event in (renewal, created, update):
+        assert event["api_version"] == "2026-10-28.endive"
+        assert "current_period_start" not in event["data"]["object"]
+    assert renewal["data"]["object"]["cancel_at"] is None  # the cancellation came later
+    assert update["data"]["object"]["cancel_at"] == now + 3 * DAY
+    item = renewal["data"]["object"]["items"]["data"][0]
+    assert item["current_period_start"] == now - 600
+    assert created["data"]["object"]["items"]["data"][0]["current_period_end"] == now - 600
+
+
+def test_events_from_before_a_basil_default_carry_periods_on_the_subscription(subscribed):
+    server, first, _, now = subscribed
+    billing = server.ledger.billing
+    billing.set_account_api_version("2024-09-30.acacia")
+    billing.set_account_api_version("2026-10-28.endive", since=now - DAY)
+    events = {
+        e["created"]: e
+        for e in _raw(server, "get", "/v1/events", limit=100)["data"]
+        if e["data"]["object"]["id"] == first.id
+    }
+    old, new = events[now - 2 * DAY], events[now - 600]
+    assert old["api_version"] == "2024-09-30.acacia"
+    sub = old["data"]["object"]
+    assert sub["current_period_end"] == now - 600
+    assert "current_period_end" not in sub["items"]["data"][0]
+    assert new["api_version"] == "2026-10-28.endive"
+    assert "current_period_end" not in new["data"]["object"]
+    assert "previous_attributes" not in new["data"]
+    assert new["data"]["object"]["items"]["data"][0]["current_period_start"] == now - 600
+    assert billing.account_api_version == "2026-10-28.endive"
+    # On an account still before basil, a renewal says which periods it replaced.
+    billing.set_account_api_version("2024-09-30.acacia")
+    [renewal] = [
+        e
+        for e in _raw(server, "get", "/v1/events", type="customer.subscription.updated")["data"]
+        if e["data"]["object"]["id"] == first.id
+    ]
+    assert renewal["data"]["object"]["current_period_start"] == now - 600
+    assert renewal["data"]["previous_attributes"]["current_period_end"] == now - 600
