@@ -90,7 +90,7 @@ def read_periods(
         plans[name] = (meter_id, ids, state, stale)
     # One listing of the account's changes serves every meter brought up to date from events.
     synced = [state.events_to for _, _, state, stale in plans.values() if state is not None and not stale]
-    customers = StoredPeriods(DraftLocks(stripe.draft_invoices, (p["id"] for p in prices), now))
+    customers = StoredPeriods(DraftLocks(stripe.invoices_created, (p["id"] for p in prices), now))
     with ThreadPoolExecutor(max_workers=2) as pool:
         # The drafts are listed while planning; a key that may not read them fails here, before
         # anything is sent (one request, made while the changes are listed).

@@ -146,9 +146,14 @@ class PeriodBook:
             return DRAFT, period
         return FINAL, period
 
-    def billable(self, event_name: str, customer: str, instant: int) -> tuple[int, int] | None:
+    def billable(
+        self, event_name: str, customer: str, instant: int, *, read_drafts: bool = True
+    ) -> tuple[int, int] | None:
         """The ``open`` or ``draft`` period (start, end) holding ``instant``, if it is in one: what
-        :meth:`state` tells, kept lean for the customer-days of a night (100,000 of them)."""
+        :meth:`state` tells, kept lean for the customer-days of a night (100,000 of them).
+
+        With ``read_drafts`` false, a period that ended answers ``None`` without its draft being
+        read (for a caller that reads it only when it has usage to send there)."""
         customers = self.customers
         if isinstance(customers, StoredPeriods):
             key = (event_name, customer)
@@ -169,7 +174,7 @@ class PeriodBook:
                 lo, hi = period.start, period.end
             if hi > self.now:
                 return lo, hi
-            return self._billable(event_name, customer, instant)
+            return self._billable(event_name, customer, instant) if read_drafts else None
         return self._billable(event_name, customer, instant)
 
     def manual_drafts(self) -> list[tuple[str, int]]:
@@ -229,46 +234,79 @@ class DraftLocks:
     """
 
     def __init__(
-        self, list_drafts: Callable[[int, int | None], list[dict[str, Any]]], prices: Iterable[str], now: int
+        self,
+        list_invoices: Callable[[int, int | None, str | None], Iterable[dict[str, Any]]],
+        prices: Iterable[str],
+        now: int,
     ) -> None:
-        self._list = list_drafts
+        self._list = list_invoices
         self.prices = set(prices)
         self.now = now
         #: Drafts created at or after this instant have been listed (``None``: none yet).
         self.listed_from: int | None = None
+        #: Invoices of any status created at or after this instant have been listed.
+        self.recent_from: int | None = None
         #: (subscription, period end) -> (``automatically_finalizes_at``, finalizes only by hand).
         self.found: dict[tuple[str, int], tuple[int | None, bool]] = {}
-        #: Draft invoices read, and list requests made (for the run's figures).
-        self.drafts_read = 0
+        #: (subscription, period end) of invoices no longer drafts, among the recent ones.
+        self.finalized: set[tuple[str, int]] = set()
+        #: Invoices read (for the run's figures).
+        self.invoices_read = 0
         self._lock = threading.Lock()
 
     def lock(self, subscription: str, end: int) -> tuple[int | None, bool]:
         """When the period of ``subscription`` that ended at ``end`` locks: (instant, by hand).
         ``(None, False)``: it is final (or no invoice carries it)."""
+        key = (subscription, end)
         with self._lock:
             if self.listed_from is None or end < self.listed_from:
                 lo = end - end % 86400
-                self._read(lo, self.listed_from)
+                self._read(lo, self.listed_from, "draft")
                 self.listed_from = lo
-        found = self.found.get((subscription, end))
-        if found is not None:
-            return found
-        if self.now < end + SHORTEST_GRACE:
+            found = self.found.get(key)
+            if found is not None or self.now >= end + SHORTEST_GRACE:
+                return found if found is not None else (None, False)
+            # Ended within the hour with no draft listed: its invoice is not made yet (the usage
+            # goes on it), or it was finalized at once (by hand, or by a webhook handler); the
+            # invoices of any status made since tell which.
+            if self.recent_from is None or end < self.recent_from:
+                self._read(end, self.recent_from, None)
+                self.recent_from = end
+            if key in self.finalized:
+                return None, False
             return end + SHORTEST_GRACE, False
-        return None, False
 
-    def _read(self, lo: int, hi: int | None) -> None:
-        for invoice in self._list(lo, hi):
-            self.drafts_read += 1
-            for subscription, _, end in draft_periods(invoice, self.prices):
-                # A draft with no scheduled finalization (``auto_advance`` off) is open until
-                # someone finalizes it.
-                at = invoice.get("automatically_finalizes_at")
-                self.found[(subscription, end)] = (int(at), False) if at is not None else (None, True)
+    def _read(self, lo: int, hi: int | None, status: str | None) -> None:
+        for invoice in self._list(lo, hi, status):
+            self.invoices_read += 1
+            periods = draft_periods(invoice, self.prices)
+            if invoice.get("status") != "draft":
+                self.finalized.update((subscription, end) for subscription, _, end in periods)
+                continue
+            at = invoice.get("automatically_finalizes_at")
+            # No scheduled finalization: with ``auto_advance`` off the draft is open until someone
+            # finalizes it; with it on, Stripe's automatic finalization is overdue or failed
+            # (``last_finalization_error``) and may happen at any moment: taken as final.
+            lock = (int(at), False) if at is not None else (None, invoice.get("auto_advance") is False)
+            for subscription, _, end in periods:
+                known = self.found.get((subscription, end))
+                # Two drafts carry the period (rare): the one that locks first decides.
+                if known is None or _locks_sooner(lock, known):
+                    self.found[(subscription, end)] = lock
 
     def manual(self) -> list[tuple[str, int]]:
         """The (subscription, period end) of the drafts read that finalize only by hand."""
         return sorted(key for key, (_, manual) in self.found.items() if manual)
+
+
+def _locks_sooner(a: tuple[int | None, bool], b: tuple[int | None, bool]) -> bool:
+    """Whether lock ``a`` comes before lock ``b`` (final first, by hand last)."""
+
+    def rank(lock: tuple[int | None, bool]) -> float:
+        at, manual = lock
+        return float("inf") if manual else float("-inf") if at is None else float(at)
+
+    return rank(a) < rank(b)
 
 
 def invoice_subscription(invoice: Mapping[str, Any]) -> str | None:

@@ -343,7 +343,16 @@ def plan_in_periods(
         # The common case, kept lean (a night plans every customer-day): one part, the day, in
         # an open or draft period: its events are made where they belong at once.
         start = _day_start(aggregate.day)
-        found = periods.billable(aggregate.event_name, aggregate.customer_id, aggregate.timestamp)
+        name, customer, moment = aggregate.event_name, aggregate.customer_id, aggregate.timestamp
+        found = periods.billable(name, customer, moment, read_drafts=False)
+        plan = None
+        if found is None:
+            # Not in an open period: whether a draft still takes it is read (the drafts listed)
+            # only when there is usage to send (a re-run of billed days reads none).
+            plan = plan_day(aggregate, spec, day_figure, now=now, oldest=oldest)
+            if not plan.events:
+                return plan, []
+            found = periods.billable(name, customer, moment)
         if found is not None:
             # The whole day in the period: plan_day's stamps (inside the day) are inside it.
             inside = found[0] <= start and start + SECONDS_PER_DAY <= found[1]
@@ -352,9 +361,7 @@ def plan_in_periods(
                 aggregate, spec, day_figure, now=now, oldest=oldest, within=within, period_end=found[1]
             )
             return plan, []
-        plan = plan_day(aggregate, spec, day_figure, now=now, oldest=oldest)
-        if not plan.events:
-            return plan, []
+        assert plan is not None
         whole = (start, start + SECONDS_PER_DAY)
         placed = _place(plan.events, whole, aggregate, periods, now=now, oldest=oldest, carry=carry)
         if isinstance(placed, Held):

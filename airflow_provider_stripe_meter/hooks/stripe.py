@@ -589,8 +589,19 @@ class StripeHook(BaseHook):
         self, created_from: int | None = None, created_to: int | None = None
     ) -> list[dict[str, Any]]:
         """Every draft invoice of the account created in ``[created_from, created_to)`` (either
-        open-ended), newest first, as plain JSON with **every** line: an invoice embeds only its
-        first lines (``lines.has_more``), the rest are read from ``GET /v1/invoices/{id}/lines``.
+        open-ended), newest first, each with every line (:meth:`invoices_created`).
+
+        .. seealso:: https://docs.stripe.com/api/invoices/list
+        """
+        return list(self.invoices_created(created_from, created_to, "draft"))
+
+    def invoices_created(
+        self, created_from: int | None, created_to: int | None, status: str | None = None
+    ) -> Iterator[dict[str, Any]]:
+        """The invoices created in ``[created_from, created_to)`` (either open-ended) of
+        ``status`` (``None``: any), newest first, a page at a time, as plain JSON with **every**
+        line: an invoice embeds only its first lines (``lines.has_more``); the rest are read from
+        ``GET /v1/invoices/{id}/lines``.
 
         .. seealso:: https://docs.stripe.com/api/invoices/list
         .. seealso:: https://docs.stripe.com/api/invoices/invoice_lines
@@ -600,16 +611,18 @@ class StripeHook(BaseHook):
             created["gte"] = int(created_from)
         if created_to is not None:
             created["lt"] = int(created_to)
-        params: dict[str, Any] = {"status": "draft", **({"created": created} if created else {})}
-        invoices = self._list_json("/v1/invoices", params)
-        for invoice in invoices:
+        params: dict[str, Any] = {
+            **({"status": status} if status else {}),
+            **({"created": created} if created else {}),
+        }
+        for invoice in self._pages("/v1/invoices", params):
             lines = invoice.get("lines") or {}
             if lines.get("has_more") and invoice.get("id"):
                 data = list(lines.get("data") or [])
                 after = str(data[-1]["id"]) if data else None
                 rest = self._list_json(f"/v1/invoices/{invoice['id']}/lines", {}, after=after)
                 invoice["lines"] = {**lines, "data": data + rest, "has_more": False}
-        return invoices
+            yield invoice
 
     def _list_json(
         self, path: str, params: dict[str, Any], *, after: str | None = None
@@ -621,14 +634,19 @@ class StripeHook(BaseHook):
 
         .. seealso:: https://docs.stripe.com/api/pagination
         """
-        out: list[dict[str, Any]] = []
+        return list(self._pages(path, params, after=after))
+
+    def _pages(
+        self, path: str, params: dict[str, Any], *, after: str | None = None
+    ) -> Iterator[dict[str, Any]]:
+        """The objects of a v1 list endpoint, 100 a page, yielded as each page arrives."""
         while True:
             page_params = {**params, "limit": 100, **({"starting_after": after} if after else {})}
             page = self._call(self.client.raw_request, "get", path, **page_params).data
             data = page.get("data") or []
-            out.extend(data)
+            yield from data
             if not page.get("has_more") or not data:
-                return out
+                return
             after = data[-1]["id"]
 
     def invoice_preview(self, subscription: str) -> dict[str, Any] | None:

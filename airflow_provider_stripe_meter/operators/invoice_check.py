@@ -98,7 +98,10 @@ class StripeMeterInvoiceCheckOperator(StripeUsageSourceOperator):
 
         price_ids = periods.prices()
         invoices: dict[tuple[str, int, int], tuple[str, int | None, int | None]] = {}
-        for invoice in self.hook.draft_invoices():
+        # A period's draft is made at its end or later: drafts older than the source's first
+        # period end are not listed.
+        first_end = min((key[2] for key in source), default=None)
+        for invoice in self.hook.draft_invoices(first_end - first_end % 86400 if first_end else None):
             # Each draft by the service period of its metered lines (every line read, however many);
             # a draft of another kind has none and is passed over.
             locks = invoice.get("automatically_finalizes_at")

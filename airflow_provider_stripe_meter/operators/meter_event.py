@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
+from airflow_provider_stripe_meter.exceptions import StripeConfigurationError
 from airflow_provider_stripe_meter.metrics import MeterMetrics
 from airflow_provider_stripe_meter.operators.base import (
     StripeBaseOperator,
@@ -137,7 +138,16 @@ class StripeMeterEventOperator(StripeBaseOperator):
         note = self._formula_note(event.event_name)
         if note:
             self.log.warning("Meter event %r: %s", event.event_name, note)
-        if not self.hook.customer_exists(event.customer_id):
+        try:
+            known = self.hook.customer_exists(event.customer_id)
+        except StripeConfigurationError as err:
+            # A key restricted to meter events: say which permission the check needs.
+            raise StripeConfigurationError(
+                f"Checking that Stripe knows customer {event.customer_id!r} before sending needs the key "
+                f"to read Customers (a restricted key's Customers: Read permission). {err}",
+                err.details,
+            ) from err
+        if not known:
             # Stripe would answer 200 and drop the event later (reported only in the meter's error
             # reports): nothing is sent, and the task says so; a retry once the customer exists sends it.
             details = {

@@ -252,3 +252,88 @@ def test_stored_rows_whose_driver_returns_decimals_are_read_as_ints():
     [entry] = stored.raw[("tokens", "cus_a")]
     assert [type(v) for v in entry[3:7]] == [int, type(None), int, int]
     assert PeriodBook(stored, ["tokens"], now=NOW).billable("tokens", "cus_a", B + 60) == (B, nxt)
+
+
+def _draft(sub: str, end: int, *, at: int | None, auto: bool = True, status: str = "draft", price="price_1"):
+    """An invoice as Stripe lists it (2026-10-28.endive): its subscription under ``parent``, the
+    metered line's service period under ``period``."""
+    return {
+        "id": f"in_{sub}_{end}",
+        "status": status,
+        "auto_advance": auto,
+        "automatically_finalizes_at": at,
+        "parent": {"type": "subscription_details", "subscription_details": {"subscription": sub}},
+        "lines": {
+            "data": [
+                {
+                    "id": f"il_{sub}_{end}",
+                    "period": {"start": end - 30 * 86400, "end": end},
+                    "pricing": {"type": "price_details", "price_details": {"price": price}},
+                    "parent": {"subscription_item_details": {"subscription": sub}},
+                    "quantity": 1,
+                }
+            ],
+            "has_more": False,
+        },
+    }
+
+
+class _Invoices:
+    """What ``GET /v1/invoices`` would list, and the listings asked for (created range, status)."""
+
+    def __init__(self, invoices):
+        self.invoices, self.asked = invoices, []
+
+    def __call__(self, lo, hi, status):
+        self.asked.append((lo, hi, status))
+        return [i for i in self.invoices if status is None or i["status"] == status]
+
+
+def test_each_period_locks_as_its_own_draft_says():
+    from airflow_provider_stripe_meter.billing.periods import DraftLocks
+
+    end = B
+    now = end + 5 * 3600
+    listed = _Invoices(
+        [
+            _draft("sub_default", end, at=end + 24 * 3600),
+            _draft("sub_postponed", end, at=end + 60 * 3600),
+            _draft("sub_hand", end, at=None, auto=False),
+            # Automatic finalization overdue or failed: it may lock at any moment.
+            _draft("sub_overdue", end, at=None, auto=True),
+            # Another kind of draft for the same subscription, locking sooner, on another price.
+            _draft("sub_default", end, at=end + 3600, price="price_licensed"),
+            # Two drafts carry one period: the first to lock decides.
+            _draft("sub_twice", end, at=end + 30 * 3600),
+            _draft("sub_twice", end, at=end + 20 * 3600),
+        ]
+    )
+    locks = DraftLocks(listed, ["price_1"], now)
+    assert locks.lock("sub_default", end) == (end + 24 * 3600, False)
+    assert locks.lock("sub_postponed", end) == (end + 60 * 3600, False)
+    assert locks.lock("sub_hand", end) == (None, True)
+    assert locks.lock("sub_overdue", end) == (None, False)
+    assert locks.lock("sub_twice", end) == (end + 20 * 3600, False)
+    # Finalized (early or on time) or never drafted: final.
+    assert locks.lock("sub_gone", end) == (None, False)
+    assert locks.manual() == [("sub_hand", end)]
+    # Drafts were listed once, from the start of the period end's UTC day.
+    assert listed.asked == [(end - end % 86400, None, "draft")]
+
+    # An older period asked later lists only what is older than what was listed.
+    older = end - 3 * 86400
+    locks.lock("sub_default", older)
+    assert listed.asked[1:] == [(older - older % 86400, end - end % 86400, "draft")]
+
+
+def test_a_period_that_ended_within_the_hour_is_open_unless_its_invoice_was_finalized_at_once():
+    from airflow_provider_stripe_meter.billing.periods import SHORTEST_GRACE, DraftLocks
+
+    end = B
+    listed = _Invoices([_draft("sub_fast", end, at=None, auto=False, status="open")])
+    locks = DraftLocks(listed, ["price_1"], end + 20 * 60)
+    # No draft listed yet: Stripe makes it at the end or later, and finalizes it an hour after.
+    assert locks.lock("sub_slow", end) == (end + SHORTEST_GRACE, False)
+    # Finalized at once (a webhook handler, or by hand): final, from the invoices of any status.
+    assert locks.lock("sub_fast", end) == (None, False)
+    assert [status for _, _, status in listed.asked] == ["draft", None]

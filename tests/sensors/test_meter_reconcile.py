@@ -158,10 +158,10 @@ def test_a_deferred_sensor_waits_in_the_triggerer_and_reports_what_reschedule_mo
 
     assert task_states(deferred) == {"reconcile": "success"}
     report = _report_without_timing(deferred)
-    # The same report either way; only the ledger moved in between: the first audit marked the
-    # unknown customer's events dropped (9 in the ledger, then 0).
+    # The same report either way: the unknown customer's usage was held by the batch (nothing of it
+    # in the ledger), and both audits name it.
     ghost = [lines_by_key(r)[("cus_ghost", day(-1))] for r in (xcoms(rescheduled, "reconcile"), report)]
-    assert [(g["ledger"], g["cause"]) for g in ghost] == [(9, "customer_unknown"), (0, "customer_unknown")]
+    assert [(g["ledger"], g["cause"]) for g in ghost] == [(0, "customer_unknown"), (0, "customer_unknown")]
 
     def without_ledger(r):
         return {**r, "lines": [{k: v for k, v in line.items() if k != "ledger"} for line in r["lines"]]}
@@ -306,27 +306,28 @@ def test_usage_billed_late_onto_a_day_is_expected_there_not_reported_over(
     assert lines_by_key(report)[("cus_1", day(-35))]["expected"] == 101 + 11
 
 
-def test_an_unknown_customers_events_are_marked_dropped_and_billed_once_it_exists(
+def test_an_unknown_customers_usage_is_held_reported_by_the_audit_and_billed_once_it_exists(
     secret_server, usage_db, fast_clock
 ):
-    # The CRM sync trails Stripe: the nightly run bills a customer Stripe does not know yet, and
-    # Stripe takes the events and drops them. The audit finds them; the next run bills them.
+    # The CRM sync trails Stripe: the nightly run has usage of a customer Stripe does not know yet.
+    # Stripe would take its events and drop them, so the run holds them (customer_unknown); the
+    # audit names the customer; the next run once it exists bills them.
     secret_server.ledger.customers = {"cus_a"}
     add_rows(usage_db, [("cus_a", 5, at(-1, 10)), ("cus_new", 9, at(-1, 30)), ("cus_new", 4, at(-1, 90))])
     first = xcoms(run_dag("t_bill_day", run_conf={"day": day(-1)}), "bill")
-    assert first["sent"] == 2  # Stripe answered 200 for both
+    assert (first["sent"], first["customer_unknown"], first["success"]) == (1, 1, False)
+    assert secret_server.ledger.totals() == {"cus_a": 5}  # nothing of cus_new reached Stripe
 
     audit = xcoms(run_dag("t_reconcile_rescheduled", run_conf={"days": 3}), "reconcile")
     assert audit["counts"]["customer_unknown"] == 1
     unknown = lines_by_key(audit)[("cus_new", day(-1))]
-    assert (unknown["ledger"], unknown["cause"]) == (13, "customer_unknown")
-    # Stripe's own error report is the evidence: one dropped event, naming the customer.
-    assert audit["stripe_errors"]["codes"] == {"meter_event_customer_not_found": 1}
-    assert unknown["stripe_error"] == "meter_event_customer_not_found"
-    assert "stripe_error" not in lines_by_key(audit)[("cus_a", day(-1))]
+    assert (unknown["ledger"], unknown["cause"]) == (0, "customer_unknown")
+    # Nothing was dropped: Stripe's error reports hold nothing of it.
+    assert not (audit["stripe_errors"] or {}).get("codes")
+    assert "stripe_error" not in unknown
     with sqlite3.connect(usage_db) as con:
         states = dict(con.execute("SELECT customer_id, state FROM stripe_meter_ledger"))
-    assert states == {"cus_a": "accepted", "cus_new": "dropped"}
+    assert states == {"cus_a": "accepted"}
 
     secret_server.ledger.customers.add("cus_new")  # the CRM sync caught up
     again = xcoms(run_dag("t_bill_day", run_conf={"day": day(-1)}), "bill")
