@@ -185,9 +185,9 @@ class BillingRun:
         Stripe answers 200 to a meter event for a customer it does not know and drops it later,
         reported only in the meter's error reports: a CRM that creates customers after the
         nightly run would be under-billed without a word. A customer Stripe has shown to exist
-        is in the known-customers table; the rest are asked about: a few one by one
-        (``GET /v1/customers/{id}``), more by listing every customer once. Customers with a
-        subscription on a metered price exist. Those found are written to the table (not on a
+        is in the known-customers table; the rest are asked about one by one
+        (``GET /v1/customers/{id}``) or by listing every customer once, whichever asks less.
+        Customers with a subscription on a metered price exist. Those found are written to the table (not on a
         dry run), so a night of known customers asks Stripe nothing.
 
         .. seealso:: https://docs.stripe.com/api/customers/retrieve
@@ -203,7 +203,10 @@ class BillingRun:
         unknown: set[str] = set()
         if unchecked:
             read_rps = self.settings.read_rps
-            if len(unchecked) <= CUSTOMER_LOOKUPS:
+            # One request per customer, or the whole list at 100 a page (at least as many pages as
+            # the source has customers): whichever asks less. A business that signs up a few
+            # hundred customers a night among 100,000 asks about those alone.
+            if len(unchecked) <= max(CUSTOMER_LOOKUPS, len(customers) // 100):
                 found |= self.stripe.customers_known(sorted(unchecked), max_rps=read_rps)
                 self.book.customer_requests += len(unchecked)
             else:

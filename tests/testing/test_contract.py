@@ -26,6 +26,7 @@ import stripe
 from stripe._list_object import ListObject
 from stripe._stripe_object import StripeObject, UntypedStripeObject
 from stripe.billing import Meter, MeterEvent, MeterEventAdjustment, MeterEventSummary
+from stripe.params._price_list_params import PriceListParamsRecurring
 from stripe.params.v2.core._event_list_params import EventListParams as V2EventListParams
 
 from airflow_provider_stripe_meter.testing import DEFAULT_API_KEY, LocalStripeServer
@@ -235,6 +236,7 @@ READS: dict[Any, list[str]] = {
         "parent.subscription_details.subscription",
         "lines.data",
         "lines.has_more",
+        "lines.url",
     ],
     stripe.InvoiceLineItem: [
         "id",
@@ -293,7 +295,9 @@ SENDS: dict[Any, list[str]] = {
     stripe.params.InvoiceListParams: ["status", "created", "limit", "starting_after"],
     stripe.params.InvoiceListLinesParams: ["limit", "starting_after"],
     stripe.params.InvoiceCreatePreviewParams: ["customer", "subscription"],
-    stripe.params.PriceListParams: ["type", "limit", "starting_after"],
+    # No ``active``: archived prices keep billing the subscriptions already on them.
+    stripe.params.PriceListParams: ["type", "recurring", "limit", "starting_after"],
+    PriceListParamsRecurring: ["usage_type"],
     stripe.params.EventListParams: ["types", "created", "limit", "starting_after"],
     # current_period_end (a filter) still exists at 2026-10-28.endive.
     stripe.params.SubscriptionListParams: [
@@ -303,7 +307,7 @@ SENDS: dict[Any, list[str]] = {
         "limit",
         "starting_after",
     ],
-    stripe.params.CustomerListParams: ["created", "limit", "starting_after"],
+    stripe.params.CustomerListParams: ["limit", "starting_after"],
     stripe.params.billing.MeterEventCreateParams: ["event_name", "payload", "identifier", "timestamp"],
     stripe.params.billing.MeterEventAdjustmentCreateParams: ["event_name", "type", "cancel"],
     stripe.params.billing.MeterListParams: ["limit", "status"],
