@@ -113,7 +113,11 @@ class RunBook:
         out: dict[str, Any] = {
             "meters_in_periods": sorted(m for m in meters if periods is not None and periods.covers(m)),
             # What reading the periods took: seconds, subscriptions listed, changes read, kept.
-            "read": {"seconds": periods.read_seconds, **periods.read_figures}
+            "read": {
+                "seconds": periods.read_seconds,
+                **periods.read_figures,
+                "invoices": periods.invoices_read(),
+            }
             if periods is not None
             else None,
             "carried": {"events": len(carried), "value": sum(e.value for e in carried)},

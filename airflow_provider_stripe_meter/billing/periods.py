@@ -26,6 +26,7 @@ import bisect
 import calendar
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from itertools import pairwise
@@ -177,6 +178,13 @@ class PeriodBook:
             return self._billable(event_name, customer, instant) if read_drafts else None
         return self._billable(event_name, customer, instant)
 
+    def invoices_read(self) -> int:
+        """How many invoices the run read to learn when its periods lock (drafts, and the
+        invoices of the last hour where a period ended then)."""
+        if isinstance(self.customers, StoredPeriods) and self.customers.locks is not None:
+            return self.customers.locks.invoices_read
+        return 0
+
     def manual_drafts(self) -> list[tuple[str, int]]:
         """The (subscription, period end) of every draft the run found that finalizes only by hand."""
         if isinstance(self.customers, StoredPeriods) and self.customers.locks is not None:
@@ -205,6 +213,8 @@ class PeriodBook:
         return period if period is not None and period.end > self.now else None
 
 
+#: Time ranges of one invoice listing read at once.
+RANGES = 4
 #: Stripe's shortest finalization grace period: a period that ended less long ago has not been
 #: finalized automatically on any account, even if its draft is not listed yet.
 SHORTEST_GRACE = 3600
@@ -260,7 +270,9 @@ class DraftLocks:
         key = (subscription, end)
         with self._lock:
             if self.listed_from is None or end < self.listed_from:
-                lo = end - end % 86400
+                # From the period end's UTC day, and at least from yesterday's start: a night
+                # (or an hourly run over yesterday and today) lists once what it will ask about.
+                lo = min(end - end % 86400, self.now - self.now % 86400 - 86400)
                 self._read(lo, self.listed_from, "draft")
                 self.listed_from = lo
             found = self.found.get(key)
@@ -277,7 +289,22 @@ class DraftLocks:
             return end + SHORTEST_GRACE, False
 
     def _read(self, lo: int, hi: int | None, status: str | None) -> None:
-        for invoice in self._list(lo, hi, status):
+        """Read the invoices created in ``[lo, hi)``: a night's thousands of drafts are tens of
+        pages, each waiting on the one before, so the range is listed in :data:`RANGES` slices
+        at once."""
+        top = hi if hi is not None else self.now + 1
+        cuts = sorted({lo + (top - lo) * k // RANGES for k in range(1, RANGES)} - {lo, top})
+        slices: list[tuple[int, int | None]] = [*pairwise([lo, *cuts]), ((cuts or [lo])[-1], hi)]
+        if len(slices) == 1:
+            self._note(self._list(lo, hi, status))
+            return
+        with ThreadPoolExecutor(max_workers=len(slices)) as pool:
+            listed = [pool.submit(lambda a, b: list(self._list(a, b, status)), a, b) for a, b in slices]
+            for future in listed:
+                self._note(future.result())
+
+    def _note(self, invoices: Iterable[dict[str, Any]]) -> None:
+        for invoice in invoices:
             self.invoices_read += 1
             periods = draft_periods(invoice, self.prices)
             if invoice.get("status") != "draft":

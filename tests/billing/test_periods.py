@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from datetime import date, datetime, timezone
 
 from airflow_provider_stripe_meter.billing.meters import meter_spec
@@ -317,13 +318,26 @@ def test_each_period_locks_as_its_own_draft_says():
     # Finalized (early or on time) or never drafted: final.
     assert locks.lock("sub_gone", end) == (None, False)
     assert locks.manual() == [("sub_hand", end)]
-    # Drafts were listed once, from the start of the period end's UTC day.
-    assert listed.asked == [(end - end % 86400, None, "draft")]
+    # Drafts were listed once, in four time ranges read at once, from the start of yesterday (a
+    # night asks about yesterday's periods and today's) or of the period end's day if earlier.
+    yesterday = now - now % 86400 - 86400
+    first = min(end - end % 86400, yesterday)
+    assert _covered(listed.asked) == (first, None)
+    assert len(listed.asked) == 4
+    assert {status for *_, status in listed.asked} == {"draft"}
 
     # An older period asked later lists only what is older than what was listed.
     older = end - 3 * 86400
     locks.lock("sub_default", older)
-    assert listed.asked[1:] == [(older - older % 86400, end - end % 86400, "draft")]
+    assert _covered(listed.asked[4:]) == (older - older % 86400, first)
+
+
+def _covered(asked):
+    """The one range [lo, hi) that contiguous listings cover."""
+    ranges = sorted((lo, hi) for lo, hi, _ in asked)
+    for (_, hi), (lo, _) in itertools.pairwise(ranges):
+        assert hi == lo
+    return ranges[0][0], ranges[-1][1]
 
 
 def test_a_period_that_ended_within_the_hour_is_open_unless_its_invoice_was_finalized_at_once():
@@ -336,4 +350,4 @@ def test_a_period_that_ended_within_the_hour_is_open_unless_its_invoice_was_fina
     assert locks.lock("sub_slow", end) == (end + SHORTEST_GRACE, False)
     # Finalized at once (a webhook handler, or by hand): final, from the invoices of any status.
     assert locks.lock("sub_fast", end) == (None, False)
-    assert [status for _, _, status in listed.asked] == ["draft", None]
+    assert [status for _, _, status in listed.asked] == ["draft"] * 4 + [None] * 4
