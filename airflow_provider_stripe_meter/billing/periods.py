@@ -178,6 +178,24 @@ class PeriodBook:
             return self._billable(event_name, customer, instant) if read_drafts else None
         return self._billable(event_name, customer, instant)
 
+    def ended_end(self, event_name: str, customer: str, instant: int) -> int | None:
+        """The end of the period holding ``instant`` if that period has ended (then its draft
+        decides whether usage still goes on it), without reading any draft; ``None`` otherwise."""
+        if self.billable(event_name, customer, instant, read_drafts=False) is not None:
+            return None  # open (most customer-days: answered from the current period)
+        if isinstance(self.customers, StoredPeriods):
+            period = self.customers.period_at((event_name, customer), instant)[0]
+        else:
+            found = self.customers.get((event_name, customer))
+            period = found.at(instant) if found is not None else None
+        return period.end if period is not None and period.end <= self.now else None
+
+    def prefetch_drafts(self, end: int) -> bool:
+        """Start listing, in the background, the drafts that say when periods ending at ``end``
+        or later lock; ``False`` when they are listed already (or no draft is ever read)."""
+        locks = self.customers.locks if isinstance(self.customers, StoredPeriods) else None
+        return locks.prefetch(end) if locks is not None else False
+
     def invoices_read(self) -> int:
         """How many invoices the run read to learn when its periods lock (drafts, and the
         invoices of the last hour where a period ended then)."""
@@ -263,18 +281,55 @@ class DraftLocks:
         #: Invoices read (for the run's figures).
         self.invoices_read = 0
         self._lock = threading.Lock()
+        #: The listing started ahead (:meth:`prefetch`), and what it raised.
+        self._prefetch: threading.Thread | None = None
+        self._failed: Exception | None = None
+
+    def prefetch(self, end: int) -> bool:
+        """List the drafts :meth:`lock` needs for periods ending at ``end`` or later on a thread
+        of its own (a run plans other days meanwhile); ``False`` if they are listed already.
+        (A listing already under way is waited for by the next :meth:`lock`.)"""
+        # Not under the listing's lock: asked for every day planned while the listing runs.
+        if self._prefetch is not None:
+            return True
+        if self._covered(end):
+            return False
+        self._prefetch = threading.Thread(target=self._cover, args=(end,), daemon=True)
+        self._prefetch.start()
+        return True
+
+    def _covered(self, end: int) -> bool:
+        return self.listed_from is not None and end >= self.listed_from
+
+    def _cover(self, end: int) -> None:
+        with self._lock:
+            if self._covered(end):
+                return
+            # From the period end's UTC day, and at least from yesterday's start: a night (or an
+            # hourly run over yesterday and today) lists once what it will ask about.
+            lo = min(end - end % 86400, self.now - self.now % 86400 - 86400)
+            try:
+                self._read(lo, self.listed_from, "draft")
+            except Exception as err:  # raised by the next lock(), on the run's thread
+                self._failed = err
+                return
+            self.listed_from = lo
 
     def lock(self, subscription: str, end: int) -> tuple[int | None, bool]:
         """When the period of ``subscription`` that ended at ``end`` locks: (instant, by hand).
         ``(None, False)``: it is final (or no invoice carries it)."""
         key = (subscription, end)
+        if self._prefetch is not None:  # the run's own thread: the only one that plans
+            self._prefetch.join()
+            self._prefetch = None
+        if self._failed is not None:
+            failed, self._failed = self._failed, None
+            raise failed
+        self._cover(end)
+        if self._failed is not None:
+            failed, self._failed = self._failed, None
+            raise failed
         with self._lock:
-            if self.listed_from is None or end < self.listed_from:
-                # From the period end's UTC day, and at least from yesterday's start: a night
-                # (or an hourly run over yesterday and today) lists once what it will ask about.
-                lo = min(end - end % 86400, self.now - self.now % 86400 - 86400)
-                self._read(lo, self.listed_from, "draft")
-                self.listed_from = lo
             found = self.found.get(key)
             if found is not None or self.now >= end + SHORTEST_GRACE:
                 return found if found is not None else (None, False)

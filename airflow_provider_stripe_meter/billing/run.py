@@ -61,14 +61,16 @@ from airflow_provider_stripe_meter.ledger.entries import (
 )
 from airflow_provider_stripe_meter.utils import clock
 from airflow_provider_stripe_meter.utils.aggregation import DailyAggregate
-from airflow_provider_stripe_meter.utils.errors import Duplicate, Rejected
+from airflow_provider_stripe_meter.utils.errors import Duplicate, Refused, Rejected
 
 if TYPE_CHECKING:
+    from airflow_provider_stripe_meter.billing.meters import MeterSpec
     from airflow_provider_stripe_meter.billing.periods import PeriodBook
     from airflow_provider_stripe_meter.billing.plans import Held, Key, PlannedEvent
     from airflow_provider_stripe_meter.billing.ports import CustomerStore, LedgerStore, Log, StripeMeters
     from airflow_provider_stripe_meter.billing.settings import RunSettings
     from airflow_provider_stripe_meter.billing.settling import Change
+    from airflow_provider_stripe_meter.ledger.entries import DayFigure
 
 #: Events a run may plan for count meters (one event per row) before it refuses to start.
 MAX_COUNT_EVENTS = 1_000_000
@@ -206,18 +208,27 @@ class BillingRun:
             # One request per customer, or the whole list at 100 a page (at least as many pages as
             # the source has customers): whichever asks less. A business that signs up a few
             # hundred customers a night among 100,000 asks about those alone.
-            if len(unchecked) <= max(CUSTOMER_LOOKUPS, len(customers) // 100):
-                found |= self.stripe.customers_known(sorted(unchecked), max_rps=read_rps)
-                self.book.customer_requests += len(unchecked)
-            else:
-                listed = self.stripe.customer_ids()
-                self.book.customer_requests += max(1, -(-len(listed) // 100))  # 100 a page
-                found |= unchecked & listed
-                missing = sorted(unchecked - listed)
-                again = missing[:CUSTOMER_RECHECKS]
-                if again:
-                    found |= self.stripe.customers_known(again, max_rps=read_rps)
-                    self.book.customer_requests += len(again)
+            try:
+                if len(unchecked) <= max(CUSTOMER_LOOKUPS, len(customers) // 100):
+                    found |= self.stripe.customers_known(sorted(unchecked), max_rps=read_rps)
+                    self.book.customer_requests += len(unchecked)
+                else:
+                    listed = self.stripe.customer_ids()
+                    self.book.customer_requests += max(1, -(-len(listed) // 100))  # 100 a page
+                    found |= unchecked & listed
+                    missing = sorted(unchecked - listed)
+                    again = missing[:CUSTOMER_RECHECKS]
+                    if again:
+                        found |= self.stripe.customers_known(again, max_rps=read_rps)
+                        self.book.customer_requests += len(again)
+            except Refused as err:
+                # A key restricted to meter events: name the permission the check needs; nothing
+                # has been sent yet (docs/permissions.md).
+                raise type(err)(
+                    "Checking that Stripe knows the source's customers before sending needs the key to "
+                    f"read Customers (a restricted key's Customers: Read permission). {err}",
+                    err.details,
+                ) from err
             unknown = unchecked - found
         if found and not self.settings.dry_run:
             self.customers.add(self.account, found, int(clock.now()))
@@ -351,7 +362,15 @@ class BillingRun:
                     max(k[2] for k in split),
                 ):
                     by_day[(entry.customer_id, entry.day)].append(entry)
-            for key in keys:
+
+            def one(
+                key: Key,
+                spec: MeterSpec = spec,
+                figures: dict[tuple[str, date], DayFigure] = figures,
+                in_periods: bool = in_periods,
+                by_day: dict[tuple[str, date], list[Entry]] = by_day,
+            ) -> tuple[Key, list[PlannedEvent], bool]:
+                """Plan one customer-day, keep it in the book, and say what it sends."""
                 aggregate = aggregates[key]
                 figure = figures.get((key[1], key[2]))
                 if key[1] in self.unknown:
@@ -362,8 +381,7 @@ class BillingRun:
                         book.hold(unknown, plan)
                         day = CustomerDay(aggregate, plan, DayOutcome.CUSTOMER_UNKNOWN, held=True)
                         (book.late if key[2] < oldest_day else book.days)[key] = day
-                        yield key, plan.events, key[2] < oldest_day
-                        continue
+                        return key, plan.events, key[2] < oldest_day
                     held: list[Held] = []
                 elif in_periods and key[2] >= oldest_day:
                     assert periods is not None
@@ -392,7 +410,27 @@ class BillingRun:
                 # Usage of a day older than Stripe's window is billed late (counted apart).
                 late = key[2] < oldest_day
                 (book.late if late else book.days)[key] = day
-                yield key, plan.events, late
+                return key, plan.events, late
+
+            # A day whose usage lands in a period that ended waits on that period's draft: the
+            # drafts are listed in the background while the other days are planned and sent,
+            # and those days are planned last.
+            deferred: list[Key] = []
+            for key in keys:
+                if (
+                    in_periods
+                    and periods is not None
+                    and key[1] not in self.unknown
+                    and key[2] >= oldest_day
+                    and _waits_on_drafts(
+                        aggregates[key], spec, figures.get((key[1], key[2])), periods, oldest
+                    )
+                ):
+                    deferred.append(key)
+                    continue
+                yield one(key)
+            for key in deferred:
+                yield one(key)
 
     # -- delivery --------------------------------------------------------------------------------
 
@@ -667,6 +705,26 @@ class BillingRun:
                     },
                 )
             self.ledger.resolve(self.account, changes)
+
+
+def _waits_on_drafts(
+    aggregate: DailyAggregate,
+    spec: MeterSpec,
+    figure: DayFigure | None,
+    periods: PeriodBook,
+    oldest: int,
+) -> bool:
+    """Whether planning the day would wait on drafts not listed yet: some of its usage lies in a
+    period that ended, and the day has something to send (then their listing is started)."""
+    instants = [part.timestamp for part in aggregate.parts] if aggregate.parts else [aggregate.timestamp]
+    ends = [
+        end
+        for end in (periods.ended_end(aggregate.event_name, aggregate.customer_id, t) for t in instants)
+        if end is not None
+    ]
+    if not ends or not plan_day(aggregate, spec, figure, now=periods.now, oldest=oldest).events:
+        return False
+    return periods.prefetch_drafts(min(ends))
 
 
 def _merge(aggregates: list[DailyAggregate]) -> dict[Key, DailyAggregate]:

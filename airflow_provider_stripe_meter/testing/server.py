@@ -26,7 +26,7 @@ import socket
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -44,6 +44,8 @@ from airflow_provider_stripe_meter.testing.ledger import (
 from airflow_provider_stripe_meter.utils.rules import rfc3339
 
 DEFAULT_API_KEY = "sk_test_local_meter_server"
+#: The account a key belongs to, as a permission error names it (connected accounts have their own).
+PLATFORM_ACCOUNT = "acct_1LocalPlatform"
 _DAY = 86400
 
 
@@ -97,6 +99,11 @@ class LocalStripeServer:
         do with the ``Stripe-Account`` header. Each has meters, customers, events, sessions and
         idempotency keys of its own (:meth:`account` gives its ledger; :meth:`add_account` adds
         one); an account not listed is answered 403 ``account_invalid``, as Stripe does.
+    :param restricted_keys: Restricted keys accepted (``rk_...``), each with the permissions it
+        was granted, named as Stripe's errors name them (``rak_invoice_read``,
+        ``rak_billing_meter_event_write``: :data:`ROUTE_PERMISSIONS`). A write permission
+        includes the read one, as on the Dashboard. A request that needs another permission is
+        answered 403 naming it, as Stripe does (https://docs.stripe.com/keys/restricted-api-keys).
     """
 
     def __init__(
@@ -115,6 +122,7 @@ class LocalStripeServer:
         summary_lag: float = 0.0,
         clock: Callable[[], float] | None = None,
         accounts: Iterable[str] = (),
+        restricted_keys: Mapping[str, Iterable[str]] | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
     ) -> None:
@@ -152,6 +160,10 @@ class LocalStripeServer:
         #: Outages that began (knob: :meth:`outage`).
         self.outages_started = 0
         self._lock = threading.Lock()
+        #: Restricted keys and the permissions each was granted (a key may be added while running).
+        self.restricted_keys: dict[str, frozenset[str]] = {}
+        for key, granted in (restricted_keys or {}).items():
+            self.restrict(key, granted)
         self._in_flight: set[tuple[str, str]] = set()
         self._idempotency: dict[str, tuple[str, int, dict[str, Any]]] = {}
         self._buckets: dict[str, _TokenBucket] = {}
@@ -235,6 +247,17 @@ class LocalStripeServer:
         with self._lock:
             self.accounts[account] = ledger
         return ledger
+
+    def restrict(self, api_key: str, permissions: Iterable[str]) -> None:
+        """Accept ``api_key`` as a restricted key granted ``permissions`` (``rak_..._read|write``)."""
+        granted = frozenset(permissions)
+        unknown = sorted(granted - _KNOWN_PERMISSIONS)
+        if unknown:
+            raise ValueError(
+                f"restricted key permissions must be among {sorted(_KNOWN_PERMISSIONS)}, got {unknown}"
+            )
+        with self._lock:
+            self.restricted_keys[api_key] = granted
 
     def account(self, account: str | None) -> MeterLedger:
         """The ledger of ``account`` (``None``: the platform's own)."""
@@ -373,6 +396,7 @@ _ROUTES: list[tuple[str, re.Pattern[str], str, str]] = [
     # Billing: metered prices, subscriptions (their items' periods), invoices and previews.
     ("GET", re.compile(r"/v1/prices"), "", "v1_prices"),
     ("GET", re.compile(r"/v1/subscriptions"), "", "v1_subscriptions"),
+    ("GET", re.compile(r"/v1/subscriptions/(?P<id>[^/]+)"), "", "v1_subscription"),
     ("GET", re.compile(r"/v1/invoices"), "", "v1_invoices"),
     ("GET", re.compile(r"/v1/events"), "", "v1_events"),
     ("POST", re.compile(r"/v1/invoices/create_preview"), "", "v1_invoice_preview"),
@@ -386,6 +410,51 @@ _ROUTES: list[tuple[str, re.Pattern[str], str, str]] = [
     ("GET", re.compile(r"/_local/summary"), "", "local_summary"),
     ("POST", re.compile(r"/_local/clock"), "", "local_clock"),
 ]
+
+#: The permission a restricted key needs for each route, by route name, as Stripe's 403 names it
+#: (the Dashboard's restricted-key page sets the same ones: "Invoices: Read" is ``rak_invoice_read``,
+#: "Prices" keeps the API's old name, ``rak_plan_read``). ``None``: no permission of the key (the v2
+#: stream authenticates with a session's token; ``_local`` routes are this server's own).
+#: docs/permissions.md lists them per feature; tests/test_permissions.py checks both agree.
+ROUTE_PERMISSIONS: dict[str, str | None] = {
+    "v1_meter_event": "rak_billing_meter_event_write",
+    "v1_adjust": "rak_billing_meter_event_adjustment_write",
+    "v1_list_meters": "rak_billing_meter_read",
+    "v1_create_meter": "rak_billing_meter_write",
+    "v1_get_meter": "rak_billing_meter_read",
+    "v1_summaries": "rak_billing_meter_read",
+    "v2_session": "rak_billing_meter_event_write",
+    "v2_stream": None,
+    "v2_meter_event": "rak_billing_meter_event_write",
+    "v2_adjust": "rak_billing_meter_event_adjustment_write",
+    "v2_events": "rak_event_read",
+    "v1_prices": "rak_plan_read",
+    "v1_subscriptions": "rak_subscription_read",
+    "v1_subscription": "rak_subscription_read",
+    "v1_invoices": "rak_invoice_read",
+    "v1_events": "rak_event_read",
+    "v1_invoice_preview": "rak_invoice_write",
+    "v1_invoice_lines": "rak_invoice_read",
+    "v1_invoice": "rak_invoice_read",
+    "v1_subscription_items": "rak_subscription_read",
+    "v1_customers": "rak_customer_read",
+    "v1_customer": "rak_customer_read",
+    "local_summary": None,
+    "local_clock": None,
+}
+_KNOWN_PERMISSIONS = frozenset(
+    name
+    for permission in ROUTE_PERMISSIONS.values()
+    if permission
+    for name in (permission, permission.removesuffix("_write") + "_read")
+)
+
+
+def _grants(granted: frozenset[str], needed: str) -> bool:
+    """Whether a restricted key granted ``granted`` may do what ``needed`` allows (Write includes Read)."""
+    return needed in granted or (
+        needed.endswith("_read") and needed.removesuffix("_read") + "_write" in granted
+    )
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -484,6 +553,7 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             self._authenticate(name)
             self._choose_account(name)
+            self._authorize(name)
         except StripeApiError as err:
             self._send_error(err, v2)
             return
@@ -597,12 +667,10 @@ class _Handler(BaseHTTPRequestHandler):
         with state._lock:
             ledger = state.accounts.get(account) if account else state.ledger
         if ledger is None:
-            credential = self._credentials() or ""
-            shown = f"{credential[:8]}****{credential[-4:]}" if len(credential) > 12 else "****"
             raise StripeApiError(
                 403,
-                f"The provided key '{shown}' does not have access to account '{account}' (or that "
-                "account does not exist). Application access may have been revoked.",
+                f"The provided key '{_shown(self._credentials())}' does not have access to account "
+                f"'{account}' (or that account does not exist). Application access may have been revoked.",
                 type="invalid_request_error",
                 code="account_invalid",
             )
@@ -623,11 +691,32 @@ class _Handler(BaseHTTPRequestHandler):
             if status == "unknown":
                 raise StripeApiError(401, "Invalid meter event session token.", type="authentication_error")
             return
-        if credential not in state.api_keys:
-            shown = (
-                f"{credential[:8]}****{credential[-4:]}" if credential and len(credential) > 12 else "****"
+        if credential not in state.api_keys and credential not in state.restricted_keys:
+            raise StripeApiError(
+                401, f"Invalid API Key provided: {_shown(credential)}", type="authentication_error"
             )
-            raise StripeApiError(401, f"Invalid API Key provided: {shown}", type="authentication_error")
+
+    def _authorize(self, name: str) -> None:
+        """Refuse a restricted key a permission it was not granted: 403, naming the permission.
+
+        Stripe answers ``invalid_request_error`` with HTTP 403 (stripe-python raises
+        ``stripe.PermissionError``) and no code; the message names the key (masked), the account
+        and the permission that would let the request through.
+        """
+        state = self.server_state
+        needed = ROUTE_PERMISSIONS.get(name)
+        credential = self._credentials() or ""
+        granted = state.restricted_keys.get(credential)
+        if needed is None or granted is None or _grants(granted, needed):
+            return
+        state.count("permission_denied")
+        raise StripeApiError(
+            403,
+            f"The provided key '{_shown(credential)}' does not have the required permissions for this "
+            f"endpoint on account '{self.account or PLATFORM_ACCOUNT}'. Having the '{needed}' permission "
+            "would allow this request to continue.",
+            type="invalid_request_error",
+        )
 
     def _parse_body(self, raw: str, method: str, v2: bool) -> Any:
         if method == "GET" or not raw:
@@ -932,6 +1021,16 @@ class _Handler(BaseHTTPRequestHandler):
             "url": "/v1/subscriptions",
         }
 
+    def _h_v1_subscription(self, body: Any, match: re.Match[str], query: str) -> dict[str, Any]:
+        """``GET /v1/subscriptions/{id}``: the subscription as the pinned version shows it (a period
+        change read from an event that has no periods is read again this way)."""
+        sub = self.ledger.billing.subscriptions.get(match["id"])
+        if sub is None:
+            raise StripeApiError(
+                404, f"No such subscription: '{match['id']}'", code="resource_missing", param="id"
+            )
+        return self.ledger.billing.subscription_object(sub)
+
     def _h_v1_invoices(self, body: Any, match: re.Match[str], query: str) -> dict[str, Any]:
         """``GET /v1/invoices``: filters ``subscription``, ``customer``, ``status``,
         ``created[gt|gte|lt|lte]``; newest first by ``created`` (docs.stripe.com/api/invoices/list)."""
@@ -949,14 +1048,13 @@ class _Handler(BaseHTTPRequestHandler):
             if params.get("status") == "draft":
                 # A cycle's draft lives through the grace period after its period ended, unless a
                 # test changed how it finalizes: find those first (a benchmark has 100,000).
+                # Their periods ended (a renewal or an end) inside the grace period and the
+                # ``created`` range asked: found by bisecting the subscriptions' events, not by
+                # walking every subscription once per range listed.
                 controlled = billing.controlled()
-                subs = [
-                    s
-                    for s in subs
-                    if s.id in controlled
-                    or s.starts_between(now - billing.grace, now)
-                    or (s.ended_at(now) is not None and now - billing.grace < s.ended_at(now) <= now)  # type: ignore[operator]
-                ]
+                lo, hi = max(now - billing.grace, low), min(now, high)
+                near = {moment[2].id for moment in billing.event_moments(lo, hi)} if hi > lo else set()
+                subs = [s for s in subs if s.id in controlled or s.id in near]
             refs = billing.all_invoice_refs(subs)
             if params.get("subscription"):
                 refs = [r for r in refs if r.sub is not None and r.sub.id == params["subscription"]]
@@ -1160,6 +1258,11 @@ class _Handler(BaseHTTPRequestHandler):
             "payload": dict(event.payload),
             "timestamp": rfc3339(event.timestamp),
         }
+
+
+def _shown(credential: str | None) -> str:
+    """A key as Stripe's errors show it: its start and end, never the whole of it."""
+    return f"{credential[:8]}****{credential[-4:]}" if credential and len(credential) > 12 else "****"
 
 
 class _V2Error(StripeApiError):

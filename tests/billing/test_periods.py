@@ -351,3 +351,29 @@ def test_a_period_that_ended_within_the_hour_is_open_unless_its_invoice_was_fina
     # Finalized at once (a webhook handler, or by hand): final, from the invoices of any status.
     assert locks.lock("sub_fast", end) == (None, False)
     assert [status for _, _, status in listed.asked] == ["draft"] * 4 + [None] * 4
+
+
+def test_drafts_listed_ahead_on_a_thread_of_their_own_are_waited_for_once():
+    import threading
+
+    from airflow_provider_stripe_meter.billing.periods import DraftLocks
+
+    end = B
+    release = threading.Event()
+    threads: set[str] = set()
+
+    class Slow(_Invoices):
+        def __call__(self, lo, hi, status):
+            threads.add(threading.current_thread().name)
+            release.wait(5)
+            return super().__call__(lo, hi, status)
+
+    listed = Slow([_draft("sub_a", end, at=end + 24 * 3600)])
+    locks = DraftLocks(listed, ["price_1"], end + 5 * 3600)
+    assert locks.prefetch(end) is True  # started: the run plans other days meanwhile
+    assert locks.prefetch(end) is True  # still under way: a day asking waits for it
+    release.set()
+    assert locks.lock("sub_a", end) == (end + 24 * 3600, False)
+    assert locks.prefetch(end) is False  # listed: nothing to wait for
+    assert threading.current_thread().name not in threads
+    assert len(listed.asked) == 4  # one listing, in four time ranges
