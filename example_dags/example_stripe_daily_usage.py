@@ -49,8 +49,13 @@ with DAG(
         rows=usage.output,
         # The ledger of every event sent: a table in a database the team owns.
         ledger_conn_id="usage_db",
+        # An invalid row or usage held (an invoice already final, a customer Stripe does not
+        # know) bills the rest and returns success=False with the task green, for the branch
+        # below; fail_on_error=True fails the task (red) instead.
     )
 
+    # success is False unless every customer-day of the source is billed; the task log's line
+    # then starts "NOT A SUCCESS:" with the reasons.
     @task.branch
     def billed(success: bool) -> str:
         return "all_billed" if success else "alert_billing_team"

@@ -8,6 +8,7 @@ returns (each key its own XCom). Everything in it is bounded: counts, totals per
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -162,6 +163,136 @@ def summarize(book: RunBook, settings: RunSettings, source: SourceFigures) -> Ba
     unknown = flat["invoices"].get("customer_unknown", {}).get("customer_days", 0)
     result.success = not any(flat[k] for k in PROBLEMS) and not unknown
     return result
+
+
+#: The result's figures on the summary line after its first word, in order.
+_FIGURES = (
+    ("rows", "rows %d"),
+    ("aggregates", "-> customer-days %d:"),
+    ("sent", "sent %d,"),
+    ("already_recorded", "already recorded %d,"),
+    ("over", "over %d,"),
+    ("customer_unknown", "customer unknown %d,"),
+    ("rejected", "rejected %d,"),
+    ("failed", "failed %d,"),
+    ("unconfirmed", "unconfirmed %d;"),
+    ("skipped_too_old", "skipped too old %d,"),
+    ("skipped_future", "skipped future %d,"),
+    ("invalid", "invalid %d;"),
+    ("ledger", "ledger %s;"),
+    ("summary_requests", "%d summary requests;"),
+    ("actions", "actions %s"),
+)
+#: Why rows were not billed, by problem (``{rows}``: "1 row", "2 rows").
+_ROW_PROBLEMS = (
+    ("invalid", "{n} invalid {rows}"),
+    ("skipped_too_old", "{n} {rows} older than Stripe's 35 days, skipped"),
+    ("skipped_future", "{n} {rows} more than 5 minutes ahead, skipped"),
+)
+#: Why customer-days are not (or not surely) billed, by outcome.
+_DAY_PROBLEMS = (
+    ("rejected", "rejected by Stripe"),
+    ("failed", "not delivered (a retry sends them)"),
+    ("unconfirmed", "sent but not confirmed billed"),
+    ("over", "where Stripe holds more than the source (credit the customer)"),
+)
+#: Usage held, not sent, by reason: what the billing team reads.
+_HELD = (
+    ("customer_unknown", "of customers Stripe does not know"),
+    ("invoice_final", "whose invoice is already final"),
+    ("subscription_ended", "whose subscription ended"),
+    ("no_invoice", "with no subscription to invoice them"),
+)
+
+
+def summary_line(outcome: Mapping[str, Any]) -> str:
+    """The run in one line, for the task log: why it is not a success first, then its figures.
+
+    A run that is a success reads ``Billed: rows ... -> customer-days ...: sent ...`` (``Dry
+    run:`` for a dry run). One that is not starts with ``NOT A SUCCESS:`` and each reason, with
+    its first examples, e.g. ``NOT A SUCCESS: 2 invalid rows (e.g. row 3: value 12.5 must be a
+    whole number ...); held, not sent: 1 customer-day of customers Stripe does not know (...);
+    Billed: ...``: the task stays green (unless ``fail_on_error``), so the log line says it.
+
+    :param outcome: The run's result as returned by the operator (:meth:`BatchResult.as_dict`).
+    """
+    first = "Dry run:" if outcome.get("dry_run") else "Billed:"
+    figures = " ".join([first, *(text % (outcome.get(key, 0),) for key, text in _FIGURES)])
+    if outcome.get("success", True):
+        return figures
+    reasons = not_a_success(outcome) or ["see the samples in the result"]
+    return f"NOT A SUCCESS: {'; '.join(reasons)}; {figures}"
+
+
+def not_a_success(outcome: Mapping[str, Any]) -> list[str]:
+    """Why a run is not a success, in the result's own order, each with its first examples.
+
+    Empty for a run that is a success. Rows first (what the source got wrong), then
+    customer-days Stripe did not take, then usage held.
+    """
+    samples: Mapping[str, list[dict[str, Any]]] = outcome.get("samples") or {}
+    reasons: list[str] = []
+    for key, what in _ROW_PROBLEMS:
+        if n := outcome.get(key):
+            said = what.format(n=n, rows="row" if n == 1 else "rows")
+            reasons.append(f"{said}{_examples(samples.get(key), n)}")
+    for key, what in _DAY_PROBLEMS:
+        if outcome.get(key):
+            reasons.append(
+                f"{_count(outcome[key], 'customer-day')} {what}{_examples(samples.get(key), outcome[key])}"
+            )
+    invoices = outcome.get("invoices") or {}
+    held: list[str] = []
+    examples: list[dict[str, Any]] = []
+    total = 0
+    for key, what in _HELD:
+        # A dry run counts no outcome, but names the usage it would hold.
+        days = outcome.get(key) or (invoices.get(key) or {}).get("customer_days", 0)
+        if days:
+            held.append(f"{_count(days, 'customer-day')} {what}")
+            examples += samples.get(key) or []
+            total += days
+    if held:
+        reasons.append(f"held, not sent: {', '.join(held)}{_examples(examples, total)}")
+    return reasons
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+#: Examples named per reason on the summary line (the result's samples hold more).
+SUMMARY_EXAMPLES = 2
+
+
+def _examples(samples: list[dict[str, Any]] | None, count: int) -> str:
+    """`` (row 3: ...)``: the first examples, ``e.g.`` when there are more than shown."""
+    shown = (samples or [])[:SUMMARY_EXAMPLES]
+    if not shown:
+        return ""
+    return f" ({'e.g. ' if count > len(shown) else ''}{'; '.join(_example(s) for s in shown)})"
+
+
+def _example(sample: Mapping[str, Any]) -> str:
+    """One sample in words: where (the row, or the customer and day), then what is wrong."""
+    if "row" in sample:
+        where = f"row {sample['row']}"
+    elif "customer_id" in sample:
+        where = f"{sample['customer_id']}" + (f" on {sample['day']}" if sample.get("day") else "")
+    else:
+        where = ""
+    error = sample.get("error")
+    if "rule" in sample:  # a row or a day total that broke an input rule
+        what = f"{sample.get('field')} {sample.get('value')} {sample['rule']}"
+    elif "row" in sample:  # a row outside Stripe's window
+        what = f"{sample.get('customer_id')} at {sample.get('timestamp')}"
+    elif sample.get("reason"):
+        what = str(sample["reason"])
+    elif isinstance(error, Mapping):
+        what = str(error.get("message") or error.get("code") or error.get("type") or "")
+    else:
+        what = ""
+    return ": ".join(part for part in (where, what) if part)
 
 
 def _totals(book: RunBook) -> dict[str, dict[str, Any]]:

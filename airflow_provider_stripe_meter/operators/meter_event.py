@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import replace
+from datetime import tzinfo
 from typing import TYPE_CHECKING, Any
 
 from airflow_provider_stripe_meter.exceptions import StripeConfigurationError
@@ -16,6 +17,7 @@ from airflow_provider_stripe_meter.operators.base import (
 )
 from airflow_provider_stripe_meter.utils.identifiers import task_identifier
 from airflow_provider_stripe_meter.utils.rules import (
+    NAIVE_TIMEZONE,
     MeterEventInputError,
     check_fixed_event_name,
     validate_meter_event,
@@ -60,8 +62,13 @@ class StripeMeterEventOperator(StripeBaseOperator):
     :param identifier: Up to 100 characters identifying the billable fact; by default derived from
         the task instance. Give one derived from the data when the same fact may be sent by
         different task instances. (templated)
-    :param timestamp: When the usage happened: unix seconds, an aware datetime or an ISO-8601
-        string; within the past 35 days and at most 5 minutes ahead. Defaults to now. (templated)
+    :param timestamp: When the usage happened: unix seconds, a datetime or an ISO-8601 string;
+        within the past 35 days and at most 5 minutes ahead. Defaults to now. One without a zone
+        (``"2026-11-23 10:00:00"``) is read in ``naive_timezone``, UTC by default, as the batch
+        operator reads its rows. (templated)
+    :param naive_timezone: The zone a ``timestamp`` without one is read in: UTC by default; a
+        ``tzinfo`` or a zone name (``"Europe/Paris"``); ``None`` refuses such a timestamp
+        (``success=False``, nothing sent).
     :param fail_on_error: Fail the task (no retry) when the event is rejected instead of returning
         ``success=False``.
     :param customer_payload_key: The meter's ``customer_mapping.event_payload_key``; default the
@@ -88,6 +95,7 @@ class StripeMeterEventOperator(StripeBaseOperator):
         value: Any,
         identifier: str | None = None,
         timestamp: Any = None,
+        naive_timezone: tzinfo | str | None = NAIVE_TIMEZONE,
         fail_on_error: bool = False,
         customer_payload_key: str | None = None,
         value_payload_key: str | None = None,
@@ -101,6 +109,7 @@ class StripeMeterEventOperator(StripeBaseOperator):
         self.value = value
         self.identifier = identifier
         self.timestamp = timestamp
+        self.naive_timezone = naive_timezone
         self.fail_on_error = fail_on_error
         self.customer_payload_key = customer_payload_key
         self.value_payload_key = value_payload_key
@@ -112,6 +121,7 @@ class StripeMeterEventOperator(StripeBaseOperator):
             StripeRequestRejectedError,
             StripeTransientError,
         )
+        from airflow_provider_stripe_meter.sources import zone
 
         try:
             event = validate_meter_event(
@@ -121,6 +131,7 @@ class StripeMeterEventOperator(StripeBaseOperator):
                 identifier=self.identifier,
                 timestamp=self.timestamp,
                 now=int(time.time()),
+                naive_timezone=zone(self.naive_timezone),
             )
         except MeterEventInputError as err:
             return self._finish(context, False, err.to_dict(), str(err), counter="invalid")

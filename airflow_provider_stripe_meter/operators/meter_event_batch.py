@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import timedelta
+from datetime import timedelta, tzinfo
 from typing import TYPE_CHECKING, Any
 
 from airflow_provider_stripe_meter.billing.settings import (
@@ -24,10 +24,15 @@ from airflow_provider_stripe_meter.operators.base import (
     meter_outlets,
     update_meter_assets,
 )
+from airflow_provider_stripe_meter.sources import DEFAULT_COLUMNS
 from airflow_provider_stripe_meter.state.periods import read_billing_periods
 from airflow_provider_stripe_meter.utils import clock
-from airflow_provider_stripe_meter.utils.aggregation import paused_gc
-from airflow_provider_stripe_meter.utils.rules import check_fixed_event_name
+from airflow_provider_stripe_meter.utils.aggregation import (
+    DEFAULT_SAFETY_MARGIN,
+    DEFAULT_SAMPLE_LIMIT,
+    paused_gc,
+)
+from airflow_provider_stripe_meter.utils.rules import NAIVE_TIMEZONE, check_fixed_event_name
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -89,8 +94,29 @@ class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
 
     .. seealso:: https://docs.stripe.com/billing/subscriptions/usage-based/recording-usage-api
 
+    :param rows: Rows from an upstream task, e.g. ``SQLExecuteQueryOperator(...).output``; give
+        this or ``sql``. (templated)
+    :param sql: A query (or ``.sql`` file) returning the rows, run on ``sql_conn_id`` and read in
+        chunks of ``chunk_size``; give this or ``rows``. (templated)
+    :param sql_conn_id: Connection of the usage database (any common-sql ``DbApiHook``:
+        PostgreSQL, SQLite, Snowflake, ...); required with ``sql``.
+    :param parameters: Query parameters for ``sql``. (templated)
+    :param columns: Names of the row fields, in order: customer id, value, timestamp, and the
+        event name when no fixed ``event_name`` is given (default ``("customer_id", "value",
+        "timestamp", "event_name")``); tuple rows are read by position, mapping rows by name.
     :param event_name: The meter's event name for every row; ``None`` reads it from each row.
         (templated)
+    :param naive_timezone: The zone a timestamp without one is read in: UTC by default (a SQL
+        ``timestamp`` column usually has no zone), as the single-event operator reads its
+        ``timestamp``; a ``tzinfo`` or a zone name (``"Europe/Paris"``); ``None`` counts such
+        rows as ``invalid``.
+    :param safety_margin: How much younger than Stripe's 35 days a row must be to be billed (a
+        ``timedelta``, default an hour), so no event expires between the check and the send.
+    :param chunk_size: Rows fetched and aggregated at a time.
+    :param sample_limit: Examples kept in the result per kind of problem (counts are exact).
+    :param stripe_conn_id: Airflow connection of type ``stripe`` (default ``stripe_default``).
+    :param stripe_account: Connected account (``acct_...``) to bill for, overriding the
+        connection's. (templated)
     :param ledger_conn_id: Connection of the ledger's database (any common-sql ``DbApiHook``:
         PostgreSQL, SQLite, ...); default ``sql_conn_id``, required with ``rows=``. Every DAG and
         schedule billing a meter must use the same ledger: it is one per account and meter.
@@ -147,13 +173,11 @@ class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
         sampled; the run is not a success); ``"carry"`` also bills a final period's usage on the
         customer's open period, noted so in the ledger; ``"off"`` bills by UTC day alone.
 
-    The source parameters (``rows``, ``sql``, ``sql_conn_id``, ``parameters``, ``columns``,
-    ``naive_timezone``, ``safety_margin``, ``chunk_size``, ``sample_limit``) are those of
-    :class:`~airflow_provider_stripe_meter.operators.base.StripeUsageSourceOperator`; ``stripe_conn_id``
-    and ``stripe_account`` (templated) those of
-    :class:`~airflow_provider_stripe_meter.operators.base.StripeBaseOperator`. This operator
-    always reads the meters (their formula and id decide what it sends), so it refuses
-    ``preflight``.
+    The source parameters are shared with the reconcile sensor through
+    :class:`~airflow_provider_stripe_meter.operators.base.StripeUsageSourceOperator`, which
+    reads the rows by the same rules; every other keyword goes to Airflow's ``BaseOperator``
+    (``task_id``, ``retries``, ...). This operator always reads the meters (their formula and
+    id decide what it sends), so it refuses ``preflight``.
 
     The run itself is :class:`~airflow_provider_stripe_meter.billing.run.BillingRun`, plain
     Python; this operator reads the source, opens the ledger, resolves the settings, and turns
@@ -171,7 +195,20 @@ class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
     def __init__(
         self,
         *,
+        # The source: named here (not left to **kwargs) so the reference shows them; Airflow
+        # checks partial()/expand() arguments against every BaseOperator class's __init__ alike.
+        rows: Any = None,
+        sql: str | None = None,
+        sql_conn_id: str | None = None,
+        parameters: Any = None,
+        columns: Sequence[str] = DEFAULT_COLUMNS,
         event_name: str | None = None,
+        naive_timezone: tzinfo | str | None = NAIVE_TIMEZONE,
+        safety_margin: timedelta = DEFAULT_SAFETY_MARGIN,
+        chunk_size: int = 10_000,
+        sample_limit: int = DEFAULT_SAMPLE_LIMIT,
+        stripe_conn_id: str = "stripe_default",
+        stripe_account: str | None = None,
         api: Api = "v1",
         max_rps: float | None = None,
         concurrency: int | None = None,
@@ -198,8 +235,21 @@ class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
                 "what it sends): preflight does not apply"
             )
         if not dry_run:
-            meter_outlets(kwargs, event_name, kwargs.get("stripe_account"))
-        super().__init__(**kwargs)
+            meter_outlets(kwargs, event_name, stripe_account)
+        super().__init__(
+            rows=rows,
+            sql=sql,
+            sql_conn_id=sql_conn_id,
+            parameters=parameters,
+            columns=columns,
+            naive_timezone=naive_timezone,
+            safety_margin=safety_margin,
+            chunk_size=chunk_size,
+            sample_limit=sample_limit,
+            stripe_conn_id=stripe_conn_id,
+            stripe_account=stripe_account,
+            **kwargs,
+        )
         for name, value, allowed in (
             ("api", api, APIS),
             ("confirm", confirm, CONFIRM),
@@ -421,32 +471,15 @@ class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
                 )
 
     def _log_outcome(self, outcome: dict[str, Any]) -> None:
-        self.log.info(
-            "%s rows %d -> customer-days %d: sent %d, already recorded %d, over %d, customer unknown %d, "
-            "rejected %d, failed %d, unconfirmed %d; skipped too old %d, skipped future %d, invalid %d; "
-            "ledger %s; %d summary requests; actions %s",
-            "Dry run:" if outcome["dry_run"] else "Billed:",
-            *(
-                outcome[k]
-                for k in (
-                    "rows",
-                    "aggregates",
-                    "sent",
-                    "already_recorded",
-                    "over",
-                    "customer_unknown",
-                    "rejected",
-                    "failed",
-                    "unconfirmed",
-                    "skipped_too_old",
-                    "skipped_future",
-                    "invalid",
-                    "ledger",
-                    "summary_requests",
-                    "actions",
-                )
-            ),
-        )
+        from airflow_provider_stripe_meter.billing.result import summary_line
+
+        # A run that is not a success leaves the task green (unless fail_on_error): its line
+        # says so first, as a warning, so whoever reads the log sees it.
+        line = summary_line(outcome)
+        if outcome["success"]:
+            self.log.info("%s", line)
+        else:
+            self.log.warning("%s", line)
 
 
 def _source_figures(aggregator: UsageAggregator, aggregates: list[DailyAggregate]) -> SourceFigures:

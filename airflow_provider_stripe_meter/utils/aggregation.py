@@ -3,6 +3,8 @@
 Plain Python (no Airflow, no stripe). Values are summed exactly as integers (never through
 float). Every row ends up in exactly one place: an aggregate, or a counted problem
 (``invalid``, ``skipped_too_old``, ``skipped_future``) with a bounded sample for the report.
+A sample names its row by position in the source counting from 1 (``"row": 3`` is the third
+row), as a person counts rows in a query's result.
 
 Each aggregate carries the timestamp of its **latest row**. That instant lies inside the UTC day
 the aggregate sums, so the event lands in the billing period holding that day's usage, and it is
@@ -32,6 +34,7 @@ from airflow_provider_stripe_meter.utils.rules import (
     FUTURE_TOLERANCE,
     MAX_VALUE,
     MAX_VALUE_DIGITS,
+    NAIVE_TIMEZONE,
     PAST_WINDOW,
     SECONDS_PER_DAY,
     MeterEventInputError,
@@ -114,7 +117,7 @@ class UsageAggregator:
     :param columns: Names of the fields in mapping rows, and their order in tuple rows:
         customer id, value, timestamp, then event name when ``event_name`` is ``None``.
     :param naive_timezone: Zone for timestamps without one (SQL ``timestamp`` columns usually
-        have none); ``None`` rejects them.
+        have none; default UTC, as the single-event operator reads them); ``None`` rejects them.
     :param safety_margin: How much younger than 35 days a row must be.
     :param keep_too_old: Aggregate rows older than that into :attr:`too_old` (to be billed at
         the oldest instant Stripe accepts) instead of skipping them.
@@ -129,7 +132,7 @@ class UsageAggregator:
         event_name: str | None,
         now: int,
         columns: Sequence[str] = ("customer_id", "value", "timestamp", "event_name"),
-        naive_timezone: tzinfo | None = timezone.utc,
+        naive_timezone: tzinfo | None = NAIVE_TIMEZONE,
         safety_margin: timedelta = DEFAULT_SAFETY_MARGIN,
         sample_limit: int = DEFAULT_SAMPLE_LIMIT,
         keep_too_old: bool = False,
@@ -182,13 +185,14 @@ class UsageAggregator:
             raise RuntimeError("rows added after finish(): the aggregates were already read")
         if not rows:
             return
-        start = self.rows
+        # Rows are numbered from 1 across chunks: the first row of this chunk is ``start``.
+        start = self.rows + 1
         self.rows += len(rows)
         if self._fast_ok and self._add_fast(rows):
             self.fast_chunks += 1
             return
-        for offset, row in enumerate(rows):
-            self._add_one(start + offset, row)
+        for number, row in enumerate(rows, start):
+            self._add_one(number, row)
 
     def _add_fast(self, rows: Sequence[Any]) -> bool:
         """Aggregate a whole chunk if it has the common shape; ``False`` leaves it untouched."""
@@ -291,6 +295,7 @@ class UsageAggregator:
                 entry[3] = last
 
     def _add_one(self, index: int, row: Any) -> None:
+        """Check and aggregate one row; ``index`` is its position in the source, from 1."""
         try:
             customer, value, stamp, event_name = self._fields(row)
             event_name = self._check_event_name(event_name)

@@ -26,6 +26,16 @@ SECONDS_PER_DAY = 86400
 PAST_WINDOW = timedelta(days=35)
 #: ... and at most 5 minutes in the future.
 FUTURE_TOLERANCE = timedelta(minutes=5)
+#: The zone a timestamp without one is read in, by every operator alike (a SQL ``timestamp``
+#: column usually has none, and Stripe's days are UTC days).
+NAIVE_TIMEZONE: tzinfo = timezone.utc
+#: What to do with a fractional value: Stripe's meter values are whole numbers
+#: (https://docs.stripe.com/api/billing/meter-event/create), and rounding here, silently, would
+#: bill an amount nobody chose.
+WHOLE_NUMBER_ADVICE = (
+    "must be a whole number (Stripe's meters take whole numbers only): bill in a smaller unit "
+    "(tokens, not thousands of tokens; milliseconds, not seconds), or round in the query (ROUND)"
+)
 
 _INTEGER_STRING = re.compile(r"[+-]?\d+")
 _CUSTOMER_ID = re.compile(r"cus_\S+")
@@ -107,8 +117,10 @@ def validate_value(value: Any, field: str = "value", *, limit: int | None = MAX_
     elif isinstance(value, int):
         number = int(value)
     elif isinstance(value, float):
-        if not math.isfinite(value) or not value.is_integer():
-            raise MeterEventInputError(field, value, "must be a whole number")
+        if not math.isfinite(value):
+            raise MeterEventInputError(field, value, "must be a whole number, not NaN or infinity")
+        if not value.is_integer():
+            raise MeterEventInputError(field, value, WHOLE_NUMBER_ADVICE)
         number = int(value)
     elif isinstance(value, Decimal):
         number = _decimal_to_int(value, field, value)
@@ -130,8 +142,10 @@ def validate_value(value: Any, field: str = "value", *, limit: int | None = MAX_
 
 
 def _decimal_to_int(number: Decimal, field: str, original: Any) -> int:
-    if not number.is_finite() or number != number.to_integral_value():
-        raise MeterEventInputError(field, original, "must be a whole number")
+    if not number.is_finite():
+        raise MeterEventInputError(field, original, "must be a whole number, not NaN or infinity")
+    if number != number.to_integral_value():
+        raise MeterEventInputError(field, original, WHOLE_NUMBER_ADVICE)
     return int(number)
 
 
@@ -153,13 +167,11 @@ def to_unix_seconds(value: Any, field: str = "timestamp", *, naive_timezone: tzi
 
     Accepts unix seconds (``int``, integral ``float``, digit strings), ``datetime`` (pendulum
     included), ``date`` and ISO-8601 strings. A value without a zone is read in
-    ``naive_timezone``; with ``None`` (the default) it is rejected: guessing its zone could move
-    usage into another billing day.
+    ``naive_timezone``; with ``None`` (the default here; the operators pass
+    :data:`NAIVE_TIMEZONE`, UTC, unless told otherwise) it is rejected.
     """
     if isinstance(value, bool) or value is None:
-        raise MeterEventInputError(
-            field, value, "must be unix seconds, an aware datetime or an ISO-8601 string"
-        )
+        raise MeterEventInputError(field, value, "must be unix seconds, a datetime or an ISO-8601 string")
     if isinstance(value, int):
         return value
     if isinstance(value, float):
@@ -175,7 +187,7 @@ def to_unix_seconds(value: Any, field: str = "timestamp", *, naive_timezone: tzi
             moment = datetime.fromisoformat(text)
         except ValueError:
             raise MeterEventInputError(
-                field, value, "must be unix seconds or an ISO-8601 date-time with a UTC offset"
+                field, value, "must be unix seconds or an ISO-8601 date-time (without an offset: UTC)"
             ) from None
     elif isinstance(value, date) and not isinstance(value, datetime):
         moment = datetime(value.year, value.month, value.day)
@@ -183,11 +195,13 @@ def to_unix_seconds(value: Any, field: str = "timestamp", *, naive_timezone: tzi
         raise MeterEventInputError(
             field,
             value,
-            f"must be unix seconds, an aware datetime or an ISO-8601 string, got {type(value).__name__}",
+            f"must be unix seconds, a datetime or an ISO-8601 string, got {type(value).__name__}",
         )
     if moment.tzinfo is None or moment.utcoffset() is None:
         if naive_timezone is None:
-            raise MeterEventInputError(field, value, "must carry a timezone (naive date-times are ambiguous)")
+            raise MeterEventInputError(
+                field, value, "must carry a timezone (naive_timezone=None refuses zone-less date-times)"
+            )
         moment = moment.replace(tzinfo=naive_timezone)
     # timegm is exact (no float) and works for pendulum, whose timedelta arithmetic does not mix.
     return calendar.timegm(moment.utctimetuple())
@@ -239,11 +253,15 @@ def rfc3339(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, tz=timezone.utc).isoformat().replace("+00:00", "Z")
 
 
-def validate_timestamp(value: Any, now: int) -> int | None:
-    """Return ``value`` as unix seconds within Stripe's window, or ``None`` for "now"."""
+def validate_timestamp(value: Any, now: int, *, naive_timezone: tzinfo | None = NAIVE_TIMEZONE) -> int | None:
+    """Return ``value`` as unix seconds within Stripe's window, or ``None`` for "now".
+
+    A value without a zone is read in ``naive_timezone`` (UTC by default, as the batch operator
+    reads its rows); ``None`` refuses it.
+    """
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
-    return check_time_window(to_unix_seconds(value), now, original=value)
+    return check_time_window(to_unix_seconds(value, naive_timezone=naive_timezone), now, original=value)
 
 
 @dataclass(frozen=True)
@@ -265,12 +283,14 @@ def validate_meter_event(
     identifier: Any = None,
     timestamp: Any = None,
     now: int,
+    naive_timezone: tzinfo | None = NAIVE_TIMEZONE,
 ) -> MeterEvent:
-    """Check every field of one meter event and return it normalised."""
+    """Check every field of one meter event and return it normalised (a zone-less timestamp is
+    read in ``naive_timezone``, UTC by default)."""
     return MeterEvent(
         event_name=validate_event_name(event_name),
         customer_id=validate_customer_id(customer_id),
         value=validate_value(value),
         identifier=validate_identifier(identifier),
-        timestamp=validate_timestamp(timestamp, now),
+        timestamp=validate_timestamp(timestamp, now, naive_timezone=naive_timezone),
     )

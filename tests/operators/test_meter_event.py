@@ -14,9 +14,11 @@ pytestmark = [pytest.mark.airflow, pytest.mark.usefixtures("airflow_db")]
 
 def test_templated_event_reaches_stripe_and_success_branch_runs(secret_server, capfd):
     when = int(time.time()) - 3 * 86400
+    # Zone-less, as a SQL timestamp renders: read as UTC, as the batch operator reads its rows.
+    zone_less = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(when))
     dag_run = run_dag(
         "t_meter_event_branch",
-        run_conf={"customer_id": "cus_rendered_7", "value": "1234", "timestamp": str(when)},
+        run_conf={"customer_id": "cus_rendered_7", "value": "1234", "timestamp": zone_less},
     )
 
     [event] = secret_server.ledger.accepted()
@@ -72,7 +74,9 @@ def test_invalid_input_is_reported_and_nothing_is_sent(secret_server):
         "type": "validation_error",
         "field": "value",
         "value": "'12.5'",
-        "rule": "must be a whole number",
+        # What to do about it, too: Stripe takes whole numbers only.
+        "rule": "must be a whole number (Stripe's meters take whole numbers only): bill in a smaller unit "
+        "(tokens, not thousands of tokens; milliseconds, not seconds), or round in the query (ROUND)",
     }
     assert task_states(dag_run)["on_failure"] == "success"
 

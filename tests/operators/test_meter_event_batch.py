@@ -52,7 +52,7 @@ def test_daily_run_bills_yesterday_once_and_a_rerun_adds_nothing(secret_server, 
     assert secret_server.stats["concurrent_rejected"] == 0
 
 
-def test_rows_outside_stripes_window_are_skipped_and_reported(secret_server, usage_db):
+def test_rows_outside_stripes_window_are_skipped_and_reported(secret_server, usage_db, capfd):
     add_window_rows(usage_db)
 
     dag_run = run_dag("t_batch_window", run_conf={"days": 40})
@@ -65,6 +65,12 @@ def test_rows_outside_stripes_window_are_skipped_and_reported(secret_server, usa
     assert secret_server.ledger.totals() == {"cus_new": 5}
     states = task_states(dag_run)
     assert (states["bill"], states["alert"], states["billed"]) == ("success", "success", "skipped")
+    # The task is green, so its summary line says first that the run is not a success, and why.
+    log = capfd.readouterr().out
+    assert "NOT A SUCCESS: 1 invalid row (row " in log
+    assert "customer_id 'user_9' must be a Stripe customer id" in log
+    assert "; 2 rows older than Stripe's 35 days, skipped (row " in log
+    assert "; Billed: rows 4 -> customer-days 1: sent 1," in log
 
 
 def test_faults_and_rate_limits_still_bill_every_unit_exactly_once(secret_server, usage_db):

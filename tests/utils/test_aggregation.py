@@ -97,7 +97,7 @@ def test_window_skips_old_and_future_rows_with_a_safety_margin():
     assert sum(a.value for a in out) == 10
     assert aggregator.problems.counts["skipped_too_old"] == 1
     assert aggregator.problems.counts["skipped_future"] == 1
-    assert aggregator.problems.samples["skipped_too_old"][0]["row"] == 0
+    assert aggregator.problems.samples["skipped_too_old"][0]["row"] == 1  # rows count from 1
     aggregator, out = aggregate(rows, safety_margin=timedelta(0))
     assert aggregator.problems.counts["skipped_too_old"] == 0
 
@@ -124,7 +124,7 @@ def test_invalid_rows_are_counted_and_never_block_good_rows(row, field):
     assert [(a.customer_id, a.value) for a in out] == [("cus_good", 7)]
     assert aggregator.problems.counts["invalid"] == 1
     [sample] = aggregator.problems.samples["invalid"]
-    assert (sample["row"], sample["field"]) == (1, field)
+    assert (sample["row"], sample["field"]) == (2, field)  # the second row, counting from 1
     assert aggregator.rows == 3
 
 
