@@ -105,12 +105,17 @@ def read_periods(
                 for moment in cache.renewals(account, meter_id, after, now)
             )
             changes_read = pool.submit(stripe.subscription_changes, after, cuts=_cuts(expected, PARALLEL))
+        else:
+            # Listed in full: the next run reads events, so a key that may not is told now.
+            readable_events = pool.submit(stripe.check_events_readable)
         # Meanwhile: the table as the last run left it, parsed (the changes replace their rows).
         for name, (meter_id, _, _, stale) in plans.items():
             if not stale:
                 _add_rows(customers, name, cache.periods(account, meter_id))
         changes = changes_read.result() if changes_read is not None else []
         readable.result()
+        if changes_read is None:
+            readable_events.result()
     writes: list[Callable[[], None]] = []
     for name, (meter_id, ids, state, stale) in plans.items():
         if stale:

@@ -585,6 +585,14 @@ class StripeHook(BaseHook):
         """
         self._call(self.client.raw_request, "get", "/v1/invoices", status="draft", limit=1)
 
+    def check_events_readable(self) -> None:
+        """One event listed (or none): raises when the key may not read events, which every run
+        after a meter's first needs (its subscriptions are brought up to date from them).
+
+        .. seealso:: https://docs.stripe.com/api/events/list
+        """
+        self._call(self.client.raw_request, "get", "/v1/events", limit=1)
+
     def draft_invoices(
         self, created_from: int | None = None, created_to: int | None = None
     ) -> list[dict[str, Any]]:
