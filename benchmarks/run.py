@@ -698,14 +698,19 @@ def bench_periods(customers: int, stream_limit: float, repeats: int = 3) -> None
     with RemoteServer(*server_args) as server:
 
         def run(**kwargs: Any) -> tuple[dict[str, Any], dict[str, int]]:
-            before = server.summary()["stats"]
+            summary = server.summary()
+            before, cpu = summary["stats"], summary["cpu_seconds"]
             _reset_ledger()
             # The setup's writes (the ledger dropped, the table put back: tens of MB) reach the
             # disk now, not during the night, whose commits would wait on them.
             os.sync()
             outcome = _run_in_task(**{**source, **kwargs}, api="v2_stream", max_rps=stream_limit)
-            after = server.summary()["stats"]
-            return outcome, {k: after.get(k, 0) - before.get(k, 0) for k in keys}
+            summary = server.summary()
+            after = summary["stats"]
+            counts = {k: after.get(k, 0) - before.get(k, 0) for k in keys}
+            # The local server runs on this machine: its CPU competes with the run's, as Stripe's does not.
+            outcome["server_cpu"] = summary["cpu_seconds"] - cpu
+            return outcome, counts
 
         # The night before (the server a day behind): one customer's usage, planned only.
         first, listed = run(sql=_usage_table(_rows(1, 1, seed=22)), dry_run=True)
@@ -742,6 +747,12 @@ def bench_periods(customers: int, stream_limit: float, repeats: int = 3) -> None
         f"reading the periods {', '.join(str(h['invoices']['read']['seconds']) for h, _ in holds)} s; "
         f"success {hold['success']}, held "
         f"{[hold[k] for k in ('invoice_final', 'subscription_ended', 'no_invoice')]}"
+    )
+    off_cpu = sorted(o["server_cpu"] for o, _ in offs)[repeats // 2]
+    hold_cpu = sorted(h["server_cpu"] for h, _ in holds)[repeats // 2]
+    print(
+        f"the local server's own CPU time a night (on this machine; Stripe's is not): off {off_cpu:.1f} s, "
+        f"hold {hold_cpu:.1f} s (medians)"
     )
     print(
         f"RESULT periods: requests with / without = {night['requests'] / max(1, off_requests):.3f}, time "
