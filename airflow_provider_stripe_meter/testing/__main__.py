@@ -13,16 +13,29 @@ from airflow_provider_stripe_meter.testing.server import DEFAULT_API_KEY, LocalS
 
 def main(argv: list[str] | None = None) -> None:
     """Parse arguments, serve until interrupted."""
-    parser = argparse.ArgumentParser(description="Local Stripe billing-meter server for tests and demos.")
-    parser.add_argument("--port", type=int, default=12111)
+    parser = argparse.ArgumentParser(
+        description="Local Stripe billing-meter server for tests and demos. Every endpoint, reads "
+        "included, needs the API key as a Bearer token (the key it prints), as Stripe's do.",
+        # Each option's default is shown in --help.
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--port", type=int, default=12111, help="port on 127.0.0.1")
     parser.add_argument(
         "--meter", action="append", default=[], help="event name of a meter to create (repeat)"
     )
-    parser.add_argument("--customer", action="append", help="known customer id (repeat; default: all known)")
-    parser.add_argument("--api-key", default=DEFAULT_API_KEY)
+    parser.add_argument(
+        "--customer",
+        action="append",
+        help="a customer Stripe knows (repeat; None: every cus_... id is known)",
+    )
+    parser.add_argument("--api-key", default=DEFAULT_API_KEY, help="the secret key it accepts (a test key)")
     parser.add_argument("--latency", type=float, default=0.0, help="seconds per request")
-    parser.add_argument("--rate-limit", type=float, help="API requests per second before 429")
-    parser.add_argument("--stream-rate-limit", type=float, help="v2 stream requests per second before 429")
+    parser.add_argument(
+        "--rate-limit", type=float, help="API requests per second before 429 (None: no limit)"
+    )
+    parser.add_argument(
+        "--stream-rate-limit", type=float, help="v2 stream requests per second before 429 (None: no limit)"
+    )
     parser.add_argument(
         "--allow-concurrent-per-customer",
         action="store_true",
