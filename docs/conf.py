@@ -5,9 +5,7 @@ from __future__ import annotations
 project = "airflow-provider-stripe-meter"
 author = "airflow-provider-stripe-meter contributors"
 copyright = "2026, " + author
-extensions = ["myst_parser", "sphinx.ext.autodoc", "sphinxcontrib.mermaid"]
-# ```{mermaid} blocks in Markdown: the diagram's text lives in the page, drawn in the browser.
-myst_fence_as_directive = ["mermaid"]
+extensions = ["myst_parser", "sphinx.ext.autodoc"]
 # The reference shows each parameter's default in the signature, and the docstring's text.
 autodoc_member_order = "bysource"
 autodoc_typehints = "none"
