@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import date, datetime, timezone
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
@@ -710,31 +710,13 @@ class StripeHook(BaseHook):
 
         .. seealso:: https://docs.stripe.com/api/customers/retrieve
         """
-        from airflow_provider_stripe_meter.utils.delivery import Deliverer
-
         known: set[str] = set()
 
-        def read(batch: list[str]) -> None:
-            [customer] = batch
-            # The deliverer around this retries and backs off: one retry layer.
+        def read(customer: str) -> None:
             if self.customer_exists(customer, retry=False):
                 known.add(customer)
 
-        report = Deliverer(
-            read,
-            key=lambda customer: customer,
-            describe=lambda customer: {"customer_id": customer},
-            max_rps=max_rps,
-        ).run(list(customers))
-        if report.rejected or report.failed:
-            kind = "rejected" if report.rejected else "failed"
-            example = report.samples.get(kind, [{}])[0]
-            error = StripeRequestRejectedError if report.rejected else StripeTransientError
-            raise error(
-                f"Could not ask Stripe about {report.rejected + report.failed} of {len(customers)} "
-                f"customers (e.g. {example})",
-                example.get("error") or {"type": "customers_unavailable"},
-            )
+        self._read_each(customers, read, "ask Stripe about", "customers_unavailable", max_rps=max_rps)
         return known
 
     def customer_ids(self) -> set[str]:
@@ -815,19 +797,43 @@ class StripeHook(BaseHook):
 
         .. seealso:: https://docs.stripe.com/api/billing/meter-event-summary/list
         """
-        from airflow_provider_stripe_meter.utils.delivery import Deliverer
-
         start, end = _day_span(first, last)
         found: dict[str, list[dict[str, Any]] | None] = {}
 
-        def read(batch: list[str]) -> None:
-            [customer] = batch
-            # The deliverer around this retries and backs off: one retry layer.
+        def read(customer: str) -> None:
             found[customer] = self._summaries_or_unknown(meter_id, customer, start, end, "day", retry=False)
 
-        # Reads are paced, backed off on 429 and ridden through outages exactly like sends.
-        report = Deliverer(
+        self._read_each(
+            customers,
             read,
+            "read Stripe's meter summaries for",
+            "summaries_unavailable",
+            max_rps=max_rps,
+            concurrency=concurrency,
+        )
+        return _per_day(found)
+
+    def _read_each(
+        self,
+        customers: Sequence[str],
+        read: Callable[[str], None],
+        what: str,
+        kind_of_failure: str,
+        *,
+        max_rps: float | None,
+        concurrency: int | None = None,
+    ) -> None:
+        """``read`` each customer (one request each, without the SDK's retries): paced at
+        ``max_rps``, backed off on 429 and ridden through outages exactly like sends; raises
+        when some could not be read."""
+        from airflow_provider_stripe_meter.utils.delivery import Deliverer
+
+        def one(batch: list[str]) -> None:
+            [customer] = batch
+            read(customer)  # the deliverer around this retries and backs off: one retry layer
+
+        report = Deliverer(
+            one,
             key=lambda customer: customer,
             describe=lambda customer: {"customer_id": customer},
             max_rps=max_rps,
@@ -838,11 +844,10 @@ class StripeHook(BaseHook):
             example = report.samples.get(kind, [{}])[0]
             error = StripeRequestRejectedError if report.rejected else StripeTransientError
             raise error(
-                f"Could not read Stripe's meter summaries for {report.rejected + report.failed} of "
-                f"{len(customers)} customers (e.g. {example})",
-                example.get("error") or {"type": "summaries_unavailable"},
+                f"Could not {what} {report.rejected + report.failed} of {len(customers)} customers "
+                f"(e.g. {example})",
+                example.get("error") or {"type": kind_of_failure},
             )
-        return _per_day(found)
 
     async def arecorded_per_day(
         self,
