@@ -251,11 +251,14 @@ class DraftLocks:
     (which bound when items could attach), so drafts of other kinds (manual, one-off,
     ``subscription_update``, threshold) are never taken for a period's.
 
-    Drafts are listed lazily, when a run first asks about a period that ended, from the start of
-    that period's UTC day (a draft is created at its period's end or later): a night that bills
-    yesterday lists yesterday's and today's drafts once. A period that ended with no draft listed
-    is final, unless it ended less than :data:`SHORTEST_GRACE` ago (its draft may not be listed
-    yet, and no account finalizes sooner): then it is a draft locking at that bound.
+    Drafts are listed only once a run has usage to send into a period that ended (a re-run that
+    sends nothing lists none), from the start of that period's UTC day or of yesterday, whichever
+    is earlier (a draft is made at its period's end or later): a night that bills yesterday lists
+    yesterday's and today's drafts once, in :data:`RANGES` time ranges at once, on a thread of
+    its own (:meth:`prefetch`) while the run plans and sends its other days. A period that ended
+    with no draft listed is final, unless it ended less than :data:`SHORTEST_GRACE` ago: then the
+    invoices of any status made since tell whether it was finalized at once, and if not it is a
+    draft locking at that bound (no account finalizes sooner).
 
     .. seealso:: https://docs.stripe.com/billing/subscriptions/usage-based/configure-grace-period
     .. seealso:: https://docs.stripe.com/api/invoices/object#invoice_object-automatically_finalizes_at
