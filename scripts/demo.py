@@ -189,7 +189,8 @@ def main() -> None:
         reconcile_late_rows(bag, server, today)
         say(
             "\n== 6. example_stripe_reconcile_deferrable: the same check with deferrable=True: it waits "
-            "in the triggerer, holding no worker slot (dag.test() runs the trigger in-process)"
+            "in Airflow's triggerer, a small background service, holding no worker (dag.test() runs "
+            "the trigger in-process)"
         )
         run = bag.get_dag("example_stripe_reconcile_deferrable").test(
             logical_date=today, run_conf={"settle_seconds": 0}
@@ -220,7 +221,7 @@ def reconcile_late_rows(bag, server, today) -> None:
     say("\n== 5. late rows arrive for yesterday: +500 tokens for cus_demo_acme, and 42 for cus_demo_ghost,")
     say("   a customer Stripe does not know. example_stripe_reconcile runs on two nights: its batch")
     say("   bills the late rows itself (so its top-up branch has nothing to do), then its reconcile")
-    say("   sensor (reschedule mode: no worker slot held while it waits) compares with Stripe")
+    say("   check compares Stripe with the usage table (between checks it gives its worker back)")
     dag = bag.get_dag("example_stripe_reconcile")
     for attempt in (1, 2):
         events_before = len(server.ledger.events)
@@ -298,9 +299,12 @@ def close_periods(bag, server, today) -> None:
     billed, check = outcome(run, "bill"), outcome(run, "check_invoices")
     invoices = billed["invoices"]
     say(
-        f"the batch billed yesterday again part by part from the ledger: {billed['events_sent']} events move "
-        f"the usage before 14:37:12 onto the closing invoice; held because no invoice carries it: "
-        f"no_invoice {invoices['no_invoice']} (cus_demo_ghost has no subscription)"
+        f"yesterday is now billed in two parts: usage before 14:37:12 is billed on the invoice that closes "
+        f"then, usage after it on the next one ({billed['events_sent']} events sent, net of what the ledger "
+        f"shows Stripe already holds). Not sent: cus_demo_ghost's usage, as Stripe "
+        f"does not know the customer and no invoice would bill it (held, in customer-days: no "
+        f"subscription {invoices['no_invoice']['customer_days']}, unknown customer "
+        f"{billed['customer_unknown']})"
     )
     figures = billing.invoice_quantities()
     start = yesterday.subtract(days=1)

@@ -70,11 +70,22 @@ def read_billing_periods(
         ) from err
     periods.read_seconds = round(time.monotonic() - started, 3)
     periods.read_figures = figures
+    if not periods.metered:
+        # Said plainly for a billing reader: with no metered price there are no invoices to split for.
+        unpriced = sorted(meters)
+        operator.log.info(
+            "Billing periods: %s %s no metered price, so usage is billed by UTC day (%.1f s)",
+            ", ".join(unpriced) or "no active meter",
+            "have" if len(unpriced) > 1 else "has",
+            periods.read_seconds,
+        )
+        return periods
     operator.log.info(
         "Billing periods: %d customers subscribed on %s (subscriptions listed %d, changes read %d, "
-        "kept %d; %.1f s); days that straddle a period boundary are billed in parts",
+        "kept %d; %.1f s); a day in which a customer's billing period ends is billed in two pieces, "
+        "one on each invoice",
         len(periods.customers),
-        ", ".join(sorted(periods.metered)) or "no meter with a metered price (billed by UTC day)",
+        ", ".join(sorted(periods.metered)),
         figures["listed"],
         figures["changes"],
         figures["cached"],
