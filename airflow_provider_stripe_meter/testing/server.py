@@ -1057,7 +1057,10 @@ class _Handler(BaseHTTPRequestHandler):
                 controlled = billing.controlled()
                 lo, hi = max(now - billing.grace, low), min(now, high)
                 near = {moment[2].id for moment in billing.event_moments(lo, hi)} if hi > lo else set()
-                subs = [s for s in subs if s.id in controlled or s.id in near]
+                # A subscription made since (backdated: its periods ended before it was made) has no
+                # renewal event for them: it is a candidate too.
+                made = {s.id for s in subs if (s.changes[0][0] if s.changes else s.created) > lo}
+                subs = [s for s in subs if s.id in controlled or s.id in near or s.id in made]
             refs = billing.all_invoice_refs(subs)
             if params.get("subscription"):
                 refs = [r for r in refs if r.sub is not None and r.sub.id == params["subscription"]]
