@@ -231,10 +231,10 @@ def reconcile_late_rows(bag, server, today) -> None:
         received = len(server.ledger.events) - events_before
         counted = len(server.ledger.accepted()) - counted_before
         why = (
-            "Stripe answers 200 for an unknown customer's event and drops it; the sensor finds it"
+            "the ghost's usage is held, not sent (Stripe would answer 200 and drop it), and the check "
+            "names the customer"
             if attempt == 1
-            else "the ghost's events, marked dropped by the sensor, are sent again; Stripe drops them "
-            "again until the customer exists"
+            else "the ghost's usage is held again; it is sent by the first night after the customer exists"
         )
         say(
             f"night {attempt}: the batch sent {billed['sent']} customer-day(s); Stripe received {received} "
