@@ -45,6 +45,10 @@ class StripeConfigurationError(StripeMeterError, errors.Refused, AirflowFailExce
     """The API key is missing, refused or lacks permission (401/403): a connection problem."""
 
 
+class StripeParameterError(StripeMeterError, AirflowFailException):
+    """A parameter of the task breaks a rule (``details`` names the field, the value and the rule)."""
+
+
 class StripeAccountInvalidError(StripeConfigurationError):
     """The key cannot act for this connected account (403 ``account_invalid``); ``details`` names it."""
 

@@ -163,6 +163,7 @@ def plan_day(
     oldest: int,
     within: tuple[int, int] | None = None,
     period_end: int | None = None,
+    truth: bool = False,
 ) -> DayPlan:
     """Plan one customer-day from the source's aggregate and the ledger's figure.
 
@@ -172,6 +173,9 @@ def plan_day(
     :param within: The stamps the events may carry (part of the day in a billing period).
     :param period_end: The end of the billing period the events are stamped in
         (:func:`plan_in_periods`).
+    :param truth: The run's coverage holds the day past what the ledger billed it from
+        (:mod:`.coverage`): the source is the truth even where its newest row is older (a
+        deleted row is a correction, not a stale view).
     """
     figure = figure or DayFigure()
     kind = spec.kind
@@ -187,7 +191,7 @@ def plan_day(
     if expected == recorded and (kind in (ADD, COUNT) or figure.events):
         plan.reason = "recorded" if not figure.empty else "nothing to send"
         return plan
-    if aggregate.timestamp < figure.source_at:
+    if aggregate.timestamp < figure.source_at and not truth:
         plan.reason = OLDER_VIEW
         return plan
     partial = _day_start(aggregate.day) < oldest
@@ -327,6 +331,7 @@ def plan_in_periods(
     now: int,
     oldest: int,
     carry: bool,
+    truth: bool = False,
 ) -> tuple[DayPlan, list[Held]]:
     """Plan one customer-day part by part, each part's events stamped in the billing period its
     usage belongs to, and only while an invoice will still carry them.
@@ -337,6 +342,9 @@ def plan_in_periods(
     a boundary, as Stripe's summaries are aligned to minutes); in a ``final`` one they are held,
     or with ``carry`` stamped in the customer's open period (named so in the ledger); after the
     subscription ended, or with no subscription at all, they are held.
+
+    ``truth`` (:func:`plan_day`): a part the ledger billed that the source has no rows for any
+    more is planned too, down to nothing.
     """
     day_figure = figure or DayFigure()
     if not aggregate.parts:
@@ -349,7 +357,7 @@ def plan_in_periods(
         if found is None:
             # Not in an open period: whether a draft still takes it is read (the drafts listed)
             # only when there is usage to send (a re-run of billed days reads none).
-            plan = plan_day(aggregate, spec, day_figure, now=now, oldest=oldest)
+            plan = plan_day(aggregate, spec, day_figure, now=now, oldest=oldest, truth=truth)
             if not plan.events:
                 return plan, []
             found = periods.billable(name, customer, moment)
@@ -358,7 +366,14 @@ def plan_in_periods(
             inside = found[0] <= start and start + SECONDS_PER_DAY <= found[1]
             within = None if inside else _inside((start, start + SECONDS_PER_DAY), found, oldest, now)
             plan = plan_day(
-                aggregate, spec, day_figure, now=now, oldest=oldest, within=within, period_end=found[1]
+                aggregate,
+                spec,
+                day_figure,
+                now=now,
+                oldest=oldest,
+                within=within,
+                period_end=found[1],
+                truth=truth,
             )
             return plan, []
         assert plan is not None
@@ -385,7 +400,9 @@ def plan_in_periods(
     held: list[Held] = []
     seq = day_figure.max_seq
     planned: list[PlannedEvent] = []
-    for part in aggregate.parts:
+    billed = {e.part for e in entries or [] if e.part}
+    parts = with_ledger_parts(aggregate, billed) if truth else aggregate.parts
+    for part in parts:
         mine = part_figure(entries or [], part)
         mine.max_seq = seq
         piece = DailyAggregate(
@@ -397,7 +414,7 @@ def plan_in_periods(
             part.rows,
             part.last_value,
         )
-        sub = plan_day(piece, spec, mine, now=now, oldest=oldest)
+        sub = plan_day(piece, spec, mine, now=now, oldest=oldest, truth=truth)
         if sub.cancel:
             plan.cancel += sub.cancel
             plan.action, plan.reason = Action.CORRECT, sub.reason
@@ -424,6 +441,19 @@ def plan_in_periods(
     if not planned and not plan.cancel and held:
         plan.action, plan.reason = Action.LEAVE_ALONE, "held: no open invoice carries it"
     return plan, held
+
+
+def with_ledger_parts(aggregate: DailyAggregate, billed: set[int]) -> tuple[DayPart, ...]:
+    """The day's parts: the source's, and, empty, those the ledger billed (``billed``: their
+    starts) that the source has no rows in any more: each ends where the next begins."""
+    have = {part.start for part in aggregate.parts}
+    starts = billed - have
+    if not starts:
+        return aggregate.parts
+    day_end_ = day_end(aggregate.day)
+    bounds = sorted(have | starts | {day_end_})
+    empty = [DayPart(s, bounds[bounds.index(s) + 1], 0, s, 0, 0) for s in starts]
+    return tuple(sorted([*aggregate.parts, *empty], key=lambda p: p.start))
 
 
 def _place(

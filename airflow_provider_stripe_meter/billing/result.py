@@ -68,6 +68,8 @@ class BatchResult:
     plan_truncated: bool = False
     #: Ledger work (runs with a ledger): rows written, open rows settled or left, events cancelled.
     ledger: dict[str, int] | None = None
+    #: The days the source was declared the truth for (:mod:`.coverage`), ``None`` if none.
+    covers: dict[str, str] | None = None
     #: Billing periods: usage held because no open invoice carries it, usage carried.
     invoices: dict[str, Any] | None = None
 
@@ -95,6 +97,7 @@ class BatchResult:
         }
         if self.ledger is not None:
             result["ledger"] = self.ledger
+        result["covers"] = self.covers
         invoices = self.invoices or {}
         for held in ("invoice_final", "subscription_ended", "no_invoice"):
             # Customer-day parts whose usage was not sent: no open invoice would carry it.

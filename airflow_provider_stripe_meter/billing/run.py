@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 from airflow_provider_stripe_meter.billing.ahead import PlanAhead
 from airflow_provider_stripe_meter.billing.book import CustomerDay, RunBook
+from airflow_provider_stripe_meter.billing.coverage import NOTHING, Coverage
 from airflow_provider_stripe_meter.billing.meters import ADD, COUNT, MeterUnsupportedError, meter_spec
 from airflow_provider_stripe_meter.billing.outcomes import DayOutcome
 from airflow_provider_stripe_meter.billing.plans import (
@@ -39,6 +40,7 @@ from airflow_provider_stripe_meter.billing.plans import (
     ledger_identifier,
     plan_day,
     plan_in_periods,
+    with_ledger_parts,
 )
 from airflow_provider_stripe_meter.billing.result import BatchResult, SourceFigures, summarize
 from airflow_provider_stripe_meter.billing.sending import make_deliverer
@@ -94,6 +96,12 @@ class Usage:
     oldest: int = 0
     #: The customers' billing periods on the meters (``None``: billed by UTC day alone).
     periods: PeriodBook | None = None
+    #: Where the source is the truth (:mod:`.coverage`): a customer-day billed there that has
+    #: fewer, smaller or no rows now is corrected.
+    covers: Coverage = NOTHING
+    #: Event names the coverage is about even when the source has no row of them (a fixed
+    #: ``event_name``): their billed days without rows are corrected too.
+    event_names: frozenset[str] = frozenset()
 
 
 #: Events written, sent and resolved together: what a run killed at any instant leaves pending.
@@ -143,6 +151,8 @@ class BillingRun:
         self.meanwhile: list[Callable[[], None]] = []
         #: The customer-days planned and their events not sent yet (:meth:`plan`).
         self.planned: PlanAhead[Key, PlannedEvent] = PlanAhead(iter(()))
+        #: Where the source is the truth (:attr:`Usage.covers`).
+        self.covers: Coverage = NOTHING
 
     # -- the run ---------------------------------------------------------------------------------
 
@@ -153,12 +163,16 @@ class BillingRun:
         requests of the one before are out (:mod:`.ahead`).
         """
         aggregates = _merge([*usage.aggregates, *usage.late])
-        if aggregates:
-            self.read_meters({key[0] for key in aggregates})
+        self.covers = usage.covers
+        names = {key[0] for key in aggregates} | (set(usage.event_names) if usage.covers else set())
+        if names:
+            self.read_meters(names)
             self.settle()
             self.unknown = self.check_customers({key[1] for key in aggregates}, usage.periods)
             if self.settings.adopt and not self.settings.dry_run:
                 self.adopt(aggregates)
+            if usage.covers:
+                aggregates = self.with_emptied(aggregates)
             self.plan(aggregates, usage.oldest, usage.periods, first=None if self.settings.dry_run else SLICE)
             if not self.settings.dry_run:
                 self.deliver_planned()
@@ -168,6 +182,7 @@ class BillingRun:
                     self.read_back()
         result = summarize(self.book, self.settings, usage.source)
         result.ledger = dict(self.figures)
+        result.covers = usage.covers.describe()
         result.invoices = self.book.invoices(usage.periods, set(self.book.specs))
         if self.figures["unsettled"] and not self.settings.dry_run:
             result.success = False
@@ -240,6 +255,49 @@ class BillingRun:
                 sorted(unknown)[:5],
             )
         return unknown
+
+    def with_emptied(self, aggregates: dict[Key, DailyAggregate]) -> dict[Key, DailyAggregate]:
+        """``aggregates`` and, empty, the customer-days the ledger billed inside the coverage that
+        the source has no rows for any more (every row deleted): planned down to nothing.
+
+        One ledger query per meter over the covered days; the rows of the days found (a split
+        day keeps its parts) are read for those customers alone.
+        """
+        covers = self.covers
+        days = covers.days
+        out = dict(aggregates)
+        for name, spec in self.book.specs.items():
+            figures = self.ledger.figures(self.account, spec.meter_id, days[0], days[-1])
+            gone = [
+                (customer, day)
+                for (customer, day), figure in figures.items()
+                if (name, customer, day) not in aggregates
+                and not figure.empty
+                and covers.truth(day, figure.source_at)
+            ]
+            if not gone:
+                continue
+            parts: dict[tuple[str, date], set[int]] = defaultdict(set)
+            first, last = min(d for _, d in gone), max(d for _, d in gone)
+            for entry in self.ledger.entries_of(
+                self.account, spec.meter_id, {c for c, _ in gone}, first, last
+            ):
+                if entry.part:
+                    parts[(entry.customer_id, entry.day)].add(entry.part)
+            for customer, day in gone:
+                start = day_end(day) - 86400
+                empty = DailyAggregate(name, customer, day, 0, start, 0, 0)
+                out[(name, customer, day)] = DailyAggregate(
+                    name, customer, day, 0, start, 0, 0, with_ledger_parts(empty, parts[(customer, day)])
+                )
+            self.log.info(
+                "%d customer-days of %s billed inside the run's coverage have no rows any more: "
+                "corrected to nothing (e.g. %s)",
+                len(gone),
+                name,
+                [f"{c} {d.isoformat()}" for c, d in sorted(gone)[:3]],
+            )
+        return out
 
     def adopt(self, aggregates: dict[Key, DailyAggregate]) -> int:
         """Write what Stripe's summaries show into the ledger, for customer-days it holds nothing of.
@@ -343,8 +401,11 @@ class BillingRun:
                 {"type": "meter_unsupported", "count_events": count_events},
             )
         oldest_day = stamp_day(oldest)
+        covers = self.covers
         for name, spec in book.specs.items():
             keys = [k for k in aggregates if k[0] == name]
+            if not keys:
+                continue
             days = [k[2] for k in keys]
             figures = self.ledger.figures(
                 self.account, spec.meter_id, min(days), max(days), newest=spec.kind not in (ADD, COUNT)
@@ -373,8 +434,9 @@ class BillingRun:
                 """Plan one customer-day, keep it in the book, and say what it sends."""
                 aggregate = aggregates[key]
                 figure = figures.get((key[1], key[2]))
+                truth = covers.truth(key[2], figure.source_at) if figure is not None and covers else False
                 if key[1] in self.unknown:
-                    plan = plan_day(aggregate, spec, figure, now=book.now, oldest=oldest)
+                    plan = plan_day(aggregate, spec, figure, now=book.now, oldest=oldest, truth=truth)
                     unknown = hold_unknown(plan)
                     if unknown is not None:
                         # Not sent, not written: the first run after the customer exists sends it.
@@ -394,11 +456,13 @@ class BillingRun:
                         now=book.now,
                         oldest=oldest,
                         carry=self.settings.carry,
+                        truth=truth,
                     )
                     for part in held:
                         book.hold(part, plan)
                 else:
-                    plan, held = plan_day(aggregate, spec, figure, now=book.now, oldest=oldest), []
+                    plan = plan_day(aggregate, spec, figure, now=book.now, oldest=oldest, truth=truth)
+                    held = []
                 day = CustomerDay(aggregate, plan, held=bool(held))
                 if plan.reason == OLDER_VIEW and plan.expected != plan.recorded:
                     # Left alone (an hourly run retried after the nightly one, or the day's newest
@@ -423,7 +487,7 @@ class BillingRun:
                     and key[1] not in self.unknown
                     and key[2] >= oldest_day
                     and _waits_on_drafts(
-                        aggregates[key], spec, figures.get((key[1], key[2])), periods, oldest
+                        aggregates[key], spec, figures.get((key[1], key[2])), periods, oldest, covers
                     )
                 ):
                     deferred.append(key)
@@ -713,6 +777,7 @@ def _waits_on_drafts(
     figure: DayFigure | None,
     periods: PeriodBook,
     oldest: int,
+    covers: Coverage = NOTHING,
 ) -> bool:
     """Whether planning the day would wait on drafts not listed yet: some of its usage lies in a
     period that ended, and the day has something to send (then their listing is started)."""
@@ -722,7 +787,8 @@ def _waits_on_drafts(
         for end in (periods.ended_end(aggregate.event_name, aggregate.customer_id, t) for t in instants)
         if end is not None
     ]
-    if not ends or not plan_day(aggregate, spec, figure, now=periods.now, oldest=oldest).events:
+    truth = figure is not None and covers.truth(aggregate.day, figure.source_at)
+    if not ends or not plan_day(aggregate, spec, figure, now=periods.now, oldest=oldest, truth=truth).events:
         return False
     return periods.prefetch_drafts(min(ends))
 

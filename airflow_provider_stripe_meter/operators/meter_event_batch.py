@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import timedelta, tzinfo
+from datetime import timedelta, timezone, tzinfo
 from typing import TYPE_CHECKING, Any
 
+from airflow_provider_stripe_meter.billing.coverage import NOTHING, Coverage
 from airflow_provider_stripe_meter.billing.settings import (
     STRIPE_IDENTIFIER_WINDOW,
     Api,
@@ -16,6 +17,7 @@ from airflow_provider_stripe_meter.billing.settings import (
     Timing,
     TooOld,
 )
+from airflow_provider_stripe_meter.exceptions import StripeParameterError
 from airflow_provider_stripe_meter.ledger.schema import DEFAULT_TABLE, check_table_name
 from airflow_provider_stripe_meter.metrics import MeterMetrics
 from airflow_provider_stripe_meter.operators.base import (
@@ -32,7 +34,11 @@ from airflow_provider_stripe_meter.utils.aggregation import (
     DEFAULT_SAMPLE_LIMIT,
     paused_gc,
 )
-from airflow_provider_stripe_meter.utils.rules import NAIVE_TIMEZONE, check_fixed_event_name
+from airflow_provider_stripe_meter.utils.rules import (
+    NAIVE_TIMEZONE,
+    MeterEventInputError,
+    check_fixed_event_name,
+)
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -47,6 +53,8 @@ APIS = ("v1", "v2_stream")
 TOO_OLD = ("skip", "bill_at_oldest")
 BILLING_PERIODS = ("hold", "carry", "off")
 CONFIRM = ("meter", "summaries")
+#: ``covers``'s default: the run's ``billing_window()``, each day only if the source has rows of it.
+DEFAULT_COVERS = "billing_window"
 
 
 class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
@@ -172,6 +180,15 @@ class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
         will carry (``invoice_final``, ``subscription_ended``, ``no_invoice``: counted, summed,
         sampled; the run is not a success); ``"carry"`` also bills a final period's usage on the
         customer's open period, noted so in the ledger; ``"off"`` bills by UTC day alone.
+    :param covers: Where the source is the truth (docs/guarantees.md, "Corrections"): a
+        customer-day billed there that now has fewer, smaller or no rows is corrected, whichever
+        row was deleted. ``"billing_window"`` (default): the run's ``billing_window()`` (its data
+        interval's whole UTC days, or the last whole day of a manual run), each day only if the
+        source returned a row of it; a pair ``(start, end)`` (datetimes, ISO strings or unix
+        seconds; templated strings too), the window the query reads: every whole UTC day from
+        ``start`` counts, up to ``end`` or now (an hourly "day so far" run covers today up to
+        its own end and never lowers what a later view billed); ``None``: nowhere (a smaller
+        source then changes nothing and is reported as ``older_view``). (templated)
 
     The source parameters are shared with the reconcile sensor through
     :class:`~airflow_provider_stripe_meter.operators.base.StripeUsageSourceOperator`, which
@@ -189,6 +206,7 @@ class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
         "event_name",
         *StripeUsageSourceOperator.source_template_fields,
         "report_path",
+        "covers",
         *StripeBaseOperator.template_fields,
     )
 
@@ -227,6 +245,7 @@ class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
         report_path: str | None = None,
         fail_on_error: bool = False,
         billing_periods: BillingPeriods = "hold",
+        covers: Any = DEFAULT_COVERS,
         **kwargs: Any,
     ) -> None:
         if "preflight" in kwargs:
@@ -285,6 +304,7 @@ class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
         self.report_path = report_path
         self.fail_on_error = fail_on_error
         self.billing_periods: BillingPeriods = billing_periods
+        self.covers = covers
 
     # -- the task --------------------------------------------------------------------------
 
@@ -328,6 +348,8 @@ class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
                 tuple(aggregator.too_old),
                 aggregator.oldest,
                 periods,
+                covers=self._coverage(context, aggregates, run.book.now),
+                event_names=frozenset({self.event_name} if self.event_name else ()),
             )
             # Millions of per-day objects and no cycles: the cyclic collector would walk them all
             # again and again while they are built.
@@ -348,6 +370,41 @@ class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
         if not self.plan_only:
             update_meter_assets(self, context, _asset_extra(outcome, aggregates), meters)
         return outcome
+
+    def _coverage(self, context: Context, aggregates: list[DailyAggregate], now: int) -> Coverage:
+        """Where the source is the truth, from ``covers`` (checked before anything is sent)."""
+        try:
+            return self._read_covers(context, aggregates, now)
+        except MeterEventInputError as err:
+            raise StripeParameterError(
+                str(err), {"type": "validation_error", "field": "covers", "value": repr(self.covers)[:200]}
+            ) from err
+
+    def _read_covers(self, context: Context, aggregates: list[DailyAggregate], now: int) -> Coverage:
+        from airflow_provider_stripe_meter.macros import as_of, whole_days
+        from airflow_provider_stripe_meter.utils.rules import to_unix_seconds
+
+        covers = self.covers
+        if covers is None or covers == "none":
+            return NOTHING
+        if covers == DEFAULT_COVERS:
+            window = whole_days(as_of(context), 1)
+            start, end = (to_unix_seconds(window.start), to_unix_seconds(window.end))
+            # Only days the query returned rows of: a query that reads other days than the
+            # run's billing_window() corrects nothing it did not read.
+            seen = {a.day for a in aggregates}
+            return Coverage.between(start, end, now, days=seen)
+        if isinstance(covers, (list, tuple)) and len(covers) == 2:
+            start, end = (
+                to_unix_seconds(value, f"covers[{i}]", naive_timezone=timezone.utc)
+                for i, value in enumerate(covers)
+            )
+            if start >= end:
+                raise MeterEventInputError("covers", covers, "start must be before end")
+            return Coverage.between(start, end, now)
+        raise MeterEventInputError(
+            "covers", covers, '"billing_window", None, or a pair (start, end) of the window the query reads'
+        )
 
     def _close(self, ledger: SqlLedger, periods: PeriodBook | None, *, failing: bool = False) -> None:
         """Write the subscriptions table (what reading the periods learnt), if the run did not

@@ -13,6 +13,7 @@ from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+from airflow_provider_stripe_meter.billing.coverage import NOTHING, Coverage
 from airflow_provider_stripe_meter.billing.result import SourceFigures
 from airflow_provider_stripe_meter.billing.run import BillingRun, Usage, Writer
 from airflow_provider_stripe_meter.billing.settings import Delivery, RunSettings, Timing
@@ -95,9 +96,13 @@ class World:
         confirm: str = "meter",
         adopt: bool = False,
         meanwhile: list[Any] | None = None,
+        covers: Coverage | str | None = "query",
+        periods: Any = None,
     ) -> dict[str, Any]:
         """One batch run over the rows in ``[since, until)`` (default: every row up to now);
-        ``meanwhile``: work the run does while its first events are out."""
+        ``meanwhile``: work the run does while its first events are out; ``covers``: where the
+        source is the truth (``"query"``: ``[since, until)`` when ``since`` is given, as a DAG
+        declares its query's window; ``None``: nowhere)."""
         now = int(self.now)
         rows = [
             (c, v, datetime.fromtimestamp(t, timezone.utc))
@@ -111,6 +116,7 @@ class World:
             naive_timezone=timezone.utc,
             safety_margin=timedelta(minutes=5),
             keep_too_old=too_old == "bill_at_oldest",
+            split=periods.split() if periods is not None else None,
         )
         aggregator.add_rows(rows)
         aggregates = aggregator.finish()
@@ -125,6 +131,15 @@ class World:
             ),
             tuple(aggregator.too_old),
             aggregator.oldest,
+            covers=(
+                Coverage.between(since, until if until is not None else now + 1, now)
+                if covers == "query" and since is not None
+                else covers
+                if isinstance(covers, Coverage)
+                else NOTHING
+            ),
+            periods=periods,
+            event_names=frozenset({EVENT}),
         )
         settings = RunSettings(
             api=api,  # type: ignore[arg-type]
@@ -180,6 +195,12 @@ class World:
             else:
                 out[key] = sum(r[2] for r in rows)
         return {k: v for k, v in out.items() if v or self.formula == "last"}
+
+    def invoiced(self, start: int, end: int) -> int:
+        """What Stripe bills for events stamped in ``[start, end)`` (a billing period), by ``sum``."""
+        return sum(
+            int(e.payload["value"]) for e in self.stripe_state.accepted() if start <= e.timestamp < end
+        )
 
     def ledger_rows(self) -> list[tuple[Any, ...]]:
         with sqlite3.connect(self.db) as con:

@@ -1,0 +1,88 @@
+"""What a run's source covers: the UTC days, and up to which instant, where the source is the truth.
+
+A run plans from the rows its query returned. Without knowing what the query covers, a day with
+fewer or older rows than the ledger billed from looks the same whether a row was deleted (a
+refund, a fraudulent call: a correction) or the run reads an older view of the day (an hourly
+run retried after the nightly one). A run's coverage says which:
+
+* inside it, the source is the truth: a customer-day (or a part of a split day) with fewer,
+  smaller or no rows than the ledger billed is corrected, whatever row was deleted;
+* a day the coverage reaches only up to an instant (an hourly "day so far" run) is the truth only
+  if the ledger billed it from rows before that instant: a later view is never lowered by it.
+
+The rule, for a customer-day whose ledger events were planned from source rows up to
+``source_at``: the source is the truth if the coverage holds the day from its start through an
+instant past ``source_at``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import date, datetime, timezone
+
+SECONDS_PER_DAY = 86400
+_EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
+
+
+def _day_start(day: date) -> int:
+    return (day.toordinal() - _EPOCH_ORDINAL) * SECONDS_PER_DAY
+
+
+def _day(seconds: int) -> date:
+    return datetime.fromtimestamp(seconds, timezone.utc).date()
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """Per UTC day the source covers from its start, the instant (exclusive) it covers it up to."""
+
+    through: dict[date, int] = field(default_factory=dict)
+
+    @classmethod
+    def between(cls, start: int, end: int, now: int, *, days: set[date] | None = None) -> Coverage:
+        """The days whose start lies in ``[start, end)``, each covered up to ``end`` (at most its
+        own end, and no later than ``now``, past which no row can exist yet).
+
+        A day that began before ``start`` is not covered: the query shows only part of it.
+        ``days``: only these days (the days the source returned rows for).
+        """
+        through: dict[date, int] = {}
+        first = _day(start) if start % SECONDS_PER_DAY == 0 else _day(start + SECONDS_PER_DAY)
+        day_start = _day_start(first)
+        limit = min(end, now + 1)
+        while day_start < limit:
+            day = _day(day_start)
+            if days is None or day in days:
+                through[day] = min(day_start + SECONDS_PER_DAY, limit)
+            day_start += SECONDS_PER_DAY
+        return cls(through)
+
+    def __bool__(self) -> bool:
+        return bool(self.through)
+
+    @property
+    def days(self) -> list[date]:
+        """The covered days, ascending."""
+        return sorted(self.through)
+
+    def truth(self, day: date, source_at: int) -> bool:
+        """Whether the source is the truth for ``day``, whose ledger events were planned from
+        rows up to ``source_at`` (``-1``: none, or adopted from Stripe)."""
+        through = self.through.get(day)
+        return through is not None and through > source_at
+
+    def describe(self) -> dict[str, str] | None:
+        """JSON-safe: the first and last covered day and the instant the last is covered up to."""
+        if not self.through:
+            return None
+        days = self.days
+        end = datetime.fromtimestamp(self.through[days[-1]], timezone.utc)
+        return {
+            "first_day": days[0].isoformat(),
+            "last_day": days[-1].isoformat(),
+            "through": end.isoformat().replace("+00:00", "Z"),
+        }
+
+
+#: Nothing covered: every day keeps the stale-view rule (a smaller source changes nothing).
+NOTHING = Coverage()

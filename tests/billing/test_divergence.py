@@ -1,0 +1,165 @@
+"""The ledger under divergence: corrections that delete rows, a ledger behind Stripe, and
+invoices that lock while a run sends. Each history asserts Stripe's per-day figures, each
+invoice's quantity where periods matter, and ``success`` after every run."""
+
+from __future__ import annotations
+
+import pytest
+
+from airflow_provider_stripe_meter.billing.coverage import Coverage
+from airflow_provider_stripe_meter.billing.periods import CustomerPeriods, Period, PeriodBook
+from tests.billing.world import DAY, EVENT, HOUR, World, iso, midnight
+
+
+@pytest.fixture
+def world(tmp_path, monkeypatch):
+    def make(**kwargs):
+        return World(tmp_path, monkeypatch, **kwargs)
+
+    return make
+
+
+def nightly(w: World, run_id: str = "nightly") -> dict:
+    """The nightly run over yesterday, its query's window declared as what it covers."""
+    return w.run(since=midnight(-1, int(w.now)), until=midnight(0, int(w.now)), run_id=run_id)
+
+
+# -- 1. deletions are corrections inside what the run covers ------------------------------------
+
+
+def test_the_days_newest_row_deleted_is_corrected_on_the_rerun(world):
+    w = world()
+    w.add("cus_a", 100, midnight(-1) + 60)
+    w.add("cus_a", 50, midnight(-1) + 20 * HOUR)  # refunded: deleted below
+    assert nightly(w)["success"]
+    assert w.billed() == {("cus_a", iso(midnight(-1))): 150}
+    w.rows.pop()
+    w.advance(HOUR)
+    rerun = nightly(w, "nightly-rerun")
+    assert (rerun["success"], rerun["events_sent"]) == (True, 1), rerun["samples"]
+    assert w.billed() == w.source() == {("cus_a", iso(midnight(-1))): 100}
+    assert rerun["covers"]["first_day"] == iso(midnight(-1))
+
+
+@pytest.mark.parametrize("formula", ["sum", "count", "last"])
+def test_every_row_of_a_customer_day_deleted_bills_nothing_for_it(world, formula):
+    w = world(formula=formula)
+    w.add("cus_a", 40, midnight(-1) + 3 * HOUR)
+    w.add("cus_b", 100, midnight(-1) + 5 * HOUR)
+    w.add("cus_b", 7, midnight(-1) + 6 * HOUR)
+    assert nightly(w)["success"]
+    w.rows = [r for r in w.rows if r[0] != "cus_b"]  # a fraudulent account's usage, all removed
+    w.advance(HOUR)
+    rerun = nightly(w, "nightly-rerun")
+    assert rerun["success"], rerun["samples"]
+    day = iso(midnight(-1))
+    assert w.billed().get(("cus_b", day), 0) == 0
+    assert w.billed()[("cus_a", day)] == w.source()[("cus_a", day)]
+    again = nightly(w, "nightly-again")
+    assert (again["success"], again["events_sent"]) == (True, 0)
+
+
+def test_late_rows_added_then_removed_are_taken_off_by_a_rerun_at_once(world):
+    w = world()
+    w.add("cus_a", 100, midnight(-1) + 10 * HOUR)
+    assert nightly(w)["success"]
+    w.add("cus_a", 50, midnight(-1) + 23 * HOUR)  # a late-arriving row...
+    w.advance(HOUR)
+    assert nightly(w, "late")["success"]
+    assert w.billed() == {("cus_a", iso(midnight(-1))): 150}
+    w.rows.pop()  # ...that was a duplicate in the pipeline, removed again
+    rerun = nightly(w, "late-again")
+    assert (rerun["success"], rerun["events_sent"]) == (True, 1)
+    assert w.billed() == w.source() == {("cus_a", iso(midnight(-1))): 100}
+
+
+def test_an_hourly_day_so_far_run_corrects_its_hours_but_never_lowers_a_later_view(world):
+    w = world()
+    today = midnight(0)
+    w.add("cus_a", 30, today + 8 * HOUR)
+    w.add("cus_a", 20, today + 9 * HOUR + 1800)  # deleted before the 11:00 run
+    w.add("cus_a", 5, today + 22 * HOUR)
+    w.now = today + 10 * HOUR
+    assert w.run(since=today, run_id="hourly-10")["success"]
+    assert w.billed() == {("cus_a", iso(today)): 50}
+    del w.rows[1]
+    w.now = today + 11 * HOUR
+    hourly = w.run(since=today, run_id="hourly-11")
+    assert (hourly["success"], hourly["events_sent"]) == (True, 1)
+    assert w.billed() == {("cus_a", iso(today)): 30}
+    w.now = midnight(1) + 2 * HOUR
+    assert w.run(since=today, until=midnight(1), run_id="nightly")["success"]
+    assert w.billed() == {("cus_a", iso(today)): 35}
+    # The 10:00 run retried now covers the day only to 10:00: the nightly billed from 22:00.
+    retry = w.run(since=today, until=today + 10 * HOUR, run_id="hourly-10")
+    assert (retry["success"], retry["events_sent"]) == (True, 0)
+    assert w.billed() == {("cus_a", iso(today)): 35}
+
+
+def test_a_run_that_declares_no_coverage_keeps_the_stale_view_rule(world):
+    w = world()
+    w.add("cus_a", 100, midnight(-1) + 60)
+    w.add("cus_a", 50, midnight(-1) + 120)
+    assert nightly(w)["success"]
+    w.rows.pop()
+    w.advance(HOUR)
+    result = w.run(since=midnight(-1), until=midnight(0), covers=None)
+    assert (result["success"], result["events_sent"]) == (True, 0)
+    assert [s["expected"] for s in result["samples"]["older_view"]] == [100]
+
+
+def test_coverage_holds_whole_days_from_its_start_up_to_now():
+    start = midnight(-2)
+    covers = Coverage.between(start + HOUR, midnight(1), now=midnight(0) + 5 * HOUR)
+    # The day the window starts inside is not covered (the query shows part of it).
+    assert [d.isoformat() for d in covers.days] == [iso(midnight(-1)), iso(midnight(0))]
+    assert covers.through[covers.days[-1]] == midnight(0) + 5 * HOUR + 1
+    assert covers.truth(covers.days[-1], midnight(0) + 5 * HOUR)
+    assert not covers.truth(covers.days[-1], midnight(0) + 6 * HOUR)
+
+
+# -- split days keep their parts --------------------------------------------------------------
+
+#: The customer's billing period ends mid-afternoon yesterday.
+BOUNDARY = midnight(-1) + 14 * HOUR + 37 * 60 + 12
+
+
+def periods_at(now: float, finalizes_at: int = BOUNDARY + 3 * DAY) -> PeriodBook:
+    customer = CustomerPeriods(
+        [
+            Period(BOUNDARY - 30 * DAY, BOUNDARY, "sub_1", finalizes_at),
+            Period(BOUNDARY, BOUNDARY + 30 * DAY, "sub_1"),
+        ]
+    )
+    return PeriodBook({(EVENT, "cus_a"): customer, (EVENT, "cus_b"): customer}, [EVENT], now=int(now))
+
+
+def test_the_only_row_of_a_period_part_deleted_leaves_each_invoice_equal_to_the_source(world):
+    w = world()
+    w.add("cus_a", 100, BOUNDARY - HOUR)  # closing period: deleted below
+    w.add("cus_a", 50, BOUNDARY + HOUR)  # new period
+    assert nightly_in_periods(w)["success"]
+    assert (w.invoiced(BOUNDARY - 30 * DAY, BOUNDARY), w.invoiced(BOUNDARY, BOUNDARY + 30 * DAY)) == (100, 50)
+    del w.rows[0]
+    w.advance(HOUR)
+    rerun = nightly_in_periods(w)
+    assert rerun["success"], rerun["samples"]
+    assert w.billed() == w.source() == {("cus_a", iso(midnight(-1))): 50}
+    assert (w.invoiced(BOUNDARY - 30 * DAY, BOUNDARY), w.invoiced(BOUNDARY, BOUNDARY + 30 * DAY)) == (0, 50)
+
+
+def test_a_split_day_with_every_row_deleted_is_taken_off_each_invoice(world):
+    w = world()
+    w.add("cus_a", 100, BOUNDARY - HOUR)
+    w.add("cus_a", 50, BOUNDARY + HOUR)
+    w.add("cus_b", 9, BOUNDARY + HOUR)  # another customer keeps the day in the source
+    assert nightly_in_periods(w)["success"]
+    w.rows = [r for r in w.rows if r[0] != "cus_a"]
+    w.advance(HOUR)
+    assert nightly_in_periods(w)["success"]
+    assert w.billed().get(("cus_a", iso(midnight(-1))), 0) == 0
+    assert (w.invoiced(BOUNDARY - 30 * DAY, BOUNDARY), w.invoiced(BOUNDARY, BOUNDARY + 30 * DAY)) == (0, 9)
+
+
+def nightly_in_periods(w: World) -> dict:
+    return w.run(since=midnight(-1, int(w.now)), until=midnight(0, int(w.now)), periods=periods_at(w.now))
