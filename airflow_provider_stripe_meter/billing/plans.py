@@ -62,6 +62,13 @@ class PlannedEvent:
     period_end: int | None = None
     #: Usage carried into the open period: the end of the final period it belonged to.
     carried_from: int | None = None
+    #: The try of the task that wrote the event's ledger row (:attr:`idempotency_key`).
+    attempt: str = ""
+
+    @property
+    def idempotency_key(self) -> str | None:
+        """The event's ``Idempotency-Key``: its identifier and the try that wrote its row."""
+        return f"{self.identifier}/{self.attempt}" if self.attempt else None
 
     @property
     def key(self) -> tuple[str, str, date]:

@@ -39,7 +39,13 @@ class StripeMeters(Protocol):
     def usage_between(self, meter_id: str, customer: str, start: int, end: int) -> int | None: ...
 
     def create_meter_event(
-        self, event: MeterEvent, *, customer_payload_key: str, value_payload_key: str, retry: bool = True
+        self,
+        event: MeterEvent,
+        *,
+        customer_payload_key: str,
+        value_payload_key: str,
+        retry: bool = True,
+        idempotency_key: str | None = None,
     ) -> Any: ...
 
     def meter_event_stream(self) -> StreamSession: ...

@@ -38,6 +38,7 @@ from airflow_provider_stripe_meter.billing.plans import (
     hold_unknown,
     iso_seconds,
     ledger_identifier,
+    ledger_recorded,
     plan_day,
     plan_in_periods,
     with_ledger_parts,
@@ -45,6 +46,7 @@ from airflow_provider_stripe_meter.billing.plans import (
 from airflow_provider_stripe_meter.billing.result import BatchResult, SourceFigures, summarize
 from airflow_provider_stripe_meter.billing.sending import make_deliverer
 from airflow_provider_stripe_meter.billing.settling import (
+    FOREIGN,
     Settler,
     describe,
     resolved_states,
@@ -153,6 +155,8 @@ class BillingRun:
         self.planned: PlanAhead[Key, PlannedEvent] = PlanAhead(iter(()))
         #: Where the source is the truth (:attr:`Usage.covers`).
         self.covers: Coverage = NOTHING
+        #: Events Stripe refused as duplicates of events this ledger did not send.
+        self.foreign: list[PlannedEvent] = []
 
     # -- the run ---------------------------------------------------------------------------------
 
@@ -300,11 +304,15 @@ class BillingRun:
         return out
 
     def adopt(self, aggregates: dict[Key, DailyAggregate]) -> int:
-        """Write what Stripe's summaries show into the ledger, for customer-days it holds nothing of.
+        """Write what Stripe's summaries show beyond the ledger into it, per customer-day.
 
-        For a ledger that was lost, or started on a meter billed before it: one summaries request
-        per customer, then a row per figure (``count``: one per event), ``accepted`` and noted as
-        adopted, so the plan sends only what Stripe lacks. Returns the rows written.
+        For a ledger that was lost, wholly or in part (a failover that lost commits, a restored
+        backup), or started on a meter billed before it: one summaries request per customer,
+        then, where Stripe holds more than the ledger's events for a customer-day, rows for the
+        difference (``count``: one per event; ``last``: the figure, for a day the ledger holds
+        nothing of), ``accepted`` and noted as adopted, so the plan sends only what Stripe lacks.
+        Only more is adopted: a summary that trails its newest events shows less, never more.
+        Days with open rows are left to settling. Returns the rows written.
         """
         written = 0
         now = clock.now()
@@ -313,22 +321,33 @@ class BillingRun:
             if not keys:
                 continue
             first, last = min(k[2] for k in keys), max(k[2] for k in keys)
-            held = self.ledger.figures(self.account, spec.meter_id, first, last)
-            empty = [k for k in keys if (k[1], k[2]) not in held]
-            if not empty:
+            held = self.ledger.figures(
+                self.account, spec.meter_id, first, last, newest=spec.kind not in (ADD, COUNT)
+            )
+            wanted = {
+                (k[1], k[2])
+                for k in keys
+                if (k[1], k[2]) not in held or (spec.kind in (ADD, COUNT) and not held[(k[1], k[2])].open)
+            }
+            if not wanted:
                 continue
-            customers = sorted({k[1] for k in empty})
+            customers = sorted({customer for customer, _ in wanted})
             found, _unknown = self.stripe.recorded_per_day(
                 spec.meter_id, customers, first, last, max_rps=self.settings.read_rps
             )
             self.book.summary_requests += len(customers)
-            wanted = {(k[1], k[2]) for k in empty}
             entries: list[Entry] = []
             for (customer, day), figure in found.items():
                 if (customer, day) not in wanted or not figure:
                     continue
-                values = [1] * figure if spec.kind == COUNT else [figure]
-                for seq, value in enumerate(values, start=1):
+                mine = held.get((customer, day))
+                more = figure - (ledger_recorded(spec, mine) if mine is not None else 0)
+                if more <= 0:
+                    continue
+                values = [1] * more if spec.kind == COUNT else [more] if spec.kind == ADD else [figure]
+                seq = mine.max_seq if mine is not None else 0
+                for value in values:
+                    seq += 1
                     entries.append(
                         Entry(
                             account=self.account,
@@ -363,6 +382,8 @@ class BillingRun:
             settler = Settler(self, spec)
             settler.settle()
             self.figures["settled"] += settler.settled
+            if settler.adopted:
+                self.figures["taken_from_stripe"] = self.figures.get("taken_from_stripe", 0) + settler.adopted
             self.figures["unsettled"] += len(settler.unsettled)
             for entry in settler.unsettled:
                 self.book.samples.add(
@@ -569,13 +590,20 @@ class BillingRun:
         changes, failed = self.deliver(to_send)
         self.ledger.resolve(self.account, changes)
         rejected = {c[0] for c in changes if c[1] == REJECTED}
+        foreign = {c[0] for c in changes if c[1] == UNVERIFIED}
         by_key: dict[Key, list[PlannedEvent]] = defaultdict(list)
         for event in to_send:
             by_key[event.key].append(event)
         for key, events in by_key.items():
             ids = {e.identifier for e in events}
             day = days[key]
-            if ids & rejected:
+            if ids & foreign:
+                day.outcome = DayOutcome.UNCONFIRMED
+                self.book.samples.add(
+                    DayOutcome.UNCONFIRMED,
+                    {**day.plan.line(), "reason": FOREIGN, "identifiers": sorted(ids & foreign)[:3]},
+                )
+            elif ids & rejected:
                 day.outcome = DayOutcome.REJECTED
             elif ids & failed:
                 day.outcome = DayOutcome.FAILED
@@ -613,11 +641,30 @@ class BillingRun:
         # which drops repeats without a word, is as exact as v1 here.
         work, self.meanwhile = self.meanwhile, []
         report = make_deliverer(
-            self.settings.api, self.book.specs, self.settings, self.stripe, self.log, noting
+            self.settings.api,
+            self.book.specs,
+            self.settings,
+            self.stripe,
+            self.log,
+            noting,
+            attempt=self.writer.attempt,
         ).run(events, meanwhile=partial(self._meanwhile, work) if work else None)
         self.book.reports.append(report)
         rejected = {id(e) for e in report.rejected_items}
-        return resolved_states(events, answered, rejected, {id(e) for e in report.failed_items})
+        # Each request carried its row's idempotency key, so Stripe replays our own answer to a
+        # retry: a duplicate answer is evidence that Stripe holds what this ledger does not.
+        foreign = {id(e) for e in report.already} if self.settings.api == "v1" else set()
+        if foreign:
+            self.foreign.extend(e for e in report.already)
+            self.log.warning(
+                "Stripe already holds events under %d identifiers this ledger did not send (e.g. %s): "
+                "another ledger bills this meter (every DAG billing it must share ledger_conn_id and "
+                "ledger_table), the ledger lost commits, or something else sends them. Their days "
+                "are not counted as billed; the next run settles them from Stripe's summaries.",
+                len(foreign),
+                [e.identifier for e in report.already[:3]],
+            )
+        return resolved_states(events, answered, rejected, {id(e) for e in report.failed_items}, foreign)
 
     def _meanwhile(self, work: list[Callable[[], None]]) -> None:
         """Do ``work`` while requests are out; a failure is logged, not raised into the sending."""

@@ -28,13 +28,16 @@ def make_deliverer(
     log: Log,
     send: Callable[[Callable[[list[PlannedEvent]], None]], Callable[[list[PlannedEvent]], None]]
     | None = None,
+    attempt: str = "",
 ) -> Deliverer[PlannedEvent]:
     """A deliverer of planned events through ``api`` (``v1``: one a request; ``v2_stream``: 100).
 
     ``send`` may wrap the function that sends a batch (the ledger run notes when each answer came).
+    ``attempt``: the try that wrote the events' ledger rows, where an event does not name its own
+    (:attr:`PlannedEvent.idempotency_key`).
     """
     delivery = settings.delivery
-    sender = _v1(specs, stripe) if api == "v1" else _stream(specs, stripe)
+    sender = _v1(specs, stripe, attempt) if api == "v1" else _stream(specs, stripe)
     return Deliverer(
         send(sender) if send else sender,
         key=lambda e: (e.event_name, e.customer_id),
@@ -50,11 +53,21 @@ def make_deliverer(
     )
 
 
-def _v1(specs: dict[str, MeterSpec], stripe: StripeMeters) -> Callable[[list[PlannedEvent]], None]:
+def _v1(
+    specs: dict[str, MeterSpec], stripe: StripeMeters, attempt: str
+) -> Callable[[list[PlannedEvent]], None]:
     def send(batch: list[PlannedEvent]) -> None:
         [event] = batch
+        key = event.idempotency_key or (f"{event.identifier}/{attempt}" if attempt else None)
         # The deliverer retries (with backoff and its outage gate): no SDK retries inside.
-        stripe.create_meter_event(event.as_meter_event(), **specs[event.event_name].payload_keys, retry=False)
+        stripe.create_meter_event(
+            event.as_meter_event(),
+            **specs[event.event_name].payload_keys,
+            retry=False,
+            # The try that wrote the event's ledger row: its own retries, and a later run settling
+            # the row, get Stripe's first answer replayed; a duplicate answer is someone else's.
+            idempotency_key=key,
+        )
 
     return send
 

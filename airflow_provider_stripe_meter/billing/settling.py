@@ -25,7 +25,7 @@ from datetime import date, datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from airflow_provider_stripe_meter.billing.meters import ADD, COUNT
-from airflow_provider_stripe_meter.billing.plans import PlannedEvent, day_end
+from airflow_provider_stripe_meter.billing.plans import PlannedEvent, day_end, ledger_identifier
 from airflow_provider_stripe_meter.billing.settings import FRESH_MARGIN
 from airflow_provider_stripe_meter.ledger.entries import (
     ACCEPTED,
@@ -35,6 +35,7 @@ from airflow_provider_stripe_meter.ledger.entries import (
     LIVE,
     PENDING,
     REJECTED,
+    UNVERIFIED,
     Entry,
 )
 from airflow_provider_stripe_meter.utils import clock
@@ -58,7 +59,9 @@ class Settler:
     def __init__(self, run: BillingRun, spec: MeterSpec) -> None:
         self.run, self.spec = run, spec
         self.ledger, self.account = run.ledger, run.account
-        #: How many open rows were settled, and how many could not be.
+        #: How many open rows were settled, and how many could not be; rows written to take
+        #: Stripe's figure where it holds usage this ledger did not send.
+        self.adopted = 0
         self.settled = 0
         self.unsettled: list[Entry] = []
 
@@ -105,7 +108,17 @@ class Settler:
             return
         events = [
             PlannedEvent(
-                e.event_name, e.customer_id, e.day, e.value, e.identifier, e.stamp, e.seq, e.source_at
+                e.event_name,
+                e.customer_id,
+                e.day,
+                e.value,
+                e.identifier,
+                e.stamp,
+                e.seq,
+                e.source_at,
+                e.part,
+                e.period_end,
+                attempt=e.attempt,
             )
             for e in entries
         ]
@@ -141,23 +154,93 @@ class Settler:
         for entry in entries:
             groups[(entry.customer_id, stamp_day(entry.stamp))].append(entry)
         changes: list[Change] = []
+        adopted: list[Entry] = []
         now = clock.now()
         for (customer, day), group in groups.items():
             group.sort(key=lambda e: (e.answered_at or e.sent_at, e.seq))
             if customer in unknown:
                 changes += [(e.identifier, DROPPED, now, "customer unknown to Stripe") for e in group]
                 continue
-            landed = self._landed(group, certain[(customer, day)], found.get((customer, day), 0))
+            figure = found.get((customer, day), 0)
+            landed = self._landed(group, certain[(customer, day)], figure)
             if landed is None:
-                self.unsettled.extend(group)
+                # No count of these events explains Stripe's figure: Stripe holds events this
+                # ledger did not send (a duplicate answer said so, or another sender). The ledger
+                # takes Stripe's figure for the day, so the plan sends the true difference.
+                mirrored = self._mirror(group, certain[(customer, day)], figure, now)
+                if mirrored is None:
+                    self.unsettled.extend(group)
+                    continue
+                changes += [(e.identifier, DROPPED, now, "settled: Stripe's figure taken") for e in group]
+                adopted.extend(mirrored)
                 continue
             changes += [
                 (e.identifier, ACCEPTED, e.answered_at or now, "settled from summaries")
                 for e in group[:landed]
             ]
             changes += [(e.identifier, DROPPED, now, "not in Stripe's summaries") for e in group[landed:]]
+        # The figure Stripe holds is written first: a run killed in between leaves both, and the
+        # next settles the group again (its rows are still open) against the same figure.
+        self.ledger.insert(adopted)
         self.ledger.resolve(self.account, changes)
         self.settled += len(changes)
+        self.adopted += len(adopted)
+        if adopted:
+            self.run.log.warning(
+                "Stripe's summaries hold usage this ledger did not send for %d customer-days (e.g. %s): "
+                "the ledger takes Stripe's figures and the plan sends the difference to the source",
+                len({(e.customer_id, e.day) for e in adopted}),
+                sorted({f"{e.customer_id} {e.day.isoformat()}" for e in adopted})[:3],
+            )
+
+    def _mirror(
+        self, group: list[Entry], certain: list[Entry], stripe_figure: int, now: float
+    ) -> list[Entry] | None:
+        """Rows that make the ledger hold ``stripe_figure`` beside ``certain`` in place of ``group``
+        (each ``accepted``, noted as taken from Stripe); ``None`` where no rows can (a ``count``
+        figure below the events the ledger is sure of)."""
+        kind, spec = self.spec.kind, self.spec
+        first = group[0]
+        if kind == COUNT:
+            values = [1] * (stripe_figure - len(certain))
+            if stripe_figure < len(certain):
+                return None
+        elif kind == ADD:
+            diff = stripe_figure - sum(e.value for e in certain)
+            values = [diff] if diff else []
+        else:
+            values = [stripe_figure]
+        known = self.ledger.figures(self.account, spec.meter_id, first.day, first.day).get(
+            (first.customer_id, first.day)
+        )
+        seq = known.max_seq if known is not None else max(e.seq for e in group)
+        stamp = max(e.stamp for e in group)
+        out = []
+        for value in values:
+            seq += 1
+            out.append(
+                Entry(
+                    account=self.account,
+                    meter_id=spec.meter_id,
+                    event_name=first.event_name,
+                    customer_id=first.customer_id,
+                    day=first.day,
+                    seq=seq,
+                    identifier="stripe:" + ledger_identifier(spec, first.customer_id, first.day, seq),
+                    value=value,
+                    stamp=stamp,
+                    source_at=-1,
+                    state=ACCEPTED,
+                    run_id=self.run.writer.run_id,
+                    attempt=self.run.writer.attempt,
+                    sent_at=now,
+                    answered_at=now,
+                    note="Stripe's figure: its summaries hold usage this ledger did not send",
+                    part=first.part,
+                    period_end=first.period_end,
+                )
+            )
+        return out
 
     def _landed(self, group: list[Entry], certain: list[Entry], stripe_figure: int) -> int | None:
         """How many of ``group`` (in the order Stripe took them) landed, given Stripe's figure."""
@@ -208,19 +291,35 @@ def stripe_view(spec: MeterSpec, entries: list[Entry]) -> int:
     return max(live, key=lambda e: (e.answered_at or e.sent_at, e.seq)).value
 
 
+#: Why a row is left ``unverified`` after a duplicate answer to a request of its own try.
+FOREIGN = (
+    "duplicate: Stripe holds an event under this identifier that this ledger did not send (another "
+    "ledger billing this meter, commits the ledger lost, or another sender)"
+)
+
+
 def resolved_states(
-    events: list[PlannedEvent], answered: dict[int, float], rejected: set[int], failed: set[int]
+    events: list[PlannedEvent],
+    answered: dict[int, float],
+    rejected: set[int],
+    failed: set[int],
+    foreign: set[int] = frozenset(),  # type: ignore[assignment]
 ) -> tuple[list[Change], set[str]]:
     """Ledger changes from a delivery: answered events are accepted, rejected ones rejected.
 
     Failed events stay ``pending`` (no change): the next run sends them again under the same
-    identifier. Returns the changes and the identifiers that failed.
+    identifier. An event refused as a duplicate although its request carried its row's own
+    idempotency key (``foreign``) names a slot Stripe holds an event of someone else's in: it is
+    not counted as billed but left ``unverified``, for the next run to settle from Stripe's
+    summaries. Returns the changes and the identifiers that failed.
     """
     changes: list[Change] = []
     failed_ids: set[str] = set()
     for event in events:
         if id(event) in failed:
             failed_ids.add(event.identifier)
+        elif id(event) in foreign:
+            changes.append((event.identifier, UNVERIFIED, answered.get(id(event), clock.now()), FOREIGN))
         elif id(event) in rejected:
             changes.append((event.identifier, REJECTED, answered.get(id(event)), "rejected by Stripe"))
         else:

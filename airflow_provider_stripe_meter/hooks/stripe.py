@@ -284,6 +284,7 @@ class StripeHook(BaseHook):
         customer_payload_key: str = "stripe_customer_id",
         value_payload_key: str = "value",
         retry: bool = True,
+        idempotency_key: str | None = None,
     ) -> dict[str, Any]:
         """Record one meter event through ``POST /v1/billing/meter_events`` and return it as a dict.
 
@@ -292,6 +293,10 @@ class StripeHook(BaseHook):
         :param customer_payload_key: The meter's ``customer_mapping.event_payload_key``.
         :param value_payload_key: The meter's ``value_settings.event_payload_key``.
         :param retry: Let the SDK retry network errors and 5xx (off when a deliverer retries).
+        :param idempotency_key: Sent as ``Idempotency-Key``: a retry under the same key gets the
+            first answer replayed, so a duplicate-identifier answer means another request (not
+            this one) recorded the identifier
+            (https://docs.stripe.com/api/idempotent_requests).
         :raises StripeDuplicateIdentifierError: Stripe already holds an event with this identifier.
         :raises StripeRequestRejectedError: Stripe refused the event.
         :raises StripeTransientError: rate limited or unreachable after the SDK's retries.
@@ -306,7 +311,8 @@ class StripeHook(BaseHook):
         if event.timestamp is not None:
             params["timestamp"] = event.timestamp
         client = self.client if retry else self.delivery_client
-        created = self._call(client.v1.billing.meter_events.create, params)
+        options = {"idempotency_key": idempotency_key} if idempotency_key else None
+        created = self._call(client.v1.billing.meter_events.create, params, options)
         return created.to_dict()
 
     def cancel_meter_event(self, event_name: str, identifier: str) -> dict[str, Any]:

@@ -73,6 +73,9 @@ class InProcessStripe:
         self._accepted = 0
         #: Called before each accepted event is recorded (a test's instant of choice).
         self.before_record: Callable[[], None] | None = None
+        #: Answers by ``Idempotency-Key``: a retry under the same key gets the first answer back,
+        #: also when that answer was lost on its way (Stripe saved it once the request ran).
+        self._idempotent: dict[str, tuple[Any, BaseException | None]] = {}
 
     # -- faults -------------------------------------------------------------------------------
 
@@ -141,26 +144,54 @@ class InProcessStripe:
         return sum(round(s["aggregated_value"]) for s in summaries)
 
     def create_meter_event(
-        self, event: MeterEvent, *, customer_payload_key: str, value_payload_key: str, retry: bool = True
+        self,
+        event: MeterEvent,
+        *,
+        customer_payload_key: str,
+        value_payload_key: str,
+        retry: bool = True,
+        idempotency_key: str | None = None,
     ) -> Any:
-        """``POST /v1/billing/meter_events``, with Stripe's answers as the core's kinds of failure."""
+        """``POST /v1/billing/meter_events``, with Stripe's answers as the core's kinds of failure.
+
+        Under an ``idempotency_key`` seen before, the first answer comes back (Stripe's replay).
+        """
         self.requests["v1_meter_event"] += 1
-        try:
-            recorded = self.accept(
-                lambda: self.ledger.record(
+        if idempotency_key is not None:
+            with self._lock:
+                seen = self._idempotent.get(idempotency_key)
+            if seen is not None:
+                self.requests["idempotent_replays"] = self.requests.get("idempotent_replays", 0) + 1
+                answer, error = seen
+                if error is not None:
+                    raise error
+                return answer
+
+        def record() -> Any:
+            try:
+                recorded = self.ledger.record(
                     event_name=event.event_name,
                     payload={customer_payload_key: event.customer_id, value_payload_key: str(event.value)},
                     identifier=event.identifier,
                     timestamp=event.timestamp,
                     api="v1",
                 )
-            )
-        except StripeApiError as err:
-            details = {**err.body()["error"], "http_status": err.status}
-            if "already exists" in err.message:
-                raise Duplicate(err.message, details) from err
-            raise Rejected(err.message, details) from err
-        return recorded.as_v1()
+                assert recorded is not None  # v1 records synchronously
+                answer = recorded.as_v1()
+            except StripeApiError as err:
+                details = {**err.body()["error"], "http_status": err.status}
+                kind = Duplicate if "already exists" in err.message else Rejected
+                error = kind(err.message, details)
+                if idempotency_key is not None:
+                    with self._lock:
+                        self._idempotent[idempotency_key] = (None, error)
+                raise error from err
+            if idempotency_key is not None:
+                with self._lock:
+                    self._idempotent[idempotency_key] = (answer, None)
+            return answer
+
+        return self.accept(record)
 
     def customers_known(self, customers: Sequence[str], *, max_rps: float) -> set[str]:
         """Which of ``customers`` Stripe knows, one ``GET /v1/customers/{id}`` each."""

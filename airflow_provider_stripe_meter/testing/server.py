@@ -291,8 +291,8 @@ class LocalStripeServer:
     def lose_answers(self, fraction: float, *, path_prefix: str = "/", seed: int = 0) -> None:
         """From now on, carry out each matching request and lose its answer with probability ``fraction``.
 
-        As on a flaky network: the write lands, the client sees a 500 and retries (the SDK with the
-        same ``Idempotency-Key``, which this server does not replay for lost answers). ``0`` stops it.
+        As on a flaky network: the write lands, the client sees a 500 and retries; a retry under
+        the same ``Idempotency-Key`` gets the saved answer replayed, as on Stripe. ``0`` stops it.
         """
         import random
 
@@ -597,6 +597,11 @@ class _Handler(BaseHTTPRequestHandler):
                     self._send_error(refused, v2)
                     return
                 state.count("idempotent_replays")
+                if state._take_fault(split.path) is not None:
+                    # The network loses a replayed answer as readily as a first one.
+                    state.count("injected_failures")
+                    self._send(500, {"error": {"type": "api_error", "message": "Injected failure (replay lost)."}})
+                    return
                 self._send(status, payload, {"Idempotent-Replayed": "true"})
                 return
 
@@ -638,18 +643,20 @@ class _Handler(BaseHTTPRequestHandler):
                 payload_headers = {}
             if state.validate_spec and template:
                 self._check_response(method, template, status, payload)
+            if key and status < 500:
+                # Stripe saves the result of a request that ran under an idempotency key, also when
+                # its answer is then lost on the way: a retry under the same key gets it replayed.
+                with state._lock:
+                    state._idempotency[scoped_key] = (raw, status, payload)
             if fault is not None:
-                # The write landed; its answer is lost. Not cached under the idempotency key, so a
-                # retry runs again and meets the duplicate-identifier rule.
+                # The write landed; its answer is lost. A retry without the same key runs again
+                # and meets the duplicate-identifier rule.
                 state.count("injected_failures")
                 self._send(
                     fault.status,
                     {"error": {"type": "api_error", "message": "Injected failure (after write)."}},
                 )
                 return
-            if key and status < 500:
-                with state._lock:
-                    state._idempotency[scoped_key] = (raw, status, payload)
             self._send(status, payload, payload_headers)
         finally:
             if lock_key is not None:

@@ -163,3 +163,92 @@ def test_a_split_day_with_every_row_deleted_is_taken_off_each_invoice(world):
 
 def nightly_in_periods(w: World) -> dict:
     return w.run(since=midnight(-1, int(w.now)), until=midnight(0, int(w.now)), periods=periods_at(w.now))
+
+
+# -- 2. a duplicate answer confirms only an event this ledger sent -------------------------------
+
+
+def lose_commits_of(w: World, run_id: str) -> None:
+    """The ledger's database fails over and loses what one run committed."""
+    import sqlite3
+
+    with sqlite3.connect(w.db) as con:
+        con.execute("DELETE FROM stripe_meter_ledger WHERE run_id = ?", (run_id,))
+
+
+def test_a_ledger_that_lost_a_runs_commits_is_not_fooled_by_the_duplicate_answer(world):
+    w = world()
+    w.add("cus_a", 100, midnight(-1) + 3 * HOUR)
+    assert nightly(w, "first")["success"]
+    lose_commits_of(w, "first")
+    w.add("cus_a", 50, midnight(-1) + 4 * HOUR)
+    w.advance(HOUR)
+    second = nightly(w, "second")
+    # Stripe holds slot 1 (100) already: the run does not count its 150 as billed.
+    assert second["success"] is False
+    [sample] = second["samples"]["unconfirmed"]
+    assert "did not send" in sample["reason"]
+    assert w.billed() == {("cus_a", iso(midnight(-1))): 100}
+    w.advance(HOUR)
+    third = nightly(w, "third")
+    assert third["success"], third["samples"]
+    assert third["ledger"]["taken_from_stripe"] == 1
+    assert w.billed() == w.source() == {("cus_a", iso(midnight(-1))): 150}
+    assert nightly(w, "fourth")["events_sent"] == 0
+
+
+def test_two_dags_with_their_own_ledgers_on_one_meter_are_caught_and_end_exact(world, tmp_path):
+    w = world()
+    today = midnight(0)
+    for hour in (1, 5, 9, 13, 21):
+        w.add("cus_a", 10 * hour, today + hour * HOUR)
+    # The hourly DAG keeps its ledger on a read replica's connection, the nightly on the warehouse.
+    hourly_db, nightly_db = tmp_path / "hourly.db", tmp_path / "nightly.db"
+    w.db = hourly_db
+    w.now = today + 10 * HOUR
+    assert w.run(since=today, run_id="hourly-10")["success"]
+    assert w.billed() == {("cus_a", iso(today)): 150}
+    w.db = nightly_db
+    w.now = midnight(1) + 2 * HOUR
+    first = w.run(since=today, until=midnight(1), run_id="nightly")
+    assert first["success"] is False  # slot 1 holds the hourly ledger's event
+    w.advance(HOUR)
+    retry = w.run(since=today, until=midnight(1), run_id="nightly")
+    assert retry["success"], retry["samples"]
+    assert w.billed() == w.source() == {("cus_a", iso(today)): 490}
+
+
+def test_on_the_stream_a_foreign_event_is_found_by_the_read_back_and_settled(world):
+    # The stream answers nothing for a repeated identifier (Stripe drops it without a word): the
+    # evidence comes from reading Stripe's summaries back (confirm="summaries").
+    w = world()
+    w.add("cus_a", 100, midnight(-1) + 3 * HOUR)
+    assert nightly(w, "first")["success"]
+    lose_commits_of(w, "first")
+    w.add("cus_a", 50, midnight(-1) + 4 * HOUR)
+    w.advance(HOUR)
+    second = w.run_confirmed(since=midnight(-1), until=midnight(0), api="v2_stream", run_id="second")
+    assert second["success"] is False
+    assert w.billed() == {("cus_a", iso(midnight(-1))): 100}
+    w.advance(HOUR)
+    third = w.run_confirmed(since=midnight(-1), until=midnight(0), api="v2_stream", run_id="third")
+    assert third["success"], third["samples"]
+    assert w.billed() == w.source()
+
+
+@pytest.mark.parametrize("formula", ["sum", "count"])
+def test_adopting_into_a_partly_lost_ledger_fills_each_customer_day_it_lacks(world, formula):
+    w = world(formula=formula)
+    for c in range(3):
+        w.add(f"cus_{c}", 100 + c, midnight(-1) + HOUR + c)
+    assert nightly(w, "first")["success"]
+    w.add("cus_1", 7, midnight(-1) + 5 * HOUR)
+    w.advance(HOUR)
+    assert nightly(w, "second")["success"]
+    lose_commits_of(w, "second")  # cus_1's top-up: its day is not empty in the ledger
+    w.add("cus_1", 20, midnight(-1) + 7 * HOUR)  # its next slot would now carry 27, not 7
+    w.add("cus_2", 9, midnight(-1) + 6 * HOUR)
+    w.advance(HOUR)
+    adopting = w.run(since=midnight(-1), until=midnight(0), adopt=True, run_id="adopt")
+    assert adopting["success"], adopting["samples"]
+    assert w.billed() == w.source()

@@ -129,10 +129,12 @@ def test_rate_limit_and_server_errors_are_transient(secret_server):
 def test_sdk_retries_a_lost_answer_without_double_billing(secret_server):
     secret_server.inject_failures(1, status=500, after_write=True)
 
-    with pytest.raises(StripeDuplicateIdentifierError):
-        StripeHook().create_meter_event(EVENT)
+    # The SDK retries under the same Idempotency-Key: Stripe replays the answer it saved.
+    created = StripeHook().create_meter_event(EVENT)
 
+    assert created["identifier"] == EVENT.identifier
     assert secret_server.ledger.totals() == {"cus_hook": 9}
+    assert (secret_server.stats["idempotent_replays"], secret_server.stats["duplicates_rejected"]) == (1, 0)
 
 
 def test_missing_api_key_names_the_connection(monkeypatch):
