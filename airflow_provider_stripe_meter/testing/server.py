@@ -600,7 +600,8 @@ class _Handler(BaseHTTPRequestHandler):
                 if state._take_fault(split.path) is not None:
                     # The network loses a replayed answer as readily as a first one.
                     state.count("injected_failures")
-                    self._send(500, {"error": {"type": "api_error", "message": "Injected failure (replay lost)."}})
+                    lost = {"error": {"type": "api_error", "message": "Injected failure (replay lost)."}}
+                    self._send(500, lost)
                     return
                 self._send(status, payload, {"Idempotent-Replayed": "true"})
                 return

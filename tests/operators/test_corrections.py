@@ -25,7 +25,7 @@ def test_a_rerun_takes_off_a_deleted_customer_and_a_deleted_newest_row(secret_se
         ],
     )
     first = xcoms(run_dag("t_batch_daily", logical_date=today()), "bill")
-    assert first["success"] and first["sent"] == 3
+    assert (first["success"], first["sent"]) == (True, 3)
     with sqlite3.connect(usage_db) as con:
         con.execute("DELETE FROM usage WHERE customer_id = 'cus_fraud' OR tokens = 50")
 
@@ -34,10 +34,14 @@ def test_a_rerun_takes_off_a_deleted_customer_and_a_deleted_newest_row(secret_se
     assert rerun["success"] is True, rerun["samples"]
     where = f"used_at >= '{at(-1, 0)}' AND used_at < '{at(0, 0)}'"
     totals = secret_server.ledger.totals()
-    assert {c: v for c, v in totals.items() if v} == source_totals(usage_db, where) == {
-        "cus_keep": 40,
-        "cus_refund": 100,
-    }
+    assert (
+        {c: v for c, v in totals.items() if v}
+        == source_totals(usage_db, where)
+        == {
+            "cus_keep": 40,
+            "cus_refund": 100,
+        }
+    )
     assert rerun["covers"]["first_day"] == today().add(days=-1).date().isoformat()
     again = xcoms(run_dag("t_batch_daily", logical_date=today()), "bill")
     assert (again["sent"], again["success"]) == (0, True)
