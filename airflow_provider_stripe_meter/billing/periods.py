@@ -147,6 +147,30 @@ class PeriodBook:
             return DRAFT, period
         return FINAL, period
 
+    def carries(
+        self, event_name: str, customer: str, instant: int, period_end: int | None, at: float
+    ) -> bool:
+        """Whether an event stamped at ``instant`` in the period ending at ``period_end`` (what
+        the plan placed it in) still lands on that period's invoice if it is sent at ``at``.
+
+        Asked again at the instant each event is sent, so a delivery that outlasts a draft's
+        finalization, or a run that resumes another's events, never sends usage billed nowhere.
+        A period still open at ``at`` carries it; one that ended during the run, until Stripe's
+        shortest grace period (less the margin) has passed, its draft not being known to the
+        run; one that ended before, while its draft was open at planning and locks later than
+        ``at`` plus the margin (a draft finalized by hand: always).
+        """
+        if period_end is None or period_end > at:
+            return True
+        if period_end > self.now:
+            return at < period_end + SHORTEST_GRACE - self.margin
+        state, period = self.state(event_name, customer, instant)
+        if state != DRAFT or period is None:
+            return False
+        if period.manual:
+            return True
+        return period.finalizes_at is not None and at < period.finalizes_at - self.margin
+
     def billable(
         self, event_name: str, customer: str, instant: int, *, read_drafts: bool = True
     ) -> tuple[int, int] | None:

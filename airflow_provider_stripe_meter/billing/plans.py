@@ -106,6 +106,8 @@ class DayPlan:
     events: list[PlannedEvent] = field(default_factory=list)
     #: Events to cancel (a ``count`` day with fewer rows than the ledger's events).
     cancel: int = 0
+    #: Of a split day, how many to cancel in each part (start, end): a part's own newest events.
+    cancel_parts: dict[tuple[int, int], int] = field(default_factory=dict)
 
     @property
     def key(self) -> tuple[str, str, date]:
@@ -424,6 +426,7 @@ def plan_in_periods(
         sub = plan_day(piece, spec, mine, now=now, oldest=oldest, truth=truth)
         if sub.cancel:
             plan.cancel += sub.cancel
+            plan.cancel_parts[(part.start, part.end)] = sub.cancel
             plan.action, plan.reason = Action.CORRECT, sub.reason
         if not sub.events:
             continue
@@ -448,6 +451,42 @@ def plan_in_periods(
     if not planned and not plan.cancel and held:
         plan.action, plan.reason = Action.LEAVE_ALONE, "held: no open invoice carries it"
     return plan, held
+
+
+def plan_late_in_periods(
+    aggregate: DailyAggregate,
+    spec: MeterSpec,
+    figure: DayFigure | None,
+    periods: PeriodBook,
+    *,
+    now: int,
+    oldest: int,
+    carry: bool,
+    truth: bool = False,
+) -> tuple[DayPlan, list[Held]]:
+    """Plan a customer-day older than Stripe's window (billed late, at ``oldest``) in the billing
+    period that instant falls in: sent while that period's invoice is open or a draft, else held
+    (or, with ``carry``, stamped in the customer's open period), as any other day's usage."""
+    plan = plan_day(aggregate, spec, figure, now=now, oldest=oldest, truth=truth)
+    if not plan.events:
+        return plan, []
+    stamp = plan.events[0].timestamp
+    piece = DailyAggregate(
+        aggregate.event_name,
+        aggregate.customer_id,
+        aggregate.day,
+        aggregate.value,
+        stamp,
+        aggregate.rows,
+        aggregate.last_value,
+    )
+    placed = _place(plan.events, (stamp, stamp + 1), piece, periods, now=now, oldest=oldest, carry=carry)
+    if isinstance(placed, Held):
+        plan.events = []
+        plan.action, plan.reason = Action.LEAVE_ALONE, "held: no open invoice carries it"
+        return plan, [placed]
+    plan.events = placed
+    return plan, []
 
 
 def with_ledger_parts(aggregate: DailyAggregate, billed: set[int]) -> tuple[DayPart, ...]:

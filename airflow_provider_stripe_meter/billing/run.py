@@ -32,8 +32,10 @@ from airflow_provider_stripe_meter.billing.coverage import NOTHING, Coverage
 from airflow_provider_stripe_meter.billing.meters import ADD, COUNT, MeterUnsupportedError, meter_spec
 from airflow_provider_stripe_meter.billing.outcomes import DayOutcome
 from airflow_provider_stripe_meter.billing.plans import (
+    INVOICE_FINAL,
     OLDER_VIEW,
     UNSETTLED,
+    Held,
     day_end,
     hold_unknown,
     iso_seconds,
@@ -41,12 +43,14 @@ from airflow_provider_stripe_meter.billing.plans import (
     ledger_recorded,
     plan_day,
     plan_in_periods,
+    plan_late_in_periods,
     with_ledger_parts,
 )
 from airflow_provider_stripe_meter.billing.result import BatchResult, SourceFigures, summarize
 from airflow_provider_stripe_meter.billing.sending import make_deliverer
 from airflow_provider_stripe_meter.billing.settling import (
     FOREIGN,
+    WITHHELD,
     Settler,
     describe,
     resolved_states,
@@ -65,12 +69,12 @@ from airflow_provider_stripe_meter.ledger.entries import (
 )
 from airflow_provider_stripe_meter.utils import clock
 from airflow_provider_stripe_meter.utils.aggregation import DailyAggregate
-from airflow_provider_stripe_meter.utils.errors import Duplicate, Refused, Rejected
+from airflow_provider_stripe_meter.utils.errors import Duplicate, Refused, Rejected, Withheld
 
 if TYPE_CHECKING:
     from airflow_provider_stripe_meter.billing.meters import MeterSpec
     from airflow_provider_stripe_meter.billing.periods import PeriodBook
-    from airflow_provider_stripe_meter.billing.plans import Held, Key, PlannedEvent
+    from airflow_provider_stripe_meter.billing.plans import Key, PlannedEvent
     from airflow_provider_stripe_meter.billing.ports import CustomerStore, LedgerStore, Log, StripeMeters
     from airflow_provider_stripe_meter.billing.settings import RunSettings
     from airflow_provider_stripe_meter.billing.settling import Change
@@ -157,6 +161,10 @@ class BillingRun:
         self.covers: Coverage = NOTHING
         #: Events Stripe refused as duplicates of events this ledger did not send.
         self.foreign: list[PlannedEvent] = []
+        #: The customers' billing periods (:attr:`Usage.periods`): asked again as each event leaves.
+        self.periods: PeriodBook | None = None
+        #: Events not sent because their period's invoice locked before they would land.
+        self.withheld: list[PlannedEvent] = []
 
     # -- the run ---------------------------------------------------------------------------------
 
@@ -167,7 +175,7 @@ class BillingRun:
         requests of the one before are out (:mod:`.ahead`).
         """
         aggregates = _merge([*usage.aggregates, *usage.late])
-        self.covers = usage.covers
+        self.covers, self.periods = usage.covers, usage.periods
         names = {key[0] for key in aggregates} | (set(usage.event_names) if usage.covers else set())
         if names:
             self.read_meters(names)
@@ -481,6 +489,21 @@ class BillingRun:
                     )
                     for part in held:
                         book.hold(part, plan)
+                elif in_periods:
+                    # Billed late, at the oldest instant Stripe accepts: in the period that holds it.
+                    assert periods is not None
+                    plan, held = plan_late_in_periods(
+                        aggregate,
+                        spec,
+                        figure,
+                        periods,
+                        now=book.now,
+                        oldest=oldest,
+                        carry=self.settings.carry,
+                        truth=truth,
+                    )
+                    for part in held:
+                        book.hold(part, plan)
                 else:
                     plan = plan_day(aggregate, spec, figure, now=book.now, oldest=oldest, truth=truth)
                     held = []
@@ -589,14 +612,25 @@ class BillingRun:
         self.ledger.resolve(self.account, released)
         changes, failed = self.deliver(to_send)
         self.ledger.resolve(self.account, changes)
-        rejected = {c[0] for c in changes if c[1] == REJECTED}
+        rejected = {c[0] for c in changes if c[1] == REJECTED and c[3] != WITHHELD}
         foreign = {c[0] for c in changes if c[1] == UNVERIFIED}
+        withheld = {c[0] for c in changes if c[1] == REJECTED and c[3] == WITHHELD}
         by_key: dict[Key, list[PlannedEvent]] = defaultdict(list)
         for event in to_send:
             by_key[event.key].append(event)
         for key, events in by_key.items():
             ids = {e.identifier for e in events}
             day = days[key]
+            kept = [e for e in events if e.identifier in withheld]
+            if kept:
+                day.held = True
+                for e in kept:
+                    self.book.hold(
+                        Held(INVOICE_FINAL, e.value, e.timestamp, e.timestamp + 1, e.period_end, WITHHELD),
+                        day.plan,
+                    )
+                if len(kept) == len(events):
+                    continue
             if ids & foreign:
                 day.outcome = DayOutcome.UNCONFIRMED
                 self.book.samples.add(
@@ -618,9 +652,20 @@ class BillingRun:
         answered: dict[int, float] = {}
         lock = threading.Lock()
 
+        periods = self.periods
+
         def noting(send: Callable[[list[PlannedEvent]], None]) -> Callable[[list[PlannedEvent]], None]:
             # When each answer came: the order Stripe took a customer's events in.
             def send_and_note(batch: list[PlannedEvent]) -> None:
+                if periods is not None:
+                    # Whether an invoice carries it is decided as it leaves, not at planning: a
+                    # delivery that outlasts a draft's finalization sends nothing billed nowhere.
+                    at = clock.now()
+                    if not all(
+                        periods.carries(e.event_name, e.customer_id, e.timestamp, e.period_end, at)
+                        for e in batch
+                    ):
+                        raise Withheld("its billing period's invoice locks before the event would land")
                 try:
                     send(batch)
                 except (Duplicate, Rejected):
@@ -664,7 +709,15 @@ class BillingRun:
                 len(foreign),
                 [e.identifier for e in report.already[:3]],
             )
-        return resolved_states(events, answered, rejected, {id(e) for e in report.failed_items}, foreign)
+        self.withheld.extend(report.withheld)
+        return resolved_states(
+            events,
+            answered,
+            rejected,
+            {id(e) for e in report.failed_items},
+            foreign,
+            {id(e) for e in report.withheld},
+        )
 
     def _meanwhile(self, work: list[Callable[[], None]]) -> None:
         """Do ``work`` while requests are out; a failure is logged, not raised into the sending."""
@@ -701,7 +754,16 @@ class BillingRun:
                     by_key[entry.key].append(entry)
             for key in keys:
                 day = over[key]
-                newest = sorted(by_key[key], key=lambda e: e.seq, reverse=True)[: day.plan.cancel]
+                newest_first = sorted(by_key[key], key=lambda e: e.seq, reverse=True)
+                if day.plan.cancel_parts:
+                    # A split day: each part's own newest events, so each invoice loses its own.
+                    newest = [
+                        e
+                        for (start, end), n in day.plan.cancel_parts.items()
+                        for e in [e for e in newest_first if _in_part(e, start, end)][:n]
+                    ]
+                else:
+                    newest = newest_first[: day.plan.cancel]
                 cancellable = [e for e in newest if e.answered_at and now - e.answered_at < CANCEL_WINDOW]
                 if len(cancellable) < day.plan.cancel:
                     day.outcome = DayOutcome.OVER
@@ -838,6 +900,11 @@ def _waits_on_drafts(
     if not ends or not plan_day(aggregate, spec, figure, now=periods.now, oldest=oldest, truth=truth).events:
         return False
     return periods.prefetch_drafts(min(ends))
+
+
+def _in_part(entry: Entry, start: int, end: int) -> bool:
+    """Whether ``entry`` bills the part ``[start, end)`` of its day (as :func:`.plans.part_figure`)."""
+    return entry.part == start if entry.part else start <= entry.stamp < end
 
 
 def _merge(aggregates: list[DailyAggregate]) -> dict[Key, DailyAggregate]:

@@ -74,6 +74,7 @@ class Settler:
         window = self.run.settings.timing.identifier_window
         now = clock.now()
         resend, cancel, read = [], [], []
+        periods = self.run.periods
         for entry in open_rows:
             if entry.state == CANCELLING:
                 cancel.append(entry)
@@ -81,6 +82,14 @@ class Settler:
                 entry.state == PENDING
                 and window is not None
                 and now - entry.sent_at < (window - FRESH_MARGIN).total_seconds()
+                # Sent again now, an event whose invoice has locked since would be billed
+                # nowhere: whether the first send landed (before the lock) is read instead.
+                and (
+                    periods is None
+                    or periods.carries(
+                        entry.event_name, entry.customer_id, entry.stamp, entry.period_end, now
+                    )
+                )
             ):
                 resend.append(entry)
             else:
@@ -298,12 +307,17 @@ FOREIGN = (
 )
 
 
+#: Why a row was not sent: its period's invoice locked (or would, before it landed) meanwhile.
+WITHHELD = "held: its billing period's invoice locks before the event would land; not sent"
+
+
 def resolved_states(
     events: list[PlannedEvent],
     answered: dict[int, float],
     rejected: set[int],
     failed: set[int],
     foreign: set[int] = frozenset(),  # type: ignore[assignment]
+    withheld: set[int] = frozenset(),  # type: ignore[assignment]
 ) -> tuple[list[Change], set[str]]:
     """Ledger changes from a delivery: answered events are accepted, rejected ones rejected.
 
@@ -318,6 +332,10 @@ def resolved_states(
     for event in events:
         if id(event) in failed:
             failed_ids.add(event.identifier)
+        elif id(event) in withheld:
+            # Not sent: the row is not live, so the next run plans the usage again (held, or
+            # carried into the open period with billing_periods="carry").
+            changes.append((event.identifier, REJECTED, clock.now(), WITHHELD))
         elif id(event) in foreign:
             changes.append((event.identifier, UNVERIFIED, answered.get(id(event), clock.now()), FOREIGN))
         elif id(event) in rejected:

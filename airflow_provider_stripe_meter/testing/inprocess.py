@@ -90,6 +90,8 @@ class InProcessStripe:
 
     def accept(self, record: Callable[[], Any]) -> Any:
         """Record through ``record``, then apply the faults."""
+        if self.before_record is not None:
+            self.before_record()
         result = record()
         with self._lock:
             self._accepted += 1

@@ -27,7 +27,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from airflow_provider_stripe_meter.utils.errors import Duplicate, MeterFailure, Refused, Rejected, Transient
+from airflow_provider_stripe_meter.utils.errors import (
+    Duplicate,
+    MeterFailure,
+    Refused,
+    Rejected,
+    Transient,
+    Withheld,
+)
 
 T = TypeVar("T")
 
@@ -265,6 +272,8 @@ class DeliveryReport:
     failed_items: list[Any] = field(default_factory=list)
     #: Items Stripe already held (duplicate identifier).
     already: list[Any] = field(default_factory=list)
+    #: Items the sender withheld at the instant of sending (:class:`~.errors.Withheld`): not sent.
+    withheld: list[Any] = field(default_factory=list)
 
     def sample(self, kind: str, detail: dict[str, Any]) -> None:
         """Keep ``detail`` as an example of ``kind`` if there is room."""
@@ -280,7 +289,7 @@ class DeliveryReport:
     @property
     def done(self) -> int:
         """Items whose fate is settled."""
-        return self.sent + self.already_recorded + self.rejected + self.failed
+        return self.sent + self.already_recorded + self.rejected + self.failed + len(self.withheld)
 
 
 class Deliverer(Generic[T]):
@@ -410,6 +419,10 @@ class Deliverer(Generic[T]):
             self.send(batch)
         except Transient as err:
             return self._transient(err, batch, attempt, attempts, report)
+        except Withheld:
+            with self._lock:
+                report.withheld.extend(batch)
+            return None
         except Duplicate:
             self.gate.answered()
             with self._lock:

@@ -32,6 +32,10 @@ class Duplicate(Rejected):
     """Stripe already holds an event with this identifier."""
 
 
+class Withheld(MeterFailure):
+    """The caller decided, at the instant of sending, not to send the batch (nothing went out)."""
+
+
 class Refused(MeterFailure):
     """The API key is missing, refused or lacks permission: no request can get through."""
 

@@ -252,3 +252,106 @@ def test_adopting_into_a_partly_lost_ledger_fills_each_customer_day_it_lacks(wor
     adopting = w.run(since=midnight(-1), until=midnight(0), adopt=True, run_id="adopt")
     assert adopting["success"], adopting["samples"]
     assert w.billed() == w.source()
+
+
+# -- 3. whether an invoice carries an event is decided as it leaves ------------------------------
+
+
+def billed_nowhere(w: World, period_end: int, finalized_at: int) -> list:
+    """Events stamped in the period ending at ``period_end`` that Stripe received after its
+    invoice was finalized: usage no invoice holds."""
+    return [
+        e for e in w.stripe_state.accepted() if e.timestamp < period_end and e.received_at >= finalized_at
+    ]
+
+
+def test_usage_billed_late_into_a_period_finalized_weeks_ago_is_held_not_sent(world):
+    w = world()
+    now = int(w.now)
+    boundary = now - 20 * DAY  # the previous period ended 20 days ago and was finalized then
+    customer = CustomerPeriods(
+        [
+            Period(boundary - 30 * DAY, boundary, "sub_1", boundary + HOUR),
+            Period(boundary, boundary + 30 * DAY, "sub_1"),
+        ]
+    )
+    book = PeriodBook({(EVENT, "cus_a"): customer}, [EVENT], now=now)
+    w.add("cus_a", 70, now - 37 * DAY)  # older than Stripe's window: billed at the oldest instant
+    result = w.run(too_old="bill_at_oldest", periods=book)
+    assert result["success"] is False
+    assert result["invoice_final"] == 1
+    assert w.stripe_state.accepted() == []  # nothing sent into the finalized period
+
+
+def test_a_delivery_that_outlasts_a_drafts_finalization_sends_nothing_billed_nowhere(world):
+    w = world()
+    finalizes_at = int(w.now) + 1800
+    for c in range(20):
+        w.add(f"cus_{c:02d}", 10 + c, BOUNDARY - HOUR + c)
+    book = PeriodBook(
+        {
+            (EVENT, f"cus_{c:02d}"): periods_at(w.now, finalizes_at).customers[(EVENT, "cus_a")]
+            for c in range(20)
+        },
+        [EVENT],
+        now=int(w.now),
+    )
+    w.stripe.before_record = lambda: w.advance(100)  # each event takes 100 s to go out
+    result = w.run(since=midnight(-1), until=midnight(0), periods=book)
+    w.stripe.before_record = None
+    assert billed_nowhere(w, BOUNDARY, finalizes_at) == []
+    sent = len(w.stripe_state.accepted())
+    assert 0 < sent < 20
+    assert result["success"] is False
+    assert result["invoice_final"] == 20 - sent
+    # The next run, past the finalization, holds the rest again and sends nothing.
+    w.advance(HOUR)
+    again = w.run(since=midnight(-1), until=midnight(0), periods=periods_at(w.now, finalizes_at))
+    assert (again["success"], again["events_sent"]) == (False, 0)
+    assert billed_nowhere(w, BOUNDARY, finalizes_at) == []
+
+
+def test_a_run_killed_before_the_lock_is_settled_after_it_without_sending_into_the_locked_period(world):
+    from airflow_provider_stripe_meter.testing.inprocess import Killed
+
+    w = world()
+    finalizes_at = int(w.now) + 1800
+    customers = [f"cus_{c:02d}" for c in range(10)]
+    for c, customer in enumerate(customers):
+        w.add(customer, 10 + c, BOUNDARY - HOUR + c)
+    template = periods_at(w.now, finalizes_at).customers[(EVENT, "cus_a")]
+
+    def book() -> PeriodBook:
+        return PeriodBook({(EVENT, c): template for c in customers}, [EVENT], now=int(w.now))
+
+    w.stripe.kill_after(4)
+    with pytest.raises(Killed):
+        w.run(since=midnight(-1), until=midnight(0), periods=book())
+    w.stripe.kill_after(None)
+    landed = len(w.stripe_state.accepted())  # 4, or one more still in flight at the kill
+    assert 4 <= landed < 10
+    w.now = finalizes_at + 60  # the draft finalized with the events that landed
+    rerun = w.run(since=midnight(-1), until=midnight(0), periods=book())
+    assert billed_nowhere(w, BOUNDARY, finalizes_at) == []
+    assert len(w.stripe_state.accepted()) == landed
+    assert rerun["success"] is False
+    assert rerun["invoice_final"] == 10 - landed
+    assert rerun["ledger"]["settled"] == 10  # the pending rows read from the summaries, none re-sent
+
+
+# -- 4. split days keep their parts --------------------------------------------------------------
+
+
+def test_a_count_day_split_at_a_period_end_cancels_in_the_part_that_shrank(world):
+    w = world(formula="count")
+    w.add("cus_a", 1, BOUNDARY - 2 * HOUR)
+    w.add("cus_a", 1, BOUNDARY - HOUR)  # deleted below: the closing period's invoice loses it
+    w.add("cus_a", 1, BOUNDARY + HOUR)
+    assert nightly_in_periods(w)["success"]
+    assert (w.invoiced(BOUNDARY - 30 * DAY, BOUNDARY), w.invoiced(BOUNDARY, BOUNDARY + 30 * DAY)) == (2, 1)
+    del w.rows[1]
+    w.advance(HOUR)
+    rerun = nightly_in_periods(w)
+    assert rerun["success"], rerun["samples"]
+    assert rerun["ledger"]["cancelled"] == 1
+    assert (w.invoiced(BOUNDARY - 30 * DAY, BOUNDARY), w.invoiced(BOUNDARY, BOUNDARY + 30 * DAY)) == (1, 1)
