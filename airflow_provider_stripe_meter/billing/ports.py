@@ -1,7 +1,8 @@
 """What the billing core needs of Stripe and of the state runs share, as interfaces.
 
-The operator passes the Stripe hook (:class:`StripeMeters`) and the Airflow Variable records
-(:class:`RunState`); tests may pass anything that behaves the same. Nothing here imports
+The operator passes the Stripe hook (:class:`StripeMeters`), the ledger (:class:`LedgerStore`)
+and the known-customers table (:class:`CustomerStore`); tests may pass anything that behaves the
+same. Nothing here imports
 Airflow or ``stripe``.
 """
 

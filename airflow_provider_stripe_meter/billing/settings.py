@@ -48,9 +48,9 @@ class Timing:
     """How far Stripe's guarantees are trusted, and how long its summaries are waited for.
 
     :param identifier_window: How long Stripe is assumed to refuse a repeated identifier (Stripe
-        promises at least 24 hours). Days that ended within it, less an hour, and were never
-        sent for are billed without a look at Stripe. ``None`` looks every day up (after the
-        metadata database, and so the day journal, was lost).
+        promises at least 24 hours): a killed run's ``pending`` events younger than this, less
+        an hour, are sent again under their identifiers; older ones are settled from Stripe's
+        summaries. ``None`` settles every one from the summaries.
     :param summary_lag: How long Stripe's meter summaries may trail the events it accepted;
         ``None`` takes the connection's ``summary_lag`` extra (default 5 minutes).
     :param settle_timeout: How long to wait for the summaries to show an event Stripe already

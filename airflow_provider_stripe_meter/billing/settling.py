@@ -54,7 +54,7 @@ def stamp_day(stamp: int) -> date:
 
 
 class Settler:
-    """Settles one meter's open rows for a :class:`~.ledger_run.BillingRun`."""
+    """Settles one meter's open rows for a :class:`~.run.BillingRun`."""
 
     def __init__(self, run: BillingRun, spec: MeterSpec) -> None:
         self.run, self.spec = run, spec

@@ -1,10 +1,3 @@
-"""What runs of this provider remember between them, kept in Airflow's metadata database.
-
-The only Airflow-facing state of the package: Airflow Variables, read and written through
-:mod:`.variables` so that runs writing the same record at once do not lose each other's writes.
-
-* :mod:`.day_journal`: which days were sent to, when last, and in how many runs;
-* :mod:`.late_billing`: usage older than Stripe's window that was billed late, and where it landed.
-
-.. seealso:: https://airflow.apache.org/docs/apache-airflow/stable/core-concepts/variables.html
-"""
+"""The Airflow-facing side of what runs remember: the ledger and the subscriptions table on a
+common-sql connection (:mod:`.ledger`, :mod:`.periods`), and full reports in object storage
+(:mod:`.reports`). Nothing is kept in Airflow Variables or XCom beyond counts and samples."""
