@@ -324,8 +324,18 @@ class BillingRun:
         """
         written = 0
         now = clock.now()
+        covered = self.covers.days
         for name, spec in self.book.specs.items():
             keys = [k for k in aggregates if k[0] == name]
+            if covered:
+                # Inside the coverage a lost event may have no source row any more (deleted
+                # since): every customer the ledger, the known-customers table or the source
+                # knows is asked about, for every covered day.
+                found_days = self.ledger.figures(self.account, spec.meter_id, covered[0], covered[-1])
+                known = {c for c, _ in found_days} | {k[1] for k in keys}
+                if self.customers is not None:
+                    known |= self.customers.every(self.account)
+                keys = sorted({*keys, *((name, c, d) for c in known for d in covered)})
             if not keys:
                 continue
             first, last = min(k[2] for k in keys), max(k[2] for k in keys)

@@ -76,6 +76,12 @@ class CustomerTable:
             }
         return found
 
+    def every(self, account: str) -> set[str]:
+        """Every customer Stripe has shown to exist for ``account`` (what an adopting run asks about)."""
+        self._create()
+        rows = self.ledger._query(f"SELECT customer_id FROM {self.table} WHERE account = ?", (account,))
+        return {str(c) for (c,) in rows}
+
     def add(self, account: str, customers: Iterable[str], seen_at: int) -> None:
         """Write ``customers`` as known (those already there are left as they are).
 

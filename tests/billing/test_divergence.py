@@ -355,3 +355,19 @@ def test_a_count_day_split_at_a_period_end_cancels_in_the_part_that_shrank(world
     assert rerun["success"], rerun["samples"]
     assert rerun["ledger"]["cancelled"] == 1
     assert (w.invoiced(BOUNDARY - 30 * DAY, BOUNDARY), w.invoiced(BOUNDARY, BOUNDARY + 30 * DAY)) == (1, 1)
+
+
+def test_a_lost_event_whose_rows_were_deleted_since_is_taken_off_by_an_adopting_run(world):
+    # Found by the state machine (tests/billing/test_histories_machine.py): the ledger lost the
+    # run that billed a day, then the day's only row was deleted. No run plans the day again, so
+    # only Stripe's summaries show the event; adopting over the covered days asks about every
+    # customer the ledger or the known-customers table names, and the day is corrected.
+    w = world()
+    w.add("cus_a", 41, midnight(-2) + 60)
+    assert w.run(since=midnight(-2), until=midnight(0), run_id="backfill")["success"]
+    lose_commits_of(w, "backfill")
+    w.rows.clear()
+    w.advance(60)
+    recovery = w.run(since=midnight(-2), until=midnight(0), adopt=True, run_id="recovery")
+    assert recovery["success"], recovery["samples"]
+    assert w.billed() == w.source() == {}

@@ -70,6 +70,8 @@ class World:
         #: The usage table: (customer, value, unix seconds).
         self.rows: list[tuple[str, int, int]] = []
         self.results: list[dict[str, Any]] = []
+        #: Requests in flight at most (``None``: from the pace, several at once).
+        self.concurrency: int | None = None
 
     def clock(self) -> float:
         return self.now
@@ -148,7 +150,12 @@ class World:
             dry_run=dry_run,
             max_rps=10_000,
             read_rps=10_000,
-            delivery=Delivery(max_rps=10_000, max_attempts=3, outage_timeout=timedelta(seconds=5)),
+            delivery=Delivery(
+                max_rps=10_000,
+                concurrency=self.concurrency,
+                max_attempts=3,
+                outage_timeout=timedelta(seconds=5),
+            ),
             timing=Timing(settle_timeout=timedelta(minutes=10)),
             summary_lag=summary_lag,
         )
