@@ -18,6 +18,7 @@ net of everything billed for its day.
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
@@ -355,42 +356,93 @@ class BillingRun:
             )
             self.book.summary_requests += len(customers)
             entries: list[Entry] = []
+            split = self._split_days(name, spec, {cd for cd, f in found.items() if cd in wanted and f})
             for (customer, day), figure in found.items():
                 if (customer, day) not in wanted or not figure:
                     continue
                 mine = held.get((customer, day))
-                more = figure - (ledger_recorded(spec, mine) if mine is not None else 0)
-                if more <= 0:
-                    continue
-                values = [1] * more if spec.kind == COUNT else [more] if spec.kind == ADD else [figure]
                 seq = mine.max_seq if mine is not None else 0
-                for value in values:
-                    seq += 1
-                    entries.append(
-                        Entry(
-                            account=self.account,
-                            meter_id=spec.meter_id,
-                            event_name=name,
-                            customer_id=customer,
-                            day=day,
-                            seq=seq,
-                            identifier="adopted:" + ledger_identifier(spec, customer, day, seq),
-                            value=value,
-                            # The start of the day: any snapshot the source has of it is newer.
-                            stamp=day_end(day) - 86400,
-                            source_at=-1,
-                            state=ACCEPTED,
-                            run_id=self.writer.run_id,
-                            attempt=self.writer.attempt,
-                            sent_at=now,
-                            answered_at=now,
-                            note="adopted from Stripe's summaries",
+                # A day split at a period boundary is adopted part by part (a summaries request
+                # each), so each invoice's part holds what Stripe holds in it.
+                for part, stamp, more in split.get((customer, day)) or [
+                    (0, day_end(day) - 86400, figure - (ledger_recorded(spec, mine) if mine else 0))
+                ]:
+                    if more <= 0:
+                        continue
+                    values = [1] * more if spec.kind == COUNT else [more] if spec.kind == ADD else [figure]
+                    for value in values:
+                        seq += 1
+                        entries.append(
+                            Entry(
+                                account=self.account,
+                                meter_id=spec.meter_id,
+                                event_name=name,
+                                customer_id=customer,
+                                day=day,
+                                seq=seq,
+                                identifier="adopted:" + ledger_identifier(spec, customer, day, seq),
+                                value=value,
+                                # The part's start: any snapshot the source has of it is newer.
+                                stamp=stamp,
+                                source_at=-1,
+                                state=ACCEPTED,
+                                run_id=self.writer.run_id,
+                                attempt=self.writer.attempt,
+                                sent_at=now,
+                                answered_at=now,
+                                note="adopted from Stripe's summaries",
+                                part=part,
+                            )
                         )
-                    )
             written += len(self.ledger.insert(entries))
         self.figures["adopted"] = written
         self.log.info("Adopted %d ledger rows from Stripe's summaries", written)
         return written
+
+    def _split_days(
+        self, name: str, spec: MeterSpec, days: set[tuple[str, date]]
+    ) -> dict[tuple[str, date], list[tuple[int, int, int]]]:
+        """Of ``days`` (customer, day) to adopt, those split at a billing period boundary: per
+        part (start, a stamp inside it, what Stripe holds there beyond the ledger's events).
+
+        Stripe's summaries take minute-aligned ranges and a part's events are stamped a whole
+        minute clear of a boundary (:func:`.plans._inside`), so the part ending at a boundary is
+        read up to the boundary's minute. ``sum`` and ``count`` meters only (a ``last`` figure
+        belongs to the whole day).
+        """
+        periods = self.periods
+        if periods is None or not periods.covers(name) or spec.kind not in (ADD, COUNT) or not days:
+            return {}
+        bounds = periods.split()
+        cut: dict[tuple[str, date], list[int]] = {}
+        for customer, day in days:
+            start = day_end(day) - 86400
+            inside = [b for b in bounds.get((name, customer), ()) if start < b < start + 86400]
+            if inside:
+                cut[(customer, day)] = [start, *inside, start + 86400]
+        if not cut:
+            return {}
+        entries = self.ledger.entries_of(
+            self.account,
+            spec.meter_id,
+            {c for c, _ in cut},
+            min(d for _, d in cut),
+            max(d for _, d in cut),
+        )
+        by_day: dict[tuple[str, date], list[Entry]] = defaultdict(list)
+        for entry in entries:
+            by_day[(entry.customer_id, entry.day)].append(entry)
+        out: dict[tuple[str, date], list[tuple[int, int, int]]] = {}
+        for (customer, day), edges in cut.items():
+            parts = []
+            for lo, hi in itertools.pairwise(edges):
+                theirs = self.stripe.usage_between(spec.meter_id, customer, lo - lo % 60, hi - hi % 60)
+                self.book.summary_requests += 1
+                live = [e for e in by_day[(customer, day)] if e.state == ACCEPTED and _in_part(e, lo, hi)]
+                mine = len(live) if spec.kind == COUNT else sum(e.value for e in live)
+                parts.append((lo, lo, (theirs or 0) - mine))
+            out[(customer, day)] = parts
+        return out
 
     def settle(self) -> None:
         """Settle every meter's open rows (those still open are reported by the plan)."""

@@ -371,3 +371,19 @@ def test_a_lost_event_whose_rows_were_deleted_since_is_taken_off_by_an_adopting_
     recovery = w.run(since=midnight(-2), until=midnight(0), adopt=True, run_id="recovery")
     assert recovery["success"], recovery["samples"]
     assert w.billed() == w.source() == {}
+
+
+def test_adopting_a_split_day_takes_each_part_into_its_own_period(world):
+    w = world()
+    w.add("cus_a", 100, BOUNDARY - HOUR)
+    w.add("cus_a", 50, BOUNDARY + HOUR)
+    assert nightly_in_periods(w)["success"]
+    lose_commits_of(w, "nightly")
+    w.add("cus_a", 30, BOUNDARY + 2 * HOUR)  # its next slots would now carry other figures
+    w.advance(HOUR)
+    adopting = w.run(
+        since=midnight(-1), until=midnight(0), adopt=True, periods=periods_at(w.now), run_id="adopt"
+    )
+    assert adopting["success"], adopting["samples"]
+    assert w.billed() == w.source() == {("cus_a", iso(midnight(-1))): 180}
+    assert (w.invoiced(BOUNDARY - 30 * DAY, BOUNDARY), w.invoiced(BOUNDARY, BOUNDARY + 30 * DAY)) == (100, 80)
