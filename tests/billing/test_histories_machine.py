@@ -26,6 +26,7 @@ from hypothesis import HealthCheck, seed, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
+from airflow_provider_stripe_meter.billing.periods import CustomerPeriods, Period, PeriodBook
 from airflow_provider_stripe_meter.ledger.store import SqlLedger
 from airflow_provider_stripe_meter.testing.inprocess import Killed
 from tests.billing.world import DAY, HOUR, World, iso, midnight
@@ -72,6 +73,7 @@ class BillingHistories(RuleBasedStateMachine):
         self.patch.setattr(self.w, "store", self._store)
         self.runs = 0
         self.last_run_id = ""
+        self.in_periods = False
         #: The ledger lost commits and no adopting run has recovered it since.
         self.lost = False
         #: Days a successful run covered, and what the oracle found: ``(start, end)`` per run.
@@ -95,11 +97,17 @@ class BillingHistories(RuleBasedStateMachine):
             ),
             min_size=1,
             max_size=8,
-        )
+        ),
+        in_periods=st.booleans(),
     )
-    def start(self, rows: list[tuple[str, int, int, int]]) -> None:
-        """A usage table of the last three days, at 02:00 UTC."""
+    def start(self, rows: list[tuple[str, int, int, int]], in_periods: bool) -> None:
+        """A usage table of the last three days, at 02:00 UTC; half the histories bill into
+        billing periods: every customer's period ended yesterday at 14:37:12 and its draft
+        finalizes 26 hours later."""
         self.w.now = float(midnight(0) + 2 * HOUR)
+        self.boundary = midnight(-1, int(self.w.now)) + 14 * HOUR + 37 * 60 + 12
+        self.finalizes_at = self.boundary + 26 * HOUR
+        self.in_periods = in_periods
         for customer, days_ago, minute, value in rows:
             self.w.add(customer, value, midnight(-days_ago, int(self.w.now)) + minute * 60)
 
@@ -141,6 +149,8 @@ class BillingHistories(RuleBasedStateMachine):
         run_id = kwargs.pop("run_id", f"run-{self.runs}")
         self.last_run_id = run_id
         try:
+            if self.in_periods:
+                kwargs["periods"] = self._periods()
             result = self.w.run(since=since, until=until, run_id=run_id, **kwargs)
         except Killed:
             SEEN["killed"] += 1
@@ -220,7 +230,32 @@ class BillingHistories(RuleBasedStateMachine):
         if result is not None and result["success"]:
             self.lost = False
 
+    def _periods(self) -> PeriodBook:
+        periods = CustomerPeriods(
+            [
+                Period(self.boundary - 30 * DAY, self.boundary, "sub_1", self.finalizes_at),
+                Period(self.boundary, self.boundary + 30 * DAY, "sub_1"),
+            ]
+        )
+        # Only a customer Stripe knows can have a subscription.
+        subscribed = [c for c in CUSTOMERS if self.w.stripe_state.customer_known(c)]
+        return PeriodBook(
+            {("ai_tokens_used", c): periods for c in subscribed}, ["ai_tokens_used"], now=int(self.w.now)
+        )
+
     # -- the oracle ------------------------------------------------------------------------------
+
+    @invariant()
+    def no_usage_is_billed_nowhere(self) -> None:
+        """Billing into periods, no event of the closing period reaches Stripe after its draft
+        finalized (it would count in Stripe's totals and on no invoice)."""
+        if getattr(self, "in_periods", False):
+            late = [
+                e
+                for e in self.w.stripe_state.accepted()
+                if e.timestamp < self.boundary and e.received_at >= self.finalizes_at
+            ]
+            assert late == []
 
     def oracle(self, since: int, until: int) -> None:
         """Every customer-day the run covered: Stripe's figure equals the source's."""
