@@ -332,6 +332,8 @@ def bench_ledger(customers: int, days: int, stream_limit: float, v1_limit: float
 
     capacity = stream_limit * 100
     _reset_ledger()
+    # The customers met by the runs before (the first run over a base lists them once).
+    _know_customers(max(customers, v1_events))
     with RemoteServer("--latency", "0.02", "--stream-rate-limit", str(stream_limit)) as server:
         first = _run_in_task(**source, api="v2_stream", max_rps=stream_limit)
         duplicates, lost = _check_exactly_once(server, customers)
@@ -458,7 +460,7 @@ def _naive_ledger_rate(n: int) -> float:
     started = time.monotonic()
     for i in range(n):
         cursor.execute(
-            f"INSERT INTO {store.table} VALUES ({', '.join([mark] * 16)})",
+            f"INSERT INTO {store.table} VALUES ({', '.join([mark] * 18)})",
             (
                 "platform",
                 "mtr",
@@ -476,6 +478,8 @@ def _naive_ledger_rate(n: int) -> float:
                 0.0,
                 None,
                 "",
+                0,
+                None,
             ),
         )
         conn.commit()
