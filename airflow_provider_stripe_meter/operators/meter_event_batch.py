@@ -388,6 +388,8 @@ class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
         if covers is None or covers == "none":
             return NOTHING
         if covers == DEFAULT_COVERS:
+            if context.get("data_interval_end") is None and context.get("dag_run") is None:
+                return NOTHING  # run outside a DAG run: no billing window to stand for
             window = whole_days(as_of(context), 1)
             start, end = (to_unix_seconds(window.start), to_unix_seconds(window.end))
             # Only days the query returned rows of: a query that reads other days than the
