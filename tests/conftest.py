@@ -30,6 +30,24 @@ os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
 # Variables must read back here); otherwise each may generate its own before airflow.cfg exists.
 os.environ["AIRFLOW__CORE__FERNET_KEY"] = "dGVzdC1vbmx5LWZlcm5ldC1rZXktMzItYnl0ZXMhISE="
 os.environ.pop("AIRFLOW_CONN_STRIPE_DEFAULT", None)
+#: The example and test DAG files, each in a folder of the DAGs folder that is a DAG bundle of its
+#: own: dag.test() parses and serializes every DAG of the bundle that holds the DAG it runs (Airflow
+#: 3.2+, on every call), a few DAGs then rather than all of them.
+DAG_FILES = [
+    *sorted((ROOT / "example_dags").glob("*.py")),
+    *sorted(path for path in (ROOT / "tests" / "dags").glob("*.py") if path.name != "__init__.py"),
+]
+BUNDLES_VARIABLE = "AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_CONFIG_LIST"
+os.environ[BUNDLES_VARIABLE] = json.dumps(
+    [
+        {
+            "name": path.stem,
+            "classpath": "airflow.dag_processing.bundles.local.LocalDagBundle",
+            "kwargs": {"path": str(DAGS_FOLDER / path.stem)},
+        }
+        for path in DAG_FILES
+    ]
+)
 
 pytest_plugins = ["airflow_provider_stripe_meter.testing.pytest_plugin"]
 
@@ -37,20 +55,71 @@ pytest_plugins = ["airflow_provider_stripe_meter.testing.pytest_plugin"]
 SECRET_KEY = "sk_test_LEAKCANARY_7f3c9a1e5b"
 
 
+def _airflow_before_3_2() -> bool:
+    from airflow import __version__
+    from packaging.version import Version
+
+    return Version(__version__) < Version("3.2")
+
+
 @pytest.fixture(scope="session")
-def airflow_db() -> Path:
-    """Create the metadata DB once and copy the example and test DAGs into the DAGs folder."""
-    DAGS_FOLDER.mkdir(parents=True, exist_ok=True)
-    for source in [
-        *sorted((ROOT / "example_dags").glob("*.py")),
-        *sorted((ROOT / "tests" / "dags").glob("*.py")),
-    ]:
-        shutil.copy(source, DAGS_FOLDER / source.name)
-    airflow = Path(sys.executable).with_name("airflow")
-    env = os.environ.copy()
-    subprocess.run([str(airflow), "db", "migrate"], check=True, capture_output=True, env=env)
-    # Airflow 3.1's dag.test() needs the DAGs serialized already (3.2+ does it itself).
-    subprocess.run([str(airflow), "dags", "reserialize"], check=True, capture_output=True, env=env)
+def migrated_db_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty metadata DB that ``airflow db migrate`` made, once for every pytest-xdist worker of
+    the run (the first to ask makes it, the others wait for it and copy it): migrating costs each
+    process that does it seconds of CPU."""
+    import fcntl
+
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # the run's folder, above each worker's own
+    template = shared / "airflow-migrated.db"
+    with open(shared / "airflow-migrated.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not template.exists():
+            home = shared / "airflow-migrate-home"
+            (home / "dags").mkdir(parents=True, exist_ok=True)
+            env = {k: v for k, v in os.environ.items() if k != BUNDLES_VARIABLE}
+            env.update(AIRFLOW_HOME=str(home), AIRFLOW__CORE__DAGS_FOLDER=str(home / "dags"))
+            airflow = Path(sys.executable).with_name("airflow")
+            subprocess.run([str(airflow), "db", "migrate"], check=True, capture_output=True, env=env)
+            os.replace(home / "airflow.db", template)
+    return template
+
+
+@pytest.fixture(scope="session")
+def airflow_db(migrated_db_template: Path) -> Path:
+    """The metadata DB (a copy of the migrated one), and the example and test DAGs in the DAGs
+    folder."""
+    for source in DAG_FILES:
+        (DAGS_FOLDER / source.stem).mkdir(parents=True, exist_ok=True)
+        shutil.copy(source, DAGS_FOLDER / source.stem / source.name)
+    copy = _HOME / "airflow.db.copy"
+    shutil.copy(migrated_db_template, copy)
+    os.replace(copy, _HOME / "airflow.db")
+    if "airflow.settings" in sys.modules and getattr(sys.modules["airflow.settings"], "engine", None):
+        sys.modules["airflow.settings"].engine.dispose()  # no pooled connection to a file replaced
+    if _airflow_before_3_2():
+        # Airflow 3.1's dag.test() needs the DAGs serialized already.
+        airflow = Path(sys.executable).with_name("airflow")
+        env = os.environ.copy()
+        subprocess.run([str(airflow), "dags", "reserialize"], check=True, capture_output=True, env=env)
+    else:
+        # 3.2+ serializes the bundle of the DAG it runs, found by the bundle its DagModel names;
+        # a DAG not in the DB yet makes it walk the bundles until one holds it. So every bundle
+        # is synced once here, as `airflow dags reserialize` does (in this process, which has
+        # Airflow loaded already).
+        from airflow.dag_processing.bundles.manager import DagBundlesManager
+        from airflow.dag_processing.dagbag import BundleDagBag, sync_bag_to_db
+        from airflow.utils.session import create_session
+
+        manager = DagBundlesManager()
+        with create_session() as session:
+            manager.sync_bundles_to_db(session=session)
+        for bundle in manager.get_all_dag_bundles():
+            bundle.initialize()
+            bag = BundleDagBag(dag_folder=bundle.path, bundle_path=bundle.path, bundle_name=bundle.name)
+            assert not bag.import_errors, bag.import_errors
+            sync_bag_to_db(bag, bundle.name, bundle.version)
     return _HOME
 
 
@@ -82,6 +151,21 @@ def pg_database_per_worker() -> Iterator[None]:
         os.environ["STRIPE_METER_TEST_PG_DSN"] = dsn
 
 
+#: The longest tests, started first: with pytest-xdist's worksteal, the workers then share out
+#: the short ones at the end, instead of one running a minute-long test while the other idles.
+SLOWEST_FIRST = (
+    "tests/system/test_airflow_components.py::",
+    "tests/operators/test_billing_histories.py::test_two_runs_at_once",
+    "tests/test_footprint.py::test_twenty_thousand",
+    "tests/operators/test_billing_truth.py::test_an_outage_after_a_third_is_ridden_out",
+    "tests/operators/test_billing_histories.py::test_a_worker_killed",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: not item.nodeid.startswith(SLOWEST_FIRST))  # stable: order kept
+
+
 @pytest.fixture
 def secret_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     """The local Stripe server, accepting only :data:`SECRET_KEY`, spec checks on, SDK retries 1."""
@@ -109,7 +193,7 @@ def dag_bag(folder: str) -> Any:
 def _dag_file(dag_id: str) -> Path | None:
     """The file of the DAGs folder that names ``dag_id`` (parsing one file, not the folder, saves
     a second or so on every run)."""
-    for path in sorted(DAGS_FOLDER.glob("*.py")):
+    for path in sorted(DAGS_FOLDER.glob("*/*.py")):
         if f'"{dag_id}"' in path.read_text():
             return path
     return None
@@ -287,23 +371,12 @@ def share_clock(
     return clock
 
 
-_SPAWNED_RUN = """
-import json, os, sys
-try:
-    from airflow.dag_processing.dagbag import DagBag
-except ImportError:  # Airflow 3.1
-    from airflow.models.dagbag import DagBag
-bag = DagBag(dag_folder=os.environ["AIRFLOW__CORE__DAGS_FOLDER"])
-bag.get_dag(sys.argv[1]).test(run_conf=json.loads(sys.argv[2]))
-"""
-
-
-def spawn_dag(dag_id: str, run_conf: dict[str, Any] | None = None) -> subprocess.Popen[bytes]:
+def spawn_dag(dag_id: str, run_conf: dict[str, Any] | None = None) -> Any:
     """Run a DAG with ``dag.test()`` in a process of its own (same Airflow home and connections),
-    so a test can ``kill -9`` it at an instant of its choosing."""
-    return subprocess.Popen(
-        [sys.executable, "-c", _SPAWNED_RUN, dag_id, json.dumps(run_conf or {})],
-        env=os.environ.copy(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    so a test can ``kill -9`` it at an instant of its choosing, or run two at once. The process
+    is forked from one that has Airflow loaded already (:mod:`tests.forkserver`); what it returns
+    has the ``pid``, ``wait()`` and ``poll()`` of a :class:`subprocess.Popen`."""
+    from tests.forkserver import fork_server
+
+    folder = _dag_file(dag_id) or DAGS_FOLDER
+    return fork_server().spawn(dag_id, run_conf or {}, os.environ.copy(), str(folder))

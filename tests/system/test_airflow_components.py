@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 from airflow_provider_stripe_meter.testing import LocalStripeServer
-from tests.conftest import ROOT, SECRET_KEY, add_rows, at, day
+from tests.conftest import BUNDLES_VARIABLE, ROOT, SECRET_KEY, add_rows, at, day
 
 pytestmark = [pytest.mark.system]
 COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
@@ -56,9 +56,10 @@ class Airflow:
         self.token = ""
         self.deadline = time.monotonic() + DEADLINE
 
-    def start(self) -> None:
+    def start(self, migrated_db: Path) -> None:
         airflow = str(Path(sys.executable).with_name("airflow"))
-        subprocess.run([airflow, "db", "migrate"], env=self.env, check=True, capture_output=True)
+        # The metadata DB as `airflow db migrate` leaves a new one (made once for the whole run).
+        shutil.copy(migrated_db, self.home / "airflow.db")
         for name in COMPONENTS:
             log = open(self.home / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
             args = [airflow, name] + (["--port", self.base.rsplit(":", 1)[1]] if name == "api-server" else [])
@@ -112,7 +113,7 @@ class Airflow:
     def api(self, method: str, path: str, body: Any = None) -> Any:
         return json.loads(self._open(method, "/api/v2" + path, body) or b"null")
 
-    def wait(self, probe: Any, what: str, interval: float = 1.0) -> Any:
+    def wait(self, probe: Any, what: str, interval: float = 0.5) -> Any:
         """Call ``probe`` until it returns something truthy (errors count as not yet)."""
         last: Any = None
         while time.monotonic() < self.deadline:
@@ -140,7 +141,7 @@ class Airflow:
 
 
 @pytest.fixture
-def airflow(tmp_path: Path, usage_db: Path) -> Any:
+def airflow(tmp_path: Path, usage_db: Path, migrated_db_template: Path) -> Any:
     server = LocalStripeServer(
         meters=["ai_tokens_used", "support_minutes"], api_keys=[SECRET_KEY], validate_spec=True
     ).start()
@@ -150,7 +151,8 @@ def airflow(tmp_path: Path, usage_db: Path) -> Any:
         shutil.copy(dag_file, home / "dags" / dag_file.name)
     port = _free_port()
     env = {
-        **os.environ,
+        # The components read the DAGs folder as one bundle, as a first deployment does.
+        **{k: v for k, v in os.environ.items() if k != BUNDLES_VARIABLE},
         "AIRFLOW_HOME": str(home),
         "AIRFLOW__CORE__DAGS_FOLDER": str(home / "dags"),
         "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
@@ -184,7 +186,7 @@ def airflow(tmp_path: Path, usage_db: Path) -> Any:
     }
     runner = Airflow(home, env, port)
     try:
-        runner.start()
+        runner.start(migrated_db_template)
         yield runner, server
     finally:
         runner.stop()
