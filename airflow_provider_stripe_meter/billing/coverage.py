@@ -37,9 +37,15 @@ class Coverage:
     """Per UTC day the source covers from its start, the instant (exclusive) it covers it up to."""
 
     through: dict[date, int] = field(default_factory=dict)
+    #: Whether the source holds every customer of the meter on those days (a declared window),
+    #: or only those it returned rows of (the default: a DAG sharded by customer, or a query that
+    #: filters customers, must not correct the customers it does not read down to nothing).
+    every_customer: bool = True
 
     @classmethod
-    def between(cls, start: int, end: int, now: int, *, days: set[date] | None = None) -> Coverage:
+    def between(
+        cls, start: int, end: int, now: int, *, days: set[date] | None = None, every_customer: bool = True
+    ) -> Coverage:
         """The days whose start lies in ``[start, end)``, each covered up to ``end`` (at most its
         own end, and no later than ``now``, past which no row can exist yet).
 
@@ -55,7 +61,7 @@ class Coverage:
             if days is None or day in days:
                 through[day] = min(day_start + SECONDS_PER_DAY, limit)
             day_start += SECONDS_PER_DAY
-        return cls(through)
+        return cls(through, every_customer)
 
     def __bool__(self) -> bool:
         return bool(self.through)

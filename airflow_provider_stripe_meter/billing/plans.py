@@ -26,6 +26,7 @@ second run's plan for the same number forever.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
 from functools import lru_cache
@@ -68,7 +69,7 @@ class PlannedEvent:
     @property
     def idempotency_key(self) -> str | None:
         """The event's ``Idempotency-Key``: its identifier and the try that wrote its row."""
-        return f"{self.identifier}/{self.attempt}" if self.attempt else None
+        return idempotency_key(self.identifier, self.attempt) if self.attempt else None
 
     @property
     def key(self) -> tuple[str, str, date]:
@@ -132,6 +133,12 @@ class DayPlan:
 
 #: The proleptic ordinal of 1970-01-01: days since it are whole UTC days of Unix time.
 _EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
+
+
+def idempotency_key(identifier: str, attempt: str) -> str:
+    """``identifier/<digest of the try>``: at most 141 characters (Stripe takes up to 255), however
+    long the DAG and task ids that name the try."""
+    return f"{identifier}/{hashlib.sha256(attempt.encode()).hexdigest()[:40]}"
 
 
 def day_end(day: date) -> int:

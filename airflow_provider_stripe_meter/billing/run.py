@@ -41,7 +41,6 @@ from airflow_provider_stripe_meter.billing.plans import (
     hold_unknown,
     iso_seconds,
     ledger_identifier,
-    ledger_recorded,
     plan_day,
     plan_in_periods,
     plan_late_in_periods,
@@ -70,7 +69,13 @@ from airflow_provider_stripe_meter.ledger.entries import (
 )
 from airflow_provider_stripe_meter.utils import clock
 from airflow_provider_stripe_meter.utils.aggregation import DailyAggregate
-from airflow_provider_stripe_meter.utils.errors import Duplicate, Refused, Rejected, Withheld
+from airflow_provider_stripe_meter.utils.errors import (
+    Duplicate,
+    MeterFailure,
+    Refused,
+    Rejected,
+    Withheld,
+)
 
 if TYPE_CHECKING:
     from airflow_provider_stripe_meter.billing.meters import MeterSpec
@@ -281,12 +286,14 @@ class BillingRun:
         out = dict(aggregates)
         for name, spec in self.book.specs.items():
             figures = self.ledger.figures(self.account, spec.meter_id, days[0], days[-1])
+            read = covers.every_customer or {k[1] for k in aggregates if k[0] == name}
             gone = [
                 (customer, day)
                 for (customer, day), figure in figures.items()
                 if (name, customer, day) not in aggregates
                 and not figure.empty
                 and covers.truth(day, figure.source_at)
+                and (read is True or customer in read)
             ]
             if not gone:
                 continue
@@ -356,6 +363,14 @@ class BillingRun:
             )
             self.book.summary_requests += len(customers)
             entries: list[Entry] = []
+            # Stripe's summaries count events by their stamp; so does the ledger's side of the
+            # comparison (usage carried into a later period, or billed late, is stamped on
+            # another day than the one it bills).
+            stamped: dict[tuple[str, date], list[Entry]] = defaultdict(list)
+            for row in self.ledger.entries_stamped(
+                self.account, spec.meter_id, customers, day_end(first) - 86400, day_end(last)
+            ):
+                stamped[(row.customer_id, stamp_day(row.stamp))].append(row)
             split = self._split_days(name, spec, {cd for cd, f in found.items() if cd in wanted and f})
             for (customer, day), figure in found.items():
                 if (customer, day) not in wanted or not figure:
@@ -365,7 +380,7 @@ class BillingRun:
                 # A day split at a period boundary is adopted part by part (a summaries request
                 # each), so each invoice's part holds what Stripe holds in it.
                 for part, stamp, more in split.get((customer, day)) or [
-                    (0, day_end(day) - 86400, figure - (ledger_recorded(spec, mine) if mine else 0))
+                    (0, day_end(day) - 86400, figure - stripe_view(spec, stamped[(customer, day)]))
                 ]:
                     if more <= 0:
                         continue
@@ -418,27 +433,32 @@ class BillingRun:
         for customer, day in days:
             start = day_end(day) - 86400
             inside = [b for b in bounds.get((name, customer), ()) if start < b < start + 86400]
-            if inside:
-                cut[(customer, day)] = [start, *inside, start + 86400]
+            edges = [start, *inside, start + 86400]
+            if inside and all(hi - hi % 60 - (lo - lo % 60) >= 120 for lo, hi in itertools.pairwise(edges)):
+                # (a part under two minutes is not stamped a minute clear of its boundary)
+                cut[(customer, day)] = edges
         if not cut:
             return {}
-        entries = self.ledger.entries_of(
+        # By stamp, as Stripe's summaries count them (carried usage is stamped elsewhere).
+        entries = self.ledger.entries_stamped(
             self.account,
             spec.meter_id,
             {c for c, _ in cut},
-            min(d for _, d in cut),
-            max(d for _, d in cut),
+            day_end(min(d for _, d in cut)) - 86400,
+            day_end(max(d for _, d in cut)),
         )
         by_day: dict[tuple[str, date], list[Entry]] = defaultdict(list)
         for entry in entries:
-            by_day[(entry.customer_id, entry.day)].append(entry)
+            by_day[(entry.customer_id, stamp_day(entry.stamp))].append(entry)
         out: dict[tuple[str, date], list[tuple[int, int, int]]] = {}
         for (customer, day), edges in cut.items():
             parts = []
             for lo, hi in itertools.pairwise(edges):
-                theirs = self.stripe.usage_between(spec.meter_id, customer, lo - lo % 60, hi - hi % 60)
+                # The same minute-aligned range on both sides.
+                low, high = lo - lo % 60, hi - hi % 60
+                theirs = self.stripe.usage_between(spec.meter_id, customer, low, high)
                 self.book.summary_requests += 1
-                live = [e for e in by_day[(customer, day)] if e.state == ACCEPTED and _in_part(e, lo, hi)]
+                live = [e for e in by_day[(customer, day)] if e.state == ACCEPTED and low <= e.stamp < high]
                 mine = len(live) if spec.kind == COUNT else sum(e.value for e in live)
                 parts.append((lo, lo, (theirs or 0) - mine))
             out[(customer, day)] = parts
@@ -705,7 +725,7 @@ class BillingRun:
                 day.outcome = DayOutcome.FAILED
             else:
                 day.outcome = DayOutcome.SENT
-                self.accepted[key[0]].extend(ids)
+                self.accepted[key[0]].extend(ids - withheld)
 
     def deliver(self, events: list[PlannedEvent]) -> tuple[list[Change], set[str]]:
         """Send ``events`` through the run's API; return the ledger changes and the failed identifiers."""
@@ -716,10 +736,14 @@ class BillingRun:
 
         periods = self.periods
 
+        #: Events that went out at least once (a retry of one may find its first try landed).
+        tried: set[int] = set()
+
         def noting(send: Callable[[list[PlannedEvent]], None]) -> Callable[[list[PlannedEvent]], None]:
             # When each answer came: the order Stripe took a customer's events in.
             def send_and_note(batch: list[PlannedEvent]) -> None:
-                if periods is not None:
+                # The stream's batches mix customers: its events were decided as the slice left.
+                if periods is not None and len(batch) == 1:
                     # Whether an invoice carries it is decided as it leaves, not at planning: a
                     # delivery that outlasts a draft's finalization sends nothing billed nowhere.
                     at = clock.now()
@@ -727,7 +751,17 @@ class BillingRun:
                         periods.carries(e.event_name, e.customer_id, e.timestamp, e.period_end, at)
                         for e in batch
                     ):
+                        if any(e.attempt or id(e) in tried for e in batch):
+                            # It may have landed already (a lost answer, a killed run's row):
+                            # left pending, for the next run to read from Stripe's summaries.
+                            raise MeterFailure(
+                                "its billing period's invoice locked before an answer came; whether "
+                                "it landed is read from Stripe's summaries by the next run",
+                                {"type": "invoice_locked"},
+                            )
                         raise Withheld("its billing period's invoice locks before the event would land")
+                with lock:
+                    tried.update(id(e) for e in batch)
                 try:
                     send(batch)
                 except (Duplicate, Rejected):
@@ -744,6 +778,16 @@ class BillingRun:
                 for event in batch:
                     answered[id(event)] = moment
 
+        withheld_now: list[PlannedEvent] = []
+        if periods is not None and self.settings.api != "v1":
+            # 100 customers a request: each fresh event is decided once, as its slice leaves (a
+            # slice goes out in seconds, well inside the 10 minutes kept before a lock).
+            at = clock.now()
+            kept: list[PlannedEvent] = []
+            for e in events:
+                carried = periods.carries(e.event_name, e.customer_id, e.timestamp, e.period_end, at)
+                (kept if carried or e.attempt else withheld_now).append(e)
+            events = kept
         # Every event's identifier is new to Stripe or names an event of ours, so the stream,
         # which drops repeats without a word, is as exact as v1 here.
         work, self.meanwhile = self.meanwhile, []
@@ -757,6 +801,8 @@ class BillingRun:
             attempt=self.writer.attempt,
         ).run(events, meanwhile=partial(self._meanwhile, work) if work else None)
         self.book.reports.append(report)
+        report.withheld.extend(withheld_now)
+        events = [*events, *withheld_now]
         rejected = {id(e) for e in report.rejected_items}
         # Each request carried its row's idempotency key, so Stripe replays our own answer to a
         # retry: a duplicate answer is evidence that Stripe holds what this ledger does not.

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from airflow_provider_stripe_meter.billing.plans import PlannedEvent
+from airflow_provider_stripe_meter.billing.plans import PlannedEvent, idempotency_key
 from airflow_provider_stripe_meter.utils.delivery import Deliverer
 from airflow_provider_stripe_meter.utils.rules import rfc3339
 
@@ -58,7 +58,7 @@ def _v1(
 ) -> Callable[[list[PlannedEvent]], None]:
     def send(batch: list[PlannedEvent]) -> None:
         [event] = batch
-        key = event.idempotency_key or (f"{event.identifier}/{attempt}" if attempt else None)
+        key = event.idempotency_key or (idempotency_key(event.identifier, attempt) if attempt else None)
         # The deliverer retries (with backoff and its outage gate): no SDK retries inside.
         stripe.create_meter_event(
             event.as_meter_event(),

@@ -210,12 +210,16 @@ class Settler:
         figure below the events the ledger is sure of)."""
         kind, spec = self.spec.kind, self.spec
         first = group[0]
+        if any((e.day, e.part) != (first.day, first.part) for e in group):
+            return None  # rows of several days or parts: one figure cannot say how it splits
         if kind == COUNT:
             values = [1] * (stripe_figure - len(certain))
             if stripe_figure < len(certain):
                 return None
         elif kind == ADD:
             diff = stripe_figure - sum(e.value for e in certain)
+            if diff < 0:
+                return None  # less than the rows it is sure of: a summary trailing them, not evidence
             values = [diff] if diff else []
         else:
             values = [stripe_figure]

@@ -182,10 +182,11 @@ class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
         customer's open period, noted so in the ledger; ``"off"`` bills by UTC day alone.
     :param covers: Where the source is the truth (docs/guarantees.md, "Corrections"): a
         customer-day billed there that now has fewer, smaller or no rows is corrected, whichever
-        row was deleted. ``"billing_window"`` (default): the run's ``billing_window()`` (its data
-        interval's whole UTC days, or the last whole day of a manual run), each day only if the
-        source returned a row of it; a pair ``(start, end)`` (datetimes, ISO strings or unix
-        seconds; templated strings too), the window the query reads: every whole UTC day from
+        row was deleted. ``"billing_window"`` (default): the run's ``billing_window()`` day, only
+        if the source returned a row of it, and only for the customers it returned rows of (a DAG
+        sharded by customer shares the ledger); a pair ``(start, end)`` (datetimes, ISO strings or unix
+        seconds; templated strings too), the window the query reads, for every customer of the
+        meter: every whole UTC day from
         ``start`` counts, up to ``end`` or now (an hourly "day so far" run covers today up to
         its own end and never lowers what a later view billed); ``None``: nowhere (a smaller
         source then changes nothing and is reported as ``older_view``). (templated)
@@ -395,7 +396,7 @@ class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
             # Only days the query returned rows of: a query that reads other days than the
             # run's billing_window() corrects nothing it did not read.
             seen = {a.day for a in aggregates}
-            return Coverage.between(start, end, now, days=seen)
+            return Coverage.between(start, end, now, days=seen, every_customer=False)
         if isinstance(covers, (list, tuple)) and len(covers) == 2:
             start, end = (
                 to_unix_seconds(value, f"covers[{i}]", naive_timezone=timezone.utc)

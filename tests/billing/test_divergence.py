@@ -387,3 +387,26 @@ def test_adopting_a_split_day_takes_each_part_into_its_own_period(world):
     assert adopting["success"], adopting["samples"]
     assert w.billed() == w.source() == {("cus_a", iso(midnight(-1))): 180}
     assert (w.invoiced(BOUNDARY - 30 * DAY, BOUNDARY), w.invoiced(BOUNDARY, BOUNDARY + 30 * DAY)) == (100, 80)
+
+
+def test_a_retry_after_a_lost_answer_past_the_lock_is_left_pending_and_read_not_withheld(world):
+    # (a review's finding) The first try landed before the lock and its answer was lost; the
+    # retry comes after the lock. Withholding it would call usage on the invoice "not sent" and
+    # carry it a second time: it stays pending and the next run reads whether it landed.
+    w = world()
+    finalizes_at = int(w.now) + 700  # sent until 10 minutes before: the first try only
+    w.add("cus_a", 100, BOUNDARY - HOUR)
+    w.stripe.before_record = lambda: w.advance(200)
+    w.stripe.lose_answers(1)
+    first = w.run(since=midnight(-1), until=midnight(0), periods=periods_at(w.now, finalizes_at))
+    w.stripe.before_record = None
+    w.stripe.lose_answers(None)
+    assert first["success"] is False
+    assert first["invoice_final"] == 0  # not reported as held: it may be on the invoice
+    assert [state for *_, state in w.ledger_rows()] == ["pending"]
+    w.now = finalizes_at + HOUR
+    again = w.run(since=midnight(-1), until=midnight(0), periods=periods_at(w.now, finalizes_at))
+    assert [state for *_, state in w.ledger_rows()] == ["accepted"]
+    assert (again["success"], again["events_sent"]) == (True, 0)
+    assert billed_nowhere(w, BOUNDARY, finalizes_at) == []
+    assert len(w.stripe_state.accepted()) == 1
