@@ -40,7 +40,6 @@ from airflow_provider_stripe_meter.billing.plans import (
     day_end,
     hold_unknown,
     iso_seconds,
-    ledger_identifier,
     plan_day,
     plan_in_periods,
     plan_late_in_periods,
@@ -53,6 +52,7 @@ from airflow_provider_stripe_meter.billing.settling import (
     WITHHELD,
     Settler,
     describe,
+    figure_rows,
     resolved_states,
     stamp_day,
     stripe_view,
@@ -385,30 +385,20 @@ class BillingRun:
                     if more <= 0:
                         continue
                     values = [1] * more if spec.kind == COUNT else [more] if spec.kind == ADD else [figure]
-                    for value in values:
-                        seq += 1
-                        entries.append(
-                            Entry(
-                                account=self.account,
-                                meter_id=spec.meter_id,
-                                event_name=name,
-                                customer_id=customer,
-                                day=day,
-                                seq=seq,
-                                identifier="adopted:" + ledger_identifier(spec, customer, day, seq),
-                                value=value,
-                                # The part's start: any snapshot the source has of it is newer.
-                                stamp=stamp,
-                                source_at=-1,
-                                state=ACCEPTED,
-                                run_id=self.writer.run_id,
-                                attempt=self.writer.attempt,
-                                sent_at=now,
-                                answered_at=now,
-                                note="adopted from Stripe's summaries",
-                                part=part,
-                            )
-                        )
+                    # Stamped at the part's start: any snapshot the source has of it is newer.
+                    entries += figure_rows(
+                        self.account,
+                        spec,
+                        (name, customer, day, part),
+                        seq,
+                        values,
+                        stamp,
+                        (self.writer.run_id, self.writer.attempt),
+                        now,
+                        "adopted:",
+                        "adopted from Stripe's summaries",
+                    )
+                    seq += len(values)
             written += len(self.ledger.insert(entries))
         self.figures["adopted"] = written
         self.log.info("Adopted %d ledger rows from Stripe's summaries", written)

@@ -228,32 +228,18 @@ class Settler:
         )
         seq = known.max_seq if known is not None else max(e.seq for e in group)
         stamp = max(e.stamp for e in group)
-        out = []
-        for value in values:
-            seq += 1
-            out.append(
-                Entry(
-                    account=self.account,
-                    meter_id=spec.meter_id,
-                    event_name=first.event_name,
-                    customer_id=first.customer_id,
-                    day=first.day,
-                    seq=seq,
-                    identifier="stripe:" + ledger_identifier(spec, first.customer_id, first.day, seq),
-                    value=value,
-                    stamp=stamp,
-                    source_at=-1,
-                    state=ACCEPTED,
-                    run_id=self.run.writer.run_id,
-                    attempt=self.run.writer.attempt,
-                    sent_at=now,
-                    answered_at=now,
-                    note="Stripe's figure: its summaries hold usage this ledger did not send",
-                    part=first.part,
-                    period_end=first.period_end,
-                )
-            )
-        return out
+        return figure_rows(
+            self.account,
+            spec,
+            first,
+            seq,
+            values,
+            stamp,
+            (self.run.writer.run_id, self.run.writer.attempt),
+            now,
+            "stripe:",
+            "Stripe's figure: its summaries hold usage this ledger did not send",
+        )
 
     def _landed(self, group: list[Entry], certain: list[Entry], stripe_figure: int) -> int | None:
         """How many of ``group`` (in the order Stripe took them) landed, given Stripe's figure."""
@@ -273,6 +259,56 @@ class Settler:
         # otherwise none is counted (sending the figure again changes nothing if one did land).
         newest = max(group, key=lambda e: (e.stamp, e.seq))
         return len(group) if newest.value == stripe_figure else 0
+
+
+def figure_rows(
+    account: str,
+    spec: MeterSpec,
+    where: Entry | tuple[str, str, date, int],
+    after_seq: int,
+    values: list[int],
+    stamp: int,
+    writer: tuple[str, str],
+    now: float,
+    prefix: str,
+    note: str,
+) -> list[Entry]:
+    """``accepted`` rows that make the ledger hold what Stripe's summaries show (never sent: their
+    identifiers carry ``prefix``), numbered after ``after_seq`` in the customer-day (and part) of
+    ``where``: a ledger row, or (event name, customer, day, part)."""
+    if isinstance(where, Entry):
+        name, customer, day, part, period_end = (
+            where.event_name,
+            where.customer_id,
+            where.day,
+            where.part,
+            where.period_end,
+        )
+    else:
+        (name, customer, day, part), period_end = where, None
+    return [
+        Entry(
+            account=account,
+            meter_id=spec.meter_id,
+            event_name=name,
+            customer_id=customer,
+            day=day,
+            seq=seq,
+            identifier=prefix + ledger_identifier(spec, customer, day, seq),
+            value=value,
+            stamp=stamp,
+            source_at=-1,
+            state=ACCEPTED,
+            run_id=writer[0],
+            attempt=writer[1],
+            sent_at=now,
+            answered_at=now,
+            note=note,
+            part=part,
+            period_end=period_end,
+        )
+        for seq, value in enumerate(values, start=after_seq + 1)
+    ]
 
 
 def wait_for_summaries(run: BillingRun, latest: float) -> bool:
