@@ -176,13 +176,19 @@ def lose_commits_of(w: World, run_id: str) -> None:
         con.execute("DELETE FROM stripe_meter_ledger WHERE run_id = ?", (run_id,))
 
 
-def test_a_ledger_that_lost_a_runs_commits_is_not_fooled_by_the_duplicate_answer(world):
-    w = world()
+def billed_then_commits_lost(w: World) -> None:
+    """A night billed (100), the ledger's commits of that run lost, then a late row (50): the
+    next run plans slot 1 again with another figure."""
     w.add("cus_a", 100, midnight(-1) + 3 * HOUR)
     assert nightly(w, "first")["success"]
     lose_commits_of(w, "first")
     w.add("cus_a", 50, midnight(-1) + 4 * HOUR)
     w.advance(HOUR)
+
+
+def test_a_ledger_that_lost_a_runs_commits_is_not_fooled_by_the_duplicate_answer(world):
+    w = world()
+    billed_then_commits_lost(w)
     second = nightly(w, "second")
     # Stripe holds slot 1 (100) already: the run does not count its 150 as billed.
     assert second["success"] is False
@@ -222,11 +228,7 @@ def test_on_the_stream_a_foreign_event_is_found_by_the_read_back_and_settled(wor
     # The stream answers nothing for a repeated identifier (Stripe drops it without a word): the
     # evidence comes from reading Stripe's summaries back (confirm="summaries").
     w = world()
-    w.add("cus_a", 100, midnight(-1) + 3 * HOUR)
-    assert nightly(w, "first")["success"]
-    lose_commits_of(w, "first")
-    w.add("cus_a", 50, midnight(-1) + 4 * HOUR)
-    w.advance(HOUR)
+    billed_then_commits_lost(w)
     second = w.run_confirmed(since=midnight(-1), until=midnight(0), api="v2_stream", run_id="second")
     assert second["success"] is False
     assert w.billed() == {("cus_a", iso(midnight(-1))): 100}
