@@ -149,6 +149,12 @@ def airflow(tmp_path: Path, usage_db: Path, migrated_db_template: Path) -> Any:
     (home / "dags").mkdir(parents=True)
     for dag_file in (ROOT / "example_dags").glob("*.py"):
         shutil.copy(dag_file, home / "dags" / dag_file.name)
+    # The metadata DB is one SQLite file that four components write: a write waits up to 60 s
+    # for another component's lock rather than SQLite's default 5 s, after which the api-server
+    # answers 500 ("database is locked") on a loaded machine. Airflow imports the connect
+    # arguments from $AIRFLOW_HOME/config, which it puts on sys.path.
+    (home / "config").mkdir()
+    (home / "config" / "system_test_sqlite.py").write_text('CONNECT_ARGS = {"timeout": 60}\n')
     port = _free_port()
     env = {
         # The components read the DAGs folder as one bundle, as a first deployment does.
@@ -161,6 +167,8 @@ def airflow(tmp_path: Path, usage_db: Path, migrated_db_template: Path) -> Any:
         "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
         # One signing secret for every component: the api-server checks the tokens tasks carry.
         "AIRFLOW__API_AUTH__JWT_SECRET": "system-test-only-jwt-secret",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS": "system_test_sqlite.CONNECT_ARGS",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS_ASYNC": "system_test_sqlite.CONNECT_ARGS",
         "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "1",
         "AIRFLOW__TRIGGERER__JOB_HEARTBEAT_SEC": "1",
         # A task (and the triggerer) gives each Execution API call 5 s, 5 tries in all: an
