@@ -172,8 +172,9 @@ class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
     :param report_path: Where to write the run's full table, a JSON line per customer-day (its
         plan and, for a real run, its outcome): an Airflow object storage URL (``file:///...``,
         ``s3://conn_id@bucket/key``, ...); the result names it in ``report_uri``. (templated)
-    :param fail_on_error: Fail the task (no retry) when rows are invalid or Stripe rejects an
-        aggregate, instead of returning ``success=False``.
+    :param fail_on_error: Fail the task (no retry) whenever the run is not a success (rows
+        invalid or outside Stripe's window, usage refused or held, a day ``over``), instead of
+        returning ``success=False``.
     :param billing_periods: Where the meter has a metered price, bill each customer's usage into
         its billing periods (read from its subscriptions): ``"hold"`` (default) splits a day at a
         period boundary, each part stamped in its own period, and holds usage no open invoice
