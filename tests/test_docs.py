@@ -123,7 +123,8 @@ def test_every_page_is_in_the_table_of_contents_and_every_relative_link_resolves
 
 def test_the_pypi_page_starts_with_installing_and_links_only_absolutely():
     text = (ROOT / "PYPI.md").read_text()
-    assert "pip install airflow-provider-stripe-meter" in text.split("\n## ")[0]
+    # The install line names an extra: without one, SQLite and PostgreSQL lack their provider.
+    assert 'pip install "airflow-provider-stripe-meter[' in text.split("\n## ")[0]
     assert "./dev" not in text, "the sdist and wheel do not ship ./dev"
     relative = re.findall(r"\]\((?!https?://)([^)]+)\)", text)
     assert not relative, f"relative links 404 on PyPI: {relative}"
