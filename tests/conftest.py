@@ -156,7 +156,7 @@ def pg_database_per_worker() -> Iterator[None]:
 SLOWEST_FIRST = (
     "tests/system/test_airflow_components.py::",
     "tests/operators/test_billing_histories.py::test_two_runs_at_once",
-    "tests/test_footprint.py::test_twenty_thousand",
+    "tests/test_footprint.py::test_customer_days_past_every_bound",
     "tests/operators/test_billing_truth.py::test_an_outage_after_a_third_is_ridden_out",
     "tests/operators/test_billing_histories.py::test_a_worker_killed",
 )

@@ -68,18 +68,19 @@ def source_figures(path) -> dict[tuple[str, str], int]:
         return {(c, d): v for c, d, v in con.execute(query)}
 
 
-def test_twenty_thousand_customer_days_leave_small_rows_in_airflow_and_full_tables_in_storage(
+def test_customer_days_past_every_bound_leave_small_rows_in_airflow_and_full_tables_in_storage(
     server, usage_db, tmp_path, trigger_kwargs, monkeypatch
 ):
-    # Past every bound the results keep (1,000 plan lines, 5,000 inline trigger customer-days).
-    customers, days = 2_000, 10
-    # Yesterday goes out on the v2 stream; the nine days before it were billed by earlier runs,
+    # Past every bound the results keep: 1,000 plan and reconciliation lines, 5,000 customer-days
+    # inline in a trigger's arguments, 5,000 customer-days a slice (5,500 here, 1,100 a day).
+    customers, days = 1_100, 5
+    # Yesterday goes out on the v2 stream; the days before it were billed by earlier runs,
     # and the ledger leaves them alone without a look at Stripe.
     share_clock(monkeypatch, server).set(today().add(hours=12))
     rows = [
         (f"cus_{c:05d}", 1 + (c * 7 + d) % 97, at(-d, 3600 + c))
         for c in range(customers)
-        for d in range(1, 11)
+        for d in range(1, days + 1)
     ]
     add_rows(usage_db, rows)
     # What the earlier nights sent: in Stripe, and in the ledger (beside the usage, sql_conn_id).
