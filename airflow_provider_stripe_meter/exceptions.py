@@ -76,7 +76,7 @@ class StripeTransientError(StripeMeterError, errors.Transient):
     """Rate limit, 5xx or connection error that outlasted the retries; a later try can succeed."""
 
 
-class StripeSessionExpiredError(StripeTransientError):
+class StripeSessionExpiredError(StripeTransientError, errors.SessionExpired):
     """The v2 meter event session token expired; a new session fixes it."""
 
 

@@ -24,6 +24,10 @@ class Transient(MeterFailure):
     """429, 5xx, a network error, or figures not settled yet: the same request can succeed later."""
 
 
+class SessionExpired(Transient):
+    """The v2 meter event session's token expired: the same events go through a new session."""
+
+
 class Rejected(MeterFailure):
     """Stripe refused the request (4xx other than 429): sending it again cannot succeed."""
 
