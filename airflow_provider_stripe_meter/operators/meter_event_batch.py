@@ -311,6 +311,7 @@ class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
 
     def execute(self, context: Context) -> dict[str, Any]:
         """Read and aggregate the source, run the billing core, report, and fail where it must."""
+        from airflow_provider_stripe_meter.billing.hook_port import HookStripe
         from airflow_provider_stripe_meter.billing.run import BillingRun, Usage
         from airflow_provider_stripe_meter.ledger.customers import CustomerTable
         from airflow_provider_stripe_meter.state.ledger import ledger_on, ledger_writer
@@ -332,7 +333,7 @@ class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
             self._log_problems(aggregator)
             run = BillingRun(
                 self._settings(context),
-                self.hook,
+                HookStripe(self.hook),
                 ledger,
                 ledger_writer(self, context),
                 self.log,

@@ -74,6 +74,7 @@ class StripeMeterTopUpOperator(StripeBaseOperator):
 
     def execute(self, context: Context) -> dict[str, Any]:
         """Settle the short days' events from Stripe's summaries, then send what the ledger lacks."""
+        from airflow_provider_stripe_meter.billing.hook_port import HookStripe
         from airflow_provider_stripe_meter.billing.result import SourceFigures
         from airflow_provider_stripe_meter.billing.run import BillingRun, Usage
         from airflow_provider_stripe_meter.billing.settings import RunSettings
@@ -107,7 +108,7 @@ class StripeMeterTopUpOperator(StripeBaseOperator):
         )
         ledger = ledger_on(self.ledger_conn_id, self.ledger_table)
         try:
-            run = BillingRun(settings, hook, ledger, ledger_writer(self, context), self.log, now)
+            run = BillingRun(settings, HookStripe(hook), ledger, ledger_writer(self, context), self.log, now)
             # Only what the ledger lacks is sent. A day Stripe shows short that the ledger holds
             # in full is not sent again: a shortfall alone does not say Stripe dropped anything
             # (its summaries may trail longer than summary_lag), and guessing would bill twice.

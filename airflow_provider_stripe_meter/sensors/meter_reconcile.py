@@ -12,6 +12,7 @@ from airflow_provider_stripe_meter.billing import reconcile
 from airflow_provider_stripe_meter.ledger.schema import DEFAULT_TABLE, check_table_name
 from airflow_provider_stripe_meter.metrics import MeterMetrics
 from airflow_provider_stripe_meter.operators.base import StripeBaseOperator, StripeUsageSourceOperator
+from airflow_provider_stripe_meter.utils import paced_reads
 from airflow_provider_stripe_meter.utils.rules import check_fixed_event_name
 
 if TYPE_CHECKING:
@@ -261,8 +262,8 @@ class StripeMeterReconcileSensor(StripeUsageSourceOperator, BaseSensorOperator):
     def poke(self, context: Context) -> PokeReturnValue | bool:
         """Compare once; done when everything matches or the settle time is over."""
         wanted = self._expectation()
-        recorded, unknown = self.hook.recorded_per_day(
-            wanted.meter_id, wanted.customers, wanted.first, wanted.last, max_rps=self.max_rps
+        recorded, unknown = paced_reads.recorded_per_day(
+            self.hook, wanted.meter_id, wanted.customers, wanted.first, wanted.last, max_rps=self.max_rps
         )
         lines = wanted.compare(recorded, unknown)
         counts = reconcile.summarize(lines)
