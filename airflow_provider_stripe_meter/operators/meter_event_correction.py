@@ -78,7 +78,7 @@ class StripeMeterTopUpOperator(StripeBaseOperator):
         from airflow_provider_stripe_meter.billing.result import SourceFigures
         from airflow_provider_stripe_meter.billing.run import BillingRun, Usage
         from airflow_provider_stripe_meter.billing.settings import RunSettings
-        from airflow_provider_stripe_meter.exceptions import StripeDeliveryIncompleteError
+        from airflow_provider_stripe_meter.exceptions import StripeDeliveryIncompleteError, raised_for_airflow
         from airflow_provider_stripe_meter.state.ledger import ledger_on, ledger_writer
         from airflow_provider_stripe_meter.utils.delivery import default_max_rps, default_read_rps
 
@@ -114,7 +114,8 @@ class StripeMeterTopUpOperator(StripeBaseOperator):
             # (its summaries may trail longer than summary_lag), and guessing would bill twice.
             source = SourceFigures(rows=0, aggregates=len(aggregates), problems={}, samples={})
             oldest = now - int((PAST_WINDOW - DEFAULT_SAFETY_MARGIN).total_seconds())
-            result = run.execute(Usage(aggregates, source, (), oldest))
+            with raised_for_airflow():
+                result = run.execute(Usage(aggregates, source, (), oldest))
         finally:
             ledger.close()
         outcome = self._outcome(result.as_dict(), partial, run)

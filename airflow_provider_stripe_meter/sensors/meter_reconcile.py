@@ -204,9 +204,11 @@ class StripeMeterReconcileSensor(StripeUsageSourceOperator, BaseSensorOperator):
         from airflow_provider_stripe_meter.billing.meters import meter_spec
         from airflow_provider_stripe_meter.billing.plans import day_end
         from airflow_provider_stripe_meter.billing.settling import stamp_day, stripe_view
+        from airflow_provider_stripe_meter.exceptions import raised_for_airflow
         from airflow_provider_stripe_meter.state.ledger import ledger_on
 
-        spec = meter_spec(self.hook.active_meter(self.event_name))
+        with raised_for_airflow():
+            spec = meter_spec(self.hook.active_meter(self.event_name))
         days = [date.fromisoformat(line.day) for line in lines]
         ledger = ledger_on(self.ledger_conn_id, self.ledger_table)
         try:
