@@ -35,6 +35,7 @@ from airflow_provider_stripe_meter.billing.periods import (
     StoredPeriods,
     customer_periods,
 )
+from airflow_provider_stripe_meter.billing.subscription_events import subscription_changes
 from airflow_provider_stripe_meter.ledger.subscriptions import (
     SubscriptionCache,
     SyncState,
@@ -104,7 +105,7 @@ def read_periods(
                 if not stale
                 for moment in cache.renewals(account, meter_id, after, now)
             )
-            changes_read = pool.submit(stripe.subscription_changes, after, cuts=_cuts(expected, PARALLEL))
+            changes_read = pool.submit(subscription_changes, stripe, after, cuts=_cuts(expected, PARALLEL))
         else:
             # Listed in full: the next run reads events, so a key that may not is told now.
             readable_events = pool.submit(stripe.check_events_readable)

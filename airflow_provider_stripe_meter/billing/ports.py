@@ -1,9 +1,8 @@
 """What the billing core needs of Stripe and of the state runs share, as interfaces.
 
-The operator passes the Stripe hook (:class:`StripeMeters`), the ledger (:class:`LedgerStore`)
-and the known-customers table (:class:`CustomerStore`); tests may pass anything that behaves the
-same. Nothing here imports
-Airflow or ``stripe``.
+The operator passes the Stripe hook through :class:`~.hook_port.HookStripe` (:class:`StripeMeters`),
+the ledger (:class:`LedgerStore`) and the known-customers table (:class:`CustomerStore`); tests
+may pass anything that behaves the same. Nothing here imports Airflow or ``stripe``.
 """
 
 from __future__ import annotations

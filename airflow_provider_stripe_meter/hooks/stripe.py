@@ -1,12 +1,17 @@
-"""Stripe hook: owns the ``stripe`` connection, the ``StripeClient`` and every Stripe call."""
+"""Stripe hook: owns the ``stripe`` connection, the ``StripeClient`` and every Stripe call.
+
+One Stripe call per method (a list method follows its pages), its errors translated in one
+place (:meth:`StripeHook.translate_error`). What is asked of many customers at once is paced in
+:mod:`~airflow_provider_stripe_meter.utils.paced_reads`, the subscription events are walked in
+:mod:`~airflow_provider_stripe_meter.billing.subscription_events`, and the v2 stream's session
+is kept in :mod:`~airflow_provider_stripe_meter.utils.stream_session`, all through these calls.
+"""
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from collections.abc import Callable, Sequence
-from datetime import date, datetime, timezone
+from collections.abc import Sequence
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
@@ -492,96 +497,28 @@ class StripeHook(BaseHook):
                 found[str(subscription["id"])] = subscription
         return list(found.values())
 
-    def subscription_changes(
-        self, since: int, *, cuts: Sequence[int] = (), parallel: int = 4
-    ) -> list[dict[str, Any]]:
-        """The subscriptions created, updated (a renewal too) or deleted after ``since``, each as
-        its newest event shows it: about one request per 100 events (Stripe keeps 30 days).
-
-        Pages of one listing follow one another, so a night's thousands of renewals are listed
-        in time ranges, up to ``parallel`` at once, split at ``cuts`` (instants after
-        ``since``): where the renewals expected are evenly shared, as they cluster where the
-        anchors do. A range that turns out to hold many more pages than the others (a burst of
-        changes nobody expected) is halved, once at least eight pages remain in it and a
-        worker is spare.
+    def events_page(
+        self, types: Sequence[str], after: int, until: int | None, starting_after: str | None = None
+    ) -> dict[str, Any]:
+        """One page (100, newest first) of the events of ``types`` created in ``(after, until]``
+        (``until`` ``None``: up to now), from ``starting_after`` on, as plain JSON.
 
         .. seealso:: https://docs.stripe.com/api/events/list
-        .. seealso:: https://docs.stripe.com/api/pagination
         """
-        from concurrent.futures import Future, ThreadPoolExecutor
+        params: dict[str, Any] = {
+            "types": list(types),
+            "created": {"gt": after, **({"lte": until} if until is not None else {})},
+            "limit": 100,
+            **({"starting_after": starting_after} if starting_after else {}),
+        }
+        return self._call(self.client.raw_request, "get", "/v1/events", **params).data
 
-        types = [
-            "customer.subscription.created",
-            "customer.subscription.updated",
-            "customer.subscription.deleted",
-        ]
-        found: dict[str, dict[str, Any]] = {}
-        lock = threading.Lock()
-        busy = [0]
-        futures: list[Future[None]] = []
+    def retrieve_subscription(self, subscription_id: str) -> dict[str, Any]:
+        """One subscription as the pinned API version shows it, as plain JSON.
 
-        def walk(lo: int, hi: int | None) -> None:
-            """Every event created in ``(lo, hi]`` (``hi`` ``None``: up to now and later)."""
-            after: str | None = None
-            try:
-                while True:
-                    params: dict[str, Any] = {
-                        "types": types,
-                        "created": {"gt": lo, **({"lte": hi} if hi is not None else {})},
-                        "limit": 100,
-                        **({"starting_after": after} if after else {}),
-                    }
-                    page = self._call(self.client.raw_request, "get", "/v1/events", **params).data
-                    data = page.get("data") or []
-                    with lock:
-                        for event in data:
-                            found[str(event["id"])] = event
-                    if not page.get("has_more") or not data:
-                        return
-                    # Newest first: what is left of the range is (lo, oldest], the events of the
-                    # second ``oldest`` partly seen already (they are kept once, by id).
-                    newest, oldest = int(data[0]["created"]), int(data[-1]["created"])
-                    left = (oldest - lo) * len(data) / max(1, newest - oldest) / 100
-                    with lock:
-                        spare = busy[0] < parallel
-                    if spare and newest > oldest and left >= 8:
-                        mid = lo + (oldest - lo) // 2
-                        start(lo, mid)
-                        lo, hi, after = mid, oldest, None
-                    else:
-                        after = str(data[-1]["id"])
-            finally:
-                with lock:
-                    busy[0] -= 1
-
-        with ThreadPoolExecutor(max_workers=parallel) as pool:
-
-            def start(lo: int, hi: int | None) -> None:
-                with lock:
-                    busy[0] += 1
-                    futures.append(pool.submit(walk, lo, hi))
-
-            bounds = [since, *sorted({c for c in cuts if c > since})]
-            for lo, hi in zip(bounds, [*bounds[1:], None], strict=True):
-                start(lo, hi)
-            done = 0
-            while done < len(futures):  # a walker adds its split before it ends
-                futures[done].result()
-                done += 1
-        events = sorted(found.values(), key=lambda e: (int(e["created"]), str(e["id"])), reverse=True)
-        newest_of: dict[str, dict[str, Any]] = {}
-        for event in events:  # newest first
-            subscription = (event.get("data") or {}).get("object") or {}
-            if subscription.get("id") and subscription["id"] not in newest_of:
-                newest_of[subscription["id"]] = _items_with_periods(subscription)
-        # An event rendered at a version that has the periods on neither the subscription nor its
-        # items: the subscription is read as the pinned version shows it (one request each).
-        for sub_id, subscription in newest_of.items():
-            if not _has_item_periods(subscription):
-                newest_of[sub_id] = self._call(
-                    self.client.raw_request, "get", f"/v1/subscriptions/{sub_id}"
-                ).data
-        return list(newest_of.values())
+        .. seealso:: https://docs.stripe.com/api/subscriptions/retrieve
+        """
+        return self._call(self.client.raw_request, "get", f"/v1/subscriptions/{subscription_id}").data
 
     def check_invoices_readable(self) -> None:
         """One draft invoice listed (or none): raises when the key may not read invoices, so a run
@@ -710,21 +647,6 @@ class StripeHook(BaseHook):
             raise
         return not found.get("deleted")
 
-    def customers_known(self, customers: Sequence[str], *, max_rps: float | None = 20.0) -> set[str]:
-        """Which of ``customers`` Stripe knows, one ``GET /v1/customers/{id}`` each, paced at
-        ``max_rps`` and backed off on 429 like every read.
-
-        .. seealso:: https://docs.stripe.com/api/customers/retrieve
-        """
-        known: set[str] = set()
-
-        def read(customer: str) -> None:
-            if self.customer_exists(customer, retry=False):
-                known.add(customer)
-
-        self._read_each(customers, read, "ask Stripe about", "customers_unavailable", max_rps=max_rps)
-        return known
-
     def customer_ids(self) -> set[str]:
         """The id of every customer of the account (``GET /v1/customers``, 100 a page; deleted
         customers are not listed).
@@ -738,14 +660,14 @@ class StripeHook(BaseHook):
 
         ``None`` when Stripe does not know the customer (404 with ``param=customer``).
         """
-        summaries = self._summaries_or_unknown(meter_id, customer_id, start_time, end_time, None)
+        summaries = self.summaries_or_unknown(meter_id, customer_id, start_time, end_time, None)
         return (
             None
             if summaries is None
             else sum(round(float(x.get("aggregated_value") or 0)) for x in summaries)
         )
 
-    def _summaries_or_unknown(
+    def summaries_or_unknown(
         self,
         meter_id: str,
         customer_id: str,
@@ -758,7 +680,7 @@ class StripeHook(BaseHook):
         try:
             return self.list_event_summaries(meter_id, customer_id, start_time, end_time, window, retry=retry)
         except StripeRequestRejectedError as err:
-            if err.details.get("http_status") == 404 and err.details.get("param") == "customer":
+            if _unknown_customer(err):
                 return None
             raise
 
@@ -785,123 +707,11 @@ class StripeHook(BaseHook):
         page = self._call(client.v1.billing.meters.event_summaries.list, meter_id, params)
         return [summary.to_dict() for summary in self._call(lambda: list(page.auto_paging_iter()))]
 
-    def recorded_per_day(
-        self,
-        meter_id: str,
-        customers: Sequence[str],
-        first: date,
-        last: date,
-        *,
-        max_rps: float | None = 20.0,
-        concurrency: int | None = None,
-    ) -> tuple[dict[tuple[str, date], int], set[str]]:
-        """What Stripe recorded per (customer, UTC day) from ``first`` to ``last``, one request a customer.
-
-        Reads ``event_summaries`` with ``value_grouping_window=day`` (the meter's own formula
-        applied per day), paced at ``max_rps``. Days with nothing recorded are absent. Returns
-        the figures and the customers Stripe does not know (404 with ``param=customer``).
-
-        .. seealso:: https://docs.stripe.com/api/billing/meter-event-summary/list
-        """
-        start, end = _day_span(first, last)
-        found: dict[str, list[dict[str, Any]] | None] = {}
-
-        def read(customer: str) -> None:
-            found[customer] = self._summaries_or_unknown(meter_id, customer, start, end, "day", retry=False)
-
-        self._read_each(
-            customers,
-            read,
-            "read Stripe's meter summaries for",
-            "summaries_unavailable",
-            max_rps=max_rps,
-            concurrency=concurrency,
-        )
-        return _per_day(found)
-
-    def _read_each(
-        self,
-        customers: Sequence[str],
-        read: Callable[[str], None],
-        what: str,
-        kind_of_failure: str,
-        *,
-        max_rps: float | None,
-        concurrency: int | None = None,
-    ) -> None:
-        """``read`` each customer (one request each, without the SDK's retries): paced at
-        ``max_rps``, backed off on 429 and ridden through outages exactly like sends; raises
-        when some could not be read."""
-        from airflow_provider_stripe_meter.utils.delivery import Deliverer
-
-        def one(batch: list[str]) -> None:
-            [customer] = batch
-            read(customer)  # the deliverer around this retries and backs off: one retry layer
-
-        report = Deliverer(
-            one,
-            key=lambda customer: customer,
-            describe=lambda customer: {"customer_id": customer},
-            max_rps=max_rps,
-            concurrency=concurrency,
-        ).run(list(customers))
-        if report.rejected or report.failed:
-            kind = "rejected" if report.rejected else "failed"
-            example = report.samples.get(kind, [{}])[0]
-            error = StripeRequestRejectedError if report.rejected else StripeTransientError
-            raise error(
-                f"Could not {what} {report.rejected + report.failed} of {len(customers)} customers "
-                f"(e.g. {example})",
-                example.get("error") or {"type": kind_of_failure},
-            )
-
-    async def arecorded_per_day(
-        self,
-        meter_id: str,
-        customers: Sequence[str],
-        first: date,
-        last: date,
-        *,
-        max_rps: float | None = 20.0,
-        concurrency: int = 8,
-    ) -> tuple[dict[tuple[str, date], int], set[str]]:
-        """:meth:`recorded_per_day` on an event loop (a trigger's): same requests, same answer.
-
-        Requests start at most ``max_rps`` a second, ``concurrency`` at a time, through the
-        SDK's asynchronous client (``httpx``). A 429, 5xx or network failure that outlasts the
-        SDK's own retries raises :class:`StripeTransientError`; the caller polls again later.
-        """
-        import asyncio
-
-        start, end = _day_span(first, last)
-        found: dict[str, list[dict[str, Any]] | None] = {}
-        slots = asyncio.Semaphore(max(1, concurrency))
-        spacing = 1.0 / max_rps if max_rps else 0.0
-        loop = asyncio.get_running_loop()
-        next_start = loop.time()
-
-        async def read(customer: str) -> None:
-            nonlocal next_start
-            async with slots:
-                # Space request starts evenly: the same pacing the threaded reads keep.
-                now = loop.time()
-                turn = max(next_start, now)
-                next_start = turn + spacing
-                await asyncio.sleep(turn - now)
-                try:
-                    found[customer] = await self._alist_event_summaries(meter_id, customer, start, end)
-                except StripeRequestRejectedError as err:
-                    if err.details.get("http_status") == 404 and err.details.get("param") == "customer":
-                        found[customer] = None
-                        return
-                    raise
-
-        await asyncio.gather(*(read(customer) for customer in customers))
-        return _per_day(found)
-
-    async def _alist_event_summaries(
+    async def asummaries_or_unknown(
         self, meter_id: str, customer_id: str, start_time: int, end_time: int
-    ) -> list[dict[str, Any]]:
+    ) -> list[dict[str, Any]] | None:
+        """A meter's daily summaries for one customer through the SDK's asynchronous client (a
+        trigger's event loop), or ``None`` when Stripe does not know the customer (404)."""
         import stripe
 
         params: Any = {
@@ -915,7 +725,10 @@ class StripeHook(BaseHook):
             page = await self.async_client.v1.billing.meters.event_summaries.list_async(meter_id, params)
             return [summary.to_dict() async for summary in page.auto_paging_iter()]
         except stripe.StripeError as err:
-            raise self.translate_error(err) from err
+            translated = self.translate_error(err)
+            if _unknown_customer(translated):
+                return None
+            raise translated from err
 
     def create_meter_event_session(self) -> dict[str, Any]:
         """Open a v2 meter event session: a token for the high-throughput stream (15 minutes)."""
@@ -928,10 +741,6 @@ class StripeHook(BaseHook):
         """Send up to 100 events through ``POST /v2/billing/meter_event_stream`` with a session client."""
         self._call(session_client.v2.billing.meter_event_stream.create, {"events": list(events)})
 
-    def meter_event_stream(self, renew_before: float = 60.0) -> MeterEventStream:
-        """Return a sender for the v2 high-throughput stream that manages its session tokens."""
-        return MeterEventStream(self, renew_before=renew_before)
-
     def test_connection(self) -> tuple[bool, str]:
         """Make one cheap authenticated call (list one meter) and report the outcome."""
         try:
@@ -941,67 +750,13 @@ class StripeHook(BaseHook):
         return True, "Connection to Stripe works: the API key may list billing meters."
 
 
-def _day_span(first: date, last: date) -> tuple[int, int]:
-    """Unix seconds from the start of UTC day ``first`` to the end of UTC day ``last``."""
-    from airflow_provider_stripe_meter.utils.rules import SECONDS_PER_DAY
-
-    start = int(datetime(first.year, first.month, first.day, tzinfo=timezone.utc).timestamp())
-    return start, start + ((last - first).days + 1) * SECONDS_PER_DAY
-
-
-def _per_day(
-    found: dict[str, list[dict[str, Any]] | None],
-) -> tuple[dict[tuple[str, date], int], set[str]]:
-    """Daily summaries per customer (``None``: unknown customer) as figures per (customer, day)."""
-    recorded: dict[tuple[str, date], int] = {}
-    unknown: set[str] = set()
-    for customer, summaries in found.items():
-        if summaries is None:
-            unknown.add(customer)
-            continue
-        for summary in summaries:
-            value = summary["aggregated_value"]
-            if value:
-                day = datetime.fromtimestamp(summary["start_time"], timezone.utc).date()
-                # Summaries are numbers (floats in JSON); meter values are whole numbers.
-                recorded[(customer, day)] = recorded.get((customer, day), 0) + round(value)
-    return recorded, unknown
-
-
-def _has_item_periods(subscription: dict[str, Any]) -> bool:
-    items = (subscription.get("items") or {}).get("data") or []
-    return all(
-        i.get("current_period_start") is not None and i.get("current_period_end") is not None for i in items
+def _unknown_customer(err: StripeMeterError) -> bool:
+    """Whether Stripe refused a read because it does not know the customer (404, ``param=customer``)."""
+    return (
+        isinstance(err, StripeRequestRejectedError)
+        and err.details.get("http_status") == 404
+        and err.details.get("param") == "customer"
     )
-
-
-def _items_with_periods(subscription: dict[str, Any]) -> dict[str, Any]:
-    """A subscription from an event, its billing period on each item, as the pinned version has it.
-
-    An event renders its object at the event's own ``api_version`` (the account's default when it
-    happened), not at the version a request pins. Before 2025-03-31.basil the period lived on the
-    subscription (``current_period_start``/``_end``) and no item carried one; since then it lives on
-    each item and the subscription has none. An older rendering is moved to the items (every item
-    of a subscription shared its period then).
-
-    .. seealso:: https://docs.stripe.com/api/events/object#event_object-api_version
-    .. seealso:: https://docs.stripe.com/changelog/basil/2025-03-31/deprecate-subscription-current-period-start-and-end
-    """
-    if _has_item_periods(subscription):
-        return subscription
-    start, end = subscription.get("current_period_start"), subscription.get("current_period_end")
-    if start is None or end is None:
-        return subscription  # neither shape: read again at the pinned version
-    items = (subscription.get("items") or {}).get("data") or []
-    moved = [
-        {
-            **i,
-            "current_period_start": i.get("current_period_start") or start,
-            "current_period_end": i.get("current_period_end") or end,
-        }
-        for i in items
-    ]
-    return {**subscription, "items": {**(subscription.get("items") or {}), "data": moved}}
 
 
 def _is_duplicate_identifier(details: dict[str, Any]) -> bool:
@@ -1028,57 +783,3 @@ def _quiet_sdk_logger() -> None:
     sdk_logger = logging.getLogger("stripe")
     if sdk_logger.level == logging.NOTSET:
         sdk_logger.setLevel(logging.WARNING)
-
-
-class MeterEventStream:
-    """Send batches through ``/v2/billing/meter_event_stream``, renewing the session as needed.
-
-    Sessions last 15 minutes. One is shared by every thread; it is renewed ``renew_before``
-    seconds before it expires, and at once when Stripe answers that it has expired.
-
-    .. seealso:: https://docs.stripe.com/api/v2/billing-meter-stream
-    """
-
-    def __init__(self, hook: StripeHook, *, renew_before: float = 60.0) -> None:
-        self.hook = hook
-        self.renew_before = renew_before
-        self._lock = threading.Lock()
-        self._token: str | None = None
-        self._expires_at = 0.0
-        self._client: stripe.StripeClient | None = None
-
-    def _current(self) -> tuple[str, stripe.StripeClient]:
-        with self._lock:
-            if (
-                self._client is None
-                or self._token is None
-                or time.time() >= self._expires_at - self.renew_before
-            ):
-                session = self.hook.create_meter_event_session()
-                self._token = session["authentication_token"]
-                self._expires_at = _to_epoch(session["expires_at"])
-                self._client = self.hook.session_client(self._token)
-            return self._token, self._client
-
-    def _expire(self, token: str) -> None:
-        with self._lock:
-            if self._token == token:
-                self._client = None
-
-    def send(self, events: Sequence[dict[str, Any]]) -> None:
-        """Send up to 100 events; validation happens later on Stripe's side (duplicates dropped)."""
-        token, client = self._current()
-        try:
-            self.hook.send_meter_event_stream(client, events)
-        except StripeSessionExpiredError:
-            self._expire(token)
-            _, client = self._current()
-            self.hook.send_meter_event_stream(client, events)
-
-
-def _to_epoch(value: Any) -> float:
-    if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, datetime):
-        return value.timestamp()
-    return datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()

@@ -83,11 +83,13 @@ class StripeMeterInvoiceCheckOperator(StripeUsageSourceOperator):
             source_per_period,
         )
         from airflow_provider_stripe_meter.billing.meters import meter_spec
+        from airflow_provider_stripe_meter.exceptions import raised_for_airflow
         from airflow_provider_stripe_meter.state.ledger import ledger_on
         from airflow_provider_stripe_meter.state.periods import read_billing_periods
 
         meter = self.hook.active_meter(self.event_name)
-        spec = meter_spec(meter)
+        with raised_for_airflow():
+            spec = meter_spec(meter)
         ledger = ledger_on(self.ledger_conn_id, self.ledger_table)
         try:
             periods = read_billing_periods(self, ledger, self.event_name)

@@ -312,6 +312,7 @@ class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
 
     def execute(self, context: Context) -> dict[str, Any]:
         """Read and aggregate the source, run the billing core, report, and fail where it must."""
+        from airflow_provider_stripe_meter.billing.hook_port import HookStripe
         from airflow_provider_stripe_meter.billing.run import BillingRun, Usage
         from airflow_provider_stripe_meter.ledger.customers import CustomerTable
         from airflow_provider_stripe_meter.state.ledger import ledger_on, ledger_writer
@@ -333,7 +334,7 @@ class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
             self._log_problems(aggregator)
             run = BillingRun(
                 self._settings(context),
-                self.hook,
+                HookStripe(self.hook),
                 ledger,
                 ledger_writer(self, context),
                 self.log,
@@ -472,18 +473,11 @@ class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
         )
 
     def _run(self, run: BillingRun, usage: Usage) -> BatchResult:
-        """Run the core, with its plain failures as this provider's Airflow exceptions."""
-        from airflow_provider_stripe_meter import exceptions
-        from airflow_provider_stripe_meter.utils import errors
+        """Run the core; a kind of failure it raises fails (or retries) the task as the kind says."""
+        from airflow_provider_stripe_meter.exceptions import raised_for_airflow
 
-        try:
+        with raised_for_airflow():
             return run.execute(usage)
-        except exceptions.StripeMeterError:
-            raise
-        except errors.Unsupported as err:
-            raise exceptions.StripeMeterUnsupportedError(str(err), err.details) from err
-        except errors.Incomplete as err:
-            raise exceptions.StripeDeliveryIncompleteError(str(err), err.details) from err
 
     def _raise_for(self, result: BatchResult, outcome: dict[str, Any], context: Context) -> None:
         """Fail the task where the run did not bill everything it should have."""

@@ -74,10 +74,11 @@ class StripeMeterTopUpOperator(StripeBaseOperator):
 
     def execute(self, context: Context) -> dict[str, Any]:
         """Settle the short days' events from Stripe's summaries, then send what the ledger lacks."""
+        from airflow_provider_stripe_meter.billing.hook_port import HookStripe
         from airflow_provider_stripe_meter.billing.result import SourceFigures
         from airflow_provider_stripe_meter.billing.run import BillingRun, Usage
         from airflow_provider_stripe_meter.billing.settings import RunSettings
-        from airflow_provider_stripe_meter.exceptions import StripeDeliveryIncompleteError
+        from airflow_provider_stripe_meter.exceptions import StripeDeliveryIncompleteError, raised_for_airflow
         from airflow_provider_stripe_meter.state.ledger import ledger_on, ledger_writer
         from airflow_provider_stripe_meter.utils.delivery import default_max_rps, default_read_rps
 
@@ -107,13 +108,14 @@ class StripeMeterTopUpOperator(StripeBaseOperator):
         )
         ledger = ledger_on(self.ledger_conn_id, self.ledger_table)
         try:
-            run = BillingRun(settings, hook, ledger, ledger_writer(self, context), self.log, now)
+            run = BillingRun(settings, HookStripe(hook), ledger, ledger_writer(self, context), self.log, now)
             # Only what the ledger lacks is sent. A day Stripe shows short that the ledger holds
             # in full is not sent again: a shortfall alone does not say Stripe dropped anything
             # (its summaries may trail longer than summary_lag), and guessing would bill twice.
             source = SourceFigures(rows=0, aggregates=len(aggregates), problems={}, samples={})
             oldest = now - int((PAST_WINDOW - DEFAULT_SAFETY_MARGIN).total_seconds())
-            result = run.execute(Usage(aggregates, source, (), oldest))
+            with raised_for_airflow():
+                result = run.execute(Usage(aggregates, source, (), oldest))
         finally:
             ledger.close()
         outcome = self._outcome(result.as_dict(), partial, run)

@@ -12,6 +12,7 @@ from airflow_provider_stripe_meter.billing import reconcile
 from airflow_provider_stripe_meter.ledger.schema import DEFAULT_TABLE, check_table_name
 from airflow_provider_stripe_meter.metrics import MeterMetrics
 from airflow_provider_stripe_meter.operators.base import StripeBaseOperator, StripeUsageSourceOperator
+from airflow_provider_stripe_meter.utils import paced_reads
 from airflow_provider_stripe_meter.utils.rules import check_fixed_event_name
 
 if TYPE_CHECKING:
@@ -203,9 +204,11 @@ class StripeMeterReconcileSensor(StripeUsageSourceOperator, BaseSensorOperator):
         from airflow_provider_stripe_meter.billing.meters import meter_spec
         from airflow_provider_stripe_meter.billing.plans import day_end
         from airflow_provider_stripe_meter.billing.settling import stamp_day, stripe_view
+        from airflow_provider_stripe_meter.exceptions import raised_for_airflow
         from airflow_provider_stripe_meter.state.ledger import ledger_on
 
-        spec = meter_spec(self.hook.active_meter(self.event_name))
+        with raised_for_airflow():
+            spec = meter_spec(self.hook.active_meter(self.event_name))
         days = [date.fromisoformat(line.day) for line in lines]
         ledger = ledger_on(self.ledger_conn_id, self.ledger_table)
         try:
@@ -261,8 +264,8 @@ class StripeMeterReconcileSensor(StripeUsageSourceOperator, BaseSensorOperator):
     def poke(self, context: Context) -> PokeReturnValue | bool:
         """Compare once; done when everything matches or the settle time is over."""
         wanted = self._expectation()
-        recorded, unknown = self.hook.recorded_per_day(
-            wanted.meter_id, wanted.customers, wanted.first, wanted.last, max_rps=self.max_rps
+        recorded, unknown = paced_reads.recorded_per_day(
+            self.hook, wanted.meter_id, wanted.customers, wanted.first, wanted.last, max_rps=self.max_rps
         )
         lines = wanted.compare(recorded, unknown)
         counts = reconcile.summarize(lines)

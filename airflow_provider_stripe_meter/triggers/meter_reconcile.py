@@ -20,6 +20,7 @@ from typing import Any
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from airflow_provider_stripe_meter.billing import reconcile
+from airflow_provider_stripe_meter.utils import paced_reads
 
 
 class StripeMeterReconcileTrigger(BaseTrigger):
@@ -134,8 +135,8 @@ class StripeMeterReconcileTrigger(BaseTrigger):
         wanted = await sync_to_async(self._expectation)()
         while True:
             try:
-                recorded, unknown = await hook.arecorded_per_day(
-                    wanted.meter_id, wanted.customers, wanted.first, wanted.last, max_rps=self.max_rps
+                recorded, unknown = await paced_reads.arecorded_per_day(
+                    hook, wanted.meter_id, wanted.customers, wanted.first, wanted.last, max_rps=self.max_rps
                 )
             except StripeTransientError as err:
                 if reconcile.clock() - self.started >= self.settle_seconds:

@@ -143,13 +143,14 @@ def test_a_customer_deleted_in_stripe_is_held(world):
 
 def test_the_hook_asks_stripe_about_customers_and_the_server_answers_as_stripe(secret_server):
     from airflow_provider_stripe_meter.hooks.stripe import StripeHook
+    from airflow_provider_stripe_meter.utils.paced_reads import customers_known
 
     ledger = secret_server.ledger
     ledger.customers = {f"cus_{c:03d}" for c in range(150)}
     ledger.delete_customer("cus_149")
     hook = StripeHook()
 
-    assert hook.customers_known(["cus_000", "cus_ghost", "cus_149"], max_rps=200) == {"cus_000"}
+    assert customers_known(hook, ["cus_000", "cus_ghost", "cus_149"], max_rps=200) == {"cus_000"}
     assert hook.customer_ids() == {f"cus_{c:03d}" for c in range(149)}
     assert secret_server.stats["v1_customer"] == 3
     assert secret_server.stats["v1_customers"] == 2  # 100 a page

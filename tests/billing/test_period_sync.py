@@ -9,6 +9,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from airflow_provider_stripe_meter.billing.period_sync import _cuts, read_periods
+from airflow_provider_stripe_meter.billing.subscription_events import subscription_changes
 from airflow_provider_stripe_meter.hooks.stripe import StripeHook
 from airflow_provider_stripe_meter.ledger.store import SqlLedger
 from airflow_provider_stripe_meter.ledger.subscriptions import SubscriptionCache
@@ -57,7 +58,7 @@ def test_a_nights_renewals_crowded_into_one_hour_are_listed_in_parallel_ranges(s
 
     for cuts in ([], _cuts(sorted(s.billing_cycle_anchor for s in [*renewing, *spread]), 4)):
         secret_server.request_log.clear()
-        found = hook.subscription_changes(NOW - DAY, cuts=cuts)
+        found = subscription_changes(hook, NOW - DAY, cuts=cuts)
 
         assert sorted(s["id"] for s in found) == sorted(s.id for s in [*renewing, *spread, quiet])
         assert next(s for s in found if s["id"] == quiet.id)["cancel_at"] == NOW + 5 * DAY
