@@ -37,9 +37,7 @@ from airflow_provider_stripe_meter.billing.plans import (
     OLDER_VIEW,
     UNSETTLED,
     Held,
-    day_end,
     hold_unknown,
-    iso_seconds,
     plan_day,
     plan_in_periods,
     plan_late_in_periods,
@@ -54,7 +52,6 @@ from airflow_provider_stripe_meter.billing.settling import (
     describe,
     figure_rows,
     resolved_states,
-    stamp_day,
     stripe_view,
     wait_for_summaries,
 )
@@ -67,8 +64,9 @@ from airflow_provider_stripe_meter.ledger.entries import (
     UNVERIFIED,
     Entry,
 )
-from airflow_provider_stripe_meter.utils import clock
 from airflow_provider_stripe_meter.utils.aggregation import DailyAggregate
+from airflow_provider_stripe_meter.utils.clock import SYSTEM, Clock
+from airflow_provider_stripe_meter.utils.days import SECONDS_PER_DAY, day_end, day_of, day_start, rfc3339
 from airflow_provider_stripe_meter.utils.errors import (
     Duplicate,
     MeterFailure,
@@ -143,8 +141,11 @@ class BillingRun:
         log: Log,
         now: int,
         customers: CustomerStore | None = None,
+        clock: Clock = SYSTEM,
     ) -> None:
         self.settings, self.stripe, self.ledger, self.log = settings, stripe, ledger, log
+        #: What the run reads "now" from and waits on (a test passes a virtual one).
+        self.clock = clock
         #: The customers Stripe has shown to exist (``None``: not checked, every one is sent).
         self.customers = customers
         #: Customers of the source Stripe does not know: their usage is held, not sent.
@@ -264,7 +265,7 @@ class BillingRun:
                 ) from err
             unknown = unchecked - found
         if found and not self.settings.dry_run:
-            self.customers.add(self.account, found, int(clock.now()))
+            self.customers.add(self.account, found, int(self.clock.now()))
         if unknown:
             self.log.warning(
                 "%d customers of the source are unknown to Stripe (e.g. %s): their usage is held, not "
@@ -305,7 +306,7 @@ class BillingRun:
                 if entry.part:
                     parts[(entry.customer_id, entry.day)].add(entry.part)
             for customer, day in gone:
-                start = day_end(day) - 86400
+                start = day_start(day)
                 empty = DailyAggregate(name, customer, day, 0, start, 0, 0)
                 out[(name, customer, day)] = DailyAggregate(
                     name, customer, day, 0, start, 0, 0, with_ledger_parts(empty, parts[(customer, day)])
@@ -331,7 +332,7 @@ class BillingRun:
         Days with open rows are left to settling. Returns the rows written.
         """
         written = 0
-        now = clock.now()
+        now = self.clock.now()
         covered = self.covers.days
         for name, spec in self.book.specs.items():
             keys = [k for k in aggregates if k[0] == name]
@@ -368,9 +369,9 @@ class BillingRun:
             # another day than the one it bills).
             stamped: dict[tuple[str, date], list[Entry]] = defaultdict(list)
             for row in self.ledger.entries_stamped(
-                self.account, spec.meter_id, customers, day_end(first) - 86400, day_end(last)
+                self.account, spec.meter_id, customers, day_start(first), day_end(last)
             ):
-                stamped[(row.customer_id, stamp_day(row.stamp))].append(row)
+                stamped[(row.customer_id, day_of(row.stamp))].append(row)
             split = self._split_days(name, spec, {cd for cd, f in found.items() if cd in wanted and f})
             for (customer, day), figure in found.items():
                 if (customer, day) not in wanted or not figure:
@@ -380,7 +381,7 @@ class BillingRun:
                 # A day split at a period boundary is adopted part by part (a summaries request
                 # each), so each invoice's part holds what Stripe holds in it.
                 for part, stamp, more in split.get((customer, day)) or [
-                    (0, day_end(day) - 86400, figure - stripe_view(spec, stamped[(customer, day)]))
+                    (0, day_start(day), figure - stripe_view(spec, stamped[(customer, day)]))
                 ]:
                     if more <= 0:
                         continue
@@ -421,9 +422,9 @@ class BillingRun:
         bounds = periods.split()
         cut: dict[tuple[str, date], list[int]] = {}
         for customer, day in days:
-            start = day_end(day) - 86400
-            inside = [b for b in bounds.get((name, customer), ()) if start < b < start + 86400]
-            edges = [start, *inside, start + 86400]
+            start = day_start(day)
+            inside = [b for b in bounds.get((name, customer), ()) if start < b < start + SECONDS_PER_DAY]
+            edges = [start, *inside, start + SECONDS_PER_DAY]
             if inside and all(hi - hi % 60 - (lo - lo % 60) >= 120 for lo, hi in itertools.pairwise(edges)):
                 # (a part under two minutes is not stamped a minute clear of its boundary)
                 cut[(customer, day)] = edges
@@ -434,12 +435,12 @@ class BillingRun:
             self.account,
             spec.meter_id,
             {c for c, _ in cut},
-            day_end(min(d for _, d in cut)) - 86400,
+            day_start(min(d for _, d in cut)),
             day_end(max(d for _, d in cut)),
         )
         by_day: dict[tuple[str, date], list[Entry]] = defaultdict(list)
         for entry in entries:
-            by_day[(entry.customer_id, stamp_day(entry.stamp))].append(entry)
+            by_day[(entry.customer_id, day_of(entry.stamp))].append(entry)
         out: dict[tuple[str, date], list[tuple[int, int, int]]] = {}
         for (customer, day), edges in cut.items():
             parts = []
@@ -501,7 +502,7 @@ class BillingRun:
                 f"the {MAX_COUNT_EVENTS} a run sends; count rows in SQL and bill them on a sum meter",
                 {"type": "meter_unsupported", "count_events": count_events},
             )
-        oldest_day = stamp_day(oldest)
+        oldest_day = day_of(oldest)
         covers = self.covers
         for name, spec in book.specs.items():
             keys = [k for k in aggregates if k[0] == name]
@@ -634,7 +635,7 @@ class BillingRun:
     def _deliver_slice(
         self, batch: Sequence[tuple[Key, Sequence[PlannedEvent]]], days: dict[Key, CustomerDay]
     ) -> None:
-        now = clock.now()
+        now = self.clock.now()
         specs = self.book.specs
         entries = [
             Entry(
@@ -652,9 +653,7 @@ class BillingRun:
                 run_id=self.writer.run_id,
                 attempt=self.writer.attempt,
                 sent_at=now,
-                note=f"carried from the period ending {iso_seconds(e.carried_from)}"
-                if e.carried_from
-                else "",
+                note=f"carried from the period ending {rfc3339(e.carried_from)}" if e.carried_from else "",
                 part=e.part,
                 period_end=e.period_end,
             )
@@ -736,7 +735,7 @@ class BillingRun:
                 if periods is not None and len(batch) == 1:
                     # Whether an invoice carries it is decided as it leaves, not at planning: a
                     # delivery that outlasts a draft's finalization sends nothing billed nowhere.
-                    at = clock.now()
+                    at = self.clock.now()
                     if not all(
                         periods.carries(e.event_name, e.customer_id, e.timestamp, e.period_end, at)
                         for e in batch
@@ -762,7 +761,7 @@ class BillingRun:
             return send_and_note
 
         def _note(batch: list[PlannedEvent]) -> None:
-            moment = clock.now()
+            moment = self.clock.now()
             self.last_answer = max(self.last_answer, moment)
             with lock:
                 for event in batch:
@@ -772,7 +771,7 @@ class BillingRun:
         if periods is not None and self.settings.api != "v1":
             # 100 customers a request: each fresh event is decided once, as its slice leaves (a
             # slice goes out in seconds, well inside the 10 minutes kept before a lock).
-            at = clock.now()
+            at = self.clock.now()
             kept: list[PlannedEvent] = []
             for e in events:
                 carried = periods.carries(e.event_name, e.customer_id, e.timestamp, e.period_end, at)
@@ -809,6 +808,7 @@ class BillingRun:
             )
         self.withheld.extend(report.withheld)
         return resolved_states(
+            self.clock,
             events,
             answered,
             rejected,
@@ -836,7 +836,7 @@ class BillingRun:
         by_meter: dict[str, list[Key]] = defaultdict(list)
         for key in over:
             by_meter[key[0]].append(key)
-        now = clock.now()
+        now = self.clock.now()
         for name, keys in by_meter.items():
             spec = self.book.specs[name]
             entries = self.ledger.entries_of(
@@ -881,7 +881,7 @@ class BillingRun:
                 changes: list[Change] = []
                 for entry in cancellable:
                     self.stripe.cancel_meter_event(entry.event_name, entry.identifier)
-                    changes.append((entry.identifier, CANCELLED, clock.now(), "source has fewer rows"))
+                    changes.append((entry.identifier, CANCELLED, self.clock.now(), "source has fewer rows"))
                 self.ledger.resolve(self.account, changes)
                 self.figures["cancelled"] += len(changes)
                 day.outcome = DayOutcome.SENT
@@ -904,7 +904,7 @@ class BillingRun:
             self.ledger.resolve(
                 self.account,
                 [
-                    (i, UNVERIFIED, clock.now(), "meter deactivated during the run")
+                    (i, UNVERIFIED, self.clock.now(), "meter deactivated during the run")
                     for i in self.accepted[name]
                 ],
             )
@@ -939,35 +939,35 @@ class BillingRun:
             events = [e for day in sent.values() for e in day.plan.events]
             if not wait_for_summaries(self, self.last_answer):
                 continue
-            stamps = sorted({stamp_day(e.timestamp) for e in events})
+            stamps = sorted({day_of(e.timestamp) for e in events})
             customers = sorted({key[1] for key in sent})
             found, unknown = self.stripe.recorded_per_day(
                 spec.meter_id, customers, stamps[0], stamps[-1], max_rps=self.settings.read_rps
             )
             self.book.summary_requests += len(customers)
             rows = self.ledger.entries_stamped(
-                self.account, spec.meter_id, customers, day_end(stamps[0]) - 86400, day_end(stamps[-1])
+                self.account, spec.meter_id, customers, day_start(stamps[0]), day_end(stamps[-1])
             )
             by_stamp: dict[tuple[str, date], list[Entry]] = defaultdict(list)
             for row in rows:
-                by_stamp[(row.customer_id, stamp_day(row.stamp))].append(row)
+                by_stamp[(row.customer_id, day_of(row.stamp))].append(row)
             mine = set(identifiers)
             changes: list[Change] = []
             for key, day in sent.items():
                 ids = [e.identifier for e in day.plan.events if e.identifier in mine]
                 if key[1] in unknown:
                     day.outcome = DayOutcome.CUSTOMER_UNKNOWN
-                    changes += [(i, DROPPED, clock.now(), "customer unknown to Stripe") for i in ids]
+                    changes += [(i, DROPPED, self.clock.now(), "customer unknown to Stripe") for i in ids]
                     self.book.samples.add(
                         day.outcome, {**day.plan.line(), "reason": "Stripe does not know it"}
                     )
                     continue
-                checks = {(key[1], stamp_day(e.timestamp)) for e in day.plan.events}
+                checks = {(key[1], day_of(e.timestamp)) for e in day.plan.events}
                 if all(stripe_view(spec, by_stamp[c]) == found.get(c, 0) for c in checks):
                     day.confirmed = True
                     continue
                 day.outcome = DayOutcome.UNCONFIRMED
-                changes += [(i, UNVERIFIED, clock.now(), "read back differs") for i in ids]
+                changes += [(i, UNVERIFIED, self.clock.now(), "read back differs") for i in ids]
                 self.book.samples.add(
                     day.outcome,
                     {

@@ -19,13 +19,12 @@ a cancel cut short leaves ``cancelling``. Each is settled the cheapest exact way
 
 from __future__ import annotations
 
-import time
 from collections import defaultdict
-from datetime import date, datetime, timezone
+from datetime import date
 from typing import TYPE_CHECKING, Any
 
 from airflow_provider_stripe_meter.billing.meters import ADD, COUNT
-from airflow_provider_stripe_meter.billing.plans import PlannedEvent, day_end, ledger_identifier
+from airflow_provider_stripe_meter.billing.plans import PlannedEvent, ledger_identifier
 from airflow_provider_stripe_meter.billing.settings import FRESH_MARGIN
 from airflow_provider_stripe_meter.ledger.entries import (
     ACCEPTED,
@@ -38,19 +37,15 @@ from airflow_provider_stripe_meter.ledger.entries import (
     UNVERIFIED,
     Entry,
 )
-from airflow_provider_stripe_meter.utils import clock
+from airflow_provider_stripe_meter.utils.days import day_end, day_of, day_start
 from airflow_provider_stripe_meter.utils.errors import Rejected
 
 if TYPE_CHECKING:
     from airflow_provider_stripe_meter.billing.meters import MeterSpec
     from airflow_provider_stripe_meter.billing.run import BillingRun
+    from airflow_provider_stripe_meter.utils.clock import Clock
 
 Change = tuple[str, str, float | None, str]
-
-
-def stamp_day(stamp: int) -> date:
-    """The UTC day an event stamped at ``stamp`` counts in."""
-    return datetime.fromtimestamp(stamp, timezone.utc).date()
 
 
 class Settler:
@@ -72,7 +67,7 @@ class Settler:
             return
         self.run.log.info("Settling %d ledger rows earlier runs left open", len(open_rows))
         window = self.run.settings.timing.identifier_window
-        now = clock.now()
+        now = self.run.clock.now()
         resend, cancel, read = [], [], []
         periods = self.run.periods
         for entry in open_rows:
@@ -103,7 +98,7 @@ class Settler:
         for entry in entries:
             try:
                 self.run.stripe.cancel_meter_event(entry.event_name, entry.identifier)
-                changes.append((entry.identifier, CANCELLED, clock.now(), "cancelled"))
+                changes.append((entry.identifier, CANCELLED, self.run.clock.now(), "cancelled"))
             except Rejected as err:
                 # Past Stripe's 24 hours: the event stands, and the plan reports the day over.
                 changes.append(
@@ -145,12 +140,12 @@ class Settler:
             self.unsettled.extend(entries)
             return
         customers = sorted({e.customer_id for e in entries})
-        days = sorted({stamp_day(e.stamp) for e in entries})
+        days = sorted({day_of(e.stamp) for e in entries})
         found, unknown = run.stripe.recorded_per_day(
             self.spec.meter_id, customers, days[0], days[-1], max_rps=run.settings.read_rps
         )
         run.book.summary_requests += len(customers)
-        start, end = day_end(days[0]) - 86400, day_end(days[-1])
+        start, end = day_start(days[0]), day_end(days[-1])
         others = [
             e
             for e in self.ledger.entries_stamped(self.account, self.spec.meter_id, customers, start, end)
@@ -158,13 +153,13 @@ class Settler:
         ]
         certain: dict[tuple[str, date], list[Entry]] = defaultdict(list)
         for entry in others:
-            certain[(entry.customer_id, stamp_day(entry.stamp))].append(entry)
+            certain[(entry.customer_id, day_of(entry.stamp))].append(entry)
         groups: dict[tuple[str, date], list[Entry]] = defaultdict(list)
         for entry in entries:
-            groups[(entry.customer_id, stamp_day(entry.stamp))].append(entry)
+            groups[(entry.customer_id, day_of(entry.stamp))].append(entry)
         changes: list[Change] = []
         adopted: list[Entry] = []
-        now = clock.now()
+        now = self.run.clock.now()
         for (customer, day), group in groups.items():
             group.sort(key=lambda e: (e.answered_at or e.sent_at, e.seq))
             if customer in unknown:
@@ -317,12 +312,12 @@ def wait_for_summaries(run: BillingRun, latest: float) -> bool:
     ``False`` without sleeping when that is further away than ``settle_timeout``: the caller
     leaves the rows open for a later run.
     """
-    wait = latest + run.settings.summary_lag - clock.now()
+    wait = latest + run.settings.summary_lag - run.clock.now()
     if wait > run.settings.settle_seconds:
         return False
     if wait > 0:
         run.log.info("Waiting %.1f s for Stripe's summaries to show the events in question", wait)
-        time.sleep(wait)
+        run.clock.sleep(wait)
     return True
 
 
@@ -352,6 +347,7 @@ WITHHELD = "held: its billing period's invoice locks before the event would land
 
 
 def resolved_states(
+    clock: Clock,
     events: list[PlannedEvent],
     answered: dict[int, float],
     rejected: set[int],

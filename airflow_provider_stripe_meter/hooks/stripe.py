@@ -431,7 +431,7 @@ class StripeHook(BaseHook):
         .. seealso:: https://docs.stripe.com/api/v2/core/events/list
         .. seealso:: https://docs.stripe.com/billing/subscriptions/usage-based/recording-usage-api#error-handling
         """
-        from airflow_provider_stripe_meter.utils.rules import rfc3339
+        from airflow_provider_stripe_meter.utils.days import rfc3339
 
         params: dict[str, Any] = {
             "object_id": meter_id,
@@ -943,7 +943,7 @@ class StripeHook(BaseHook):
 
 def _day_span(first: date, last: date) -> tuple[int, int]:
     """Unix seconds from the start of UTC day ``first`` to the end of UTC day ``last``."""
-    from airflow_provider_stripe_meter.utils.rules import SECONDS_PER_DAY
+    from airflow_provider_stripe_meter.utils.days import SECONDS_PER_DAY
 
     start = int(datetime(first.year, first.month, first.day, tzinfo=timezone.utc).timestamp())
     return start, start + ((last - first).days + 1) * SECONDS_PER_DAY

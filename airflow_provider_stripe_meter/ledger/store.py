@@ -13,11 +13,12 @@ from __future__ import annotations
 import io
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from datetime import date, datetime, timezone
+from datetime import date
 from typing import Any
 
 from airflow_provider_stripe_meter.ledger.entries import LIVE, OPEN, DayFigure, Entry
 from airflow_provider_stripe_meter.ledger.schema import COLUMN_NAMES, DEFAULT_TABLE, check_table_name, ddl
+from airflow_provider_stripe_meter.utils.days import day_of
 
 #: Tries at creating the table when other runs create it at the same moment.
 DDL_TRIES = 5
@@ -216,7 +217,7 @@ class SqlLedger:
             f"AND stamp >= ? AND stamp < ? AND state IN ({self._marks(len(LIVE))})",
             (account, meter_id, start, end, *LIVE),
         ):
-            landed = datetime.fromtimestamp(int(stamp), timezone.utc).date()
+            landed = day_of(int(stamp))
             if date.fromisoformat(day) < landed:
                 out[(customer, landed)] = out.get((customer, landed), 0) + int(value)
         return out

@@ -28,12 +28,12 @@ from airflow_provider_stripe_meter.operators.base import (
 )
 from airflow_provider_stripe_meter.sources import DEFAULT_COLUMNS
 from airflow_provider_stripe_meter.state.periods import read_billing_periods
-from airflow_provider_stripe_meter.utils import clock
 from airflow_provider_stripe_meter.utils.aggregation import (
     DEFAULT_SAFETY_MARGIN,
     DEFAULT_SAMPLE_LIMIT,
     paused_gc,
 )
+from airflow_provider_stripe_meter.utils.clock import SYSTEM
 from airflow_provider_stripe_meter.utils.rules import (
     NAIVE_TIMEZONE,
     MeterEventInputError,
@@ -336,7 +336,7 @@ class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
                 ledger,
                 ledger_writer(self, context),
                 self.log,
-                int(clock.now()),
+                int(SYSTEM.now()),
                 # Customers Stripe has shown to exist: usage of any other is held, not sent.
                 customers=CustomerTable(ledger),
             )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable, Sequence
 from datetime import date
 from typing import TYPE_CHECKING, Any
@@ -12,6 +11,7 @@ from airflow_provider_stripe_meter.ledger.schema import DEFAULT_TABLE, check_tab
 from airflow_provider_stripe_meter.metrics import MeterMetrics
 from airflow_provider_stripe_meter.operators.base import StripeBaseOperator
 from airflow_provider_stripe_meter.utils.aggregation import DEFAULT_SAFETY_MARGIN
+from airflow_provider_stripe_meter.utils.clock import SYSTEM
 from airflow_provider_stripe_meter.utils.rules import PAST_WINDOW
 
 if TYPE_CHECKING:
@@ -98,7 +98,7 @@ class StripeMeterTopUpOperator(StripeBaseOperator):
             return self._outcome(None, partial)
         hook = self.hook
         aggregates = [_aggregate(self.event_name, line) for line in wanted]
-        now = int(time.time())
+        now = int(SYSTEM.now())
         settings = RunSettings(
             api="v1",
             max_rps=self.max_rps or default_max_rps(hook.livemode, connected=bool(hook.stripe_account)),
@@ -182,8 +182,8 @@ def _reconciliation_lines(reconciliation: Any) -> tuple[Iterable[dict[str, Any]]
 
 def _aggregate(event_name: str, line: dict[str, Any]) -> DailyAggregate:
     """A reconciliation line as the day's aggregate: its expected figure under every formula."""
-    from airflow_provider_stripe_meter.billing.plans import day_end
     from airflow_provider_stripe_meter.utils.aggregation import DailyAggregate
+    from airflow_provider_stripe_meter.utils.days import day_end
 
     day = date.fromisoformat(line["day"])
     expected = int(line["expected"])
@@ -268,7 +268,7 @@ class StripeMeterEventCancelOperator(StripeBaseOperator):
             try:
                 ledger.resolve(
                     hook.stripe_account or "platform",
-                    [(i, CANCELLED, time.time(), f"cancelled by task {self.task_id}") for i in cancelled],
+                    [(i, CANCELLED, SYSTEM.now(), f"cancelled by task {self.task_id}") for i in cancelled],
                 )
             finally:
                 ledger.close()

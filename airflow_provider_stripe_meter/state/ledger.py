@@ -5,12 +5,12 @@
 
 from __future__ import annotations
 
-import time
 from datetime import date
 from typing import TYPE_CHECKING
 
 from airflow_provider_stripe_meter.ledger.schema import DEFAULT_TABLE
 from airflow_provider_stripe_meter.ledger.store import SqlLedger
+from airflow_provider_stripe_meter.utils.clock import SYSTEM
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -71,7 +71,7 @@ def mark_dropped(
     entries = ledger.entries_of(
         account, meter_id, {k[0] for k in keys}, min(k[1] for k in keys), max(k[1] for k in keys)
     )
-    now = time.time()
+    now = SYSTEM.now()
     changes = [
         (e.identifier, DROPPED, now, note)
         for e in entries

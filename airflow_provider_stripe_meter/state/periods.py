@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from airflow_provider_stripe_meter.utils import clock
+from airflow_provider_stripe_meter.utils.clock import SYSTEM
 
 if TYPE_CHECKING:
     from airflow_provider_stripe_meter.billing.periods import PeriodBook
@@ -29,7 +29,7 @@ def read_billing_periods(
 
     hook = operator.hook
     started = time.monotonic()
-    now = int(clock.now())
+    now = int(SYSTEM.now())
     # Periods reaching back over every day Stripe still takes usage for (and one more).
     since = now - int((PAST_WINDOW - DEFAULT_SAFETY_MARGIN).total_seconds()) - 86400
     from concurrent.futures import ThreadPoolExecutor
