@@ -30,22 +30,15 @@ def test_plain_python_modules_import_neither_airflow_nor_stripe(module):
 
 
 def _imports(path: Path, modules: set[str]) -> set[str]:
-    """Package modules ``path`` imports at run time (anywhere but ``if TYPE_CHECKING:``).
+    """Package modules ``path`` imports, anywhere, ``if TYPE_CHECKING:`` blocks included (a name
+    used only in annotations is still a dependency: a circle through one is a circle).
 
     ``from package import submodule`` imports the submodule (its package is already imported,
     as the importing module's parent), so only the submodule counts.
     """
     tree = ast.parse(path.read_text())
-    skipped = {
-        id(node)
-        for block in ast.walk(tree)
-        if isinstance(block, ast.If) and "TYPE_CHECKING" in ast.unparse(block.test)
-        for node in ast.walk(block)
-    }
     found = set()
     for node in ast.walk(tree):
-        if id(node) in skipped:
-            continue
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith(PACKAGE.name):
             submodules = {f"{node.module}.{alias.name}" for alias in node.names} & modules
             found |= submodules or {node.module}

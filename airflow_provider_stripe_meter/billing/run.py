@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 
 from airflow_provider_stripe_meter.billing.ahead import PlanAhead
 from airflow_provider_stripe_meter.billing.book import CustomerDay, RunBook
+from airflow_provider_stripe_meter.billing.context import RunContext, Writer
 from airflow_provider_stripe_meter.billing.coverage import NOTHING, Coverage
 from airflow_provider_stripe_meter.billing.meters import ADD, COUNT, MeterUnsupportedError, meter_spec
 from airflow_provider_stripe_meter.billing.outcomes import DayOutcome
@@ -120,15 +121,6 @@ SLICE = 5_000
 CANCEL_WINDOW = 23 * 3600
 
 
-@dataclass(frozen=True)
-class Writer:
-    """Who writes ledger rows: the account billed, the Airflow run, and this try of the task."""
-
-    account: str
-    run_id: str
-    attempt: str
-
-
 class BillingRun:
     """One run of the batch operator against the ledger, in plain Python (Stripe and the ledger are ports)."""
 
@@ -152,6 +144,8 @@ class BillingRun:
         self.unknown: set[str] = set()
         self.writer, self.account = writer, writer.account
         self.book = RunBook(now=now, sample_limit=settings.sample_limit)
+        #: What the phases (settling, delivery, the checks) are given of the run.
+        self.ctx = RunContext(settings, stripe, ledger, writer, log, self.book, clock)
         #: Per event name, the identifiers of this run's events Stripe accepted.
         self.accepted: dict[str, list[str]] = defaultdict(list)
         #: Ledger work: rows written, open rows settled, rows left unsettled.
@@ -460,7 +454,7 @@ class BillingRun:
         if self.settings.dry_run:
             return
         for spec in self.book.specs.values():
-            settler = Settler(self, spec)
+            settler = Settler(self.ctx, spec, self.deliver, self.periods)
             settler.settle()
             self.figures["settled"] += settler.settled
             if settler.adopted:
@@ -937,7 +931,7 @@ class BillingRun:
             if not sent:
                 continue
             events = [e for day in sent.values() for e in day.plan.events]
-            if not wait_for_summaries(self, self.last_answer):
+            if not wait_for_summaries(self.ctx, self.last_answer):
                 continue
             stamps = sorted({day_of(e.timestamp) for e in events})
             customers = sorted({key[1] for key in sent})

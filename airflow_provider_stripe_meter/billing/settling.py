@@ -41,19 +41,29 @@ from airflow_provider_stripe_meter.utils.days import day_end, day_of, day_start
 from airflow_provider_stripe_meter.utils.errors import Rejected
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from airflow_provider_stripe_meter.billing.context import RunContext
     from airflow_provider_stripe_meter.billing.meters import MeterSpec
-    from airflow_provider_stripe_meter.billing.run import BillingRun
+    from airflow_provider_stripe_meter.billing.periods import PeriodBook
     from airflow_provider_stripe_meter.utils.clock import Clock
 
 Change = tuple[str, str, float | None, str]
 
 
 class Settler:
-    """Settles one meter's open rows for a :class:`~.run.BillingRun`."""
+    """Settles one meter's open rows of a run: rows still in Stripe's identifier window are sent
+    again through ``deliver`` (the run's delivery), the rest read from Stripe's summaries."""
 
-    def __init__(self, run: BillingRun, spec: MeterSpec) -> None:
-        self.run, self.spec = run, spec
-        self.ledger, self.account = run.ledger, run.account
+    def __init__(
+        self,
+        ctx: RunContext,
+        spec: MeterSpec,
+        deliver: Callable[[list[PlannedEvent]], tuple[list[Change], set[str]]],
+        periods: PeriodBook | None = None,
+    ) -> None:
+        self.ctx, self.spec, self.deliver, self.periods = ctx, spec, deliver, periods
+        self.ledger, self.account = ctx.ledger, ctx.account
         #: How many open rows were settled, and how many could not be; rows written to take
         #: Stripe's figure where it holds usage this ledger did not send.
         self.adopted = 0
@@ -65,11 +75,11 @@ class Settler:
         open_rows = [e for e in self.ledger.open_entries(self.account, self.spec.meter_id)]
         if not open_rows:
             return
-        self.run.log.info("Settling %d ledger rows earlier runs left open", len(open_rows))
-        window = self.run.settings.timing.identifier_window
-        now = self.run.clock.now()
+        self.ctx.log.info("Settling %d ledger rows earlier runs left open", len(open_rows))
+        window = self.ctx.settings.timing.identifier_window
+        now = self.ctx.clock.now()
         resend, cancel, read = [], [], []
-        periods = self.run.periods
+        periods = self.periods
         for entry in open_rows:
             if entry.state == CANCELLING:
                 cancel.append(entry)
@@ -97,8 +107,8 @@ class Settler:
         changes: list[Change] = []
         for entry in entries:
             try:
-                self.run.stripe.cancel_meter_event(entry.event_name, entry.identifier)
-                changes.append((entry.identifier, CANCELLED, self.run.clock.now(), "cancelled"))
+                self.ctx.stripe.cancel_meter_event(entry.event_name, entry.identifier)
+                changes.append((entry.identifier, CANCELLED, self.ctx.clock.now(), "cancelled"))
             except Rejected as err:
                 # Past Stripe's 24 hours: the event stands, and the plan reports the day over.
                 changes.append(
@@ -126,7 +136,7 @@ class Settler:
             )
             for e in entries
         ]
-        changes, failed = self.run.deliver(events)
+        changes, failed = self.deliver(events)
         self.ledger.resolve(self.account, changes)
         self.settled += len(changes)
         self.unsettled.extend(e for e in entries if e.identifier in failed)
@@ -135,16 +145,16 @@ class Settler:
         """Settle ``entries`` from Stripe's summaries (see the module's docstring)."""
         if not entries:
             return
-        run = self.run
-        if not wait_for_summaries(run, max((e.answered_at or e.sent_at) for e in entries)):
+        ctx = self.ctx
+        if not wait_for_summaries(ctx, max((e.answered_at or e.sent_at) for e in entries)):
             self.unsettled.extend(entries)
             return
         customers = sorted({e.customer_id for e in entries})
         days = sorted({day_of(e.stamp) for e in entries})
-        found, unknown = run.stripe.recorded_per_day(
-            self.spec.meter_id, customers, days[0], days[-1], max_rps=run.settings.read_rps
+        found, unknown = ctx.stripe.recorded_per_day(
+            self.spec.meter_id, customers, days[0], days[-1], max_rps=ctx.settings.read_rps
         )
-        run.book.summary_requests += len(customers)
+        ctx.book.summary_requests += len(customers)
         start, end = day_start(days[0]), day_end(days[-1])
         others = [
             e
@@ -159,7 +169,7 @@ class Settler:
             groups[(entry.customer_id, day_of(entry.stamp))].append(entry)
         changes: list[Change] = []
         adopted: list[Entry] = []
-        now = self.run.clock.now()
+        now = self.ctx.clock.now()
         for (customer, day), group in groups.items():
             group.sort(key=lambda e: (e.answered_at or e.sent_at, e.seq))
             if customer in unknown:
@@ -190,7 +200,7 @@ class Settler:
         self.settled += len(changes)
         self.adopted += len(adopted)
         if adopted:
-            self.run.log.warning(
+            self.ctx.log.warning(
                 "Stripe's summaries hold usage this ledger did not send for %d customer-days (e.g. %s): "
                 "the ledger takes Stripe's figures and the plan sends the difference to the source",
                 len({(e.customer_id, e.day) for e in adopted}),
@@ -230,7 +240,7 @@ class Settler:
             seq,
             values,
             stamp,
-            (self.run.writer.run_id, self.run.writer.attempt),
+            (self.ctx.writer.run_id, self.ctx.writer.attempt),
             now,
             "stripe:",
             "Stripe's figure: its summaries hold usage this ledger did not send",
@@ -306,18 +316,18 @@ def figure_rows(
     ]
 
 
-def wait_for_summaries(run: BillingRun, latest: float) -> bool:
+def wait_for_summaries(ctx: RunContext, latest: float) -> bool:
     """Sleep until Stripe's summaries show what was answered at ``latest`` (``summary_lag`` on).
 
     ``False`` without sleeping when that is further away than ``settle_timeout``: the caller
     leaves the rows open for a later run.
     """
-    wait = latest + run.settings.summary_lag - run.clock.now()
-    if wait > run.settings.settle_seconds:
+    wait = latest + ctx.settings.summary_lag - ctx.clock.now()
+    if wait > ctx.settings.settle_seconds:
         return False
     if wait > 0:
-        run.log.info("Waiting %.1f s for Stripe's summaries to show the events in question", wait)
-        run.clock.sleep(wait)
+        ctx.log.info("Waiting %.1f s for Stripe's summaries to show the events in question", wait)
+        ctx.clock.sleep(wait)
     return True
 
 

@@ -15,7 +15,7 @@ from airflow_provider_stripe_meter.utils.clock import SYSTEM
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
-    from airflow_provider_stripe_meter.billing.run import Writer
+    from airflow_provider_stripe_meter.billing.context import Writer
     from airflow_provider_stripe_meter.operators.base import StripeBaseOperator
 
 #: Connection types whose SQL the ledger writes natively; any other DB-API database goes row by row.
@@ -48,7 +48,7 @@ def ledger_writer(operator: StripeBaseOperator, context: Context) -> Writer:
     """Who writes a task's ledger rows: its account, its Airflow run, and this try of the task."""
     import uuid
 
-    from airflow_provider_stripe_meter.billing.run import Writer
+    from airflow_provider_stripe_meter.billing.context import Writer
 
     ti = context["ti"]
     map_index = ti.map_index if ti.map_index is not None else -1

@@ -13,9 +13,10 @@ from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+from airflow_provider_stripe_meter.billing.context import Writer
 from airflow_provider_stripe_meter.billing.coverage import NOTHING, Coverage
 from airflow_provider_stripe_meter.billing.result import SourceFigures
-from airflow_provider_stripe_meter.billing.run import BillingRun, Usage, Writer
+from airflow_provider_stripe_meter.billing.run import BillingRun, Usage
 from airflow_provider_stripe_meter.billing.settings import Delivery, RunSettings, Timing
 from airflow_provider_stripe_meter.ledger.customers import CustomerTable
 from airflow_provider_stripe_meter.ledger.store import SqlLedger
