@@ -63,6 +63,7 @@ from airflow_provider_stripe_meter.ledger.entries import (
     DROPPED,
     REJECTED,
     UNVERIFIED,
+    Change,
     Entry,
 )
 from airflow_provider_stripe_meter.utils.aggregation import DailyAggregate
@@ -82,7 +83,6 @@ if TYPE_CHECKING:
     from airflow_provider_stripe_meter.billing.plans import Key, PlannedEvent
     from airflow_provider_stripe_meter.billing.ports import CustomerStore, LedgerStore, Log, StripeMeters
     from airflow_provider_stripe_meter.billing.settings import RunSettings
-    from airflow_provider_stripe_meter.billing.settling import Change
     from airflow_provider_stripe_meter.ledger.entries import DayFigure
 
 #: Events a run may plan for count meters (one event per row) before it refuses to start.
@@ -665,7 +665,7 @@ class BillingRun:
             # Another run planned the same next event for this day at the same time: the table's
             # key let one of them in. This run stands back; its retry plans the day again.
             released += [
-                (e.identifier, REJECTED, now, "another run billed this day at the same time")
+                Change(e.identifier, REJECTED, now, "another run billed this day at the same time")
                 for e in events
                 if e.identifier in owned
             ]
@@ -677,9 +677,9 @@ class BillingRun:
         self.ledger.resolve(self.account, released)
         changes, failed = self.deliver(to_send)
         self.ledger.resolve(self.account, changes)
-        rejected = {c[0] for c in changes if c[1] == REJECTED and c[3] != WITHHELD}
-        foreign = {c[0] for c in changes if c[1] == UNVERIFIED}
-        withheld = {c[0] for c in changes if c[1] == REJECTED and c[3] == WITHHELD}
+        rejected = {c.identifier for c in changes if c.state == REJECTED and c.note != WITHHELD}
+        foreign = {c.identifier for c in changes if c.state == UNVERIFIED}
+        withheld = {c.identifier for c in changes if c.state == REJECTED and c.note == WITHHELD}
         by_key: dict[Key, list[PlannedEvent]] = defaultdict(list)
         for event in to_send:
             by_key[event.key].append(event)
@@ -714,13 +714,14 @@ class BillingRun:
         """Send ``events`` through the run's API; return the ledger changes and the failed identifiers."""
         if not events:
             return [], set()
-        answered: dict[int, float] = {}
+        #: When Stripe answered each event, by identifier.
+        answered: dict[str, float] = {}
         lock = threading.Lock()
 
         periods = self.periods
 
         #: Events that went out at least once (a retry of one may find its first try landed).
-        tried: set[int] = set()
+        tried: set[str] = set()
 
         def noting(send: Callable[[list[PlannedEvent]], None]) -> Callable[[list[PlannedEvent]], None]:
             # When each answer came: the order Stripe took a customer's events in.
@@ -734,7 +735,7 @@ class BillingRun:
                         periods.carries(e.event_name, e.customer_id, e.timestamp, e.period_end, at)
                         for e in batch
                     ):
-                        if any(e.attempt or id(e) in tried for e in batch):
+                        if any(e.attempt or e.identifier in tried for e in batch):
                             # It may have landed already (a lost answer, a killed run's row):
                             # left pending, for the next run to read from Stripe's summaries.
                             raise MeterFailure(
@@ -744,7 +745,7 @@ class BillingRun:
                             )
                         raise Withheld("its billing period's invoice locks before the event would land")
                 with lock:
-                    tried.update(id(e) for e in batch)
+                    tried.update(e.identifier for e in batch)
                 try:
                     send(batch)
                 except (Duplicate, Rejected):
@@ -759,7 +760,7 @@ class BillingRun:
             self.last_answer = max(self.last_answer, moment)
             with lock:
                 for event in batch:
-                    answered[id(event)] = moment
+                    answered[event.identifier] = moment
 
         withheld_now: list[PlannedEvent] = []
         if periods is not None and self.settings.api != "v1":
@@ -786,10 +787,10 @@ class BillingRun:
         self.book.reports.append(report)
         report.withheld.extend(withheld_now)
         events = [*events, *withheld_now]
-        rejected = {id(e) for e in report.rejected_items}
+        rejected = {e.identifier for e in report.rejected_items}
         # Each request carried its row's idempotency key, so Stripe replays our own answer to a
         # retry: a duplicate answer is evidence that Stripe holds what this ledger does not.
-        foreign = {id(e) for e in report.already} if self.settings.api == "v1" else set()
+        foreign = {e.identifier for e in report.already} if self.settings.api == "v1" else set()
         if foreign:
             self.foreign.extend(e for e in report.already)
             self.log.warning(
@@ -806,9 +807,9 @@ class BillingRun:
             events,
             answered,
             rejected,
-            {id(e) for e in report.failed_items},
+            {e.identifier for e in report.failed_items},
             foreign,
-            {id(e) for e in report.withheld},
+            {e.identifier for e in report.withheld},
         )
 
     def _meanwhile(self, work: list[Callable[[], None]]) -> None:
@@ -870,12 +871,14 @@ class BillingRun:
                     continue
                 # Marked before the cancel leaves: a run killed in between cancels again next time.
                 self.ledger.resolve(
-                    self.account, [(e.identifier, CANCELLING, e.answered_at, "") for e in cancellable]
+                    self.account, [Change(e.identifier, CANCELLING, e.answered_at, "") for e in cancellable]
                 )
                 changes: list[Change] = []
                 for entry in cancellable:
                     self.stripe.cancel_meter_event(entry.event_name, entry.identifier)
-                    changes.append((entry.identifier, CANCELLED, self.clock.now(), "source has fewer rows"))
+                    changes.append(
+                        Change(entry.identifier, CANCELLED, self.clock.now(), "source has fewer rows")
+                    )
                 self.ledger.resolve(self.account, changes)
                 self.figures["cancelled"] += len(changes)
                 day.outcome = DayOutcome.SENT
@@ -898,7 +901,7 @@ class BillingRun:
             self.ledger.resolve(
                 self.account,
                 [
-                    (i, UNVERIFIED, self.clock.now(), "meter deactivated during the run")
+                    Change(i, UNVERIFIED, self.clock.now(), "meter deactivated during the run")
                     for i in self.accepted[name]
                 ],
             )
@@ -951,7 +954,9 @@ class BillingRun:
                 ids = [e.identifier for e in day.plan.events if e.identifier in mine]
                 if key[1] in unknown:
                     day.outcome = DayOutcome.CUSTOMER_UNKNOWN
-                    changes += [(i, DROPPED, self.clock.now(), "customer unknown to Stripe") for i in ids]
+                    changes += [
+                        Change(i, DROPPED, self.clock.now(), "customer unknown to Stripe") for i in ids
+                    ]
                     self.book.samples.add(
                         day.outcome, {**day.plan.line(), "reason": "Stripe does not know it"}
                     )
@@ -961,7 +966,7 @@ class BillingRun:
                     day.confirmed = True
                     continue
                 day.outcome = DayOutcome.UNCONFIRMED
-                changes += [(i, UNVERIFIED, self.clock.now(), "read back differs") for i in ids]
+                changes += [Change(i, UNVERIFIED, self.clock.now(), "read back differs") for i in ids]
                 self.book.samples.add(
                     day.outcome,
                     {

@@ -35,6 +35,7 @@ from airflow_provider_stripe_meter.ledger.entries import (
     PENDING,
     REJECTED,
     UNVERIFIED,
+    Change,
     Entry,
 )
 from airflow_provider_stripe_meter.utils.days import day_end, day_of, day_start
@@ -47,8 +48,6 @@ if TYPE_CHECKING:
     from airflow_provider_stripe_meter.billing.meters import MeterSpec
     from airflow_provider_stripe_meter.billing.periods import PeriodBook
     from airflow_provider_stripe_meter.utils.clock import Clock
-
-Change = tuple[str, str, float | None, str]
 
 
 class Settler:
@@ -108,11 +107,11 @@ class Settler:
         for entry in entries:
             try:
                 self.ctx.stripe.cancel_meter_event(entry.event_name, entry.identifier)
-                changes.append((entry.identifier, CANCELLED, self.ctx.clock.now(), "cancelled"))
+                changes.append(Change(entry.identifier, CANCELLED, self.ctx.clock.now(), "cancelled"))
             except Rejected as err:
                 # Past Stripe's 24 hours: the event stands, and the plan reports the day over.
                 changes.append(
-                    (entry.identifier, ACCEPTED, entry.answered_at, f"cancel refused: {err}"[:250])
+                    Change(entry.identifier, ACCEPTED, entry.answered_at, f"cancel refused: {err}"[:250])
                 )
         self.ledger.resolve(self.account, changes)
         self.settled += len(changes)
@@ -173,7 +172,7 @@ class Settler:
         for (customer, day), group in groups.items():
             group.sort(key=lambda e: (e.answered_at or e.sent_at, e.seq))
             if customer in unknown:
-                changes += [(e.identifier, DROPPED, now, "customer unknown to Stripe") for e in group]
+                changes += [Change(e.identifier, DROPPED, now, "customer unknown to Stripe") for e in group]
                 continue
             figure = found.get((customer, day), 0)
             landed = self._landed(group, certain[(customer, day)], figure)
@@ -185,14 +184,18 @@ class Settler:
                 if mirrored is None:
                     self.unsettled.extend(group)
                     continue
-                changes += [(e.identifier, DROPPED, now, "settled: Stripe's figure taken") for e in group]
+                changes += [
+                    Change(e.identifier, DROPPED, now, "settled: Stripe's figure taken") for e in group
+                ]
                 adopted.extend(mirrored)
                 continue
             changes += [
-                (e.identifier, ACCEPTED, e.answered_at or now, "settled from summaries")
+                Change(e.identifier, ACCEPTED, e.answered_at or now, "settled from summaries")
                 for e in group[:landed]
             ]
-            changes += [(e.identifier, DROPPED, now, "not in Stripe's summaries") for e in group[landed:]]
+            changes += [
+                Change(e.identifier, DROPPED, now, "not in Stripe's summaries") for e in group[landed:]
+            ]
         # The figure Stripe holds is written first: a run killed in between leaves both, and the
         # next settles the group again (its rows are still open) against the same figure.
         self.ledger.insert(adopted)
@@ -359,11 +362,11 @@ WITHHELD = "held: its billing period's invoice locks before the event would land
 def resolved_states(
     clock: Clock,
     events: list[PlannedEvent],
-    answered: dict[int, float],
-    rejected: set[int],
-    failed: set[int],
-    foreign: set[int] = frozenset(),  # type: ignore[assignment]
-    withheld: set[int] = frozenset(),  # type: ignore[assignment]
+    answered: dict[str, float],
+    rejected: set[str],
+    failed: set[str],
+    foreign: set[str] = frozenset(),  # type: ignore[assignment]
+    withheld: set[str] = frozenset(),  # type: ignore[assignment]
 ) -> tuple[list[Change], set[str]]:
     """Ledger changes from a delivery: answered events are accepted, rejected ones rejected.
 
@@ -371,23 +374,25 @@ def resolved_states(
     identifier. An event refused as a duplicate although its request carried its row's own
     idempotency key (``foreign``) names a slot Stripe holds an event of someone else's in: it is
     not counted as billed but left ``unverified``, for the next run to settle from Stripe's
-    summaries. Returns the changes and the identifiers that failed.
+    summaries. Every set and ``answered`` (when Stripe answered) is keyed by event identifier.
+    Returns the changes and the identifiers that failed.
     """
     changes: list[Change] = []
     failed_ids: set[str] = set()
     for event in events:
-        if id(event) in failed:
-            failed_ids.add(event.identifier)
-        elif id(event) in withheld:
+        identifier = event.identifier
+        if identifier in failed:
+            failed_ids.add(identifier)
+        elif identifier in withheld:
             # Not sent: the row is not live, so the next run plans the usage again (held, or
             # carried into the open period with billing_periods="carry").
-            changes.append((event.identifier, REJECTED, clock.now(), WITHHELD))
-        elif id(event) in foreign:
-            changes.append((event.identifier, UNVERIFIED, answered.get(id(event), clock.now()), FOREIGN))
-        elif id(event) in rejected:
-            changes.append((event.identifier, REJECTED, answered.get(id(event)), "rejected by Stripe"))
+            changes.append(Change(identifier, REJECTED, clock.now(), WITHHELD))
+        elif identifier in foreign:
+            changes.append(Change(identifier, UNVERIFIED, answered.get(identifier, clock.now()), FOREIGN))
+        elif identifier in rejected:
+            changes.append(Change(identifier, REJECTED, answered.get(identifier), "rejected by Stripe"))
         else:
-            changes.append((event.identifier, ACCEPTED, answered.get(id(event), clock.now()), ""))
+            changes.append(Change(identifier, ACCEPTED, answered.get(identifier, clock.now()), ""))
     return changes, failed_ids
 
 

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import date
 from typing import Any
 
-from airflow_provider_stripe_meter.ledger.entries import LIVE, OPEN, DayFigure, Entry
+from airflow_provider_stripe_meter.ledger.entries import LIVE, OPEN, Change, DayFigure, Entry
 from airflow_provider_stripe_meter.ledger.schema import COLUMN_NAMES, DEFAULT_TABLE, check_table_name, ddl
 from airflow_provider_stripe_meter.utils.days import day_of
 
@@ -304,7 +304,7 @@ class SqlLedger:
             except Exception:  # the key is taken (each driver names its own IntegrityError)
                 self.conn.rollback()
 
-    def resolve(self, account: str, changes: Sequence[tuple[str, str, float | None, str]]) -> None:
+    def resolve(self, account: str, changes: Sequence[Change]) -> None:
         """Set (state, answered_at, note) of each identifier in ``changes``: (identifier, state, at, note).
 
         An empty note keeps the row's own (why it was written, such as usage carried).

@@ -261,14 +261,17 @@ class StripeMeterEventCancelOperator(StripeBaseOperator):
             cancelled.append(identifier)
             self.log.info("Cancelled meter event %r", identifier)
         if cancelled and self.ledger_conn_id:
-            from airflow_provider_stripe_meter.ledger.entries import CANCELLED
+            from airflow_provider_stripe_meter.ledger.entries import CANCELLED, Change
             from airflow_provider_stripe_meter.state.ledger import ledger_on
 
             ledger = ledger_on(self.ledger_conn_id, self.ledger_table)
             try:
                 ledger.resolve(
                     hook.stripe_account or "platform",
-                    [(i, CANCELLED, SYSTEM.now(), f"cancelled by task {self.task_id}") for i in cancelled],
+                    [
+                        Change(i, CANCELLED, SYSTEM.now(), f"cancelled by task {self.task_id}")
+                        for i in cancelled
+                    ],
                 )
             finally:
                 ledger.close()

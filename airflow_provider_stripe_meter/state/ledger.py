@@ -64,7 +64,7 @@ def mark_dropped(
     ledger: SqlLedger, account: str, meter_id: str, keys: set[tuple[str, date]], note: str
 ) -> int:
     """Mark the live events of ``keys`` (customer, day) ``dropped``: Stripe holds none of them."""
-    from airflow_provider_stripe_meter.ledger.entries import DROPPED, LIVE
+    from airflow_provider_stripe_meter.ledger.entries import DROPPED, LIVE, Change
 
     if not keys:
         return 0
@@ -73,7 +73,7 @@ def mark_dropped(
     )
     now = SYSTEM.now()
     changes = [
-        (e.identifier, DROPPED, now, note)
+        Change(e.identifier, DROPPED, now, note)
         for e in entries
         if (e.customer_id, e.day) in keys and e.state in LIVE
     ]
