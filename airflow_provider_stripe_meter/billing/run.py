@@ -177,11 +177,11 @@ class BillingRun:
         """
         aggregates = _merge([*usage.aggregates, *usage.late])
         self.covers, self.periods = usage.covers, usage.periods
-        names = {key[0] for key in aggregates} | (set(usage.event_names) if usage.covers else set())
+        names = {name for name, _, _ in aggregates} | (set(usage.event_names) if usage.covers else set())
         if names:
             self.read_meters(names)
             self.settle()
-            self.unknown = self.check_customers({key[1] for key in aggregates}, usage.periods)
+            self.unknown = self.check_customers({customer for _, customer, _ in aggregates}, usage.periods)
             if self.settings.adopt and not self.settings.dry_run:
                 self.adopt(aggregates)
             if usage.covers:
@@ -281,7 +281,7 @@ class BillingRun:
         out = dict(aggregates)
         for name, spec in self.book.specs.items():
             figures = self.ledger.figures(self.account, spec.meter_id, days[0], days[-1])
-            read = covers.every_customer or {k[1] for k in aggregates if k[0] == name}
+            read = covers.every_customer or {c for n, c, _ in aggregates if n == name}
             gone = [
                 (customer, day)
                 for (customer, day), figure in figures.items()
@@ -329,26 +329,25 @@ class BillingRun:
         now = self.clock.now()
         covered = self.covers.days
         for name, spec in self.book.specs.items():
-            keys = [k for k in aggregates if k[0] == name]
+            # The meter's (customer, day)s.
+            days = {(c, d) for n, c, d in aggregates if n == name}
             if covered:
                 # Inside the coverage a lost event may have no source row any more (deleted
                 # since): every customer the ledger, the known-customers table or the source
                 # knows is asked about, for every covered day.
                 found_days = self.ledger.figures(self.account, spec.meter_id, covered[0], covered[-1])
-                known = {c for c, _ in found_days} | {k[1] for k in keys}
+                known = {c for c, _ in found_days} | {c for c, _ in days}
                 if self.customers is not None:
                     known |= self.customers.every(self.account)
-                keys = sorted({*keys, *((name, c, d) for c in known for d in covered)})
-            if not keys:
+                days |= {(c, d) for c in known for d in covered}
+            if not days:
                 continue
-            first, last = min(k[2] for k in keys), max(k[2] for k in keys)
+            first, last = min(d for _, d in days), max(d for _, d in days)
             held = self.ledger.figures(
                 self.account, spec.meter_id, first, last, newest=spec.kind not in (ADD, COUNT)
             )
             wanted = {
-                (k[1], k[2])
-                for k in keys
-                if (k[1], k[2]) not in held or (spec.kind in (ADD, COUNT) and not held[(k[1], k[2])].open)
+                cd for cd in days if cd not in held or (spec.kind in (ADD, COUNT) and not held[cd].open)
             }
             if not wanted:
                 continue
@@ -382,13 +381,12 @@ class BillingRun:
                     values = [1] * more if spec.kind == COUNT else [more] if spec.kind == ADD else [figure]
                     # Stamped at the part's start: any snapshot the source has of it is newer.
                     entries += figure_rows(
-                        self.account,
+                        self.writer,
                         spec,
                         (name, customer, day, part),
                         seq,
                         values,
                         stamp,
-                        (self.writer.run_id, self.writer.attempt),
                         now,
                         "adopted:",
                         "adopted from Stripe's summaries",
@@ -499,10 +497,10 @@ class BillingRun:
         oldest_day = day_of(oldest)
         covers = self.covers
         for name, spec in book.specs.items():
-            keys = [k for k in aggregates if k[0] == name]
+            keys = [key for key in aggregates if key[0] == name]
             if not keys:
                 continue
-            days = [k[2] for k in keys]
+            days = [day for _, _, day in keys]
             figures = self.ledger.figures(
                 self.account, spec.meter_id, min(days), max(days), newest=spec.kind not in (ADD, COUNT)
             )
@@ -514,9 +512,9 @@ class BillingRun:
                 for entry in self.ledger.entries_of(
                     self.account,
                     spec.meter_id,
-                    {k[1] for k in split},
-                    min(k[2] for k in split),
-                    max(k[2] for k in split),
+                    {customer for _, customer, _ in split},
+                    min(day for _, _, day in split),
+                    max(day for _, _, day in split),
                 ):
                     by_day[(entry.customer_id, entry.day)].append(entry)
 
@@ -528,26 +526,29 @@ class BillingRun:
                 by_day: dict[tuple[str, date], list[Entry]] = by_day,
             ) -> tuple[Key, list[PlannedEvent], bool]:
                 """Plan one customer-day, keep it in the book, and say what it sends."""
+                _, customer, usage_day = key
                 aggregate = aggregates[key]
-                figure = figures.get((key[1], key[2]))
-                truth = covers.truth(key[2], figure.source_at) if figure is not None and covers else False
-                if key[1] in self.unknown:
+                figure = figures.get((customer, usage_day))
+                truth = covers.truth(usage_day, figure.source_at) if figure is not None and covers else False
+                # Usage of a day older than Stripe's window is billed late (counted apart).
+                late = usage_day < oldest_day
+                if customer in self.unknown:
                     plan = plan_day(aggregate, spec, figure, now=book.now, oldest=oldest, truth=truth)
                     unknown = hold_unknown(plan)
                     if unknown is not None:
                         # Not sent, not written: the first run after the customer exists sends it.
                         book.hold(unknown, plan)
                         day = CustomerDay(aggregate, plan, DayOutcome.CUSTOMER_UNKNOWN, held=True)
-                        (book.late if key[2] < oldest_day else book.days)[key] = day
-                        return key, plan.events, key[2] < oldest_day
+                        (book.late if late else book.days)[key] = day
+                        return key, plan.events, late
                     held: list[Held] = []
-                elif in_periods and key[2] >= oldest_day:
+                elif in_periods and not late:
                     assert periods is not None
                     plan, held = plan_in_periods(
                         aggregate,
                         spec,
                         figure,
-                        by_day.get((key[1], key[2])),
+                        by_day.get((customer, usage_day)),
                         periods,
                         now=book.now,
                         oldest=oldest,
@@ -582,8 +583,6 @@ class BillingRun:
                 if plan.reason == UNSETTLED:
                     day.outcome = DayOutcome.FAILED
                     book.samples.add(DayOutcome.FAILED, {**plan.line(), "reason": UNSETTLED})
-                # Usage of a day older than Stripe's window is billed late (counted apart).
-                late = key[2] < oldest_day
                 (book.late if late else book.days)[key] = day
                 return key, plan.events, late
 
@@ -592,13 +591,14 @@ class BillingRun:
             # and those days are planned last.
             deferred: list[Key] = []
             for key in keys:
+                _, customer, usage_day = key
                 if (
                     in_periods
                     and periods is not None
-                    and key[1] not in self.unknown
-                    and key[2] >= oldest_day
+                    and customer not in self.unknown
+                    and usage_day >= oldest_day
                     and _waits_on_drafts(
-                        aggregates[key], spec, figures.get((key[1], key[2])), periods, oldest, covers
+                        aggregates[key], spec, figures.get((customer, usage_day)), periods, oldest, covers
                     )
                 ):
                     deferred.append(key)
@@ -708,7 +708,7 @@ class BillingRun:
                 day.outcome = DayOutcome.FAILED
             else:
                 day.outcome = DayOutcome.SENT
-                self.accepted[key[0]].extend(ids - withheld)
+                self.accepted[events[0].event_name].extend(ids - withheld)
 
     def deliver(self, events: list[PlannedEvent]) -> tuple[list[Change], set[str]]:
         """Send ``events`` through the run's API; return the ledger changes and the failed identifiers."""
@@ -830,16 +830,17 @@ class BillingRun:
             return
         by_meter: dict[str, list[Key]] = defaultdict(list)
         for key in over:
-            by_meter[key[0]].append(key)
+            name, _, _ = key
+            by_meter[name].append(key)
         now = self.clock.now()
         for name, keys in by_meter.items():
             spec = self.book.specs[name]
             entries = self.ledger.entries_of(
                 self.account,
                 spec.meter_id,
-                {k[1] for k in keys},
-                min(k[2] for k in keys),
-                max(k[2] for k in keys),
+                {customer for _, customer, _ in keys},
+                min(day for _, _, day in keys),
+                max(day for _, _, day in keys),
             )
             by_key: dict[Key, list[Entry]] = defaultdict(list)
             for entry in entries:
@@ -937,7 +938,7 @@ class BillingRun:
             if not wait_for_summaries(self.ctx, self.last_answer):
                 continue
             stamps = sorted({day_of(e.timestamp) for e in events})
-            customers = sorted({key[1] for key in sent})
+            customers = sorted({customer for _, customer, _ in sent})
             found, unknown = self.stripe.recorded_per_day(
                 spec.meter_id, customers, stamps[0], stamps[-1], max_rps=self.settings.read_rps
             )
@@ -950,9 +951,9 @@ class BillingRun:
                 by_stamp[(row.customer_id, day_of(row.stamp))].append(row)
             mine = set(identifiers)
             changes: list[Change] = []
-            for key, day in sent.items():
+            for (_, customer, _), day in sent.items():
                 ids = [e.identifier for e in day.plan.events if e.identifier in mine]
-                if key[1] in unknown:
+                if customer in unknown:
                     day.outcome = DayOutcome.CUSTOMER_UNKNOWN
                     changes += [
                         Change(i, DROPPED, self.clock.now(), "customer unknown to Stripe") for i in ids
@@ -961,7 +962,7 @@ class BillingRun:
                         day.outcome, {**day.plan.line(), "reason": "Stripe does not know it"}
                     )
                     continue
-                checks = {(key[1], day_of(e.timestamp)) for e in day.plan.events}
+                checks = {(customer, day_of(e.timestamp)) for e in day.plan.events}
                 if all(stripe_view(spec, by_stamp[c]) == found.get(c, 0) for c in checks):
                     day.confirmed = True
                     continue

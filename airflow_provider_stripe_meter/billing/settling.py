@@ -44,7 +44,7 @@ from airflow_provider_stripe_meter.utils.errors import Rejected
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from airflow_provider_stripe_meter.billing.context import RunContext
+    from airflow_provider_stripe_meter.billing.context import RunContext, Writer
     from airflow_provider_stripe_meter.billing.meters import MeterSpec
     from airflow_provider_stripe_meter.billing.periods import PeriodBook
     from airflow_provider_stripe_meter.utils.clock import Clock
@@ -237,13 +237,12 @@ class Settler:
         seq = known.max_seq if known is not None else max(e.seq for e in group)
         stamp = max(e.stamp for e in group)
         return figure_rows(
-            self.account,
+            self.ctx.writer,
             spec,
             first,
             seq,
             values,
             stamp,
-            (self.ctx.writer.run_id, self.ctx.writer.attempt),
             now,
             "stripe:",
             "Stripe's figure: its summaries hold usage this ledger did not send",
@@ -270,20 +269,19 @@ class Settler:
 
 
 def figure_rows(
-    account: str,
+    writer: Writer,
     spec: MeterSpec,
     where: Entry | tuple[str, str, date, int],
     after_seq: int,
     values: list[int],
     stamp: int,
-    writer: tuple[str, str],
     now: float,
     prefix: str,
     note: str,
 ) -> list[Entry]:
     """``accepted`` rows that make the ledger hold what Stripe's summaries show (never sent: their
     identifiers carry ``prefix``), numbered after ``after_seq`` in the customer-day (and part) of
-    ``where``: a ledger row, or (event name, customer, day, part)."""
+    ``where``: a ledger row, or (event name, customer, day, part); written by ``writer``."""
     if isinstance(where, Entry):
         name, customer, day, part, period_end = (
             where.event_name,
@@ -296,7 +294,7 @@ def figure_rows(
         (name, customer, day, part), period_end = where, None
     return [
         Entry(
-            account=account,
+            account=writer.account,
             meter_id=spec.meter_id,
             event_name=name,
             customer_id=customer,
@@ -307,8 +305,8 @@ def figure_rows(
             stamp=stamp,
             source_at=-1,
             state=ACCEPTED,
-            run_id=writer[0],
-            attempt=writer[1],
+            run_id=writer.run_id,
+            attempt=writer.attempt,
             sent_at=now,
             answered_at=now,
             note=note,
