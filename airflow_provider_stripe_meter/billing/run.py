@@ -115,6 +115,19 @@ class Usage:
     event_names: frozenset[str] = frozenset()
 
 
+@dataclass(frozen=True, slots=True)
+class _MeterDays:
+    """What planning one meter's customer-days reads of the ledger, read once per meter."""
+
+    spec: MeterSpec
+    #: The ledger's figure per (customer, day).
+    figures: dict[tuple[str, date], DayFigure]
+    #: Whether the meter is billed in periods (it has a metered price).
+    in_periods: bool
+    #: The ledger rows of the days split at a period boundary, per (customer, day).
+    by_day: dict[tuple[str, date], list[Entry]]
+
+
 #: Events written, sent and resolved together: what a run killed at any instant leaves pending.
 SLICE = 5_000
 #: Stripe cancels a meter event only within 24 hours of receiving it; an hour is kept in hand.
@@ -495,97 +508,11 @@ class BillingRun:
                 {"type": "meter_unsupported", "count_events": count_events},
             )
         oldest_day = day_of(oldest)
-        covers = self.covers
         for name, spec in book.specs.items():
             keys = [key for key in aggregates if key[0] == name]
             if not keys:
                 continue
-            days = [day for _, _, day in keys]
-            figures = self.ledger.figures(
-                self.account, spec.meter_id, min(days), max(days), newest=spec.kind not in (ADD, COUNT)
-            )
-            in_periods = periods is not None and periods.covers(name)
-            split = [key for key in keys if aggregates[key].parts] if in_periods else []
-            # A split day is planned part by part, from its rows (a few per customer a period).
-            by_day: dict[tuple[str, date], list[Entry]] = defaultdict(list)
-            if split:
-                for entry in self.ledger.entries_of(
-                    self.account,
-                    spec.meter_id,
-                    {customer for _, customer, _ in split},
-                    min(day for _, _, day in split),
-                    max(day for _, _, day in split),
-                ):
-                    by_day[(entry.customer_id, entry.day)].append(entry)
-
-            def one(
-                key: Key,
-                spec: MeterSpec = spec,
-                figures: dict[tuple[str, date], DayFigure] = figures,
-                in_periods: bool = in_periods,
-                by_day: dict[tuple[str, date], list[Entry]] = by_day,
-            ) -> tuple[Key, list[PlannedEvent], bool]:
-                """Plan one customer-day, keep it in the book, and say what it sends."""
-                _, customer, usage_day = key
-                aggregate = aggregates[key]
-                figure = figures.get((customer, usage_day))
-                truth = covers.truth(usage_day, figure.source_at) if figure is not None and covers else False
-                # Usage of a day older than Stripe's window is billed late (counted apart).
-                late = usage_day < oldest_day
-                if customer in self.unknown:
-                    plan = plan_day(aggregate, spec, figure, now=book.now, oldest=oldest, truth=truth)
-                    unknown = hold_unknown(plan)
-                    if unknown is not None:
-                        # Not sent, not written: the first run after the customer exists sends it.
-                        book.hold(unknown, plan)
-                        day = CustomerDay(aggregate, plan, DayOutcome.CUSTOMER_UNKNOWN, held=True)
-                        (book.late if late else book.days)[key] = day
-                        return key, plan.events, late
-                    held: list[Held] = []
-                elif in_periods and not late:
-                    assert periods is not None
-                    plan, held = plan_in_periods(
-                        aggregate,
-                        spec,
-                        figure,
-                        by_day.get((customer, usage_day)),
-                        periods,
-                        now=book.now,
-                        oldest=oldest,
-                        carry=self.settings.carry,
-                        truth=truth,
-                    )
-                    for part in held:
-                        book.hold(part, plan)
-                elif in_periods:
-                    # Billed late, at the oldest instant Stripe accepts: in the period that holds it.
-                    assert periods is not None
-                    plan, held = plan_late_in_periods(
-                        aggregate,
-                        spec,
-                        figure,
-                        periods,
-                        now=book.now,
-                        oldest=oldest,
-                        carry=self.settings.carry,
-                        truth=truth,
-                    )
-                    for part in held:
-                        book.hold(part, plan)
-                else:
-                    plan = plan_day(aggregate, spec, figure, now=book.now, oldest=oldest, truth=truth)
-                    held = []
-                day = CustomerDay(aggregate, plan, held=bool(held))
-                if plan.reason == OLDER_VIEW and plan.expected != plan.recorded:
-                    # Left alone (an hourly run retried after the nightly one, or the day's newest
-                    # row deleted since): shown, so a deletion is not missed.
-                    book.samples.add("older_view", {**plan.line(), "reason": OLDER_VIEW})
-                if plan.reason == UNSETTLED:
-                    day.outcome = DayOutcome.FAILED
-                    book.samples.add(DayOutcome.FAILED, {**plan.line(), "reason": UNSETTLED})
-                (book.late if late else book.days)[key] = day
-                return key, plan.events, late
-
+            meter = self._meter_days(name, spec, keys, aggregates, periods)
             # A day whose usage lands in a period that ended waits on that period's draft: the
             # drafts are listed in the background while the other days are planned and sent,
             # and those days are planned last.
@@ -593,19 +520,121 @@ class BillingRun:
             for key in keys:
                 _, customer, usage_day = key
                 if (
-                    in_periods
+                    meter.in_periods
                     and periods is not None
                     and customer not in self.unknown
                     and usage_day >= oldest_day
                     and _waits_on_drafts(
-                        aggregates[key], spec, figures.get((customer, usage_day)), periods, oldest, covers
+                        aggregates[key],
+                        spec,
+                        meter.figures.get((customer, usage_day)),
+                        periods,
+                        oldest,
+                        self.covers,
                     )
                 ):
                     deferred.append(key)
                     continue
-                yield one(key)
+                yield self._plan_one(key, aggregates[key], meter, periods, oldest, oldest_day)
             for key in deferred:
-                yield one(key)
+                yield self._plan_one(key, aggregates[key], meter, periods, oldest, oldest_day)
+
+    def _meter_days(
+        self,
+        name: str,
+        spec: MeterSpec,
+        keys: list[Key],
+        aggregates: dict[Key, DailyAggregate],
+        periods: PeriodBook | None,
+    ) -> _MeterDays:
+        """What planning the customer-days ``keys`` of meter ``name`` reads of the ledger: one query for
+        the days' figures, one for the rows of the days split at a period boundary."""
+        days = [day for _, _, day in keys]
+        figures = self.ledger.figures(
+            self.account, spec.meter_id, min(days), max(days), newest=spec.kind not in (ADD, COUNT)
+        )
+        in_periods = periods is not None and periods.covers(name)
+        split = [key for key in keys if aggregates[key].parts] if in_periods else []
+        # A split day is planned part by part, from its rows (a few per customer a period).
+        by_day: dict[tuple[str, date], list[Entry]] = defaultdict(list)
+        if split:
+            for entry in self.ledger.entries_of(
+                self.account,
+                spec.meter_id,
+                {customer for _, customer, _ in split},
+                min(day for _, _, day in split),
+                max(day for _, _, day in split),
+            ):
+                by_day[(entry.customer_id, entry.day)].append(entry)
+        return _MeterDays(spec, figures, in_periods, by_day)
+
+    def _plan_one(
+        self,
+        key: Key,
+        aggregate: DailyAggregate,
+        meter: _MeterDays,
+        periods: PeriodBook | None,
+        oldest: int,
+        oldest_day: date,
+    ) -> tuple[Key, list[PlannedEvent], bool]:
+        """Plan one customer-day, keep it in the book, and say what it sends (and whether late)."""
+        book, spec, covers = self.book, meter.spec, self.covers
+        _, customer, usage_day = key
+        figure = meter.figures.get((customer, usage_day))
+        truth = covers.truth(usage_day, figure.source_at) if figure is not None and covers else False
+        # Usage of a day older than Stripe's window is billed late (counted apart).
+        late = usage_day < oldest_day
+        if customer in self.unknown:
+            plan = plan_day(aggregate, spec, figure, now=book.now, oldest=oldest, truth=truth)
+            unknown = hold_unknown(plan)
+            if unknown is not None:
+                # Not sent, not written: the first run after the customer exists sends it.
+                book.hold(unknown, plan)
+                day = CustomerDay(aggregate, plan, DayOutcome.CUSTOMER_UNKNOWN, held=True)
+                (book.late if late else book.days)[key] = day
+                return key, plan.events, late
+            held: list[Held] = []
+        elif meter.in_periods:
+            assert periods is not None
+            if late:
+                # Billed late, at the oldest instant Stripe accepts: in the period that holds it.
+                plan, held = plan_late_in_periods(
+                    aggregate,
+                    spec,
+                    figure,
+                    periods,
+                    now=book.now,
+                    oldest=oldest,
+                    carry=self.settings.carry,
+                    truth=truth,
+                )
+            else:
+                plan, held = plan_in_periods(
+                    aggregate,
+                    spec,
+                    figure,
+                    meter.by_day.get((customer, usage_day)),
+                    periods,
+                    now=book.now,
+                    oldest=oldest,
+                    carry=self.settings.carry,
+                    truth=truth,
+                )
+            for part in held:
+                book.hold(part, plan)
+        else:
+            plan = plan_day(aggregate, spec, figure, now=book.now, oldest=oldest, truth=truth)
+            held = []
+        day = CustomerDay(aggregate, plan, held=bool(held))
+        if plan.reason == OLDER_VIEW and plan.expected != plan.recorded:
+            # Left alone (an hourly run retried after the nightly one, or the day's newest
+            # row deleted since): shown, so a deletion is not missed.
+            book.samples.add("older_view", {**plan.line(), "reason": OLDER_VIEW})
+        if plan.reason == UNSETTLED:
+            day.outcome = DayOutcome.FAILED
+            book.samples.add(DayOutcome.FAILED, {**plan.line(), "reason": UNSETTLED})
+        (book.late if late else book.days)[key] = day
+        return key, plan.events, late
 
     # -- delivery --------------------------------------------------------------------------------
 
