@@ -76,10 +76,9 @@ class StripeMeterTopUpOperator(StripeBaseOperator):
         """Settle the short days' events from Stripe's summaries, then send what the ledger lacks."""
         from airflow_provider_stripe_meter.billing.result import SourceFigures
         from airflow_provider_stripe_meter.billing.run import BillingRun, Usage
-        from airflow_provider_stripe_meter.billing.settings import RunSettings
+        from airflow_provider_stripe_meter.billing.settings import run_settings
         from airflow_provider_stripe_meter.exceptions import StripeDeliveryIncompleteError
         from airflow_provider_stripe_meter.state.ledger import ledger_on, ledger_writer
-        from airflow_provider_stripe_meter.utils.delivery import default_max_rps, default_read_rps
 
         lines, partial = _reconciliation_lines(self.reconciliation)
         if partial:
@@ -99,15 +98,17 @@ class StripeMeterTopUpOperator(StripeBaseOperator):
         hook = self.hook
         aggregates = [_aggregate(self.event_name, line) for line in wanted]
         now = int(SYSTEM.now())
-        settings = RunSettings(
-            api="v1",
-            max_rps=self.max_rps or default_max_rps(hook.livemode, connected=bool(hook.stripe_account)),
-            read_rps=self.max_rps or default_read_rps(hook.livemode),
-            summary_lag=float(hook.summary_lag),
-        )
+        settings = run_settings(hook, max_rps=self.max_rps, api="v1")
         ledger = ledger_on(self.ledger_conn_id, self.ledger_table)
         try:
-            run = BillingRun(settings, hook, ledger, ledger_writer(self, context), self.log, now)
+            run = BillingRun(
+                settings,
+                hook,
+                ledger,
+                ledger_writer(hook.stripe_account or "platform", context),
+                self.log,
+                now,
+            )
             # Only what the ledger lacks is sent. A day Stripe shows short that the ledger holds
             # in full is not sent again: a shortfall alone does not say Stripe dropped anything
             # (its summaries may trail longer than summary_lag), and guessing would bill twice.

@@ -16,7 +16,6 @@ if TYPE_CHECKING:
     from airflow.sdk import Context
 
     from airflow_provider_stripe_meter.billing.context import Writer
-    from airflow_provider_stripe_meter.operators.base import StripeBaseOperator
 
 #: Connection types whose SQL the ledger writes natively; any other DB-API database goes row by row.
 DIALECTS = {"sqlite": "sqlite", "postgres": "postgres", "postgresql": "postgres"}
@@ -44,8 +43,8 @@ def ledger_on(conn_id: str, table: str = DEFAULT_TABLE) -> SqlLedger:
     )
 
 
-def ledger_writer(operator: StripeBaseOperator, context: Context) -> Writer:
-    """Who writes a task's ledger rows: its account, its Airflow run, and this try of the task."""
+def ledger_writer(account: str, context: Context) -> Writer:
+    """Who writes a task's ledger rows: ``account``, its Airflow run, and this try of the task."""
     import uuid
 
     from airflow_provider_stripe_meter.billing.context import Writer
@@ -53,7 +52,7 @@ def ledger_writer(operator: StripeBaseOperator, context: Context) -> Writer:
     ti = context["ti"]
     map_index = ti.map_index if ti.map_index is not None else -1
     return Writer(
-        account=operator.hook.stripe_account or "platform",
+        account=account,
         run_id=ti.run_id,
         # Unique per execution: a retry, or a second worker, writes as someone else.
         attempt=f"{ti.dag_id}:{ti.task_id}:{map_index}:{ti.try_number}:{uuid.uuid4().hex[:12]}",
