@@ -19,7 +19,6 @@ net of everything billed for its day.
 from __future__ import annotations
 
 import itertools
-import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from airflow_provider_stripe_meter.billing.ahead import PlanAhead
 from airflow_provider_stripe_meter.billing.book import CustomerDay, RunBook
 from airflow_provider_stripe_meter.billing.context import RunContext, Writer
 from airflow_provider_stripe_meter.billing.coverage import NOTHING, Coverage
+from airflow_provider_stripe_meter.billing.delivering import Delivery
 from airflow_provider_stripe_meter.billing.meters import ADD, COUNT, MeterUnsupportedError, meter_spec
 from airflow_provider_stripe_meter.billing.outcomes import DayOutcome
 from airflow_provider_stripe_meter.billing.plans import (
@@ -45,14 +45,12 @@ from airflow_provider_stripe_meter.billing.plans import (
     with_ledger_parts,
 )
 from airflow_provider_stripe_meter.billing.result import BatchResult, SourceFigures, summarize
-from airflow_provider_stripe_meter.billing.sending import make_deliverer
 from airflow_provider_stripe_meter.billing.settling import (
     FOREIGN,
     WITHHELD,
     Settler,
     describe,
     figure_rows,
-    resolved_states,
     stripe_view,
     wait_for_summaries,
 )
@@ -70,11 +68,7 @@ from airflow_provider_stripe_meter.utils.aggregation import DailyAggregate
 from airflow_provider_stripe_meter.utils.clock import SYSTEM, Clock
 from airflow_provider_stripe_meter.utils.days import SECONDS_PER_DAY, day_end, day_of, day_start, rfc3339
 from airflow_provider_stripe_meter.utils.errors import (
-    Duplicate,
-    MeterFailure,
     Refused,
-    Rejected,
-    Withheld,
 )
 
 if TYPE_CHECKING:
@@ -163,22 +157,14 @@ class BillingRun:
         self.accepted: dict[str, list[str]] = defaultdict(list)
         #: Ledger work: rows written, open rows settled, rows left unsettled.
         self.figures = {"written": 0, "settled": 0, "unsettled": 0, "cancelled": 0}
-        #: When the last answer of this run came (what a read-back waits on).
-        self.last_answer = 0.0
-        #: Ledger-side work that need not come first (writing the subscriptions table): done on
-        #: this thread while the first slice's requests are out, not after the run. Work that
-        #: fails is logged; it keeps what it has left for whoever calls it next.
-        self.meanwhile: list[Callable[[], None]] = []
+        #: Sending, and what the answers said (:mod:`.delivering`).
+        self.delivery = Delivery(self.ctx)
         #: The customer-days planned and their events not sent yet (:meth:`plan`).
         self.planned: PlanAhead[Key, PlannedEvent] = PlanAhead(iter(()))
         #: Where the source is the truth (:attr:`Usage.covers`).
         self.covers: Coverage = NOTHING
-        #: Events Stripe refused as duplicates of events this ledger did not send.
-        self.foreign: list[PlannedEvent] = []
         #: The customers' billing periods (:attr:`Usage.periods`): asked again as each event leaves.
         self.periods: PeriodBook | None = None
-        #: Events not sent because their period's invoice locked before they would land.
-        self.withheld: list[PlannedEvent] = []
 
     # -- the run ---------------------------------------------------------------------------------
 
@@ -190,6 +176,7 @@ class BillingRun:
         """
         aggregates = _merge([*usage.aggregates, *usage.late])
         self.covers, self.periods = usage.covers, usage.periods
+        self.delivery.periods = usage.periods
         names = {name for name, _, _ in aggregates} | (set(usage.event_names) if usage.covers else set())
         if names:
             self.read_meters(names)
@@ -741,113 +728,16 @@ class BillingRun:
 
     def deliver(self, events: list[PlannedEvent]) -> tuple[list[Change], set[str]]:
         """Send ``events`` through the run's API; return the ledger changes and the failed identifiers."""
-        if not events:
-            return [], set()
-        #: When Stripe answered each event, by identifier.
-        answered: dict[str, float] = {}
-        lock = threading.Lock()
+        return self.delivery.send(events)
 
-        periods = self.periods
+    @property
+    def meanwhile(self) -> list[Callable[[], None]]:
+        """Work done while the first requests are out (:attr:`.delivering.Delivery.meanwhile`)."""
+        return self.delivery.meanwhile
 
-        #: Events that went out at least once (a retry of one may find its first try landed).
-        tried: set[str] = set()
-
-        def noting(send: Callable[[list[PlannedEvent]], None]) -> Callable[[list[PlannedEvent]], None]:
-            # When each answer came: the order Stripe took a customer's events in.
-            def send_and_note(batch: list[PlannedEvent]) -> None:
-                # The stream's batches mix customers: its events were decided as the slice left.
-                if periods is not None and len(batch) == 1:
-                    # Whether an invoice carries it is decided as it leaves, not at planning: a
-                    # delivery that outlasts a draft's finalization sends nothing billed nowhere.
-                    at = self.clock.now()
-                    if not all(
-                        periods.carries(e.event_name, e.customer_id, e.timestamp, e.period_end, at)
-                        for e in batch
-                    ):
-                        if any(e.attempt or e.identifier in tried for e in batch):
-                            # It may have landed already (a lost answer, a killed run's row):
-                            # left pending, for the next run to read from Stripe's summaries.
-                            raise MeterFailure(
-                                "its billing period's invoice locked before an answer came; whether "
-                                "it landed is read from Stripe's summaries by the next run",
-                                {"type": "invoice_locked"},
-                            )
-                        raise Withheld("its billing period's invoice locks before the event would land")
-                with lock:
-                    tried.update(e.identifier for e in batch)
-                try:
-                    send(batch)
-                except (Duplicate, Rejected):
-                    _note(batch)
-                    raise
-                _note(batch)
-
-            return send_and_note
-
-        def _note(batch: list[PlannedEvent]) -> None:
-            moment = self.clock.now()
-            self.last_answer = max(self.last_answer, moment)
-            with lock:
-                for event in batch:
-                    answered[event.identifier] = moment
-
-        withheld_now: list[PlannedEvent] = []
-        if periods is not None and self.settings.api != "v1":
-            # 100 customers a request: each fresh event is decided once, as its slice leaves (a
-            # slice goes out in seconds, well inside the 10 minutes kept before a lock).
-            at = self.clock.now()
-            kept: list[PlannedEvent] = []
-            for e in events:
-                carried = periods.carries(e.event_name, e.customer_id, e.timestamp, e.period_end, at)
-                (kept if carried or e.attempt else withheld_now).append(e)
-            events = kept
-        # Every event's identifier is new to Stripe or names an event of ours, so the stream,
-        # which drops repeats without a word, is as exact as v1 here.
-        work, self.meanwhile = self.meanwhile, []
-        report = make_deliverer(
-            self.settings.api,
-            self.book.specs,
-            self.settings,
-            self.stripe,
-            self.log,
-            noting,
-            attempt=self.writer.attempt,
-        ).run(events, meanwhile=partial(self._meanwhile, work) if work else None)
-        self.book.reports.append(report)
-        report.withheld.extend(withheld_now)
-        events = [*events, *withheld_now]
-        rejected = {e.identifier for e in report.rejected_items}
-        # Each request carried its row's idempotency key, so Stripe replays our own answer to a
-        # retry: a duplicate answer is evidence that Stripe holds what this ledger does not.
-        foreign = {e.identifier for e in report.already} if self.settings.api == "v1" else set()
-        if foreign:
-            self.foreign.extend(e for e in report.already)
-            self.log.warning(
-                "Stripe already holds events under %d identifiers this ledger did not send (e.g. %s): "
-                "another ledger bills this meter (every DAG billing it must share ledger_conn_id and "
-                "ledger_table), the ledger lost commits, or something else sends them. Their days "
-                "are not counted as billed; the next run settles them from Stripe's summaries.",
-                len(foreign),
-                [e.identifier for e in report.already[:3]],
-            )
-        self.withheld.extend(report.withheld)
-        return resolved_states(
-            self.clock,
-            events,
-            answered,
-            rejected,
-            {e.identifier for e in report.failed_items},
-            foreign,
-            {e.identifier for e in report.withheld},
-        )
-
-    def _meanwhile(self, work: list[Callable[[], None]]) -> None:
-        """Do ``work`` while requests are out; a failure is logged, not raised into the sending."""
-        for job in work:
-            try:
-                job()
-            except Exception as err:  # the caller does it again after the run, and raises then
-                self.log.warning("Work left for after the run (it failed while sending): %s", err)
+    @meanwhile.setter
+    def meanwhile(self, work: list[Callable[[], None]]) -> None:
+        self.delivery.meanwhile = work
 
     # -- corrections and checks ------------------------------------------------------------------
 
@@ -964,7 +854,7 @@ class BillingRun:
             if not sent:
                 continue
             events = [e for day in sent.values() for e in day.plan.events]
-            if not wait_for_summaries(self.ctx, self.last_answer):
+            if not wait_for_summaries(self.ctx, self.delivery.last_answer):
                 continue
             stamps = sorted({day_of(e.timestamp) for e in events})
             customers = sorted({customer for _, customer, _ in sent})
