@@ -344,43 +344,80 @@ def plan_in_periods(
     """
     day_figure = figure or DayFigure()
     if not aggregate.parts:
-        # The common case, kept lean (a night plans every customer-day): one part, the day, in
-        # an open or draft period: its events are made where they belong at once.
-        start = day_start(aggregate.day)
-        name, customer, moment = aggregate.event_name, aggregate.customer_id, aggregate.timestamp
-        found = periods.billable(name, customer, moment, read_drafts=False)
-        plan = None
-        if found is None:
-            # Not in an open period: whether a draft still takes it is read (the drafts listed)
-            # only when there is usage to send (a re-run of billed days reads none).
-            plan = plan_day(aggregate, spec, day_figure, now=now, oldest=oldest, truth=truth)
-            if not plan.events:
-                return plan, []
-            found = periods.billable(name, customer, moment)
-        if found is not None:
-            # The whole day in the period: plan_day's stamps (inside the day) are inside it.
-            inside = found[0] <= start and start + SECONDS_PER_DAY <= found[1]
-            within = None if inside else _inside((start, start + SECONDS_PER_DAY), found, oldest, now)
-            plan = plan_day(
-                aggregate,
-                spec,
-                day_figure,
-                now=now,
-                oldest=oldest,
-                within=within,
-                period_end=found[1],
-                truth=truth,
-            )
+        return _plan_whole_day(
+            aggregate, spec, day_figure, periods, now=now, oldest=oldest, carry=carry, truth=truth
+        )
+    return _plan_by_parts(
+        aggregate, spec, day_figure, entries or [], periods, now=now, oldest=oldest, carry=carry, truth=truth
+    )
+
+
+def _plan_whole_day(
+    aggregate: DailyAggregate,
+    spec: MeterSpec,
+    day_figure: DayFigure,
+    periods: PeriodBook,
+    *,
+    now: int,
+    oldest: int,
+    carry: bool,
+    truth: bool,
+) -> tuple[DayPlan, list[Held]]:
+    """:func:`plan_in_periods` of a day no period boundary splits."""
+    # The common case, kept lean (a night plans every customer-day): one part, the day, in
+    # an open or draft period: its events are made where they belong at once.
+    start = day_start(aggregate.day)
+    name, customer, moment = aggregate.event_name, aggregate.customer_id, aggregate.timestamp
+    found = periods.billable(name, customer, moment, read_drafts=False)
+    plan = None
+    if found is None:
+        # Not in an open period: whether a draft still takes it is read (the drafts listed)
+        # only when there is usage to send (a re-run of billed days reads none).
+        plan = plan_day(aggregate, spec, day_figure, now=now, oldest=oldest, truth=truth)
+        if not plan.events:
             return plan, []
-        assert plan is not None
-        whole = (start, start + SECONDS_PER_DAY)
-        placed = _place(plan.events, whole, aggregate, periods, now=now, oldest=oldest, carry=carry)
-        if isinstance(placed, Held):
-            plan.events = []
-            plan.action, plan.reason = Action.LEAVE_ALONE, "held: no open invoice carries it"
-            return plan, [placed]
-        plan.events = placed
+        found = periods.billable(name, customer, moment)
+    if found is not None:
+        # The whole day in the period: plan_day's stamps (inside the day) are inside it.
+        period_start, period_end = found
+        inside = period_start <= start and start + SECONDS_PER_DAY <= period_end
+        within = None if inside else _inside((start, start + SECONDS_PER_DAY), found, oldest, now)
+        plan = plan_day(
+            aggregate,
+            spec,
+            day_figure,
+            now=now,
+            oldest=oldest,
+            within=within,
+            period_end=period_end,
+            truth=truth,
+        )
         return plan, []
+    assert plan is not None
+    whole = (start, start + SECONDS_PER_DAY)
+    placed = _place(plan.events, whole, aggregate, periods, now=now, oldest=oldest, carry=carry)
+    if isinstance(placed, Held):
+        plan.events = []
+        plan.action, plan.reason = Action.LEAVE_ALONE, "held: no open invoice carries it"
+        return plan, [placed]
+    plan.events = placed
+    return plan, []
+
+
+def _plan_by_parts(
+    aggregate: DailyAggregate,
+    spec: MeterSpec,
+    day_figure: DayFigure,
+    entries: list[Entry],
+    periods: PeriodBook,
+    *,
+    now: int,
+    oldest: int,
+    carry: bool,
+    truth: bool,
+) -> tuple[DayPlan, list[Held]]:
+    """:func:`plan_in_periods` of a day split at period boundaries: each part from its own rows
+    in the ledger (``entries``, the day's)."""
     plan = DayPlan(
         aggregate.event_name,
         aggregate.customer_id,
@@ -396,10 +433,10 @@ def plan_in_periods(
     held: list[Held] = []
     seq = day_figure.max_seq
     planned: list[PlannedEvent] = []
-    billed = {e.part for e in entries or [] if e.part}
+    billed = {e.part for e in entries if e.part}
     parts = with_ledger_parts(aggregate, billed) if truth else aggregate.parts
     for part in parts:
-        mine = part_figure(entries or [], part)
+        mine = part_figure(entries, part)
         mine.max_seq = seq
         piece = DailyAggregate(
             aggregate.event_name,
