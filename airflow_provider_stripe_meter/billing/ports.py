@@ -2,8 +2,7 @@
 
 The operator passes the Stripe hook (:class:`StripeMeters`), the ledger (:class:`LedgerStore`)
 and the known-customers table (:class:`CustomerStore`); tests may pass anything that behaves the
-same. Nothing here imports
-Airflow or ``stripe``.
+same. Nothing here imports Airflow or ``stripe``.
 """
 
 from __future__ import annotations

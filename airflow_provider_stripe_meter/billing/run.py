@@ -3,10 +3,11 @@
 The ledger (:mod:`airflow_provider_stripe_meter.ledger`) holds every event the runs sent, so a run
 knows what Stripe holds of ours without reading Stripe: it sends the source minus the ledger.
 Each slice of events is written ``pending`` before it leaves and resolved by Stripe's answers
-(:mod:`.settling` settles what a killed run left). A run that sends nothing reads nothing from
-Stripe but its meters.
+(:mod:`.delivering`; :mod:`.settling` settles what a killed run left). A run that sends nothing
+reads nothing from Stripe but its meters. The phases share the run's :mod:`.context`.
 
-Histories this protects, each tested in ``tests/billing/test_ledger_histories.py``: retries,
+Histories this protects, tested in ``tests/billing/test_ledger_run.py``,
+``test_divergence.py`` and ``test_histories_machine.py``: retries,
 clears, re-runs and backfills of any age (the ledger outlives Stripe's 24-hour identifier
 window); hourly and nightly runs of the same days, under any ``identifier_prefix`` (one ledger
 per account and meter; an older view of a day changes nothing); kill -9 at any instant (pending
