@@ -694,11 +694,22 @@ class BillingRun:
         self.ledger.resolve(self.account, released)
         changes, failed = self.deliver(to_send)
         self.ledger.resolve(self.account, changes)
+        self._record_outcomes(to_send, changes, failed, days)
+
+    def _record_outcomes(
+        self,
+        sent: list[PlannedEvent],
+        changes: list[Change],
+        failed: set[str],
+        days: dict[Key, CustomerDay],
+    ) -> None:
+        """Each customer-day's outcome from what became of its events ``sent``: withheld events
+        held, then unconfirmed (a foreign duplicate), rejected, failed or sent, in that order."""
         rejected = {c.identifier for c in changes if c.state == REJECTED and c.note != WITHHELD}
         foreign = {c.identifier for c in changes if c.state == UNVERIFIED}
         withheld = {c.identifier for c in changes if c.state == REJECTED and c.note == WITHHELD}
         by_key: dict[Key, list[PlannedEvent]] = defaultdict(list)
-        for event in to_send:
+        for event in sent:
             by_key[event.key].append(event)
         for key, events in by_key.items():
             ids = {e.identifier for e in events}
