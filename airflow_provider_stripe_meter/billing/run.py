@@ -497,7 +497,7 @@ class BillingRun:
             )
         oldest_day = day_of(oldest)
         for name, spec in book.specs.items():
-            keys = [key for key in aggregates if key[0] == name]
+            keys = [key for key in aggregates if key[0] == name]  # (event name, customer, day)
             if not keys:
                 continue
             meter = self._meter_days(name, spec, keys, aggregates, periods)
@@ -837,8 +837,8 @@ class BillingRun:
                     for i in self.accepted[name]
                 ],
             )
-            for key, day in self._all_days().items():
-                if key[0] == name and day.outcome == DayOutcome.SENT:
+            for (event_name, _, _), day in self._all_days().items():
+                if event_name == name and day.outcome == DayOutcome.SENT:
                     day.outcome = DayOutcome.UNCONFIRMED
                     book.samples.add(
                         DayOutcome.UNCONFIRMED,
