@@ -88,3 +88,26 @@ def test_the_cycle_finder_finds_a_cycle(tmp_path, monkeypatch):
     monkeypatch.setattr(sys.modules[__name__], "PACKAGE", pkg)
     with pytest.raises(AssertionError, match="a"):
         test_no_module_of_the_package_imports_itself_in_a_circle()
+
+
+#: The plain layers, lowest first, and the Airflow-facing adapters above them (``state``): a
+#: module imports from its own layer or one below, never from the operators, sensors or triggers.
+LAYERS = ("utils", "ledger", "billing", "state")
+TASKS = ("operators", "sensors", "triggers")
+
+
+def test_imports_run_only_downward():
+    rank = {layer: i for i, layer in enumerate(LAYERS)}
+
+    def layer(module: str) -> str:
+        parts = module.split(".")
+        return parts[1] if len(parts) > 1 else ""
+
+    upward = [
+        (module, imported)
+        for module, imports in _module_graph().items()
+        if layer(module) in rank
+        for imported in sorted(imports)
+        if layer(imported) in TASKS or rank.get(layer(imported), -1) > rank[layer(module)]
+    ]
+    assert not upward, upward
