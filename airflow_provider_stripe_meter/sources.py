@@ -12,8 +12,8 @@ from contextlib import closing
 from datetime import timedelta, tzinfo
 from typing import TYPE_CHECKING, Any
 
-from airflow_provider_stripe_meter.utils import clock
 from airflow_provider_stripe_meter.utils.aggregation import UsageAggregator, iter_chunks, paused_gc
+from airflow_provider_stripe_meter.utils.clock import SYSTEM
 
 if TYPE_CHECKING:
     import logging
@@ -107,7 +107,7 @@ def aggregate_usage(
     """Read the source and aggregate it per (event name, customer, UTC day), logging progress."""
     aggregator = UsageAggregator(
         event_name=event_name or None,
-        now=int(clock.now()),
+        now=int(SYSTEM.now()),
         columns=columns,
         naive_timezone=zone(naive_timezone),
         safety_margin=safety_margin,

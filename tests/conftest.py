@@ -345,7 +345,7 @@ def advance(server: Any, seconds: float) -> None:
 
 
 class SharedClock:
-    """One "now" for the operator (``utils.clock``) and the local server: tests move both at once."""
+    """One "now" for the operator (``utils.clock.SYSTEM``) and the local server: tests move both at once."""
 
     def __init__(self, offset: float = 0.0) -> None:
         import time
@@ -375,7 +375,9 @@ def share_clock(
     """Make the operator and ``server`` read the same clock (dag.test() runs tasks in this process)."""
     clock = clock or SharedClock()
     server.ledger.clock = clock
-    monkeypatch.setattr("airflow_provider_stripe_meter.utils.clock.now", clock)
+    from airflow_provider_stripe_meter.utils.clock import SYSTEM
+
+    monkeypatch.setattr(SYSTEM, "source", clock)
     return clock
 
 

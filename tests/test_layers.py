@@ -30,22 +30,15 @@ def test_plain_python_modules_import_neither_airflow_nor_stripe(module):
 
 
 def _imports(path: Path, modules: set[str]) -> set[str]:
-    """Package modules ``path`` imports at run time (anywhere but ``if TYPE_CHECKING:``).
+    """Package modules ``path`` imports, anywhere, ``if TYPE_CHECKING:`` blocks included (a name
+    used only in annotations is still a dependency: a circle through one is a circle).
 
     ``from package import submodule`` imports the submodule (its package is already imported,
     as the importing module's parent), so only the submodule counts.
     """
     tree = ast.parse(path.read_text())
-    skipped = {
-        id(node)
-        for block in ast.walk(tree)
-        if isinstance(block, ast.If) and "TYPE_CHECKING" in ast.unparse(block.test)
-        for node in ast.walk(block)
-    }
     found = set()
     for node in ast.walk(tree):
-        if id(node) in skipped:
-            continue
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith(PACKAGE.name):
             submodules = {f"{node.module}.{alias.name}" for alias in node.names} & modules
             found |= submodules or {node.module}
@@ -95,3 +88,26 @@ def test_the_cycle_finder_finds_a_cycle(tmp_path, monkeypatch):
     monkeypatch.setattr(sys.modules[__name__], "PACKAGE", pkg)
     with pytest.raises(AssertionError, match="a"):
         test_no_module_of_the_package_imports_itself_in_a_circle()
+
+
+#: The plain layers, lowest first, and the Airflow-facing adapters above them (``state``): a
+#: module imports from its own layer or one below, never from the operators, sensors or triggers.
+LAYERS = ("utils", "ledger", "billing", "state")
+TASKS = ("operators", "sensors", "triggers")
+
+
+def test_imports_run_only_downward():
+    rank = {layer: i for i, layer in enumerate(LAYERS)}
+
+    def layer(module: str) -> str:
+        parts = module.split(".")
+        return parts[1] if len(parts) > 1 else ""
+
+    upward = [
+        (module, imported)
+        for module, imports in _module_graph().items()
+        if layer(module) in rank
+        for imported in sorted(imports)
+        if layer(imported) in TASKS or rank.get(layer(imported), -1) > rank[layer(module)]
+    ]
+    assert not upward, upward

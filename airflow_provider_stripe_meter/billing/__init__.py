@@ -5,5 +5,6 @@ open (:mod:`.settling`), plan every customer-day from the source and the ledger 
 in billing periods through :mod:`.periods`, within the run's :mod:`.coverage`), deliver
 (:mod:`.sending`), check, and return a typed :class:`~.result.BatchResult`. What can happen to
 a customer-day is one vocabulary, :class:`~.outcomes.DayOutcome`, shared with the reconcile
-report and the metrics. Stripe and Airflow come in only through the interfaces of :mod:`.ports`.
+report and the metrics. Stripe and Airflow come in only through the interfaces of :mod:`.ports`;
+the phases share one :class:`~.context.RunContext`, never the run itself.
 """

@@ -11,8 +11,8 @@ from airflow_provider_stripe_meter.billing.plans import (
     INVOICE_FINAL,
     NO_INVOICE,
     SUBSCRIPTION_ENDED,
-    iso_seconds,
 )
+from airflow_provider_stripe_meter.utils.days import rfc3339
 
 if TYPE_CHECKING:
     from airflow_provider_stripe_meter.billing.meters import MeterSpec
@@ -128,8 +128,7 @@ class RunBook:
         out["drafts_by_hand"] = {
             "count": len(by_hand),
             "sample": [
-                {"subscription": sub, "period_end": iso_seconds(end)}
-                for sub, end in by_hand[: self.sample_limit]
+                {"subscription": sub, "period_end": rfc3339(end)} for sub, end in by_hand[: self.sample_limit]
             ],
         }
         # Usage of customers Stripe does not know yet is held too, with or without periods.

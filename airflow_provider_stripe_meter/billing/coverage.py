@@ -20,16 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
 
-SECONDS_PER_DAY = 86400
-_EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
-
-
-def _day_start(day: date) -> int:
-    return (day.toordinal() - _EPOCH_ORDINAL) * SECONDS_PER_DAY
-
-
-def _day(seconds: int) -> date:
-    return datetime.fromtimestamp(seconds, timezone.utc).date()
+from airflow_provider_stripe_meter.utils.days import SECONDS_PER_DAY, day_of, day_start
 
 
 @dataclass(frozen=True)
@@ -53,14 +44,14 @@ class Coverage:
         ``days``: only these days (the days the source returned rows for).
         """
         through: dict[date, int] = {}
-        first = _day(start) if start % SECONDS_PER_DAY == 0 else _day(start + SECONDS_PER_DAY)
-        day_start = _day_start(first)
+        first = day_of(start) if start % SECONDS_PER_DAY == 0 else day_of(start + SECONDS_PER_DAY)
+        start_of = day_start(first)
         limit = min(end, now + 1)
-        while day_start < limit:
-            day = _day(day_start)
+        while start_of < limit:
+            day = day_of(start_of)
             if days is None or day in days:
-                through[day] = min(day_start + SECONDS_PER_DAY, limit)
-            day_start += SECONDS_PER_DAY
+                through[day] = min(start_of + SECONDS_PER_DAY, limit)
+            start_of += SECONDS_PER_DAY
         return cls(through, every_customer)
 
     def __bool__(self) -> bool:

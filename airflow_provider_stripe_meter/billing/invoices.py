@@ -123,9 +123,5 @@ def compare(
     lines = []
     for key, (status, quantity, deadline) in sorted(invoices.items()):
         expected = source.get(key, 0)
-        lines.append(
-            InvoiceLine(
-                key[0], key[1], key[2], status, expected, quantity, expected - (quantity or 0), deadline
-            )
-        )
+        lines.append(InvoiceLine(*key, status, expected, quantity, expected - (quantity or 0), deadline))
     return lines

@@ -27,17 +27,19 @@ from __future__ import annotations
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 from airflow_provider_stripe_meter.billing.periods import (
     DraftLocks,
     PeriodBook,
     StoredPeriods,
+    StoredRow,
     customer_periods,
 )
 from airflow_provider_stripe_meter.billing.subscription_events import subscription_changes
 from airflow_provider_stripe_meter.ledger.subscriptions import (
     SubscriptionCache,
+    SubscriptionRow,
     SyncState,
     row_of,
 )
@@ -48,6 +50,18 @@ FULL_EVERY = 7 * 86400
 EVENTS_KEPT = 29 * 86400
 #: Events read again from before the last run's end (they are listed eventually, not at once).
 OVERLAP = 300
+
+
+class MeterSync(NamedTuple):
+    """How one meter's subscriptions are brought up to date this run."""
+
+    meter_id: str
+    #: The meter's metered prices.
+    prices: tuple[str, ...]
+    #: What the table says of the last sync (``None``: never synced).
+    state: SyncState | None
+    #: Listed in full (the table is new, its prices changed, or it is too old for events).
+    stale: bool
 
 
 def read_periods(
@@ -76,7 +90,7 @@ def read_periods(
         prices = stripe.metered_prices(set(meters.values()))
     if not prices:
         return PeriodBook({}, (), now), figures
-    plans: dict[str, tuple[str, tuple[str, ...], SyncState | None, bool]] = {}
+    plans: dict[str, MeterSync] = {}
     for name, meter_id in meters.items():
         ids = tuple(sorted(p["id"] for p in prices if p["recurring"]["meter"] == meter_id))
         if not ids:
@@ -88,9 +102,9 @@ def read_periods(
             or now - state.full_at > FULL_EVERY
             or now - state.events_to > EVENTS_KEPT
         )
-        plans[name] = (meter_id, ids, state, stale)
+        plans[name] = MeterSync(meter_id, ids, state, stale)
     # One listing of the account's changes serves every meter brought up to date from events.
-    synced = [state.events_to for _, _, state, stale in plans.values() if state is not None and not stale]
+    synced = [p.state.events_to for p in plans.values() if p.state is not None and not p.stale]
     customers = StoredPeriods(DraftLocks(stripe.invoices_created, (p["id"] for p in prices), now))
     with ThreadPoolExecutor(max_workers=2) as pool:
         # The drafts are listed while planning; a key that may not read them fails here, before
@@ -101,18 +115,18 @@ def read_periods(
             after = min(synced) - OVERLAP
             expected = sorted(
                 moment
-                for meter_id, _, state, stale in plans.values()
-                if not stale
-                for moment in cache.renewals(account, meter_id, after, now)
+                for plan in plans.values()
+                if not plan.stale
+                for moment in cache.renewals(account, plan.meter_id, after, now)
             )
             changes_read = pool.submit(subscription_changes, stripe, after, cuts=_cuts(expected, PARALLEL))
         else:
             # Listed in full: the next run reads events, so a key that may not is told now.
             readable_events = pool.submit(stripe.check_events_readable)
         # Meanwhile: the table as the last run left it, parsed (the changes replace their rows).
-        for name, (meter_id, _, _, stale) in plans.items():
-            if not stale:
-                _add_rows(customers, name, cache.periods(account, meter_id))
+        for name, plan in plans.items():
+            if not plan.stale:
+                _add_rows(customers, name, cache.periods(account, plan.meter_id))
         changes = changes_read.result() if changes_read is not None else []
         readable.result()
         if changes_read is None:
@@ -130,9 +144,13 @@ def read_periods(
             assert state is not None
             figures["changes"] += len(changes)
             changed = [str(s["id"]) for s in changes]
-            known = {str(row[2]): row for row in cache.rows(account, meter_id, changed)} if changes else {}
+            known = (
+                {str(row.subscription_id): row for row in cache.rows(account, meter_id, changed)}
+                if changes
+                else {}
+            )
             rows = _rows(account, meter_id, changes, ids, known)
-            kept = {str(row[2]) for row in rows}
+            kept = {row.subscription_id for row in rows}
             removed = [i for i in changed if i not in kept]
             writes.append(
                 partial(
@@ -156,10 +174,19 @@ def read_periods(
     return book, figures
 
 
-def _used(row: tuple[Any, ...]) -> tuple[Any, ...]:
+def _used(row: SubscriptionRow) -> StoredRow:
     """A full table row as :meth:`SubscriptionCache.periods` reads it."""
-    ended = row[7] if row[7] is not None else row[8]
-    return (row[2], row[4], row[-1], row[6], ended, row[11], row[12], row[3])
+    ended = row.ended_at if row.ended_at is not None else row.cancel_at
+    return (
+        row.subscription_id,
+        row.price_id,
+        row.bounds,
+        row.start_date,
+        ended,
+        row.current_start,
+        row.current_end,
+        row.customer_id,
+    )
 
 
 #: Time ranges of the changes listed at once.
@@ -173,18 +200,31 @@ def _cuts(moments: list[int], parts: int) -> list[int]:
     return sorted({moments[len(moments) * k // parts] for k in range(1, parts)})
 
 
-def _add_rows(customers: StoredPeriods, name: str, rows: list[tuple[Any, ...]]) -> None:
+def _add_rows(customers: StoredPeriods, name: str, rows: list[StoredRow]) -> None:
     """Rows as :meth:`SubscriptionCache.periods` reads them into ``customers``: each row is an
     entry as it is (a run reads 100,000; their boundaries are parsed when first needed)."""
-    if rows and not all(type(v) is int for v in rows[0][3:4] + rows[0][5:7]):
-        # A driver that returns its numbers as another type (a ``Decimal``): made ints once.
-        rows = [
-            (*r[:3], int(r[3]), None if r[4] is None else int(r[4]), int(r[5]), int(r[6]), r[7]) for r in rows
-        ]
+    if rows:
+        _, _, _, start, _, current_start, current_end, _ = rows[0]
+        if not all(type(v) is int for v in (start, current_start, current_end)):
+            # A driver that returns its numbers as another type (a ``Decimal``): made ints once.
+            rows = [
+                (
+                    sub,
+                    price,
+                    bounds,
+                    int(start),
+                    None if end is None else int(end),
+                    int(lo),
+                    int(hi),
+                    customer,
+                )
+                for sub, price, bounds, start, end, lo, hi, customer in rows
+            ]
     raw = customers.raw
     get = raw.get
     for row in rows:
-        key = (name, row[7])
+        _, _, _, _, _, _, _, customer = row
+        key = (name, customer)
         found = get(key)
         if found is None:
             raw[key] = [row]
@@ -216,8 +256,8 @@ def _rows(
     meter_id: str,
     subscriptions: list[dict[str, Any]],
     ids: tuple[str, ...],
-    known: dict[str, Any] | None = None,
-) -> list[Any]:
+    known: dict[str, SubscriptionRow] | None = None,
+) -> list[SubscriptionRow]:
     """Table rows of ``subscriptions``' items on ``ids``. A ``known`` row of the same terms
     (a renewal) keeps its boundaries while they reach half the horizon past the new period."""
     rows = []
@@ -226,10 +266,10 @@ def _rows(
             if (item.get("price") or {}).get("id") not in ids:
                 continue
             row = row_of(account, meter_id, subscription, item, ())
-            old = (known or {}).get(row[2])
-            kept = str(old[-1]) if old is not None and tuple(old[3:11]) == row[3:11] else ""
-            if kept and _still_holds(kept, row[11], row[12]):
-                rows.append((*row[:-1], kept))
+            old = (known or {}).get(row.subscription_id)
+            kept = str(old.bounds) if old is not None and tuple(old.terms()) == row.terms() else ""
+            if kept and _still_holds(kept, row.current_start, row.current_end):
+                rows.append(row._replace(bounds=kept))
                 continue
             found = customer_periods(
                 subscription,

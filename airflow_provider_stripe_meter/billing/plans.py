@@ -28,8 +28,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from datetime import date, datetime, timezone
-from functools import lru_cache
+from datetime import date
 from typing import Any
 
 from airflow_provider_stripe_meter.billing.meters import ADD, COUNT, MeterSpec, source_figure
@@ -37,8 +36,9 @@ from airflow_provider_stripe_meter.billing.outcomes import Action
 from airflow_provider_stripe_meter.billing.periods import BILLABLE, ENDED, FINAL, NONE, OPEN, PeriodBook
 from airflow_provider_stripe_meter.ledger.entries import DayFigure, Entry
 from airflow_provider_stripe_meter.utils.aggregation import DailyAggregate, DayPart
+from airflow_provider_stripe_meter.utils.days import SECONDS_PER_DAY, day_end, day_start, rfc3339
 from airflow_provider_stripe_meter.utils.identifiers import bounded_identifier
-from airflow_provider_stripe_meter.utils.rules import SECONDS_PER_DAY, MeterEvent
+from airflow_provider_stripe_meter.utils.rules import MeterEvent
 
 Key = tuple[str, str, date]
 
@@ -131,19 +131,10 @@ class DayPlan:
         }
 
 
-#: The proleptic ordinal of 1970-01-01: days since it are whole UTC days of Unix time.
-_EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
-
-
 def idempotency_key(identifier: str, attempt: str) -> str:
     """``identifier/<digest of the try>``: at most 141 characters (Stripe takes up to 255), however
     long the DAG and task ids that name the try."""
     return f"{identifier}/{hashlib.sha256(attempt.encode()).hexdigest()[:40]}"
-
-
-def day_end(day: date) -> int:
-    """Unix seconds of the first second after ``day`` (UTC)."""
-    return (day.toordinal() - _EPOCH_ORDINAL + 1) * SECONDS_PER_DAY
 
 
 #: Reasons a day is left as it is although the figures differ.
@@ -210,7 +201,7 @@ def plan_day(
     if aggregate.timestamp < figure.source_at and not truth:
         plan.reason = OLDER_VIEW
         return plan
-    partial = _day_start(aggregate.day) < oldest
+    partial = day_start(aggregate.day) < oldest
     if expected < recorded and partial and kind in (ADD, COUNT):
         plan.reason = PARTIAL_DAY
         return plan
@@ -259,12 +250,6 @@ def plan_day(
     return plan
 
 
-@lru_cache(maxsize=256)
-def _day_start(day: date) -> int:
-    # Asked twice for each of a night's 100,000 customer-days, about a handful of days.
-    return day_end(day) - 86400
-
-
 #: What becomes of usage no open invoice will carry (the result's keys of the same names).
 INVOICE_FINAL = "invoice_final"
 SUBSCRIPTION_ENDED = "subscription_ended"
@@ -294,10 +279,10 @@ class Held:
             "event_name": plan.event_name,
             "customer_id": plan.customer_id,
             "day": plan.day.isoformat(),
-            "from": iso_seconds(self.start),
-            "to": iso_seconds(self.end),
+            "from": rfc3339(self.start),
+            "to": rfc3339(self.end),
             "value": self.value,
-            **({"period_end": iso_seconds(self.period_end)} if self.period_end else {}),
+            **({"period_end": rfc3339(self.period_end)} if self.period_end else {}),
             **({"reason": self.reason} if self.reason else {}),
         }
 
@@ -317,13 +302,8 @@ def hold_unknown(plan: DayPlan) -> Held | None:
     value = sum(e.value for e in plan.events)
     plan.events, plan.cancel = [], 0
     plan.action, plan.reason = Action.LEAVE_ALONE, UNKNOWN_CUSTOMER
-    start = _day_start(plan.day)
+    start = day_start(plan.day)
     return Held(CUSTOMER_UNKNOWN, value, start, start + SECONDS_PER_DAY, reason=UNKNOWN_CUSTOMER)
-
-
-def iso_seconds(seconds: int) -> str:
-    """Unix seconds as an ISO 8601 UTC string."""
-    return datetime.fromtimestamp(seconds, tz=timezone.utc).isoformat().replace("+00:00", "Z")
 
 
 def part_figure(entries: list[Entry], part: DayPart) -> DayFigure:
@@ -364,43 +344,80 @@ def plan_in_periods(
     """
     day_figure = figure or DayFigure()
     if not aggregate.parts:
-        # The common case, kept lean (a night plans every customer-day): one part, the day, in
-        # an open or draft period: its events are made where they belong at once.
-        start = _day_start(aggregate.day)
-        name, customer, moment = aggregate.event_name, aggregate.customer_id, aggregate.timestamp
-        found = periods.billable(name, customer, moment, read_drafts=False)
-        plan = None
-        if found is None:
-            # Not in an open period: whether a draft still takes it is read (the drafts listed)
-            # only when there is usage to send (a re-run of billed days reads none).
-            plan = plan_day(aggregate, spec, day_figure, now=now, oldest=oldest, truth=truth)
-            if not plan.events:
-                return plan, []
-            found = periods.billable(name, customer, moment)
-        if found is not None:
-            # The whole day in the period: plan_day's stamps (inside the day) are inside it.
-            inside = found[0] <= start and start + SECONDS_PER_DAY <= found[1]
-            within = None if inside else _inside((start, start + SECONDS_PER_DAY), found, oldest, now)
-            plan = plan_day(
-                aggregate,
-                spec,
-                day_figure,
-                now=now,
-                oldest=oldest,
-                within=within,
-                period_end=found[1],
-                truth=truth,
-            )
+        return _plan_whole_day(
+            aggregate, spec, day_figure, periods, now=now, oldest=oldest, carry=carry, truth=truth
+        )
+    return _plan_by_parts(
+        aggregate, spec, day_figure, entries or [], periods, now=now, oldest=oldest, carry=carry, truth=truth
+    )
+
+
+def _plan_whole_day(
+    aggregate: DailyAggregate,
+    spec: MeterSpec,
+    day_figure: DayFigure,
+    periods: PeriodBook,
+    *,
+    now: int,
+    oldest: int,
+    carry: bool,
+    truth: bool,
+) -> tuple[DayPlan, list[Held]]:
+    """:func:`plan_in_periods` of a day no period boundary splits."""
+    # The common case, kept lean (a night plans every customer-day): one part, the day, in
+    # an open or draft period: its events are made where they belong at once.
+    start = day_start(aggregate.day)
+    name, customer, moment = aggregate.event_name, aggregate.customer_id, aggregate.timestamp
+    found = periods.billable(name, customer, moment, read_drafts=False)
+    plan = None
+    if found is None:
+        # Not in an open period: whether a draft still takes it is read (the drafts listed)
+        # only when there is usage to send (a re-run of billed days reads none).
+        plan = plan_day(aggregate, spec, day_figure, now=now, oldest=oldest, truth=truth)
+        if not plan.events:
             return plan, []
-        assert plan is not None
-        whole = (start, start + SECONDS_PER_DAY)
-        placed = _place(plan.events, whole, aggregate, periods, now=now, oldest=oldest, carry=carry)
-        if isinstance(placed, Held):
-            plan.events = []
-            plan.action, plan.reason = Action.LEAVE_ALONE, "held: no open invoice carries it"
-            return plan, [placed]
-        plan.events = placed
+        found = periods.billable(name, customer, moment)
+    if found is not None:
+        # The whole day in the period: plan_day's stamps (inside the day) are inside it.
+        period_start, period_end = found
+        inside = period_start <= start and start + SECONDS_PER_DAY <= period_end
+        within = None if inside else _inside((start, start + SECONDS_PER_DAY), found, oldest, now)
+        plan = plan_day(
+            aggregate,
+            spec,
+            day_figure,
+            now=now,
+            oldest=oldest,
+            within=within,
+            period_end=period_end,
+            truth=truth,
+        )
         return plan, []
+    assert plan is not None
+    whole = (start, start + SECONDS_PER_DAY)
+    placed = _place(plan.events, whole, aggregate, periods, now=now, oldest=oldest, carry=carry)
+    if isinstance(placed, Held):
+        plan.events = []
+        plan.action, plan.reason = Action.LEAVE_ALONE, "held: no open invoice carries it"
+        return plan, [placed]
+    plan.events = placed
+    return plan, []
+
+
+def _plan_by_parts(
+    aggregate: DailyAggregate,
+    spec: MeterSpec,
+    day_figure: DayFigure,
+    entries: list[Entry],
+    periods: PeriodBook,
+    *,
+    now: int,
+    oldest: int,
+    carry: bool,
+    truth: bool,
+) -> tuple[DayPlan, list[Held]]:
+    """:func:`plan_in_periods` of a day split at period boundaries: each part from its own rows
+    in the ledger (``entries``, the day's)."""
     plan = DayPlan(
         aggregate.event_name,
         aggregate.customer_id,
@@ -416,10 +433,10 @@ def plan_in_periods(
     held: list[Held] = []
     seq = day_figure.max_seq
     planned: list[PlannedEvent] = []
-    billed = {e.part for e in entries or [] if e.part}
+    billed = {e.part for e in entries if e.part}
     parts = with_ledger_parts(aggregate, billed) if truth else aggregate.parts
     for part in parts:
-        mine = part_figure(entries or [], part)
+        mine = part_figure(entries, part)
         mine.max_seq = seq
         piece = DailyAggregate(
             aggregate.event_name,

@@ -12,7 +12,7 @@ from datetime import date
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from airflow_provider_stripe_meter.ledger.entries import DayFigure, Entry
+    from airflow_provider_stripe_meter.ledger.entries import Change, DayFigure, Entry
     from airflow_provider_stripe_meter.utils.rules import MeterEvent
 
 
@@ -95,4 +95,4 @@ class LedgerStore(Protocol):
 
     def insert(self, entries: Sequence[Entry]) -> set[str]: ...
 
-    def resolve(self, account: str, changes: Sequence[tuple[str, str, float | None, str]]) -> None: ...
+    def resolve(self, account: str, changes: Sequence[Change]) -> None: ...

@@ -334,15 +334,15 @@ def _late(
 ) -> dict[str, int]:
     """The figures of usage billed late; its problems join the day counts."""
     late_counts: Counter[DayOutcome] = Counter()
-    for key, day in book.late.items():
+    for (name, _, _), day in book.late.items():
         if day.outcome is None:
             continue
         late_counts[day.outcome] += 1
         # As the result counts them: sent is billed_late, already recorded is billed before.
         if day.outcome == DayOutcome.SENT:
-            by_meter[key[0]][DayOutcome.BILLED_LATE.value] += 1
+            by_meter[name][DayOutcome.BILLED_LATE.value] += 1
         elif day.outcome != DayOutcome.ALREADY_RECORDED:
-            by_meter[key[0]][day.outcome.value] += 1
+            by_meter[name][day.outcome.value] += 1
     for outcome in (
         DayOutcome.REJECTED,
         DayOutcome.FAILED,

@@ -3,10 +3,11 @@
 The ledger (:mod:`airflow_provider_stripe_meter.ledger`) holds every event the runs sent, so a run
 knows what Stripe holds of ours without reading Stripe: it sends the source minus the ledger.
 Each slice of events is written ``pending`` before it leaves and resolved by Stripe's answers
-(:mod:`.settling` settles what a killed run left). A run that sends nothing reads nothing from
-Stripe but its meters.
+(:mod:`.delivering`; :mod:`.settling` settles what a killed run left). A run that sends nothing
+reads nothing from Stripe but its meters. The phases share the run's :mod:`.context`.
 
-Histories this protects, each tested in ``tests/billing/test_ledger_histories.py``: retries,
+Histories this protects, tested in ``tests/billing/test_ledger_run.py``,
+``test_divergence.py`` and ``test_histories_machine.py``: retries,
 clears, re-runs and backfills of any age (the ledger outlives Stripe's 24-hour identifier
 window); hourly and nightly runs of the same days, under any ``identifier_prefix`` (one ledger
 per account and meter; an older view of a day changes nothing); kill -9 at any instant (pending
@@ -19,7 +20,6 @@ net of everything billed for its day.
 from __future__ import annotations
 
 import itertools
-import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -29,7 +29,9 @@ from typing import TYPE_CHECKING
 
 from airflow_provider_stripe_meter.billing.ahead import PlanAhead
 from airflow_provider_stripe_meter.billing.book import CustomerDay, RunBook
+from airflow_provider_stripe_meter.billing.context import RunContext, Writer
 from airflow_provider_stripe_meter.billing.coverage import NOTHING, Coverage
+from airflow_provider_stripe_meter.billing.delivering import Delivery
 from airflow_provider_stripe_meter.billing.meters import ADD, COUNT, MeterUnsupportedError, meter_spec
 from airflow_provider_stripe_meter.billing.outcomes import DayOutcome
 from airflow_provider_stripe_meter.billing.plans import (
@@ -37,24 +39,19 @@ from airflow_provider_stripe_meter.billing.plans import (
     OLDER_VIEW,
     UNSETTLED,
     Held,
-    day_end,
     hold_unknown,
-    iso_seconds,
     plan_day,
     plan_in_periods,
     plan_late_in_periods,
     with_ledger_parts,
 )
 from airflow_provider_stripe_meter.billing.result import BatchResult, SourceFigures, summarize
-from airflow_provider_stripe_meter.billing.sending import make_deliverer
 from airflow_provider_stripe_meter.billing.settling import (
     FOREIGN,
     WITHHELD,
     Settler,
     describe,
     figure_rows,
-    resolved_states,
-    stamp_day,
     stripe_view,
     wait_for_summaries,
 )
@@ -65,16 +62,14 @@ from airflow_provider_stripe_meter.ledger.entries import (
     DROPPED,
     REJECTED,
     UNVERIFIED,
+    Change,
     Entry,
 )
-from airflow_provider_stripe_meter.utils import clock
 from airflow_provider_stripe_meter.utils.aggregation import DailyAggregate
+from airflow_provider_stripe_meter.utils.clock import SYSTEM, Clock
+from airflow_provider_stripe_meter.utils.days import SECONDS_PER_DAY, day_end, day_of, day_start, rfc3339
 from airflow_provider_stripe_meter.utils.errors import (
-    Duplicate,
-    MeterFailure,
     Refused,
-    Rejected,
-    Withheld,
 )
 
 if TYPE_CHECKING:
@@ -83,7 +78,6 @@ if TYPE_CHECKING:
     from airflow_provider_stripe_meter.billing.plans import Key, PlannedEvent
     from airflow_provider_stripe_meter.billing.ports import CustomerStore, LedgerStore, Log, StripeMeters
     from airflow_provider_stripe_meter.billing.settings import RunSettings
-    from airflow_provider_stripe_meter.billing.settling import Change
     from airflow_provider_stripe_meter.ledger.entries import DayFigure
 
 #: Events a run may plan for count meters (one event per row) before it refuses to start.
@@ -116,19 +110,23 @@ class Usage:
     event_names: frozenset[str] = frozenset()
 
 
+@dataclass(frozen=True, slots=True)
+class _MeterDays:
+    """What planning one meter's customer-days reads of the ledger, read once per meter."""
+
+    spec: MeterSpec
+    #: The ledger's figure per (customer, day).
+    figures: dict[tuple[str, date], DayFigure]
+    #: Whether the meter is billed in periods (it has a metered price).
+    in_periods: bool
+    #: The ledger rows of the days split at a period boundary, per (customer, day).
+    by_day: dict[tuple[str, date], list[Entry]]
+
+
 #: Events written, sent and resolved together: what a run killed at any instant leaves pending.
 SLICE = 5_000
 #: Stripe cancels a meter event only within 24 hours of receiving it; an hour is kept in hand.
 CANCEL_WINDOW = 23 * 3600
-
-
-@dataclass(frozen=True)
-class Writer:
-    """Who writes ledger rows: the account billed, the Airflow run, and this try of the task."""
-
-    account: str
-    run_id: str
-    attempt: str
 
 
 class BillingRun:
@@ -143,34 +141,31 @@ class BillingRun:
         log: Log,
         now: int,
         customers: CustomerStore | None = None,
+        clock: Clock = SYSTEM,
     ) -> None:
         self.settings, self.stripe, self.ledger, self.log = settings, stripe, ledger, log
+        #: What the run reads "now" from and waits on (a test passes a virtual one).
+        self.clock = clock
         #: The customers Stripe has shown to exist (``None``: not checked, every one is sent).
         self.customers = customers
         #: Customers of the source Stripe does not know: their usage is held, not sent.
         self.unknown: set[str] = set()
         self.writer, self.account = writer, writer.account
         self.book = RunBook(now=now, sample_limit=settings.sample_limit)
+        #: What the phases (settling, delivery, the checks) are given of the run.
+        self.ctx = RunContext(settings, stripe, ledger, writer, log, self.book, clock)
         #: Per event name, the identifiers of this run's events Stripe accepted.
         self.accepted: dict[str, list[str]] = defaultdict(list)
         #: Ledger work: rows written, open rows settled, rows left unsettled.
         self.figures = {"written": 0, "settled": 0, "unsettled": 0, "cancelled": 0}
-        #: When the last answer of this run came (what a read-back waits on).
-        self.last_answer = 0.0
-        #: Ledger-side work that need not come first (writing the subscriptions table): done on
-        #: this thread while the first slice's requests are out, not after the run. Work that
-        #: fails is logged; it keeps what it has left for whoever calls it next.
-        self.meanwhile: list[Callable[[], None]] = []
+        #: Sending, and what the answers said (:mod:`.delivering`).
+        self.delivery = Delivery(self.ctx)
         #: The customer-days planned and their events not sent yet (:meth:`plan`).
         self.planned: PlanAhead[Key, PlannedEvent] = PlanAhead(iter(()))
         #: Where the source is the truth (:attr:`Usage.covers`).
         self.covers: Coverage = NOTHING
-        #: Events Stripe refused as duplicates of events this ledger did not send.
-        self.foreign: list[PlannedEvent] = []
         #: The customers' billing periods (:attr:`Usage.periods`): asked again as each event leaves.
         self.periods: PeriodBook | None = None
-        #: Events not sent because their period's invoice locked before they would land.
-        self.withheld: list[PlannedEvent] = []
 
     # -- the run ---------------------------------------------------------------------------------
 
@@ -182,11 +177,12 @@ class BillingRun:
         """
         aggregates = _merge([*usage.aggregates, *usage.late])
         self.covers, self.periods = usage.covers, usage.periods
-        names = {key[0] for key in aggregates} | (set(usage.event_names) if usage.covers else set())
+        self.delivery.periods = usage.periods
+        names = {name for name, _, _ in aggregates} | (set(usage.event_names) if usage.covers else set())
         if names:
             self.read_meters(names)
             self.settle()
-            self.unknown = self.check_customers({key[1] for key in aggregates}, usage.periods)
+            self.unknown = self.check_customers({customer for _, customer, _ in aggregates}, usage.periods)
             if self.settings.adopt and not self.settings.dry_run:
                 self.adopt(aggregates)
             if usage.covers:
@@ -264,7 +260,7 @@ class BillingRun:
                 ) from err
             unknown = unchecked - found
         if found and not self.settings.dry_run:
-            self.customers.add(self.account, found, int(clock.now()))
+            self.customers.add(self.account, found, int(self.clock.now()))
         if unknown:
             self.log.warning(
                 "%d customers of the source are unknown to Stripe (e.g. %s): their usage is held, not "
@@ -286,7 +282,7 @@ class BillingRun:
         out = dict(aggregates)
         for name, spec in self.book.specs.items():
             figures = self.ledger.figures(self.account, spec.meter_id, days[0], days[-1])
-            read = covers.every_customer or {k[1] for k in aggregates if k[0] == name}
+            read = covers.every_customer or {c for n, c, _ in aggregates if n == name}
             gone = [
                 (customer, day)
                 for (customer, day), figure in figures.items()
@@ -305,7 +301,7 @@ class BillingRun:
                 if entry.part:
                     parts[(entry.customer_id, entry.day)].add(entry.part)
             for customer, day in gone:
-                start = day_end(day) - 86400
+                start = day_start(day)
                 empty = DailyAggregate(name, customer, day, 0, start, 0, 0)
                 out[(name, customer, day)] = DailyAggregate(
                     name, customer, day, 0, start, 0, 0, with_ledger_parts(empty, parts[(customer, day)])
@@ -331,29 +327,28 @@ class BillingRun:
         Days with open rows are left to settling. Returns the rows written.
         """
         written = 0
-        now = clock.now()
+        now = self.clock.now()
         covered = self.covers.days
         for name, spec in self.book.specs.items():
-            keys = [k for k in aggregates if k[0] == name]
+            # The meter's (customer, day)s.
+            days = {(c, d) for n, c, d in aggregates if n == name}
             if covered:
                 # Inside the coverage a lost event may have no source row any more (deleted
                 # since): every customer the ledger, the known-customers table or the source
                 # knows is asked about, for every covered day.
                 found_days = self.ledger.figures(self.account, spec.meter_id, covered[0], covered[-1])
-                known = {c for c, _ in found_days} | {k[1] for k in keys}
+                known = {c for c, _ in found_days} | {c for c, _ in days}
                 if self.customers is not None:
                     known |= self.customers.every(self.account)
-                keys = sorted({*keys, *((name, c, d) for c in known for d in covered)})
-            if not keys:
+                days |= {(c, d) for c in known for d in covered}
+            if not days:
                 continue
-            first, last = min(k[2] for k in keys), max(k[2] for k in keys)
+            first, last = min(d for _, d in days), max(d for _, d in days)
             held = self.ledger.figures(
                 self.account, spec.meter_id, first, last, newest=spec.kind not in (ADD, COUNT)
             )
             wanted = {
-                (k[1], k[2])
-                for k in keys
-                if (k[1], k[2]) not in held or (spec.kind in (ADD, COUNT) and not held[(k[1], k[2])].open)
+                cd for cd in days if cd not in held or (spec.kind in (ADD, COUNT) and not held[cd].open)
             }
             if not wanted:
                 continue
@@ -368,9 +363,9 @@ class BillingRun:
             # another day than the one it bills).
             stamped: dict[tuple[str, date], list[Entry]] = defaultdict(list)
             for row in self.ledger.entries_stamped(
-                self.account, spec.meter_id, customers, day_end(first) - 86400, day_end(last)
+                self.account, spec.meter_id, customers, day_start(first), day_end(last)
             ):
-                stamped[(row.customer_id, stamp_day(row.stamp))].append(row)
+                stamped[(row.customer_id, day_of(row.stamp))].append(row)
             split = self._split_days(name, spec, {cd for cd, f in found.items() if cd in wanted and f})
             for (customer, day), figure in found.items():
                 if (customer, day) not in wanted or not figure:
@@ -380,20 +375,19 @@ class BillingRun:
                 # A day split at a period boundary is adopted part by part (a summaries request
                 # each), so each invoice's part holds what Stripe holds in it.
                 for part, stamp, more in split.get((customer, day)) or [
-                    (0, day_end(day) - 86400, figure - stripe_view(spec, stamped[(customer, day)]))
+                    (0, day_start(day), figure - stripe_view(spec, stamped[(customer, day)]))
                 ]:
                     if more <= 0:
                         continue
                     values = [1] * more if spec.kind == COUNT else [more] if spec.kind == ADD else [figure]
                     # Stamped at the part's start: any snapshot the source has of it is newer.
                     entries += figure_rows(
-                        self.account,
+                        self.writer,
                         spec,
                         (name, customer, day, part),
                         seq,
                         values,
                         stamp,
-                        (self.writer.run_id, self.writer.attempt),
                         now,
                         "adopted:",
                         "adopted from Stripe's summaries",
@@ -421,9 +415,9 @@ class BillingRun:
         bounds = periods.split()
         cut: dict[tuple[str, date], list[int]] = {}
         for customer, day in days:
-            start = day_end(day) - 86400
-            inside = [b for b in bounds.get((name, customer), ()) if start < b < start + 86400]
-            edges = [start, *inside, start + 86400]
+            start = day_start(day)
+            inside = [b for b in bounds.get((name, customer), ()) if start < b < start + SECONDS_PER_DAY]
+            edges = [start, *inside, start + SECONDS_PER_DAY]
             if inside and all(hi - hi % 60 - (lo - lo % 60) >= 120 for lo, hi in itertools.pairwise(edges)):
                 # (a part under two minutes is not stamped a minute clear of its boundary)
                 cut[(customer, day)] = edges
@@ -434,12 +428,12 @@ class BillingRun:
             self.account,
             spec.meter_id,
             {c for c, _ in cut},
-            day_end(min(d for _, d in cut)) - 86400,
+            day_start(min(d for _, d in cut)),
             day_end(max(d for _, d in cut)),
         )
         by_day: dict[tuple[str, date], list[Entry]] = defaultdict(list)
         for entry in entries:
-            by_day[(entry.customer_id, stamp_day(entry.stamp))].append(entry)
+            by_day[(entry.customer_id, day_of(entry.stamp))].append(entry)
         out: dict[tuple[str, date], list[tuple[int, int, int]]] = {}
         for (customer, day), edges in cut.items():
             parts = []
@@ -459,7 +453,7 @@ class BillingRun:
         if self.settings.dry_run:
             return
         for spec in self.book.specs.values():
-            settler = Settler(self, spec)
+            settler = Settler(self.ctx, spec, self.deliver, self.periods)
             settler.settle()
             self.figures["settled"] += settler.settled
             if settler.adopted:
@@ -501,116 +495,134 @@ class BillingRun:
                 f"the {MAX_COUNT_EVENTS} a run sends; count rows in SQL and bill them on a sum meter",
                 {"type": "meter_unsupported", "count_events": count_events},
             )
-        oldest_day = stamp_day(oldest)
-        covers = self.covers
+        oldest_day = day_of(oldest)
         for name, spec in book.specs.items():
-            keys = [k for k in aggregates if k[0] == name]
+            keys = [key for key in aggregates if key[0] == name]  # (event name, customer, day)
             if not keys:
                 continue
-            days = [k[2] for k in keys]
-            figures = self.ledger.figures(
-                self.account, spec.meter_id, min(days), max(days), newest=spec.kind not in (ADD, COUNT)
-            )
-            in_periods = periods is not None and periods.covers(name)
-            split = [key for key in keys if aggregates[key].parts] if in_periods else []
-            # A split day is planned part by part, from its rows (a few per customer a period).
-            by_day: dict[tuple[str, date], list[Entry]] = defaultdict(list)
-            if split:
-                for entry in self.ledger.entries_of(
-                    self.account,
-                    spec.meter_id,
-                    {k[1] for k in split},
-                    min(k[2] for k in split),
-                    max(k[2] for k in split),
-                ):
-                    by_day[(entry.customer_id, entry.day)].append(entry)
-
-            def one(
-                key: Key,
-                spec: MeterSpec = spec,
-                figures: dict[tuple[str, date], DayFigure] = figures,
-                in_periods: bool = in_periods,
-                by_day: dict[tuple[str, date], list[Entry]] = by_day,
-            ) -> tuple[Key, list[PlannedEvent], bool]:
-                """Plan one customer-day, keep it in the book, and say what it sends."""
-                aggregate = aggregates[key]
-                figure = figures.get((key[1], key[2]))
-                truth = covers.truth(key[2], figure.source_at) if figure is not None and covers else False
-                if key[1] in self.unknown:
-                    plan = plan_day(aggregate, spec, figure, now=book.now, oldest=oldest, truth=truth)
-                    unknown = hold_unknown(plan)
-                    if unknown is not None:
-                        # Not sent, not written: the first run after the customer exists sends it.
-                        book.hold(unknown, plan)
-                        day = CustomerDay(aggregate, plan, DayOutcome.CUSTOMER_UNKNOWN, held=True)
-                        (book.late if key[2] < oldest_day else book.days)[key] = day
-                        return key, plan.events, key[2] < oldest_day
-                    held: list[Held] = []
-                elif in_periods and key[2] >= oldest_day:
-                    assert periods is not None
-                    plan, held = plan_in_periods(
-                        aggregate,
-                        spec,
-                        figure,
-                        by_day.get((key[1], key[2])),
-                        periods,
-                        now=book.now,
-                        oldest=oldest,
-                        carry=self.settings.carry,
-                        truth=truth,
-                    )
-                    for part in held:
-                        book.hold(part, plan)
-                elif in_periods:
-                    # Billed late, at the oldest instant Stripe accepts: in the period that holds it.
-                    assert periods is not None
-                    plan, held = plan_late_in_periods(
-                        aggregate,
-                        spec,
-                        figure,
-                        periods,
-                        now=book.now,
-                        oldest=oldest,
-                        carry=self.settings.carry,
-                        truth=truth,
-                    )
-                    for part in held:
-                        book.hold(part, plan)
-                else:
-                    plan = plan_day(aggregate, spec, figure, now=book.now, oldest=oldest, truth=truth)
-                    held = []
-                day = CustomerDay(aggregate, plan, held=bool(held))
-                if plan.reason == OLDER_VIEW and plan.expected != plan.recorded:
-                    # Left alone (an hourly run retried after the nightly one, or the day's newest
-                    # row deleted since): shown, so a deletion is not missed.
-                    book.samples.add("older_view", {**plan.line(), "reason": OLDER_VIEW})
-                if plan.reason == UNSETTLED:
-                    day.outcome = DayOutcome.FAILED
-                    book.samples.add(DayOutcome.FAILED, {**plan.line(), "reason": UNSETTLED})
-                # Usage of a day older than Stripe's window is billed late (counted apart).
-                late = key[2] < oldest_day
-                (book.late if late else book.days)[key] = day
-                return key, plan.events, late
-
+            meter = self._meter_days(name, spec, keys, aggregates, periods)
             # A day whose usage lands in a period that ended waits on that period's draft: the
             # drafts are listed in the background while the other days are planned and sent,
             # and those days are planned last.
             deferred: list[Key] = []
             for key in keys:
+                _, customer, usage_day = key
                 if (
-                    in_periods
+                    meter.in_periods
                     and periods is not None
-                    and key[1] not in self.unknown
-                    and key[2] >= oldest_day
+                    and customer not in self.unknown
+                    and usage_day >= oldest_day
                     and _waits_on_drafts(
-                        aggregates[key], spec, figures.get((key[1], key[2])), periods, oldest, covers
+                        aggregates[key],
+                        spec,
+                        meter.figures.get((customer, usage_day)),
+                        periods,
+                        oldest,
+                        self.covers,
                     )
                 ):
                     deferred.append(key)
                     continue
-                yield one(key)
+                yield self._plan_one(key, aggregates[key], meter, periods, oldest, oldest_day)
             for key in deferred:
-                yield one(key)
+                yield self._plan_one(key, aggregates[key], meter, periods, oldest, oldest_day)
+
+    def _meter_days(
+        self,
+        name: str,
+        spec: MeterSpec,
+        keys: list[Key],
+        aggregates: dict[Key, DailyAggregate],
+        periods: PeriodBook | None,
+    ) -> _MeterDays:
+        """What planning the customer-days ``keys`` of meter ``name`` reads of the ledger: one query for
+        the days' figures, one for the rows of the days split at a period boundary."""
+        days = [day for _, _, day in keys]
+        figures = self.ledger.figures(
+            self.account, spec.meter_id, min(days), max(days), newest=spec.kind not in (ADD, COUNT)
+        )
+        in_periods = periods is not None and periods.covers(name)
+        split = [key for key in keys if aggregates[key].parts] if in_periods else []
+        # A split day is planned part by part, from its rows (a few per customer a period).
+        by_day: dict[tuple[str, date], list[Entry]] = defaultdict(list)
+        if split:
+            for entry in self.ledger.entries_of(
+                self.account,
+                spec.meter_id,
+                {customer for _, customer, _ in split},
+                min(day for _, _, day in split),
+                max(day for _, _, day in split),
+            ):
+                by_day[(entry.customer_id, entry.day)].append(entry)
+        return _MeterDays(spec, figures, in_periods, by_day)
+
+    def _plan_one(
+        self,
+        key: Key,
+        aggregate: DailyAggregate,
+        meter: _MeterDays,
+        periods: PeriodBook | None,
+        oldest: int,
+        oldest_day: date,
+    ) -> tuple[Key, list[PlannedEvent], bool]:
+        """Plan one customer-day, keep it in the book, and say what it sends (and whether late)."""
+        book, spec, covers = self.book, meter.spec, self.covers
+        _, customer, usage_day = key
+        figure = meter.figures.get((customer, usage_day))
+        truth = covers.truth(usage_day, figure.source_at) if figure is not None and covers else False
+        # Usage of a day older than Stripe's window is billed late (counted apart).
+        late = usage_day < oldest_day
+        if customer in self.unknown:
+            plan = plan_day(aggregate, spec, figure, now=book.now, oldest=oldest, truth=truth)
+            unknown = hold_unknown(plan)
+            if unknown is not None:
+                # Not sent, not written: the first run after the customer exists sends it.
+                book.hold(unknown, plan)
+                day = CustomerDay(aggregate, plan, DayOutcome.CUSTOMER_UNKNOWN, held=True)
+                (book.late if late else book.days)[key] = day
+                return key, plan.events, late
+            held: list[Held] = []
+        elif meter.in_periods:
+            assert periods is not None
+            if late:
+                # Billed late, at the oldest instant Stripe accepts: in the period that holds it.
+                plan, held = plan_late_in_periods(
+                    aggregate,
+                    spec,
+                    figure,
+                    periods,
+                    now=book.now,
+                    oldest=oldest,
+                    carry=self.settings.carry,
+                    truth=truth,
+                )
+            else:
+                plan, held = plan_in_periods(
+                    aggregate,
+                    spec,
+                    figure,
+                    meter.by_day.get((customer, usage_day)),
+                    periods,
+                    now=book.now,
+                    oldest=oldest,
+                    carry=self.settings.carry,
+                    truth=truth,
+                )
+            for part in held:
+                book.hold(part, plan)
+        else:
+            plan = plan_day(aggregate, spec, figure, now=book.now, oldest=oldest, truth=truth)
+            held = []
+        day = CustomerDay(aggregate, plan, held=bool(held))
+        if plan.reason == OLDER_VIEW and plan.expected != plan.recorded:
+            # Left alone (an hourly run retried after the nightly one, or the day's newest
+            # row deleted since): shown, so a deletion is not missed.
+            book.samples.add("older_view", {**plan.line(), "reason": OLDER_VIEW})
+        if plan.reason == UNSETTLED:
+            day.outcome = DayOutcome.FAILED
+            book.samples.add(DayOutcome.FAILED, {**plan.line(), "reason": UNSETTLED})
+        (book.late if late else book.days)[key] = day
+        return key, plan.events, late
 
     # -- delivery --------------------------------------------------------------------------------
 
@@ -634,7 +646,7 @@ class BillingRun:
     def _deliver_slice(
         self, batch: Sequence[tuple[Key, Sequence[PlannedEvent]]], days: dict[Key, CustomerDay]
     ) -> None:
-        now = clock.now()
+        now = self.clock.now()
         specs = self.book.specs
         entries = [
             Entry(
@@ -652,9 +664,7 @@ class BillingRun:
                 run_id=self.writer.run_id,
                 attempt=self.writer.attempt,
                 sent_at=now,
-                note=f"carried from the period ending {iso_seconds(e.carried_from)}"
-                if e.carried_from
-                else "",
+                note=f"carried from the period ending {rfc3339(e.carried_from)}" if e.carried_from else "",
                 part=e.part,
                 period_end=e.period_end,
             )
@@ -672,7 +682,7 @@ class BillingRun:
             # Another run planned the same next event for this day at the same time: the table's
             # key let one of them in. This run stands back; its retry plans the day again.
             released += [
-                (e.identifier, REJECTED, now, "another run billed this day at the same time")
+                Change(e.identifier, REJECTED, now, "another run billed this day at the same time")
                 for e in events
                 if e.identifier in owned
             ]
@@ -684,11 +694,22 @@ class BillingRun:
         self.ledger.resolve(self.account, released)
         changes, failed = self.deliver(to_send)
         self.ledger.resolve(self.account, changes)
-        rejected = {c[0] for c in changes if c[1] == REJECTED and c[3] != WITHHELD}
-        foreign = {c[0] for c in changes if c[1] == UNVERIFIED}
-        withheld = {c[0] for c in changes if c[1] == REJECTED and c[3] == WITHHELD}
+        self._record_outcomes(to_send, changes, failed, days)
+
+    def _record_outcomes(
+        self,
+        sent: list[PlannedEvent],
+        changes: list[Change],
+        failed: set[str],
+        days: dict[Key, CustomerDay],
+    ) -> None:
+        """Each customer-day's outcome from what became of its events ``sent``: withheld events
+        held, then unconfirmed (a foreign duplicate), rejected, failed or sent, in that order."""
+        rejected = {c.identifier for c in changes if c.state == REJECTED and c.note != WITHHELD}
+        foreign = {c.identifier for c in changes if c.state == UNVERIFIED}
+        withheld = {c.identifier for c in changes if c.state == REJECTED and c.note == WITHHELD}
         by_key: dict[Key, list[PlannedEvent]] = defaultdict(list)
-        for event in to_send:
+        for event in sent:
             by_key[event.key].append(event)
         for key, events in by_key.items():
             ids = {e.identifier for e in events}
@@ -715,115 +736,20 @@ class BillingRun:
                 day.outcome = DayOutcome.FAILED
             else:
                 day.outcome = DayOutcome.SENT
-                self.accepted[key[0]].extend(ids - withheld)
+                self.accepted[events[0].event_name].extend(ids - withheld)
 
     def deliver(self, events: list[PlannedEvent]) -> tuple[list[Change], set[str]]:
         """Send ``events`` through the run's API; return the ledger changes and the failed identifiers."""
-        if not events:
-            return [], set()
-        answered: dict[int, float] = {}
-        lock = threading.Lock()
+        return self.delivery.send(events)
 
-        periods = self.periods
+    @property
+    def meanwhile(self) -> list[Callable[[], None]]:
+        """Work done while the first requests are out (:attr:`.delivering.Delivery.meanwhile`)."""
+        return self.delivery.meanwhile
 
-        #: Events that went out at least once (a retry of one may find its first try landed).
-        tried: set[int] = set()
-
-        def noting(send: Callable[[list[PlannedEvent]], None]) -> Callable[[list[PlannedEvent]], None]:
-            # When each answer came: the order Stripe took a customer's events in.
-            def send_and_note(batch: list[PlannedEvent]) -> None:
-                # The stream's batches mix customers: its events were decided as the slice left.
-                if periods is not None and len(batch) == 1:
-                    # Whether an invoice carries it is decided as it leaves, not at planning: a
-                    # delivery that outlasts a draft's finalization sends nothing billed nowhere.
-                    at = clock.now()
-                    if not all(
-                        periods.carries(e.event_name, e.customer_id, e.timestamp, e.period_end, at)
-                        for e in batch
-                    ):
-                        if any(e.attempt or id(e) in tried for e in batch):
-                            # It may have landed already (a lost answer, a killed run's row):
-                            # left pending, for the next run to read from Stripe's summaries.
-                            raise MeterFailure(
-                                "its billing period's invoice locked before an answer came; whether "
-                                "it landed is read from Stripe's summaries by the next run",
-                                {"type": "invoice_locked"},
-                            )
-                        raise Withheld("its billing period's invoice locks before the event would land")
-                with lock:
-                    tried.update(id(e) for e in batch)
-                try:
-                    send(batch)
-                except (Duplicate, Rejected):
-                    _note(batch)
-                    raise
-                _note(batch)
-
-            return send_and_note
-
-        def _note(batch: list[PlannedEvent]) -> None:
-            moment = clock.now()
-            self.last_answer = max(self.last_answer, moment)
-            with lock:
-                for event in batch:
-                    answered[id(event)] = moment
-
-        withheld_now: list[PlannedEvent] = []
-        if periods is not None and self.settings.api != "v1":
-            # 100 customers a request: each fresh event is decided once, as its slice leaves (a
-            # slice goes out in seconds, well inside the 10 minutes kept before a lock).
-            at = clock.now()
-            kept: list[PlannedEvent] = []
-            for e in events:
-                carried = periods.carries(e.event_name, e.customer_id, e.timestamp, e.period_end, at)
-                (kept if carried or e.attempt else withheld_now).append(e)
-            events = kept
-        # Every event's identifier is new to Stripe or names an event of ours, so the stream,
-        # which drops repeats without a word, is as exact as v1 here.
-        work, self.meanwhile = self.meanwhile, []
-        report = make_deliverer(
-            self.settings.api,
-            self.book.specs,
-            self.settings,
-            self.stripe,
-            self.log,
-            noting,
-            attempt=self.writer.attempt,
-        ).run(events, meanwhile=partial(self._meanwhile, work) if work else None)
-        self.book.reports.append(report)
-        report.withheld.extend(withheld_now)
-        events = [*events, *withheld_now]
-        rejected = {id(e) for e in report.rejected_items}
-        # Each request carried its row's idempotency key, so Stripe replays our own answer to a
-        # retry: a duplicate answer is evidence that Stripe holds what this ledger does not.
-        foreign = {id(e) for e in report.already} if self.settings.api == "v1" else set()
-        if foreign:
-            self.foreign.extend(e for e in report.already)
-            self.log.warning(
-                "Stripe already holds events under %d identifiers this ledger did not send (e.g. %s): "
-                "another ledger bills this meter (every DAG billing it must share ledger_conn_id and "
-                "ledger_table), the ledger lost commits, or something else sends them. Their days "
-                "are not counted as billed; the next run settles them from Stripe's summaries.",
-                len(foreign),
-                [e.identifier for e in report.already[:3]],
-            )
-        self.withheld.extend(report.withheld)
-        return resolved_states(
-            events,
-            answered,
-            rejected,
-            {id(e) for e in report.failed_items},
-            foreign,
-            {id(e) for e in report.withheld},
-        )
-
-    def _meanwhile(self, work: list[Callable[[], None]]) -> None:
-        """Do ``work`` while requests are out; a failure is logged, not raised into the sending."""
-        for job in work:
-            try:
-                job()
-            except Exception as err:  # the caller does it again after the run, and raises then
-                self.log.warning("Work left for after the run (it failed while sending): %s", err)
+    @meanwhile.setter
+    def meanwhile(self, work: list[Callable[[], None]]) -> None:
+        self.delivery.meanwhile = work
 
     # -- corrections and checks ------------------------------------------------------------------
 
@@ -835,16 +761,17 @@ class BillingRun:
             return
         by_meter: dict[str, list[Key]] = defaultdict(list)
         for key in over:
-            by_meter[key[0]].append(key)
-        now = clock.now()
+            name, _, _ = key
+            by_meter[name].append(key)
+        now = self.clock.now()
         for name, keys in by_meter.items():
             spec = self.book.specs[name]
             entries = self.ledger.entries_of(
                 self.account,
                 spec.meter_id,
-                {k[1] for k in keys},
-                min(k[2] for k in keys),
-                max(k[2] for k in keys),
+                {customer for _, customer, _ in keys},
+                min(day for _, _, day in keys),
+                max(day for _, _, day in keys),
             )
             by_key: dict[Key, list[Entry]] = defaultdict(list)
             for entry in entries:
@@ -876,12 +803,14 @@ class BillingRun:
                     continue
                 # Marked before the cancel leaves: a run killed in between cancels again next time.
                 self.ledger.resolve(
-                    self.account, [(e.identifier, CANCELLING, e.answered_at, "") for e in cancellable]
+                    self.account, [Change(e.identifier, CANCELLING, e.answered_at, "") for e in cancellable]
                 )
                 changes: list[Change] = []
                 for entry in cancellable:
                     self.stripe.cancel_meter_event(entry.event_name, entry.identifier)
-                    changes.append((entry.identifier, CANCELLED, clock.now(), "source has fewer rows"))
+                    changes.append(
+                        Change(entry.identifier, CANCELLED, self.clock.now(), "source has fewer rows")
+                    )
                 self.ledger.resolve(self.account, changes)
                 self.figures["cancelled"] += len(changes)
                 day.outcome = DayOutcome.SENT
@@ -904,12 +833,12 @@ class BillingRun:
             self.ledger.resolve(
                 self.account,
                 [
-                    (i, UNVERIFIED, clock.now(), "meter deactivated during the run")
+                    Change(i, UNVERIFIED, self.clock.now(), "meter deactivated during the run")
                     for i in self.accepted[name]
                 ],
             )
-            for key, day in self._all_days().items():
-                if key[0] == name and day.outcome == DayOutcome.SENT:
+            for (event_name, _, _), day in self._all_days().items():
+                if event_name == name and day.outcome == DayOutcome.SENT:
                     day.outcome = DayOutcome.UNCONFIRMED
                     book.samples.add(
                         DayOutcome.UNCONFIRMED,
@@ -937,37 +866,39 @@ class BillingRun:
             if not sent:
                 continue
             events = [e for day in sent.values() for e in day.plan.events]
-            if not wait_for_summaries(self, self.last_answer):
+            if not wait_for_summaries(self.ctx, self.delivery.last_answer):
                 continue
-            stamps = sorted({stamp_day(e.timestamp) for e in events})
-            customers = sorted({key[1] for key in sent})
+            stamps = sorted({day_of(e.timestamp) for e in events})
+            customers = sorted({customer for _, customer, _ in sent})
             found, unknown = self.stripe.recorded_per_day(
                 spec.meter_id, customers, stamps[0], stamps[-1], max_rps=self.settings.read_rps
             )
             self.book.summary_requests += len(customers)
             rows = self.ledger.entries_stamped(
-                self.account, spec.meter_id, customers, day_end(stamps[0]) - 86400, day_end(stamps[-1])
+                self.account, spec.meter_id, customers, day_start(stamps[0]), day_end(stamps[-1])
             )
             by_stamp: dict[tuple[str, date], list[Entry]] = defaultdict(list)
             for row in rows:
-                by_stamp[(row.customer_id, stamp_day(row.stamp))].append(row)
+                by_stamp[(row.customer_id, day_of(row.stamp))].append(row)
             mine = set(identifiers)
             changes: list[Change] = []
-            for key, day in sent.items():
+            for (_, customer, _), day in sent.items():
                 ids = [e.identifier for e in day.plan.events if e.identifier in mine]
-                if key[1] in unknown:
+                if customer in unknown:
                     day.outcome = DayOutcome.CUSTOMER_UNKNOWN
-                    changes += [(i, DROPPED, clock.now(), "customer unknown to Stripe") for i in ids]
+                    changes += [
+                        Change(i, DROPPED, self.clock.now(), "customer unknown to Stripe") for i in ids
+                    ]
                     self.book.samples.add(
                         day.outcome, {**day.plan.line(), "reason": "Stripe does not know it"}
                     )
                     continue
-                checks = {(key[1], stamp_day(e.timestamp)) for e in day.plan.events}
+                checks = {(customer, day_of(e.timestamp)) for e in day.plan.events}
                 if all(stripe_view(spec, by_stamp[c]) == found.get(c, 0) for c in checks):
                     day.confirmed = True
                     continue
                 day.outcome = DayOutcome.UNCONFIRMED
-                changes += [(i, UNVERIFIED, clock.now(), "read back differs") for i in ids]
+                changes += [Change(i, UNVERIFIED, self.clock.now(), "read back differs") for i in ids]
                 self.book.samples.add(
                     day.outcome,
                     {

@@ -6,8 +6,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from airflow_provider_stripe_meter.billing.plans import PlannedEvent, idempotency_key
+from airflow_provider_stripe_meter.utils.days import rfc3339
 from airflow_provider_stripe_meter.utils.delivery import Deliverer
-from airflow_provider_stripe_meter.utils.rules import rfc3339
 
 if TYPE_CHECKING:
     from airflow_provider_stripe_meter.billing.meters import MeterSpec

@@ -1,15 +1,24 @@
-"""The knobs of one billing run, resolved: the operator's arguments and the connection's."""
+"""The knobs of one billing run, resolved: the operator's arguments and the connection's.
+
+:func:`run_settings` resolves them for every operator (the rates from the key's mode and
+account, the summary lag from the connection), so no operator works out a default itself.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Literal
+from typing import Any, Literal, Protocol, get_args
 
 Api = Literal["v1", "v2_stream"]
 Confirm = Literal["meter", "summaries"]
 TooOld = Literal["skip", "bill_at_oldest"]
 BillingPeriods = Literal["hold", "carry", "off"]
+#: The allowed values of each, as the operator checks them (written once, in the types above).
+APIS: tuple[Api, ...] = get_args(Api)
+CONFIRMS: tuple[Confirm, ...] = get_args(Confirm)
+TOO_OLDS: tuple[TooOld, ...] = get_args(TooOld)
+BILLING_PERIODS: tuple[BillingPeriods, ...] = get_args(BillingPeriods)
 
 #: Stripe refuses a repeated identifier for at least this long (its documented minimum).
 STRIPE_IDENTIFIER_WINDOW = timedelta(hours=24)
@@ -97,3 +106,33 @@ class RunSettings:
     def settle_seconds(self) -> float:
         """``timing.settle_timeout`` in seconds."""
         return self.timing.settle_timeout.total_seconds()
+
+
+class KeyFacts(Protocol):
+    """What the defaults depend on of a task's Stripe connection (the hook has them)."""
+
+    @property
+    def livemode(self) -> bool: ...
+
+    @property
+    def stripe_account(self) -> str | None: ...
+
+    @property
+    def summary_lag(self) -> float: ...
+
+
+def run_settings(
+    key: KeyFacts, *, max_rps: float | None, summary_lag: float | None = None, **knobs: Any
+) -> RunSettings:
+    """The settings of a run on ``key``'s connection: ``max_rps`` caps sends and reads alike;
+    without it, each rate is the default for the key's mode (a connected account's sends count
+    toward the basic limit); ``summary_lag`` (seconds) defaults to the connection's. ``knobs``:
+    the other :class:`RunSettings` fields."""
+    from airflow_provider_stripe_meter.utils.delivery import default_max_rps, default_read_rps
+
+    return RunSettings(
+        max_rps=max_rps or default_max_rps(key.livemode, connected=bool(key.stripe_account)),
+        read_rps=max_rps or default_read_rps(key.livemode),
+        summary_lag=summary_lag if summary_lag is not None else float(key.summary_lag),
+        **knobs,
+    )

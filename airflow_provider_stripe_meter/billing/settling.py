@@ -19,13 +19,12 @@ a cancel cut short leaves ``cancelling``. Each is settled the cheapest exact way
 
 from __future__ import annotations
 
-import time
 from collections import defaultdict
-from datetime import date, datetime, timezone
+from datetime import date
 from typing import TYPE_CHECKING, Any
 
 from airflow_provider_stripe_meter.billing.meters import ADD, COUNT
-from airflow_provider_stripe_meter.billing.plans import PlannedEvent, day_end, ledger_identifier
+from airflow_provider_stripe_meter.billing.plans import PlannedEvent, ledger_identifier
 from airflow_provider_stripe_meter.billing.settings import FRESH_MARGIN
 from airflow_provider_stripe_meter.ledger.entries import (
     ACCEPTED,
@@ -36,29 +35,34 @@ from airflow_provider_stripe_meter.ledger.entries import (
     PENDING,
     REJECTED,
     UNVERIFIED,
+    Change,
     Entry,
 )
-from airflow_provider_stripe_meter.utils import clock
+from airflow_provider_stripe_meter.utils.days import day_end, day_of, day_start
 from airflow_provider_stripe_meter.utils.errors import Rejected
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from airflow_provider_stripe_meter.billing.context import RunContext, Writer
     from airflow_provider_stripe_meter.billing.meters import MeterSpec
-    from airflow_provider_stripe_meter.billing.run import BillingRun
-
-Change = tuple[str, str, float | None, str]
-
-
-def stamp_day(stamp: int) -> date:
-    """The UTC day an event stamped at ``stamp`` counts in."""
-    return datetime.fromtimestamp(stamp, timezone.utc).date()
+    from airflow_provider_stripe_meter.billing.periods import PeriodBook
+    from airflow_provider_stripe_meter.utils.clock import Clock
 
 
 class Settler:
-    """Settles one meter's open rows for a :class:`~.run.BillingRun`."""
+    """Settles one meter's open rows of a run: rows still in Stripe's identifier window are sent
+    again through ``deliver`` (the run's delivery), the rest read from Stripe's summaries."""
 
-    def __init__(self, run: BillingRun, spec: MeterSpec) -> None:
-        self.run, self.spec = run, spec
-        self.ledger, self.account = run.ledger, run.account
+    def __init__(
+        self,
+        ctx: RunContext,
+        spec: MeterSpec,
+        deliver: Callable[[list[PlannedEvent]], tuple[list[Change], set[str]]],
+        periods: PeriodBook | None = None,
+    ) -> None:
+        self.ctx, self.spec, self.deliver, self.periods = ctx, spec, deliver, periods
+        self.ledger, self.account = ctx.ledger, ctx.account
         #: How many open rows were settled, and how many could not be; rows written to take
         #: Stripe's figure where it holds usage this ledger did not send.
         self.adopted = 0
@@ -70,11 +74,11 @@ class Settler:
         open_rows = [e for e in self.ledger.open_entries(self.account, self.spec.meter_id)]
         if not open_rows:
             return
-        self.run.log.info("Settling %d ledger rows earlier runs left open", len(open_rows))
-        window = self.run.settings.timing.identifier_window
-        now = clock.now()
+        self.ctx.log.info("Settling %d ledger rows earlier runs left open", len(open_rows))
+        window = self.ctx.settings.timing.identifier_window
+        now = self.ctx.clock.now()
         resend, cancel, read = [], [], []
-        periods = self.run.periods
+        periods = self.periods
         for entry in open_rows:
             if entry.state == CANCELLING:
                 cancel.append(entry)
@@ -102,12 +106,12 @@ class Settler:
         changes: list[Change] = []
         for entry in entries:
             try:
-                self.run.stripe.cancel_meter_event(entry.event_name, entry.identifier)
-                changes.append((entry.identifier, CANCELLED, clock.now(), "cancelled"))
+                self.ctx.stripe.cancel_meter_event(entry.event_name, entry.identifier)
+                changes.append(Change(entry.identifier, CANCELLED, self.ctx.clock.now(), "cancelled"))
             except Rejected as err:
                 # Past Stripe's 24 hours: the event stands, and the plan reports the day over.
                 changes.append(
-                    (entry.identifier, ACCEPTED, entry.answered_at, f"cancel refused: {err}"[:250])
+                    Change(entry.identifier, ACCEPTED, entry.answered_at, f"cancel refused: {err}"[:250])
                 )
         self.ledger.resolve(self.account, changes)
         self.settled += len(changes)
@@ -131,7 +135,7 @@ class Settler:
             )
             for e in entries
         ]
-        changes, failed = self.run.deliver(events)
+        changes, failed = self.deliver(events)
         self.ledger.resolve(self.account, changes)
         self.settled += len(changes)
         self.unsettled.extend(e for e in entries if e.identifier in failed)
@@ -140,17 +144,17 @@ class Settler:
         """Settle ``entries`` from Stripe's summaries (see the module's docstring)."""
         if not entries:
             return
-        run = self.run
-        if not wait_for_summaries(run, max((e.answered_at or e.sent_at) for e in entries)):
+        ctx = self.ctx
+        if not wait_for_summaries(ctx, max((e.answered_at or e.sent_at) for e in entries)):
             self.unsettled.extend(entries)
             return
         customers = sorted({e.customer_id for e in entries})
-        days = sorted({stamp_day(e.stamp) for e in entries})
-        found, unknown = run.stripe.recorded_per_day(
-            self.spec.meter_id, customers, days[0], days[-1], max_rps=run.settings.read_rps
+        days = sorted({day_of(e.stamp) for e in entries})
+        found, unknown = ctx.stripe.recorded_per_day(
+            self.spec.meter_id, customers, days[0], days[-1], max_rps=ctx.settings.read_rps
         )
-        run.book.summary_requests += len(customers)
-        start, end = day_end(days[0]) - 86400, day_end(days[-1])
+        ctx.book.summary_requests += len(customers)
+        start, end = day_start(days[0]), day_end(days[-1])
         others = [
             e
             for e in self.ledger.entries_stamped(self.account, self.spec.meter_id, customers, start, end)
@@ -158,17 +162,17 @@ class Settler:
         ]
         certain: dict[tuple[str, date], list[Entry]] = defaultdict(list)
         for entry in others:
-            certain[(entry.customer_id, stamp_day(entry.stamp))].append(entry)
+            certain[(entry.customer_id, day_of(entry.stamp))].append(entry)
         groups: dict[tuple[str, date], list[Entry]] = defaultdict(list)
         for entry in entries:
-            groups[(entry.customer_id, stamp_day(entry.stamp))].append(entry)
+            groups[(entry.customer_id, day_of(entry.stamp))].append(entry)
         changes: list[Change] = []
         adopted: list[Entry] = []
-        now = clock.now()
+        now = self.ctx.clock.now()
         for (customer, day), group in groups.items():
             group.sort(key=lambda e: (e.answered_at or e.sent_at, e.seq))
             if customer in unknown:
-                changes += [(e.identifier, DROPPED, now, "customer unknown to Stripe") for e in group]
+                changes += [Change(e.identifier, DROPPED, now, "customer unknown to Stripe") for e in group]
                 continue
             figure = found.get((customer, day), 0)
             landed = self._landed(group, certain[(customer, day)], figure)
@@ -180,14 +184,18 @@ class Settler:
                 if mirrored is None:
                     self.unsettled.extend(group)
                     continue
-                changes += [(e.identifier, DROPPED, now, "settled: Stripe's figure taken") for e in group]
+                changes += [
+                    Change(e.identifier, DROPPED, now, "settled: Stripe's figure taken") for e in group
+                ]
                 adopted.extend(mirrored)
                 continue
             changes += [
-                (e.identifier, ACCEPTED, e.answered_at or now, "settled from summaries")
+                Change(e.identifier, ACCEPTED, e.answered_at or now, "settled from summaries")
                 for e in group[:landed]
             ]
-            changes += [(e.identifier, DROPPED, now, "not in Stripe's summaries") for e in group[landed:]]
+            changes += [
+                Change(e.identifier, DROPPED, now, "not in Stripe's summaries") for e in group[landed:]
+            ]
         # The figure Stripe holds is written first: a run killed in between leaves both, and the
         # next settles the group again (its rows are still open) against the same figure.
         self.ledger.insert(adopted)
@@ -195,7 +203,7 @@ class Settler:
         self.settled += len(changes)
         self.adopted += len(adopted)
         if adopted:
-            self.run.log.warning(
+            self.ctx.log.warning(
                 "Stripe's summaries hold usage this ledger did not send for %d customer-days (e.g. %s): "
                 "the ledger takes Stripe's figures and the plan sends the difference to the source",
                 len({(e.customer_id, e.day) for e in adopted}),
@@ -229,13 +237,12 @@ class Settler:
         seq = known.max_seq if known is not None else max(e.seq for e in group)
         stamp = max(e.stamp for e in group)
         return figure_rows(
-            self.account,
+            self.ctx.writer,
             spec,
             first,
             seq,
             values,
             stamp,
-            (self.run.writer.run_id, self.run.writer.attempt),
             now,
             "stripe:",
             "Stripe's figure: its summaries hold usage this ledger did not send",
@@ -262,20 +269,19 @@ class Settler:
 
 
 def figure_rows(
-    account: str,
+    writer: Writer,
     spec: MeterSpec,
     where: Entry | tuple[str, str, date, int],
     after_seq: int,
     values: list[int],
     stamp: int,
-    writer: tuple[str, str],
     now: float,
     prefix: str,
     note: str,
 ) -> list[Entry]:
     """``accepted`` rows that make the ledger hold what Stripe's summaries show (never sent: their
     identifiers carry ``prefix``), numbered after ``after_seq`` in the customer-day (and part) of
-    ``where``: a ledger row, or (event name, customer, day, part)."""
+    ``where``: a ledger row, or (event name, customer, day, part); written by ``writer``."""
     if isinstance(where, Entry):
         name, customer, day, part, period_end = (
             where.event_name,
@@ -288,7 +294,7 @@ def figure_rows(
         (name, customer, day, part), period_end = where, None
     return [
         Entry(
-            account=account,
+            account=writer.account,
             meter_id=spec.meter_id,
             event_name=name,
             customer_id=customer,
@@ -299,8 +305,8 @@ def figure_rows(
             stamp=stamp,
             source_at=-1,
             state=ACCEPTED,
-            run_id=writer[0],
-            attempt=writer[1],
+            run_id=writer.run_id,
+            attempt=writer.attempt,
             sent_at=now,
             answered_at=now,
             note=note,
@@ -311,18 +317,18 @@ def figure_rows(
     ]
 
 
-def wait_for_summaries(run: BillingRun, latest: float) -> bool:
+def wait_for_summaries(ctx: RunContext, latest: float) -> bool:
     """Sleep until Stripe's summaries show what was answered at ``latest`` (``summary_lag`` on).
 
     ``False`` without sleeping when that is further away than ``settle_timeout``: the caller
     leaves the rows open for a later run.
     """
-    wait = latest + run.settings.summary_lag - clock.now()
-    if wait > run.settings.settle_seconds:
+    wait = latest + ctx.settings.summary_lag - ctx.clock.now()
+    if wait > ctx.settings.settle_seconds:
         return False
     if wait > 0:
-        run.log.info("Waiting %.1f s for Stripe's summaries to show the events in question", wait)
-        time.sleep(wait)
+        ctx.log.info("Waiting %.1f s for Stripe's summaries to show the events in question", wait)
+        ctx.clock.sleep(wait)
     return True
 
 
@@ -352,12 +358,13 @@ WITHHELD = "held: its billing period's invoice locks before the event would land
 
 
 def resolved_states(
+    clock: Clock,
     events: list[PlannedEvent],
-    answered: dict[int, float],
-    rejected: set[int],
-    failed: set[int],
-    foreign: set[int] = frozenset(),  # type: ignore[assignment]
-    withheld: set[int] = frozenset(),  # type: ignore[assignment]
+    answered: dict[str, float],
+    rejected: set[str],
+    failed: set[str],
+    foreign: set[str] = frozenset(),  # type: ignore[assignment]
+    withheld: set[str] = frozenset(),  # type: ignore[assignment]
 ) -> tuple[list[Change], set[str]]:
     """Ledger changes from a delivery: answered events are accepted, rejected ones rejected.
 
@@ -365,23 +372,25 @@ def resolved_states(
     identifier. An event refused as a duplicate although its request carried its row's own
     idempotency key (``foreign``) names a slot Stripe holds an event of someone else's in: it is
     not counted as billed but left ``unverified``, for the next run to settle from Stripe's
-    summaries. Returns the changes and the identifiers that failed.
+    summaries. Every set and ``answered`` (when Stripe answered) is keyed by event identifier.
+    Returns the changes and the identifiers that failed.
     """
     changes: list[Change] = []
     failed_ids: set[str] = set()
     for event in events:
-        if id(event) in failed:
-            failed_ids.add(event.identifier)
-        elif id(event) in withheld:
+        identifier = event.identifier
+        if identifier in failed:
+            failed_ids.add(identifier)
+        elif identifier in withheld:
             # Not sent: the row is not live, so the next run plans the usage again (held, or
             # carried into the open period with billing_periods="carry").
-            changes.append((event.identifier, REJECTED, clock.now(), WITHHELD))
-        elif id(event) in foreign:
-            changes.append((event.identifier, UNVERIFIED, answered.get(id(event), clock.now()), FOREIGN))
-        elif id(event) in rejected:
-            changes.append((event.identifier, REJECTED, answered.get(id(event)), "rejected by Stripe"))
+            changes.append(Change(identifier, REJECTED, clock.now(), WITHHELD))
+        elif identifier in foreign:
+            changes.append(Change(identifier, UNVERIFIED, answered.get(identifier, clock.now()), FOREIGN))
+        elif identifier in rejected:
+            changes.append(Change(identifier, REJECTED, answered.get(identifier), "rejected by Stripe"))
         else:
-            changes.append((event.identifier, ACCEPTED, answered.get(id(event), clock.now()), ""))
+            changes.append(Change(identifier, ACCEPTED, answered.get(identifier, clock.now()), ""))
     return changes, failed_ids
 
 

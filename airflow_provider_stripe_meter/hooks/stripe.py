@@ -10,7 +10,6 @@ is kept in :mod:`~airflow_provider_stripe_meter.utils.stream_session`, all throu
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
@@ -436,13 +435,14 @@ class StripeHook(BaseHook):
         .. seealso:: https://docs.stripe.com/api/v2/core/events/list
         .. seealso:: https://docs.stripe.com/billing/subscriptions/usage-based/recording-usage-api#error-handling
         """
-        from airflow_provider_stripe_meter.utils.rules import rfc3339
+        from airflow_provider_stripe_meter.utils.clock import SYSTEM
+        from airflow_provider_stripe_meter.utils.days import SECONDS_PER_DAY, rfc3339
 
         params: dict[str, Any] = {
             "object_id": meter_id,
             "types": ["v1.billing.meter.error_report_triggered"],
             # Stripe keeps events 30 days; asking for more is refused.
-            "created": {"gte": rfc3339(int(max(since, time.time() - 30 * 86400 + 60)))},
+            "created": {"gte": rfc3339(int(max(since, SYSTEM.now() - 30 * SECONDS_PER_DAY + 60)))},
         }
         page = self._call(self.client.v2.core.events.list, params)
         codes: dict[str, int] = {}

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import date
+from typing import NamedTuple
 
 PENDING = "pending"
 ACCEPTED = "accepted"
@@ -36,6 +37,17 @@ STATES = (PENDING, ACCEPTED, UNVERIFIED, DROPPED, REJECTED, CANCELLING, CANCELLE
 LIVE = (PENDING, ACCEPTED, UNVERIFIED, CANCELLING)
 #: States a run must settle before it plans the customer-day again.
 OPEN = (PENDING, UNVERIFIED, CANCELLING)
+
+
+class Change(NamedTuple):
+    """A row's new state, as a run learns it: written by :meth:`~.store.SqlLedger.resolve`."""
+
+    identifier: str
+    state: str
+    #: When Stripe answered (``None``: never).
+    answered_at: float | None
+    #: Why; an empty note keeps the row's own (why it was written, such as usage carried).
+    note: str
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,11 +13,12 @@ from __future__ import annotations
 import io
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from datetime import date, datetime, timezone
+from datetime import date
 from typing import Any
 
-from airflow_provider_stripe_meter.ledger.entries import LIVE, OPEN, DayFigure, Entry
+from airflow_provider_stripe_meter.ledger.entries import LIVE, OPEN, Change, DayFigure, Entry
 from airflow_provider_stripe_meter.ledger.schema import COLUMN_NAMES, DEFAULT_TABLE, check_table_name, ddl
+from airflow_provider_stripe_meter.utils.days import day_of
 
 #: Tries at creating the table when other runs create it at the same moment.
 DDL_TRIES = 5
@@ -26,7 +27,8 @@ BATCH = 500
 #: Dialects whose ``INSERT ... ON CONFLICT DO NOTHING`` and ``WITH ... UPDATE ... FROM`` we use.
 NATIVE = ("sqlite", "postgres")
 
-Key = tuple[str, date]  # (customer, day) within one meter
+#: (customer, UTC day) within one meter (the billing core's keys also name the meter's event).
+CustomerDayKey = tuple[str, date]
 
 
 def _chunks(items: Sequence[Any], size: int = BATCH) -> Iterator[Sequence[Any]]:
@@ -118,7 +120,7 @@ class SqlLedger:
 
     def figures(
         self, account: str, meter_id: str, first: date, last: date, *, newest: bool = False
-    ) -> dict[Key, DayFigure]:
+    ) -> dict[CustomerDayKey, DayFigure]:
         """What the ledger holds per (customer, day) from ``first`` to ``last``, folded.
 
         ``newest``: also find each day's newest event (what ``last`` and pre-aggregated meters
@@ -135,7 +137,7 @@ class SqlLedger:
             "GROUP BY customer_id, day",
             (*LIVE, *LIVE, *LIVE, *OPEN, account, meter_id, first.isoformat(), last.isoformat()),
         )
-        out: dict[Key, DayFigure] = {}
+        out: dict[CustomerDayKey, DayFigure] = {}
         days: dict[str, date] = {}  # a few dozen days for millions of rows: parse each once
         for customer, day, max_seq, total, events, source_at, open_count in rows:
             figure = DayFigure(
@@ -204,19 +206,19 @@ class SqlLedger:
             )
         return out
 
-    def landed_late(self, account: str, meter_id: str, start: int, end: int) -> dict[Key, int]:
+    def landed_late(self, account: str, meter_id: str, start: int, end: int) -> dict[CustomerDayKey, int]:
         """Per (customer, day it landed on), the live usage of older days stamped in ``[start, end)``.
 
         Usage older than Stripe's window is billed at the oldest instant Stripe accepts, so
         Stripe's figure for that day holds it beside the day's own usage.
         """
-        out: dict[Key, int] = {}
+        out: dict[CustomerDayKey, int] = {}
         for customer, day, stamp, value in self._query(
             f"SELECT customer_id, day, stamp, value FROM {self.table} WHERE account = ? AND meter_id = ? "
             f"AND stamp >= ? AND stamp < ? AND state IN ({self._marks(len(LIVE))})",
             (account, meter_id, start, end, *LIVE),
         ):
-            landed = datetime.fromtimestamp(int(stamp), timezone.utc).date()
+            landed = day_of(int(stamp))
             if date.fromisoformat(day) < landed:
                 out[(customer, landed)] = out.get((customer, landed), 0) + int(value)
         return out
@@ -303,7 +305,7 @@ class SqlLedger:
             except Exception:  # the key is taken (each driver names its own IntegrityError)
                 self.conn.rollback()
 
-    def resolve(self, account: str, changes: Sequence[tuple[str, str, float | None, str]]) -> None:
+    def resolve(self, account: str, changes: Sequence[Change]) -> None:
         """Set (state, answered_at, note) of each identifier in ``changes``: (identifier, state, at, note).
 
         An empty note keeps the row's own (why it was written, such as usage carried).

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
     from airflow_provider_stripe_meter.ledger.store import SqlLedger
@@ -56,15 +56,39 @@ class SyncState:
     events_to: int
 
 
+class SubscriptionRow(NamedTuple):
+    """One row of the subscriptions table (:data:`COLUMNS`, in order)."""
+
+    account: str
+    meter_id: str
+    subscription_id: str
+    customer_id: str
+    price_id: str
+    anchor: int
+    start_date: int
+    ended_at: int | None
+    cancel_at: int | None
+    interval_unit: str
+    interval_count: int
+    current_start: int
+    current_end: int
+    bounds: str
+
+    def terms(self) -> tuple[Any, ...]:
+        """What decides the row's boundaries apart from its current period: customer, price,
+        anchor, start, end, cancellation, interval (a renewal keeps them)."""
+        return self[3:11]
+
+
 def row_of(
     account: str, meter_id: str, subscription: dict[str, Any], item: dict[str, Any], bounds: Sequence[int]
-) -> tuple[Any, ...]:
+) -> SubscriptionRow:
     """A table row from a ``subscription`` object, its metered ``item`` and its period ``bounds``."""
     recurring = (item.get("price") or {}).get("recurring") or {}
     anchor = int(subscription.get("billing_cycle_anchor") or item["current_period_start"])
     ended = subscription.get("ended_at")
     cancel = subscription.get("cancel_at")
-    return (
+    return SubscriptionRow(
         account,
         meter_id,
         str(subscription["id"]),
@@ -127,19 +151,22 @@ class SubscriptionCache:
 
     def rows(
         self, account: str, meter_id: str, subscriptions: Sequence[str] | None = None
-    ) -> list[tuple[Any, ...]]:
+    ) -> list[SubscriptionRow]:
         """The meter's subscription rows (only those of ``subscriptions``, if given)."""
         self._create()
         query = f"SELECT {', '.join(NAMES)} FROM {self.table} WHERE account = ? AND meter_id = ?"
         if subscriptions is None:
-            return self.ledger._query(query, (account, meter_id))
+            return [SubscriptionRow._make(row) for row in self.ledger._query(query, (account, meter_id))]
         ids = sorted(set(subscriptions))
-        out: list[tuple[Any, ...]] = []
+        out: list[SubscriptionRow] = []
         for start in range(0, len(ids), 500):
             chunk = ids[start : start + 500]
-            out += self.ledger._query(
-                f"{query} AND subscription_id IN ({self.ledger._marks(len(chunk))})",
-                (account, meter_id, *chunk),
+            out += map(
+                SubscriptionRow._make,
+                self.ledger._query(
+                    f"{query} AND subscription_id IN ({self.ledger._marks(len(chunk))})",
+                    (account, meter_id, *chunk),
+                ),
             )
         return out
 
@@ -169,7 +196,7 @@ class SubscriptionCache:
         self,
         account: str,
         meter_id: str,
-        rows: Iterable[tuple[Any, ...]],
+        rows: Iterable[Sequence[Any]],
         *,
         full: bool,
         state: SyncState,
@@ -182,7 +209,8 @@ class SubscriptionCache:
         """
         self._create()
         try:
-            self._replace(account, meter_id, list(rows), full=full, state=state, removed=removed)
+            named = list(map(SubscriptionRow._make, rows))
+            self._replace(account, meter_id, named, full=full, state=state, removed=removed)
         except BaseException:
             with suppress(Exception):  # a connection that broke: the write's own error says more
                 self.ledger.conn.rollback()
@@ -192,7 +220,7 @@ class SubscriptionCache:
         self,
         account: str,
         meter_id: str,
-        rows: list[tuple[Any, ...]],
+        rows: list[SubscriptionRow],
         *,
         full: bool,
         state: SyncState,
@@ -204,7 +232,7 @@ class SubscriptionCache:
                 f"DELETE FROM {self.table} WHERE account = ? AND meter_id = ?", (account, meter_id)
             )
         else:
-            gone = sorted({r[2] for r in rows} | set(removed))
+            gone = sorted({r.subscription_id for r in rows} | set(removed))
             for start in range(0, len(gone), 500):
                 chunk = gone[start : start + 500]
                 ledger._execute(

@@ -92,7 +92,9 @@ class StripeMeterInvoiceCheckOperator(StripeUsageSourceOperator):
             spec = meter_spec(meter)
         ledger = ledger_on(self.ledger_conn_id, self.ledger_table)
         try:
-            periods = read_billing_periods(self, ledger, self.event_name)
+            periods = read_billing_periods(
+                self.hook, ledger, self.event_name, account=self.billed_account() or "platform", log=self.log
+            )
         finally:
             ledger.close()
         aggregator = self.read_usage(self.event_name, split=periods.split())

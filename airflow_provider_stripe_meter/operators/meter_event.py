@@ -15,6 +15,7 @@ from airflow_provider_stripe_meter.operators.base import (
     meter_outlets,
     update_meter_assets,
 )
+from airflow_provider_stripe_meter.utils.clock import SYSTEM
 from airflow_provider_stripe_meter.utils.identifiers import task_identifier
 from airflow_provider_stripe_meter.utils.rules import (
     NAIVE_TIMEZONE,
@@ -130,7 +131,7 @@ class StripeMeterEventOperator(StripeBaseOperator):
                 value=self.value,
                 identifier=self.identifier,
                 timestamp=self.timestamp,
-                now=int(time.time()),
+                now=int(SYSTEM.now()),
                 naive_timezone=zone(self.naive_timezone),
             )
         except MeterEventInputError as err:

@@ -8,7 +8,11 @@ from typing import TYPE_CHECKING, Any
 
 from airflow_provider_stripe_meter.billing.coverage import NOTHING, Coverage
 from airflow_provider_stripe_meter.billing.settings import (
+    APIS,
+    BILLING_PERIODS,
+    CONFIRMS,
     STRIPE_IDENTIFIER_WINDOW,
+    TOO_OLDS,
     Api,
     BillingPeriods,
     Confirm,
@@ -16,6 +20,7 @@ from airflow_provider_stripe_meter.billing.settings import (
     RunSettings,
     Timing,
     TooOld,
+    run_settings,
 )
 from airflow_provider_stripe_meter.exceptions import StripeParameterError
 from airflow_provider_stripe_meter.ledger.schema import DEFAULT_TABLE, check_table_name
@@ -28,12 +33,12 @@ from airflow_provider_stripe_meter.operators.base import (
 )
 from airflow_provider_stripe_meter.sources import DEFAULT_COLUMNS
 from airflow_provider_stripe_meter.state.periods import read_billing_periods
-from airflow_provider_stripe_meter.utils import clock
 from airflow_provider_stripe_meter.utils.aggregation import (
     DEFAULT_SAFETY_MARGIN,
     DEFAULT_SAMPLE_LIMIT,
     paused_gc,
 )
+from airflow_provider_stripe_meter.utils.clock import SYSTEM
 from airflow_provider_stripe_meter.utils.rules import (
     NAIVE_TIMEZONE,
     MeterEventInputError,
@@ -49,10 +54,6 @@ if TYPE_CHECKING:
     from airflow_provider_stripe_meter.ledger.store import SqlLedger
     from airflow_provider_stripe_meter.utils.aggregation import DailyAggregate, UsageAggregator
 
-APIS = ("v1", "v2_stream")
-TOO_OLD = ("skip", "bill_at_oldest")
-BILLING_PERIODS = ("hold", "carry", "off")
-CONFIRM = ("meter", "summaries")
 #: ``covers``'s default: the run's ``billing_window()``, each day only if the source has rows of it.
 DEFAULT_COVERS = "billing_window"
 
@@ -273,8 +274,8 @@ class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
         )
         for name, value, allowed in (
             ("api", api, APIS),
-            ("confirm", confirm, CONFIRM),
-            ("too_old", too_old, TOO_OLD),
+            ("confirm", confirm, CONFIRMS),
+            ("too_old", too_old, TOO_OLDS),
             ("billing_periods", billing_periods, BILLING_PERIODS),
         ):
             if value not in allowed:
@@ -336,9 +337,9 @@ class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
                 self._settings(context),
                 HookStripe(self.hook),
                 ledger,
-                ledger_writer(self, context),
+                ledger_writer(self.hook.stripe_account or "platform", context),
                 self.log,
-                int(clock.now()),
+                int(SYSTEM.now()),
                 # Customers Stripe has shown to exist: usage of any other is held, not sent.
                 customers=CustomerTable(ledger),
             )
@@ -439,7 +440,15 @@ class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
         if self.billing_periods == "off":
             return None
         # The subscriptions table is written while the first events are out (see ``execute``).
-        return read_billing_periods(self, ledger, self.event_name, defer=True)
+        return read_billing_periods(
+            self.hook,
+            ledger,
+            self.event_name,
+            account=self.billed_account() or "platform",
+            log=self.log,
+            billing_periods=self.billing_periods,
+            defer=True,
+        )
 
     def _write_report(self, run: BillingRun) -> str | None:
         """Write every customer-day of the run (plan and outcome) to ``report_path``, if named."""
@@ -453,22 +462,19 @@ class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
         )
 
     def _settings(self, context: Context) -> RunSettings:
-        from airflow_provider_stripe_meter.utils.delivery import default_max_rps, default_read_rps
-
         lag = self.timing.summary_lag
-        return RunSettings(
+        return run_settings(
+            self.hook,
+            max_rps=self.delivery.max_rps,
+            summary_lag=lag.total_seconds() if lag is not None else None,
             api=self.api,
             confirm=self.confirm,
             adopt=self.adopt,
             dry_run=self.plan_only,
             plan_limit=self.plan_limit,
             sample_limit=self.sample_limit,
-            max_rps=self.delivery.max_rps
-            or default_max_rps(self.hook.livemode, connected=bool(self.hook.stripe_account)),
-            read_rps=self.delivery.max_rps or default_read_rps(self.hook.livemode),
             delivery=self.delivery,
             timing=self.timing,
-            summary_lag=lag.total_seconds() if lag is not None else float(self.hook.summary_lag),
             carry=self.billing_periods == "carry",
         )
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable, Sequence
 from datetime import date
 from typing import TYPE_CHECKING, Any
@@ -12,6 +11,7 @@ from airflow_provider_stripe_meter.ledger.schema import DEFAULT_TABLE, check_tab
 from airflow_provider_stripe_meter.metrics import MeterMetrics
 from airflow_provider_stripe_meter.operators.base import StripeBaseOperator
 from airflow_provider_stripe_meter.utils.aggregation import DEFAULT_SAFETY_MARGIN
+from airflow_provider_stripe_meter.utils.clock import SYSTEM
 from airflow_provider_stripe_meter.utils.rules import PAST_WINDOW
 
 if TYPE_CHECKING:
@@ -77,10 +77,9 @@ class StripeMeterTopUpOperator(StripeBaseOperator):
         from airflow_provider_stripe_meter.billing.hook_port import HookStripe
         from airflow_provider_stripe_meter.billing.result import SourceFigures
         from airflow_provider_stripe_meter.billing.run import BillingRun, Usage
-        from airflow_provider_stripe_meter.billing.settings import RunSettings
+        from airflow_provider_stripe_meter.billing.settings import run_settings
         from airflow_provider_stripe_meter.exceptions import StripeDeliveryIncompleteError, raised_for_airflow
         from airflow_provider_stripe_meter.state.ledger import ledger_on, ledger_writer
-        from airflow_provider_stripe_meter.utils.delivery import default_max_rps, default_read_rps
 
         lines, partial = _reconciliation_lines(self.reconciliation)
         if partial:
@@ -99,16 +98,18 @@ class StripeMeterTopUpOperator(StripeBaseOperator):
             return self._outcome(None, partial)
         hook = self.hook
         aggregates = [_aggregate(self.event_name, line) for line in wanted]
-        now = int(time.time())
-        settings = RunSettings(
-            api="v1",
-            max_rps=self.max_rps or default_max_rps(hook.livemode, connected=bool(hook.stripe_account)),
-            read_rps=self.max_rps or default_read_rps(hook.livemode),
-            summary_lag=float(hook.summary_lag),
-        )
+        now = int(SYSTEM.now())
+        settings = run_settings(hook, max_rps=self.max_rps, api="v1")
         ledger = ledger_on(self.ledger_conn_id, self.ledger_table)
         try:
-            run = BillingRun(settings, HookStripe(hook), ledger, ledger_writer(self, context), self.log, now)
+            run = BillingRun(
+                settings,
+                HookStripe(hook),
+                ledger,
+                ledger_writer(hook.stripe_account or "platform", context),
+                self.log,
+                now,
+            )
             # Only what the ledger lacks is sent. A day Stripe shows short that the ledger holds
             # in full is not sent again: a shortfall alone does not say Stripe dropped anything
             # (its summaries may trail longer than summary_lag), and guessing would bill twice.
@@ -184,8 +185,8 @@ def _reconciliation_lines(reconciliation: Any) -> tuple[Iterable[dict[str, Any]]
 
 def _aggregate(event_name: str, line: dict[str, Any]) -> DailyAggregate:
     """A reconciliation line as the day's aggregate: its expected figure under every formula."""
-    from airflow_provider_stripe_meter.billing.plans import day_end
     from airflow_provider_stripe_meter.utils.aggregation import DailyAggregate
+    from airflow_provider_stripe_meter.utils.days import day_end
 
     day = date.fromisoformat(line["day"])
     expected = int(line["expected"])
@@ -263,14 +264,17 @@ class StripeMeterEventCancelOperator(StripeBaseOperator):
             cancelled.append(identifier)
             self.log.info("Cancelled meter event %r", identifier)
         if cancelled and self.ledger_conn_id:
-            from airflow_provider_stripe_meter.ledger.entries import CANCELLED
+            from airflow_provider_stripe_meter.ledger.entries import CANCELLED, Change
             from airflow_provider_stripe_meter.state.ledger import ledger_on
 
             ledger = ledger_on(self.ledger_conn_id, self.ledger_table)
             try:
                 ledger.resolve(
                     hook.stripe_account or "platform",
-                    [(i, CANCELLED, time.time(), f"cancelled by task {self.task_id}") for i in cancelled],
+                    [
+                        Change(i, CANCELLED, SYSTEM.now(), f"cancelled by task {self.task_id}")
+                        for i in cancelled
+                    ],
                 )
             finally:
                 ledger.close()

@@ -202,10 +202,10 @@ class StripeMeterReconcileSensor(StripeUsageSourceOperator, BaseSensorOperator):
         if not self.ledger_conn_id or not lines:
             return lines
         from airflow_provider_stripe_meter.billing.meters import meter_spec
-        from airflow_provider_stripe_meter.billing.plans import day_end
-        from airflow_provider_stripe_meter.billing.settling import stamp_day, stripe_view
+        from airflow_provider_stripe_meter.billing.settling import stripe_view
         from airflow_provider_stripe_meter.exceptions import raised_for_airflow
         from airflow_provider_stripe_meter.state.ledger import ledger_on
+        from airflow_provider_stripe_meter.utils.days import day_end, day_of, day_start
 
         with raised_for_airflow():
             spec = meter_spec(self.hook.active_meter(self.event_name))
@@ -216,14 +216,14 @@ class StripeMeterReconcileSensor(StripeUsageSourceOperator, BaseSensorOperator):
                 self.billed_account() or "platform",
                 meter_id,
                 None,
-                day_end(min(days)) - 86400,
+                day_start(min(days)),
                 day_end(max(days)),
             )
         finally:
             ledger.close()
         by_day: dict[tuple[str, date], list[Any]] = {}
         for entry in entries:
-            by_day.setdefault((entry.customer_id, stamp_day(entry.stamp)), []).append(entry)
+            by_day.setdefault((entry.customer_id, day_of(entry.stamp)), []).append(entry)
         return [
             reconcile.explain(
                 line, stripe_view(spec, by_day.get((line.customer_id, date.fromisoformat(line.day)), []))
@@ -329,13 +329,13 @@ class StripeMeterReconcileSensor(StripeUsageSourceOperator, BaseSensorOperator):
         """Per customer-day of ``first``..``last``, the units the batch operator billed late onto it."""
         if not self.ledger_conn_id:
             return {}
-        from airflow_provider_stripe_meter.billing.plans import day_end
         from airflow_provider_stripe_meter.state.ledger import ledger_on
+        from airflow_provider_stripe_meter.utils.days import day_end, day_start
 
         ledger = ledger_on(self.ledger_conn_id, self.ledger_table)
         try:
             return ledger.landed_late(
-                self.billed_account() or "platform", meter_id, day_end(first) - 86400, day_end(last)
+                self.billed_account() or "platform", meter_id, day_start(first), day_end(last)
             )
         finally:
             ledger.close()

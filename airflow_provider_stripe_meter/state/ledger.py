@@ -5,18 +5,17 @@
 
 from __future__ import annotations
 
-import time
 from datetime import date
 from typing import TYPE_CHECKING
 
 from airflow_provider_stripe_meter.ledger.schema import DEFAULT_TABLE
 from airflow_provider_stripe_meter.ledger.store import SqlLedger
+from airflow_provider_stripe_meter.utils.clock import SYSTEM
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
-    from airflow_provider_stripe_meter.billing.run import Writer
-    from airflow_provider_stripe_meter.operators.base import StripeBaseOperator
+    from airflow_provider_stripe_meter.billing.context import Writer
 
 #: Connection types whose SQL the ledger writes natively; any other DB-API database goes row by row.
 DIALECTS = {"sqlite": "sqlite", "postgres": "postgres", "postgresql": "postgres"}
@@ -44,16 +43,16 @@ def ledger_on(conn_id: str, table: str = DEFAULT_TABLE) -> SqlLedger:
     )
 
 
-def ledger_writer(operator: StripeBaseOperator, context: Context) -> Writer:
-    """Who writes a task's ledger rows: its account, its Airflow run, and this try of the task."""
+def ledger_writer(account: str, context: Context) -> Writer:
+    """Who writes a task's ledger rows: ``account``, its Airflow run, and this try of the task."""
     import uuid
 
-    from airflow_provider_stripe_meter.billing.run import Writer
+    from airflow_provider_stripe_meter.billing.context import Writer
 
     ti = context["ti"]
     map_index = ti.map_index if ti.map_index is not None else -1
     return Writer(
-        account=operator.hook.stripe_account or "platform",
+        account=account,
         run_id=ti.run_id,
         # Unique per execution: a retry, or a second worker, writes as someone else.
         attempt=f"{ti.dag_id}:{ti.task_id}:{map_index}:{ti.try_number}:{uuid.uuid4().hex[:12]}",
@@ -64,16 +63,16 @@ def mark_dropped(
     ledger: SqlLedger, account: str, meter_id: str, keys: set[tuple[str, date]], note: str
 ) -> int:
     """Mark the live events of ``keys`` (customer, day) ``dropped``: Stripe holds none of them."""
-    from airflow_provider_stripe_meter.ledger.entries import DROPPED, LIVE
+    from airflow_provider_stripe_meter.ledger.entries import DROPPED, LIVE, Change
 
     if not keys:
         return 0
     entries = ledger.entries_of(
         account, meter_id, {k[0] for k in keys}, min(k[1] for k in keys), max(k[1] for k in keys)
     )
-    now = time.time()
+    now = SYSTEM.now()
     changes = [
-        (e.identifier, DROPPED, now, note)
+        Change(e.identifier, DROPPED, now, note)
         for e in entries
         if (e.customer_id, e.day) in keys and e.state in LIVE
     ]

@@ -5,18 +5,28 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from airflow_provider_stripe_meter.utils import clock
+from airflow_provider_stripe_meter.utils.clock import SYSTEM
 
 if TYPE_CHECKING:
     from airflow_provider_stripe_meter.billing.periods import PeriodBook
+    from airflow_provider_stripe_meter.billing.ports import Log
+    from airflow_provider_stripe_meter.hooks.stripe import StripeHook
     from airflow_provider_stripe_meter.ledger.store import SqlLedger
-    from airflow_provider_stripe_meter.operators.base import StripeBaseOperator
 
 
 def read_billing_periods(
-    operator: StripeBaseOperator, ledger: SqlLedger, event_name: str | None, *, defer: bool = False
+    hook: StripeHook,
+    ledger: SqlLedger,
+    event_name: str | None,
+    *,
+    account: str,
+    log: Log,
+    billing_periods: str = "hold",
+    defer: bool = False,
 ) -> PeriodBook:
-    """The periods of the meter of ``event_name`` (``None``: of every active meter), logged.
+    """The periods of the meter of ``event_name`` (``None``: of every active meter) on ``account``,
+    read through ``hook`` and logged to ``log``; ``billing_periods``: the task's setting, named
+    when the key may not read them.
 
     With ``defer`` the subscriptions table is written by the book's ``save()``, later.
     """
@@ -27,9 +37,8 @@ def read_billing_periods(
     from airflow_provider_stripe_meter.utils.aggregation import DEFAULT_SAFETY_MARGIN
     from airflow_provider_stripe_meter.utils.rules import PAST_WINDOW
 
-    hook = operator.hook
     started = time.monotonic()
-    now = int(clock.now())
+    now = int(SYSTEM.now())
     # Periods reaching back over every day Stripe still takes usage for (and one more).
     since = now - int((PAST_WINDOW - DEFAULT_SAFETY_MARGIN).total_seconds()) - 86400
     from concurrent.futures import ThreadPoolExecutor
@@ -54,7 +63,7 @@ def read_billing_periods(
             hook,
             SubscriptionCache(ledger),
             meters,
-            operator.billed_account() or "platform",
+            account,
             since,
             now,
             defer=defer,
@@ -63,7 +72,7 @@ def read_billing_periods(
     except StripeConfigurationError as err:
         # A restricted key made for meter events alone: say what the periods need, and the way out.
         raise StripeConfigurationError(
-            f"Reading billing periods (billing_periods={getattr(operator, 'billing_periods', 'hold')!r}) "
+            f"Reading billing periods (billing_periods={billing_periods!r}) "
             "needs the key to read Prices, Subscriptions, Invoices and Events: grant them, or set "
             f"billing_periods='off' to bill by UTC day alone. {err}",
             err.details,
@@ -73,14 +82,14 @@ def read_billing_periods(
     if not periods.metered:
         # Said plainly for a billing reader: with no metered price there are no invoices to split for.
         unpriced = sorted(meters)
-        operator.log.info(
+        log.info(
             "Billing periods: %s %s no metered price, so usage is billed by UTC day (%.1f s)",
             ", ".join(unpriced) or "no active meter",
             "have" if len(unpriced) > 1 else "has",
             periods.read_seconds,
         )
         return periods
-    operator.log.info(
+    log.info(
         "Billing periods: %d customers subscribed on %s (subscriptions listed %d, changes read %d, "
         "kept %d; %.1f s); a day in which a customer's billing period ends is billed in two pieces, "
         "one on each invoice",

@@ -41,7 +41,7 @@ from airflow_provider_stripe_meter.testing.ledger import (
     StripeApiError,
     parse_rfc3339,
 )
-from airflow_provider_stripe_meter.utils.rules import rfc3339
+from airflow_provider_stripe_meter.utils.days import rfc3339
 
 DEFAULT_API_KEY = "sk_test_local_meter_server"
 #: The account a key belongs to, as a permission error names it (connected accounts have their own).

@@ -30,15 +30,14 @@ from itertools import compress, repeat
 from operator import attrgetter, eq, itemgetter
 from typing import Any
 
+from airflow_provider_stripe_meter.utils.days import EPOCH_ORDINAL, SECONDS_PER_DAY, day_numbered, iso_utc
 from airflow_provider_stripe_meter.utils.rules import (
     FUTURE_TOLERANCE,
     MAX_VALUE,
     MAX_VALUE_DIGITS,
     NAIVE_TIMEZONE,
     PAST_WINDOW,
-    SECONDS_PER_DAY,
     MeterEventInputError,
-    iso_utc,
     to_unix_seconds,
     validate_customer_id,
     validate_event_name,
@@ -50,7 +49,6 @@ DEFAULT_SAFETY_MARGIN = timedelta(hours=1)
 DEFAULT_SAMPLE_LIMIT = 20
 _EPOCH = datetime(1970, 1, 1)
 _EPOCH_UTC = datetime(1970, 1, 1, tzinfo=timezone.utc)
-_EPOCH_ORDINAL = _EPOCH.toordinal()
 _SECOND = timedelta(seconds=1)
 _GET_TZINFO = attrgetter("tzinfo")
 _TO_ORDINAL = datetime.toordinal
@@ -246,7 +244,7 @@ class UsageAggregator:
     def _add_fast_day(
         self, ordinal: int, customers: list[str], values: list[int], stamps: list[datetime]
     ) -> None:
-        day = ordinal - _EPOCH_ORDINAL
+        day = ordinal - EPOCH_ORDINAL
         split = self._split_on(day)
         if split and not split.isdisjoint(customers):
             # Customers whose day holds a period boundary: their rows go to the day's parts.
@@ -433,14 +431,14 @@ class UsageAggregator:
                 )
                 continue
             event_name, customer, day_number = key
-            day = days.get(day_number) or days.setdefault(day_number, _day(day_number))
+            day = days.get(day_number) or days.setdefault(day_number, day_numbered(day_number))
             if -MAX_VALUE <= total <= MAX_VALUE:
                 out.append(DailyAggregate(event_name, customer, day, total, seconds, rows, last))
                 continue
             self._too_big(customer, day, total, rows)
         for (event_name, customer, day_number), found in parts.items():
             found.sort(key=lambda p: p.start)
-            day = _day(day_number)
+            day = day_numbered(day_number)
             total = sum(p.value for p in found)
             if not all(-MAX_VALUE <= v <= MAX_VALUE for v in (total, *(p.value for p in found))):
                 self._too_big(customer, day, total, sum(p.rows for p in found))
@@ -485,7 +483,7 @@ def _is_customer(value: Any) -> bool:
 
 def _naive_utc_seconds(moment: datetime) -> int:
     return (
-        (moment.toordinal() - _EPOCH_ORDINAL) * SECONDS_PER_DAY
+        (moment.toordinal() - EPOCH_ORDINAL) * SECONDS_PER_DAY
         + moment.hour * 3600
         + moment.minute * 60
         + moment.second
@@ -496,10 +494,6 @@ def _naive_utc_seconds(moment: datetime) -> int:
 #: window at once (a pass over every customer) rather than day by day (a pass each).
 LAZY_DAYS = 2
 _NOBODY: frozenset[str] = frozenset()
-
-
-def _day(day_number: int) -> date:
-    return date(1970, 1, 1) + timedelta(days=day_number)
 
 
 @contextmanager

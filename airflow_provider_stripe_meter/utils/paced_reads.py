@@ -14,12 +14,12 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable, Sequence
-from datetime import date, datetime, timezone
+from datetime import date
 from typing import Any, Protocol
 
+from airflow_provider_stripe_meter.utils.days import SECONDS_PER_DAY, day_of, day_start
 from airflow_provider_stripe_meter.utils.delivery import Deliverer
 from airflow_provider_stripe_meter.utils.errors import MeterFailure, Rejected, Transient
-from airflow_provider_stripe_meter.utils.rules import SECONDS_PER_DAY
 
 #: Summaries per (customer, UTC day), and the customers Stripe does not know.
 PerDay = tuple[dict[tuple[str, date], int], set[str]]
@@ -189,7 +189,7 @@ def customers_known(
 
 def day_span(first: date, last: date) -> tuple[int, int]:
     """Unix seconds from the start of UTC day ``first`` to the end of UTC day ``last``."""
-    start = int(datetime(first.year, first.month, first.day, tzinfo=timezone.utc).timestamp())
+    start = day_start(first)
     return start, start + ((last - first).days + 1) * SECONDS_PER_DAY
 
 
@@ -204,7 +204,7 @@ def per_day(found: dict[str, list[dict[str, Any]] | None]) -> PerDay:
         for summary in summaries:
             value = summary["aggregated_value"]
             if value:
-                day = datetime.fromtimestamp(summary["start_time"], timezone.utc).date()
+                day = day_of(summary["start_time"])
                 # Summaries are numbers (floats in JSON); meter values are whole numbers.
                 recorded[(customer, day)] = recorded.get((customer, day), 0) + round(value)
     return recorded, unknown

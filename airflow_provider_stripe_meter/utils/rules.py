@@ -17,11 +17,12 @@ from datetime import date, datetime, timedelta, timezone, tzinfo
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+from airflow_provider_stripe_meter.utils.days import SECONDS_PER_DAY, iso_utc
+
 MAX_EVENT_NAME_LENGTH = 100
 MAX_IDENTIFIER_LENGTH = 100
 MAX_VALUE_DIGITS = 15
 MAX_VALUE = 10**MAX_VALUE_DIGITS - 1
-SECONDS_PER_DAY = 86400
 #: Stripe accepts events whose timestamp lies within the past 35 calendar days ...
 PAST_WINDOW = timedelta(days=35)
 #: ... and at most 5 minutes in the future.
@@ -238,19 +239,6 @@ def check_time_window(
             f"must be at most 5 minutes in the future (not after {iso_utc(newest)}), got {iso_utc(seconds)}",
         )
     return seconds
-
-
-def iso_utc(seconds: int) -> str:
-    """Unix seconds as an ISO-8601 UTC string, for messages and reports."""
-    try:
-        return datetime.fromtimestamp(seconds, tz=timezone.utc).isoformat()
-    except (OverflowError, OSError, ValueError):
-        return f"{seconds} (out of range)"
-
-
-def rfc3339(seconds: float) -> str:
-    """Unix seconds as the RFC 3339 UTC string Stripe's v2 endpoints take."""
-    return datetime.fromtimestamp(seconds, tz=timezone.utc).isoformat().replace("+00:00", "Z")
 
 
 def validate_timestamp(value: Any, now: int, *, naive_timezone: tzinfo | None = NAIVE_TIMEZONE) -> int | None:

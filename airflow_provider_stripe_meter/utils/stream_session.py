@@ -10,11 +10,11 @@ Plain Python: the session is opened, and events sent, through the hook's calls
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
+from airflow_provider_stripe_meter.utils.clock import SYSTEM
 from airflow_provider_stripe_meter.utils.errors import SessionExpired
 
 
@@ -48,7 +48,7 @@ class MeterEventStream:
             if (
                 self._client is None
                 or self._token is None
-                or time.time() >= self._expires_at - self.renew_before
+                or SYSTEM.now() >= self._expires_at - self.renew_before
             ):
                 session = self.stripe.create_meter_event_session()
                 self._token = session["authentication_token"]

@@ -13,15 +13,17 @@ from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+from airflow_provider_stripe_meter.billing.context import Writer
 from airflow_provider_stripe_meter.billing.coverage import NOTHING, Coverage
 from airflow_provider_stripe_meter.billing.result import SourceFigures
-from airflow_provider_stripe_meter.billing.run import BillingRun, Usage, Writer
+from airflow_provider_stripe_meter.billing.run import BillingRun, Usage
 from airflow_provider_stripe_meter.billing.settings import Delivery, RunSettings, Timing
 from airflow_provider_stripe_meter.ledger.customers import CustomerTable
 from airflow_provider_stripe_meter.ledger.store import SqlLedger
 from airflow_provider_stripe_meter.testing.inprocess import InProcessStripe
 from airflow_provider_stripe_meter.testing.ledger import MeterLedger
 from airflow_provider_stripe_meter.utils.aggregation import UsageAggregator
+from airflow_provider_stripe_meter.utils.clock import Clock
 
 DAY = 86400
 HOUR = 3600
@@ -56,8 +58,8 @@ class World:
         check_customers: bool = True,
     ) -> None:
         self.now = float(START)
-        monkeypatch.setattr("airflow_provider_stripe_meter.utils.clock.now", self.clock)
-        monkeypatch.setattr("airflow_provider_stripe_meter.billing.settling.time.sleep", self.advance)
+        #: The runs' clock: waiting on it moves it on.
+        self.run_clock = Clock(self.clock, self.advance)
         self.stripe_state = MeterLedger(
             clock=self.clock, identifier_window=DAY, summary_lag=summary_lag, customers=customers
         )
@@ -169,6 +171,7 @@ class World:
                 LOG,
                 now,
                 customers=CustomerTable(store) if self.check_customers else None,
+                clock=self.run_clock,
             )
             run.meanwhile = list(meanwhile or [])
             result = run.execute(usage).as_dict()

@@ -15,14 +15,14 @@ if TYPE_CHECKING:
 @pytest.fixture
 def at_time(monkeypatch, secret_server) -> Callable[[pendulum.DateTime], None]:
     """Set the virtual now of the operator and of the local server (it runs on from there)."""
-    from airflow_provider_stripe_meter.utils import clock
+    from airflow_provider_stripe_meter.utils.clock import SYSTEM
 
     offset = [0.0]
 
     def now() -> float:
         return time.time() + offset[0]
 
-    monkeypatch.setattr(clock, "now", now)
+    monkeypatch.setattr(SYSTEM, "source", now)
     secret_server.ledger.clock = now
 
     def set_to(moment: pendulum.DateTime) -> None:

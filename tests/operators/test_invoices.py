@@ -194,12 +194,12 @@ def test_a_subscription_that_starts_mid_day_bills_from_its_start_and_reports_the
 
 def test_a_mapped_run_over_two_connected_accounts_bills_each_accounts_invoices(usage_db, monkeypatch):
     from airflow_provider_stripe_meter.testing import LocalStripeServer
-    from airflow_provider_stripe_meter.utils import clock
+    from airflow_provider_stripe_meter.utils.clock import SYSTEM
     from tests.conftest import SECRET_KEY
 
     accounts = {"acct_1North": ANCHOR, "acct_1South": pendulum.datetime(2026, 1, 30, 6, 0, tz="UTC")}
     offset = NIGHTLY.timestamp() - time.time()
-    monkeypatch.setattr(clock, "now", lambda: time.time() + offset)
+    monkeypatch.setattr(SYSTEM, "source", lambda: time.time() + offset)
     with sqlite3.connect(usage_db) as con:
         con.execute(
             "CREATE TABLE connect_usage (account TEXT, customer_id TEXT, tokens INTEGER, used_at TEXT)"
@@ -220,7 +220,7 @@ def test_a_mapped_run_over_two_connected_accounts_bills_each_accounts_invoices(u
         )
         for account, anchor in accounts.items():
             ledger = server.account(account)
-            ledger.clock = clock.now
+            ledger.clock = SYSTEM.now
             ledger.billing.grace = 24 * 3600
             price = ledger.billing.add_price("ai_tokens_used")
             ledger.billing.subscribe(

@@ -37,8 +37,16 @@ class Task:
 
 def test_a_key_without_the_periods_permissions_names_them_and_the_way_out(tmp_path):
     ledger = SqlLedger(lambda: sqlite3.connect(tmp_path / "ledger.db"))
+    task = Task()
     with pytest.raises(StripeConfigurationError) as raised:
-        read_billing_periods(Task(), ledger, "ai_tokens_used")
+        read_billing_periods(
+            task.hook,
+            ledger,
+            "ai_tokens_used",
+            account=task.billed_account() or "platform",
+            log=task.log,
+            billing_periods=task.billing_periods,
+        )
     message = str(raised.value)
     assert "Prices, Subscriptions, Invoices and Events" in message
     assert "billing_periods='off'" in message

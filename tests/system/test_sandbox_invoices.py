@@ -176,11 +176,12 @@ def _bill(
     """One run of the batch operator over ``rows`` (``rows=``), its clock set to ``now``, on the
     ``stripe_sandbox`` connection and the ``ledger_sandbox`` ledger; returns its outcome."""
     from airflow_provider_stripe_meter.operators.meter_event_batch import StripeMeterEventBatchOperator
+    from airflow_provider_stripe_meter.utils.clock import SYSTEM
 
     offset = now - time.time()
     # The operator's "now" is the test clock's: which periods are open, which drafts still take
     # usage, which rows are too new, all follow the clock the subscriptions live on.
-    monkeypatch.setattr("airflow_provider_stripe_meter.utils.clock.now", lambda: time.time() + offset)
+    monkeypatch.setattr(SYSTEM, "source", lambda: time.time() + offset)
     operator = StripeMeterEventBatchOperator(
         task_id="bill",
         event_name=event_name,
