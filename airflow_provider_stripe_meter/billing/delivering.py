@@ -157,7 +157,9 @@ class _Answers:
     def _note(self, batch: list[PlannedEvent]) -> None:
         delivery = self.delivery
         moment = delivery.ctx.clock.now()
-        delivery.last_answer = max(delivery.last_answer, moment)
         with self.lock:
+            # Under the lock: a slower thread must not put back an earlier moment, or the wait
+            # for Stripe's summaries to catch up would end too soon.
+            delivery.last_answer = max(delivery.last_answer, moment)
             for event in batch:
                 self.answered[event.identifier] = moment

@@ -23,7 +23,8 @@ class StreamSession(Protocol):
 
 
 class StripeMeters(Protocol):
-    """The Stripe calls of a billing run (:class:`~airflow_provider_stripe_meter.hooks.stripe.StripeHook`)."""
+    """The Stripe calls of a billing run (:class:`~.hook_port.HookStripe` over the hook; the
+    in-process Stripe of :mod:`airflow_provider_stripe_meter.testing.inprocess` in tests)."""
 
     @property
     def livemode(self) -> bool: ...
