@@ -2,21 +2,12 @@
 
 Plain Python; Stripe and the subscriptions table are ports
 (:class:`~airflow_provider_stripe_meter.hooks.stripe.StripeHook`,
-:class:`~airflow_provider_stripe_meter.ledger.subscriptions.SubscriptionCache`). Per run:
-
-* the account's metered prices on the meters (one request per 100 prices);
-* when each period that ended locks, from that period's own draft invoice
-  (:class:`~.periods.DraftLocks`): drafts are listed only once a run asks about a period that
-  ended, from that period's UTC day on, about one request per 100 drafts;
-* per meter, its subscriptions: listed in full on the first run, when its prices change, once a
-  week, or when the last run is older than the 30 days Stripe keeps events; otherwise the
-  ``customer.subscription.*`` events since the last run (five minutes overlap, as events are
-  listed eventually) bring the table up to date, one request per 100 changes, listed in time
-  ranges at once, cut where the table expects the renewals (:func:`_cuts`).
-
-The table is read while the changes are listed; a customer's boundaries are parsed only when a
-run asks about an instant outside its current period. With ``defer`` the table is written later
-(by the batch operator, while its first events are out).
+:class:`~airflow_provider_stripe_meter.ledger.subscriptions.SubscriptionCache`). A meter's
+subscriptions are listed in full on its first run, when its prices change, once a week, or when
+its last sync is older than the events Stripe keeps; otherwise Stripe's
+``customer.subscription.*`` events since then bring the table up to date, listed in time ranges
+at once (:func:`_cuts`) while the table is read. Draft invoices, which say when a period that
+ended locks (:class:`~.periods.DraftLocks`), are listed only once a run asks about such a period.
 
 .. seealso:: https://docs.stripe.com/api/events/list
 .. seealso:: https://docs.stripe.com/billing/subscriptions/usage-based/configure-grace-period
