@@ -1,11 +1,9 @@
 """Planning a slice ahead of the one being sent.
 
-A run plans every customer-day (the source's figure minus the ledger's) and sends the planned
-events a slice at a time. Planning 100,000 customer-days takes most of a second, while each
-slice waits on Stripe's rate limit for about as long. So a run plans its first slice, then plans
-the next one while the requests of the one before are out: it waits on the plan only once.
-
-Plain Python: the plan is an iterator of planned customer-days, in the order they are planned.
+Planning 100,000 customer-days takes most of a second, about as long as a slice of events waits
+on Stripe's rate limit, so a run plans its first slice, then each next one while the requests of
+the one before are out: it waits on the plan only once. Plain Python: the plan is an iterator of
+planned customer-days, in the order they are planned.
 """
 
 from __future__ import annotations

@@ -1,18 +1,10 @@
 """What a run's source covers: the UTC days, and up to which instant, where the source is the truth.
 
-A run plans from the rows its query returned. Without knowing what the query covers, a day with
-fewer or older rows than the ledger billed from looks the same whether a row was deleted (a
-refund, a fraudulent call: a correction) or the run reads an older view of the day (an hourly
-run retried after the nightly one). A run's coverage says which:
-
-* inside it, the source is the truth: a customer-day (or a part of a split day) with fewer,
-  smaller or no rows than the ledger billed is corrected, whatever row was deleted;
-* a day the coverage reaches only up to an instant (an hourly "day so far" run) is the truth only
-  if the ledger billed it from rows before that instant: a later view is never lowered by it.
-
-The rule, for a customer-day whose ledger events were planned from source rows up to
-``source_at``: the source is the truth if the coverage holds the day from its start through an
-instant past ``source_at``.
+There a customer-day (or a part of a split day) with fewer, smaller or no rows than the ledger
+billed is a correction, whatever row was deleted; elsewhere it is an older view of the day (an
+hourly run retried after the nightly one) and changes nothing. The rule, for a customer-day whose
+ledger events were planned from source rows up to ``source_at``: the source is the truth if the
+coverage holds the day from its start through an instant past ``source_at``.
 """
 
 from __future__ import annotations

@@ -2,21 +2,12 @@
 
 Plain Python; Stripe and the subscriptions table are ports
 (:class:`~airflow_provider_stripe_meter.hooks.stripe.StripeHook`,
-:class:`~airflow_provider_stripe_meter.ledger.subscriptions.SubscriptionCache`). Per run:
-
-* the account's metered prices on the meters (one request per 100 prices);
-* when each period that ended locks, from that period's own draft invoice
-  (:class:`~.periods.DraftLocks`): drafts are listed only once a run asks about a period that
-  ended, from that period's UTC day on, about one request per 100 drafts;
-* per meter, its subscriptions: listed in full on the first run, when its prices change, once a
-  week, or when the last run is older than the 30 days Stripe keeps events; otherwise the
-  ``customer.subscription.*`` events since the last run (five minutes overlap, as events are
-  listed eventually) bring the table up to date, one request per 100 changes, listed in time
-  ranges at once, cut where the table expects the renewals (:func:`_cuts`).
-
-The table is read while the changes are listed; a customer's boundaries are parsed only when a
-run asks about an instant outside its current period. With ``defer`` the table is written later
-(by the batch operator, while its first events are out).
+:class:`~airflow_provider_stripe_meter.ledger.subscriptions.SubscriptionCache`). A meter's
+subscriptions are listed in full on its first run, when its prices change, once a week, or when
+its last sync is older than the events Stripe keeps; otherwise Stripe's
+``customer.subscription.*`` events since then bring the table up to date, listed in time ranges
+at once (:func:`_cuts`) while the table is read. Draft invoices, which say when a period that
+ended locks (:class:`~.periods.DraftLocks`), are listed only once a run asks about such a period.
 
 .. seealso:: https://docs.stripe.com/api/events/list
 .. seealso:: https://docs.stripe.com/billing/subscriptions/usage-based/configure-grace-period
@@ -25,7 +16,8 @@ run asks about an instant outside its current period. With ``defer`` the table i
 from __future__ import annotations
 
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -85,93 +77,149 @@ def read_periods(
     The changes are listed while the table is read: a night waits on the slower of the two, not
     on their sum. Draft invoices are read later, when the run first asks about a period that ended.
     """
-    figures = {"listed": 0, "changes": 0, "cached": 0}
+    read = _PeriodRead(stripe, cache, account, since, now)
     if prices is None:
         prices = stripe.metered_prices(set(meters.values()))
     if not prices:
-        return PeriodBook({}, (), now), figures
-    plans: dict[str, MeterSync] = {}
-    for name, meter_id in meters.items():
-        ids = tuple(sorted(p["id"] for p in prices if p["recurring"]["meter"] == meter_id))
-        if not ids:
-            continue
-        state = cache.state(account, meter_id)
-        stale = (
-            state is None
-            or state.prices != ids
-            or now - state.full_at > FULL_EVERY
-            or now - state.events_to > EVENTS_KEPT
-        )
-        plans[name] = MeterSync(meter_id, ids, state, stale)
-    # One listing of the account's changes serves every meter brought up to date from events.
-    synced = [p.state.events_to for p in plans.values() if p.state is not None and not p.stale]
+        return PeriodBook({}, (), now), read.figures
+    plans = read.plan(meters, prices)
     customers = StoredPeriods(DraftLocks(stripe.invoices_created, (p["id"] for p in prices), now))
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        # The drafts are listed while planning; a key that may not read them fails here, before
-        # anything is sent (one request, made while the changes are listed).
-        readable = pool.submit(stripe.check_invoices_readable)
-        changes_read = None
-        if synced:
-            after = min(synced) - OVERLAP
-            expected = sorted(
-                moment
-                for plan in plans.values()
-                if not plan.stale
-                for moment in cache.renewals(account, plan.meter_id, after, now)
-            )
-            changes_read = pool.submit(subscription_changes, stripe, after, cuts=_cuts(expected, PARALLEL))
-        else:
-            # Listed in full: the next run reads events, so a key that may not is told now.
-            readable_events = pool.submit(stripe.check_events_readable)
-        # Meanwhile: the table as the last run left it, parsed (the changes replace their rows).
-        for name, plan in plans.items():
-            if not plan.stale:
-                _add_rows(customers, name, cache.periods(account, plan.meter_id))
-        changes = changes_read.result() if changes_read is not None else []
-        readable.result()
-        if changes_read is None:
-            readable_events.result()
-    writes: list[Callable[[], None]] = []
-    for name, (meter_id, ids, state, stale) in plans.items():
-        if stale:
-            subscriptions = stripe.subscriptions_of(ids, since)
-            figures["listed"] += len(subscriptions)
-            rows = _rows(account, meter_id, subscriptions, ids)
-            writes.append(
-                partial(cache.replace, account, meter_id, rows, full=True, state=SyncState(ids, now, now))
-            )
-        else:
-            assert state is not None
-            figures["changes"] += len(changes)
-            changed = [str(s["id"]) for s in changes]
-            known = (
-                {str(row.subscription_id): row for row in cache.rows(account, meter_id, changed)}
-                if changes
-                else {}
-            )
-            rows = _rows(account, meter_id, changes, ids, known)
-            kept = {row.subscription_id for row in rows}
-            removed = [i for i in changed if i not in kept]
-            writes.append(
-                partial(
-                    cache.replace,
-                    account,
-                    meter_id,
-                    rows,
-                    full=False,
-                    state=SyncState(ids, state.full_at, now),
-                    removed=removed,
-                )
-            )
-            for subscription in changes:
-                customers.forget((name, str(subscription.get("customer"))), str(subscription["id"]))
-        _add_rows(customers, name, [_used(row) for row in rows])
-        figures["cached"] += sum(len(entries) for key, entries in customers.raw.items() if key[0] == name)
+    changes = read.list_changes_while_reading_the_table(plans, customers)
+    writes = [read.bring_up_to_date(name, plan, changes, customers) for name, plan in plans.items()]
     book = PeriodBook(customers, set(plans), now)
     book.pending = writes
     if not defer:
         book.save()
-    return book, figures
+    return book, read.figures
+
+
+@dataclass(slots=True)
+class _PeriodRead:
+    """One read of the periods: where from, for which account, over which time, and what it took."""
+
+    stripe: Any
+    cache: SubscriptionCache
+    account: str
+    #: A meter listed in full lists the subscriptions whose current period ends after this.
+    since: int
+    now: int
+    #: Subscriptions ``listed`` in full, ``changes`` read from events, ``cached`` rows kept.
+    figures: dict[str, int] = field(default_factory=lambda: {"listed": 0, "changes": 0, "cached": 0})
+
+    def plan(self, meters: dict[str, str], prices: list[dict[str, Any]]) -> dict[str, MeterSync]:
+        """How each meter with metered prices among ``prices`` is brought up to date, by event
+        name (a meter without any is left out)."""
+        plans: dict[str, MeterSync] = {}
+        for name, meter_id in meters.items():
+            ids = tuple(sorted(p["id"] for p in prices if p["recurring"]["meter"] == meter_id))
+            if ids:
+                plans[name] = self._sync_of(meter_id, ids)
+        return plans
+
+    def _sync_of(self, meter_id: str, ids: tuple[str, ...]) -> MeterSync:
+        """How meter ``meter_id`` on prices ``ids`` is brought up to date: in full if the table never
+        synced it, its prices changed, or its last full listing or sync is too old."""
+        state = self.cache.state(self.account, meter_id)
+        stale = (
+            state is None
+            or state.prices != ids
+            or self.now - state.full_at > FULL_EVERY
+            or self.now - state.events_to > EVENTS_KEPT
+        )
+        return MeterSync(meter_id, ids, state, stale)
+
+    def list_changes_while_reading_the_table(
+        self, plans: dict[str, MeterSync], customers: StoredPeriods
+    ) -> list[dict[str, Any]]:
+        """The account's subscription changes since the last sync (none if every meter is listed in
+        full), listed in a thread while the table's rows are read into ``customers``.
+
+        Meanwhile a second thread asks whether the key may read invoices, and, when every meter is
+        listed in full, events: a key that may not fails here, before anything is sent. Every
+        request is waited for; the first error raised is the table's, the changes', the invoices'
+        check's, then the events' check's.
+        """
+        # One listing of the account's changes serves every meter brought up to date from events.
+        synced = [p.state.events_to for p in plans.values() if p.state is not None and not p.stale]
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            invoices_readable = pool.submit(self.stripe.check_invoices_readable)
+            changes_read: Future[list[dict[str, Any]]] | None = None
+            events_readable: Future[None] | None = None
+            if synced:
+                after = min(synced) - OVERLAP
+                cuts = _cuts(self._renewals(plans, after), PARALLEL)
+                changes_read = pool.submit(subscription_changes, self.stripe, after, cuts=cuts)
+            else:
+                # Listed in full: the next run reads events, so a key that may not is told now.
+                events_readable = pool.submit(self.stripe.check_events_readable)
+            self._read_the_table(plans, customers)
+            changes = changes_read.result() if changes_read is not None else []
+            invoices_readable.result()
+            if events_readable is not None:
+                events_readable.result()
+        return changes
+
+    def _renewals(self, plans: dict[str, MeterSync], after: int) -> list[int]:
+        """When the table expects the renewals of the meters synced from events, sorted."""
+        return sorted(
+            moment
+            for plan in plans.values()
+            if not plan.stale
+            for moment in self.cache.renewals(self.account, plan.meter_id, after, self.now)
+        )
+
+    def _read_the_table(self, plans: dict[str, MeterSync], customers: StoredPeriods) -> None:
+        """The table as the last run left it, into ``customers`` (the changes replace their rows)."""
+        for name, plan in plans.items():
+            if not plan.stale:
+                _add_rows(customers, name, self.cache.periods(self.account, plan.meter_id))
+
+    def bring_up_to_date(
+        self, name: str, plan: MeterSync, changes: list[dict[str, Any]], customers: StoredPeriods
+    ) -> Callable[[], None]:
+        """The rows of meter ``name`` as they are now, into ``customers``: listed in full, or the
+        table's with ``changes`` applied. Returns the table's write, left for later."""
+        if plan.stale:
+            rows, write = self._listed_in_full(plan)
+        else:
+            rows, write = self._with_changes(plan, changes)
+            for subscription in changes:
+                customers.forget((name, str(subscription.get("customer"))), str(subscription["id"]))
+        _add_rows(customers, name, [_used(row) for row in rows])
+        self.figures["cached"] += sum(
+            len(entries) for key, entries in customers.raw.items() if key[0] == name
+        )
+        return write
+
+    def _listed_in_full(self, plan: MeterSync) -> tuple[list[SubscriptionRow], Callable[[], None]]:
+        """The meter's subscriptions listed from Stripe, and the write that replaces its rows."""
+        subscriptions = self.stripe.subscriptions_of(plan.prices, self.since)
+        self.figures["listed"] += len(subscriptions)
+        rows = _rows(self.account, plan.meter_id, subscriptions, plan.prices)
+        state = SyncState(plan.prices, self.now, self.now)
+        return rows, partial(self.cache.replace, self.account, plan.meter_id, rows, full=True, state=state)
+
+    def _with_changes(
+        self, plan: MeterSync, changes: list[dict[str, Any]]
+    ) -> tuple[list[SubscriptionRow], Callable[[], None]]:
+        """The meter's rows of the changed subscriptions, and the write that replaces them (a
+        changed subscription with no item on the meter's prices is removed)."""
+        assert plan.state is not None
+        self.figures["changes"] += len(changes)
+        changed = [str(s["id"]) for s in changes]
+        known = (
+            {str(row.subscription_id): row for row in self.cache.rows(self.account, plan.meter_id, changed)}
+            if changes
+            else {}
+        )
+        rows = _rows(self.account, plan.meter_id, changes, plan.prices, known)
+        kept = {row.subscription_id for row in rows}
+        removed = [i for i in changed if i not in kept]
+        state = SyncState(plan.prices, plan.state.full_at, self.now)
+        write = partial(
+            self.cache.replace, self.account, plan.meter_id, rows, full=False, state=state, removed=removed
+        )
+        return rows, write
 
 
 def _used(row: SubscriptionRow) -> StoredRow:

@@ -1,14 +1,10 @@
 """Billing periods: which invoice a meter event lands on, and until when it can still get there.
 
-Plain Python. Stripe bills a metered price from the meter events whose **timestamp** lies in the
-customer's billing period, which lives on the subscription item (``current_period_start``,
-``current_period_end``) and starts at the subscription's ``billing_cycle_anchor``, any time of
-day. When a period ends its invoice stays a draft until ``automatically_finalizes_at`` (the
-account's finalization grace period), then it is locked: usage stamped in it and sent later is
-billed nowhere. So a UTC day that straddles a period boundary is billed as two parts, each
-stamped inside its own period, and usage is sent only while an invoice can still carry it.
-
-Each (meter, customer) gets its periods over the run's window; an instant is then in one of:
+Plain Python. Stripe bills a metered price from the events whose **timestamp** lies in the
+customer's billing period; once the period's invoice finalizes, usage stamped in it and sent
+later is billed nowhere (docs/invoices.md, "How Stripe bills a period"). So a UTC day that
+straddles a period boundary is billed as two parts, each stamped inside its own period, and
+usage is sent only while an invoice can still carry it. An instant of a (meter, customer) is:
 
 * ``open``: the current period; its invoice is still to come.
 * ``draft``: a period that ended and whose draft invoice finalizes later than the margin from now.

@@ -1,25 +1,15 @@
 """What to send so that Stripe's figure for each customer-day equals the source's, from the ledger.
 
-Plain Python. The ledger knows every event of ours Stripe holds for the day
-(:class:`~airflow_provider_stripe_meter.ledger.entries.DayFigure`), so a plan is the source's
-figure minus the ledger's, by the meter's kind (:attr:`MeterSpec.kind`):
-
-* ``add`` (raw ``sum``): one event of the difference, negative when the source went down (a
-  refund, a corrected row): Stripe documents negative values as the way to lower usage.
-* ``count``: one event per new row; a day with fewer rows than events is corrected by
-  cancelling the newest events (Stripe allows it within 24 hours of receiving them).
-* ``set`` (``last``, or a pre-aggregated meter): the figure itself, whenever it differs from the
-  one Stripe bills, including 0 (fewer seats is usage too), stamped at the time of the snapshot,
-  so the newest snapshot wins by its own time, not by when it arrived.
-
-Two views of a day are never mixed up: a source whose latest row is older than what an event of
-the day was planned from (an hourly run retried after the nightly one) is an older view, and
-changes nothing. A day that began before the oldest instant Stripe accepts shows only part of
-its rows, so it is never lowered.
-
-Each event takes the customer-day's next sequence number, and its identifier names it, so
-Stripe refuses a second copy while it remembers the identifier, and the ledger's key refuses a
-second run's plan for the same number forever.
+Plain Python. A plan is the source's figure minus what the ledger says Stripe holds of our events
+(:class:`~airflow_provider_stripe_meter.ledger.entries.DayFigure`), by the meter's kind
+(:attr:`MeterSpec.kind`): ``add`` sends the difference (negative when the source went down, as
+Stripe documents lowering usage), ``count`` one event per new row or cancels the newest events,
+``set`` the figure itself whenever it differs, 0 included, stamped at its snapshot's time. An
+older view of a day changes nothing, and a day that began before the oldest instant Stripe
+accepts is never lowered. Each event takes the customer-day's next sequence number, named in its
+identifier: Stripe refuses a second copy while it remembers the identifier, and the ledger's key
+a second run's plan for the same number, forever. What each kind is sent, and why:
+docs/guarantees.md.
 
 .. seealso:: https://docs.stripe.com/billing/subscriptions/usage-based/recording-usage-api
 """

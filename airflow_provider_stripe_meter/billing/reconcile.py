@@ -1,16 +1,10 @@
 """Compare what the source says was used with what Stripe's meter summaries say was recorded.
 
-Plain Python. One line per (customer, UTC day): expected, recorded, difference and a status:
-
-* ``ok``: equal;
-* ``missing``: Stripe has nothing for a day the source has usage for (never sent, or lost);
-* ``short``: Stripe has less (late rows arrived after the day was sent);
-* ``over``: Stripe has more (an event sent twice, or source rows deleted): cancel within 24 hours
-  or credit the customer; never corrected automatically;
-* ``customer_unknown``: Stripe does not know the customer, so none of its usage is billed.
-
-Corrections of ``missing``/``short`` days are planned by :mod:`.billing`, from Stripe's figures
-read again just before sending.
+Plain Python. One line per (customer, UTC day): expected, recorded, difference and a status,
+``ok``, ``missing``, ``short``, ``over`` or ``customer_unknown`` (docs/reconcile.md says what
+each means). The top-up operator corrects ``missing`` and ``short`` days through the billing
+core and its ledger; ``over`` (cancel within 24 hours, or credit the customer) and
+``customer_unknown`` are never corrected automatically.
 """
 
 from __future__ import annotations

@@ -1,20 +1,12 @@
 """One billing run, top to bottom: meters, settle, plan, deliver, check, result.
 
 The ledger (:mod:`airflow_provider_stripe_meter.ledger`) holds every event the runs sent, so a run
-knows what Stripe holds of ours without reading Stripe: it sends the source minus the ledger.
-Each slice of events is written ``pending`` before it leaves and resolved by Stripe's answers
-(:mod:`.delivering`; :mod:`.settling` settles what a killed run left). A run that sends nothing
-reads nothing from Stripe but its meters. The phases share the run's :mod:`.context`.
-
-Histories this protects, tested in ``tests/billing/test_ledger_run.py``,
-``test_divergence.py`` and ``test_histories_machine.py``: retries,
-clears, re-runs and backfills of any age (the ledger outlives Stripe's 24-hour identifier
-window); hourly and nightly runs of the same days, under any ``identifier_prefix`` (one ledger
-per account and meter; an older view of a day changes nothing); kill -9 at any instant (pending
-rows settled by the next run); meters deactivated mid-run (rows left ``unverified`` and settled
-from summaries once the meter is back); sources that go down (negative ``sum`` events, cancelled
-``count`` events); ``last`` meters down to 0; usage older than Stripe's window billed late,
-net of everything billed for its day.
+knows what Stripe holds of ours without reading Stripe: it sends the source minus the ledger, and
+a run that sends nothing reads nothing from Stripe but its meters. Each slice of events is
+written ``pending`` before it leaves and resolved by Stripe's answers (:mod:`.delivering`;
+:mod:`.settling` settles what a killed run left). The phases share the run's :mod:`.context`.
+The histories this protects are in docs/guarantees.md, tested in
+``tests/billing/test_ledger_run.py``, ``test_divergence.py`` and ``test_histories_machine.py``.
 """
 
 from __future__ import annotations

@@ -1,18 +1,10 @@
 """Before planning: settle the ledger rows an earlier run left open.
 
-A run killed between writing a row and learning Stripe's answer leaves it ``pending``; a run
-that saw its meter deactivated, or read back a figure that differed, leaves ``unverified`` rows;
-a cancel cut short leaves ``cancelling``. Each is settled the cheapest exact way:
-
-* ``pending`` while Stripe still refuses a repeat of its identifier: sent again under the same
-  identifier. Stripe either takes it now or says it holds it; either way it is ``accepted``.
-* ``cancelling``: cancelled again (a cancel of a cancelled event changes nothing).
-* ``unverified``, and ``pending`` older than the identifier window: read from Stripe's meter
-  event summaries, once they have had ``summary_lag`` to settle, per (customer, day the events
-  were stamped in). The events of one customer reach Stripe one at a time, so those that landed
-  are the first ones answered: the ledger takes the first ``k`` whose total makes Stripe's
-  figure, and marks the rest ``dropped`` (billed nowhere; the plan sends their usage again).
-  A figure no ``k`` explains stays open and is reported: something else sends to this meter.
+A run killed between writing a row and learning Stripe's answer leaves it ``pending``; one that
+saw its meter deactivated, or read back a figure that differed, leaves ``unverified`` rows; a
+cancel cut short leaves ``cancelling``. ``pending`` rows Stripe still refuses a repeat of are
+sent again under their identifiers, ``cancelling`` ones cancelled again, and the rest read from
+Stripe's meter event summaries (:meth:`Settler._read`).
 
 .. seealso:: https://docs.stripe.com/api/billing/meter-event-summary/list
 """
@@ -141,7 +133,16 @@ class Settler:
         self.unsettled.extend(e for e in entries if e.identifier in failed)
 
     def _read(self, entries: list[Entry]) -> None:
-        """Settle ``entries`` from Stripe's summaries (see the module's docstring)."""
+        """Settle ``entries`` from Stripe's summaries, per (customer, day the events were stamped
+        in), once they have had ``summary_lag`` to settle (left open if that is further away than
+        ``settle_timeout``).
+
+        The events of one customer reach Stripe one at a time, so those that landed are the first
+        ones answered: the ledger takes the first ``k`` whose total makes Stripe's figure, and marks
+        the rest ``dropped`` (billed nowhere; the plan sends their usage again), all of them for a
+        customer Stripe does not know. Where no ``k`` explains the figure (Stripe holds events this
+        ledger did not send), the ledger takes Stripe's figure; where no rows can, they stay open.
+        """
         if not entries:
             return
         ctx = self.ctx

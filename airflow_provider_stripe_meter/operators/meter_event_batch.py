@@ -62,44 +62,17 @@ class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
     """
     Bill usage rows so that Stripe's figure for every (meter, customer, UTC day) equals the source's.
 
-    Rows come either from an upstream SQL task (``rows=usage.output``) or from a query this
-    operator runs itself (``sql`` with ``sql_conn_id``, any common-sql hook; rows are streamed in
-    chunks, so the table never sits in memory). Each row is ``(customer_id, value, timestamp)``,
-    with ``event_name`` fourth when no fixed ``event_name`` is given, or a mapping with the names
-    given in ``columns``.
+    The rows come from an upstream task (``rows``) or from a query the operator reads in chunks
+    (``sql``). For each customer-day it sends the source's figure, by the meter's formula, less what
+    its ledger (a table in ``ledger_conn_id``'s database) says Stripe holds, so re-runs, retries and
+    backfills bill each day once; where the meter has a metered price, usage is billed into each
+    customer's billing periods. It returns counts, totals and samples (each key also an XCom); a run
+    that cannot bill everything bills what it can and returns ``success=False``.
 
-    Exactly once, whatever the history of runs, because the operator knows what it sent: every
-    meter event goes through a **ledger**, a table in a database the team owns
-    (``ledger_conn_id``). A row is written before its event leaves and resolved by Stripe's
-    answer; a run sends the source's figure for each customer-day (by the meter's own formula:
-    the sum for ``sum``, the number of rows for ``count``, the latest row's value for ``last``)
-    minus what the ledger says Stripe holds, under identifiers the ledger makes unique. Re-runs,
-    retries, hourly runs and backfills read the ledger, not Stripe: a night already billed sends
-    nothing and reads nothing but the meter. A source that went down is corrected (a negative
-    ``sum`` event; the newest ``count`` events cancelled while Stripe allows it, else ``over``);
-    an older view of a day (an hourly run retried after the nightly one) changes nothing. Rows a
-    killed run left ``pending`` are settled by the next run, events of a meter deactivated
-    mid-run are settled from Stripe's summaries once it is active again, and what Stripe dropped
-    is sent again. A meter the operator cannot bill exactly is refused before anything is sent.
-    Stripe answers 200 to an event for a customer it does not know and drops it later, so each
-    customer of the source not met before is asked about first (kept beside the ledger in
-    ``<ledger_table>_customers``; a night of known customers asks nothing): the usage of an
-    unknown one is held as ``customer_unknown``, not sent, and sent by the first run after the
-    customer exists.
-
-    Rows older than 35 days (less ``safety_margin``) or more than 5 minutes ahead are skipped;
-    rows that break a rule are ``invalid``. Each is counted and sampled in the result, none
-    blocks the good rows. When every request fails (an outage), delivery slows to one probe at a
-    time and uses up no attempts; an outage longer than ``outage_timeout`` fails the task, and
-    its retry (on any worker) sends what the ledger lacks.
-
-    Returns (and pushes each key as an XCom): ``success``, ``rows``, ``aggregates``, ``sent``,
-    ``already_recorded``, ``over``, ``customer_unknown``, ``unconfirmed``, ``skipped_too_old``,
-    ``skipped_future``, ``invalid``, ``rejected``, ``failed``, ``actions``, ``totals`` (per
-    event name), ``samples``, ``ledger`` (rows written, settled, unsettled, cancelled), delivery
-    figures and ``report_uri``; with ``dry_run`` also ``plan``. Counts, totals and bounded
-    samples only, at any number of customers: the table of every customer-day goes to
-    ``report_path``.
+    How it works and what it returns: docs/batch.md. What it guarantees, and at what cost:
+    docs/guarantees.md. The ledger's tables, grants and recovery: docs/ledger.md. Billing periods
+    and held usage: docs/invoices.md. Words such as *customer-day*, *held* and *settled*:
+    docs/glossary.md.
 
     .. seealso:: https://docs.stripe.com/billing/subscriptions/usage-based/recording-usage-api
 
@@ -107,101 +80,63 @@ class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
         this or ``sql``. (templated)
     :param sql: A query (or ``.sql`` file) returning the rows, run on ``sql_conn_id`` and read in
         chunks of ``chunk_size``; give this or ``rows``. (templated)
-    :param sql_conn_id: Connection of the usage database (any common-sql ``DbApiHook``:
-        PostgreSQL, SQLite, Snowflake, ...); required with ``sql``.
+    :param sql_conn_id: Connection of the usage database (any common-sql ``DbApiHook``); required
+        with ``sql``.
     :param parameters: Query parameters for ``sql``. (templated)
-    :param columns: Names of the row fields, in order: customer id, value, timestamp, and the
-        event name when no fixed ``event_name`` is given (default ``("customer_id", "value",
-        "timestamp", "event_name")``); tuple rows are read by position, mapping rows by name.
+    :param columns: Names of the row fields, in order: customer id, value, timestamp, and the event
+        name when no fixed ``event_name`` is given; tuple rows are read by position, mappings by name.
     :param event_name: The meter's event name for every row; ``None`` reads it from each row.
         (templated)
-    :param naive_timezone: The zone a timestamp without one is read in: UTC by default (a SQL
-        ``timestamp`` column usually has no zone), as the single-event operator reads its
-        ``timestamp``; a ``tzinfo`` or a zone name (``"Europe/Paris"``); ``None`` counts such
-        rows as ``invalid``.
+    :param naive_timezone: The zone a timestamp without one is read in (a ``tzinfo`` or a zone
+        name; UTC by default); ``None`` counts such rows as ``invalid``.
     :param safety_margin: How much younger than Stripe's 35 days a row must be to be billed (a
-        ``timedelta``, default an hour), so no event expires between the check and the send.
+        ``timedelta``), so no event expires between the check and the send.
     :param chunk_size: Rows fetched and aggregated at a time.
     :param sample_limit: Examples kept in the result per kind of problem (counts are exact).
     :param stripe_conn_id: Airflow connection of type ``stripe`` (default ``stripe_default``).
     :param stripe_account: Connected account (``acct_...``) to bill for, overriding the
         connection's. (templated)
-    :param ledger_conn_id: Connection of the ledger's database (any common-sql ``DbApiHook``:
-        PostgreSQL, SQLite, ...); default ``sql_conn_id``, required with ``rows=``. Every DAG and
-        schedule billing a meter must use the same ledger: it is one per account and meter.
+    :param ledger_conn_id: Connection of the ledger's database (any common-sql ``DbApiHook``);
+        default ``sql_conn_id``, required with ``rows``. One ledger per account and meter.
     :param ledger_table: The ledger's table, optionally schema-qualified (default
         ``stripe_meter_ledger``); created on first use.
     :param api: ``"v1"`` (one synchronous request per event) or ``"v2_stream"`` (100 events a
-        request through meter event sessions; every identifier is new to Stripe or names an
-        event of ours, so the stream's silent dropping of repeats is as exact as v1).
-    :param max_rps: Requests per second. Default: what Stripe's limits allow the key's mode,
-        less headroom: 20 in test mode; in live mode 900 meter events (90 for a connected
-        account, whose meter events count toward the basic limit) and 90 summary reads.
+        request through meter event sessions, as exact as v1).
+    :param max_rps: Requests per second. Default: what Stripe's limits allow the key's mode and
+        account, less headroom (the figures are in docs/guarantees.md).
     :param concurrency: Requests in flight at most (default from ``max_rps``).
     :param max_attempts: Tries per request for 429, 5xx and network errors outside an outage.
     :param outage_timeout: How long an outage (every request failing) is ridden out before what
         is left fails the task for its retry (a ``timedelta``).
-    :param identifier_window: How long Stripe is assumed to refuse a repeated identifier (Stripe
-        promises at least 24 hours): a killed run's ``pending`` events younger than this, less an
-        hour, are sent again under their identifiers; older ones are settled from Stripe's
-        summaries. ``None`` settles every one from the summaries.
+    :param identifier_window: How long Stripe is assumed to refuse a repeated identifier: ``pending`` events
+        younger, less an hour, are sent again; older ones (all if ``None``) are settled from the summaries.
     :param settle_timeout: How long a run waits for Stripe's summaries before it settles events
         from them (a ``timedelta``); longer, and the events stay open for a later run.
-    :param summary_lag: How long Stripe's meter summaries may trail the events it accepted (they
-        are eventually consistent): events are settled, and read back, only once this has passed
-        since their answer (a ``timedelta``; default the connection's ``summary_lag`` extra).
-    :param confirm: What a run checks before it reports ``success``. ``"meter"`` (default, one
-        request per meter): every event was answered and the meter was still active, and never
-        deactivated, after the last one. ``"summaries"`` also reads back, once ``summary_lag``
-        has passed, every customer it sent to (one request per customer), so a customer Stripe
-        does not know (its events dropped, marked so in the ledger and sent again by a later
-        run) or a figure that differs ends the run as not a success.
-    :param too_old: What to do with rows older than Stripe's 35 days (less ``safety_margin``):
-        ``"skip"`` (default) counts and samples them as ``skipped_too_old``; ``"bill_at_oldest"``
-        bills them (``sum`` meters only) at the oldest instant Stripe still accepts, net of
-        everything the ledger holds for their day, counted apart as ``billed_late``.
-    :param adopt: Before planning, write what Stripe's summaries show into the ledger for every
-        customer-day it holds nothing of (one summaries request per customer), so only what
-        Stripe lacks is sent: for a ledger that was lost, or the first run on a meter billed
-        before the ledger existed. Run once so, then leave it off.
+    :param summary_lag: How long Stripe's summaries may trail the events it accepted: events are
+        settled, and read back, only once it has passed (default: the connection's extra).
+    :param confirm: What a run checks before it reports ``success``: ``"meter"`` (default, one
+        request per meter) or ``"summaries"``, which also reads back every customer it sent to.
+    :param too_old: Rows older than Stripe's 35 days (less ``safety_margin``): ``"skip"`` counts
+        them; ``"bill_at_oldest"`` bills them (``sum`` meters) at the oldest instant Stripe accepts.
+    :param adopt: Before planning, write into the ledger what Stripe's summaries hold beyond it,
+        for a lost ledger or a meter billed before it; run once so, then leave it off.
     :param dry_run: Read, check and compare as a real run would, send nothing, and return the
-        ``plan``: per customer-day what a real run would do (``send``, ``top_up``,
-        ``leave_alone``, ``correct``, ``report``).
-    :param plan_limit: Lines of the dry-run ``plan`` kept in the result (totals count them all);
-        the result is an XCom, a row of Airflow's metadata database, so the full table belongs in
-        ``report_path``.
-    :param report_path: Where to write the run's full table, a JSON line per customer-day (its
-        plan and, for a real run, its outcome): an Airflow object storage URL (``file:///...``,
-        ``s3://conn_id@bucket/key``, ...); the result names it in ``report_uri``. (templated)
-    :param fail_on_error: Fail the task (no retry) whenever the run is not a success (rows
-        invalid or outside Stripe's window, usage refused or held, a day ``over``), instead of
+        ``plan``: per customer-day the action a real run would take.
+    :param plan_limit: Lines of the dry-run ``plan`` kept in the result (totals count them all;
+        every line goes to ``report_path``).
+    :param report_path: An Airflow object storage URL to write the run's full table to, a JSON line
+        per customer-day; the result names it in ``report_uri``. (templated)
+    :param fail_on_error: Fail the task (no retry) whenever the run is not a success, instead of
         returning ``success=False``.
-    :param billing_periods: Where the meter has a metered price, bill each customer's usage into
-        its billing periods (read from its subscriptions): ``"hold"`` (default) splits a day at a
-        period boundary, each part stamped in its own period, and holds usage no open invoice
-        will carry (``invoice_final``, ``subscription_ended``, ``no_invoice``: counted, summed,
-        sampled; the run is not a success); ``"carry"`` also bills a final period's usage on the
-        customer's open period, noted so in the ledger; ``"off"`` bills by UTC day alone.
-    :param covers: Where the source is the truth (docs/guarantees.md, "Corrections"): a
-        customer-day billed there that now has fewer, smaller or no rows is corrected, whichever
-        row was deleted. ``"billing_window"`` (default): the run's ``billing_window()`` day, only
-        if the source returned a row of it, and only for the customers it returned rows of (a DAG
-        sharded by customer shares the ledger); a pair ``(start, end)`` (datetimes, ISO strings or unix
-        seconds; templated strings too), the window the query reads, for every customer of the
-        meter: every whole UTC day from
-        ``start`` counts, up to ``end`` or now (an hourly "day so far" run covers today up to
-        its own end and never lowers what a later view billed); ``None``: nowhere (a smaller
-        source then changes nothing and is reported as ``older_view``). (templated)
+    :param billing_periods: ``"hold"`` (default) bills usage into its billing periods, holding what no
+        open invoice carries; ``"carry"`` bills a final period's on the open one; ``"off"`` bills by UTC day.
+    :param covers: Where the source is the truth, fewer rows there a correction: ``"billing_window"``, a
+        pair ``(start, end)`` or ``None`` (docs/batch.md, "What the query covers"). (templated)
 
     The source parameters are shared with the reconcile sensor through
-    :class:`~airflow_provider_stripe_meter.operators.base.StripeUsageSourceOperator`, which
-    reads the rows by the same rules; every other keyword goes to Airflow's ``BaseOperator``
-    (``task_id``, ``retries``, ...). This operator always reads the meters (their formula and
-    id decide what it sends), so it refuses ``preflight``.
-
-    The run itself is :class:`~airflow_provider_stripe_meter.billing.run.BillingRun`, plain
-    Python; this operator reads the source, opens the ledger, resolves the settings, and turns
-    the result into XCom, metrics, Asset events and, where billing is incomplete, a failed task.
+    :class:`~airflow_provider_stripe_meter.operators.base.StripeUsageSourceOperator`; every other
+    keyword goes to Airflow's ``BaseOperator`` but ``preflight``, refused: this operator always
+    reads the meters. The run itself is :class:`~airflow_provider_stripe_meter.billing.run.BillingRun`.
     """
 
     bills_meters = True
