@@ -62,9 +62,9 @@ class Timing:
         summaries. ``None`` settles every one from the summaries.
     :param summary_lag: How long Stripe's meter summaries may trail the events it accepted;
         ``None`` takes the connection's ``summary_lag`` extra (default 5 minutes).
-    :param settle_timeout: How long to wait for the summaries to show an event Stripe already
-        holds (a duplicate answer whose figure is not visible yet) before failing the task for
-        a retry.
+    :param settle_timeout: The longest wait for Stripe's summaries to show events already
+        answered. Past it, open ledger rows stay open for a later run (the run is then not a
+        success), and ``confirm="summaries"`` does not read that meter back.
     """
 
     identifier_window: timedelta | None = STRIPE_IDENTIFIER_WINDOW
