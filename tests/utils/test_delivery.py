@@ -14,7 +14,13 @@ from airflow_provider_stripe_meter.exceptions import (
     StripeRequestRejectedError,
     StripeTransientError,
 )
-from airflow_provider_stripe_meter.utils.delivery import Deliverer, KeyedWorkQueue, RateLimiter, full_jitter
+from airflow_provider_stripe_meter.utils.delivery import (
+    Deliverer,
+    KeyedWorkQueue,
+    OutageGate,
+    RateLimiter,
+    full_jitter,
+)
 
 
 def no_wait(_attempt: int) -> float:
@@ -225,6 +231,23 @@ def test_an_outage_becomes_one_probe_at_a_time_and_uses_no_attempts():
     # Outside the gate fail at most the 4 before the outage is recognised and the 8 in flight.
     assert report.probes >= failing_calls - 4 - 8
     assert most_probes_in_flight[0] == 1
+
+
+def test_probe_waits_double_up_to_the_cap_and_the_outage_ends_at_its_timeout():
+    # In virtual time: the outage's length is read from ``clock``; waits are only computed.
+    now = [0.0]
+    gate = OutageGate(after=1, timeout=60.0, probe_cap=15.0, clock=lambda: now[0], rng=lambda: 1.0)
+    assert gate.failed()  # one failure is an outage here
+    waits = []
+    while gate.enter():  # one probe at a time, each failing
+        waits.append(gate.probe_wait())
+        gate.failed()
+        gate.leave()
+        now[0] += waits[-1]
+    assert waits[:5] == [2.0, 4.0, 8.0, 15.0, 15.0]
+    assert set(waits[3:]) == {15.0}
+    assert now[0] > 60.0
+    assert gate.probes == len(waits)
 
 
 def test_the_outage_threshold_grows_with_the_requests_in_flight():
