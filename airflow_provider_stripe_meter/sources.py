@@ -7,11 +7,12 @@ both read and aggregate the source by the same rules.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import closing
 from datetime import timedelta, tzinfo
 from typing import TYPE_CHECKING, Any
 
+from airflow_provider_stripe_meter.pushdown import Unsupported
 from airflow_provider_stripe_meter.utils.aggregation import UsageAggregator, iter_chunks, paused_gc
 from airflow_provider_stripe_meter.utils.clock import SYSTEM
 
@@ -88,6 +89,11 @@ def streaming_cursor(conn: Any, conn_type: str) -> Any:
     return conn.cursor()
 
 
+#: Where rows are aggregated: ``"auto"`` (in the database where its SQL is generated, else on
+#: the worker), ``"database"`` (fail if it cannot be), ``"worker"`` (row by row, always).
+AGGREGATE_IN = ("auto", "database", "worker")
+
+
 def aggregate_usage(
     *,
     rows: Any = None,
@@ -103,18 +109,48 @@ def aggregate_usage(
     log: logging.Logger | Any,
     keep_too_old: bool = False,
     split: Mapping[tuple[str, str], Sequence[int]] | None = None,
+    aggregate_in: str = "auto",
+    needs_last: Callable[[set[str]], set[str]] | None = None,
 ) -> UsageAggregator:
-    """Read the source and aggregate it per (event name, customer, UTC day), logging progress."""
-    aggregator = UsageAggregator(
-        event_name=event_name or None,
-        now=int(SYSTEM.now()),
-        columns=columns,
-        naive_timezone=zone(naive_timezone),
-        safety_margin=safety_margin,
-        sample_limit=sample_limit,
-        keep_too_old=keep_too_old,
-        split=split,
-    )
+    """Read the source and aggregate it per (event name, customer, UTC day), logging progress.
+
+    With ``sql``, the aggregation runs in the database where its SQL is generated
+    (:mod:`airflow_provider_stripe_meter.pushdown`; ``aggregate_in``), else the rows stream to
+    the worker. Both give the same aggregates, counts and samples; the aggregator's ``path``
+    and ``path_reason`` say which ran and why.
+
+    :param needs_last: Of the event names found, those whose meter bills the ``last`` value
+        (``None``: all): the database looks up latest values for those only.
+    :raises Unsupported: ``aggregate_in="database"`` and the database cannot aggregate this query.
+    """
+    if aggregate_in not in AGGREGATE_IN:
+        raise ValueError(f"aggregate_in must be one of {AGGREGATE_IN}, got {aggregate_in!r}")
+
+    def fresh() -> UsageAggregator:
+        return UsageAggregator(
+            event_name=event_name or None,
+            now=int(SYSTEM.now()),
+            columns=columns,
+            naive_timezone=zone(naive_timezone),
+            safety_margin=safety_margin,
+            sample_limit=sample_limit,
+            keep_too_old=keep_too_old,
+            split=split,
+        )
+
+    reason = "rows come from an upstream task" if sql is None else "aggregate_in='worker'"
+    if sql is not None and aggregate_in != "worker":
+        aggregator = fresh()
+        try:
+            _in_database(aggregator, sql, sql_conn_id, parameters, needs_last, log)
+            return aggregator
+        except Unsupported as err:
+            if aggregate_in == "database":
+                raise
+            reason = str(err)
+        log.info("Aggregating the query's rows on the worker: %s", reason)
+    aggregator = fresh()
+    aggregator.path_reason = reason
     started = last = time.monotonic()
     with paused_gc():
         for chunk in row_chunks(
@@ -126,6 +162,62 @@ def aggregate_usage(
                 last = now
                 log.info("Read %d rows (%.0f rows/s)", aggregator.rows, aggregator.rows / (now - started))
     return aggregator
+
+
+def _in_database(
+    aggregator: UsageAggregator,
+    sql: str,
+    sql_conn_id: str | None,
+    parameters: Any,
+    needs_last: Callable[[set[str]], set[str]] | None,
+    log: logging.Logger | Any,
+) -> None:
+    """Aggregate ``sql`` in its database into ``aggregator``; :class:`Unsupported` says why not."""
+    from airflow.sdk import BaseHook
+
+    from airflow_provider_stripe_meter.pushdown.dialects import dialect_for
+    from airflow_provider_stripe_meter.pushdown.source import aggregate_in_database
+
+    zone_ = aggregator.naive_timezone
+    if zone_ is None or zone_.utcoffset(None) != timedelta(0):
+        # Another zone's daylight-saving gaps and overlaps are resolved differently by each
+        # database: such rows are read on the worker, by Python's rules alone.
+        raise Unsupported(
+            f"timestamps without a zone are read in {zone_}: SQL is generated for naive_timezone=UTC only"
+        )
+    hook = BaseHook.get_connection(sql_conn_id).get_hook() if sql_conn_id else None
+    conn_type = getattr(hook, "conn_type", "") or ""
+    dialect = dialect_for(conn_type)
+    if hook is None or not hasattr(hook, "get_conn") or dialect is None:
+        raise Unsupported(f"no SQL is generated for connection type {conn_type!r}")
+    with closing(hook.get_conn()) as conn:
+        try:
+            figures = aggregate_in_database(
+                conn,
+                dialect,
+                sql,
+                parameters,
+                aggregator,
+                placeholder=getattr(hook, "placeholder", "?") or "?",
+                needs_last=needs_last,
+                cursor=lambda c: streaming_cursor(c, conn_type),
+            )
+        except Unsupported:
+            raise
+        except Exception as err:  # the database refused the generated SQL: the rows stream instead
+            raise Unsupported(f"the database refused the generated SQL ({type(err).__name__}: {err})") from err
+    aggregator.path = "database"
+    aggregator.path_reason = f"aggregated in {dialect.name}"
+    aggregator.database = figures.as_dict()
+    log.info(
+        "Aggregated %d rows in %s: %d customer-day groups back, %d rows checked on the worker, %d statements, %.1f s",
+        aggregator.rows,
+        dialect.name,
+        figures.groups,
+        figures.rows_checked,
+        figures.statements,
+        figures.seconds,
+    )
 
 
 def zone(value: tzinfo | str | None) -> tzinfo | None:

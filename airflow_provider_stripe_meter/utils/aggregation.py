@@ -6,7 +6,7 @@ float). Every row ends up in exactly one place: an aggregate, or a counted probl
 A sample names its row by position in the source counting from 1 (``"row": 3`` is the third
 row), as a person counts rows in a query's result.
 
-Each aggregate carries the timestamp of its **latest row**. That instant lies inside the UTC day
+Each aggregate carries the timestamp of its **latest row** (to the second). That instant lies inside the UTC day
 the aggregate sums, so the event lands in the billing period holding that day's usage, and it is
 never earlier than any usage it covers; being a real row's time it also passed the 35-day check
 that every row passed.
@@ -51,6 +51,7 @@ _EPOCH = datetime(1970, 1, 1)
 _EPOCH_UTC = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _SECOND = timedelta(seconds=1)
 _GET_TZINFO = attrgetter("tzinfo")
+_GET_MICROSECOND = attrgetter("microsecond")
 _TO_ORDINAL = datetime.toordinal
 #: A chunk spanning more UTC days than this goes row by row.
 _FAST_MAX_DAYS = 7
@@ -70,8 +71,10 @@ class DailyAggregate:
     timestamp: int
     #: How many rows the day had (what a ``count`` meter bills).
     rows: int
-    #: The value of the day's latest row (what a ``last`` meter bills); the later row in source
-    #: order wins a tie.
+    #: The value of the day's latest row (what a ``last`` meter bills), to the second (Stripe's
+    #: timestamps are whole seconds); of rows in the same latest second, the greatest value wins,
+    #: so the figure does not hang on the order a database returns rows in (a query without
+    #: ``ORDER BY`` has none, and an aggregation pushed into SQL sees none).
     last_value: int = 0
     #: A day split at billing period boundaries: its parts, each aggregated like a day, in
     #: time order (empty: the day is one part).
@@ -175,6 +178,23 @@ class UsageAggregator:
         self._oldest_naive = _EPOCH + timedelta(seconds=self.oldest)
         self._newest_naive = _EPOCH + timedelta(seconds=self.newest)
 
+        #: Where the rows were aggregated: ``"worker"`` (here, row by row) or ``"database"``
+        #: (pushed into SQL, :mod:`airflow_provider_stripe_meter.pushdown`), and why.
+        self.path = "worker"
+        self.path_reason = ""
+        #: What the database did, when it aggregated (statements, rows handed back, seconds).
+        self.database: dict[str, Any] | None = None
+
+    @property
+    def split_bounds(self) -> Mapping[tuple[str, str], Sequence[int]]:
+        """Per (event name, customer), the instants where its days split (as given)."""
+        return self._split
+
+    @property
+    def split_window(self) -> tuple[int, int]:
+        """The instants ``(lo, hi]`` whose boundaries split a day: the days this aggregator sees."""
+        return self._split_window
+
     # -- feeding ---------------------------------------------------------------------------
 
     def add_rows(self, rows: Sequence[Any]) -> None:
@@ -191,6 +211,43 @@ class UsageAggregator:
             return
         for number, row in enumerate(rows, start):
             self._add_one(number, row)
+
+    def add_numbered(self, rows: Iterable[tuple[int, Any]]) -> None:
+        """Check and aggregate rows given with their position in the source (from 1), one by one.
+
+        For rows read out of a larger source (an aggregation pushed into the database hands
+        back only the rows it cannot vouch for): samples name them by the given position.
+        :attr:`rows` is not counted here (:meth:`add_groups` counts the source's rows).
+        """
+        if self._finished is not None:
+            raise RuntimeError("rows added after finish(): the aggregates were already read")
+        for number, row in rows:
+            self._add_one(number, row)
+
+    def add_groups(self, groups: Iterable[tuple[str, str, int, int | None, int, int, int, int]]) -> None:
+        """Add rows already checked and aggregated elsewhere (in the database), group by group.
+
+        Each group is (event name, customer, UTC day number, part start or ``None``, sum, latest
+        unix second, rows, latest row's value): the same figures :meth:`add_rows` keeps per
+        customer-day (or part of a split day). The event names and customers are checked here;
+        a group that fails raises :class:`MeterEventInputError` (the caller vouched for its rows).
+        """
+        if self._finished is not None:
+            raise RuntimeError("rows added after finish(): the aggregates were already read")
+        for event_name, customer, day, part, total, latest, rows, last in groups:
+            self._check_event_name(event_name)
+            self._check_customer(customer)
+            key = (event_name, customer, day) if part is None else (event_name, customer, day, part)
+            self._merge(key, total, latest, rows, last)
+
+    def add_too_old_groups(self, groups: Iterable[tuple[str, str, int, int, int, int, int]]) -> None:
+        """Like :meth:`add_groups`, for rows older than the window kept apart (``keep_too_old``):
+        (event name, customer, day number, sum, latest unix second, rows, latest row's value)."""
+        for event_name, customer, day, total, latest, rows, last in groups:
+            self._check_event_name(event_name)
+            self._check_customer(customer)
+            self.too_old_rows += rows
+            self._merge((event_name, customer, day), total, latest, rows, last, into=self._too_old_totals)
 
     def _add_fast(self, rows: Sequence[Any]) -> bool:
         """Aggregate a whole chunk if it has the common shape; ``False`` leaves it untouched."""
@@ -215,6 +272,9 @@ class UsageAggregator:
             return False
         if set(map(_GET_TZINFO, stamps)) != {None}:
             return False
+        if any(map(_GET_MICROSECOND, stamps)):
+            # The latest row is found to the second, as the general path and SQL find it.
+            stamps = [stamp.replace(microsecond=0) for stamp in stamps]
         first, last = min(stamps), max(stamps)
         if first < self._oldest_naive or last > self._newest_naive:
             return False
@@ -268,7 +328,7 @@ class UsageAggregator:
             else:
                 entry[0] += value
                 entry[2] += 1
-                if stamp >= entry[1]:
+                if stamp > entry[1] or (stamp == entry[1] and value > entry[3]):
                     entry[1] = stamp
                     entry[3] = value
 
@@ -288,7 +348,7 @@ class UsageAggregator:
         else:
             entry[0] += total
             entry[2] += rows
-            if seconds >= entry[1]:
+            if seconds > entry[1] or (seconds == entry[1] and last > entry[3]):
                 entry[1] = seconds
                 entry[3] = last
 

@@ -1,0 +1,269 @@
+"""What each database needs said differently: a row's unix seconds, a whole-number check, text checks.
+
+Plain Python over SQLAlchemy Core expressions (no Airflow). Each expression is the SQL twin of a
+rule of :mod:`airflow_provider_stripe_meter.utils.rules`, but **conservative**: it vouches for a
+row only where the Python rule would surely accept it with the same figures; any row it cannot
+vouch for is handed back to Python and checked there, one by one, with the same messages. So a
+check here may be narrower than Python's, never wider: a SQLite ``REAL`` value ``12.0`` is
+handed back (Python takes it as 12), a customer id with a non-ASCII space passes here and is
+caught by Python's check of each customer the database returns.
+
+A column's type decides the expression where the database has static types (PostgreSQL,
+DuckDB: read from the cursor's description of the query); SQLite has a type per value
+(``typeof``). A column of a type not listed takes the streaming path: :class:`Unsupported`
+names it.
+
+.. seealso:: https://docs.sqlalchemy.org/en/20/core/sqlelement.html
+.. seealso:: https://www.sqlite.org/lang_datefunc.html
+.. seealso:: https://www.postgresql.org/docs/current/functions-datetime.html#FUNCTIONS-DATETIME-EXTRACT
+.. seealso:: https://duckdb.org/docs/stable/sql/functions/timestamp
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import BigInteger, and_, case, cast, func, literal, not_, or_
+
+from airflow_provider_stripe_meter.pushdown import Unsupported
+from airflow_provider_stripe_meter.utils.rules import MAX_EVENT_NAME_LENGTH
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Dialect as SaDialect
+    from sqlalchemy.sql.elements import ColumnElement
+
+#: ASCII whitespace as Python's ``str.isspace`` counts it (what ``\\S`` in the customer rule
+#: excludes); other whitespace is left to the check of each customer in Python.
+ASCII_SPACE = " \t\n\v\f\r\x1c\x1d\x1e\x1f"
+
+
+@dataclass(frozen=True)
+class ColumnTypes:
+    """What the database says of the query's columns: customer, value, timestamp, event name."""
+
+    names: tuple[str, ...]
+    #: The cursor's type codes in the same order (``None`` where the driver gives none).
+    codes: tuple[Any, ...]
+
+
+class SqlDialect:
+    """One database's SQL for the rules: subclassed per database."""
+
+    #: Airflow connection types it serves.
+    conn_types: tuple[str, ...] = ()
+    #: Whether a naive timestamp can be read as UTC here (only UTC is pushed down).
+    name = ""
+
+    def sqlalchemy(self) -> SaDialect:
+        """The SQLAlchemy dialect the queries are compiled with."""
+        raise NotImplementedError
+
+    def check(self, types: ColumnTypes, *, fixed_event: bool) -> None:
+        """Raise :class:`Unsupported` if a column's type is not one the SQL reads exactly."""
+
+    def seconds(self, t: ColumnElement[Any], code: Any) -> ColumnElement[Any]:
+        """Whole unix seconds of timestamp ``t``, NULL where the SQL cannot vouch for it."""
+        raise NotImplementedError
+
+    def whole(self, v: ColumnElement[Any], code: Any) -> ColumnElement[Any]:
+        """True where value ``v`` is a whole number Python reads as the same integer."""
+        raise NotImplementedError
+
+    def is_text(self, x: ColumnElement[Any], code: Any) -> ColumnElement[Any]:
+        """True where ``x`` is a text value."""
+        return x.isnot(None)
+
+    def no_ascii_space(self, x: ColumnElement[Any]) -> ColumnElement[Any]:
+        """True where ``x`` holds no ASCII whitespace."""
+        return and_(*(func.strpos(x, literal(ch)) == 0 for ch in ASCII_SPACE))
+
+    def customer_ok(self, c: ColumnElement[Any], code: Any) -> ColumnElement[Any]:
+        """True where ``c`` passes the customer rule (``cus_`` and no whitespace), ASCII-wise."""
+        return and_(
+            self.is_text(c, code),
+            func.substr(c, 1, 4) == literal("cus_"),
+            func.length(c) > 4,
+            self.no_ascii_space(c),
+        )
+
+    def event_ok(self, e: ColumnElement[Any], code: Any) -> ColumnElement[Any]:
+        """True where ``e`` passes the event-name rule: 1 to 100 characters, no outer whitespace."""
+        return and_(
+            self.is_text(e, code),
+            func.length(e).between(1, MAX_EVENT_NAME_LENGTH),
+            func.substr(e, 1, 1).notin_(list(ASCII_SPACE)),
+            func.substr(e, func.length(e), 1).notin_(list(ASCII_SPACE)),
+        )
+
+
+class SqliteDialect(SqlDialect):
+    """SQLite: a type per value (``typeof``); timestamps as ISO text or integer unix seconds."""
+
+    conn_types = ("sqlite",)
+    name = "sqlite"
+
+    def sqlalchemy(self) -> SaDialect:
+        from sqlalchemy.dialects import sqlite
+
+        return sqlite.dialect()
+
+    def seconds(self, t: ColumnElement[Any], code: Any) -> ColumnElement[Any]:
+        # "YYYY-MM-DD HH:MM:SS" (or "T"), optionally ".fff..." and nothing else: the seconds are
+        # read from the first 19 characters (SQLite rounds a fraction to milliseconds and
+        # could carry 23:59:59.9999 into the next day; Python drops it), and a date SQLite
+        # would roll over (February 30th) fails the round trip that Python refuses too.
+        head = func.substr(t, 1, 19)
+        digits = "[0-9]"
+        shape = f"{digits * 4}-{digits * 2}-{digits * 2}[ T]{digits * 2}:{digits * 2}:{digits * 2}"
+        iso = and_(
+            func.typeof(t) == literal("text"),
+            head.op("GLOB")(literal(shape)),
+            or_(
+                func.length(t) == 19,
+                and_(
+                    func.length(t) > 20,
+                    func.substr(t, 20, 1) == literal("."),
+                    not_(func.substr(t, 21).op("GLOB")(literal("*[^0-9]*"))),
+                ),
+            ),
+            func.datetime(head, literal("+0 seconds")) == func.replace(head, literal("T"), literal(" ")),
+        )
+        return case(
+            (func.typeof(t) == literal("integer"), t),
+            (iso, cast(func.strftime(literal("%s"), head), BigInteger)),
+            else_=None,
+        )
+
+    def whole(self, v: ColumnElement[Any], code: Any) -> ColumnElement[Any]:
+        return func.typeof(v) == literal("integer")
+
+    def is_text(self, x: ColumnElement[Any], code: Any) -> ColumnElement[Any]:
+        return func.typeof(x) == literal("text")
+
+    def no_ascii_space(self, x: ColumnElement[Any]) -> ColumnElement[Any]:
+        return not_(x.op("GLOB")(literal(f"*[{ASCII_SPACE}]*")))
+
+
+#: PostgreSQL type OIDs (``pg_type``), as psycopg reports them in ``cursor.description``.
+PG_INTEGERS = {20, 21, 23}  # int8, int2, int4
+PG_NUMERIC = 1700
+PG_TIMESTAMP, PG_TIMESTAMPTZ, PG_DATE = 1114, 1184, 1082
+PG_TEXT = {25, 1043}  # text, varchar (not char(n): it pads with spaces)
+
+
+class PostgresDialect(SqlDialect):
+    """PostgreSQL (and Redshift's SQL): static types from the cursor's description."""
+
+    conn_types = ("postgres", "postgresql")
+    name = "postgresql"
+
+    def sqlalchemy(self) -> SaDialect:
+        from sqlalchemy.dialects import postgresql
+
+        return postgresql.dialect()
+
+    def check(self, types: ColumnTypes, *, fixed_event: bool) -> None:
+        customer, value, stamp = types.codes[:3]
+        _need(customer in PG_TEXT, "customer", types.names[0], customer, "text or varchar")
+        _need(value in PG_INTEGERS or value == PG_NUMERIC, "value", types.names[1], value, "an integer or numeric")
+        _need(
+            stamp in PG_INTEGERS or stamp in (PG_TIMESTAMP, PG_TIMESTAMPTZ, PG_DATE),
+            "timestamp",
+            types.names[2],
+            stamp,
+            "timestamp, timestamptz, date or integer unix seconds",
+        )
+        if not fixed_event:
+            _need(types.codes[3] in PG_TEXT, "event name", types.names[3], types.codes[3], "text or varchar")
+
+    def seconds(self, t: ColumnElement[Any], code: Any) -> ColumnElement[Any]:
+        if code in PG_INTEGERS:
+            return cast(t, BigInteger)
+        moment = cast(t, _timestamp()) if code == PG_DATE else t
+        # EXTRACT(EPOCH ...) of a timestamp without zone reads it as UTC, as naive_timezone's
+        # default does; FLOOR drops the fraction as Python's whole seconds do.
+        return cast(func.floor(func.extract("epoch", moment)), BigInteger)
+
+    def whole(self, v: ColumnElement[Any], code: Any) -> ColumnElement[Any]:
+        if code in PG_INTEGERS:
+            return v.isnot(None)
+        # NaN and infinities: v - v is not 0 for them.
+        return and_(v.isnot(None), v == func.trunc(v), (v - v) == 0)
+
+    def no_ascii_space(self, x: ColumnElement[Any]) -> ColumnElement[Any]:
+        return not_(x.op("~")(literal("[ \t\n\v\f\r\x1c-\x1f]")))
+
+
+class DuckdbDialect(SqlDialect):
+    """DuckDB: static types, named in the cursor's description."""
+
+    conn_types = ("duckdb",)
+    name = "duckdb"
+
+    def sqlalchemy(self) -> SaDialect:
+        # DuckDB speaks PostgreSQL's SQL for everything generated here.
+        from sqlalchemy.dialects import postgresql
+
+        return postgresql.dialect()
+
+    def check(self, types: ColumnTypes, *, fixed_event: bool) -> None:
+        customer, value, stamp = (str(code).upper() for code in types.codes[:3])
+        _need(customer == "VARCHAR", "customer", types.names[0], customer, "VARCHAR")
+        _need(_duck_integer(value) or value.startswith("DECIMAL"), "value", types.names[1], value, "an integer or DECIMAL")
+        _need(
+            _duck_integer(stamp) or stamp in ("TIMESTAMP", "TIMESTAMP WITH TIME ZONE", "DATE"),
+            "timestamp",
+            types.names[2],
+            stamp,
+            "TIMESTAMP, TIMESTAMP WITH TIME ZONE, DATE or integer unix seconds",
+        )
+        if not fixed_event:
+            code = str(types.codes[3]).upper()
+            _need(code == "VARCHAR", "event name", types.names[3], code, "VARCHAR")
+
+    def seconds(self, t: ColumnElement[Any], code: Any) -> ColumnElement[Any]:
+        name = str(code).upper()
+        if _duck_integer(name):
+            return cast(t, BigInteger)
+        moment = cast(t, _timestamp()) if name == "DATE" else t
+        # Microseconds since the epoch, floored to seconds: exact (epoch() is a double).
+        return cast(func.floor(func.epoch_us(moment) / 1_000_000), BigInteger)
+
+    def whole(self, v: ColumnElement[Any], code: Any) -> ColumnElement[Any]:
+        if _duck_integer(str(code).upper()):
+            return v.isnot(None)
+        return and_(v.isnot(None), v == func.trunc(v))
+
+    def no_ascii_space(self, x: ColumnElement[Any]) -> ColumnElement[Any]:
+        return not_(func.regexp_matches(x, literal("[ \t\n\v\f\r\x1c-\x1f]")))
+
+
+def _duck_integer(name: str) -> bool:
+    return name in ("TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT", "UTINYINT", "USMALLINT", "UINTEGER")
+
+
+def _timestamp() -> Any:
+    from sqlalchemy import TIMESTAMP
+
+    return TIMESTAMP()
+
+
+def _need(ok: bool, what: str, name: str, code: Any, wanted: str) -> None:
+    if not ok:
+        raise Unsupported(f"the {what} column {name!r} is of type {code!r}, not {wanted}")
+
+
+DIALECTS: dict[str, SqlDialect] = {
+    conn_type: dialect
+    for dialect in (SqliteDialect(), PostgresDialect(), DuckdbDialect())
+    for conn_type in dialect.conn_types
+}
+
+
+def dialect_for(conn_type: str) -> SqlDialect | None:
+    """The SQL generated for an Airflow connection type; ``None``: not generated for it."""
+    return DIALECTS.get((conn_type or "").lower())
+
+
+__all__ = ["DIALECTS", "ColumnTypes", "DuckdbDialect", "PostgresDialect", "SqlDialect", "SqliteDialect", "Unsupported", "dialect_for"]

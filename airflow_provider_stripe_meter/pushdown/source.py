@@ -1,0 +1,269 @@
+"""Aggregate the team's query inside its database: only per-customer-day figures reach the worker.
+
+:func:`aggregate_in_database` runs the statements of :mod:`.queries` on one DB-API connection
+and feeds what they return into a :class:`~airflow_provider_stripe_meter.utils.aggregation.
+UsageAggregator`, the same one the streaming path feeds row by row, so both paths fold, check
+day totals and report problems in one place:
+
+1. the query's columns are read (a statement that returns no row); a type the SQL is not
+   generated for raises :class:`Unsupported` before anything else runs;
+2. where days split at billing period boundaries, their parts go to a temporary table;
+3. one statement sums every customer-day (part) the SQL vouches for and counts the rest;
+4. for meters that bill the ``last`` value, one more finds each group's latest value;
+5. only when some rows were not vouched for, or fell outside Stripe's window, one more returns
+   those Python must check (every row the SQL could not vouch for, and the first few of the
+   others, for the samples), numbered by their position in the query's result.
+
+A customer id or event name the SQL let through but Python refuses (non-ASCII whitespace)
+raises :class:`Unsupported` too: the caller then reads the query row by row, which reports it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import closing
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from airflow_provider_stripe_meter.pushdown import Unsupported
+from airflow_provider_stripe_meter.pushdown.dialects import ColumnTypes
+from airflow_provider_stripe_meter.pushdown.queries import (
+    CHECK,
+    FUTURE,
+    GOOD,
+    OLD,
+    PARTS,
+    Shape,
+    groups_query,
+    latest_values_query,
+    probe_sql,
+    render,
+    rows_query,
+)
+from airflow_provider_stripe_meter.utils.days import SECONDS_PER_DAY
+from airflow_provider_stripe_meter.utils.rules import MeterEventInputError
+
+if TYPE_CHECKING:
+    from airflow_provider_stripe_meter.pushdown.dialects import SqlDialect
+    from airflow_provider_stripe_meter.utils.aggregation import UsageAggregator
+
+#: Rows fetched at a time from the statements' results.
+FETCH = 10_000
+#: Rows inserted per statement into the table of split days' parts.
+INSERT_BATCH = 500
+#: Problem kinds by the statements' ``kind``, as the result names them.
+PROBLEM = {OLD: "skipped_too_old", FUTURE: "skipped_future"}
+
+
+@dataclass
+class DatabaseFigures:
+    """What the database did for the run: statements, rows handed back, seconds."""
+
+    statements: int = 0
+    #: Rows Python checked itself (not vouched for by the SQL, or sampled problems).
+    rows_checked: int = 0
+    #: Groups (customer-day parts) the database returned.
+    groups: int = 0
+    #: Parts of split days sent to the temporary table.
+    parts: int = 0
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-safe, for the result."""
+        return {
+            "statements": self.statements,
+            "rows_checked": self.rows_checked,
+            "groups": self.groups,
+            "parts": self.parts,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def aggregate_in_database(
+    conn: Any,
+    dialect: SqlDialect,
+    sql: str,
+    parameters: Any,
+    aggregator: UsageAggregator,
+    *,
+    placeholder: str = "?",
+    needs_last: Callable[[set[str]], set[str]] | None = None,
+    cursor: Callable[[Any], Any] | None = None,
+) -> DatabaseFigures:
+    """Aggregate ``sql`` in the database behind ``conn`` into ``aggregator`` (see the module).
+
+    :param placeholder: The driver's parameter marker (the temporary table's inserts).
+    :param needs_last: Of the event names found, those billed by a ``last`` meter (``None``:
+        all): only their groups' latest values are looked up.
+    :param cursor: Opens the cursor results are streamed through (default ``conn.cursor()``).
+    :raises Unsupported: the query's columns, or a customer or event name, call for the
+        streaming path; nothing was added to ``aggregator`` that it would not add.
+    """
+    started = time.monotonic()
+    figures = DatabaseFigures()
+    fixed = aggregator.event_name is not None
+    types = _column_types(conn, sql, parameters, len(aggregator.columns))
+    dialect.check(types, fixed_event=fixed)
+    parts = _parts(aggregator, fixed)
+    shape = Shape(dialect, types, fixed, aggregator.oldest, aggregator.newest, aggregator.keep_too_old, bool(parts))
+    if parts:
+        figures.parts = _fill_parts(conn, shape, parts, placeholder)
+        figures.statements += 1
+    try:
+        _aggregate(conn, shape, sql, parameters, aggregator, figures, needs_last, cursor)
+    finally:
+        if parts:
+            # A connection may outlive the run (a pool): its temporary table goes with the run.
+            with closing(conn.cursor()) as cur:
+                cur.execute(f"DROP TABLE IF EXISTS {PARTS}")
+    figures.seconds = time.monotonic() - started
+    return figures
+
+
+def _aggregate(
+    conn: Any,
+    shape: Shape,
+    sql: str,
+    parameters: Any,
+    aggregator: UsageAggregator,
+    figures: DatabaseFigures,
+    needs_last: Callable[[set[str]], set[str]] | None,
+    cursor: Callable[[Any], Any] | None,
+) -> None:
+    """The statements of a run, their results fed to ``aggregator``."""
+    fixed = shape.fixed_event
+
+    def run(statement: Any) -> Iterator[Sequence[Any]]:
+        figures.statements += 1
+        text = render(statement, shape, sql)
+        with closing(cursor(conn) if cursor is not None else conn.cursor()) as cur:
+            if parameters:
+                cur.execute(text, parameters)
+            else:
+                cur.execute(text)
+            while chunk := cur.fetchmany(FETCH):
+                yield from chunk
+
+    groups, counts = _read_groups(run(groups_query(shape)), shape, aggregator.event_name)
+    figures.groups = len(groups)
+    names = {g[1] for g in groups}
+    wanted = names if needs_last is None else needs_last(names)
+    if wanted and groups:
+        latest = _latest_values(run(latest_values_query(shape, None if fixed else sorted(wanted))), shape, aggregator.event_name)
+        groups = [(*g[:8], latest.get(g[:5], 0)) for g in groups]
+    try:
+        aggregator.add_groups(g[1:] for g in groups if g[0] == GOOD)
+        aggregator.add_too_old_groups((g[1], g[2], g[3], g[5], g[6], g[7], g[8]) for g in groups if g[0] == OLD)
+    except MeterEventInputError as err:
+        raise Unsupported(f"the database passed a {err.field} Python refuses ({err.rule})") from err
+    aggregator.rows += sum(counts.values()) + sum(g[7] for g in groups)
+    if counts.get(CHECK) or counts.get(FUTURE) or (counts.get(OLD) and not aggregator.keep_too_old):
+        handed = _check_rows(run(rows_query(shape, aggregator.problems.limit)), aggregator)
+        figures.rows_checked = sum(handed.values())
+        for kind, problem in PROBLEM.items():
+            # Counted here, beyond the sampled ones Python saw.
+            rest = counts.get(kind, 0) - handed.get(kind, 0)
+            if rest > 0:
+                aggregator.problems.counts[problem] += rest
+
+
+#: A group as read: (kind, event name, customer, day number, part or None, sum, latest, rows, last).
+Group = tuple[int, str, str, int, "int | None", int, int, int, int]
+
+
+def _read_groups(
+    rows: Iterable[Sequence[Any]], shape: Shape, event_name: str | None
+) -> tuple[list[Group], dict[int, int]]:
+    """The kept groups, and per other kind the rows counted."""
+    groups: list[Group] = []
+    counts: dict[int, int] = {}
+    for row in rows:
+        kind, rest = int(row[0]), list(row[1:])
+        e = event_name if shape.fixed_event else rest.pop(0)
+        c, day = rest[0], rest[1]
+        part = rest[2] if shape.parts else None
+        total, n, latest = rest[-3], rest[-2], rest[-1]
+        if c is None:  # rows counted, not kept
+            counts[kind] = counts.get(kind, 0) + int(n)
+            continue
+        groups.append(
+            (kind, e, c, int(day), None if part is None else int(part), int(total), int(latest), int(n), 0)  # type: ignore[arg-type]
+        )
+    return groups, counts
+
+
+def _latest_values(rows: Iterable[Sequence[Any]], shape: Shape, event_name: str | None) -> dict[tuple[Any, ...], int]:
+    out: dict[tuple[Any, ...], int] = {}
+    for row in rows:
+        kind, rest = int(row[0]), list(row[1:])
+        e = event_name if shape.fixed_event else rest.pop(0)
+        part = rest[2] if shape.parts else None
+        out[(kind, e, rest[0], int(rest[1]), None if part is None else int(part))] = int(rest[-1])
+    return out
+
+
+def _check_rows(rows: Iterable[Sequence[Any]], aggregator: UsageAggregator) -> dict[int, int]:
+    """Feed the handed-back rows to Python's checks in source order; count them per kind."""
+    handed: dict[int, int] = {}
+
+    def numbered() -> Iterator[tuple[int, tuple[Any, ...]]]:
+        for row in rows:
+            kind = int(row[1])
+            handed[kind] = handed.get(kind, 0) + 1
+            yield int(row[0]), tuple(row[2:])
+
+    aggregator.add_numbered(numbered())
+    return handed
+
+
+def _column_types(conn: Any, sql: str, parameters: Any, needed: int) -> ColumnTypes:
+    """The names and type codes of the query's first ``needed`` columns, from a statement with no row."""
+    with closing(conn.cursor()) as cur:
+        if parameters:
+            cur.execute(probe_sql(sql), parameters)
+        else:
+            cur.execute(probe_sql(sql))
+        description = cur.description or ()
+        cur.fetchall()
+    if len(description) < needed:
+        raise Unsupported(f"the query returns {len(description)} columns, {needed} are needed")
+    names = tuple(str(d[0]) for d in description[:needed])
+    if len(set(names)) != needed or any(not name for name in names):
+        raise Unsupported(f"the query's columns need distinct names to be read in SQL, got {list(names)}")
+    return ColumnTypes(names, tuple(d[1] for d in description[:needed]))
+
+
+def _parts(aggregator: UsageAggregator, fixed: bool) -> list[tuple[Any, ...]]:
+    """The slices of every day split at a billing period boundary inside the window:
+    (customer, start, end[, event name]), as the aggregator would cut rows into parts."""
+    split: Mapping[tuple[str, str], Sequence[int]] = aggregator.split_bounds
+    lo, hi = aggregator.split_window
+    out: list[tuple[Any, ...]] = []
+    for (event_name, customer), bounds in split.items():
+        if fixed and event_name != aggregator.event_name:
+            continue
+        days = sorted({b // SECONDS_PER_DAY for b in bounds if lo < b <= hi and b % SECONDS_PER_DAY})
+        for day in days:
+            start = day * SECONDS_PER_DAY
+            edges = [start, *(b for b in bounds if start < b < start + SECONDS_PER_DAY), start + SECONDS_PER_DAY]
+            for a, b in zip(edges, edges[1:], strict=False):
+                out.append((customer, a, b) if fixed else (customer, a, b, event_name))
+    return out
+
+
+def _fill_parts(conn: Any, shape: Shape, parts: list[tuple[Any, ...]], placeholder: str) -> int:
+    """Create the temporary table of split days' parts and insert them (bound parameters)."""
+    columns = "c VARCHAR(255), lo BIGINT, hi BIGINT" + ("" if shape.fixed_event else ", e VARCHAR(100)")
+    width = 3 if shape.fixed_event else 4
+    marks = "(" + ", ".join([placeholder] * width) + ")"
+    with closing(conn.cursor()) as cur:
+        cur.execute(f"CREATE TEMPORARY TABLE {PARTS} ({columns})")
+        for i in range(0, len(parts), INSERT_BATCH):
+            batch = parts[i : i + INSERT_BATCH]
+            cur.execute(
+                f"INSERT INTO {PARTS} VALUES " + ", ".join([marks] * len(batch)),
+                [value for row in batch for value in row],
+            )
+    return len(parts)
