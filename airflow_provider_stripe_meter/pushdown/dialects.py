@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import BigInteger, and_, case, cast, func, literal, not_, or_
 
 from airflow_provider_stripe_meter.pushdown import Unsupported
+from airflow_provider_stripe_meter.utils.days import SECONDS_PER_DAY
 from airflow_provider_stripe_meter.utils.rules import MAX_EVENT_NAME_LENGTH
 
 if TYPE_CHECKING:
@@ -73,6 +74,10 @@ class SqlDialect:
     def is_text(self, x: ColumnElement[Any], code: Any) -> ColumnElement[Any]:
         """True where ``x`` is a text value."""
         return x.isnot(None)
+
+    def day_number(self, secs: ColumnElement[Any]) -> ColumnElement[Any]:
+        """The UTC day number of whole unix seconds ``secs`` (integer division: windows are recent)."""
+        return secs / literal(SECONDS_PER_DAY)
 
     def no_ascii_space(self, x: ColumnElement[Any]) -> ColumnElement[Any]:
         """True where ``x`` holds no ASCII whitespace."""
@@ -229,6 +234,10 @@ class DuckdbDialect(SqlDialect):
         moment = cast(t, _timestamp()) if name == "DATE" else t
         # Microseconds since the epoch, floored to seconds: exact (epoch() is a double).
         return cast(func.floor(func.epoch_us(moment) / 1_000_000), BigInteger)
+
+    def day_number(self, secs: ColumnElement[Any]) -> ColumnElement[Any]:
+        # DuckDB's "/" divides as floating point; "//" is its integer division.
+        return secs.op("//")(literal(SECONDS_PER_DAY))
 
     def whole(self, v: ColumnElement[Any], code: Any) -> ColumnElement[Any]:
         if _duck_integer(str(code).upper()):

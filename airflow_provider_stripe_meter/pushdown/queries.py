@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import and_, case, column, func, literal, not_, or_, select, table
 
-from airflow_provider_stripe_meter.utils.days import SECONDS_PER_DAY
 
 if TYPE_CHECKING:
     from sqlalchemy.sql.selectable import CTE, Select, TableClause
@@ -111,7 +110,7 @@ def _keys(shape: Shape, rows: CTE) -> tuple[list[Any], Any]:
         keys.append(case((kept, rows.c.e)).label("e"))
     keys += [
         case((kept, rows.c.c)).label("c"),
-        case((kept, rows.c.secs // SECONDS_PER_DAY)).label("day"),
+        case((kept, shape.dialect.day_number(rows.c.secs))).label("day"),
     ]
     source: Any = rows
     if shape.parts:

@@ -104,25 +104,30 @@ def aggregate_in_database(
     started = time.monotonic()
     figures = DatabaseFigures()
     fixed = aggregator.event_name is not None
-    types = _column_types(conn, sql, parameters, len(aggregator.columns))
-    dialect.check(types, fixed_event=fixed)
-    parts = _parts(aggregator, fixed)
-    shape = Shape(dialect, types, fixed, aggregator.oldest, aggregator.newest, aggregator.keep_too_old, bool(parts))
-    if parts:
-        figures.parts = _fill_parts(conn, shape, parts, placeholder)
-        figures.statements += 1
-    try:
-        _aggregate(conn, shape, sql, parameters, aggregator, figures, needs_last, cursor)
-    finally:
+    # One cursor for the statements (DuckDB's cursors are connections of their own, and a
+    # temporary table is seen by its own connection only); a streaming one, where given, reads.
+    with closing(conn.cursor()) as cur:
+        types = _column_types(cur, sql, parameters, len(aggregator.columns))
+        dialect.check(types, fixed_event=fixed)
+        parts = _parts(aggregator, fixed)
+        shape = Shape(
+            dialect, types, fixed, aggregator.oldest, aggregator.newest, aggregator.keep_too_old, bool(parts)
+        )
         if parts:
-            # A connection may outlive the run (a pool): its temporary table goes with the run.
-            with closing(conn.cursor()) as cur:
+            figures.parts = _fill_parts(cur, shape, parts, placeholder)
+            figures.statements += 1
+        try:
+            _aggregate(cur, conn, shape, sql, parameters, aggregator, figures, needs_last, cursor)
+        finally:
+            if parts:
+                # A connection may outlive the run (a pool): its temporary table goes with the run.
                 cur.execute(f"DROP TABLE IF EXISTS {PARTS}")
     figures.seconds = time.monotonic() - started
     return figures
 
 
 def _aggregate(
+    shared: Any,
     conn: Any,
     shape: Shape,
     sql: str,
@@ -138,13 +143,17 @@ def _aggregate(
     def run(statement: Any) -> Iterator[Sequence[Any]]:
         figures.statements += 1
         text = render(statement, shape, sql)
-        with closing(cursor(conn) if cursor is not None else conn.cursor()) as cur:
+        cur = cursor(conn) if cursor is not None else shared
+        try:
             if parameters:
                 cur.execute(text, parameters)
             else:
                 cur.execute(text)
             while chunk := cur.fetchmany(FETCH):
                 yield from chunk
+        finally:
+            if cur is not shared:
+                cur.close()
 
     groups, counts = _read_groups(run(groups_query(shape)), shape, aggregator.event_name)
     figures.groups = len(groups)
@@ -218,15 +227,14 @@ def _check_rows(rows: Iterable[Sequence[Any]], aggregator: UsageAggregator) -> d
     return handed
 
 
-def _column_types(conn: Any, sql: str, parameters: Any, needed: int) -> ColumnTypes:
+def _column_types(cur: Any, sql: str, parameters: Any, needed: int) -> ColumnTypes:
     """The names and type codes of the query's first ``needed`` columns, from a statement with no row."""
-    with closing(conn.cursor()) as cur:
-        if parameters:
-            cur.execute(probe_sql(sql), parameters)
-        else:
-            cur.execute(probe_sql(sql))
-        description = cur.description or ()
-        cur.fetchall()
+    if parameters:
+        cur.execute(probe_sql(sql), parameters)
+    else:
+        cur.execute(probe_sql(sql))
+    description = cur.description or ()
+    cur.fetchall()
     if len(description) < needed:
         raise Unsupported(f"the query returns {len(description)} columns, {needed} are needed")
     names = tuple(str(d[0]) for d in description[:needed])
@@ -253,17 +261,16 @@ def _parts(aggregator: UsageAggregator, fixed: bool) -> list[tuple[Any, ...]]:
     return out
 
 
-def _fill_parts(conn: Any, shape: Shape, parts: list[tuple[Any, ...]], placeholder: str) -> int:
+def _fill_parts(cur: Any, shape: Shape, parts: list[tuple[Any, ...]], placeholder: str) -> int:
     """Create the temporary table of split days' parts and insert them (bound parameters)."""
     columns = "c VARCHAR(255), lo BIGINT, hi BIGINT" + ("" if shape.fixed_event else ", e VARCHAR(100)")
     width = 3 if shape.fixed_event else 4
     marks = "(" + ", ".join([placeholder] * width) + ")"
-    with closing(conn.cursor()) as cur:
-        cur.execute(f"CREATE TEMPORARY TABLE {PARTS} ({columns})")
-        for i in range(0, len(parts), INSERT_BATCH):
-            batch = parts[i : i + INSERT_BATCH]
-            cur.execute(
-                f"INSERT INTO {PARTS} VALUES " + ", ".join([marks] * len(batch)),
-                [value for row in batch for value in row],
-            )
+    cur.execute(f"CREATE TEMPORARY TABLE {PARTS} ({columns})")
+    for i in range(0, len(parts), INSERT_BATCH):
+        batch = parts[i : i + INSERT_BATCH]
+        cur.execute(
+            f"INSERT INTO {PARTS} VALUES " + ", ".join([marks] * len(batch)),
+            [value for row in batch for value in row],
+        )
     return len(parts)

@@ -1,0 +1,296 @@
+"""The aggregation pushed into SQL gives exactly what the worker's row-by-row aggregation gives.
+
+Differential: the same rows (clean ones, and every kind of bad one the rules know) in a real
+SQLite, DuckDB and (when STRIPE_METER_TEST_PG_DSN is set) PostgreSQL table, aggregated both ways
+by the same :class:`UsageAggregator` settings; the aggregates, too-old aggregates, row and problem
+counts and the samples (which name rows by their position) must be equal.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import random
+import sqlite3
+from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from airflow_provider_stripe_meter.pushdown import Unsupported
+from airflow_provider_stripe_meter.pushdown.dialects import DuckdbDialect, PostgresDialect, SqlDialect, SqliteDialect
+from airflow_provider_stripe_meter.pushdown.source import aggregate_in_database
+from airflow_provider_stripe_meter.utils.aggregation import UsageAggregator
+from airflow_provider_stripe_meter.utils.days import SECONDS_PER_DAY
+
+NOW = 1_796_637_600 + 13 * 3600 + 17  # 2026-12-07 13:00:17 UTC
+DAY = SECONDS_PER_DAY
+CUSTOMERS = ["cus_a", "cus_b", "cus_c", "cus_d"]
+
+
+def _naive(seconds: int, micro: int = 0) -> datetime:
+    return datetime.fromtimestamp(seconds, timezone.utc).replace(tzinfo=None, microsecond=micro)
+
+
+def clean_rows(rng: random.Random, n: int) -> list[tuple[Any, ...]]:
+    """Rows every database stores as they are: ties in a second, days across the window."""
+    rows = []
+    for _ in range(n):
+        seconds = NOW - rng.choice([rng.randint(60, 3 * DAY), rng.randint(0, 40 * DAY), rng.randint(-900, 0)])
+        rows.append((rng.choice(CUSTOMERS), rng.randint(-5, 50), seconds))
+    # Two rows in one latest second with other values: the greater wins, in either order.
+    rows += [("cus_a", 9, NOW - 7200), ("cus_a", 4, NOW - 7200), ("cus_b", 4, NOW - 7000), ("cus_b", 9, NOW - 7000)]
+    return rows
+
+
+def sqlite_rows(rng: random.Random, n: int) -> list[tuple[Any, ...]]:
+    """SQLite holds any type in any column: the bad rows of every kind, mixed in."""
+    rows: list[tuple[Any, ...]] = []
+    for customer, value, seconds in clean_rows(rng, n):
+        shape = rng.randrange(14)
+        stamp: Any = _naive(seconds).isoformat(sep=" ")
+        if shape == 0:
+            stamp = seconds  # integer unix seconds
+        elif shape == 1:
+            stamp = _naive(seconds, 999_900).isoformat(sep=" ")  # a fraction SQLite would round up
+        elif shape == 2:
+            stamp = _naive(seconds).isoformat()  # "T"
+        elif shape == 3:
+            stamp = _naive(seconds).isoformat() + "Z"  # a zone: checked in Python
+        elif shape == 4:
+            stamp = rng.choice(["2026-02-30 10:00:00", "junk", None, " 2026-12-01 10:00:00", str(seconds)])
+        elif shape == 5:
+            value = rng.choice([12.0, 12.5, "4", None, True, "x", Decimal("3")][:6])
+        elif shape == 6:
+            customer = rng.choice(["bad", "cus_ x", None, "cus_", "cus_\tz", 42])
+        rows.append((customer, value, stamp))
+    return rows
+
+
+def aggregator(*, keep: bool = False, split: Any = None, event_name: str | None = "e") -> UsageAggregator:
+    columns = ("customer_id", "value", "ts", "event")
+    return UsageAggregator(
+        event_name=event_name, now=NOW, columns=columns, keep_too_old=keep, sample_limit=4, split=split
+    )
+
+
+def both_ways(
+    connect: Callable[[], Any], dialect: SqlDialect, sql: str, *, keep: bool, split: Any, event_name: str | None
+) -> tuple[UsageAggregator, UsageAggregator]:
+    conn = connect()
+    try:
+        cur = conn.cursor()
+        cur.execute(sql)
+        rows = cur.fetchall()
+        worker = aggregator(keep=keep, split=split, event_name=event_name)
+        worker.add_rows(rows)
+        worker.finish()
+        database = aggregator(keep=keep, split=split, event_name=event_name)
+        aggregate_in_database(conn, dialect, sql, None, database, placeholder=PLACEHOLDER[dialect.name])
+        database.finish()
+    finally:
+        conn.close()
+    return worker, database
+
+
+PLACEHOLDER = {"sqlite": "?", "duckdb": "?", "postgresql": "%s"}
+
+
+def assert_same(worker: UsageAggregator, database: UsageAggregator) -> None:
+    def key(a: Any) -> tuple[Any, ...]:
+        return (a.event_name, a.customer_id, a.day)
+
+    assert sorted(database.finish(), key=key) == sorted(worker.finish(), key=key)
+    assert sorted(database.too_old, key=key) == sorted(worker.too_old, key=key)
+    assert (database.rows, database.too_old_rows) == (worker.rows, worker.too_old_rows)
+    assert dict(database.problems.counts) == dict(worker.problems.counts)
+    assert database.problems.samples == worker.problems.samples
+
+
+SPLIT = {
+    ("e", "cus_a"): (NOW - 3 * DAY + 5 * 3600, NOW - 3 * DAY + 9 * 3600, NOW - 2 * 3600),
+    ("e", "cus_c"): (NOW - 20 * DAY + 77,),
+    ("f", "cus_b"): (NOW - DAY - 3600,),
+}
+
+
+@pytest.fixture(scope="module")
+def sqlite_source(tmp_path_factory: pytest.TempPathFactory) -> Callable[[], Any]:
+    path = tmp_path_factory.mktemp("pushdown") / "usage.db"
+    rng = random.Random(7)
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE usage (customer_id, value, ts, event)")
+        rows = sqlite_rows(rng, 3000)
+        events = [rng.choice(["e", "e", "f", " e", "", None, "x" * 101]) for _ in rows]
+        db.executemany("INSERT INTO usage VALUES (?, ?, ?, ?)", [(*r, ev) for r, ev in zip(rows, events, strict=True)])
+    return lambda: sqlite3.connect(path)
+
+
+@pytest.mark.parametrize("keep", [False, True], ids=["skip-too-old", "keep-too-old"])
+@pytest.mark.parametrize("split", [None, SPLIT], ids=["whole-days", "split-days"])
+@pytest.mark.parametrize("event_name", ["e", None], ids=["fixed-event", "event-column"])
+def test_sqlite_with_every_kind_of_bad_row_aggregates_as_the_worker_does(
+    sqlite_source: Callable[[], Any], keep: bool, split: Any, event_name: str | None
+) -> None:
+    worker, database = both_ways(
+        sqlite_source, SqliteDialect(), "SELECT * FROM usage", keep=keep, split=split, event_name=event_name
+    )
+    assert_same(worker, database)
+    # The claim is about something: bad rows of each kind, ties, split days and kept old rows.
+    assert worker.problems.counts["invalid"] > 100
+    assert worker.problems.counts["skipped_future"] > 0
+    assert len(worker.problems.samples["invalid"]) == 4
+    if split:
+        assert any(a.parts for a in worker.finish())
+    if keep:
+        assert worker.too_old_rows > 0
+    else:
+        assert worker.problems.counts["skipped_too_old"] > 0
+
+
+def _typed_rows(rng: random.Random, n: int) -> list[tuple[Any, ...]]:
+    """Rows for a typed table: customers that break the rule, fractional and NULL values."""
+    rows = []
+    for customer, value, seconds in clean_rows(rng, n):
+        shape = rng.randrange(12)
+        stamp: Any = _naive(seconds, rng.choice([0, 0, 999_999]))
+        dec: Any = Decimal(value)
+        if shape == 0:
+            customer = rng.choice(["bad", "cus_ x", None, "cus_", "cus_\nz"])
+        elif shape == 1:
+            dec = rng.choice([Decimal("12.5"), None])
+        elif shape == 2:
+            stamp = None
+        rows.append((customer, dec, stamp, rng.choice(["e", "e", "f", " e"])))
+    return rows
+
+
+def _duckdb(tmp_path_factory: pytest.TempPathFactory, stamp_type: str, value_type: str) -> Callable[[], Any]:
+    duckdb = pytest.importorskip("duckdb")
+    path = str(tmp_path_factory.mktemp("duck") / "usage.duckdb")
+    rows = _typed_rows(random.Random(11), 3000)
+    db = duckdb.connect(path)
+    db.execute(f"CREATE TABLE usage (customer_id VARCHAR, value {value_type}, ts {stamp_type}, event VARCHAR)")
+    if stamp_type == "BIGINT":
+        rows = [(c, v, None if t is None else int(t.replace(tzinfo=timezone.utc).timestamp()), e) for c, v, t, e in rows]
+    elif stamp_type.endswith("ZONE"):
+        rows = [(c, v, None if t is None else t.replace(tzinfo=timezone.utc), e) for c, v, t, e in rows]
+    # Through a CSV file: DuckDB's executemany takes seconds for a few thousand rows.
+    csv_path = Path(path).with_suffix(".csv")
+    with csv_path.open("w", newline="") as out:
+        csv.writer(out).writerows([["\\N" if x is None else x for x in row] for row in rows])
+    db.execute(f"COPY usage FROM '{csv_path}' (NULLSTR '\\N')")
+    db.close()
+    return lambda: duckdb.connect(path)
+
+
+@pytest.mark.parametrize(
+    ("stamp_type", "value_type"),
+    [("TIMESTAMP", "DECIMAL(18,2)"), ("BIGINT", "BIGINT"), ("TIMESTAMP WITH TIME ZONE", "DECIMAL(18,2)")],
+)
+@pytest.mark.parametrize("event_name", ["e", None], ids=["fixed-event", "event-column"])
+def test_duckdb_aggregates_as_the_worker_does(
+    tmp_path_factory: pytest.TempPathFactory, stamp_type: str, value_type: str, event_name: str | None
+) -> None:
+    connect = _duckdb(tmp_path_factory, stamp_type, value_type)
+    if stamp_type.endswith("ZONE"):
+        # The session's zone must not matter: a zone-aware column is read as the instant it is.
+        base = connect
+
+        def connect() -> Any:
+            conn = base()
+            conn.execute("SET TimeZone = 'America/New_York'")
+            return conn
+
+    worker, database = both_ways(
+        connect, DuckdbDialect(), "SELECT * FROM usage", keep=False, split=SPLIT, event_name=event_name
+    )
+    assert_same(worker, database)
+    assert worker.problems.counts["invalid"] > 50
+
+
+@pytest.fixture
+def pg_connect() -> Iterator[Callable[[], Any]]:
+    dsn = os.environ.get("STRIPE_METER_TEST_PG_DSN")
+    if not dsn:
+        pytest.skip("STRIPE_METER_TEST_PG_DSN not set: no PostgreSQL server (.ci/run starts one)")
+    import psycopg2
+
+    with psycopg2.connect(dsn) as db, db.cursor() as cur:
+        cur.execute("DROP TABLE IF EXISTS pushdown_usage")
+        cur.execute(
+            "CREATE TABLE pushdown_usage (customer_id text, value numeric, ts timestamp, event text, "
+            "tsz timestamptz, secs bigint, n bigint)"
+        )
+        rows = _typed_rows(random.Random(5), 3000)
+        cur.executemany(
+            "INSERT INTO pushdown_usage VALUES (%s, %s, %s, %s, %s, %s, %s)",
+            [
+                (
+                    c,
+                    v,
+                    t,
+                    e,
+                    None if t is None else t.replace(tzinfo=timezone.utc),
+                    None if t is None else int(t.replace(tzinfo=timezone.utc).timestamp()),
+                    None if v is None or v != v.to_integral_value() else int(v),
+                )
+                for c, v, t, e in rows
+            ],
+        )
+    yield lambda: psycopg2.connect(dsn)
+
+
+@pytest.mark.parametrize(
+    "columns",
+    ["customer_id, value, ts, event", "customer_id, n, tsz, event", "customer_id, value, secs, event"],
+    ids=["numeric-timestamp", "bigint-timestamptz", "numeric-unix-seconds"],
+)
+@pytest.mark.parametrize("keep", [False, True], ids=["skip-too-old", "keep-too-old"])
+def test_postgres_aggregates_as_the_worker_does(pg_connect: Callable[[], Any], columns: str, keep: bool) -> None:
+    worker, database = both_ways(
+        pg_connect,
+        PostgresDialect(),
+        f"SELECT {columns} FROM pushdown_usage",
+        keep=keep,
+        split=SPLIT,
+        event_name=None,
+    )
+    assert_same(worker, database)
+    assert worker.problems.counts["invalid"] > 50
+
+
+def test_a_column_type_the_sql_cannot_read_exactly_is_named(tmp_path_factory: pytest.TempPathFactory) -> None:
+    duckdb = pytest.importorskip("duckdb")
+    conn = duckdb.connect()
+    conn.execute("CREATE TABLE usage (customer_id VARCHAR, value DOUBLE, ts TIMESTAMP)")
+    with pytest.raises(Unsupported, match="value column 'value' is of type 'DOUBLE'"):
+        aggregate_in_database(conn, DuckdbDialect(), "SELECT * FROM usage", None, aggregator())
+
+
+def test_a_customer_only_python_refuses_sends_the_run_to_the_worker() -> None:
+    # A no-break space passes the SQL's ASCII check; Python's rule refuses it: the caller reads
+    # the query row by row, which reports the row as Python does.
+    conn = sqlite3.connect(":memory:")
+    conn.execute("CREATE TABLE usage (customer_id, value, ts)")
+    conn.execute("INSERT INTO usage VALUES ('cus_\u00a0x', 1, ?)", (_naive(NOW - 60).isoformat(sep=" "),))
+    with pytest.raises(Unsupported, match="customer_id"):
+        aggregate_in_database(conn, SqliteDialect(), "SELECT * FROM usage", None, aggregator())
+
+
+def test_the_query_keeps_its_own_text_and_parameters() -> None:
+    conn = sqlite3.connect(":memory:")
+    conn.execute("CREATE TABLE usage (customer_id, value, ts)")
+    stamp = _naive(NOW - 60).isoformat(sep=" ")
+    conn.executemany("INSERT INTO usage VALUES (?, ?, ?)", [("cus_a", 2, stamp), ("cus_b", 3, stamp)])
+    database = aggregator()
+    # A trailing semicolon and comment, a parameter: kept as written.
+    sql = "SELECT * FROM usage WHERE customer_id = ? -- the one customer\n;"
+    figures = aggregate_in_database(conn, SqliteDialect(), sql, ["cus_b"], database, needs_last=lambda names: set())
+    [day] = database.finish()
+    assert (day.customer_id, day.value, day.rows, database.rows) == ("cus_b", 3, 1, 1)
+    # A clean night of a sum meter: one statement, no row back to the worker.
+    assert figures.statements == 1 and figures.rows_checked == 0 and figures.groups == 1
