@@ -1,12 +1,13 @@
 """What each database needs said differently: a row's unix seconds, a whole-number check, text checks.
 
-Plain Python over SQLAlchemy Core expressions (no Airflow). Each expression is the SQL twin of a
-rule of :mod:`airflow_provider_stripe_meter.utils.rules`, but **conservative**: it vouches for a
-row only where the Python rule would surely accept it with the same figures; any row it cannot
-vouch for is handed back to Python and checked there, one by one, with the same messages. So a
-check here may be narrower than Python's, never wider: a SQLite ``REAL`` value ``12.0`` is
-handed back (Python takes it as 12), a customer id with a non-ASCII space passes here and is
-caught by Python's check of each customer the database returns.
+Plain Python over SQLAlchemy Core expressions (no Airflow). The per-row rules of
+:mod:`airflow_provider_stripe_meter.utils.rules` about a row's value and timestamp, in SQL but
+**conservative**: an expression vouches for a row only where the Python rule would surely accept
+it with the same figures; any row it cannot vouch for is handed back to Python and checked there,
+one by one, with the same messages. So a check here may be narrower than Python's, never wider:
+a SQLite ``REAL`` value ``12.0`` is handed back (Python takes it as 12). The rules about a
+customer id or an event name depend on that text alone: Python checks each distinct one the
+database groups by (:mod:`.source`), not each row.
 
 A column's type decides the expression where the database has static types (PostgreSQL,
 DuckDB: read from the cursor's description of the query); SQLite has a type per value
@@ -33,11 +34,7 @@ from airflow_provider_stripe_meter.utils.rules import MAX_EVENT_NAME_LENGTH
 if TYPE_CHECKING:
     from sqlalchemy.engine import Dialect as SaDialect
     from sqlalchemy.sql.elements import ColumnElement
-
-#: ASCII whitespace as Python's ``str.isspace`` counts it (what ``\\S`` in the customer rule
-#: excludes); other whitespace is left to the check of each customer in Python.
-ASCII_SPACE = " \t\n\v\f\r\x1c\x1d\x1e\x1f"
-
+    from sqlalchemy.sql.selectable import Select
 
 @dataclass(frozen=True)
 class ColumnTypes:
@@ -75,31 +72,18 @@ class SqlDialect:
         """True where ``x`` is a text value."""
         return x.isnot(None)
 
+    def fence(self, statement: Select[Any]) -> Select[Any]:
+        """``statement`` kept a subquery of its own, evaluated once per row: a planner that folds it
+        into the statements over it would copy each expression to every place naming it."""
+        return statement
+
     def day_number(self, secs: ColumnElement[Any]) -> ColumnElement[Any]:
-        """The UTC day number of whole unix seconds ``secs`` (integer division: windows are recent)."""
-        return secs / literal(SECONDS_PER_DAY)
+        """The UTC day number of whole unix seconds ``secs`` (integer division: windows are recent).
 
-    def no_ascii_space(self, x: ColumnElement[Any]) -> ColumnElement[Any]:
-        """True where ``x`` holds no ASCII whitespace."""
-        return and_(*(func.strpos(x, literal(ch)) == 0 for ch in ASCII_SPACE))
+        The operator as written: SQLAlchemy's ``/`` is true division and would make it a float.
+        """
+        return secs.op("/")(literal(SECONDS_PER_DAY))
 
-    def customer_ok(self, c: ColumnElement[Any], code: Any) -> ColumnElement[Any]:
-        """True where ``c`` passes the customer rule (``cus_`` and no whitespace), ASCII-wise."""
-        return and_(
-            self.is_text(c, code),
-            func.substr(c, 1, 4) == literal("cus_"),
-            func.length(c) > 4,
-            self.no_ascii_space(c),
-        )
-
-    def event_ok(self, e: ColumnElement[Any], code: Any) -> ColumnElement[Any]:
-        """True where ``e`` passes the event-name rule: 1 to 100 characters, no outer whitespace."""
-        return and_(
-            self.is_text(e, code),
-            func.length(e).between(1, MAX_EVENT_NAME_LENGTH),
-            func.substr(e, 1, 1).notin_(list(ASCII_SPACE)),
-            func.substr(e, func.length(e), 1).notin_(list(ASCII_SPACE)),
-        )
 
 
 class SqliteDialect(SqlDialect):
@@ -108,46 +92,64 @@ class SqliteDialect(SqlDialect):
     conn_types = ("sqlite",)
     name = "sqlite"
 
+    def __init__(self) -> None:
+        import sqlite3
+
+        self.unixepoch = sqlite3.sqlite_version_info >= (3, 38, 0)
+
     def sqlalchemy(self) -> SaDialect:
         from sqlalchemy.dialects import sqlite
 
         return sqlite.dialect()
 
     def seconds(self, t: ColumnElement[Any], code: Any) -> ColumnElement[Any]:
-        # "YYYY-MM-DD HH:MM:SS" (or "T"), optionally ".fff..." and nothing else: the seconds are
-        # read from the first 19 characters (SQLite rounds a fraction to milliseconds and
-        # could carry 23:59:59.9999 into the next day; Python drops it), and a date SQLite
-        # would roll over (February 30th) fails the round trip that Python refuses too.
-        head = func.substr(t, 1, 19)
-        digits = "[0-9]"
-        shape = f"{digits * 4}-{digits * 2}-{digits * 2}[ T]{digits * 2}:{digits * 2}:{digits * 2}"
-        iso = and_(
+        # Text of 19 characters SQLite reads as a date-time ("YYYY-MM-DD HH:MM:SS" or "T"), or
+        # that and a fraction (".fff...", the seconds read from the first 19 characters: SQLite
+        # rounds a fraction to milliseconds and could carry 23:59:59.9999 into the next day,
+        # Python drops it). Of those, SQLite reads three that Python refuses, excluded here at
+        # the cost of a comparison or two: a julian day number ("-" checked), the hour 24, the
+        # year 0; and it rolls a day past a month's end over (February 30th), checked by a
+        # round trip for days 29 to 31 only. Every other row goes to Python.
+        def at(start: int, length: int) -> ColumnElement[Any]:
+            return func.substr(t, start, length)
+
+        whole = func.length(t) == 19
+        fraction = and_(
+            func.length(t) > 20,
+            at(20, 1) == literal("."),
+            not_(func.substr(t, 21).op("GLOB")(literal("*[^0-9]*"))),
+        )
+        head = case((whole, t), (fraction, at(1, 19)), else_=None)
+        # unixepoch() (SQLite 3.38) is three times cheaper than strftime('%s').
+        epoch = func.unixepoch(head) if self.unixepoch else cast(func.strftime(literal("%s"), head), BigInteger)
+        read = and_(
             func.typeof(t) == literal("text"),
-            head.op("GLOB")(literal(shape)),
+            at(5, 1) == literal("-"),
+            at(12, 2) != literal("24"),
+            at(1, 4) != literal("0000"),
             or_(
-                func.length(t) == 19,
-                and_(
-                    func.length(t) > 20,
-                    func.substr(t, 20, 1) == literal("."),
-                    not_(func.substr(t, 21).op("GLOB")(literal("*[^0-9]*"))),
-                ),
+                at(9, 2) < literal("29"),
+                func.date(head, literal("+0 days")) == at(1, 10),
             ),
-            func.datetime(head, literal("+0 seconds")) == func.replace(head, literal("T"), literal(" ")),
         )
         return case(
             (func.typeof(t) == literal("integer"), t),
-            (iso, cast(func.strftime(literal("%s"), head), BigInteger)),
+            (read, epoch),
             else_=None,
         )
 
     def whole(self, v: ColumnElement[Any], code: Any) -> ColumnElement[Any]:
         return func.typeof(v) == literal("integer")
 
+    def fence(self, statement: Select[Any]) -> Select[Any]:
+        # LIMIT -1 (no limit) keeps SQLite from flattening the subquery: it runs as a
+        # co-routine, each row's seconds computed once.
+        # https://www.sqlite.org/optoverview.html#flattening
+        return statement.limit(-1)
+
     def is_text(self, x: ColumnElement[Any], code: Any) -> ColumnElement[Any]:
         return func.typeof(x) == literal("text")
 
-    def no_ascii_space(self, x: ColumnElement[Any]) -> ColumnElement[Any]:
-        return not_(x.op("GLOB")(literal(f"*[{ASCII_SPACE}]*")))
 
 
 #: PostgreSQL type OIDs (``pg_type``), as psycopg reports them in ``cursor.description``.
@@ -190,14 +192,17 @@ class PostgresDialect(SqlDialect):
         # default does; FLOOR drops the fraction as Python's whole seconds do.
         return cast(func.floor(func.extract("epoch", moment)), BigInteger)
 
+    def fence(self, statement: Select[Any]) -> Select[Any]:
+        # OFFSET 0: PostgreSQL's own fence against pulling the subquery up.
+        # https://www.postgresql.org/docs/current/queries-with.html#QUERIES-WITH-CTE-MATERIALIZATION
+        return statement.offset(0)
+
     def whole(self, v: ColumnElement[Any], code: Any) -> ColumnElement[Any]:
         if code in PG_INTEGERS:
             return v.isnot(None)
         # NaN and infinities: v - v is not 0 for them.
         return and_(v.isnot(None), v == func.trunc(v), (v - v) == 0)
 
-    def no_ascii_space(self, x: ColumnElement[Any]) -> ColumnElement[Any]:
-        return not_(x.op("~")(literal("[ \t\n\v\f\r\x1c-\x1f]")))
 
 
 class DuckdbDialect(SqlDialect):
@@ -244,8 +249,6 @@ class DuckdbDialect(SqlDialect):
             return v.isnot(None)
         return and_(v.isnot(None), v == func.trunc(v))
 
-    def no_ascii_space(self, x: ColumnElement[Any]) -> ColumnElement[Any]:
-        return not_(func.regexp_matches(x, literal("[ \t\n\v\f\r\x1c-\x1f]")))
 
 
 def _duck_integer(name: str) -> bool:

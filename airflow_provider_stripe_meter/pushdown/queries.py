@@ -37,6 +37,8 @@ GOOD, CHECK, OLD, FUTURE = 0, 1, 2, 3
 SOURCE = "stripe_meter_source"
 #: The temporary table of the parts of split days (customer, [event name,] start, end).
 PARTS = "stripe_meter_parts"
+#: The temporary table of the customers (``what`` = "c") and event names ("e") Python refused.
+REFUSED = "stripe_meter_refused"
 
 
 @dataclass(frozen=True)
@@ -60,24 +62,35 @@ def source_table(shape: Shape) -> TableClause:
     return table(SOURCE, *(column(name) for name in shape.types.names))
 
 
-def classified(shape: Shape) -> CTE:
-    """Per row: customer, value, timestamp as read, event name, whole unix seconds, ``kind``."""
+def classified(shape: Shape, *, refused: bool = False) -> CTE:
+    """Per row: customer, value, timestamp as read, event name, whole unix seconds, ``kind``.
+
+    ``refused``: rows of the customers and event names in :data:`REFUSED` (Python refused them
+    in the groups) are ``CHECK`` rows too.
+    """
     d, codes, src = shape.dialect, shape.types.codes, source_table(shape)
     names = shape.types.names
     c, v, t = src.c[names[0]], src.c[names[1]], src.c[names[2]]
     e = None if shape.fixed_event else src.c[names[3]]
     secs = d.seconds(t, codes[2])
-    checks = [d.customer_ok(c, codes[0]), d.whole(v, codes[1])]
+    checks = [d.is_text(c, codes[0]), d.whole(v, codes[1])]
     if e is not None:
-        checks.append(d.event_ok(e, codes[3]))
+        checks.append(d.is_text(e, codes[3]))
+    if refused:
+        gone = table(REFUSED, column("what"), column("v"))
+        checks.append(c.notin_(select(gone.c.v).where(gone.c.what == literal("c")).scalar_subquery()))
+        if e is not None:
+            checks.append(e.notin_(select(gone.c.v).where(gone.c.what == literal("e")).scalar_subquery()))
     # One pass computes the seconds; the next classifies on them (each written once).
-    first = select(
-        c.label("c"),
-        v.label("v"),
-        t.label("t"),
-        *([e.label("e")] if e is not None else []),
-        secs.label("secs"),
-        and_(*checks).label("ok"),
+    first = d.fence(
+        select(
+            c.label("c"),
+            v.label("v"),
+            t.label("t"),
+            *([e.label("e")] if e is not None else []),
+            secs.label("secs"),
+            and_(*checks).label("ok"),
+        )
     ).cte("stripe_meter_read")
     kind = case(
         (or_(not_(first.c.ok), first.c.secs.is_(None)), literal(CHECK)),
@@ -85,7 +98,8 @@ def classified(shape: Shape) -> CTE:
         (first.c.secs > shape.newest, literal(FUTURE)),
         else_=literal(GOOD),
     )
-    return select(*first.c, kind.label("kind")).cte("stripe_meter_rows")
+    day = d.day_number(first.c.secs)
+    return d.fence(select(*first.c, kind.label("kind"), day.label("day"))).cte("stripe_meter_rows")
 
 
 def _kept(shape: Shape, rows: CTE) -> Any:
@@ -103,15 +117,16 @@ def _parts_table(shape: Shape) -> TableClause:
 
 
 def _keys(shape: Shape, rows: CTE) -> tuple[list[Any], Any]:
-    """The group keys (kind, [event name,] customer, day, part start) and the FROM clause."""
-    kept = _kept(shape, rows)
+    """The group keys (kind, [event name,] customer, day, part start) and the FROM clause.
+
+    Plain columns, the same for every kind: grouping on expressions would cost the database
+    more than the few extra groups of problem rows it returns (Python checks each customer and
+    event name once, and counts the rows of one it refuses as invalid).
+    """
     keys = [rows.c.kind]
     if not shape.fixed_event:
-        keys.append(case((kept, rows.c.e)).label("e"))
-    keys += [
-        case((kept, rows.c.c)).label("c"),
-        case((kept, shape.dialect.day_number(rows.c.secs))).label("day"),
-    ]
+        keys.append(rows.c.e)
+    keys += [rows.c.c, rows.c.day]
     source: Any = rows
     if shape.parts:
         parts = _parts_table(shape)
@@ -127,14 +142,9 @@ def groups_query(shape: Shape) -> Select[Any]:
     """Per kind and, for kept rows, per customer-day (part): sum, rows, latest second."""
     rows = classified(shape)
     keys, source = _keys(shape, rows)
-    kept = _kept(shape, rows)
+    # The sum of a CHECK group is not read (its rows are checked one by one).
     return (
-        select(
-            *keys,
-            func.sum(case((kept, rows.c.v))).label("total"),
-            func.count().label("n"),
-            func.max(case((kept, rows.c.secs))).label("latest"),
-        )
+        select(*keys, func.sum(rows.c.v).label("total"), func.count().label("n"), func.max(rows.c.secs).label("latest"))
         .select_from(source)
         .group_by(*keys)
     )
@@ -154,8 +164,7 @@ def latest_values_query(shape: Shape, event_names: list[str] | None = None) -> S
     latest = select(*keys, func.max(rows.c.secs).label("latest")).select_from(source).where(*where).group_by(*keys)
     groups = latest.cte("stripe_meter_latest")
     # The join back: a row of the group in its latest second (NULL parts compared as -1).
-    match = [groups.c[key.name] == key for key in keys if key.name not in ("part",) and key is not keys[0]]
-    match.append(groups.c.kind == rows.c.kind)
+    match = [groups.c[key.name] == key for key in keys if key.name != "part"]
     match.append(groups.c.latest == rows.c.secs)
     if shape.parts:
         part = next(key for key in keys if key.name == "part")
@@ -169,10 +178,11 @@ def latest_values_query(shape: Shape, event_names: list[str] | None = None) -> S
     )
 
 
-def rows_query(shape: Shape, sample_limit: int) -> Select[Any]:
-    """The rows Python checks: every ``CHECK`` row, and the first ``sample_limit`` of each other
-    problem kind, in source order, each with its position (from 1) and kind."""
-    rows = classified(shape)
+def rows_query(shape: Shape, sample_limit: int, *, refused: bool) -> Select[Any]:
+    """The rows Python checks: every ``CHECK`` row (with ``refused``, those of the customers and
+    event names in :data:`REFUSED` too), and the first ``sample_limit`` of each other problem
+    kind, in source order, each with its position (from 1) and kind."""
+    rows = classified(shape, refused=refused)
     numbered = select(*rows.c, func.row_number().over().label("rn")).cte("stripe_meter_numbered")
     problems = [numbered.c.kind != GOOD]
     if shape.keep_too_old:

@@ -34,6 +34,7 @@ from airflow_provider_stripe_meter.pushdown.queries import (
     GOOD,
     OLD,
     PARTS,
+    REFUSED,
     Shape,
     groups_query,
     latest_values_query,
@@ -42,7 +43,7 @@ from airflow_provider_stripe_meter.pushdown.queries import (
     rows_query,
 )
 from airflow_provider_stripe_meter.utils.days import SECONDS_PER_DAY
-from airflow_provider_stripe_meter.utils.rules import MeterEventInputError
+from airflow_provider_stripe_meter.utils.rules import MeterEventInputError, validate_customer_id, validate_event_name
 
 if TYPE_CHECKING:
     from airflow_provider_stripe_meter.pushdown.dialects import SqlDialect
@@ -117,7 +118,7 @@ def aggregate_in_database(
             figures.parts = _fill_parts(cur, shape, parts, placeholder)
             figures.statements += 1
         try:
-            _aggregate(cur, conn, shape, sql, parameters, aggregator, figures, needs_last, cursor)
+            _aggregate(cur, conn, shape, sql, parameters, aggregator, figures, needs_last, cursor, placeholder)
         finally:
             if parts:
                 # A connection may outlive the run (a pool): its temporary table goes with the run.
@@ -136,6 +137,7 @@ def _aggregate(
     figures: DatabaseFigures,
     needs_last: Callable[[set[str]], set[str]] | None,
     cursor: Callable[[Any], Any] | None,
+    placeholder: str,
 ) -> None:
     """The statements of a run, their results fed to ``aggregator``."""
     fixed = shape.fixed_event
@@ -155,21 +157,27 @@ def _aggregate(
             if cur is not shared:
                 cur.close()
 
-    groups, counts = _read_groups(run(groups_query(shape)), shape, aggregator.event_name)
+    keep = aggregator.keep_too_old
+    refused = _Refused()
+    groups, counts = _read_groups(run(groups_query(shape)), shape, aggregator.event_name, keep, refused)
     figures.groups = len(groups)
     names = {g[1] for g in groups}
     wanted = names if needs_last is None else needs_last(names)
     if wanted and groups:
-        latest = _latest_values(run(latest_values_query(shape, None if fixed else sorted(wanted))), shape, aggregator.event_name)
+        found = run(latest_values_query(shape, None if fixed else sorted(wanted)))
+        latest = _latest_values(found, shape, aggregator.event_name)
         groups = [(*g[:8], latest.get(g[:5], 0)) for g in groups]
-    try:
-        aggregator.add_groups(g[1:] for g in groups if g[0] == GOOD)
-        aggregator.add_too_old_groups((g[1], g[2], g[3], g[5], g[6], g[7], g[8]) for g in groups if g[0] == OLD)
-    except MeterEventInputError as err:
-        raise Unsupported(f"the database passed a {err.field} Python refuses ({err.rule})") from err
+    aggregator.add_groups(g[1:] for g in groups if g[0] == GOOD)
+    aggregator.add_too_old_groups((g[1], g[2], g[3], g[5], g[6], g[7], g[8]) for g in groups if g[0] == OLD)
     aggregator.rows += sum(counts.values()) + sum(g[7] for g in groups)
-    if counts.get(CHECK) or counts.get(FUTURE) or (counts.get(OLD) and not aggregator.keep_too_old):
-        handed = _check_rows(run(rows_query(shape, aggregator.problems.limit)), aggregator)
+    if counts.get(CHECK) or counts.get(FUTURE) or (counts.get(OLD) and not keep):
+        if refused:
+            figures.statements += _fill_refused(shared, shape.dialect.name == "sqlite", refused, placeholder)
+        try:
+            handed = _check_rows(run(rows_query(shape, aggregator.problems.limit, refused=bool(refused))), aggregator)
+        finally:
+            if refused:
+                shared.execute(f"DROP TABLE IF EXISTS {REFUSED}")
         figures.rows_checked = sum(handed.values())
         for kind, problem in PROBLEM.items():
             # Counted here, beyond the sampled ones Python saw.
@@ -182,25 +190,72 @@ def _aggregate(
 Group = tuple[int, str, str, int, "int | None", int, int, int, int]
 
 
+@dataclass
+class _Refused:
+    """The customers and event names of the groups Python refused (their rows are checked one by one)."""
+
+    customers: set[Any] = field(default_factory=set)
+    events: set[Any] = field(default_factory=set)
+
+    def __bool__(self) -> bool:
+        return bool(self.customers or self.events)
+
+
 def _read_groups(
-    rows: Iterable[Sequence[Any]], shape: Shape, event_name: str | None
+    rows: Iterable[Sequence[Any]], shape: Shape, event_name: str | None, keep: bool, refused: _Refused
 ) -> tuple[list[Group], dict[int, int]]:
-    """The kept groups, and per other kind the rows counted."""
+    """The kept groups, and per kind the rows only counted here (``CHECK`` ones include those of
+    a customer or event name Python refuses, noted in ``refused``)."""
     groups: list[Group] = []
     counts: dict[int, int] = {}
+    good: dict[Any, bool] = {}
+
+    def fine(value: Any, check: Callable[[Any], Any], into: set[Any]) -> bool:
+        ok = good.get(value)
+        if ok is None:
+            try:
+                check(value)
+                ok = True
+            except MeterEventInputError:
+                ok = False
+            good[value] = ok
+        if not ok:
+            into.add(value)
+        return ok
+
     for row in rows:
         kind, rest = int(row[0]), list(row[1:])
         e = event_name if shape.fixed_event else rest.pop(0)
         c, day = rest[0], rest[1]
         part = rest[2] if shape.parts else None
-        total, n, latest = rest[-3], rest[-2], rest[-1]
-        if c is None:  # rows counted, not kept
-            counts[kind] = counts.get(kind, 0) + int(n)
-            continue
-        groups.append(
-            (kind, e, c, int(day), None if part is None else int(part), int(total), int(latest), int(n), 0)  # type: ignore[arg-type]
-        )
+        total, n, latest = rest[-3], int(rest[-2]), rest[-1]
+        if kind != CHECK and not (
+            fine(("c", c), lambda v: validate_customer_id(v[1]), refused.customers)
+            & (shape.fixed_event or fine(("e", e), lambda v: validate_event_name(v[1]), refused.events))
+        ):
+            kind = CHECK
+        if kind == GOOD or (kind == OLD and keep):
+            groups.append(
+                (kind, e, c, int(day), None if part is None else int(part), int(total), int(latest), n, 0)  # type: ignore[arg-type]
+            )
+        else:
+            counts[kind] = counts.get(kind, 0) + n
+    refused.customers = {v for _, v in refused.customers}
+    refused.events = {v for _, v in refused.events}
     return groups, counts
+
+
+def _fill_refused(cur: Any, untyped: bool, refused: _Refused, placeholder: str) -> int:
+    """Create the temporary table of refused customers and event names; the statements run."""
+    # No declared type: SQLite compares the values as the query returns them (an integer id
+    # stays an integer); elsewhere the columns are text already.
+    cur.execute(f"CREATE TEMPORARY TABLE {REFUSED} (what VARCHAR(1), v {'' if untyped else 'VARCHAR'})")
+    values = [("c", c) for c in refused.customers] + [("e", e) for e in refused.events]
+    marks = f"({placeholder}, {placeholder})"
+    for i in range(0, len(values), INSERT_BATCH):
+        batch = values[i : i + INSERT_BATCH]
+        cur.execute(f"INSERT INTO {REFUSED} VALUES " + ", ".join([marks] * len(batch)), [x for r in batch for x in r])
+    return 1 + -(-len(values) // INSERT_BATCH)
 
 
 def _latest_values(rows: Iterable[Sequence[Any]], shape: Shape, event_name: str | None) -> dict[tuple[Any, ...], int]:

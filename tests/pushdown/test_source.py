@@ -65,7 +65,7 @@ def sqlite_rows(rng: random.Random, n: int) -> list[tuple[Any, ...]]:
         elif shape == 5:
             value = rng.choice([12.0, 12.5, "4", None, True, "x", Decimal("3")][:6])
         elif shape == 6:
-            customer = rng.choice(["bad", "cus_ x", None, "cus_", "cus_\tz", 42])
+            customer = rng.choice(["bad", "cus_ x", None, "cus_", "cus_\tz", 42, "cus_\u00a0y"])
         rows.append((customer, value, stamp))
     return rows
 
@@ -159,7 +159,7 @@ def _typed_rows(rng: random.Random, n: int) -> list[tuple[Any, ...]]:
         stamp: Any = _naive(seconds, rng.choice([0, 0, 999_999]))
         dec: Any = Decimal(value)
         if shape == 0:
-            customer = rng.choice(["bad", "cus_ x", None, "cus_", "cus_\nz"])
+            customer = rng.choice(["bad", "cus_ x", None, "cus_", "cus_\nz", "cus_\u2003y"])
         elif shape == 1:
             dec = rng.choice([Decimal("12.5"), None])
         elif shape == 2:
@@ -271,14 +271,21 @@ def test_a_column_type_the_sql_cannot_read_exactly_is_named(tmp_path_factory: py
         aggregate_in_database(conn, DuckdbDialect(), "SELECT * FROM usage", None, aggregator())
 
 
-def test_a_customer_only_python_refuses_sends_the_run_to_the_worker() -> None:
-    # A no-break space passes the SQL's ASCII check; Python's rule refuses it: the caller reads
-    # the query row by row, which reports the row as Python does.
+def test_a_customer_python_refuses_is_reported_row_by_row_as_the_worker_reports_it() -> None:
+    # Customer ids are checked by Python, once per customer the database groups by: a no-break
+    # space or an internal id, its rows handed back and reported by their position.
     conn = sqlite3.connect(":memory:")
     conn.execute("CREATE TABLE usage (customer_id, value, ts)")
-    conn.execute("INSERT INTO usage VALUES ('cus_\u00a0x', 1, ?)", (_naive(NOW - 60).isoformat(sep=" "),))
-    with pytest.raises(Unsupported, match="customer_id"):
-        aggregate_in_database(conn, SqliteDialect(), "SELECT * FROM usage", None, aggregator())
+    fresh, old = _naive(NOW - 60).isoformat(sep=" "), _naive(NOW - 50 * DAY).isoformat(sep=" ")
+    rows = [("cus_a", 1, fresh), ("cus_\u00a0x", 2, fresh), ("user_7", 3, old), ("cus_a", 4, old), (42, 5, fresh)]
+    conn.executemany("INSERT INTO usage VALUES (?, ?, ?)", rows)
+    worker, database = aggregator(), aggregator()
+    worker.add_rows(rows)
+    figures = aggregate_in_database(conn, SqliteDialect(), "SELECT * FROM usage", None, database)
+    assert_same(worker, database)
+    assert [s["row"] for s in database.problems.samples["invalid"]] == [2, 3, 5]
+    assert [s["row"] for s in database.problems.samples["skipped_too_old"]] == [4]
+    assert figures.rows_checked == 4  # three refused customers' rows, one old row sampled
 
 
 def test_the_query_keeps_its_own_text_and_parameters() -> None:
