@@ -205,12 +205,15 @@ def _in_database(
         except Unsupported:
             raise
         except Exception as err:  # the database refused the generated SQL: the rows stream instead
-            raise Unsupported(f"the database refused the generated SQL ({type(err).__name__}: {err})") from err
+            raise Unsupported(
+                f"the database refused the generated SQL ({type(err).__name__}: {err})"
+            ) from err
     aggregator.path = "database"
     aggregator.path_reason = f"aggregated in {dialect.name}"
     aggregator.database = figures.as_dict()
     log.info(
-        "Aggregated %d rows in %s: %d customer-day groups back, %d rows checked on the worker, %d statements, %.1f s",
+        "Aggregated %d rows in %s: %d customer-day groups back, %d rows checked on the worker, "
+        "%d statements, %.1f s",
         aggregator.rows,
         dialect.name,
         figures.groups,

@@ -44,6 +44,11 @@ class SourceFigures:
     problems: dict[str, int]
     samples: dict[str, list[dict[str, Any]]]
     late_rows: int = 0
+    #: Where the rows were aggregated: ``"database"`` (pushed into SQL) or ``"worker"``; and why.
+    aggregated_in: str = "worker"
+    aggregated_because: str = ""
+    #: What the database did when it aggregated (statements, rows handed back, seconds).
+    database: dict[str, Any] | None = None
 
 
 @dataclass
@@ -82,6 +87,9 @@ class BatchResult:
         result: dict[str, Any] = {
             "rows": self.source.rows,
             "aggregates": self.source.aggregates,
+            "aggregated_in": self.source.aggregated_in,
+            "aggregated_because": self.source.aggregated_because,
+            "database": self.source.database,
             **{outcome.value: self.count(outcome) for outcome in BATCH_OUTCOMES},
             **{k: self.source.problems.get(k, 0) for k in ("skipped_too_old", "skipped_future", "invalid")},
             "actions": {action.value: n for action, n in self.actions.items()},

@@ -194,9 +194,17 @@ class BillingRun:
             result.success = False
         return result
 
+    def last_meters(self, event_names: set[str]) -> set[str]:
+        """Of ``event_names``, those whose meter bills the ``last`` value (their meters read now)."""
+        self.read_meters(event_names)
+        return {name for name in event_names if self.book.specs[name].kind not in (ADD, COUNT)}
+
     def read_meters(self, event_names: set[str]) -> None:
-        """Each meter's settings; an unknown or inactive meter fails before anything is sent."""
-        for name in sorted(event_names):
+        """Each meter's settings; an unknown or inactive meter fails before anything is sent.
+
+        A meter read earlier in the run (:meth:`last_meters`) is not read again.
+        """
+        for name in sorted(event_names - set(self.book.specs)):
             meter = self.stripe.active_meter(name)
             self.book.deactivated_at[name] = (meter.get("status_transitions") or {}).get("deactivated_at")
             # The payload keys are the meter's own: an event under other keys would be dropped.

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import timedelta, timezone
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from airflow.sdk import BaseOperator
 
 from airflow_provider_stripe_meter.links.stripe import StripeMeterLink, dashboard_url
-from airflow_provider_stripe_meter.sources import DEFAULT_COLUMNS, check_source
+from airflow_provider_stripe_meter.sources import AGGREGATE_IN, DEFAULT_COLUMNS, check_source
 from airflow_provider_stripe_meter.utils.aggregation import DEFAULT_SAFETY_MARGIN, DEFAULT_SAMPLE_LIMIT
 
 if TYPE_CHECKING:
@@ -201,6 +201,10 @@ class StripeUsageSourceOperator(StripeBaseOperator):
     :param safety_margin: How much younger than Stripe's 35 days a row must be to count.
     :param chunk_size: Rows fetched and aggregated at a time.
     :param sample_limit: Examples kept per kind of problem in the result.
+    :param aggregate_in: Where ``sql``'s rows are aggregated: ``"auto"`` (in the database where
+        SQL is generated for it: SQLite, PostgreSQL, DuckDB; else on the worker), ``"database"``
+        (fail, before anything is sent, if it cannot be) or ``"worker"`` (row by row). The same
+        figures either way; the result's ``aggregated_in`` says which ran (docs/batch.md).
     """
 
     source_template_fields: ClassVar[tuple[str, ...]] = ("rows", "sql", "parameters")
@@ -219,10 +223,18 @@ class StripeUsageSourceOperator(StripeBaseOperator):
         safety_margin: timedelta = DEFAULT_SAFETY_MARGIN,
         chunk_size: int = 10_000,
         sample_limit: int = DEFAULT_SAMPLE_LIMIT,
+        aggregate_in: str = "auto",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         check_source(rows, sql, sql_conn_id)
+        if aggregate_in not in AGGREGATE_IN:
+            raise ValueError(f"aggregate_in must be one of {AGGREGATE_IN}, got {aggregate_in!r}")
+        if aggregate_in == "database" and sql is None:
+            raise ValueError(
+                'aggregate_in="database" needs sql= (rows from an upstream task are already on the worker)'
+            )
+        self.aggregate_in = aggregate_in
         self.rows = rows
         #: The task whose output the rows are (``rows=usage.output``), for lineage.
         self.rows_task_id: str | None = getattr(getattr(rows, "operator", None), "task_id", None)
@@ -251,14 +263,35 @@ class StripeUsageSourceOperator(StripeBaseOperator):
         *,
         keep_too_old: bool = False,
         split: Mapping[tuple[str, str], Sequence[int]] | None = None,
+        needs_last: Callable[[set[str]], set[str]] | None = None,
     ) -> UsageAggregator:
         """Read the source and aggregate it per (event name, customer, UTC day), once.
 
         ``keep_too_old`` aggregates rows older than Stripe's window apart instead of skipping them;
-        ``split`` gives per (event name, customer) the instants where a day is aggregated in parts.
+        ``split`` gives per (event name, customer) the instants where a day is aggregated in parts;
+        ``needs_last`` says which event names' meters bill the ``last`` value (``None``: all).
+        :raises StripeParameterError: ``aggregate_in="database"`` and the database cannot.
         """
+        from airflow_provider_stripe_meter.exceptions import StripeParameterError
+        from airflow_provider_stripe_meter.pushdown import Unsupported
         from airflow_provider_stripe_meter.sources import aggregate_usage
 
+        try:
+            return self._aggregate(event_name, keep_too_old, split, needs_last, aggregate_usage)
+        except Unsupported as err:
+            raise StripeParameterError(
+                f'aggregate_in="database", but the query cannot be aggregated in its database: {err}',
+                {"type": "validation_error", "field": "aggregate_in", "value": "database", "rule": str(err)},
+            ) from err
+
+    def _aggregate(
+        self,
+        event_name: str | None,
+        keep_too_old: bool,
+        split: Mapping[tuple[str, str], Sequence[int]] | None,
+        needs_last: Callable[[set[str]], set[str]] | None,
+        aggregate_usage: Callable[..., UsageAggregator],
+    ) -> UsageAggregator:
         return aggregate_usage(
             rows=self.rows,
             sql=self.sql,
@@ -273,4 +306,6 @@ class StripeUsageSourceOperator(StripeBaseOperator):
             log=self.log,
             keep_too_old=keep_too_old,
             split=split,
+            aggregate_in=self.aggregate_in,
+            needs_last=needs_last,
         )

@@ -163,6 +163,7 @@ class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
         safety_margin: timedelta = DEFAULT_SAFETY_MARGIN,
         chunk_size: int = 10_000,
         sample_limit: int = DEFAULT_SAMPLE_LIMIT,
+        aggregate_in: str = "auto",
         stripe_conn_id: str = "stripe_default",
         stripe_account: str | None = None,
         api: Api = "v1",
@@ -203,6 +204,7 @@ class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
             safety_margin=safety_margin,
             chunk_size=chunk_size,
             sample_limit=sample_limit,
+            aggregate_in=aggregate_in,
             stripe_conn_id=stripe_conn_id,
             stripe_account=stripe_account,
             **kwargs,
@@ -256,18 +258,6 @@ class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
         ledger = ledger_on(self.ledger_conn_id, self.ledger_table)
         periods: PeriodBook | None = None
         try:
-            # The periods (100,000 customers' rows) and the aggregates are objects without cycles
-            # that live through the run: passes of the cyclic collector over them while they are
-            # built would cost more than building them.
-            with paused_gc():
-                periods = self._read_periods(ledger)
-                aggregator = self.read_usage(
-                    self.event_name,
-                    keep_too_old=self.too_old == "bill_at_oldest",
-                    split=periods.split() if periods is not None else None,
-                )
-                aggregates = aggregator.finish()
-            self._log_problems(aggregator)
             run = BillingRun(
                 self._settings(context),
                 HookStripe(self.hook),
@@ -278,6 +268,23 @@ class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
                 # Customers Stripe has shown to exist: usage of any other is held, not sent.
                 customers=CustomerTable(ledger),
             )
+            # The periods (100,000 customers' rows) and the aggregates are objects without cycles
+            # that live through the run: passes of the cyclic collector over them while they are
+            # built would cost more than building them.
+            with paused_gc():
+                periods = self._read_periods(ledger)
+                aggregator = self.read_usage(
+                    self.event_name,
+                    keep_too_old=self.too_old == "bill_at_oldest",
+                    split=periods.split() if periods is not None else None,
+                    # A database aggregating the query looks up latest values for last meters
+                    # only: the meters are read first (once: the run keeps them).
+                    needs_last=run.last_meters,
+                )
+                aggregates = aggregator.finish()
+            # The run's "now" is when planning starts, as it was before the source was read.
+            run.book.now = int(SYSTEM.now())
+            self._log_problems(aggregator)
             if periods is not None:
                 # The subscriptions table is written while the first events are on their way.
                 run.meanwhile.append(periods.save)
@@ -487,6 +494,9 @@ def _source_figures(aggregator: UsageAggregator, aggregates: list[DailyAggregate
         problems=dict(aggregator.problems.counts),
         samples=dict(aggregator.problems.samples),
         late_rows=aggregator.too_old_rows,
+        aggregated_in=aggregator.path,
+        aggregated_because=aggregator.path_reason,
+        database=aggregator.database,
     )
 
 

@@ -29,12 +29,12 @@ from sqlalchemy import BigInteger, and_, case, cast, func, literal, not_, or_
 
 from airflow_provider_stripe_meter.pushdown import Unsupported
 from airflow_provider_stripe_meter.utils.days import SECONDS_PER_DAY
-from airflow_provider_stripe_meter.utils.rules import MAX_EVENT_NAME_LENGTH
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Dialect as SaDialect
     from sqlalchemy.sql.elements import ColumnElement
     from sqlalchemy.sql.selectable import Select
+
 
 @dataclass(frozen=True)
 class ColumnTypes:
@@ -85,7 +85,6 @@ class SqlDialect:
         return secs.op("/")(literal(SECONDS_PER_DAY))
 
 
-
 class SqliteDialect(SqlDialect):
     """SQLite: a type per value (``typeof``); timestamps as ISO text or integer unix seconds."""
 
@@ -121,7 +120,9 @@ class SqliteDialect(SqlDialect):
         )
         head = case((whole, t), (fraction, at(1, 19)), else_=None)
         # unixepoch() (SQLite 3.38) is three times cheaper than strftime('%s').
-        epoch = func.unixepoch(head) if self.unixepoch else cast(func.strftime(literal("%s"), head), BigInteger)
+        epoch = (
+            func.unixepoch(head) if self.unixepoch else cast(func.strftime(literal("%s"), head), BigInteger)
+        )
         read = and_(
             func.typeof(t) == literal("text"),
             at(5, 1) == literal("-"),
@@ -151,7 +152,6 @@ class SqliteDialect(SqlDialect):
         return func.typeof(x) == literal("text")
 
 
-
 #: PostgreSQL type OIDs (``pg_type``), as psycopg reports them in ``cursor.description``.
 PG_INTEGERS = {20, 21, 23}  # int8, int2, int4
 PG_NUMERIC = 1700
@@ -173,7 +173,13 @@ class PostgresDialect(SqlDialect):
     def check(self, types: ColumnTypes, *, fixed_event: bool) -> None:
         customer, value, stamp = types.codes[:3]
         _need(customer in PG_TEXT, "customer", types.names[0], customer, "text or varchar")
-        _need(value in PG_INTEGERS or value == PG_NUMERIC, "value", types.names[1], value, "an integer or numeric")
+        _need(
+            value in PG_INTEGERS or value == PG_NUMERIC,
+            "value",
+            types.names[1],
+            value,
+            "an integer or numeric",
+        )
         _need(
             stamp in PG_INTEGERS or stamp in (PG_TIMESTAMP, PG_TIMESTAMPTZ, PG_DATE),
             "timestamp",
@@ -204,7 +210,6 @@ class PostgresDialect(SqlDialect):
         return and_(v.isnot(None), v == func.trunc(v), (v - v) == 0)
 
 
-
 class DuckdbDialect(SqlDialect):
     """DuckDB: static types, named in the cursor's description."""
 
@@ -220,7 +225,13 @@ class DuckdbDialect(SqlDialect):
     def check(self, types: ColumnTypes, *, fixed_event: bool) -> None:
         customer, value, stamp = (str(code).upper() for code in types.codes[:3])
         _need(customer == "VARCHAR", "customer", types.names[0], customer, "VARCHAR")
-        _need(_duck_integer(value) or value.startswith("DECIMAL"), "value", types.names[1], value, "an integer or DECIMAL")
+        _need(
+            _duck_integer(value) or value.startswith("DECIMAL"),
+            "value",
+            types.names[1],
+            value,
+            "an integer or DECIMAL",
+        )
         _need(
             _duck_integer(stamp) or stamp in ("TIMESTAMP", "TIMESTAMP WITH TIME ZONE", "DATE"),
             "timestamp",
@@ -250,9 +261,17 @@ class DuckdbDialect(SqlDialect):
         return and_(v.isnot(None), v == func.trunc(v))
 
 
-
 def _duck_integer(name: str) -> bool:
-    return name in ("TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT", "UTINYINT", "USMALLINT", "UINTEGER")
+    return name in (
+        "TINYINT",
+        "SMALLINT",
+        "INTEGER",
+        "BIGINT",
+        "HUGEINT",
+        "UTINYINT",
+        "USMALLINT",
+        "UINTEGER",
+    )
 
 
 def _timestamp() -> Any:
@@ -278,4 +297,13 @@ def dialect_for(conn_type: str) -> SqlDialect | None:
     return DIALECTS.get((conn_type or "").lower())
 
 
-__all__ = ["DIALECTS", "ColumnTypes", "DuckdbDialect", "PostgresDialect", "SqlDialect", "SqliteDialect", "Unsupported", "dialect_for"]
+__all__ = [
+    "DIALECTS",
+    "ColumnTypes",
+    "DuckdbDialect",
+    "PostgresDialect",
+    "SqlDialect",
+    "SqliteDialect",
+    "Unsupported",
+    "dialect_for",
+]

@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import and_, case, column, func, literal, not_, or_, select, table
 
-
 if TYPE_CHECKING:
     from sqlalchemy.sql.selectable import CTE, Select, TableClause
 
@@ -110,7 +109,7 @@ def _kept(shape: Shape, rows: CTE) -> Any:
 
 
 def _parts_table(shape: Shape) -> TableClause:
-    cols = [column("c"), column("lo"), column("hi")]
+    cols: list[Any] = [column("c"), column("lo"), column("hi")]
     if not shape.fixed_event:
         cols.append(column("e"))
     return table(PARTS, *cols)
@@ -144,7 +143,12 @@ def groups_query(shape: Shape) -> Select[Any]:
     keys, source = _keys(shape, rows)
     # The sum of a CHECK group is not read (its rows are checked one by one).
     return (
-        select(*keys, func.sum(rows.c.v).label("total"), func.count().label("n"), func.max(rows.c.secs).label("latest"))
+        select(
+            *keys,
+            func.sum(rows.c.v).label("total"),
+            func.count().label("n"),
+            func.max(rows.c.secs).label("latest"),
+        )
         .select_from(source)
         .group_by(*keys)
     )
@@ -161,7 +165,9 @@ def latest_values_query(shape: Shape, event_names: list[str] | None = None) -> S
     where = [kept]
     if event_names is not None and not shape.fixed_event:
         where.append(rows.c.e.in_(event_names))
-    latest = select(*keys, func.max(rows.c.secs).label("latest")).select_from(source).where(*where).group_by(*keys)
+    latest = (
+        select(*keys, func.max(rows.c.secs).label("latest")).select_from(source).where(*where).group_by(*keys)
+    )
     groups = latest.cte("stripe_meter_latest")
     # The join back: a row of the group in its latest second (NULL parts compared as -1).
     match = [groups.c[key.name] == key for key in keys if key.name != "part"]
@@ -216,7 +222,9 @@ def render(statement: Select[Any], shape: Shape, sql: str) -> str:
     The query's own text is kept as written (its parameters are passed along unchanged): it is
     put in place of the table name after compiling, not given to SQLAlchemy to parse.
     """
-    compiled = str(statement.compile(dialect=shape.dialect.sqlalchemy(), compile_kwargs={"literal_binds": True}))
+    compiled = str(
+        statement.compile(dialect=shape.dialect.sqlalchemy(), compile_kwargs={"literal_binds": True})
+    )
     # The table as a FROM item (not a column's qualifier, as in EXTRACT(epoch FROM source.t)).
     found = _FROM_SOURCE.findall(compiled)
     if len(found) != 1:

@@ -20,6 +20,7 @@ raises :class:`Unsupported` too: the caller then reads the query row by row, whi
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import closing
@@ -43,7 +44,11 @@ from airflow_provider_stripe_meter.pushdown.queries import (
     rows_query,
 )
 from airflow_provider_stripe_meter.utils.days import SECONDS_PER_DAY
-from airflow_provider_stripe_meter.utils.rules import MeterEventInputError, validate_customer_id, validate_event_name
+from airflow_provider_stripe_meter.utils.rules import (
+    MeterEventInputError,
+    validate_customer_id,
+    validate_event_name,
+)
 
 if TYPE_CHECKING:
     from airflow_provider_stripe_meter.pushdown.dialects import SqlDialect
@@ -118,7 +123,9 @@ def aggregate_in_database(
             figures.parts = _fill_parts(cur, shape, parts, placeholder)
             figures.statements += 1
         try:
-            _aggregate(cur, conn, shape, sql, parameters, aggregator, figures, needs_last, cursor, placeholder)
+            _aggregate(
+                cur, conn, shape, sql, parameters, aggregator, figures, needs_last, cursor, placeholder
+            )
         finally:
             if parts:
                 # A connection may outlive the run (a pool): its temporary table goes with the run.
@@ -174,7 +181,9 @@ def _aggregate(
         if refused:
             figures.statements += _fill_refused(shared, shape.dialect.name == "sqlite", refused, placeholder)
         try:
-            handed = _check_rows(run(rows_query(shape, aggregator.problems.limit, refused=bool(refused))), aggregator)
+            handed = _check_rows(
+                run(rows_query(shape, aggregator.problems.limit, refused=bool(refused))), aggregator
+            )
         finally:
             if refused:
                 shared.execute(f"DROP TABLE IF EXISTS {REFUSED}")
@@ -254,11 +263,15 @@ def _fill_refused(cur: Any, untyped: bool, refused: _Refused, placeholder: str) 
     marks = f"({placeholder}, {placeholder})"
     for i in range(0, len(values), INSERT_BATCH):
         batch = values[i : i + INSERT_BATCH]
-        cur.execute(f"INSERT INTO {REFUSED} VALUES " + ", ".join([marks] * len(batch)), [x for r in batch for x in r])
+        cur.execute(
+            f"INSERT INTO {REFUSED} VALUES " + ", ".join([marks] * len(batch)), [x for r in batch for x in r]
+        )
     return 1 + -(-len(values) // INSERT_BATCH)
 
 
-def _latest_values(rows: Iterable[Sequence[Any]], shape: Shape, event_name: str | None) -> dict[tuple[Any, ...], int]:
+def _latest_values(
+    rows: Iterable[Sequence[Any]], shape: Shape, event_name: str | None
+) -> dict[tuple[Any, ...], int]:
     out: dict[tuple[Any, ...], int] = {}
     for row in rows:
         kind, rest = int(row[0]), list(row[1:])
@@ -310,8 +323,12 @@ def _parts(aggregator: UsageAggregator, fixed: bool) -> list[tuple[Any, ...]]:
         days = sorted({b // SECONDS_PER_DAY for b in bounds if lo < b <= hi and b % SECONDS_PER_DAY})
         for day in days:
             start = day * SECONDS_PER_DAY
-            edges = [start, *(b for b in bounds if start < b < start + SECONDS_PER_DAY), start + SECONDS_PER_DAY]
-            for a, b in zip(edges, edges[1:], strict=False):
+            edges = [
+                start,
+                *(b for b in bounds if start < b < start + SECONDS_PER_DAY),
+                start + SECONDS_PER_DAY,
+            ]
+            for a, b in itertools.pairwise(edges):
                 out.append((customer, a, b) if fixed else (customer, a, b, event_name))
     return out
 

@@ -6,10 +6,10 @@ float). Every row ends up in exactly one place: an aggregate, or a counted probl
 A sample names its row by position in the source counting from 1 (``"row": 3`` is the third
 row), as a person counts rows in a query's result.
 
-Each aggregate carries the timestamp of its **latest row** (to the second). That instant lies inside the UTC day
-the aggregate sums, so the event lands in the billing period holding that day's usage, and it is
-never earlier than any usage it covers; being a real row's time it also passed the 35-day check
-that every row passed.
+Each aggregate carries the timestamp of its **latest row** (to the second). That instant lies
+inside the UTC day the aggregate sums, so the event lands in the billing period holding that day's
+usage, and it is never earlier than any usage it covers; being a real row's time it also passed
+the 35-day check that every row passed.
 
 Rows are processed chunk by chunk. A chunk in the common shape of a daily query (tuples, integer
 values, naive or datetime timestamps all on one UTC day, inside the window) takes a fast path

@@ -13,7 +13,7 @@ import os
 import random
 import sqlite3
 from collections.abc import Callable, Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,12 @@ from typing import Any
 import pytest
 
 from airflow_provider_stripe_meter.pushdown import Unsupported
-from airflow_provider_stripe_meter.pushdown.dialects import DuckdbDialect, PostgresDialect, SqlDialect, SqliteDialect
+from airflow_provider_stripe_meter.pushdown.dialects import (
+    DuckdbDialect,
+    PostgresDialect,
+    SqlDialect,
+    SqliteDialect,
+)
 from airflow_provider_stripe_meter.pushdown.source import aggregate_in_database
 from airflow_provider_stripe_meter.utils.aggregation import UsageAggregator
 from airflow_provider_stripe_meter.utils.days import SECONDS_PER_DAY
@@ -42,7 +47,12 @@ def clean_rows(rng: random.Random, n: int) -> list[tuple[Any, ...]]:
         seconds = NOW - rng.choice([rng.randint(60, 3 * DAY), rng.randint(0, 40 * DAY), rng.randint(-900, 0)])
         rows.append((rng.choice(CUSTOMERS), rng.randint(-5, 50), seconds))
     # Two rows in one latest second with other values: the greater wins, in either order.
-    rows += [("cus_a", 9, NOW - 7200), ("cus_a", 4, NOW - 7200), ("cus_b", 4, NOW - 7000), ("cus_b", 9, NOW - 7000)]
+    rows += [
+        ("cus_a", 9, NOW - 7200),
+        ("cus_a", 4, NOW - 7200),
+        ("cus_b", 4, NOW - 7000),
+        ("cus_b", 9, NOW - 7000),
+    ]
     return rows
 
 
@@ -78,7 +88,13 @@ def aggregator(*, keep: bool = False, split: Any = None, event_name: str | None 
 
 
 def both_ways(
-    connect: Callable[[], Any], dialect: SqlDialect, sql: str, *, keep: bool, split: Any, event_name: str | None
+    connect: Callable[[], Any],
+    dialect: SqlDialect,
+    sql: str,
+    *,
+    keep: bool,
+    split: Any,
+    event_name: str | None,
 ) -> tuple[UsageAggregator, UsageAggregator]:
     conn = connect()
     try:
@@ -125,7 +141,9 @@ def sqlite_source(tmp_path_factory: pytest.TempPathFactory) -> Callable[[], Any]
         db.execute("CREATE TABLE usage (customer_id, value, ts, event)")
         rows = sqlite_rows(rng, 3000)
         events = [rng.choice(["e", "e", "f", " e", "", None, "x" * 101]) for _ in rows]
-        db.executemany("INSERT INTO usage VALUES (?, ?, ?, ?)", [(*r, ev) for r, ev in zip(rows, events, strict=True)])
+        db.executemany(
+            "INSERT INTO usage VALUES (?, ?, ?, ?)", [(*r, ev) for r, ev in zip(rows, events, strict=True)]
+        )
     return lambda: sqlite3.connect(path)
 
 
@@ -173,9 +191,14 @@ def _duckdb(tmp_path_factory: pytest.TempPathFactory, stamp_type: str, value_typ
     path = str(tmp_path_factory.mktemp("duck") / "usage.duckdb")
     rows = _typed_rows(random.Random(11), 3000)
     db = duckdb.connect(path)
-    db.execute(f"CREATE TABLE usage (customer_id VARCHAR, value {value_type}, ts {stamp_type}, event VARCHAR)")
+    db.execute(
+        f"CREATE TABLE usage (customer_id VARCHAR, value {value_type}, ts {stamp_type}, event VARCHAR)"
+    )
     if stamp_type == "BIGINT":
-        rows = [(c, v, None if t is None else int(t.replace(tzinfo=timezone.utc).timestamp()), e) for c, v, t, e in rows]
+        rows = [
+            (c, v, None if t is None else int(t.replace(tzinfo=timezone.utc).timestamp()), e)
+            for c, v, t, e in rows
+        ]
     elif stamp_type.endswith("ZONE"):
         rows = [(c, v, None if t is None else t.replace(tzinfo=timezone.utc), e) for c, v, t, e in rows]
     # Through a CSV file: DuckDB's executemany takes seconds for a few thousand rows.
@@ -241,7 +264,7 @@ def pg_connect() -> Iterator[Callable[[], Any]]:
                 for c, v, t, e in rows
             ],
         )
-    yield lambda: psycopg2.connect(dsn)
+    return lambda: psycopg2.connect(dsn)
 
 
 @pytest.mark.parametrize(
@@ -250,7 +273,9 @@ def pg_connect() -> Iterator[Callable[[], Any]]:
     ids=["numeric-timestamp", "bigint-timestamptz", "numeric-unix-seconds"],
 )
 @pytest.mark.parametrize("keep", [False, True], ids=["skip-too-old", "keep-too-old"])
-def test_postgres_aggregates_as_the_worker_does(pg_connect: Callable[[], Any], columns: str, keep: bool) -> None:
+def test_postgres_aggregates_as_the_worker_does(
+    pg_connect: Callable[[], Any], columns: str, keep: bool
+) -> None:
     worker, database = both_ways(
         pg_connect,
         PostgresDialect(),
@@ -277,7 +302,13 @@ def test_a_customer_python_refuses_is_reported_row_by_row_as_the_worker_reports_
     conn = sqlite3.connect(":memory:")
     conn.execute("CREATE TABLE usage (customer_id, value, ts)")
     fresh, old = _naive(NOW - 60).isoformat(sep=" "), _naive(NOW - 50 * DAY).isoformat(sep=" ")
-    rows = [("cus_a", 1, fresh), ("cus_\u00a0x", 2, fresh), ("user_7", 3, old), ("cus_a", 4, old), (42, 5, fresh)]
+    rows = [
+        ("cus_a", 1, fresh),
+        ("cus_\u00a0x", 2, fresh),
+        ("user_7", 3, old),
+        ("cus_a", 4, old),
+        (42, 5, fresh),
+    ]
     conn.executemany("INSERT INTO usage VALUES (?, ?, ?)", rows)
     worker, database = aggregator(), aggregator()
     worker.add_rows(rows)
@@ -296,8 +327,12 @@ def test_the_query_keeps_its_own_text_and_parameters() -> None:
     database = aggregator()
     # A trailing semicolon and comment, a parameter: kept as written.
     sql = "SELECT * FROM usage WHERE customer_id = ? -- the one customer\n;"
-    figures = aggregate_in_database(conn, SqliteDialect(), sql, ["cus_b"], database, needs_last=lambda names: set())
+    figures = aggregate_in_database(
+        conn, SqliteDialect(), sql, ["cus_b"], database, needs_last=lambda names: set()
+    )
     [day] = database.finish()
     assert (day.customer_id, day.value, day.rows, database.rows) == ("cus_b", 3, 1, 1)
     # A clean night of a sum meter: one statement, no row back to the worker.
-    assert figures.statements == 1 and figures.rows_checked == 0 and figures.groups == 1
+    assert figures.statements == 1
+    assert figures.rows_checked == 0
+    assert figures.groups == 1
