@@ -113,3 +113,23 @@ with DAG("t_batch_many_meters", schedule=None, start_date=START, params={"rows":
         return params["rows"]
 
     StripeMeterEventBatchOperator(task_id="bill", rows=usage_rows(), ledger_conn_id="ledger_db", max_rps=200)
+
+# The same query aggregated in the database (the default for sql=) and on the worker, and a
+# query that cannot be aggregated in SQL (naive timestamps read in another zone) forced to.
+for dag_id, where, zone in (
+    ("t_batch_in_database", "auto", "UTC"),
+    ("t_batch_on_worker", "worker", "UTC"),
+    ("t_batch_database_refused", "database", "Europe/Paris"),
+):
+    with DAG(dag_id, schedule=None, start_date=START):
+        StripeMeterEventBatchOperator(
+            task_id="bill",
+            event_name="ai_tokens_used",
+            sql="SELECT customer_id, tokens, used_at FROM usage WHERE customer_id <> ?",
+            parameters=["cus_excluded"],
+            sql_conn_id="usage_db",
+            aggregate_in=where,
+            naive_timezone=zone,
+            max_rps=200,
+            retries=2,
+        )
