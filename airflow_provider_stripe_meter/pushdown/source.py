@@ -113,6 +113,7 @@ def aggregate_in_database(
     # One cursor for the statements (DuckDB's cursors are connections of their own, and a
     # temporary table is seen by its own connection only); a streaming one, where given, reads.
     with closing(conn.cursor()) as cur:
+        dialect.prepare(cur)
         types = _column_types(cur, sql, parameters, len(aggregator.columns))
         dialect.check(types, fixed_event=fixed)
         parts = _parts(aggregator, fixed)
