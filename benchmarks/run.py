@@ -14,6 +14,7 @@ memory (resident set, sampled every 2 ms) belongs to one path alone.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import random
@@ -26,8 +27,12 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from airflow_provider_stripe_meter.ledger.entries import Entry
 
 ROOT = Path(__file__).resolve().parent.parent
 EVENT = "ai_tokens_used"
@@ -325,6 +330,9 @@ def bench_ledger(customers: int, days: int, stream_limit: float, v1_limit: float
     """The ledger at scale: (a) a first nightly run, (b) a re-run over ``days`` billed days, (c) rows/s."""
     import pendulum
 
+    from airflow_provider_stripe_meter.billing.run import SLICE
+    from airflow_provider_stripe_meter.ledger.schema import DEFAULT_TABLE
+
     kind = _ledger_database()
     print(f"\n## ledger on {kind}: {customers:,} customers")
     sql = _usage_table(_rows(customers, 1, seed=11))
@@ -366,13 +374,16 @@ def bench_ledger(customers: int, days: int, stream_limit: float, v1_limit: float
         for c in range(customers)
     ]
     sql_days = _usage_table(rows)
-    baseline = _naive_ledger_rate(min(20_000, len(rows)))
     with RemoteServer("--latency", "0.02") as server:
-        # The ledger the nightly runs left, for this server's meter.
+        # The ledger the nightly runs left, for this server's meter; the baseline writes the
+        # first of the same rows, one statement at a time.
+        baseline, naive_rows = _naive_ledger_rate(rows[:20_000])
         written, seconds = _fill_ledger(rows)
+        accepted = _count_accepted(DEFAULT_TABLE)
         print(
-            f"(c) ledger rows written pending then resolved accepted: {written:,} in {seconds:.1f} s = "
-            f"{written / seconds:,.0f} rows/s; baseline (one INSERT and one UPDATE a row, same database): "
+            f"(c) ledger rows written pending then resolved accepted, {SLICE:,} a slice as a run writes "
+            f"them: {written:,} in {seconds:.1f} s = {written / seconds:,.0f} rows/s, {accepted:,} accepted; "
+            f"baseline (the first {naive_rows:,} of them, one INSERT and one UPDATE a row, same database): "
             f"{baseline:,.0f} rows/s"
         )
         again = _run_in_task(**{**source, "sql": sql_days}, api="v2_stream", max_rps=stream_limit)
@@ -396,103 +407,116 @@ def bench_ledger(customers: int, days: int, stream_limit: float, v1_limit: float
     print(f"RESULT ledger-c: ledger rows/s = {rate:,.0f} = {rate / baseline:.1f}x the baseline")
 
 
+#: The baseline's scratch table, beside the ledger (the operator's ``ledger_table`` default).
+NAIVE_LEDGER = "stripe_meter_ledger_naive"
+
+
+def _bench_meter_id() -> str:
+    """The id of the running local server's meter for the bench's event."""
+    from airflow_provider_stripe_meter.hooks.stripe import StripeHook
+
+    return StripeHook().active_meter(EVENT)["id"]
+
+
 def _fill_ledger(rows: list[tuple[str, int, str]]) -> tuple[int, float]:
     """Write a ledger for ``rows`` as the nightly runs would have (pending, then accepted); rows/s."""
-    from airflow_provider_stripe_meter.billing.meters import MeterSpec
-    from airflow_provider_stripe_meter.hooks.stripe import StripeHook
+    from airflow_provider_stripe_meter.billing.run import SLICE
+    from airflow_provider_stripe_meter.ledger.entries import ACCEPTED, Change
     from airflow_provider_stripe_meter.state.ledger import ledger_on
     from airflow_provider_stripe_meter.utils.aggregation import paused_gc
 
-    meter_id = StripeHook().active_meter(EVENT)["id"]  # the running server's meter
-    spec = MeterSpec(EVENT, meter_id)
-
+    entries = _ledger_entries(_bench_meter_id(), rows)
     store = ledger_on("bench_ledger")
+    store.conn  # noqa: B018  (opens the connection and creates the table outside the timing)
     started = time.monotonic()
     with paused_gc():
-        _write_entries(store, spec, meter_id, rows)
+        # A run writes a slice pending, sends it, then resolves it: SqlLedger.insert and .resolve
+        # called once a slice, with the slice a run sends at once.
+        while chunk := list(itertools.islice(entries, SLICE)):
+            store.insert(chunk)
+            store.resolve("platform", [Change(e.identifier, ACCEPTED, time.time(), "") for e in chunk])
     seconds = time.monotonic() - started
     store.close()
     return len(rows), seconds
 
 
-def _write_entries(store: Any, spec: Any, meter_id: str, rows: list[tuple[str, int, str]]) -> None:
-    """The rows as the nightly runs' ledger rows: written pending, then resolved accepted."""
+def _ledger_entries(meter_id: str, rows: list[tuple[str, int, str]]) -> Iterator[Entry]:
+    """The rows as the nightly runs' ledger rows (each an ``Entry``, pending), one at a time:
+    3,500,000 of them held at once would take gigabytes."""
     from datetime import datetime, timezone
 
+    from airflow_provider_stripe_meter.billing.meters import MeterSpec
     from airflow_provider_stripe_meter.billing.plans import ledger_identifier
-    from airflow_provider_stripe_meter.ledger.entries import ACCEPTED, PENDING, Entry
+    from airflow_provider_stripe_meter.ledger.entries import PENDING, Entry
 
-    for start in range(0, len(rows), 100_000):
-        entries = []
-        for customer, value, used_at in rows[start : start + 100_000]:
-            moment = datetime.fromisoformat(used_at).replace(tzinfo=timezone.utc)
-            stamp = int(moment.timestamp())
-            entries.append(
-                Entry(
-                    "platform",
-                    meter_id,
-                    EVENT,
-                    customer,
-                    moment.date(),
-                    1,
-                    ledger_identifier(spec, customer, moment.date(), 1),
-                    value,
-                    stamp,
-                    stamp,
-                    PENDING,
-                    "bench",
-                    "bench",
-                    time.time(),
-                )
-            )
-        store.insert(entries)
-        store.resolve("platform", [(e.identifier, ACCEPTED, time.time(), "") for e in entries])
+    spec = MeterSpec(EVENT, meter_id)
+    for customer, value, used_at in rows:
+        moment = datetime.fromisoformat(used_at).replace(tzinfo=timezone.utc)
+        stamp = int(moment.timestamp())
+        yield Entry(
+            account="platform",
+            meter_id=meter_id,
+            event_name=EVENT,
+            customer_id=customer,
+            day=moment.date(),
+            seq=1,
+            identifier=ledger_identifier(spec, customer, moment.date(), 1),
+            value=value,
+            stamp=stamp,
+            source_at=stamp,
+            state=PENDING,
+            run_id="bench",
+            attempt="bench",
+            sent_at=time.time(),
+        )
 
 
-def _naive_ledger_rate(n: int) -> float:
-    """Rows/s of a ledger written the plain way: one INSERT, then one UPDATE, per row (a scratch table)."""
+def _naive_ledger_rate(rows: list[tuple[str, int, str]]) -> tuple[float, int]:
+    """Rows/s of the same ledger rows written the plain way, in a scratch table of the same schema:
+    one INSERT, then one UPDATE (the columns SqlLedger.resolve sets), each committed, per row.
+    Returns the rate and the rows it found accepted afterwards."""
+    from airflow_provider_stripe_meter.ledger.schema import COLUMN_NAMES
+    from airflow_provider_stripe_meter.ledger.store import _values
     from airflow_provider_stripe_meter.state.ledger import ledger_on
 
-    store = ledger_on("bench_ledger", "stripe_meter_ledger_naive")
+    # A table left by a run that failed half way would keep the schema of its day.
+    _sql_on_ledger_db(f"DROP TABLE IF EXISTS {NAIVE_LEDGER}")
+    entries = list(_ledger_entries(_bench_meter_id(), rows))
+    store = ledger_on("bench_ledger", NAIVE_LEDGER)
     conn = store.conn
     cursor = conn.cursor()
     mark = store.placeholder
+    # The columns named, as SqlLedger names them: the statement holds whatever the schema becomes.
+    columns, marks = ", ".join(COLUMN_NAMES), ", ".join([mark] * len(COLUMN_NAMES))
+    insert = f"INSERT INTO {NAIVE_LEDGER} ({columns}) VALUES ({marks})"
+    update = (
+        f"UPDATE {NAIVE_LEDGER} SET state = {mark}, answered_at = {mark}, "
+        f"note = COALESCE(NULLIF({mark}, ''), note) WHERE account = {mark} AND identifier = {mark}"
+    )
     started = time.monotonic()
-    for i in range(n):
-        cursor.execute(
-            f"INSERT INTO {store.table} VALUES ({', '.join([mark] * 18)})",
-            (
-                "platform",
-                "mtr",
-                EVENT,
-                f"cus_{i}",
-                "2026-01-01",
-                1,
-                f"id{i}",
-                1,
-                0,
-                0,
-                "pending",
-                "r",
-                "a",
-                0.0,
-                None,
-                "",
-                0,
-                None,
-            ),
-        )
+    for entry in entries:
+        cursor.execute(insert, _values(entry))  # what SqlLedger writes for an entry
         conn.commit()
-        cursor.execute(
-            f"UPDATE {store.table} SET state = {mark} WHERE account = {mark} AND identifier = {mark}",
-            ("accepted", "platform", f"id{i}"),
-        )
+        cursor.execute(update, ("accepted", time.time(), "", entry.account, entry.identifier))
         conn.commit()
     seconds = time.monotonic() - started
-    cursor.execute(f"DROP TABLE {store.table}")
-    conn.commit()
     store.close()
-    return n / seconds
+    accepted = _count_accepted(NAIVE_LEDGER)
+    _sql_on_ledger_db(f"DROP TABLE {NAIVE_LEDGER}")
+    return len(entries) / seconds, accepted
+
+
+def _count_accepted(table: str) -> int:
+    """Rows of ``table`` in the bench ledger's database that are ``accepted``."""
+    from airflow_provider_stripe_meter.state.ledger import ledger_on
+
+    store = ledger_on("bench_ledger", table)
+    store.create = False
+    cursor = store.conn.cursor()
+    cursor.execute(f"SELECT COUNT(*) FROM {table} WHERE state = 'accepted'")
+    (count,) = cursor.fetchone()
+    store.close()
+    return int(count)
 
 
 def _make_sqlite(path: Path, n: int) -> None:
