@@ -98,19 +98,43 @@ with DAG("stripe_meter_bench", schedule=None, start_date=pendulum.datetime(2026,
 """
 
 
+def _airflow_before_3_2() -> bool:
+    from airflow import __version__
+    from packaging.version import Version
+
+    return Version(__version__) < Version("3.2")
+
+
+def _bench_dags(home: Path) -> Path:
+    """The folder of the bench's DAG file, written (and the metadata database set up) on first use.
+
+    ``STRIPE_METER_BENCH_DAGS`` names a folder that a DAG bundle of an Airflow already set up
+    reads (the test suite's, whose processes run the benches at a tiny size); otherwise the DAG
+    goes in ``$AIRFLOW_HOME/dags``, the default bundle, of a metadata database made here.
+    """
+    given = os.environ.get("STRIPE_METER_BENCH_DAGS")
+    dags = Path(given) if given else home / "dags"
+    if (dags / "stripe_meter_bench.py").exists():
+        return dags
+    dags.mkdir(parents=True, exist_ok=True)
+    (dags / "stripe_meter_bench.py").write_text(_BENCH_DAG)
+    airflow = Path(sys.executable).with_name("airflow")
+    if not given:
+        subprocess.run([str(airflow), "db", "migrate"], check=True, capture_output=True)
+    if _airflow_before_3_2():
+        # Airflow 3.1's dag.test() needs the DAG serialized already; 3.2 and later serialize the
+        # DAG's bundle on every call.
+        subprocess.run([str(airflow), "dags", "reserialize"], check=True, capture_output=True)
+    return dags
+
+
 def _run_in_task(**kwargs: Any) -> dict[str, Any]:
     """Run the batch operator inside a real Airflow task (dag.test()) and return its outcome.
 
     ``wall`` is the operator's own time, end to end (reading, looking up, marking, sending).
     """
     home = Path(os.environ["AIRFLOW_HOME"])
-    dags = home / "dags"
-    if not dags.exists():
-        dags.mkdir(parents=True)
-        (dags / "stripe_meter_bench.py").write_text(_BENCH_DAG)
-        airflow = Path(sys.executable).with_name("airflow")
-        for command in (["db", "migrate"], ["dags", "reserialize"]):
-            subprocess.run([str(airflow), *command], check=True, capture_output=True)
+    dags = _bench_dags(home)
     args, out = home / "bench-args.json", home / "bench-out.json"
     if kwargs.get("kind", "batch") == "batch" and "ledger_conn_id" not in kwargs:
         _ledger_database()
@@ -377,14 +401,14 @@ def bench_ledger(customers: int, days: int, stream_limit: float, v1_limit: float
     with RemoteServer("--latency", "0.02") as server:
         # The ledger the nightly runs left, for this server's meter; the baseline writes the
         # first of the same rows, one statement at a time.
-        baseline, naive_rows = _naive_ledger_rate(rows[:20_000])
+        baseline, naive_rows, naive_accepted = _naive_ledger_rate(rows[:20_000])
         written, seconds = _fill_ledger(rows)
         accepted = _count_accepted(DEFAULT_TABLE)
         print(
             f"(c) ledger rows written pending then resolved accepted, {SLICE:,} a slice as a run writes "
             f"them: {written:,} in {seconds:.1f} s = {written / seconds:,.0f} rows/s, {accepted:,} accepted; "
             f"baseline (the first {naive_rows:,} of them, one INSERT and one UPDATE a row, same database): "
-            f"{baseline:,.0f} rows/s"
+            f"{baseline:,.0f} rows/s, {naive_accepted:,} accepted"
         )
         again = _run_in_task(**{**source, "sql": sql_days}, api="v2_stream", max_rps=stream_limit)
         stats = server.summary()["stats"]
@@ -471,10 +495,10 @@ def _ledger_entries(meter_id: str, rows: list[tuple[str, int, str]]) -> Iterator
         )
 
 
-def _naive_ledger_rate(rows: list[tuple[str, int, str]]) -> tuple[float, int]:
+def _naive_ledger_rate(rows: list[tuple[str, int, str]]) -> tuple[float, int, int]:
     """Rows/s of the same ledger rows written the plain way, in a scratch table of the same schema:
     one INSERT, then one UPDATE (the columns SqlLedger.resolve sets), each committed, per row.
-    Returns the rate and the rows it found accepted afterwards."""
+    Returns the rate, the rows written and the rows found accepted afterwards."""
     from airflow_provider_stripe_meter.ledger.schema import COLUMN_NAMES
     from airflow_provider_stripe_meter.ledger.store import _values
     from airflow_provider_stripe_meter.state.ledger import ledger_on
@@ -503,7 +527,7 @@ def _naive_ledger_rate(rows: list[tuple[str, int, str]]) -> tuple[float, int]:
     store.close()
     accepted = _count_accepted(NAIVE_LEDGER)
     _sql_on_ledger_db(f"DROP TABLE {NAIVE_LEDGER}")
-    return len(entries) / seconds, accepted
+    return len(entries) / seconds, len(entries), accepted
 
 
 def _count_accepted(table: str) -> int:
@@ -807,8 +831,15 @@ def main() -> None:
     )
     parser.add_argument("--stream-events", type=int, default=20_000)
     parser.add_argument("--stream-limit", type=float, default=20.0, help="server stream requests/s")
+    parser.add_argument(
+        "--unlimited-customers", type=int, default=50_000, help="stream-unlimited: customers (4 rows each)"
+    )
     parser.add_argument("--sql-rows", type=int, default=1_000_000)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--periods-customers", type=int, help="billing periods: customers (default: --ledger-customers)"
+    )
+    parser.add_argument("--periods-repeats", type=int, default=3, help="billing periods: nights of each kind")
     parser.add_argument("--import-repeats", type=int, default=15)
     parser.add_argument("--inner-sql", nargs=2, metavar=("MODE", "DB"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -825,7 +856,7 @@ def main() -> None:
     if args.only in (None, "stream"):
         bench_stream(args.stream_events, args.stream_limit)
     if args.only in (None, "stream-unlimited"):
-        bench_stream_unlimited(customers=50_000, per_customer=4)
+        bench_stream_unlimited(customers=args.unlimited_customers, per_customer=4)
     if args.only in (None, "sql"):
         bench_sql(args.sql_rows, args.repeats)
     if args.only in (None, "import"):
@@ -839,7 +870,9 @@ def main() -> None:
             args.ledger_v1_events,
         )
     if args.only in (None, "periods"):
-        bench_periods(args.ledger_customers, args.ledger_stream_limit)
+        bench_periods(
+            args.periods_customers or args.ledger_customers, args.ledger_stream_limit, args.periods_repeats
+        )
     print(f"\n(benchmarks took {time.monotonic() - started:.0f} s)")
 
 
