@@ -14,6 +14,7 @@ memory (resident set, sampled every 2 ms) belongs to one path alone.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import random
@@ -26,8 +27,12 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from airflow_provider_stripe_meter.ledger.entries import Entry
 
 ROOT = Path(__file__).resolve().parent.parent
 EVENT = "ai_tokens_used"
@@ -93,19 +98,43 @@ with DAG("stripe_meter_bench", schedule=None, start_date=pendulum.datetime(2026,
 """
 
 
+def _airflow_before_3_2() -> bool:
+    from airflow import __version__
+    from packaging.version import Version
+
+    return Version(__version__) < Version("3.2")
+
+
+def _bench_dags(home: Path) -> Path:
+    """The folder of the bench's DAG file, written (and the metadata database set up) on first use.
+
+    ``STRIPE_METER_BENCH_DAGS`` names a folder that a DAG bundle of an Airflow already set up
+    reads (the test suite's, whose processes run the benches at a tiny size); otherwise the DAG
+    goes in ``$AIRFLOW_HOME/dags``, the default bundle, of a metadata database made here.
+    """
+    given = os.environ.get("STRIPE_METER_BENCH_DAGS")
+    dags = Path(given) if given else home / "dags"
+    if (dags / "stripe_meter_bench.py").exists():
+        return dags
+    dags.mkdir(parents=True, exist_ok=True)
+    (dags / "stripe_meter_bench.py").write_text(_BENCH_DAG)
+    airflow = Path(sys.executable).with_name("airflow")
+    if not given:
+        subprocess.run([str(airflow), "db", "migrate"], check=True, capture_output=True)
+    if _airflow_before_3_2():
+        # Airflow 3.1's dag.test() needs the DAG serialized already; 3.2 and later serialize the
+        # DAG's bundle on every call.
+        subprocess.run([str(airflow), "dags", "reserialize"], check=True, capture_output=True)
+    return dags
+
+
 def _run_in_task(**kwargs: Any) -> dict[str, Any]:
     """Run the batch operator inside a real Airflow task (dag.test()) and return its outcome.
 
     ``wall`` is the operator's own time, end to end (reading, looking up, marking, sending).
     """
     home = Path(os.environ["AIRFLOW_HOME"])
-    dags = home / "dags"
-    if not dags.exists():
-        dags.mkdir(parents=True)
-        (dags / "stripe_meter_bench.py").write_text(_BENCH_DAG)
-        airflow = Path(sys.executable).with_name("airflow")
-        for command in (["db", "migrate"], ["dags", "reserialize"]):
-            subprocess.run([str(airflow), *command], check=True, capture_output=True)
+    dags = _bench_dags(home)
     args, out = home / "bench-args.json", home / "bench-out.json"
     if kwargs.get("kind", "batch") == "batch" and "ledger_conn_id" not in kwargs:
         _ledger_database()
@@ -202,6 +231,7 @@ def bench_v1(events: int, baseline_events: int) -> None:
     limit = 100.0
     print(f"\n## v1 meter events: {events} aggregates, server limit {limit:.0f} requests/s, 50 ms latency")
     rows = _rows(events, 1)
+    _customers_met(events)
     server_args = ["--latency", "0.05", "--rate-limit", str(limit)]
     with RemoteServer(*server_args) as server:
         started = time.monotonic()
@@ -240,6 +270,7 @@ def bench_stream(events: int, stream_limit: float) -> None:
         f"(= {capacity:.0f} events/s), 50 ms latency"
     )
     rows = _rows(events, 1, seed=2)
+    _customers_met(events)
     with RemoteServer("--latency", "0.05", "--stream-rate-limit", str(stream_limit)) as server:
         outcome = _run_in_task(rows=rows, api="v2_stream", max_rps=stream_limit)
         ours = outcome["sent"] / outcome["seconds"]
@@ -256,6 +287,7 @@ def bench_stream_unlimited(customers: int, per_customer: int) -> None:
     """v2 stream, no server limit, 20 ms latency: events/s from raw rows, aggregation included."""
     target = 10_000
     rows = _rows(customers, per_customer, seed=3)
+    _customers_met(customers)
     print(
         f"\n## v2 stream, no server limit, 20 ms latency: {len(rows)} raw rows -> {customers} events, "
         "aggregation included"
@@ -298,6 +330,17 @@ def _reset_ledger() -> None:
     store.close()
 
 
+def _customers_met(customers: int) -> None:
+    """The run measured is not a base's first: its customers are known (see ``_know_customers``).
+
+    Otherwise the run asks Stripe about each, and the local server lists only the customers it
+    has met: past the ones a run checks one by one (``CUSTOMER_RECHECKS``, 1,000), the rest would
+    be held as unknown, not sent.
+    """
+    _ledger_database()
+    _know_customers(customers)
+
+
 def _know_customers(customers: int) -> None:
     """The known-customers table as the first run over ``customers`` customers leaves it (that run
     lists every customer once; the nights measured after it ask Stripe about none)."""
@@ -324,6 +367,9 @@ def _usage_table(rows: list[tuple[str, int, str]]) -> str:
 def bench_ledger(customers: int, days: int, stream_limit: float, v1_limit: float, v1_events: int) -> None:
     """The ledger at scale: (a) a first nightly run, (b) a re-run over ``days`` billed days, (c) rows/s."""
     import pendulum
+
+    from airflow_provider_stripe_meter.billing.run import SLICE
+    from airflow_provider_stripe_meter.ledger.schema import DEFAULT_TABLE
 
     kind = _ledger_database()
     print(f"\n## ledger on {kind}: {customers:,} customers")
@@ -366,14 +412,17 @@ def bench_ledger(customers: int, days: int, stream_limit: float, v1_limit: float
         for c in range(customers)
     ]
     sql_days = _usage_table(rows)
-    baseline = _naive_ledger_rate(min(20_000, len(rows)))
     with RemoteServer("--latency", "0.02") as server:
-        # The ledger the nightly runs left, for this server's meter.
+        # The ledger the nightly runs left, for this server's meter; the baseline writes the
+        # first of the same rows, one statement at a time.
+        baseline, naive_rows, naive_accepted = _naive_ledger_rate(rows[:20_000])
         written, seconds = _fill_ledger(rows)
+        accepted = _count_accepted(DEFAULT_TABLE)
         print(
-            f"(c) ledger rows written pending then resolved accepted: {written:,} in {seconds:.1f} s = "
-            f"{written / seconds:,.0f} rows/s; baseline (one INSERT and one UPDATE a row, same database): "
-            f"{baseline:,.0f} rows/s"
+            f"(c) ledger rows written pending then resolved accepted, {SLICE:,} a slice as a run writes "
+            f"them: {written:,} in {seconds:.1f} s = {written / seconds:,.0f} rows/s, {accepted:,} accepted; "
+            f"baseline (the first {naive_rows:,} of them, one INSERT and one UPDATE a row, same database): "
+            f"{baseline:,.0f} rows/s, {naive_accepted:,} accepted"
         )
         again = _run_in_task(**{**source, "sql": sql_days}, api="v2_stream", max_rps=stream_limit)
         stats = server.summary()["stats"]
@@ -396,103 +445,116 @@ def bench_ledger(customers: int, days: int, stream_limit: float, v1_limit: float
     print(f"RESULT ledger-c: ledger rows/s = {rate:,.0f} = {rate / baseline:.1f}x the baseline")
 
 
+#: The baseline's scratch table, beside the ledger (the operator's ``ledger_table`` default).
+NAIVE_LEDGER = "stripe_meter_ledger_naive"
+
+
+def _bench_meter_id() -> str:
+    """The id of the running local server's meter for the bench's event."""
+    from airflow_provider_stripe_meter.hooks.stripe import StripeHook
+
+    return StripeHook().active_meter(EVENT)["id"]
+
+
 def _fill_ledger(rows: list[tuple[str, int, str]]) -> tuple[int, float]:
     """Write a ledger for ``rows`` as the nightly runs would have (pending, then accepted); rows/s."""
-    from airflow_provider_stripe_meter.billing.meters import MeterSpec
-    from airflow_provider_stripe_meter.hooks.stripe import StripeHook
+    from airflow_provider_stripe_meter.billing.run import SLICE
+    from airflow_provider_stripe_meter.ledger.entries import ACCEPTED, Change
     from airflow_provider_stripe_meter.state.ledger import ledger_on
     from airflow_provider_stripe_meter.utils.aggregation import paused_gc
 
-    meter_id = StripeHook().active_meter(EVENT)["id"]  # the running server's meter
-    spec = MeterSpec(EVENT, meter_id)
-
+    entries = _ledger_entries(_bench_meter_id(), rows)
     store = ledger_on("bench_ledger")
+    store.conn  # noqa: B018  (opens the connection and creates the table outside the timing)
     started = time.monotonic()
     with paused_gc():
-        _write_entries(store, spec, meter_id, rows)
+        # A run writes a slice pending, sends it, then resolves it: SqlLedger.insert and .resolve
+        # called once a slice, with the slice a run sends at once.
+        while chunk := list(itertools.islice(entries, SLICE)):
+            store.insert(chunk)
+            store.resolve("platform", [Change(e.identifier, ACCEPTED, time.time(), "") for e in chunk])
     seconds = time.monotonic() - started
     store.close()
     return len(rows), seconds
 
 
-def _write_entries(store: Any, spec: Any, meter_id: str, rows: list[tuple[str, int, str]]) -> None:
-    """The rows as the nightly runs' ledger rows: written pending, then resolved accepted."""
+def _ledger_entries(meter_id: str, rows: list[tuple[str, int, str]]) -> Iterator[Entry]:
+    """The rows as the nightly runs' ledger rows (each an ``Entry``, pending), one at a time:
+    3,500,000 of them held at once would take gigabytes."""
     from datetime import datetime, timezone
 
+    from airflow_provider_stripe_meter.billing.meters import MeterSpec
     from airflow_provider_stripe_meter.billing.plans import ledger_identifier
-    from airflow_provider_stripe_meter.ledger.entries import ACCEPTED, PENDING, Entry
+    from airflow_provider_stripe_meter.ledger.entries import PENDING, Entry
 
-    for start in range(0, len(rows), 100_000):
-        entries = []
-        for customer, value, used_at in rows[start : start + 100_000]:
-            moment = datetime.fromisoformat(used_at).replace(tzinfo=timezone.utc)
-            stamp = int(moment.timestamp())
-            entries.append(
-                Entry(
-                    "platform",
-                    meter_id,
-                    EVENT,
-                    customer,
-                    moment.date(),
-                    1,
-                    ledger_identifier(spec, customer, moment.date(), 1),
-                    value,
-                    stamp,
-                    stamp,
-                    PENDING,
-                    "bench",
-                    "bench",
-                    time.time(),
-                )
-            )
-        store.insert(entries)
-        store.resolve("platform", [(e.identifier, ACCEPTED, time.time(), "") for e in entries])
+    spec = MeterSpec(EVENT, meter_id)
+    for customer, value, used_at in rows:
+        moment = datetime.fromisoformat(used_at).replace(tzinfo=timezone.utc)
+        stamp = int(moment.timestamp())
+        yield Entry(
+            account="platform",
+            meter_id=meter_id,
+            event_name=EVENT,
+            customer_id=customer,
+            day=moment.date(),
+            seq=1,
+            identifier=ledger_identifier(spec, customer, moment.date(), 1),
+            value=value,
+            stamp=stamp,
+            source_at=stamp,
+            state=PENDING,
+            run_id="bench",
+            attempt="bench",
+            sent_at=time.time(),
+        )
 
 
-def _naive_ledger_rate(n: int) -> float:
-    """Rows/s of a ledger written the plain way: one INSERT, then one UPDATE, per row (a scratch table)."""
+def _naive_ledger_rate(rows: list[tuple[str, int, str]]) -> tuple[float, int, int]:
+    """Rows/s of the same ledger rows written the plain way, in a scratch table of the same schema:
+    one INSERT, then one UPDATE (the columns SqlLedger.resolve sets), each committed, per row.
+    Returns the rate, the rows written and the rows found accepted afterwards."""
+    from airflow_provider_stripe_meter.ledger.schema import COLUMN_NAMES
+    from airflow_provider_stripe_meter.ledger.store import _values
     from airflow_provider_stripe_meter.state.ledger import ledger_on
 
-    store = ledger_on("bench_ledger", "stripe_meter_ledger_naive")
+    # A table left by a run that failed half way would keep the schema of its day.
+    _sql_on_ledger_db(f"DROP TABLE IF EXISTS {NAIVE_LEDGER}")
+    entries = list(_ledger_entries(_bench_meter_id(), rows))
+    store = ledger_on("bench_ledger", NAIVE_LEDGER)
     conn = store.conn
     cursor = conn.cursor()
     mark = store.placeholder
+    # The columns named, as SqlLedger names them: the statement holds whatever the schema becomes.
+    columns, marks = ", ".join(COLUMN_NAMES), ", ".join([mark] * len(COLUMN_NAMES))
+    insert = f"INSERT INTO {NAIVE_LEDGER} ({columns}) VALUES ({marks})"
+    update = (
+        f"UPDATE {NAIVE_LEDGER} SET state = {mark}, answered_at = {mark}, "
+        f"note = COALESCE(NULLIF({mark}, ''), note) WHERE account = {mark} AND identifier = {mark}"
+    )
     started = time.monotonic()
-    for i in range(n):
-        cursor.execute(
-            f"INSERT INTO {store.table} VALUES ({', '.join([mark] * 18)})",
-            (
-                "platform",
-                "mtr",
-                EVENT,
-                f"cus_{i}",
-                "2026-01-01",
-                1,
-                f"id{i}",
-                1,
-                0,
-                0,
-                "pending",
-                "r",
-                "a",
-                0.0,
-                None,
-                "",
-                0,
-                None,
-            ),
-        )
+    for entry in entries:
+        cursor.execute(insert, _values(entry))  # what SqlLedger writes for an entry
         conn.commit()
-        cursor.execute(
-            f"UPDATE {store.table} SET state = {mark} WHERE account = {mark} AND identifier = {mark}",
-            ("accepted", "platform", f"id{i}"),
-        )
+        cursor.execute(update, ("accepted", time.time(), "", entry.account, entry.identifier))
         conn.commit()
     seconds = time.monotonic() - started
-    cursor.execute(f"DROP TABLE {store.table}")
-    conn.commit()
     store.close()
-    return n / seconds
+    accepted = _count_accepted(NAIVE_LEDGER)
+    _sql_on_ledger_db(f"DROP TABLE {NAIVE_LEDGER}")
+    return len(entries) / seconds, len(entries), accepted
+
+
+def _count_accepted(table: str) -> int:
+    """Rows of ``table`` in the bench ledger's database that are ``accepted``."""
+    from airflow_provider_stripe_meter.state.ledger import ledger_on
+
+    store = ledger_on("bench_ledger", table)
+    store.create = False
+    cursor = store.conn.cursor()
+    cursor.execute(f"SELECT COUNT(*) FROM {table} WHERE state = 'accepted'")
+    (count,) = cursor.fetchone()
+    store.close()
+    return int(count)
 
 
 def _make_sqlite(path: Path, n: int) -> None:
@@ -783,8 +845,15 @@ def main() -> None:
     )
     parser.add_argument("--stream-events", type=int, default=20_000)
     parser.add_argument("--stream-limit", type=float, default=20.0, help="server stream requests/s")
+    parser.add_argument(
+        "--unlimited-customers", type=int, default=50_000, help="stream-unlimited: customers (4 rows each)"
+    )
     parser.add_argument("--sql-rows", type=int, default=1_000_000)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--periods-customers", type=int, help="billing periods: customers (default: --ledger-customers)"
+    )
+    parser.add_argument("--periods-repeats", type=int, default=3, help="billing periods: nights of each kind")
     parser.add_argument("--import-repeats", type=int, default=15)
     parser.add_argument("--inner-sql", nargs=2, metavar=("MODE", "DB"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -801,7 +870,7 @@ def main() -> None:
     if args.only in (None, "stream"):
         bench_stream(args.stream_events, args.stream_limit)
     if args.only in (None, "stream-unlimited"):
-        bench_stream_unlimited(customers=50_000, per_customer=4)
+        bench_stream_unlimited(customers=args.unlimited_customers, per_customer=4)
     if args.only in (None, "sql"):
         bench_sql(args.sql_rows, args.repeats)
     if args.only in (None, "import"):
@@ -815,7 +884,9 @@ def main() -> None:
             args.ledger_v1_events,
         )
     if args.only in (None, "periods"):
-        bench_periods(args.ledger_customers, args.ledger_stream_limit)
+        bench_periods(
+            args.periods_customers or args.ledger_customers, args.ledger_stream_limit, args.periods_repeats
+        )
     print(f"\n(benchmarks took {time.monotonic() - started:.0f} s)")
 
 
