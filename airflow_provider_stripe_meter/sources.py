@@ -142,7 +142,9 @@ def aggregate_usage(
     if sql is not None and aggregate_in != "worker":
         aggregator = fresh()
         try:
-            _in_database(aggregator, sql, sql_conn_id, parameters, needs_last, log)
+            _in_database(
+                aggregator, sql, sql_conn_id, parameters, needs_last, log, forced=aggregate_in == "database"
+            )
             return aggregator
         except Unsupported as err:
             if aggregate_in == "database":
@@ -171,8 +173,11 @@ def _in_database(
     parameters: Any,
     needs_last: Callable[[set[str]], set[str]] | None,
     log: logging.Logger | Any,
+    *,
+    forced: bool,
 ) -> None:
-    """Aggregate ``sql`` in its database into ``aggregator``; :class:`Unsupported` says why not."""
+    """Aggregate ``sql`` in its database into ``aggregator``; :class:`Unsupported` says why not
+    (unless ``forced``, a database in the worker's own process is left to the worker)."""
     from airflow.sdk import BaseHook
 
     from airflow_provider_stripe_meter.pushdown.dialects import dialect_for
@@ -190,6 +195,11 @@ def _in_database(
     dialect = dialect_for(conn_type)
     if hook is None or not hasattr(hook, "get_conn") or dialect is None:
         raise Unsupported(f"no SQL is generated for connection type {conn_type!r}")
+    if dialect.in_process and not forced:
+        raise Unsupported(
+            f"{dialect.name} runs in the worker's process: its rows cross no network, and the worker "
+            'sums them faster (aggregate_in="database" sums them in SQL)'
+        )
     with closing(hook.get_conn()) as conn:
         try:
             figures = aggregate_in_database(

@@ -202,7 +202,8 @@ class StripeUsageSourceOperator(StripeBaseOperator):
     :param chunk_size: Rows fetched and aggregated at a time.
     :param sample_limit: Examples kept per kind of problem in the result.
     :param aggregate_in: Where ``sql``'s rows are aggregated: ``"auto"`` (in the database where
-        SQL is generated for it: SQLite, PostgreSQL, DuckDB; else on the worker), ``"database"``
+        SQL is generated for it and rows would cross a network: PostgreSQL, DuckDB; else on the
+        worker, SQLite included), ``"database"`` (SQLite too)
         (fail, before anything is sent, if it cannot be) or ``"worker"`` (row by row). The same
         figures either way; the result's ``aggregated_in`` says which ran (docs/batch.md).
     """

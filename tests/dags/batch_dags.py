@@ -117,7 +117,7 @@ with DAG("t_batch_many_meters", schedule=None, start_date=START, params={"rows":
 # The same query aggregated in the database (the default for sql=) and on the worker, and a
 # query that cannot be aggregated in SQL (naive timestamps read in another zone) forced to.
 for dag_id, where, zone in (
-    ("t_batch_in_database", "auto", "UTC"),
+    ("t_batch_in_database", "database", "UTC"),
     ("t_batch_on_worker", "worker", "UTC"),
     ("t_batch_database_refused", "database", "Europe/Paris"),
 ):

@@ -1,5 +1,6 @@
-"""Where the batch operator aggregates ``sql``: in the database by default, the same result as on
-the worker; forced into a database that cannot, it fails before anything is sent, without retries."""
+"""Where the batch operator aggregates ``sql``: in the database (asked for on SQLite, the default
+elsewhere), the same result as on the worker; forced into a database that cannot, it fails
+before anything is sent, without retries."""
 
 from __future__ import annotations
 

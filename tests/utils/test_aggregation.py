@@ -203,5 +203,6 @@ def test_each_day_knows_its_row_count_and_latest_value():
     slow.add_rows([{"customer_id": c, "value": v, "timestamp": t.isoformat() + "Z"} for c, v, t in rows])
     [general] = slow.finish()
     assert aggregator.fast_chunks == 1
-    assert (fast.value, fast.rows, fast.last_value) == (21, 3, 9)  # of two rows in the latest second, the greater value wins
+    # Of two rows in the latest second, the greater value wins (whatever their order).
+    assert (fast.value, fast.rows, fast.last_value) == (21, 3, 9)
     assert (general.value, general.rows, general.last_value) == (21, 3, 9)
