@@ -589,8 +589,8 @@ def _make_postgres(dsn: str, n: int) -> None:
         cur.execute("CREATE TABLE usage (customer_id TEXT, tokens BIGINT, used_at TIMESTAMP)")
         # Generated in the database: a Python loop would take longer than the bench.
         cur.execute(
-            "INSERT INTO usage SELECT 'cus_bench' || lpad((g * 7919 % 5000)::text, 6, '0'), "
-            "1 + g * 104729 % 9999, to_timestamp(%s + g::bigint * 15485863 % 86400) AT TIME ZONE 'UTC' "
+            "INSERT INTO usage SELECT 'cus_bench' || lpad((g::bigint * 7919 %% 5000)::text, 6, '0'), "
+            "1 + g::bigint * 104729 %% 9999, to_timestamp(%s + g::bigint * 15485863 %% 86400) AT TIME ZONE 'UTC' "
             "FROM generate_series(1, %s) g",
             (start, n),
         )
