@@ -43,7 +43,7 @@ def entry(
     return Entry(**fields)
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(params=["sqlite", "postgres", "postgres-psycopg3"])
 def connect(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Callable[[], Any], str, str]]:
     """A factory of connections to a fresh database, its placeholder and dialect."""
     if request.param == "sqlite":
@@ -57,6 +57,12 @@ def connect(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Ca
 
     with psycopg2.connect(dsn) as con, con.cursor() as cur:
         cur.execute("DROP TABLE IF EXISTS stripe_meter_ledger")
+    if request.param == "postgres-psycopg3":
+        # The postgres provider hands out psycopg 3 connections where it is installed: COPY too.
+        import psycopg
+
+        yield (lambda: psycopg.connect(dsn)), "%s", "postgres"
+        return
     yield (lambda: psycopg2.connect(dsn)), "%s", "postgres"
 
 
