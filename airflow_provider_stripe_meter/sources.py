@@ -210,7 +210,9 @@ def _in_database(
                 aggregator,
                 placeholder=getattr(hook, "placeholder", "?") or "?",
                 needs_last=needs_last,
-                cursor=lambda c: streaming_cursor(c, conn_type),
+                # PostgreSQL's results stream through a named cursor on the same session; a
+                # DuckDB cursor is a connection of its own (no temporary tables of the run).
+                cursor=(lambda c: streaming_cursor(c, conn_type)) if dialect.name == "postgresql" else None,
             )
         except Unsupported:
             raise

@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import BigInteger, and_, case, cast, func, literal, not_, or_
+from sqlalchemy import BigInteger, LargeBinary, and_, case, cast, func, literal, not_, or_
 
 from airflow_provider_stripe_meter.pushdown import Unsupported
 from airflow_provider_stripe_meter.utils.days import SECONDS_PER_DAY
@@ -75,6 +75,14 @@ class SqlDialect:
         """True where ``x`` is a text value."""
         return x.isnot(None)
 
+    #: The collation comparing text byte for byte, as Python compares strings.
+    binary_collation = "C"
+
+    def binary(self, x: ColumnElement[Any]) -> ColumnElement[Any]:
+        """``x`` compared and grouped byte for byte: a column's case-insensitive or trimming
+        collation would merge ``cus_A`` with ``cus_a`` (two customers to Stripe)."""
+        return x.collate(self.binary_collation)
+
     def prepare(self, cur: Any) -> None:
         """Settings of the run's own session, before its statements (none by default)."""
 
@@ -84,11 +92,10 @@ class SqlDialect:
         return statement
 
     def day_number(self, secs: ColumnElement[Any]) -> ColumnElement[Any]:
-        """The UTC day number of whole unix seconds ``secs`` (integer division: windows are recent).
-
-        The operator as written: SQLAlchemy's ``/`` is true division and would make it a float.
-        """
-        return secs.op("/")(literal(SECONDS_PER_DAY))
+        """The UTC day number of whole unix seconds ``secs``, rounded down as Python's ``//`` does
+        (integer division rounds toward zero: a row before 1970, billed late, would land a day
+        late). The operator as written: SQLAlchemy's ``/`` is true division (a float)."""
+        return _floor_div(secs, SECONDS_PER_DAY, "/")
 
 
 class SqliteDialect(SqlDialect):
@@ -97,6 +104,7 @@ class SqliteDialect(SqlDialect):
     conn_types = ("sqlite",)
     name = "sqlite"
     in_process = True
+    binary_collation = "BINARY"
 
     def __init__(self) -> None:
         import sqlite3
@@ -112,16 +120,19 @@ class SqliteDialect(SqlDialect):
         # Text of 19 characters SQLite reads as a date-time ("YYYY-MM-DD HH:MM:SS" or "T"), or
         # that and a fraction (".fff...", the seconds read from the first 19 characters: SQLite
         # rounds a fraction to milliseconds and could carry 23:59:59.9999 into the next day,
-        # Python drops it). Of those, SQLite reads three that Python refuses, excluded here at
-        # the cost of a comparison or two: a julian day number ("-" checked), the hour 24, the
-        # year 0; and it rolls a day past a month's end over (February 30th), checked by a
-        # round trip for days 29 to 31 only. Every other row goes to Python.
+        # Python drops it). The separators are checked where Python's format puts them (SQLite
+        # also reads "2026-12-07    10:00" or a julian day number such as "1.0e-00000000000001"),
+        # the length in bytes (SQLite's length() stops at a NUL character); of the rest, SQLite
+        # reads three that Python refuses: the hour 24, the year 0, and a day past a month's end,
+        # rolled over (February 30th), checked by a round trip for days 29 to 31 only. Every
+        # other row goes to Python.
         def at(start: int, length: int) -> ColumnElement[Any]:
             return func.substr(t, start, length)
 
-        whole = func.length(t) == 19
+        size = func.length(cast(t, LargeBinary))
+        whole = size == 19
         fraction = and_(
-            func.length(t) > 20,
+            size > 20,
             at(20, 1) == literal("."),
             not_(func.substr(t, 21).op("GLOB")(literal("*[^0-9]*"))),
         )
@@ -133,6 +144,10 @@ class SqliteDialect(SqlDialect):
         read = and_(
             func.typeof(t) == literal("text"),
             at(5, 1) == literal("-"),
+            at(8, 1) == literal("-"),
+            at(11, 1).in_([literal(" "), literal("T")]),
+            at(14, 1) == literal(":"),
+            at(17, 1) == literal(":"),
             at(12, 2) != literal("24"),
             at(1, 4) != literal("0000"),
             or_(
@@ -263,17 +278,28 @@ class DuckdbDialect(SqlDialect):
         if _duck_integer(name):
             return cast(t, BigInteger)
         moment = cast(t, _timestamp()) if name == "DATE" else t
-        # Microseconds since the epoch, floored to seconds: exact (epoch() is a double).
-        return cast(func.floor(func.epoch_us(moment) / 1_000_000), BigInteger)
+        # Microseconds since the epoch, floored to seconds in integers: exact (epoch() and a
+        # division by 1e6 are doubles, inexact before 1698).
+        return _floor_div(func.epoch_us(moment), 1_000_000, "//")
 
     def day_number(self, secs: ColumnElement[Any]) -> ColumnElement[Any]:
         # DuckDB's "/" divides as floating point; "//" is its integer division.
-        return secs.op("//")(literal(SECONDS_PER_DAY))
+        return _floor_div(secs, SECONDS_PER_DAY, "//")
 
     def whole(self, v: ColumnElement[Any], code: Any) -> ColumnElement[Any]:
         if _duck_integer(str(code).upper()):
             return v.isnot(None)
         return and_(v.isnot(None), v == func.trunc(v))
+
+
+def _floor_div(x: ColumnElement[Any], by: int, op: str) -> ColumnElement[Any]:
+    """``x`` divided by ``by`` rounded down, with the database's integer division ``op``."""
+
+    # Each side grouped (parenthesized): a custom operator has no precedence of its own.
+    def div(a: ColumnElement[Any]) -> ColumnElement[Any]:
+        return a.self_group().op(op)(literal(by)).self_group()
+
+    return case((x >= 0, div(x)), else_=-div(-x + (by - 1)))
 
 
 def _duck_integer(name: str) -> bool:

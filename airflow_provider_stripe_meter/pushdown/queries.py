@@ -69,8 +69,8 @@ def classified(shape: Shape, *, refused: bool = False) -> CTE:
     """
     d, codes, src = shape.dialect, shape.types.codes, source_table(shape)
     names = shape.types.names
-    c, v, t = src.c[names[0]], src.c[names[1]], src.c[names[2]]
-    e = None if shape.fixed_event else src.c[names[3]]
+    c, v, t = d.binary(src.c[names[0]]), src.c[names[1]], src.c[names[2]]
+    e = None if shape.fixed_event else d.binary(src.c[names[3]])
     secs = d.seconds(t, codes[2])
     checks = [d.is_text(c, codes[0]), d.whole(v, codes[1])]
     if e is not None:
@@ -154,17 +154,16 @@ def groups_query(shape: Shape) -> Select[Any]:
     )
 
 
-def latest_values_query(shape: Shape, event_names: list[str] | None = None) -> Select[Any]:
+def latest_values_query(shape: Shape) -> Select[Any]:
     """Per kept group, the greatest value among the rows of its latest second (``last``).
 
-    ``event_names``: only groups of these (an event-name column; ``None``: all).
+    Every group's (of an event-name column, the caller keeps those of ``last`` meters): the
+    names would otherwise be values written into the SQL.
     """
     rows = classified(shape)
     keys, source = _keys(shape, rows)
     kept = _kept(shape, rows)
     where = [kept]
-    if event_names is not None and not shape.fixed_event:
-        where.append(rows.c.e.in_(event_names))
     latest = (
         select(*keys, func.max(rows.c.secs).label("latest")).select_from(source).where(*where).group_by(*keys)
     )

@@ -148,7 +148,6 @@ def _aggregate(
     placeholder: str,
 ) -> None:
     """The statements of a run, their results fed to ``aggregator``."""
-    fixed = shape.fixed_event
 
     def run(statement: Any) -> Iterator[Sequence[Any]]:
         figures.statements += 1
@@ -172,9 +171,9 @@ def _aggregate(
     names = {g[1] for g in groups}
     wanted = names if needs_last is None else needs_last(names)
     if wanted and groups:
-        found = run(latest_values_query(shape, None if fixed else sorted(wanted)))
-        latest = _latest_values(found, shape, aggregator.event_name)
-        groups = [(*g[:8], latest.get(g[:5], 0)) for g in groups]
+        latest = _latest_values(run(latest_values_query(shape)), shape, aggregator.event_name)
+        # Every kept group has its latest value: a missing one is a defect, not a zero.
+        groups = [(*g[:8], latest[g[:5]] if g[1] in wanted else 0) for g in groups]
     aggregator.add_groups(g[1:] for g in groups if g[0] == GOOD)
     aggregator.add_too_old_groups((g[1], g[2], g[3], g[5], g[6], g[7], g[8]) for g in groups if g[0] == OLD)
     aggregator.rows += sum(counts.values()) + sum(g[7] for g in groups)
@@ -314,29 +313,37 @@ def _column_types(cur: Any, sql: str, parameters: Any, needed: int) -> ColumnTyp
 
 def _parts(aggregator: UsageAggregator, fixed: bool) -> list[tuple[Any, ...]]:
     """The slices of every day split at a billing period boundary inside the window:
-    (customer, start, end[, event name]), as the aggregator would cut rows into parts."""
+    (customer, start, end[, event name]), cut as the aggregator cuts rows into parts.
+
+    The aggregator's own choice of the customers split on each day (:meth:`~UsageAggregator.
+    split_customers`: a boundary of any of the customer's meters inside the day), then the
+    event name's own boundaries inside that day: none, and the day is whole.
+    """
     split: Mapping[tuple[str, str], Sequence[int]] = aggregator.split_bounds
+    if not split:
+        return []
+    names: dict[str, list[str]] = {}
+    for event_name, customer in split:
+        if not fixed or event_name == aggregator.event_name:
+            names.setdefault(customer, []).append(event_name)
     lo, hi = aggregator.split_window
     out: list[tuple[Any, ...]] = []
-    for (event_name, customer), bounds in split.items():
-        if fixed and event_name != aggregator.event_name:
-            continue
-        days = sorted({b // SECONDS_PER_DAY for b in bounds if lo < b <= hi and b % SECONDS_PER_DAY})
-        for day in days:
-            start = day * SECONDS_PER_DAY
-            edges = [
-                start,
-                *(b for b in bounds if start < b < start + SECONDS_PER_DAY),
-                start + SECONDS_PER_DAY,
-            ]
-            for a, b in itertools.pairwise(edges):
-                out.append((customer, a, b) if fixed else (customer, a, b, event_name))
+    for day in range(lo // SECONDS_PER_DAY, hi // SECONDS_PER_DAY + 1):
+        start = day * SECONDS_PER_DAY
+        for customer in aggregator.split_customers(day):
+            for event_name in names.get(customer, ()):
+                bounds = split.get((event_name, customer), ())
+                inside = [b for b in bounds if start < b < start + SECONDS_PER_DAY]
+                if not inside:
+                    continue
+                for a, b in itertools.pairwise([start, *inside, start + SECONDS_PER_DAY]):
+                    out.append((customer, a, b) if fixed else (customer, a, b, event_name))
     return out
 
 
 def _fill_parts(cur: Any, shape: Shape, parts: list[tuple[Any, ...]], placeholder: str) -> int:
     """Create the temporary table of split days' parts and insert them (bound parameters)."""
-    columns = "c VARCHAR(255), lo BIGINT, hi BIGINT" + ("" if shape.fixed_event else ", e VARCHAR(100)")
+    columns = "c VARCHAR, lo BIGINT, hi BIGINT" + ("" if shape.fixed_event else ", e VARCHAR")
     width = 3 if shape.fixed_event else 4
     marks = "(" + ", ".join([placeholder] * width) + ")"
     cur.execute(f"CREATE TEMPORARY TABLE {PARTS} ({columns})")

@@ -190,6 +190,10 @@ class UsageAggregator:
         """Per (event name, customer), the instants where its days split (as given)."""
         return self._split
 
+    def split_customers(self, day: int) -> set[str] | frozenset[str]:
+        """The customers whose UTC day ``day`` (day number) the aggregator splits into parts."""
+        return self._split_on(day)
+
     @property
     def split_window(self) -> tuple[int, int]:
         """The instants ``(lo, hi]`` whose boundaries split a day: the days this aggregator sees."""
@@ -478,6 +482,9 @@ class UsageAggregator:
 
     def _fold(self, totals: dict[tuple[Any, ...], list[int]]) -> list[DailyAggregate]:
         out: list[DailyAggregate] = []
+        # Days over 15 digits, reported in (day, customer) order: the order groups come in
+        # depends on the path (rows first seen, or a database's GROUP BY).
+        too_big: list[tuple[date, str, int, int]] = []
         days: dict[int, date] = {}
         parts: dict[tuple[str, str, int], list[DayPart]] = {}
         # Not sorted: comparing 3-tuples would cost more than the whole aggregation.
@@ -495,13 +502,13 @@ class UsageAggregator:
             if -MAX_VALUE <= total <= MAX_VALUE:
                 out.append(DailyAggregate(event_name, customer, day, total, seconds, rows, last))
                 continue
-            self._too_big(customer, day, total, rows)
+            too_big.append((day, customer, total, rows))
         for (event_name, customer, day_number), found in parts.items():
             found.sort(key=lambda p: p.start)
             day = day_numbered(day_number)
             total = sum(p.value for p in found)
             if not all(-MAX_VALUE <= v <= MAX_VALUE for v in (total, *(p.value for p in found))):
-                self._too_big(customer, day, total, sum(p.rows for p in found))
+                too_big.append((day, customer, total, sum(p.rows for p in found)))
                 continue
             latest = max(found, key=lambda p: p.timestamp)
             out.append(
@@ -516,6 +523,8 @@ class UsageAggregator:
                     tuple(found),
                 )
             )
+        for day, customer, total, rows in sorted(too_big):
+            self._too_big(customer, day, total, rows)
         return out
 
     def _too_big(self, customer: str, day: date, total: int, rows: int) -> None:

@@ -336,3 +336,114 @@ def test_the_query_keeps_its_own_text_and_parameters() -> None:
     assert figures.statements == 1
     assert figures.rows_checked == 0
     assert figures.groups == 1
+
+
+# -- counterexamples found by review, each a regression test -------------------------------------
+
+
+def _sqlite(rows: list[tuple[Any, ...]], columns: str = "customer_id, value, ts") -> Callable[[], Any]:
+    conn = sqlite3.connect(":memory:")
+    conn.execute(f"CREATE TABLE usage ({columns})")
+    conn.executemany(f"INSERT INTO usage VALUES ({', '.join('?' * len(rows[0]))})", rows)
+    return lambda: conn
+
+
+class _Shared:
+    """One in-memory connection handed out again (both_ways closes what it is given)."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.conn, name)
+
+    def close(self) -> None:
+        pass
+
+
+def _iso(seconds: int) -> str:
+    return _naive(seconds).isoformat(sep=" ")
+
+
+def _same(
+    rows: list[tuple[Any, ...]], *, columns: str = "customer_id, value, ts", **kwargs: Any
+) -> UsageAggregator:
+    conn = _Shared(_sqlite(rows, columns)())
+    kwargs.setdefault("keep", False)
+    kwargs.setdefault("split", None)
+    kwargs.setdefault("event_name", "e")
+    worker, database = both_ways(lambda: conn, SqliteDialect(), "SELECT * FROM usage", **kwargs)
+    assert_same(worker, database)
+    return database
+
+
+def test_a_day_split_for_another_meter_of_the_customer_is_cut_as_the_worker_cuts_it() -> None:
+    # The customer's day holds a boundary of meter "f"; meter "e"'s own boundary that day comes
+    # after the window's end: the worker cuts "e"'s day there; so must the database, also when
+    # one of the day's rows (a text value) is checked by Python.
+    split = {("e", "cus_a"): (NOW + 600,), ("f", "cus_a"): (NOW - 3600,)}
+    rows = [("cus_a", 5, _iso(NOW - 7200), "e"), ("cus_a", "7", _iso(NOW - 3000), "e")]
+    columns = "customer_id, value, ts, event"
+    for event_name in ("e", None):
+        database = _same(rows, columns=columns, split=split, event_name=event_name)
+        [day] = database.finish()
+        assert (day.value, len(day.parts)) == (12, 1)
+
+
+def test_text_is_compared_byte_for_byte_whatever_the_columns_collation() -> None:
+    rows = [("cus_A", 1, _iso(NOW - 60), "api_calls"), ("cus_a", 2, _iso(NOW - 60), "API_CALLS")]
+    rows.append(("cus_a ", 4, _iso(NOW - 60), "api_calls"))  # a trailing space: invalid
+    columns = "customer_id COLLATE NOCASE, value, ts, event COLLATE NOCASE"
+    database = _same(rows, columns=columns, event_name=None)
+    assert len(database.finish()) == 2
+    assert database.problems.counts["invalid"] == 1
+    _same(rows, columns="customer_id COLLATE RTRIM, value, ts, event", event_name=None)
+
+
+def test_text_timestamps_sqlite_reads_but_python_refuses_are_checked_by_python() -> None:
+    odd = [
+        "2026-12-07    10:00",
+        "2026-12-07TTTTTTTTT",
+        "2026-12-07 T10:00  ",
+        "2026-12-07 10:00z  ",
+        "2026-12-07 10:00   .5",
+        _iso(NOW - 60) + "\x00junk",
+        "1.0e-00000000000001",
+    ]
+    rows = [("cus_a", 1, _iso(NOW - 120))] + [("cus_a", 5, stamp) for stamp in odd]
+    for keep in (False, True):
+        database = _same(rows, keep=keep)
+        assert database.problems.counts["invalid"] == len(odd)
+
+
+def test_a_row_before_1970_billed_late_lands_on_its_own_day() -> None:
+    rows = [("cus_a", 3, "1969-12-31 12:00:00"), ("cus_b", 4, -43_200), ("cus_c", 1, _iso(NOW - 60))]
+    database = _same(rows, keep=True)
+    assert {a.day.isoformat() for a in database.too_old} == {"1969-12-31"}
+
+
+def test_days_over_15_digits_are_reported_in_the_same_order_on_both_paths() -> None:
+    rows = [("cus_b", 10**15, _iso(NOW - 60)), ("cus_a", 10**15, _iso(NOW - 60))]
+    database = _same(rows)
+    assert [s["customer_id"] for s in database.problems.samples["invalid"]] == ["cus_a", "cus_b"]
+
+
+def test_event_names_never_enter_the_sql_as_text() -> None:
+    # A "%" (doubled by a pyformat driver's escaping) or a NUL in an event name: the latest
+    # values of a last meter are looked up for every group, and picked by name in Python.
+    duckdb = pytest.importorskip("duckdb")
+    conn = duckdb.connect()
+    conn.execute("CREATE TABLE usage (customer_id VARCHAR, value BIGINT, ts TIMESTAMP, event VARCHAR)")
+    conn.executemany(
+        "INSERT INTO usage VALUES (?, ?, ?, ?)",
+        [("cus_a", 5, _naive(NOW - 7200), "gb_50%_tier"), ("cus_a", 3, _naive(NOW - 9000), "gb_50%_tier")],
+    )
+    worker, database = aggregator(event_name=None), aggregator(event_name=None)
+    worker.add_rows(conn.execute("SELECT * FROM usage").fetchall())
+    aggregate_in_database(conn, DuckdbDialect(), "SELECT * FROM usage", None, database)
+    assert_same(worker, database)
+    assert [a.last_value for a in database.finish()] == [5]
+    nul = _same(
+        [("cus_a", 2, _iso(NOW - 60), "e\x00x")], columns="customer_id, value, ts, event", event_name=None
+    )
+    assert [a.last_value for a in nul.finish()] == [2]
