@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import and_, case, column, func, literal, not_, or_, select, table
 
+from airflow_provider_stripe_meter.pushdown import Unsupported
+
 if TYPE_CHECKING:
     from sqlalchemy.sql.selectable import CTE, Select, TableClause
 
@@ -236,7 +238,22 @@ _FROM_SOURCE = re.compile(rf"FROM {SOURCE}(?![.\w])")
 
 
 def _strip(sql: str) -> str:
-    text = sql.strip()
-    while text.endswith(";"):
-        text = text[:-1].rstrip()
-    return text
+    """The query without what may not stand inside parentheses: trailing semicolons, and the
+    comments and spaces around them (``SELECT ...; -- nightly``). Read with sqlparse, which
+    common-sql brings, so a ";" inside a string or a comment is not taken for one.
+
+    :raises Unsupported: the text holds more than one statement.
+    """
+    import sqlparse
+    from sqlparse import tokens
+
+    leaves = [token for statement in sqlparse.parse(sql) for token in statement.flatten()]
+    while leaves and (
+        leaves[-1].is_whitespace
+        or leaves[-1].ttype in tokens.Comment
+        or (leaves[-1].ttype is tokens.Punctuation and leaves[-1].value == ";")
+    ):
+        leaves.pop()
+    if any(token.ttype is tokens.Punctuation and token.value == ";" for token in leaves):
+        raise Unsupported("the query holds more than one statement")
+    return "".join(token.value for token in leaves)

@@ -326,7 +326,7 @@ def test_the_query_keeps_its_own_text_and_parameters() -> None:
     conn.executemany("INSERT INTO usage VALUES (?, ?, ?)", [("cus_a", 2, stamp), ("cus_b", 3, stamp)])
     database = aggregator()
     # A trailing semicolon and comment, a parameter: kept as written.
-    sql = "SELECT * FROM usage WHERE customer_id = ? -- the one customer\n;"
+    sql = "SELECT * FROM usage WHERE customer_id = ? -- the one customer\n; -- nightly\n"
     figures = aggregate_in_database(
         conn, SqliteDialect(), sql, ["cus_b"], database, needs_last=lambda names: set()
     )
