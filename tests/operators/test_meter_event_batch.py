@@ -175,6 +175,9 @@ def test_sql_path_streams_from_postgres(secret_server, usage_pg):
     outcome = xcoms(dag_run, "bill")
     assert outcome["rows"] == 3_000
     assert outcome["success"] is True
+    # Summed in PostgreSQL (the default there), the query's own %(since)s parameter passed along.
+    assert outcome["aggregated_in"] == "database", outcome["aggregated_because"]
+    assert outcome["database"]["rows_checked"] == 0
     assert secret_server.ledger.totals() == expected
     days = {
         (e.customer_id, datetime.fromtimestamp(e.timestamp, timezone.utc).date())
