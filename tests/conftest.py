@@ -111,6 +111,9 @@ def airflow_db(migrated_db_template: Path) -> Path:
         # a DAG not in the DB yet makes it walk the bundles until one holds it. So every bundle
         # is synced once here, as `airflow dags reserialize` does (in this process, which has
         # Airflow loaded already).
+        from tests.bundle_sync import sync_unchanged_bundles_once
+
+        sync_unchanged_bundles_once()  # dag.test() then re-syncs only a bundle that changed
         from airflow.dag_processing.bundles.manager import DagBundlesManager
         from airflow.dag_processing.dagbag import BundleDagBag, sync_bag_to_db
         from airflow.utils.session import create_session
