@@ -53,7 +53,7 @@ def warm_up():
     build_for_the_newest_version_only()  # as in the test process (see tests/execution_api.py)
     app = in_process_api_server().app  # builds the app; its event loop thread starts later
     if hasattr(app, "_cadwyn_initialize") and not getattr(app, "_cadwyn_initialized", True):
-        app._cadwyn_initialize()  # every API version's routes, built on the first request otherwise
+        app._cadwyn_initialize()  # its routes, built on the first request otherwise
 
 
 try:
