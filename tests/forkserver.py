@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 import threading
+from pathlib import Path
 from typing import Any
 
 #: The server: warms up, then forks a child per request line (JSON: dag_id, run_conf, env) and
@@ -46,9 +47,13 @@ def warm_up():
     import stripe  # noqa: F401
     from airflow.sdk.execution_time.supervisor import in_process_api_server
 
+    sys.path.insert(0, sys.argv[1])  # the repository, for the tests package
+    from tests.execution_api import build_for_the_newest_version_only
+
+    build_for_the_newest_version_only()  # as in the test process (see tests/execution_api.py)
     app = in_process_api_server().app  # builds the app; its event loop thread starts later
     if hasattr(app, "_cadwyn_initialize") and not getattr(app, "_cadwyn_initialized", True):
-        app._cadwyn_initialize()  # every API version's routes, built on the first request otherwise
+        app._cadwyn_initialize()  # its routes, built on the first request otherwise
 
 
 try:
@@ -140,7 +145,7 @@ class ForkServer:
 
     def __init__(self) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", _SERVER],
+            [sys.executable, "-c", _SERVER, str(Path(__file__).resolve().parent.parent)],
             env=os.environ.copy(),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
