@@ -303,10 +303,36 @@ def test_random_billing_histories_keep_the_guarantees(shard: int) -> None:
     SEEN.clear()
     case = BillingHistories.TestCase
     case.settings = MACHINE_SETTINGS
-    seed(shard)(case.runTest)
+    # Hypothesis reads a state machine's seed from the machine's class (a seed on runTest is not
+    # read): without it each run drew other histories, and CI failed or passed by chance.
+    seed(shard)(BillingHistories)
     case().runTest()
     print(dict(SEEN))
     assert SEEN["checked"] >= EXAMPLES // 2
     assert SEEN["customer_days_checked"] >= EXAMPLES
     assert SEEN["killed"] > 0
     assert SEEN["not_a_success"] > 0
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason=(
+        "open: a ledger that lost a run's commits, then a v2 stream night re-sending the lost slot "
+        "with a larger value (Stripe drops the duplicate identifier without a word), then "
+        "adopt=True: Stripe holds 1 of the source's 2 and the run succeeds; adopt only takes "
+        "more than the ledger from Stripe's summaries, never less (issue 35)"
+    ),
+)
+def test_a_lost_ledger_then_a_stream_night_then_adopt_leaves_the_day_short() -> None:
+    # Found by the machine (unseeded at the time); the steps as it printed them.
+    state = BillingHistories()
+    try:
+        state.start(rows=[("cus_a", 1, 0, 1)], in_periods=False)
+        state.backfill(days=2)
+        state.ledger_loses_the_last_runs_commits()
+        state.insert_row(customer="cus_a", days_ago=1, minute=0, value=1)
+        state.nightly(api="v2_stream")
+        state.recovery_with_adopt(days=2)
+    finally:
+        state.teardown()
