@@ -590,7 +590,8 @@ def _make_postgres(dsn: str, n: int) -> None:
         # Generated in the database: a Python loop would take longer than the bench.
         cur.execute(
             "INSERT INTO usage SELECT 'cus_bench' || lpad((g::bigint * 7919 %% 5000)::text, 6, '0'), "
-            "1 + g::bigint * 104729 %% 9999, to_timestamp(%s + g::bigint * 15485863 %% 86400) AT TIME ZONE 'UTC' "
+            "1 + g::bigint * 104729 %% 9999, "
+            "to_timestamp(%s + g::bigint * 15485863 %% 86400) AT TIME ZONE 'UTC' "
             "FROM generate_series(1, %s) g",
             (start, n),
         )
