@@ -605,6 +605,11 @@ SQL_MODES = ("bare", "group", "database", "worker")
 
 def _inner_sql(mode: str, db: str) -> None:
     """Run in a fresh process: one path over the table, print seconds and memory as JSON."""
+    print(json.dumps(_measure_sql(mode, db)))
+
+
+def _measure_sql(mode: str, db: str) -> dict[str, Any]:
+    """One path over the table: rows, seconds, memory (meaningful in a fresh process only)."""
     _airflow_env()
     if db.startswith("postgres"):
         os.environ["AIRFLOW_CONN_USAGE_DB"] = db
@@ -652,7 +657,7 @@ def _inner_sql(mode: str, db: str) -> None:
         }
     seconds = time.perf_counter() - started
     start_mb, peak_mb = sampler.stop()
-    print(json.dumps({"rows": rows, "seconds": seconds, "start_mb": start_mb, "peak_mb": peak_mb, **extra}))
+    return {"rows": rows, "seconds": seconds, "start_mb": start_mb, "peak_mb": peak_mb, **extra}
 
 
 class _RssSampler:
@@ -679,12 +684,14 @@ class _RssSampler:
         return self.start, max(self.peak, self._rss())
 
 
-def bench_sql(n: int, repeats: int, database: str = "sqlite") -> None:
+def bench_sql(n: int, repeats: int, database: str = "sqlite", in_process: bool = False) -> None:
     """``n`` raw rows through the operator's two paths vs a bare fetch of the same rows, and the
     database's own GROUP BY of them for reference; medians of ``repeats`` fresh processes each.
 
     ``database``: ``sqlite`` (a file made here) or ``postgres`` (the server of
     ``STRIPE_METER_TEST_PG_DSN``; ``source scripts/postgres.sh; start_test_postgres`` starts one).
+    ``in_process``: every path in this process (the suite's tiny run: the counts, not the times
+    or the memory, which only a fresh process measures).
     """
     print(
         f"\n## sql path: {n} raw rows from {database} (5,000 customers, one day), "
@@ -702,6 +709,9 @@ def bench_sql(n: int, repeats: int, database: str = "sqlite") -> None:
         results: dict[str, list[dict[str, Any]]] = {mode: [] for mode in SQL_MODES}
         for _ in range(repeats):
             for mode in SQL_MODES:
+                if in_process:
+                    results[mode].append(_measure_sql(mode, db))
+                    continue
                 out = subprocess.run(
                     [sys.executable, __file__, "--inner-sql", mode, db],
                     check=True,
@@ -916,6 +926,11 @@ def main() -> None:
     )
     parser.add_argument("--sql-rows", type=int, default=1_000_000)
     parser.add_argument("--sql-db", choices=("sqlite", "postgres"), default="sqlite")
+    parser.add_argument(
+        "--sql-in-process",
+        action="store_true",
+        help="run the sql bench's paths in this process (counts only: times and memory need fresh ones)",
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
         "--periods-customers", type=int, help="billing periods: customers (default: --ledger-customers)"
@@ -939,7 +954,7 @@ def main() -> None:
     if args.only in (None, "stream-unlimited"):
         bench_stream_unlimited(customers=args.unlimited_customers, per_customer=4)
     if args.only in (None, "sql"):
-        bench_sql(args.sql_rows, args.repeats, args.sql_db)
+        bench_sql(args.sql_rows, args.repeats, args.sql_db, args.sql_in_process)
     if args.only in (None, "import"):
         bench_import(args.import_repeats)
     if args.only in (None, "ledger"):
