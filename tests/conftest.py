@@ -129,6 +129,24 @@ def airflow_db(migrated_db_template: Path) -> Path:
     return _HOME
 
 
+def fresh_pg_database(dsn: str, name: str) -> str:
+    """Drop and create the PostgreSQL database ``name`` on ``dsn``'s server; its DSN (a URI: it is
+    an Airflow connection too)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    import psycopg2
+
+    con = psycopg2.connect(dsn)
+    con.autocommit = True  # CREATE DATABASE cannot run inside a transaction
+    try:
+        with con.cursor() as cur:
+            cur.execute(f"DROP DATABASE IF EXISTS {name}")
+            cur.execute(f"CREATE DATABASE {name}")
+    finally:
+        con.close()
+    return urlunsplit(urlsplit(dsn)._replace(path=f"/{name}"))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def pg_database_per_worker() -> Iterator[None]:
     """Give each pytest-xdist worker its own PostgreSQL database, so that tests running at the same
@@ -138,19 +156,8 @@ def pg_database_per_worker() -> Iterator[None]:
     if not dsn or not worker:
         yield
         return
-    from urllib.parse import urlsplit, urlunsplit
-
-    import psycopg2
-
-    name = f"stripe_meter_{worker}"
-    con = psycopg2.connect(dsn)
-    con.autocommit = True  # CREATE DATABASE cannot run inside a transaction
-    with con.cursor() as cur:
-        cur.execute(f"DROP DATABASE IF EXISTS {name}")
-        cur.execute(f"CREATE DATABASE {name}")
-    con.close()
     # The DSN stays a URI: it is an Airflow connection too (AIRFLOW_CONN_USAGE_PG).
-    os.environ["STRIPE_METER_TEST_PG_DSN"] = urlunsplit(urlsplit(dsn)._replace(path=f"/{name}"))
+    os.environ["STRIPE_METER_TEST_PG_DSN"] = fresh_pg_database(dsn, f"stripe_meter_{worker}")
     try:
         yield
     finally:

@@ -28,7 +28,7 @@ from types import ModuleType
 
 import pytest
 
-from tests.conftest import BUNDLES_VARIABLE, ROOT
+from tests.conftest import BUNDLES_VARIABLE, ROOT, fresh_pg_database
 
 pytestmark = pytest.mark.airflow
 
@@ -237,19 +237,14 @@ def bench_pg_dsn() -> Iterator[str]:
     dsn = os.environ.get("STRIPE_METER_TEST_PG_DSN")
     if not dsn:
         pytest.skip("STRIPE_METER_TEST_PG_DSN not set: no PostgreSQL server (.ci/run starts one)")
-    from urllib.parse import urlsplit, urlunsplit
-
     import psycopg2
 
     name = f"stripe_meter_bench_{os.environ.get('PYTEST_XDIST_WORKER', 'main')}"
-    admin = psycopg2.connect(dsn)
-    admin.autocommit = True  # CREATE DATABASE cannot run inside a transaction
-    with admin.cursor() as cur:
-        cur.execute(f"DROP DATABASE IF EXISTS {name}")
-        cur.execute(f"CREATE DATABASE {name}")
     try:
-        yield urlunsplit(urlsplit(dsn)._replace(path=f"/{name}"))
+        yield fresh_pg_database(dsn, name)
     finally:
+        admin = psycopg2.connect(dsn)
+        admin.autocommit = True  # DROP DATABASE cannot run inside a transaction
         with admin.cursor() as cur:
             cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
         admin.close()

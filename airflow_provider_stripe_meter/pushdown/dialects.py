@@ -53,7 +53,7 @@ class SqlDialect:
     #: The database runs inside the worker's process (no rows cross a network): ``"auto"``
     #: leaves the summing to the worker's fast path, which is faster there (docs/benchmarks.md).
     in_process = False
-    #: Whether a naive timestamp can be read as UTC here (only UTC is pushed down).
+    #: The database's name, as the result and the log give it.
     name = ""
 
     def sqlalchemy(self) -> SaDialect:

@@ -74,7 +74,6 @@ class DatabaseFigures:
     #: Parts of split days sent to the temporary table.
     parts: int = 0
     seconds: float = 0.0
-    notes: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-safe, for the result."""
