@@ -52,6 +52,7 @@ from airflow_provider_stripe_meter.ledger.entries import (
     CANCELLED,
     CANCELLING,
     DROPPED,
+    LIVE,
     REJECTED,
     UNVERIFIED,
     Change,
@@ -184,7 +185,9 @@ class BillingRun:
                 self.deliver_planned()
                 self.cancel_over()
                 self.check_meters()
-                if self.settings.confirm == "summaries":
+                # A recovery run reads back what it sent: a slot a lost ledger had used inside
+                # Stripe's identifier window would drop it again, silently on the v2 stream.
+                if self.settings.confirm == "summaries" or self.settings.adopt:
                     self.read_back()
         result = summarize(self.book, self.settings, usage.source)
         result.ledger = dict(self.figures)
@@ -323,7 +326,14 @@ class BillingRun:
         then, where Stripe holds more than the ledger's events for a customer-day, rows for the
         difference (``count``: one per event; ``last``: the figure, for a day the ledger holds
         nothing of), ``accepted`` and noted as adopted, so the plan sends only what Stripe lacks.
-        Only more is adopted: a summary that trails its newest events shows less, never more.
+
+        Where Stripe holds *less* than the ledger's rows of a ``sum`` or ``count`` customer-day
+        (or part), and every one of those rows was answered ``summary_lag`` ago or more (so no
+        summary still trails them), the ledger recorded as taken what Stripe dropped: a repeat of
+        a slot a lost ledger had sent (the v2 stream drops it without a word), or an event of a
+        customer Stripe did not know. Those rows are judged against Stripe's figure as settling
+        judges open rows (:meth:`.Settler.judge`): the ones that explain it stay, the rest are
+        ``dropped`` (or the ledger takes Stripe's figure), and the plan sends the difference.
         Days with open rows are left to settling. Returns the rows written.
         """
         written = 0
@@ -353,7 +363,7 @@ class BillingRun:
             if not wanted:
                 continue
             customers = sorted({customer for customer, _ in wanted})
-            found, _unknown = self.stripe.recorded_per_day(
+            found, unknown = self.stripe.recorded_per_day(
                 spec.meter_id, customers, first, last, max_rps=self.settings.read_rps
             )
             self.book.summary_requests += len(customers)
@@ -367,16 +377,29 @@ class BillingRun:
             ):
                 stamped[(row.customer_id, day_of(row.stamp))].append(row)
             split = self._split_days(name, spec, {cd for cd, f in found.items() if cd in wanted and f})
-            for (customer, day), figure in found.items():
-                if (customer, day) not in wanted or not figure:
-                    continue
+            # Rows Stripe holds less than, once no summary can still trail them.
+            behind: list[tuple[list[Entry], list[Entry], int, bool]] = []
+            trailing = 0
+            settled_before = now - self.settings.summary_lag
+            for customer, day in sorted(wanted):
+                figure = found.get((customer, day), 0)
                 mine = held.get((customer, day))
                 seq = mine.max_seq if mine is not None else 0
                 # A day split at a period boundary is adopted part by part (a summaries request
                 # each), so each invoice's part holds what Stripe holds in it.
-                for part, stamp, more in split.get((customer, day)) or [
-                    (0, day_start(day), figure - stripe_view(spec, stamped[(customer, day)]))
+                for part, stamp, theirs, rows in split.get((customer, day)) or [
+                    (0, day_start(day), figure, stamped[(customer, day)])
                 ]:
+                    more = theirs - stripe_view(spec, rows)
+                    if (more < 0 or customer in unknown) and spec.kind in (ADD, COUNT):
+                        live = [e for e in rows if e.state in LIVE]
+                        if not live:
+                            continue
+                        if max(e.answered_at or e.sent_at for e in live) > settled_before:
+                            trailing += 1
+                            continue
+                        behind.append((live, [], 0 if customer in unknown else theirs, customer in unknown))
+                        continue
                     if more <= 0:
                         continue
                     values = [1] * more if spec.kind == COUNT else [more] if spec.kind == ADD else [figure]
@@ -393,6 +416,19 @@ class BillingRun:
                         "adopted from Stripe's summaries",
                     )
                     seq += len(values)
+            if trailing:
+                self.log.info(
+                    "%d customer-days of %s show less in Stripe's summaries than the ledger holds, "
+                    "from rows answered less than summary_lag ago: left to the next run",
+                    trailing,
+                    name,
+                )
+            if behind:
+                judge = Settler(self.ctx, spec, self.deliver, self.periods)
+                judge.judge(behind)
+                self.figures["settled"] += judge.settled
+                self.figures["taken_from_stripe"] = self.figures.get("taken_from_stripe", 0) + judge.adopted
+                self.figures["unsettled"] += len(judge.unsettled)
             written += len(self.ledger.insert(entries))
         self.figures["adopted"] = written
         self.log.info("Adopted %d ledger rows from Stripe's summaries", written)
@@ -400,9 +436,9 @@ class BillingRun:
 
     def _split_days(
         self, name: str, spec: MeterSpec, days: set[tuple[str, date]]
-    ) -> dict[tuple[str, date], list[tuple[int, int, int]]]:
+    ) -> dict[tuple[str, date], list[tuple[int, int, int, list[Entry]]]]:
         """Of ``days`` (customer, day) to adopt, those split at a billing period boundary: per
-        part (start, a stamp inside it, what Stripe holds there beyond the ledger's events).
+        part (start, a stamp inside it, what Stripe holds there, the ledger's rows stamped there).
 
         Stripe's summaries take minute-aligned ranges and a part's events are stamped a whole
         minute clear of a boundary (:func:`.plans._inside`), so the part ending at a boundary is
@@ -434,7 +470,7 @@ class BillingRun:
         by_day: dict[tuple[str, date], list[Entry]] = defaultdict(list)
         for entry in entries:
             by_day[(entry.customer_id, day_of(entry.stamp))].append(entry)
-        out: dict[tuple[str, date], list[tuple[int, int, int]]] = {}
+        out: dict[tuple[str, date], list[tuple[int, int, int, list[Entry]]]] = {}
         for (customer, day), edges in cut.items():
             parts = []
             for lo, hi in itertools.pairwise(edges):
@@ -443,8 +479,7 @@ class BillingRun:
                 theirs = self.stripe.usage_between(spec.meter_id, customer, low, high)
                 self.book.summary_requests += 1
                 live = [e for e in by_day[(customer, day)] if e.state == ACCEPTED and low <= e.stamp < high]
-                mine = len(live) if spec.kind == COUNT else sum(e.value for e in live)
-                parts.append((lo, lo, (theirs or 0) - mine))
+                parts.append((lo, lo, theirs or 0, live))
             out[(customer, day)] = parts
         return out
 

@@ -137,11 +137,7 @@ class Settler:
         in), once they have had ``summary_lag`` to settle (left open if that is further away than
         ``settle_timeout``).
 
-        The events of one customer reach Stripe one at a time, so those that landed are the first
-        ones answered: the ledger takes the first ``k`` whose total makes Stripe's figure, and marks
-        the rest ``dropped`` (billed nowhere; the plan sends their usage again), all of them for a
-        customer Stripe does not know. Where no ``k`` explains the figure (Stripe holds events this
-        ledger did not send), the ledger takes Stripe's figure; where no rows can, they stay open.
+        Each customer-day's rows are then judged against Stripe's figure (:meth:`judge`).
         """
         if not entries:
             return
@@ -167,21 +163,37 @@ class Settler:
         groups: dict[tuple[str, date], list[Entry]] = defaultdict(list)
         for entry in entries:
             groups[(entry.customer_id, day_of(entry.stamp))].append(entry)
+        self.judge(
+            [(group, certain[key], found.get(key, 0), key[0] in unknown) for key, group in groups.items()]
+        )
+
+    def judge(self, groups: list[tuple[list[Entry], list[Entry], int, bool]]) -> None:
+        """Settle each group of rows against Stripe's figure for their customer and day (or part):
+        (rows in question, the other rows Stripe holds for certain, Stripe's figure, whether Stripe
+        does not know the customer).
+
+        The events of one customer reach Stripe one at a time, so those that landed are the first
+        ones answered: the ledger takes the first ``k`` whose total makes Stripe's figure, and marks
+        the rest ``dropped`` (billed nowhere; the plan sends their usage again), all of them for a
+        customer Stripe does not know. Where no ``k`` explains the figure (Stripe holds events this
+        ledger did not send, or lacks events it recorded as taken), the ledger takes Stripe's
+        figure; where no rows can, they stay open.
+        """
         changes: list[Change] = []
         adopted: list[Entry] = []
         now = self.ctx.clock.now()
-        for (customer, day), group in groups.items():
+        for group, certain, figure, unknown in groups:
             group.sort(key=lambda e: (e.answered_at or e.sent_at, e.seq))
-            if customer in unknown:
+            if unknown:
                 changes += [Change(e.identifier, DROPPED, now, "customer unknown to Stripe") for e in group]
                 continue
-            figure = found.get((customer, day), 0)
-            landed = self._landed(group, certain[(customer, day)], figure)
+            landed = self._landed(group, certain, figure)
             if landed is None:
                 # No count of these events explains Stripe's figure: Stripe holds events this
-                # ledger did not send (a duplicate answer said so, or another sender). The ledger
-                # takes Stripe's figure for the day, so the plan sends the true difference.
-                mirrored = self._mirror(group, certain[(customer, day)], figure, now)
+                # ledger did not send (a duplicate answer said so, or another sender), or lacks
+                # some it recorded as taken. The ledger takes Stripe's figure for the day, so the
+                # plan sends the true difference.
+                mirrored = self._mirror(group, certain, figure, now)
                 if mirrored is None:
                     self.unsettled.extend(group)
                     continue
@@ -205,7 +217,7 @@ class Settler:
         self.adopted += len(adopted)
         if adopted:
             self.ctx.log.warning(
-                "Stripe's summaries hold usage this ledger did not send for %d customer-days (e.g. %s): "
+                "Stripe's summaries differ from this ledger for %d customer-days (e.g. %s): "
                 "the ledger takes Stripe's figures and the plan sends the difference to the source",
                 len({(e.customer_id, e.day) for e in adopted}),
                 sorted({f"{e.customer_id} {e.day.isoformat()}" for e in adopted})[:3],
@@ -246,7 +258,7 @@ class Settler:
             stamp,
             now,
             "stripe:",
-            "Stripe's figure: its summaries hold usage this ledger did not send",
+            "Stripe's figure: its summaries differ from what this ledger sent",
         )
 
     def _landed(self, group: list[Entry], certain: list[Entry], stripe_figure: int) -> int | None:

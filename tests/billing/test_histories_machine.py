@@ -314,18 +314,11 @@ def test_random_billing_histories_keep_the_guarantees(shard: int) -> None:
     assert SEEN["not_a_success"] > 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=(
-        "open: a ledger that lost a run's commits, then a v2 stream night re-sending the lost slot "
-        "with a larger value (Stripe drops the duplicate identifier without a word), then "
-        "adopt=True: Stripe holds 1 of the source's 2 and the run succeeds; adopt only takes "
-        "more than the ledger from Stripe's summaries, never less (issue 35)"
-    ),
-)
-def test_a_lost_ledger_then_a_stream_night_then_adopt_leaves_the_day_short() -> None:
-    # Found by the machine (unseeded at the time); the steps as it printed them.
+def test_a_lost_ledger_then_a_stream_night_then_adopt_bills_the_day_in_full() -> None:
+    # Found by the machine (unseeded at the time); the steps as it printed them. The nightly
+    # re-sends the lost slot with a larger value, which the v2 stream drops without a word, and
+    # records it as taken: adopt finds Stripe holding less than the ledger, from rows answered
+    # long enough ago, takes Stripe's figure and sends the difference.
     state = BillingHistories()
     try:
         state.start(rows=[("cus_a", 1, 0, 1)], in_periods=False)
@@ -334,5 +327,9 @@ def test_a_lost_ledger_then_a_stream_night_then_adopt_leaves_the_day_short() -> 
         state.insert_row(customer="cus_a", days_ago=1, minute=0, value=1)
         state.nightly(api="v2_stream")
         state.recovery_with_adopt(days=2)
+        # The recovery succeeded (the oracle ran on it) and Stripe holds the source's 2.
+        assert not state.lost
+        figures = state.w.stripe_state.figures("ai_tokens_used")
+        assert {k: v for k, v in figures.items() if v} == {("cus_a", iso(midnight(-1, int(state.w.now)))): 2}
     finally:
         state.teardown()
