@@ -149,6 +149,8 @@ class BillingRun:
         self.ctx = RunContext(settings, stripe, ledger, writer, log, self.book, clock)
         #: Per event name, the identifiers of this run's events Stripe accepted.
         self.accepted: dict[str, list[str]] = defaultdict(list)
+        #: Per event name, the identifiers of earlier runs' events Stripe took when settling sent them again.
+        self.resent: dict[str, list[str]] = defaultdict(list)
         #: Ledger work: rows written, open rows settled, rows left unsettled.
         self.figures = {"written": 0, "settled": 0, "unsettled": 0, "cancelled": 0}
         #: Sending, and what the answers said (:mod:`.delivering`).
@@ -488,7 +490,7 @@ class BillingRun:
         if self.settings.dry_run:
             return
         for spec in self.book.specs.values():
-            settler = Settler(self.ctx, spec, self.deliver, self.periods)
+            settler = Settler(self.ctx, spec, self._deliver_resent, self.periods)
             settler.settle()
             self.figures["settled"] += settler.settled
             if settler.adopted:
@@ -777,6 +779,17 @@ class BillingRun:
         """Send ``events`` through the run's API; return the ledger changes and the failed identifiers."""
         return self.delivery.send(events)
 
+    def _deliver_resent(self, events: list[PlannedEvent]) -> tuple[list[Change], set[str]]:
+        """:meth:`deliver` for an earlier run's pending events sent again while settling: what
+        Stripe took is noted, so the meters' check after the last send covers it too (a meter
+        deactivated meanwhile drops them with a 200 as it drops the plan's)."""
+        changes, failed = self.deliver(events)
+        took = {c.identifier for c in changes if c.state == ACCEPTED}
+        for event in events:
+            if event.identifier in took:
+                self.resent[event.event_name].append(event.identifier)
+        return changes, failed
+
     @property
     def meanwhile(self) -> list[Callable[[], None]]:
         """Work done while the first requests are out (:attr:`.delivering.Delivery.meanwhile`)."""
@@ -858,7 +871,7 @@ class BillingRun:
         meter active again) settles them from Stripe's summaries and sends what was dropped.
         """
         book = self.book
-        for name in sorted(self.accepted):
+        for name in sorted({n for n, ids in [*self.accepted.items(), *self.resent.items()] if ids}):
             spec = book.specs[name]
             meter = self.stripe.retrieve_meter(spec.meter_id)
             deactivated_at = (meter.get("status_transitions") or {}).get("deactivated_at")
@@ -869,9 +882,21 @@ class BillingRun:
                 self.account,
                 [
                     Change(i, UNVERIFIED, self.clock.now(), "meter deactivated during the run")
-                    for i in self.accepted[name]
+                    for i in [*self.accepted[name], *self.resent[name]]
                 ],
             )
+            # An earlier run's events sent again while settling belong to no day of this plan:
+            # they are open again, for the next run to settle.
+            self.figures["unsettled"] += len(self.resent[name])
+            for identifier in self.resent[name][: self.settings.sample_limit]:
+                book.samples.add(
+                    "unsettled",
+                    {
+                        "identifier": identifier,
+                        "reason": f"sent again while settling; meter {spec.meter_id} was deactivated "
+                        "during the run",
+                    },
+                )
             for (event_name, _, _), day in self._all_days().items():
                 if event_name == name and day.outcome == DayOutcome.SENT:
                     day.outcome = DayOutcome.UNCONFIRMED
