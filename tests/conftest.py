@@ -257,7 +257,9 @@ def run_dag(dag_id: str, **kwargs: Any) -> Any:
 
 
 def xcoms(dag_run: Any, task_id: str) -> dict[str, Any]:
-    """All XComs a task pushed in a run, by key."""
+    """All XComs a task pushed in a run, by key; where the return value is a dict, its keys
+    not pushed on their own too (the batch operator pushes only its headline keys, the whole
+    result being its return value)."""
     from airflow.models.xcom import XComModel
     from airflow.utils.session import create_session
 
@@ -267,7 +269,9 @@ def xcoms(dag_run: Any, task_id: str) -> dict[str, Any]:
             XComModel.run_id == dag_run.run_id,
             XComModel.task_id == task_id,
         )
-        return {row.key: XComModel.deserialize_value(row) for row in rows}
+        pushed = {row.key: XComModel.deserialize_value(row) for row in rows}
+    returned = pushed.get("return_value")
+    return {**returned, **pushed} if isinstance(returned, dict) else pushed
 
 
 def task_states(dag_run: Any) -> dict[str, str]:

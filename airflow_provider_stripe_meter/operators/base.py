@@ -15,6 +15,7 @@ from airflow_provider_stripe_meter.utils.aggregation import DEFAULT_SAFETY_MARGI
 
 if TYPE_CHECKING:
     from airflow.providers.openlineage.extractors import OperatorLineage
+    from airflow.sdk import Context
 
     from airflow_provider_stripe_meter.hooks.stripe import StripeHook
     from airflow_provider_stripe_meter.utils.aggregation import UsageAggregator
@@ -28,8 +29,9 @@ class StripeBaseOperator(BaseOperator):
     Base of this provider's operators (and, through it, the reconcile sensor).
 
     Holds the connection and the Connect account, builds the :class:`StripeHook` once per task
-    (after templates are rendered), returns results as ``multiple_outputs`` so each key is its
-    own XCom, and runs the meter preflight. A new operator subclasses it, adds its own
+    (after templates are rendered), returns its result as the return value with the keys of
+    :attr:`own_xcoms` also pushed as XComs of their own (every key, as ``multiple_outputs``, where
+    it is ``None``), and runs the meter preflight. A new operator subclasses it, adds its own
     parameters and writes ``execute``; nothing else.
 
     :param stripe_conn_id: Airflow connection of type ``stripe``.
@@ -43,6 +45,10 @@ class StripeBaseOperator(BaseOperator):
     template_fields: Sequence[str] = ("stripe_account",)
     #: Whether the operator's meter events update its meters' Assets (not the sensor's checks).
     bills_meters: ClassVar[bool] = False
+    #: The keys of the result also pushed as XComs of their own, for ``task.output["success"]``
+    #: (``None``: every key). The whole result is always the return value; each XCom is a row of
+    #: Airflow's metadata database, and a task API call, so a wide result pushes only its headline.
+    own_xcoms: ClassVar[tuple[str, ...] | None] = None
     ui_color = STRIPE_UI_COLOR
     operator_extra_links = (StripeMeterLink(),)
 
@@ -54,7 +60,7 @@ class StripeBaseOperator(BaseOperator):
         preflight: bool = True,
         **kwargs: Any,
     ) -> None:
-        kwargs.setdefault("multiple_outputs", True)
+        kwargs.setdefault("multiple_outputs", self.own_xcoms is None)
         super().__init__(**kwargs)
         self.stripe_conn_id = stripe_conn_id
         self.stripe_account = stripe_account
@@ -70,6 +76,15 @@ class StripeBaseOperator(BaseOperator):
         if cls.bills_meters and not kwargs.get("dry_run"):
             meter_outlets(kwargs, kwargs.get("event_name"), kwargs.get("stripe_account"), mapped=True)
         return super().partial(**kwargs)
+
+    def push_own_xcoms(self, context: Context, result: dict[str, Any]) -> None:
+        """Push the keys of :attr:`own_xcoms` as XComs of their own (Airflow pushes the return
+        value, and with ``multiple_outputs`` every key, itself)."""
+        if self.multiple_outputs or self.own_xcoms is None:
+            return
+        for key in self.own_xcoms:
+            if key in result:
+                context["ti"].xcom_push(key=key, value=result[key])
 
     @cached_property
     def hook(self) -> StripeHook:

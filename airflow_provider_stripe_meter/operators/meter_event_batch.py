@@ -140,6 +140,18 @@ class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
     """
 
     bills_meters = True
+    #: ``bill.output["success"]`` and the headline counts; every other key is in the return value
+    #: (``ti.xcom_pull(task_ids="bill")["samples"]``).
+    own_xcoms = (
+        "success",
+        "sent",
+        "already_recorded",
+        "events_sent",
+        "invalid",
+        "rejected",
+        "failed",
+        "report_uri",
+    )
     template_fields: Sequence[str] = (
         "event_name",
         *StripeUsageSourceOperator.source_template_fields,
@@ -315,6 +327,7 @@ class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
         self._raise_for(result, outcome, context)
         if not self.plan_only:
             update_meter_assets(self, context, _asset_extra(outcome, aggregates), meters)
+        self.push_own_xcoms(context, outcome)
         return outcome
 
     def _coverage(self, context: Context, aggregates: list[DailyAggregate], now: int) -> Coverage:

@@ -68,7 +68,8 @@ def mapped_states(dag_run, task_id: str) -> dict[str, str]:
 
 
 def mapped_xcoms(dag_run, task_id: str) -> dict[int, dict]:
-    """The XComs of each mapped instance, by map index."""
+    """The XComs of each mapped instance, by map index (with the keys of a dict return value not
+    pushed on their own, as :func:`tests.conftest.xcoms`)."""
     from airflow.models.xcom import XComModel
     from airflow.utils.session import create_session
 
@@ -78,6 +79,10 @@ def mapped_xcoms(dag_run, task_id: str) -> dict[int, dict]:
             dag_id=dag_run.dag_id, run_id=dag_run.run_id, task_id=task_id
         ):
             out[row.map_index][row.key] = XComModel.deserialize_value(row)
+    for pushed in out.values():
+        returned = pushed.get("return_value")
+        if isinstance(returned, dict):
+            pushed.update({k: v for k, v in returned.items() if k not in pushed})
     return dict(out)
 
 

@@ -43,6 +43,20 @@ def test_daily_run_bills_yesterday_once_and_a_rerun_adds_nothing(secret_server, 
         c: int(datetime.fromisoformat(t).replace(tzinfo=timezone.utc).timestamp()) for c, t in latest.items()
     }
     assert task_states(first)["billed"] == "success"
+    # The whole result is the return value; only the headline keys are XComs of their own (each
+    # a row of the metadata database), and `billed` branched on `bill.output["success"]`.
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+
+    from airflow_provider_stripe_meter.operators.meter_event_batch import StripeMeterEventBatchOperator
+
+    with create_session() as session:
+        rows = session.query(XComModel).filter_by(dag_id=first.dag_id, run_id=first.run_id, task_id="bill")
+        pushed = {row.key: XComModel.deserialize_value(row) for row in rows}
+    own = set(StripeMeterEventBatchOperator.own_xcoms)
+    assert set(pushed) - {"return_value"} - {k for k in pushed if k.startswith("_link_")} == own
+    assert {k: pushed["return_value"][k] for k in own} == {k: pushed[k] for k in own}
+    assert {"ledger", "totals", "samples", "actions"} <= set(pushed["return_value"])
 
     second = run_dag("t_batch_daily", logical_date=today())
 
