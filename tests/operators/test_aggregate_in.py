@@ -15,7 +15,8 @@ def _usage(usage_db):
     rows = [(f"cus_{n % 9}", 3 + n % 17, at(-1 - n % 3, 97 * n)) for n in range(300)]
     rows += [("cus_0", 4, at(-1, 500)), ("cus_0", 11, at(-1, 500))]  # a tie in the latest second
     rows += [("user_9", 1, at(-1, 60)), ("cus_old", 8, at(-40, 0)), ("cus_excluded", 50, at(-1, 0))]
-    rows += [("cus_frac", "12.5", at(-1, 0)), ("cus_soon", 2, at(1, 0))]
+    # cus_soon: tomorrow 01:00, over Stripe's 5 minutes ahead whatever the hour the test runs at
+    rows += [("cus_frac", "12.5", at(-1, 0)), ("cus_soon", 2, at(1, 3600))]
     return add_rows(usage_db, rows)
 
 
