@@ -41,6 +41,7 @@ from airflow_provider_stripe_meter.billing.result import BatchResult, SourceFigu
 from airflow_provider_stripe_meter.billing.settling import (
     FOREIGN,
     WITHHELD,
+    InQuestion,
     Settler,
     describe,
     figure_rows,
@@ -340,101 +341,114 @@ class BillingRun:
         """
         written = 0
         now = self.clock.now()
-        covered = self.covers.days
         for name, spec in self.book.specs.items():
-            # The meter's (customer, day)s.
-            days = {(c, d) for n, c, d in aggregates if n == name}
-            if covered:
-                # Inside the coverage a lost event may have no source row any more (deleted
-                # since): every customer the ledger, the known-customers table or the source
-                # knows is asked about, for every covered day.
-                found_days = self.ledger.figures(self.account, spec.meter_id, covered[0], covered[-1])
-                known = {c for c, _ in found_days} | {c for c, _ in days}
-                if self.customers is not None:
-                    known |= self.customers.every(self.account)
-                days |= {(c, d) for c in known for d in covered}
-            if not days:
-                continue
-            first, last = min(d for _, d in days), max(d for _, d in days)
-            held = self.ledger.figures(
-                self.account, spec.meter_id, first, last, newest=spec.kind not in (ADD, COUNT)
-            )
-            wanted = {
-                cd for cd in days if cd not in held or (spec.kind in (ADD, COUNT) and not held[cd].open)
-            }
-            if not wanted:
-                continue
-            customers = sorted({customer for customer, _ in wanted})
-            found, unknown = self.stripe.recorded_per_day(
-                spec.meter_id, customers, first, last, max_rps=self.settings.read_rps
-            )
-            self.book.summary_requests += len(customers)
-            entries: list[Entry] = []
-            # Stripe's summaries count events by their stamp; so does the ledger's side of the
-            # comparison (usage carried into a later period, or billed late, is stamped on
-            # another day than the one it bills).
-            stamped: dict[tuple[str, date], list[Entry]] = defaultdict(list)
-            for row in self.ledger.entries_stamped(
-                self.account, spec.meter_id, customers, day_start(first), day_end(last)
-            ):
-                stamped[(row.customer_id, day_of(row.stamp))].append(row)
-            split = self._split_days(name, spec, {cd for cd, f in found.items() if cd in wanted and f})
-            # Rows Stripe holds less than, once no summary can still trail them.
-            behind: list[tuple[list[Entry], list[Entry], int, bool]] = []
-            trailing = 0
-            settled_before = now - self.settings.summary_lag
-            for customer, day in sorted(wanted):
-                figure = found.get((customer, day), 0)
-                mine = held.get((customer, day))
-                seq = mine.max_seq if mine is not None else 0
-                # A day split at a period boundary is adopted part by part (a summaries request
-                # each), so each invoice's part holds what Stripe holds in it.
-                for part, stamp, theirs, rows in split.get((customer, day)) or [
-                    (0, day_start(day), figure, stamped[(customer, day)])
-                ]:
-                    more = theirs - stripe_view(spec, rows)
-                    if (more < 0 or customer in unknown) and spec.kind in (ADD, COUNT):
-                        live = [e for e in rows if e.state in LIVE]
-                        if not live:
-                            continue
-                        if max(e.answered_at or e.sent_at for e in live) > settled_before:
-                            trailing += 1
-                            continue
-                        behind.append((live, [], 0 if customer in unknown else theirs, customer in unknown))
-                        continue
-                    if more <= 0:
-                        continue
-                    values = [1] * more if spec.kind == COUNT else [more] if spec.kind == ADD else [figure]
-                    # Stamped at the part's start: any snapshot the source has of it is newer.
-                    entries += figure_rows(
-                        self.writer,
-                        spec,
-                        (name, customer, day, part),
-                        seq,
-                        values,
-                        stamp,
-                        now,
-                        "adopted:",
-                        "adopted from Stripe's summaries",
-                    )
-                    seq += len(values)
-            if trailing:
-                self.log.info(
-                    "%d customer-days of %s show less in Stripe's summaries than the ledger holds, "
-                    "from rows answered less than summary_lag ago: left to the next run",
-                    trailing,
-                    name,
-                )
-            if behind:
-                judge = Settler(self.ctx, spec, self.deliver, self.periods)
-                judge.judge(behind)
-                self.figures["settled"] += judge.settled
-                self.figures["taken_from_stripe"] = self.figures.get("taken_from_stripe", 0) + judge.adopted
-                self.figures["unsettled"] += len(judge.unsettled)
-            written += len(self.ledger.insert(entries))
+            days = self._adoption_days(name, spec, aggregates)
+            if days:
+                written += self._adopt_meter(name, spec, days, now)
         self.figures["adopted"] = written
         self.log.info("Adopted %d ledger rows from Stripe's summaries", written)
         return written
+
+    def _adoption_days(
+        self, name: str, spec: MeterSpec, aggregates: dict[Key, DailyAggregate]
+    ) -> set[tuple[str, date]]:
+        """The (customer, day)s of meter ``name`` an adopting run asks Stripe about."""
+        days = {(c, d) for n, c, d in aggregates if n == name}
+        covered = self.covers.days
+        if covered:
+            # Inside the coverage a lost event may have no source row any more (deleted since):
+            # every customer the ledger, the known-customers table or the source knows is asked
+            # about, for every covered day.
+            found_days = self.ledger.figures(self.account, spec.meter_id, covered[0], covered[-1])
+            known = {c for c, _ in found_days} | {c for c, _ in days}
+            if self.customers is not None:
+                known |= self.customers.every(self.account)
+            days |= {(c, d) for c in known for d in covered}
+        return days
+
+    def _adopt_meter(self, name: str, spec: MeterSpec, days: set[tuple[str, date]], now: float) -> int:
+        """Adopt Stripe's figures for ``days`` of one meter (:meth:`adopt`); the rows written."""
+        first, last = min(d for _, d in days), max(d for _, d in days)
+        newest = spec.kind not in (ADD, COUNT)
+        held = self.ledger.figures(self.account, spec.meter_id, first, last, newest=newest)
+        wanted = {cd for cd in days if cd not in held or (spec.kind in (ADD, COUNT) and not held[cd].open)}
+        if not wanted:
+            return 0
+        customers = sorted({customer for customer, _ in wanted})
+        found, unknown = self.stripe.recorded_per_day(
+            spec.meter_id, customers, first, last, max_rps=self.settings.read_rps
+        )
+        self.book.summary_requests += len(customers)
+        entries: list[Entry] = []
+        # Stripe's summaries count events by their stamp; so does the ledger's side of the
+        # comparison (usage carried into a later period, or billed late, is stamped on another
+        # day than the one it bills).
+        stamped: dict[tuple[str, date], list[Entry]] = defaultdict(list)
+        for row in self.ledger.entries_stamped(
+            self.account, spec.meter_id, customers, day_start(first), day_end(last)
+        ):
+            stamped[(row.customer_id, day_of(row.stamp))].append(row)
+        split = self._split_days(name, spec, {cd for cd, f in found.items() if cd in wanted and f})
+        # Rows Stripe holds less than, once no summary can still trail them.
+        behind: list[InQuestion] = []
+        trailing = 0
+        settled_before = now - self.settings.summary_lag
+        for customer, day in sorted(wanted):
+            figure = found.get((customer, day), 0)
+            mine = held.get((customer, day))
+            seq = mine.max_seq if mine is not None else 0
+            # A day split at a period boundary is adopted part by part (a summaries request
+            # each), so each invoice's part holds what Stripe holds in it.
+            for part, stamp, theirs, rows in split.get((customer, day)) or [
+                (0, day_start(day), figure, stamped[(customer, day)])
+            ]:
+                more = theirs - stripe_view(spec, rows)
+                if (more < 0 or customer in unknown) and spec.kind in (ADD, COUNT):
+                    live = [e for e in rows if e.state in LIVE]
+                    if not live:
+                        continue
+                    if max(e.answered_at or e.sent_at for e in live) > settled_before:
+                        trailing += 1
+                        continue
+                    gone = customer in unknown
+                    behind.append(InQuestion(live, [], 0 if gone else theirs, gone))
+                    continue
+                if more <= 0:
+                    continue
+                values = [1] * more if spec.kind == COUNT else [more] if spec.kind == ADD else [figure]
+                # Stamped at the part's start: any snapshot the source has of it is newer.
+                entries += figure_rows(
+                    self.writer,
+                    spec,
+                    (name, customer, day, part),
+                    seq,
+                    values,
+                    stamp,
+                    now,
+                    "adopted:",
+                    "adopted from Stripe's summaries",
+                )
+                seq += len(values)
+        self._settle_behind(name, spec, behind, trailing)
+        return len(self.ledger.insert(entries))
+
+    def _settle_behind(self, name: str, spec: MeterSpec, behind: list[InQuestion], trailing: int) -> None:
+        """Judge the rows of the customer-days where Stripe holds less than the ledger
+        (:meth:`.Settler.judge`); ``trailing`` such days were left, their rows too recent."""
+        if trailing:
+            self.log.info(
+                "%d customer-days of %s show less in Stripe's summaries than the ledger holds, "
+                "from rows answered less than summary_lag ago: left to the next run",
+                trailing,
+                name,
+            )
+        if not behind:
+            return
+        judge = Settler(self.ctx, spec, self.deliver, self.periods)
+        judge.judge(behind)
+        self.figures["settled"] += judge.settled
+        self.figures["taken_from_stripe"] = self.figures.get("taken_from_stripe", 0) + judge.adopted
+        self.figures["unsettled"] += len(judge.unsettled)
 
     def _split_days(
         self, name: str, spec: MeterSpec, days: set[tuple[str, date]]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from datetime import date
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from airflow_provider_stripe_meter.billing.meters import ADD, COUNT
 from airflow_provider_stripe_meter.billing.plans import PlannedEvent, ledger_identifier
@@ -40,6 +40,19 @@ if TYPE_CHECKING:
     from airflow_provider_stripe_meter.billing.meters import MeterSpec
     from airflow_provider_stripe_meter.billing.periods import PeriodBook
     from airflow_provider_stripe_meter.utils.clock import Clock
+
+
+class InQuestion(NamedTuple):
+    """One customer-day's (or part's) rows in question, to judge against Stripe's figure."""
+
+    #: The rows whose fate Stripe's figure decides.
+    rows: list[Entry]
+    #: The other rows of the day Stripe holds for certain.
+    certain: list[Entry]
+    #: Stripe's figure for the day (or part), by the meter's formula.
+    figure: int
+    #: Stripe does not know the customer (it dropped every event).
+    unknown: bool
 
 
 class Settler:
@@ -164,13 +177,14 @@ class Settler:
         for entry in entries:
             groups[(entry.customer_id, day_of(entry.stamp))].append(entry)
         self.judge(
-            [(group, certain[key], found.get(key, 0), key[0] in unknown) for key, group in groups.items()]
+            [
+                InQuestion(group, certain[key], found.get(key, 0), key[0] in unknown)
+                for key, group in groups.items()
+            ]
         )
 
-    def judge(self, groups: list[tuple[list[Entry], list[Entry], int, bool]]) -> None:
-        """Settle each group of rows against Stripe's figure for their customer and day (or part):
-        (rows in question, the other rows Stripe holds for certain, Stripe's figure, whether Stripe
-        does not know the customer).
+    def judge(self, groups: list[InQuestion]) -> None:
+        """Settle each group of rows against Stripe's figure for their customer and day (or part).
 
         The events of one customer reach Stripe one at a time, so those that landed are the first
         ones answered: the ledger takes the first ``k`` whose total makes Stripe's figure, and marks
