@@ -103,11 +103,17 @@ class BillingHistories(RuleBasedStateMachine):
             max_size=8,
         ),
         in_periods=st.booleans(),
+        aggregate_in=st.sampled_from(["worker", "database"]),
     )
-    def start(self, rows: list[tuple[str, int, int, int]], in_periods: bool) -> None:
+    def start(
+        self, rows: list[tuple[str, int, int, int]], in_periods: bool, aggregate_in: str = "worker"
+    ) -> None:
         """A usage table of the last three days, at 02:00 UTC; half the histories bill into
         billing periods: every customer's period ended yesterday at 14:37:12 and its draft
-        finalizes 26 hours later."""
+        finalizes 26 hours later. Half sum the rows in the database (the operator's pushed-down
+        SQL, on SQLite), half row by row on the worker."""
+        self.w.aggregate_in = aggregate_in
+        SEEN[f"aggregated_in_{aggregate_in}"] += 1
         self.w.now = float(midnight(0) + 2 * HOUR)
         self.boundary = midnight(-1, int(self.w.now)) + 14 * HOUR + 37 * 60 + 12
         self.finalizes_at = self.boundary + 26 * HOUR
@@ -316,6 +322,8 @@ def test_random_billing_histories_keep_the_guarantees(shard: int) -> None:
     assert SEEN["customer_days_checked"] >= EXAMPLES
     assert SEEN["killed"] > 0
     assert SEEN["not_a_success"] > 0
+    assert SEEN["aggregated_in_database"] > 0
+    assert SEEN["aggregated_in_worker"] > 0
 
 
 def test_a_lost_ledger_then_a_stream_night_then_adopt_bills_the_day_in_full() -> None:
