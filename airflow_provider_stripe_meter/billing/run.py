@@ -53,7 +53,7 @@ from airflow_provider_stripe_meter.ledger.entries import (
     CANCELLED,
     CANCELLING,
     DROPPED,
-    LIVE,
+    OPEN,
     REJECTED,
     UNVERIFIED,
     Change,
@@ -389,10 +389,13 @@ class BillingRun:
         ):
             stamped[(row.customer_id, day_of(row.stamp))].append(row)
         split = self._split_days(name, spec, {cd for cd, f in found.items() if cd in wanted and f})
-        # Rows Stripe holds less than, once no summary can still trail them.
+        # Rows Stripe holds less than, once no summary can still trail them: answered twice
+        # summary_lag ago or more (the margin is the recovery's own: it judges rows the ledger
+        # holds as taken, where a summary trailing longer than summary_lag would have the run
+        # send again what Stripe holds).
         behind: list[InQuestion] = []
-        trailing = 0
-        settled_before = now - self.settings.summary_lag
+        left = 0
+        settled_before = now - 2 * self.settings.summary_lag
         for customer, day in sorted(wanted):
             figure = found.get((customer, day), 0)
             mine = held.get((customer, day))
@@ -404,11 +407,15 @@ class BillingRun:
             ]:
                 more = theirs - stripe_view(spec, rows)
                 if (more < 0 or customer in unknown) and spec.kind in (ADD, COUNT):
-                    live = [e for e in rows if e.state in LIVE]
+                    # Only rows answered as taken are judged. An open row stamped here (usage of
+                    # another day carried or billed late into this one) is settling's to decide:
+                    # Stripe's figure may not show it yet, and judging it dropped would send it again.
+                    live = [e for e in rows if e.state == ACCEPTED]
                     if not live:
                         continue
-                    if max(e.answered_at or e.sent_at for e in live) > settled_before:
-                        trailing += 1
+                    recent = max(e.answered_at or e.sent_at for e in live) > settled_before
+                    if recent or any(e.state in OPEN for e in rows):
+                        left += 1
                         continue
                     gone = customer in unknown
                     behind.append(InQuestion(live, [], 0 if gone else theirs, gone))
@@ -429,17 +436,17 @@ class BillingRun:
                     "adopted from Stripe's summaries",
                 )
                 seq += len(values)
-        self._settle_behind(name, spec, behind, trailing)
+        self._settle_behind(name, spec, behind, left)
         return len(self.ledger.insert(entries))
 
-    def _settle_behind(self, name: str, spec: MeterSpec, behind: list[InQuestion], trailing: int) -> None:
+    def _settle_behind(self, name: str, spec: MeterSpec, behind: list[InQuestion], left: int) -> None:
         """Judge the rows of the customer-days where Stripe holds less than the ledger
-        (:meth:`.Settler.judge`); ``trailing`` such days were left, their rows too recent."""
-        if trailing:
+        (:meth:`.Settler.judge`); ``left`` such days were left alone (rows too recent, or open)."""
+        if left:
             self.log.info(
                 "%d customer-days of %s show less in Stripe's summaries than the ledger holds, "
-                "from rows answered less than summary_lag ago: left to the next run",
-                trailing,
+                "with rows answered less than twice summary_lag ago or still open: left to a later run",
+                left,
                 name,
             )
         if not behind:

@@ -42,6 +42,12 @@ if TYPE_CHECKING:
     from airflow_provider_stripe_meter.utils.clock import Clock
 
 
+#: Slots skipped after Stripe showed events this ledger does not know of: more than the events a
+#: lost ledger could have sent for one customer-day of a ``sum`` meter (one a run), and for a
+#: ``count`` meter this plus Stripe's figure (one event a row).
+SLOT_GAP = 1000
+
+
 class InQuestion(NamedTuple):
     """One customer-day's (or part's) rows in question, to judge against Stripe's figure."""
 
@@ -261,7 +267,11 @@ class Settler:
         known = self.ledger.figures(self.account, spec.meter_id, first.day, first.day).get(
             (first.customer_id, first.day)
         )
-        seq = known.max_seq if known is not None else max(e.seq for e in group)
+        # Stripe holds events in slots this ledger does not know of (a lost ledger's, another
+        # sender's): the rows written now, and the events planned after them, are numbered past
+        # a gap, so an identifier Stripe still remembers (24 hours) is not used again and dropped.
+        gap = SLOT_GAP + (stripe_figure if kind == COUNT else 0)
+        seq = (known.max_seq if known is not None else max(e.seq for e in group)) + gap
         stamp = max(e.stamp for e in group)
         return figure_rows(
             self.ctx.writer,
