@@ -79,8 +79,9 @@ class StripeBaseOperator(BaseOperator):
 
     def push_own_xcoms(self, context: Context, result: dict[str, Any]) -> None:
         """Push the keys of :attr:`own_xcoms` as XComs of their own (Airflow pushes the return
-        value, and with ``multiple_outputs`` every key, itself)."""
-        if self.multiple_outputs or self.own_xcoms is None:
+        value, and with ``multiple_outputs`` every key, itself; with ``do_xcom_push=False``
+        nothing is pushed)."""
+        if self.multiple_outputs or self.own_xcoms is None or not self.do_xcom_push:
             return
         for key in self.own_xcoms:
             if key in result:

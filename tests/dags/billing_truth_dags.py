@@ -23,7 +23,7 @@ with DAG("t_truth_resume", schedule=None, start_date=START) as resume_dag:
         concurrency=4,
         outage_timeout=timedelta(seconds=0.5),
         retries=1,
-        retry_delay=timedelta(seconds=3),
+        retry_delay=timedelta(seconds=6),
     )
 
 with DAG("t_truth_outage", schedule=None, start_date=START, params={"api": "v1"}) as outage_dag:

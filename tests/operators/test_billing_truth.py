@@ -166,8 +166,9 @@ def test_a_retry_after_a_failed_try_sends_only_what_stripe_does_not_hold(monkeyp
     server = serve(monkeypatch, {"ai_tokens_used": {}})
     stop_after(server)
     add_rows(usage_db, [(f"cus_{c:02d}", c + 1, at(-1, c)) for c in range(30)])
-    # Stripe goes down after 10 events, for longer than the task's outage_timeout (0.5 s).
-    server.outage(2.0, path_prefix="/v1/billing/meter_events", after_requests=10)
+    # Stripe goes down after 10 events for 5 s, far longer than the task's outage_timeout (0.5 s):
+    # 2 s was once ridden out under load (the first try succeeded); the retry comes 6 s later.
+    server.outage(5.0, path_prefix="/v1/billing/meter_events", after_requests=10)
 
     dag_run = run_dag("t_truth_resume")
 
