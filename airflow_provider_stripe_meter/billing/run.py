@@ -331,12 +331,13 @@ class BillingRun:
         nothing of), ``accepted`` and noted as adopted, so the plan sends only what Stripe lacks.
 
         Where Stripe holds *less* than the ledger's rows of a ``sum`` or ``count`` customer-day
-        (or part), and every one of those rows was answered ``summary_lag`` ago or more (so no
-        summary still trails them), the ledger recorded as taken what Stripe dropped: a repeat of
-        a slot a lost ledger had sent (the v2 stream drops it without a word), or an event of a
-        customer Stripe did not know. Those rows are judged against Stripe's figure as settling
-        judges open rows (:meth:`.Settler.judge`): the ones that explain it stay, the rest are
-        ``dropped`` (or the ledger takes Stripe's figure), and the plan sends the difference.
+        (or part), none of its rows is open, and every one was answered twice ``summary_lag``
+        ago or more (so no summary still trails them), the ledger recorded as taken what Stripe
+        dropped: a repeat of a slot a lost ledger had sent (the v2 stream drops it without a
+        word), or an event of a customer Stripe did not know. Those rows are judged against
+        Stripe's figure as settling judges open rows (:meth:`.Settler.judge`): the ones that
+        explain it stay, the rest are ``dropped`` (or the ledger takes Stripe's figure), and the
+        plan sends the difference.
         Days with open rows are left to settling. Returns the rows written.
         """
         written = 0
@@ -453,9 +454,14 @@ class BillingRun:
             return
         judge = Settler(self.ctx, spec, self.deliver, self.periods)
         judge.judge(behind)
-        self.figures["settled"] += judge.settled
-        self.figures["taken_from_stripe"] = self.figures.get("taken_from_stripe", 0) + judge.adopted
-        self.figures["unsettled"] += len(judge.unsettled)
+        self._count(judge)
+
+    def _count(self, settler: Settler) -> None:
+        """Add what ``settler`` settled, took from Stripe and left open to the run's figures."""
+        self.figures["settled"] += settler.settled
+        if settler.adopted:
+            self.figures["taken_from_stripe"] = self.figures.get("taken_from_stripe", 0) + settler.adopted
+        self.figures["unsettled"] += len(settler.unsettled)
 
     def _split_days(
         self, name: str, spec: MeterSpec, days: set[tuple[str, date]]
@@ -513,10 +519,7 @@ class BillingRun:
         for spec in self.book.specs.values():
             settler = Settler(self.ctx, spec, self._deliver_resent, self.periods)
             settler.settle()
-            self.figures["settled"] += settler.settled
-            if settler.adopted:
-                self.figures["taken_from_stripe"] = self.figures.get("taken_from_stripe", 0) + settler.adopted
-            self.figures["unsettled"] += len(settler.unsettled)
+            self._count(settler)
             for entry in settler.unsettled:
                 self.book.samples.add(
                     "unsettled",
