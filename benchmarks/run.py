@@ -2,6 +2,7 @@
 
     ./dev bench                 # everything (about 25 minutes; --only ledger alone about 10)
     ./dev bench --only v1       # one of: v1, stream, stream-unlimited, sql, import, ledger, periods
+    ./dev bench --only sql --sql-db duckdb   # the sql figure on PostgreSQL (a DSN) or DuckDB
 
 Every figure runs the real stripe SDK over HTTP against the local Stripe server on 127.0.0.1
 with the latency and limits named in its heading, and the operator inside a real Airflow task
@@ -598,6 +599,22 @@ def _make_postgres(dsn: str, n: int) -> None:
         cur.execute("ANALYZE usage")
 
 
+def _make_duckdb(path: str, n: int) -> None:
+    """The same shape of table in a DuckDB file: ``n`` rows, 5,000 customers, yesterday (UTC)."""
+    import duckdb
+    import pendulum
+
+    start_ms = int(pendulum.yesterday("UTC").timestamp()) * 1000
+    with duckdb.connect(path) as con:
+        # Generated in the database, as for PostgreSQL; epoch_ms gives a TIMESTAMP (no zone, UTC).
+        con.execute(
+            "CREATE TABLE usage AS SELECT 'cus_bench' || lpad(CAST(g * 7919 % 5000 AS VARCHAR), 6, '0') "
+            "AS customer_id, CAST(1 + g * 104729 % 9999 AS BIGINT) AS tokens, "
+            "epoch_ms(? + (g * 15485863 % 86400) * 1000) AS used_at FROM range(1, ? + 1) t(g)",
+            [start_ms, n],
+        )
+
+
 #: The modes of the sql bench: a bare fetch, the database's own GROUP BY (a reference), and the
 #: operator's two paths.
 SQL_MODES = ("bare", "group", "database", "worker")
@@ -611,6 +628,8 @@ def _inner_sql(mode: str, db: str) -> None:
 def _measure_sql(mode: str, db: str) -> dict[str, Any]:
     """One path over the table: rows, seconds, memory (meaningful in a fresh process only)."""
     _airflow_env()
+    if db.endswith(".duckdb"):
+        return _measure_duckdb(mode, db)
     if db.startswith("postgres"):
         os.environ["AIRFLOW_CONN_USAGE_DB"] = db
         group_sql = (
@@ -660,6 +679,72 @@ def _measure_sql(mode: str, db: str) -> dict[str, Any]:
     return {"rows": rows, "seconds": seconds, "start_mb": start_mb, "peak_mb": peak_mb, **extra}
 
 
+def _measure_duckdb(mode: str, path: str) -> dict[str, Any]:
+    """:func:`_measure_sql` for a DuckDB file. Airflow has no DuckDB connection type of its own
+    (a provider outside Airflow's adds one), so the operator's two paths run here on a DuckDB
+    connection through the functions the operator calls: the same SQL, aggregator and checks."""
+    import duckdb
+
+    from airflow_provider_stripe_meter.pushdown.dialects import DuckdbDialect
+    from airflow_provider_stripe_meter.pushdown.source import aggregate_in_database
+    from airflow_provider_stripe_meter.sources import zone
+    from airflow_provider_stripe_meter.utils.aggregation import UsageAggregator, paused_gc
+    from airflow_provider_stripe_meter.utils.clock import SYSTEM
+
+    sql = "SELECT customer_id, tokens, used_at FROM usage"
+    group_sql = (
+        "SELECT customer_id, CAST(epoch(used_at) AS BIGINT) // 86400, SUM(tokens), COUNT(*), MAX(used_at) "
+        "FROM usage GROUP BY 1, 2"
+    )
+    op = _operator(sql=sql, sql_conn_id="usage_db")
+    import sqlalchemy  # noqa: F401  (imported by the database path: outside the timing)
+
+    conn = duckdb.connect(path, read_only=True)
+    sampler = _RssSampler()
+    started = time.perf_counter()
+    extra: dict[str, Any] = {}
+
+    def fetched(query: str) -> Iterator[list[Any]]:
+        cur = conn.cursor()
+        cur.execute(query)
+        while chunk := cur.fetchmany(op.chunk_size):
+            yield chunk
+
+    if mode in ("bare", "group"):
+        rows = sum(len(chunk) for chunk in fetched(sql if mode == "bare" else group_sql))
+    else:
+        aggregator = UsageAggregator(
+            event_name=EVENT,
+            now=int(SYSTEM.now()),
+            columns=op.columns,
+            naive_timezone=zone(op.naive_timezone),
+            safety_margin=op.safety_margin,
+            sample_limit=op.sample_limit,
+        )
+        if mode == "database":
+            aggregate_in_database(
+                conn, DuckdbDialect(), sql, None, aggregator, needs_last=lambda names: set()
+            )
+            aggregator.path = "database"
+        else:
+            with paused_gc():
+                for chunk in fetched(sql):
+                    aggregator.add_rows(chunk)
+            aggregator.path = "worker"
+        with paused_gc():
+            aggregates = aggregator.finish()
+        rows = aggregator.rows
+        extra = {
+            "aggregates": len(aggregates),
+            "fast_chunks": aggregator.fast_chunks,
+            "path": aggregator.path,
+        }
+    seconds = time.perf_counter() - started
+    start_mb, peak_mb = sampler.stop()
+    conn.close()
+    return {"rows": rows, "seconds": seconds, "start_mb": start_mb, "peak_mb": peak_mb, **extra}
+
+
 class _RssSampler:
     """Peak resident memory of this process while it runs, read from /proc every 2 ms."""
 
@@ -688,7 +773,7 @@ def bench_sql(n: int, repeats: int, database: str = "sqlite", in_process: bool =
     """``n`` raw rows through the operator's two paths vs a bare fetch of the same rows, and the
     database's own GROUP BY of them for reference; medians of ``repeats`` fresh processes each.
 
-    ``database``: ``sqlite`` (a file made here) or ``postgres`` (the server of
+    ``database``: ``sqlite`` or ``duckdb`` (a file made here), or ``postgres`` (the server of
     ``STRIPE_METER_TEST_PG_DSN``; ``source scripts/postgres.sh; start_test_postgres`` starts one).
     ``in_process``: every path in this process (the suite's tiny run: the counts, not the times
     or the memory, which only a fresh process measures).
@@ -703,6 +788,9 @@ def bench_sql(n: int, repeats: int, database: str = "sqlite", in_process: bool =
             if not db:
                 raise SystemExit("--sql-db postgres needs STRIPE_METER_TEST_PG_DSN (scripts/postgres.sh)")
             _make_postgres(db, n)
+        elif database == "duckdb":
+            db = str(Path(tmp) / "usage.duckdb")
+            _make_duckdb(db, n)
         else:
             db = str(Path(tmp) / "usage.db")
             _make_sqlite(Path(db), n)
@@ -733,6 +821,7 @@ def bench_sql(n: int, repeats: int, database: str = "sqlite", in_process: bool =
             f"operator sql path, {words}: {seconds[mode]:.3f} s, +{memory[mode]:.1f} MB peak, "
             f"{last[mode]['aggregates']} aggregates, {last[mode]['fast_chunks']} fast chunks"
         )
+    # Targets for the databases across a network (PostgreSQL) and in the worker's process.
     target = "0.5" if database == "postgres" else "1.5"
     print(
         f"RESULT sql ({database}): time database/bare = {seconds['database'] / seconds['bare']:.2f} "
@@ -925,7 +1014,7 @@ def main() -> None:
         "--unlimited-customers", type=int, default=50_000, help="stream-unlimited: customers (4 rows each)"
     )
     parser.add_argument("--sql-rows", type=int, default=1_000_000)
-    parser.add_argument("--sql-db", choices=("sqlite", "postgres"), default="sqlite")
+    parser.add_argument("--sql-db", choices=("sqlite", "postgres", "duckdb"), default="sqlite")
     parser.add_argument(
         "--sql-in-process",
         action="store_true",

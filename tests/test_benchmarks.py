@@ -148,19 +148,31 @@ def check_stream_unlimited(out: str) -> None:
     _find(r"RESULT stream-unlimited: .* = [\d.]+", out)
 
 
-def check_sql(out: str) -> None:
+def check_sql(out: str, database: str = "sqlite") -> None:
     # The customers the bench's table holds, counted apart from the operator's aggregation.
     with tempfile.TemporaryDirectory() as tmp:
-        db = Path(tmp) / "usage.db"
-        _script()._make_sqlite(db, 2000)
-        with sqlite3.connect(db) as con:
-            ((customers,),) = con.execute("SELECT COUNT(DISTINCT customer_id) FROM usage").fetchall()
+        if database == "duckdb":
+            import duckdb
+
+            path = str(Path(tmp) / "usage.duckdb")
+            _script()._make_duckdb(path, 2000)
+            with duckdb.connect(path) as duck:
+                ((customers,),) = duck.execute("SELECT COUNT(DISTINCT customer_id) FROM usage").fetchall()
+        else:
+            db = Path(tmp) / "usage.db"
+            _script()._make_sqlite(db, 2000)
+            with sqlite3.connect(db) as con:
+                ((customers,),) = con.execute("SELECT COUNT(DISTINCT customer_id) FROM usage").fetchall()
+    assert customers > 1000  # 2,000 rows over 5,000 customers: the check below can fail
     # Both paths, each the same number of customer-days: one per customer (one day).
     for words in ("summed in the database", "row by row on the worker"):
         aggregates = _find(rf"operator sql path, {words}: .*, (\d+) aggregates, (\d+) fast chunks", out)
         assert int(aggregates[1]) == customers
     _find(r"bare fetch .*: [\d.]+ s, \+[\d.-]+ MB peak", out)
-    _find(r"RESULT sql \(sqlite\): time database/bare = [\d.]+ .*peak memory over bare = [+-][\d.]+ MB", out)
+    _find(
+        rf"RESULT sql \({database}\): time database/bare = [\d.]+ .*peak memory over bare = [+-][\d.]+ MB",
+        out,
+    )
 
 
 def check_import(out: str) -> None:
@@ -258,3 +270,9 @@ def test_the_ledger_bench_runs_to_completion_on_postgresql(
     out = bench("--only", "ledger", *TINY["ledger"])
     _find(r"ledger on postgres", out)
     check_ledger(out)
+
+
+def test_the_sql_bench_runs_on_duckdb_at_a_tiny_size(bench: Callable[..., str]) -> None:
+    pytest.importorskip("duckdb")
+    out = bench("--only", "sql", "--sql-db", "duckdb", *TINY["sql"])
+    check_sql(out, "duckdb")
