@@ -190,7 +190,7 @@ def rows_query(shape: Shape, sample_limit: int, *, refused: bool) -> Select[Any]
     event names in :data:`REFUSED` too), and the first ``sample_limit`` of each other problem
     kind, in source order, each with its position (from 1) and kind."""
     rows = classified(shape, refused=refused)
-    numbered = select(*rows.c, func.row_number().over().label("rn")).cte("stripe_meter_numbered")
+    numbered = select(*rows.c, shape.dialect.position().label("rn")).cte("stripe_meter_numbered")
     problems = [numbered.c.kind != GOOD]
     if shape.keep_too_old:
         problems.append(numbered.c.kind != OLD)

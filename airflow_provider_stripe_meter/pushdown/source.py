@@ -116,6 +116,11 @@ def aggregate_in_database(
         types = _column_types(cur, sql, parameters, len(aggregator.columns))
         dialect.check(types, fixed_event=fixed)
         parts = _parts(aggregator, fixed)
+        if parts and not dialect.temp_tables:
+            raise Unsupported(
+                f"{len(parts)} parts of days split at billing period boundaries need a temporary "
+                f"table, which is not generated for {dialect.name}"
+            )
         shape = Shape(
             dialect, types, fixed, aggregator.oldest, aggregator.newest, aggregator.keep_too_old, bool(parts)
         )
@@ -166,6 +171,12 @@ def _aggregate(
     keep = aggregator.keep_too_old
     refused = _Refused()
     groups, counts = _read_groups(run(groups_query(shape)), shape, aggregator.event_name, keep, refused)
+    if refused and not shape.dialect.temp_tables:
+        # Their rows are checked one by one through a temporary table (before anything is added).
+        raise Unsupported(
+            f"customer ids or event names Python refuses need a temporary table to be checked row by "
+            f"row, which is not generated for {shape.dialect.name}"
+        )
     figures.groups = len(groups)
     names = {g[1] for g in groups}
     wanted = names if needs_last is None else needs_last(names)
