@@ -180,7 +180,7 @@ def _in_database(
     (unless ``forced``, a database in the worker's own process is left to the worker)."""
     from airflow.sdk import BaseHook
 
-    from airflow_provider_stripe_meter.pushdown.dialects import dialect_for
+    from airflow_provider_stripe_meter.pushdown.registry import dialect_for
     from airflow_provider_stripe_meter.pushdown.source import aggregate_in_database
 
     zone_ = aggregator.naive_timezone

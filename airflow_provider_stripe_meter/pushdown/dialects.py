@@ -333,31 +333,11 @@ def _need(ok: bool, what: str, name: str, code: Any, wanted: str) -> None:
         raise Unsupported(f"the {what} column {name!r} is of type {code!r}, not {wanted}")
 
 
-DIALECTS: dict[str, SqlDialect] = {
-    conn_type: dialect
-    for dialect in (SqliteDialect(), PostgresDialect(), DuckdbDialect())
-    for conn_type in dialect.conn_types
-}
-
-
-def dialect_for(conn_type: str) -> SqlDialect | None:
-    """The SQL generated for an Airflow connection type; ``None``: not generated for it."""
-    found = DIALECTS.get((conn_type or "").lower())
-    if found is None:
-        # The warehouses the suite cannot run (:mod:`.warehouses`), imported when asked for.
-        from airflow_provider_stripe_meter.pushdown.warehouses import WAREHOUSES
-
-        found = next((d for d in WAREHOUSES if (conn_type or "").lower() in d.conn_types), None)
-    return found
-
-
 __all__ = [
-    "DIALECTS",
     "ColumnTypes",
     "DuckdbDialect",
     "PostgresDialect",
     "SqlDialect",
     "SqliteDialect",
     "Unsupported",
-    "dialect_for",
 ]

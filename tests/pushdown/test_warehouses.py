@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from airflow_provider_stripe_meter.pushdown import Unsupported
-from airflow_provider_stripe_meter.pushdown.dialects import ColumnTypes, SqlDialect, dialect_for
+from airflow_provider_stripe_meter.pushdown.dialects import ColumnTypes, SqlDialect
 from airflow_provider_stripe_meter.pushdown.queries import (
     Shape,
     groups_query,
@@ -26,6 +26,7 @@ from airflow_provider_stripe_meter.pushdown.queries import (
     render,
     rows_query,
 )
+from airflow_provider_stripe_meter.pushdown.registry import dialect_for
 from airflow_provider_stripe_meter.pushdown.source import aggregate_in_database
 from airflow_provider_stripe_meter.pushdown.warehouses import (
     BigQueryDialect,
