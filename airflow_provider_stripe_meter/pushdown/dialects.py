@@ -43,6 +43,8 @@ class ColumnTypes:
     names: tuple[str, ...]
     #: The cursor's type codes in the same order (``None`` where the driver gives none).
     codes: tuple[Any, ...]
+    #: The cursor's scales (``description[i][5]``) in the same order, where the driver gives them.
+    scales: tuple[Any, ...] = ()
 
 
 class SqlDialect:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import and_, case, column, func, literal, not_, or_, select, table
+from sqlalchemy.sql.elements import quoted_name
 
 from airflow_provider_stripe_meter.pushdown import Unsupported
 
@@ -59,8 +60,9 @@ class Shape:
 
 
 def source_table(shape: Shape) -> TableClause:
-    """The team's query as a table of its own columns (spliced in by :func:`render`)."""
-    return table(SOURCE, *(column(name) for name in shape.types.names))
+    """The team's query as a table of its own columns (spliced in by :func:`render`), each named
+    as the cursor named it, quoted: Snowflake folds an unquoted name to upper case."""
+    return table(SOURCE, *(column(quoted_name(name, True)) for name in shape.types.names))
 
 
 def classified(shape: Shape, *, refused: bool = False) -> CTE:

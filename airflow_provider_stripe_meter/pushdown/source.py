@@ -318,7 +318,11 @@ def _column_types(cur: Any, sql: str, parameters: Any, needed: int) -> ColumnTyp
     names = tuple(str(d[0]) for d in description[:needed])
     if len(set(names)) != needed or any(not name for name in names):
         raise Unsupported(f"the query's columns need distinct names to be read in SQL, got {list(names)}")
-    return ColumnTypes(names, tuple(d[1] for d in description[:needed]))
+    return ColumnTypes(
+        names,
+        tuple(d[1] for d in description[:needed]),
+        tuple(d[5] if len(d) > 5 else None for d in description[:needed]),
+    )
 
 
 def _parts(aggregator: UsageAggregator, fixed: bool) -> list[tuple[Any, ...]]:

@@ -8,15 +8,17 @@ whose conversion its database documents; any other type takes the streaming path
 :class:`~airflow_provider_stripe_meter.pushdown.Unsupported`. Three conservative choices
 common to them all:
 
-* a timestamp before 1970 is handed back (the functions used truncate toward zero there, and
-  Python rounds down);
+* a date or time before 1970 is handed back (the functions used truncate toward zero there,
+  and Python rounds down);
 * a value of a floating-point type is not summed in SQL (NaN and infinities, inexact sums);
 * where the DB-API connection cannot keep a temporary table across statements (BigQuery), or a
   query cannot name one twice (MySQL), the days split at billing period boundaries stream to
   the worker.
 
-Their SQL is checked by generating and parsing it (``tests/pushdown/test_warehouses.py``, with
-sqlglot), not by running it: a statement the database refuses makes the rows stream instead
+Their SQL is checked by generating every statement and parsing it in the warehouse's dialect,
+and by running it on DuckDB as sqlglot translates it (Redshift's on PostgreSQL), against the
+worker's figures (``tests/pushdown/test_warehouses.py``); it has not run on the warehouses
+themselves. A statement a warehouse refuses makes the rows stream instead
 (``aggregate_in="auto"``).
 
 .. seealso:: https://docs.snowflake.com/en/sql-reference/functions/date_part
@@ -74,6 +76,11 @@ def _whole_decimal(v: ColumnElement[Any]) -> ColumnElement[Any]:
     return and_(v.isnot(None), v == func.trunc(v))
 
 
+def _no_trailing_blank(x: ColumnElement[Any], length: Any) -> ColumnElement[Any]:
+    """``x`` is text without a trailing blank, measured with the database's ``length``."""
+    return and_(x.isnot(None), length(x) == length(func.rtrim(x)))
+
+
 # -- Snowflake ----------------------------------------------------------------------------------
 
 
@@ -105,11 +112,14 @@ class SnowflakeDialect(SqlDialect):
         _need(customer == SF_TEXT, "customer", types.names[0], customer, "TEXT (type code 2)")
         _need(value == SF_FIXED, "value", types.names[1], value, "NUMBER (type code 0)")
         _need(
-            stamp in (SF_FIXED, SF_DATE, SF_TIMESTAMP_LTZ, SF_TIMESTAMP_TZ, SF_TIMESTAMP_NTZ),
+            stamp in (SF_DATE, SF_TIMESTAMP_LTZ, SF_TIMESTAMP_TZ, SF_TIMESTAMP_NTZ)
+            # Unix seconds as NUMBER(p, 0): the connector hands a NUMBER with a scale to Python as
+            # a Decimal (or a float), which Python's rule does not read as seconds.
+            or (stamp == SF_FIXED and types.scales[2:3] == (0,)),
             "timestamp",
             types.names[2],
             stamp,
-            "TIMESTAMP_NTZ, TIMESTAMP_LTZ, TIMESTAMP_TZ, DATE or NUMBER unix seconds",
+            "TIMESTAMP_NTZ, TIMESTAMP_LTZ, TIMESTAMP_TZ, DATE or NUMBER(p, 0) unix seconds",
         )
         if not fixed_event:
             _need(types.codes[3] == SF_TEXT, "event name", types.names[3], types.codes[3], "TEXT")
@@ -120,14 +130,15 @@ class SnowflakeDialect(SqlDialect):
 
     def seconds(self, t: ColumnElement[Any], code: Any) -> ColumnElement[Any]:
         if code == SF_FIXED:
-            return case((t == func.trunc(t), cast(t, BigInteger)), else_=None)
+            return cast(t, BigInteger)
         moment = cast(t, _TimestampNtz()) if code == SF_DATE else t
-        # EPOCH_MICROSECOND of a TIMESTAMP_NTZ reads its wall clock as UTC (naive_timezone's
-        # default); of LTZ and TZ, the instant. Whole microseconds, floored to seconds in
-        # exact NUMBER arithmetic (a quotient by 10^6 has 6 decimals), as Python drops the fraction.
-        micros = func.date_part(literal_column("EPOCH_MICROSECOND"), moment)
-        secs = cast(func.floor(micros / literal_column("1000000")), BigInteger)
-        return case((secs >= 0, secs), else_=None)
+        # EPOCH_NANOSECOND of a TIMESTAMP_NTZ reads its wall clock as UTC (naive_timezone's
+        # default); of LTZ and TZ, the instant. Whole nanoseconds, cut to seconds by subtracting
+        # the remainder, in integers: a quotient of NUMBERs keeps 6 decimals and would round
+        # 0.9999996 s up, where the connector and Python drop the fraction.
+        nanos = func.date_part(literal_column("EPOCH_NANOSECOND"), moment)
+        whole = nanos - func.mod(nanos, literal_column("1000000000"))
+        return case((nanos >= 0, cast(whole / literal_column("1000000000"), BigInteger)), else_=None)
 
     def whole(self, v: ColumnElement[Any], code: Any) -> ColumnElement[Any]:
         return _whole_decimal(v)
@@ -220,6 +231,12 @@ class RedshiftDialect(PostgresDialect):
         # OFFSET 0 is PostgreSQL's planner fence, not Redshift's.
         return statement
 
+    def is_text(self, x: ColumnElement[Any], code: Any) -> ColumnElement[Any]:
+        # Redshift compares VARCHARs ignoring trailing blanks, whatever the collation: 'cus_a '
+        # would be grouped with 'cus_a' (Python refuses the first). Such a value is handed back.
+        # https://docs.aws.amazon.com/redshift/latest/dg/r_Character_types.html
+        return _no_trailing_blank(x, func.length)
+
     def binary(self, x: ColumnElement[Any]) -> ColumnElement[Any]:
         return func.collate(x, literal("case_sensitive"))
 
@@ -267,9 +284,16 @@ class MysqlDialect(SqlDialect):
         if not fixed_event:
             _need(types.codes[3] in MY_TEXT, "event name", types.names[3], types.codes[3], "VARCHAR or CHAR")
 
+    def is_text(self, x: ColumnElement[Any], code: Any) -> ColumnElement[Any]:
+        # utf8mb4_bin is a PAD SPACE collation: 'cus_a ' equals 'cus_a' (Python refuses the
+        # first). Such a value is handed back; CHAR_LENGTH counts a VARCHAR's trailing spaces.
+        # https://dev.mysql.com/doc/refman/8.0/en/charset-binary-collations.html
+        return _no_trailing_blank(x, func.char_length)
+
     def seconds(self, t: ColumnElement[Any], code: Any) -> ColumnElement[Any]:
         if code in MY_INTEGERS:
-            return cast(t, BigInteger)
+            # As it is: a CAST to SIGNED would wrap a BIGINT UNSIGNED past 2^63 to a negative.
+            return t
         # TIMESTAMPDIFF of a DATETIME from the epoch: no time zone involved (UNIX_TIMESTAMP
         # would read it in the session's), whole seconds.
         secs = func.timestampdiff(literal_column("SECOND"), literal(EPOCH), t)

@@ -63,7 +63,12 @@ CODES: dict[str, dict[str, Any]] = {
     "redshift": {"VARCHAR": 1043, "BIGINT": 20, "DECIMAL(18,2)": 1700, "TIMESTAMP": 1114, "DATE": 1082},
 }
 
-WAREHOUSES = [SnowflakeDialect(), BigQueryDialect(), RedshiftDialect(), MysqlDialect()]
+WAREHOUSE_CLASSES = (SnowflakeDialect, BigQueryDialect, RedshiftDialect, MysqlDialect)
+WAREHOUSES = [cls() for cls in WAREHOUSE_CLASSES]
+
+
+#: The scale a driver gives each type (``description[i][5]``; Snowflake's is read).
+SCALES = {"BIGINT": 0, "DECIMAL(18,2)": 2}
 
 
 def _types(dialect: SqlDialect, stamp: str = "TIMESTAMP", value: str = "DECIMAL(18,2)") -> ColumnTypes:
@@ -71,6 +76,7 @@ def _types(dialect: SqlDialect, stamp: str = "TIMESTAMP", value: str = "DECIMAL(
     return ColumnTypes(
         ("customer_id", "value", "ts", "event"),
         (codes["VARCHAR"], codes[value], codes[stamp], codes["VARCHAR"]),
+        (None, SCALES.get(value), SCALES.get(stamp), None),
     )
 
 
@@ -90,7 +96,7 @@ def test_every_statement_parses_in_the_warehouses_own_sql(
 ) -> None:
     # A column name that must be quoted, in the warehouse's own quotes (BigQuery's backticks).
     types = _types(dialect, stamp)
-    types = ColumnTypes(("Customer Id", *types.names[1:]), types.codes)
+    types = ColumnTypes(("Customer Id", *types.names[1:]), types.codes, types.scales)
     query = "SELECT 1 AS x"
     parsed = 0
     for parts in [False, True] if dialect.temp_tables else [False]:
@@ -108,14 +114,21 @@ def test_each_warehouse_says_a_rule_in_its_own_functions() -> None:
         shape, statement = _statements(dialect, _types(dialect, stamp), fixed=True, parts=False)[0]
         return render(statement, shape, "SELECT 1")
 
-    assert "date_part(EPOCH_MICROSECOND" in sql(SnowflakeDialect())
-    assert "collate(stripe_meter_source.customer_id, 'utf8')" in sql(SnowflakeDialect())
-    assert "unix_micros(timestamp(stripe_meter_source.ts))" in sql(BigQueryDialect())
-    assert "div(" in sql(BigQueryDialect())
-    assert "EXTRACT(epoch FROM stripe_meter_source.ts)" in sql(RedshiftDialect())
-    assert "OFFSET" not in sql(RedshiftDialect())
-    assert "timestampdiff(SECOND, '1970-01-01 00:00:00', stripe_meter_source.ts)" in sql(MysqlDialect())
-    assert "DIV 86400" in sql(MysqlDialect())
+    snowflake, bigquery, redshift, mysql = (sql(d()) for d in WAREHOUSE_CLASSES)
+    assert 'date_part(EPOCH_NANOSECOND, stripe_meter_source."ts")' in snowflake
+    assert """collate(stripe_meter_source."customer_id", 'utf8')""" in snowflake
+    assert "unix_micros(timestamp(stripe_meter_source.`ts`))" in bigquery
+    assert "collate(stripe_meter_source.`customer_id`, '')" in bigquery
+    assert "div(" in bigquery
+    assert 'EXTRACT(epoch FROM stripe_meter_source."ts")' in redshift
+    assert "OFFSET" not in redshift
+    # Redshift and MySQL compare text ignoring trailing blanks: such a value is handed back.
+    c = "collate(stripe_meter_source.\"customer_id\", 'case_sensitive')"
+    assert f"length({c}) = length(rtrim({c}))" in redshift
+    assert "timestampdiff(SECOND, '1970-01-01 00:00:00', stripe_meter_source.`ts`)" in mysql
+    assert "DIV 86400" in mysql
+    c = "stripe_meter_source.`customer_id` COLLATE utf8mb4_bin"
+    assert f"char_length({c}) = char_length(rtrim({c}))" in mysql
 
 
 @pytest.mark.parametrize(
@@ -133,6 +146,8 @@ def test_airflows_connection_types_find_their_warehouse(conn_type: str, name: st
     [
         (SnowflakeDialect(), (2, 1, 8), "value column 'value' is of type 1, not NUMBER"),
         (SnowflakeDialect(), (2, 0, 4), "timestamp column 'ts' is of type 4"),
+        # NUMBER(p, 2) seconds: the connector hands Python a Decimal, not read as seconds.
+        (SnowflakeDialect(), (2, 0, 0), "timestamp column 'ts' is of type 0, not .*NUMBER\\(p, 0\\)"),
         (BigQueryDialect(), ("STRING", "FLOAT", "TIMESTAMP"), "value column 'value' is of type 'FLOAT'"),
         (MysqlDialect(), (253, 8, 7), "timestamp column 'ts' is of type 7, not DATETIME"),
         (MysqlDialect(), (252, 8, 12), "customer column 'customer_id' is of type 252"),
@@ -143,7 +158,25 @@ def test_a_type_the_warehouse_sql_cannot_read_exactly_is_named(
     dialect: SqlDialect, codes: tuple[Any, ...], message: str
 ) -> None:
     with pytest.raises(Unsupported, match=message):
-        dialect.check(ColumnTypes(("customer_id", "value", "ts"), codes), fixed_event=True)
+        dialect.check(ColumnTypes(("customer_id", "value", "ts"), codes, (None, 0, 2)), fixed_event=True)
+
+
+def test_snowflake_reads_whole_number_seconds_of_scale_0() -> None:
+    SnowflakeDialect().check(
+        ColumnTypes(("customer_id", "value", "ts"), (2, 0, 0), (None, 2, 0)), fixed_event=True
+    )
+
+
+def test_mysql_reads_unsigned_seconds_past_2_to_the_63_as_future_rows() -> None:
+    duckdb = pytest.importorskip("duckdb")
+    conn = duckdb.connect()
+    conn.execute("CREATE TABLE usage (customer_id VARCHAR, value BIGINT, ts UBIGINT)")
+    conn.execute("INSERT INTO usage VALUES ('cus_a', 1, 18446744073709551615)")
+    plain = _without_collation(MysqlDialect())
+    shape = Shape(plain, _types(plain, "BIGINT", "BIGINT"), True, NOW - 35 * 86_400, NOW, False, False)
+    text = render(groups_query(shape), shape, "SELECT customer_id, value, ts FROM usage")
+    ((kind, *_),) = conn.execute(sqlglot.transpile(text, read="mysql", write="duckdb")[0]).fetchall()
+    assert kind == 3  # FUTURE, as Python finds it: a CAST to SIGNED would have made it -1 (OLD)
 
 
 # -- the same figures as the worker's, through DuckDB -------------------------------------------
@@ -176,7 +209,8 @@ class _Cursor:
             self.cur.execute(text)
         codes = CODES[self.dialect.name]
         self.description = [
-            (d[0], codes.get(str(d[1]).upper(), d[1]), *d[2:]) for d in self.cur.description or ()
+            (d[0], codes.get(str(d[1]).upper(), d[1]), *d[2:5], SCALES.get(str(d[1]).upper()), d[6])
+            for d in self.cur.description or ()
         ]
 
     def fetchmany(self, size: int) -> list[Any]:
