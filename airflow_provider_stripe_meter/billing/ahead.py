@@ -79,8 +79,9 @@ class PlanAhead(Generic[K, E]):
         size = 0
         while source and size < events:
             item = source.popleft()
+            _, planned = item
             batch.append(item)
-            size += len(item[1])
+            size += len(planned)
         if ready:
             self._ready_events -= size
         return batch

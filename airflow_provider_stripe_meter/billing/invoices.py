@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from airflow_provider_stripe_meter.billing.meters import MeterSpec, source_figure
 from airflow_provider_stripe_meter.billing.periods import invoice_subscription, line_price
@@ -23,6 +23,13 @@ if TYPE_CHECKING:
 
 #: (customer, period start, period end)
 PeriodKey = tuple[str, int, int]
+
+
+class _Latest(NamedTuple):
+    """The latest row seen of a customer's period (what a ``last`` meter bills)."""
+
+    timestamp: int
+    value: int
 
 
 @dataclass(frozen=True)
@@ -53,7 +60,7 @@ def source_per_period(
     """The source's figure per (customer, period), by the meter's formula (``sum``, ``count``,
     ``last``), from days aggregated in parts at the period boundaries."""
     sums: dict[PeriodKey, int] = {}
-    latest: dict[PeriodKey, tuple[int, int]] = {}
+    latest: dict[PeriodKey, _Latest] = {}
     for agg in aggregates:
         if agg.event_name != spec.event_name:
             continue
@@ -69,8 +76,8 @@ def source_per_period(
                 continue
             key = (agg.customer_id, period.start, period.end)
             if spec.formula == "last":
-                if key not in latest or part.timestamp >= latest[key][0]:
-                    latest[key] = (part.timestamp, part.last_value)
+                if key not in latest or part.timestamp >= latest[key].timestamp:
+                    latest[key] = _Latest(part.timestamp, part.last_value)
                 continue
             piece = DailyAggregate(
                 agg.event_name,
@@ -82,7 +89,7 @@ def source_per_period(
                 part.last_value,
             )
             sums[key] = sums.get(key, 0) + source_figure(piece, spec)
-    return {**sums, **{key: value for key, (_, value) in latest.items()}}
+    return {**sums, **{key: seen.value for key, seen in latest.items()}}
 
 
 def metered_quantity(invoice: dict[str, Any], price_ids: set[str]) -> int | None:

@@ -187,7 +187,7 @@ class _PeriodRead:
                 customers.forget((name, str(subscription.get("customer"))), str(subscription["id"]))
         _add_rows(customers, name, [_used(row) for row in rows])
         self.figures["cached"] += sum(
-            len(entries) for key, entries in customers.raw.items() if key[0] == name
+            len(entries) for (event_name, _), entries in customers.raw.items() if event_name == name
         )
         return write
 

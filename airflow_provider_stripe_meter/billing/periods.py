@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from itertools import pairwise
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 OPEN, DRAFT, FINAL, ENDED, NONE = "open", "draft", "final", "ended", "none"
 #: States whose usage an invoice will still carry.
@@ -50,6 +50,13 @@ class Period:
     #: Its draft invoice finalizes only by hand (``auto_advance`` false): it takes usage until
     #: someone finalizes it, at a time no API tells in advance.
     manual: bool = False
+
+
+class PeriodAt(NamedTuple):
+    """The period holding an instant (``None``: none does), and when the subscription ended."""
+
+    period: Period | None
+    ended_at: int | None
 
 
 @dataclass
@@ -189,7 +196,7 @@ class PeriodBook:
                 # customer-days): no other boundary lies in it (see :class:`StoredPeriods`).
                 lo, hi = current_start, current_end
             else:
-                period = customers.period_at(key, instant)[0]
+                period = customers.period_at(key, instant).period
                 if period is None:
                     return None
                 lo, hi = period.start, period.end
@@ -204,7 +211,7 @@ class PeriodBook:
         if self.billable(event_name, customer, instant, read_drafts=False) is not None:
             return None  # open (most customer-days: answered from the current period)
         if isinstance(self.customers, StoredPeriods):
-            period = self.customers.period_at((event_name, customer), instant)[0]
+            period = self.customers.period_at((event_name, customer), instant).period
         else:
             found = self.customers.get((event_name, customer))
             period = found.at(instant) if found is not None else None
@@ -244,7 +251,7 @@ class PeriodBook:
     def open_period(self, event_name: str, customer: str) -> Period | None:
         """The customer's current period on the meter (where carried usage goes), if any."""
         if isinstance(self.customers, StoredPeriods):
-            period = self.customers.period_at((event_name, customer), self.now)[0]
+            period = self.customers.period_at((event_name, customer), self.now).period
         else:
             found = self.customers.get((event_name, customer))
             period = found.at(self.now) if found is not None else None
@@ -520,27 +527,27 @@ class StoredPeriods(Mapping[tuple[str, str], CustomerPeriods]):
     def __len__(self) -> int:
         return len(self.raw)
 
-    def period_at(self, key: tuple[str, str], instant: int) -> tuple[Period | None, int | None]:
+    def period_at(self, key: tuple[str, str], instant: int) -> PeriodAt:
         """The period holding ``instant`` and when the subscription ended, without building the
         customer's other periods (a run asks once per customer-day)."""
         entries = self.entries(key)
         if entries is None:
-            return None, None
+            return PeriodAt(None, None)
         if len(entries) > 1:
             found = self[key]
-            return found.at(instant), found.ended_at
+            return PeriodAt(found.at(instant), found.ended_at)
         subscription, price, bounds, start_date, ended_at, *_ = entries[0]
         i = bisect.bisect_right(bounds, instant)
         if i == 0 or i == len(bounds) or instant < start_date:
-            return None, ended_at
+            return PeriodAt(None, ended_at)
         lo, hi = bounds[i - 1], bounds[i]
         if ended_at is not None:
             if lo >= ended_at:
-                return None, ended_at
+                return PeriodAt(None, ended_at)
             hi = min(hi, ended_at)
         if instant >= hi:
-            return None, ended_at
-        return self._period(lo, hi, subscription, price), ended_at
+            return PeriodAt(None, ended_at)
+        return PeriodAt(self._period(lo, hi, subscription, price), ended_at)
 
     def _period(self, lo: int, hi: int, subscription: str, price: str) -> Period:
         """The period ``[lo, hi)``; when it locks is read from its draft only when a run asks
@@ -605,7 +612,8 @@ class _Boundaries(Mapping[tuple[str, str], tuple[int, ...]]):
             bounds = self[key]
             i = bisect.bisect_right(bounds, start)
             if i < len(bounds) and bounds[i] < end:
-                found.add(key[1])
+                _, customer = key
+                found.add(customer)
         return found
 
     def items(self) -> Iterator[tuple[tuple[str, str], tuple[int, ...]]]:  # type: ignore[override]
@@ -626,7 +634,8 @@ def add_months(anchor: int, months: int) -> int:
     moment = datetime.fromtimestamp(anchor, tz=timezone.utc)
     index = moment.month - 1 + months
     year, month = moment.year + index // 12, index % 12 + 1
-    day = min(moment.day, calendar.monthrange(year, month)[1])
+    _, days_in_month = calendar.monthrange(year, month)
+    day = min(moment.day, days_in_month)
     return int(moment.replace(year=year, month=month, day=day).timestamp())
 
 
@@ -678,10 +687,10 @@ def customer_periods(
         ended_at = cancel_at  # it ended since it was read
     recurring = (item.get("price") or {}).get("recurring") or {}
     interval, count = str(recurring.get("interval") or "month"), int(recurring.get("interval_count") or 1)
-    current = (int(item["current_period_start"]), int(item["current_period_end"]))
-    bounds = [current[1], current[0]]
+    current_start, current_end = int(item["current_period_start"]), int(item["current_period_end"])
+    bounds = [current_end, current_start]
     # Earlier boundaries, from the anchor's n-th interval back, until before ``since``.
-    n = _index_at(anchor, interval, count, current[0])
+    n = _index_at(anchor, interval, count, current_start)
     while bounds[-1] > max(since, start_date) and n >= 0:
         b = _boundary(anchor, interval, count, n)
         if b < bounds[-1]:
@@ -690,10 +699,10 @@ def customer_periods(
     if bounds[-1] > start_date and bounds[-1] > since:
         bounds.append(start_date)  # the prorated first period, before the anchor
     if until is not None and ended_at is None:
-        k = _index_at(anchor, interval, count, current[1])
-        if _boundary(anchor, interval, count, k) < current[1]:
+        k = _index_at(anchor, interval, count, current_end)
+        if _boundary(anchor, interval, count, k) < current_end:
             k += 1
-        last = current[1]
+        last = current_end
         while last <= until:  # the period starting at ``last`` has begun: add its end
             k += 1
             nxt = _boundary(anchor, interval, count, k)

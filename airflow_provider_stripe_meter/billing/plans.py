@@ -533,6 +533,7 @@ def _place(
     are planned after the parts before it took theirs.
     """
     name, customer = aggregate.event_name, aggregate.customer_id
+    span_start, span_end = span
     carried_from = None
     # Open or draft, by the lean look-up (a night has thousands of split days); else the state.
     found = periods.billable(name, customer, aggregate.timestamp)
@@ -541,7 +542,7 @@ def _place(
         found = (period.start, period.end)
     if found is not None:
         lo, hi = _inside(span, found, oldest, now)
-        period_end = found[1]
+        _, period_end = found
     elif state == FINAL and carry and (open_ := periods.open_period(name, customer)) is not None:
         lo = hi = min(max(now, open_.start), open_.end - 1)
         period_end, carried_from = open_.end, period.end if period else None
@@ -549,8 +550,8 @@ def _place(
         return Held(
             HELD_BECAUSE[state],
             sum(e.value for e in events),
-            span[0],
-            span[1],
+            span_start,
+            span_end,
             period.end if period else None,
         )
     return [
@@ -579,7 +580,8 @@ def _inside(span: tuple[int, int], period: tuple[int, int], oldest: int, now: in
     """The stamps an event of a part (``span``) may carry: inside the part and its period
     (start, end), a whole minute clear of a boundary that falls inside a minute, within Stripe's
     window."""
-    lo, hi = max(span[0], period[0]), min(span[1], period[1]) - 1
+    (span_start, span_end), (period_start, period_end) = span, period
+    lo, hi = max(span_start, period_start), min(span_end, period_end) - 1
     if lo % 60 and hi - lo > 120:
         lo += 60 - lo % 60
     if (hi + 1) % 60 and hi - lo > 120:

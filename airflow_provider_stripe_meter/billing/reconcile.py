@@ -70,7 +70,9 @@ class Expectation:
 
     def compare(self, recorded: dict[tuple[str, date], int], unknown: set[str]) -> list[ReconcileLine]:
         """One line per compared customer-day: expected against what Stripe recorded."""
-        within = {k: v for k, v in recorded.items() if self.first <= k[1] <= self.last}
+        within = {
+            (customer, day): v for (customer, day), v in recorded.items() if self.first <= day <= self.last
+        }
         return compare(self.expected, within, unknown)  # type: ignore[arg-type]
 
     def report(

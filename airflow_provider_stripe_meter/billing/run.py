@@ -558,7 +558,7 @@ class BillingRun:
             )
         oldest_day = day_of(oldest)
         for name, spec in book.specs.items():
-            keys = [key for key in aggregates if key[0] == name]  # (event name, customer, day)
+            keys = [key for key, aggregate in aggregates.items() if aggregate.event_name == name]
             if not keys:
                 continue
             meter = self._meter_days(name, spec, keys, aggregates, periods)
@@ -945,7 +945,9 @@ class BillingRun:
         for name, identifiers in self.accepted.items():
             spec = self.book.specs[name]
             sent = {
-                key: day for key, day in days.items() if key[0] == name and day.outcome == DayOutcome.SENT
+                key: day
+                for key, day in days.items()
+                if day.aggregate.event_name == name and day.outcome == DayOutcome.SENT
             }
             if not sent:
                 continue

@@ -182,12 +182,11 @@ class Settler:
         groups: dict[tuple[str, date], list[Entry]] = defaultdict(list)
         for entry in entries:
             groups[(entry.customer_id, day_of(entry.stamp))].append(entry)
-        self.judge(
-            [
-                InQuestion(group, certain[key], found.get(key, 0), key[0] in unknown)
-                for key, group in groups.items()
-            ]
-        )
+        questions = []
+        for key, group in groups.items():
+            customer, _ = key
+            questions.append(InQuestion(group, certain[key], found.get(key, 0), customer in unknown))
+        self.judge(questions)
 
     def judge(self, groups: list[InQuestion]) -> None:
         """Settle each group of rows against Stripe's figure for their customer and day (or part).

@@ -68,7 +68,11 @@ def mark_dropped(
     if not keys:
         return 0
     entries = ledger.entries_of(
-        account, meter_id, {k[0] for k in keys}, min(k[1] for k in keys), max(k[1] for k in keys)
+        account,
+        meter_id,
+        {customer for customer, _ in keys},
+        min(day for _, day in keys),
+        max(day for _, day in keys),
     )
     now = SYSTEM.now()
     changes = [
