@@ -647,7 +647,6 @@ def _measure_sql(mode: str, db: str) -> dict[str, Any]:
     from airflow.sdk import BaseHook
 
     from airflow_provider_stripe_meter.sources import row_chunks
-    from airflow_provider_stripe_meter.utils.aggregation import paused_gc
 
     BaseHook.get_connection("usage_db").get_hook()  # imports and connection lookup outside the timing
     import sqlalchemy  # noqa: F401  (imported by the database path: outside the timing too)
@@ -666,17 +665,23 @@ def _measure_sql(mode: str, db: str) -> dict[str, Any]:
     else:
         # A sum meter: no latest values looked up (the operator reads the meter to know).
         aggregator = op.read_usage(EVENT, needs_last=lambda names: set())
-        with paused_gc():
-            aggregates = aggregator.finish()
-        rows = aggregator.rows
-        extra = {
-            "aggregates": len(aggregates),
-            "fast_chunks": aggregator.fast_chunks,
-            "path": aggregator.path,
-        }
+        rows, extra = _finished(aggregator)
     seconds = time.perf_counter() - started
     start_mb, peak_mb = sampler.stop()
     return {"rows": rows, "seconds": seconds, "start_mb": start_mb, "peak_mb": peak_mb, **extra}
+
+
+def _finished(aggregator: Any) -> tuple[int, dict[str, Any]]:
+    """The aggregator's customer-days made (part of the timing), its rows and what the bench prints."""
+    from airflow_provider_stripe_meter.utils.aggregation import paused_gc
+
+    with paused_gc():
+        aggregates = aggregator.finish()
+    return aggregator.rows, {
+        "aggregates": len(aggregates),
+        "fast_chunks": aggregator.fast_chunks,
+        "path": aggregator.path,
+    }
 
 
 def _measure_duckdb(mode: str, path: str) -> dict[str, Any]:
@@ -731,14 +736,7 @@ def _measure_duckdb(mode: str, path: str) -> dict[str, Any]:
                 for chunk in fetched(sql):
                     aggregator.add_rows(chunk)
             aggregator.path = "worker"
-        with paused_gc():
-            aggregates = aggregator.finish()
-        rows = aggregator.rows
-        extra = {
-            "aggregates": len(aggregates),
-            "fast_chunks": aggregator.fast_chunks,
-            "path": aggregator.path,
-        }
+        rows, extra = _finished(aggregator)
     seconds = time.perf_counter() - started
     start_mb, peak_mb = sampler.stop()
     conn.close()
