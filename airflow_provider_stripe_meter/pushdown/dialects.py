@@ -57,8 +57,9 @@ class SqlDialect:
     in_process = False
     #: The database's name, as the result and the log give it.
     name = ""
-    #: Its DB-API session keeps a temporary table for the run's later statements, which name it
-    #: twice in one query: without, the days split at billing period boundaries stream.
+    #: The run may use temporary tables (split days' parts, refused names): its DB-API session
+    #: keeps them for the later statements, and a query may name one twice. Without, a night
+    #: that needs one streams to the worker.
     temp_tables = True
 
     def sqlalchemy(self) -> SaDialect:

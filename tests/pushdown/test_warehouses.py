@@ -29,6 +29,7 @@ from airflow_provider_stripe_meter.pushdown.queries import (
 from airflow_provider_stripe_meter.pushdown.registry import dialect_for
 from airflow_provider_stripe_meter.pushdown.source import aggregate_in_database
 from airflow_provider_stripe_meter.pushdown.warehouses import (
+    SF_REAL,
     BigQueryDialect,
     MysqlDialect,
     RedshiftDialect,
@@ -144,7 +145,7 @@ def test_airflows_connection_types_find_their_warehouse(conn_type: str, name: st
 @pytest.mark.parametrize(
     ("dialect", "codes", "message"),
     [
-        (SnowflakeDialect(), (2, 1, 8), "value column 'value' is of type 1, not NUMBER"),
+        (SnowflakeDialect(), (2, SF_REAL, 8), "value column 'value' is of type 1, not NUMBER"),
         (SnowflakeDialect(), (2, 0, 4), "timestamp column 'ts' is of type 4"),
         # NUMBER(p, 2) seconds: the connector hands Python a Decimal, not read as seconds.
         (SnowflakeDialect(), (2, 0, 0), "timestamp column 'ts' is of type 0, not .*NUMBER\\(p, 0\\)"),
