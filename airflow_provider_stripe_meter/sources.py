@@ -19,6 +19,8 @@ from airflow_provider_stripe_meter.utils.clock import SYSTEM
 if TYPE_CHECKING:
     import logging
 
+    from airflow_provider_stripe_meter.pushdown.ledger_diff import LedgerSide
+
 PROGRESS_SECONDS = 10.0
 #: Row fields in order: customer id, value, timestamp, and the event name where none is fixed.
 DEFAULT_COLUMNS = ("customer_id", "value", "timestamp", "event_name")
@@ -111,6 +113,7 @@ def aggregate_usage(
     split: Mapping[tuple[str, str], Sequence[int]] | None = None,
     aggregate_in: str = "auto",
     needs_last: Callable[[set[str]], set[str]] | None = None,
+    ledger: Callable[[], LedgerSide | None] | None = None,
 ) -> UsageAggregator:
     """Read the source and aggregate it per (event name, customer, UTC day), logging progress.
 
@@ -121,6 +124,9 @@ def aggregate_usage(
 
     :param needs_last: Of the event names found, those whose meter bills the ``last`` value
         (``None``: all): the database looks up latest values for those only.
+    :param ledger: The ledger, where it is in the query's own database: the database subtracts
+        it (:mod:`airflow_provider_stripe_meter.pushdown.ledger_diff`), only the customer-days
+        that differ come back, the rest are counted in the aggregator's ``unchanged``.
     :raises Unsupported: ``aggregate_in="database"`` and the database cannot aggregate this query.
     """
     if aggregate_in not in AGGREGATE_IN:
@@ -143,7 +149,14 @@ def aggregate_usage(
         aggregator = fresh()
         try:
             _in_database(
-                aggregator, sql, sql_conn_id, parameters, needs_last, log, forced=aggregate_in == "database"
+                aggregator,
+                sql,
+                sql_conn_id,
+                parameters,
+                needs_last,
+                log,
+                forced=aggregate_in == "database",
+                ledger=ledger,
             )
             return aggregator
         except Unsupported as err:
@@ -175,6 +188,7 @@ def _in_database(
     log: logging.Logger | Any,
     *,
     forced: bool,
+    ledger: Callable[[], LedgerSide | None] | None = None,
 ) -> None:
     """Aggregate ``sql`` in its database into ``aggregator``; :class:`Unsupported` says why not
     (unless ``forced``, a database in the worker's own process is left to the worker)."""
@@ -213,6 +227,7 @@ def _in_database(
                 # PostgreSQL's results stream through a named cursor on the same session; a
                 # DuckDB cursor is a connection of its own (no temporary tables of the run).
                 cursor=(lambda c: streaming_cursor(c, conn_type)) if dialect.name == "postgresql" else None,
+                ledger=ledger,
             )
         except Unsupported:
             raise
@@ -224,11 +239,12 @@ def _in_database(
     aggregator.path_reason = f"aggregated in {dialect.name}"
     aggregator.database = figures.as_dict()
     log.info(
-        "Aggregated %d rows in %s: %d customer-day groups back, %d rows checked on the worker, "
+        "Aggregated %d rows in %s: %d customer-day groups back%s, %d rows checked on the worker, "
         "%d statements, %.1f s",
         aggregator.rows,
         dialect.name,
         figures.groups,
+        f" ({figures.unchanged} more the ledger already holds)" if figures.unchanged is not None else "",
         figures.rows_checked,
         figures.statements,
         figures.seconds,

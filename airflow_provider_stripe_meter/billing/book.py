@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from airflow_provider_stripe_meter.billing.plans import DayPlan, Held, Key
     from airflow_provider_stripe_meter.utils.aggregation import DailyAggregate
     from airflow_provider_stripe_meter.utils.delivery import DeliveryReport
+    from airflow_provider_stripe_meter.utils.unchanged import Unchanged
 
 
 @dataclass(slots=True)
@@ -93,6 +94,8 @@ class RunBook:
     deactivated: set[str] = field(default_factory=set)
     #: Usage no open invoice carries, per outcome: customer-day parts and their value.
     held: dict[str, dict[str, int]] = field(default_factory=dict)
+    #: Customer-days the database found the ledger already holds: counted, never planned.
+    unchanged: Unchanged | None = None
     samples: Samples = field(init=False)
 
     def __post_init__(self) -> None:

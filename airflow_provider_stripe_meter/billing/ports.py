@@ -84,6 +84,10 @@ class LedgerStore(Protocol):
         self, account: str, meter_id: str, first: date, last: date, *, newest: bool = False
     ) -> dict[tuple[str, date], DayFigure]: ...
 
+    def figures_of(
+        self, account: str, meter_id: str, keys: Iterable[tuple[str, date]]
+    ) -> dict[tuple[str, date], DayFigure]: ...
+
     def open_entries(self, account: str, meter_id: str) -> list[Entry]: ...
 
     def entries_of(

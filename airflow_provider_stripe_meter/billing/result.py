@@ -135,6 +135,16 @@ def summarize(book: RunBook, settings: RunSettings, source: SourceFigures) -> Ba
         entry = totals[plan.event_name]
         in_stripe = outcome in IN_STRIPE or (outcome is None and plan.action == Action.LEAVE_ALONE)
         entry["recorded"] += plan.expected if in_stripe else (plan.recorded or 0)
+    unchanged = book.unchanged
+    for name in sorted(unchanged.event_names if unchanged is not None else ()):
+        # Left in the database, where the ledger holds them exactly: already recorded.
+        assert unchanged is not None
+        groups = unchanged.groups(name)
+        actions[Action.LEAVE_ALONE] += groups
+        if not dry:
+            counts[DayOutcome.ALREADY_RECORDED] += groups
+            by_meter[name][DayOutcome.ALREADY_RECORDED.value] += groups
+        totals[name]["recorded"] += unchanged.value.get(name, 0)
     late = _late(book, counts, by_meter, dry, source.late_rows)
     samples: dict[str, list[dict[str, Any]]] = {k: list(v) for k, v in source.samples.items()}
     for report in book.reports:
@@ -310,10 +320,11 @@ def _totals(book: RunBook) -> dict[str, dict[str, Any]]:
     """Per meter: its formula, customer-days, customers, the source's value and what is to be sent."""
     totals: dict[str, dict[str, Any]] = {}
     customers: dict[str, set[str]] = defaultdict(set)
-    for day in book.days.values():
-        plan, spec = day.plan, book.specs[day.plan.event_name]
-        entry = totals.setdefault(
-            plan.event_name,
+
+    def entry_of(name: str) -> dict[str, Any]:
+        spec = book.specs[name]
+        return totals.setdefault(
+            name,
             {
                 "formula": spec.formula,
                 "event_time_window": spec.event_time_window,
@@ -324,12 +335,24 @@ def _totals(book: RunBook) -> dict[str, dict[str, Any]]:
                 "to_send": 0,
             },
         )
+
+    for day in book.days.values():
+        plan = day.plan
+        entry = entry_of(plan.event_name)
         entry["aggregates"] += 1
         entry["value"] += plan.expected
-        entry["to_send"] += sum(e.value for e in plan.events) if spec.kind == ADD else 0
+        adds = book.specs[plan.event_name].kind == ADD
+        entry["to_send"] += sum(e.value for e in plan.events) if adds else 0
         customers[plan.event_name].add(plan.customer_id)
+    unchanged = book.unchanged
+    for name in sorted(unchanged.event_names if unchanged is not None else ()):
+        assert unchanged is not None
+        entry = entry_of(name)
+        entry["aggregates"] += unchanged.groups(name)
+        entry["value"] += unchanged.value.get(name, 0)
     for name, entry in totals.items():
-        entry["customers"] = len(customers[name])
+        # The customers all of whose days stayed in the database are counted there.
+        entry["customers"] = len(customers[name]) + (unchanged.customers.get(name, 0) if unchanged else 0)
     return totals
 
 

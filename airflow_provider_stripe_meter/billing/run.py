@@ -73,6 +73,7 @@ if TYPE_CHECKING:
     from airflow_provider_stripe_meter.billing.ports import CustomerStore, LedgerStore, Log, StripeMeters
     from airflow_provider_stripe_meter.billing.settings import RunSettings
     from airflow_provider_stripe_meter.ledger.entries import DayFigure
+    from airflow_provider_stripe_meter.utils.unchanged import Unchanged
 
 #: Events a run may plan for count meters (one event per row) before it refuses to start.
 MAX_COUNT_EVENTS = 1_000_000
@@ -102,6 +103,9 @@ class Usage:
     #: Event names the coverage is about even when the source has no row of them (a fixed
     #: ``event_name``): their billed days without rows are corrected too.
     event_names: frozenset[str] = frozenset()
+    #: Customer-days the database found the ledger already holds exactly (not in ``aggregates``):
+    #: counted as already recorded, never planned (``None``: the ledger was not subtracted).
+    unchanged: Unchanged | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,7 +178,11 @@ class BillingRun:
         aggregates = _merge([*usage.aggregates, *usage.late])
         self.covers, self.periods = usage.covers, usage.periods
         self.delivery.periods = usage.periods
+        self.book.unchanged = usage.unchanged
         names = {name for name, _, _ in aggregates} | (set(usage.event_names) if usage.covers else set())
+        if usage.unchanged is not None:
+            # A night the ledger holds whole still reads its meters and settles open rows.
+            names |= usage.unchanged.event_names
         if names:
             self.read_meters(names)
             self.settle()
@@ -204,6 +212,21 @@ class BillingRun:
         """Of ``event_names``, those whose meter bills the ``last`` value (their meters read now)."""
         self.read_meters(event_names)
         return {name for name in event_names if self.book.specs[name].kind not in (ADD, COUNT)}
+
+    def subtractable(self, event_names: set[str]) -> dict[str, tuple[str, bool]]:
+        """Of ``event_names``' active meters, those that sum or count: per event name, the meter id
+        and whether it counts rows. The database may leave their customer-days the ledger holds
+        exactly out of the run (:class:`Usage.unchanged`); a ``last`` meter's all come back.
+
+        Meters read here are not kept for the run (an event name the source has no row of is
+        not one of its meters); the hook lists the meters once either way.
+        """
+        out: dict[str, tuple[str, bool]] = {}
+        for name in sorted(event_names):
+            spec = self.book.specs.get(name) or meter_spec(self.stripe.active_meter(name))
+            if spec.kind in (ADD, COUNT):
+                out[name] = (spec.meter_id, spec.kind == COUNT)
+        return out
 
     def read_meters(self, event_names: set[str]) -> None:
         """Each meter's settings; an unknown or inactive meter fails before anything is sent.
@@ -599,9 +622,15 @@ class BillingRun:
         """What planning the customer-days ``keys`` of meter ``name`` reads of the ledger: one query for
         the days' figures, one for the rows of the days split at a period boundary."""
         days = [day for _, _, day in keys]
-        figures = self.ledger.figures(
-            self.account, spec.meter_id, min(days), max(days), newest=spec.kind not in (ADD, COUNT)
-        )
+        newest = spec.kind not in (ADD, COUNT)
+        if self.book.unchanged is not None and not newest:
+            # The database left out the days the ledger holds: the few that came back are read
+            # by day, or by customer where a day brought back few (not every day between).
+            figures = self.ledger.figures_of(
+                self.account, spec.meter_id, [(customer, day) for _, customer, day in keys]
+            )
+        else:
+            figures = self.ledger.figures(self.account, spec.meter_id, min(days), max(days), newest=newest)
         in_periods = periods is not None and periods.covers(name)
         split = [key for key in keys if aggregates[key].parts] if in_periods else []
         # A split day is planned part by part, from its rows (a few per customer a period).

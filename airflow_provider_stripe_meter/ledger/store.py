@@ -24,6 +24,8 @@ from airflow_provider_stripe_meter.utils.days import day_of
 DDL_TRIES = 5
 #: Rows per multi-row statement (SQLite allows 32,766 parameters; 16 columns x 500 rows fit).
 BATCH = 500
+#: A day with this many customer-days to read is read whole (:meth:`SqlLedger.figures_of`).
+WHOLE_DAY = 2_000
 #: Dialects whose ``INSERT ... ON CONFLICT DO NOTHING`` and ``WITH ... UPDATE ... FROM`` we use.
 NATIVE = ("sqlite", "postgres")
 
@@ -118,6 +120,23 @@ class SqlLedger:
 
     # -- reading ------------------------------------------------------------------------------
 
+    def figures_of(
+        self, account: str, meter_id: str, keys: Iterable[CustomerDayKey]
+    ) -> dict[CustomerDayKey, DayFigure]:
+        """:meth:`figures` (sums and counts) of the customer-days ``keys`` alone: a day with many
+        of them is read whole, the others customer by customer (in bounded queries)."""
+        by_day: dict[date, set[str]] = {}
+        for customer, day in keys:
+            by_day.setdefault(day, set()).add(customer)
+        out: dict[CustomerDayKey, DayFigure] = {}
+        for day, customers in sorted(by_day.items()):
+            if len(customers) >= WHOLE_DAY:
+                out.update(self.figures(account, meter_id, day, day))
+                continue
+            for chunk in _chunks(sorted(customers)):
+                out.update(self._figures(account, meter_id, day, day, chunk))
+        return out
+
     def figures(
         self, account: str, meter_id: str, first: date, last: date, *, newest: bool = False
     ) -> dict[CustomerDayKey, DayFigure]:
@@ -126,16 +145,37 @@ class SqlLedger:
         ``newest``: also find each day's newest event (what ``last`` and pre-aggregated meters
         bill), which reads the live rows themselves instead of per-day sums.
         """
+        out = self._figures(account, meter_id, first, last)
+        if newest:
+            live = self._marks(len(LIVE))
+            for customer, day, seq, value, stamp in self._query(
+                f"SELECT customer_id, day, seq, value, stamp FROM {self.table} "
+                f"WHERE account = ? AND meter_id = ? AND day >= ? AND day <= ? AND state IN ({live})",
+                (account, meter_id, first.isoformat(), last.isoformat(), *LIVE),
+            ):
+                figure = out[(customer, date.fromisoformat(day))]
+                if (stamp, seq) > (figure.newest_stamp, figure.newest_seq):
+                    figure.newest, figure.newest_stamp, figure.newest_seq = int(value), int(stamp), int(seq)
+                if seq > figure.last_sent_seq:
+                    figure.newest_sent, figure.last_sent_seq = int(value), int(seq)
+        return out
+
+    def _figures(
+        self, account: str, meter_id: str, first: date, last: date, customers: Sequence[str] = ()
+    ) -> dict[CustomerDayKey, DayFigure]:
+        """The live events folded per (customer, day) from ``first`` to ``last`` (of ``customers``
+        alone, where given)."""
         live, open_ = self._marks(len(LIVE)), self._marks(len(OPEN))
+        only = f" AND customer_id IN ({self._marks(len(customers))})" if customers else ""
         rows = self._query(
             f"SELECT customer_id, day, MAX(seq), "
             f"SUM(CASE WHEN state IN ({live}) THEN value ELSE 0 END), "
             f"SUM(CASE WHEN state IN ({live}) THEN 1 ELSE 0 END), "
             f"MAX(CASE WHEN state IN ({live}) THEN source_at ELSE -1 END), "
             f"SUM(CASE WHEN state IN ({open_}) THEN 1 ELSE 0 END) "
-            f"FROM {self.table} WHERE account = ? AND meter_id = ? AND day >= ? AND day <= ? "
+            f"FROM {self.table} WHERE account = ? AND meter_id = ? AND day >= ? AND day <= ?{only} "
             "GROUP BY customer_id, day",
-            (*LIVE, *LIVE, *LIVE, *OPEN, account, meter_id, first.isoformat(), last.isoformat()),
+            (*LIVE, *LIVE, *LIVE, *OPEN, account, meter_id, first.isoformat(), last.isoformat(), *customers),
         )
         out: dict[CustomerDayKey, DayFigure] = {}
         days: dict[str, date] = {}  # a few dozen days for millions of rows: parse each once
@@ -148,17 +188,6 @@ class SqlLedger:
                 open=int(open_count or 0),
             )
             out[(customer, days.get(day) or days.setdefault(day, date.fromisoformat(day)))] = figure
-        if newest:
-            for customer, day, seq, value, stamp in self._query(
-                f"SELECT customer_id, day, seq, value, stamp FROM {self.table} "
-                f"WHERE account = ? AND meter_id = ? AND day >= ? AND day <= ? AND state IN ({live})",
-                (account, meter_id, first.isoformat(), last.isoformat(), *LIVE),
-            ):
-                figure = out[(customer, date.fromisoformat(day))]
-                if (stamp, seq) > (figure.newest_stamp, figure.newest_seq):
-                    figure.newest, figure.newest_stamp, figure.newest_seq = int(value), int(stamp), int(seq)
-                if seq > figure.last_sent_seq:
-                    figure.newest_sent, figure.last_sent_seq = int(value), int(seq)
         return out
 
     def open_entries(self, account: str, meter_id: str) -> list[Entry]:

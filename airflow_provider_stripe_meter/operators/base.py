@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from airflow.sdk import Context
 
     from airflow_provider_stripe_meter.hooks.stripe import StripeHook
+    from airflow_provider_stripe_meter.pushdown.ledger_diff import LedgerSide
     from airflow_provider_stripe_meter.utils.aggregation import UsageAggregator
 
 #: Stripe's brand colour, for every task of this provider in the Airflow UI.
@@ -281,12 +282,14 @@ class StripeUsageSourceOperator(StripeBaseOperator):
         keep_too_old: bool = False,
         split: Mapping[tuple[str, str], Sequence[int]] | None = None,
         needs_last: Callable[[set[str]], set[str]] | None = None,
+        ledger: Callable[[], LedgerSide | None] | None = None,
     ) -> UsageAggregator:
         """Read the source and aggregate it per (event name, customer, UTC day), once.
 
         ``keep_too_old`` aggregates rows older than Stripe's window apart instead of skipping them;
         ``split`` gives per (event name, customer) the instants where a day is aggregated in parts;
-        ``needs_last`` says which event names' meters bill the ``last`` value (``None``: all).
+        ``needs_last`` says which event names' meters bill the ``last`` value (``None``: all);
+        ``ledger``, the ledger where it is in the query's database (subtracted there).
         :raises StripeParameterError: ``aggregate_in="database"`` and the database cannot.
         """
         from airflow_provider_stripe_meter.exceptions import StripeParameterError
@@ -294,7 +297,7 @@ class StripeUsageSourceOperator(StripeBaseOperator):
         from airflow_provider_stripe_meter.sources import aggregate_usage
 
         try:
-            return self._aggregate(event_name, keep_too_old, split, needs_last, aggregate_usage)
+            return self._aggregate(event_name, keep_too_old, split, needs_last, aggregate_usage, ledger)
         except Unsupported as err:
             raise StripeParameterError(
                 f'aggregate_in="database", but the query cannot be aggregated in its database: {err}',
@@ -308,6 +311,7 @@ class StripeUsageSourceOperator(StripeBaseOperator):
         split: Mapping[tuple[str, str], Sequence[int]] | None,
         needs_last: Callable[[set[str]], set[str]] | None,
         aggregate_usage: Callable[..., UsageAggregator],
+        ledger: Callable[[], LedgerSide | None] | None = None,
     ) -> UsageAggregator:
         return aggregate_usage(
             rows=self.rows,
@@ -325,4 +329,5 @@ class StripeUsageSourceOperator(StripeBaseOperator):
             split=split,
             aggregate_in=self.aggregate_in,
             needs_last=needs_last,
+            ledger=ledger,
         )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta, timezone, tzinfo
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +39,7 @@ from airflow_provider_stripe_meter.utils.aggregation import (
     paused_gc,
 )
 from airflow_provider_stripe_meter.utils.clock import SYSTEM
+from airflow_provider_stripe_meter.utils.days import SECONDS_PER_DAY
 from airflow_provider_stripe_meter.utils.rules import (
     NAIVE_TIMEZONE,
     MeterEventInputError,
@@ -52,7 +53,9 @@ if TYPE_CHECKING:
     from airflow_provider_stripe_meter.billing.result import BatchResult, SourceFigures
     from airflow_provider_stripe_meter.billing.run import BillingRun, Usage
     from airflow_provider_stripe_meter.ledger.store import SqlLedger
+    from airflow_provider_stripe_meter.pushdown.ledger_diff import LedgerSide
     from airflow_provider_stripe_meter.utils.aggregation import DailyAggregate, UsageAggregator
+    from airflow_provider_stripe_meter.utils.unchanged import Unchanged
 
 #: ``covers``'s default: the run's ``billing_window()``, each day only if the source has rows of it.
 DEFAULT_COVERS = "billing_window"
@@ -292,6 +295,7 @@ class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
                     # A database aggregating the query looks up latest values for last meters
                     # only: the meters are read first (once: the run keeps them).
                     needs_last=run.last_meters,
+                    ledger=self._ledger_side(run, ledger, context),
                 )
                 aggregates = aggregator.finish()
             # The run's "now" is when planning starts, as it was before the source was read.
@@ -308,6 +312,7 @@ class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
                 periods,
                 covers=self._coverage(context, aggregates, run.book.now),
                 event_names=frozenset({self.event_name} if self.event_name else ()),
+                unchanged=aggregator.unchanged,
             )
             # Millions of per-day objects and no cycles: the cyclic collector would walk them all
             # again and again while they are built.
@@ -326,9 +331,71 @@ class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
             MeterMetrics.for_task(context, self.billed_account()).batch(outcome, meters)
         self._raise_for(result, outcome, context)
         if not self.plan_only:
-            update_meter_assets(self, context, _asset_extra(outcome, aggregates), meters)
+            extra = _asset_extra(outcome, aggregates, aggregator.unchanged)
+            update_meter_assets(self, context, extra, meters)
         self.push_own_xcoms(context, outcome)
         return outcome
+
+    def _ledger_side(
+        self, run: BillingRun, ledger: SqlLedger, context: Context
+    ) -> Callable[[], LedgerSide | None] | None:
+        """The ledger, for the database to subtract where it is the query's own database
+        (``ledger_conn_id`` is ``sql_conn_id``): only the customer-days that differ come back.
+
+        Not on a recovery run (``adopt``), which asks Stripe about every customer-day of the
+        source; not with ``report_path``, whose table lists every customer-day; and not for the
+        days the run's coverage may declare (there a customer-day billed that has no rows any more
+        is a correction, found among every customer-day of the source).
+        """
+        from airflow_provider_stripe_meter.pushdown.ledger_diff import LedgerSide
+
+        if self.sql is None or self.ledger_conn_id != self.sql_conn_id or self.adopt or self.report_path:
+            return None
+
+        def side() -> LedgerSide | None:
+            names = {self.event_name} if self.event_name else self._active_event_names()
+            meters = run.subtractable(names)
+            if not meters:
+                return None
+            # The ledger's table exists before the database is asked to read it (a first run).
+            _ = ledger.conn
+            return LedgerSide(ledger.table, run.account, meters, apart=self._covered_days(context))
+
+        return side
+
+    def _active_event_names(self) -> set[str]:
+        """The event names of the account's active meters (the hook lists them once a run)."""
+        return {
+            name
+            for name, meters in self.hook.meters_by_event_name().items()
+            if any(m.get("status") == "active" for m in meters)
+        }
+
+    def _covered_days(self, context: Context) -> tuple[int, int] | None:
+        """The UTC day numbers, first and last, the run's coverage may hold (``None``: none).
+
+        Read before the source, wider than the coverage itself (which keeps only the days the
+        query returned rows of): a day inside it is planned in full, never left in the database.
+        """
+        from airflow_provider_stripe_meter.macros import as_of, whole_days
+        from airflow_provider_stripe_meter.utils.rules import to_unix_seconds
+
+        covers = self.covers
+        if covers is None or covers == "none":
+            return None
+        try:
+            if covers == DEFAULT_COVERS:
+                if context.get("data_interval_end") is None and context.get("dag_run") is None:
+                    return None
+                window = whole_days(as_of(context), 1)
+                start, end = to_unix_seconds(window.start), to_unix_seconds(window.end)
+            else:
+                start, end = (to_unix_seconds(v, naive_timezone=timezone.utc) for v in covers)
+        except (MeterEventInputError, TypeError, ValueError):
+            # Refused by _coverage, after the source is read, with the field named: until then
+            # every day the source holds is planned in full.
+            return (-(10**9), 10**9)
+        return (start // SECONDS_PER_DAY, max(start, end - 1) // SECONDS_PER_DAY)
 
     def _coverage(self, context: Context, aggregates: list[DailyAggregate], now: int) -> Coverage:
         """Where the source is the truth, from ``covers`` (checked before anything is sent)."""
@@ -501,9 +568,11 @@ class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
 def _source_figures(aggregator: UsageAggregator, aggregates: list[DailyAggregate]) -> SourceFigures:
     from airflow_provider_stripe_meter.billing.result import SourceFigures
 
+    unchanged = aggregator.unchanged
     return SourceFigures(
         rows=aggregator.rows,
-        aggregates=len(aggregates),
+        # With the customer-days the database found the ledger already holds.
+        aggregates=len(aggregates) + (unchanged.groups() if unchanged is not None else 0),
         problems=dict(aggregator.problems.counts),
         samples=dict(aggregator.problems.samples),
         late_rows=aggregator.too_old_rows,
@@ -513,12 +582,20 @@ def _source_figures(aggregator: UsageAggregator, aggregates: list[DailyAggregate
     )
 
 
-def _asset_extra(outcome: dict[str, Any], aggregates: list[DailyAggregate]) -> dict[str, Any]:
+def _asset_extra(
+    outcome: dict[str, Any], aggregates: list[DailyAggregate], unchanged: Unchanged | None = None
+) -> dict[str, Any]:
     """The run's figures for the meter Asset's event: what a downstream DAG needs to know."""
+    days = {a.day for a in aggregates}
+    customers = len({a.customer_id for a in aggregates})
+    if unchanged is not None:
+        # The customer-days left in the database: their days, and the customers of no other day.
+        days |= {day for per_day in unchanged.days.values() for day in per_day}
+        customers += unchanged.all_customers
     return {
         "success": outcome["success"],
-        "days": sorted({a.day.isoformat() for a in aggregates}),
-        "customers": len({a.customer_id for a in aggregates}),
+        "days": sorted(day.isoformat() for day in days),
+        "customers": customers,
         "aggregates": outcome["aggregates"],
         "sent": outcome["sent"],
         "already_recorded": outcome["already_recorded"],

@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import BigInteger, LargeBinary, and_, case, cast, func, literal, not_, or_
+from sqlalchemy import BigInteger, Date, LargeBinary, and_, case, cast, func, literal, not_, or_
 
 from airflow_provider_stripe_meter.pushdown import Unsupported
 from airflow_provider_stripe_meter.utils.days import SECONDS_PER_DAY
@@ -107,6 +107,14 @@ class SqlDialect:
         late). The operator as written: SQLAlchemy's ``/`` is true division (a float)."""
         return _floor_div(secs, SECONDS_PER_DAY, "/")
 
+    #: The ledger may be subtracted in this database's SQL (:mod:`.ledger_diff`): the ledger
+    #: writes its table natively here, and the tests run the statement on it.
+    ledger_diff = False
+
+    def iso_day_number(self, day: ColumnElement[Any]) -> ColumnElement[Any]:
+        """The day number of a ledger's ``YYYY-MM-DD`` day (days since 1970-01-01)."""
+        raise NotImplementedError
+
 
 class SqliteDialect(SqlDialect):
     """SQLite: a type per value (``typeof``); timestamps as ISO text or integer unix seconds."""
@@ -183,6 +191,12 @@ class SqliteDialect(SqlDialect):
     def is_text(self, x: ColumnElement[Any], code: Any) -> ColumnElement[Any]:
         return func.typeof(x) == literal("text")
 
+    ledger_diff = True
+
+    def iso_day_number(self, day: ColumnElement[Any]) -> ColumnElement[Any]:
+        # julianday() of a date is its noon-less start: 2440587.5 is 1970-01-01, exact in a double.
+        return cast(func.julianday(day) - literal(2440587.5), BigInteger)
+
 
 #: PostgreSQL type OIDs (``pg_type``), as psycopg reports them in ``cursor.description``.
 PG_INTEGERS = {20, 21, 23}  # int8, int2, int4
@@ -248,6 +262,12 @@ class PostgresDialect(SqlDialect):
             return v.isnot(None)
         # NaN and infinities: v - v is not 0 for them.
         return and_(v.isnot(None), v == func.trunc(v), (v - v) == 0)
+
+    ledger_diff = True
+
+    def iso_day_number(self, day: ColumnElement[Any]) -> ColumnElement[Any]:
+        # date - date is an integer number of days in PostgreSQL.
+        return cast(day, Date).op("-")(cast(literal("1970-01-01"), Date))
 
 
 class DuckdbDialect(SqlDialect):

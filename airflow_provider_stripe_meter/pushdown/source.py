@@ -25,10 +25,18 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field
+from datetime import date, timedelta
 from typing import TYPE_CHECKING, Any
 
 from airflow_provider_stripe_meter.pushdown import Unsupported
 from airflow_provider_stripe_meter.pushdown.dialects import ColumnTypes
+from airflow_provider_stripe_meter.pushdown.ledger_diff import (
+    ALL_CUSTOMERS,
+    CUSTOMERS,
+    UNCHANGED,
+    LedgerSide,
+    diff_query,
+)
 from airflow_provider_stripe_meter.pushdown.queries import (
     CHECK,
     FUTURE,
@@ -49,6 +57,7 @@ from airflow_provider_stripe_meter.utils.rules import (
     validate_customer_id,
     validate_event_name,
 )
+from airflow_provider_stripe_meter.utils.unchanged import Unchanged
 
 if TYPE_CHECKING:
     from airflow_provider_stripe_meter.pushdown.dialects import SqlDialect
@@ -58,6 +67,8 @@ if TYPE_CHECKING:
 FETCH = 10_000
 #: Rows inserted per statement into the table of split days' parts.
 INSERT_BATCH = 500
+#: Day number 0 of the statements' days.
+EPOCH = date(1970, 1, 1)
 #: Problem kinds by the statements' ``kind``, as the result names them.
 PROBLEM = {OLD: "skipped_too_old", FUTURE: "skipped_future"}
 
@@ -73,6 +84,8 @@ class DatabaseFigures:
     groups: int = 0
     #: Parts of split days sent to the temporary table.
     parts: int = 0
+    #: Customer-days the ledger in the same database already holds (not handed back).
+    unchanged: int | None = None
     seconds: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
@@ -82,6 +95,7 @@ class DatabaseFigures:
             "rows_checked": self.rows_checked,
             "groups": self.groups,
             "parts": self.parts,
+            **({"unchanged": self.unchanged} if self.unchanged is not None else {}),
             "seconds": round(self.seconds, 3),
         }
 
@@ -96,6 +110,7 @@ def aggregate_in_database(
     placeholder: str = "?",
     needs_last: Callable[[set[str]], set[str]] | None = None,
     cursor: Callable[[Any], Any] | None = None,
+    ledger: Callable[[], LedgerSide | None] | None = None,
 ) -> DatabaseFigures:
     """Aggregate ``sql`` in the database behind ``conn`` into ``aggregator`` (see the module).
 
@@ -103,6 +118,9 @@ def aggregate_in_database(
     :param needs_last: Of the event names found, those billed by a ``last`` meter (``None``:
         all): only their groups' latest values are looked up.
     :param cursor: Opens the cursor results are streamed through (default ``conn.cursor()``).
+    :param ledger: The ledger in this same database (asked only where the dialect subtracts it,
+        :mod:`.ledger_diff`): only the customer-days it does not hold exactly come back; the
+        others are counted in ``aggregator.unchanged``.
     :raises Unsupported: the query's columns, or a customer or event name, call for the
         streaming path; nothing was added to ``aggregator`` that it would not add.
     """
@@ -124,12 +142,13 @@ def aggregate_in_database(
         shape = Shape(
             dialect, types, fixed, aggregator.oldest, aggregator.newest, aggregator.keep_too_old, bool(parts)
         )
+        side = ledger() if ledger is not None and dialect.ledger_diff else None
         if parts:
             figures.parts = _fill_parts(cur, shape, parts, placeholder)
             figures.statements += 1
         try:
             _aggregate(
-                cur, conn, shape, sql, parameters, aggregator, figures, needs_last, cursor, placeholder
+                cur, conn, shape, sql, parameters, aggregator, figures, needs_last, cursor, placeholder, side
             )
         finally:
             if parts:
@@ -150,6 +169,7 @@ def _aggregate(
     needs_last: Callable[[set[str]], set[str]] | None,
     cursor: Callable[[Any], Any] | None,
     placeholder: str,
+    side: LedgerSide | None,
 ) -> None:
     """The statements of a run, their results fed to ``aggregator``."""
 
@@ -170,7 +190,9 @@ def _aggregate(
 
     keep = aggregator.keep_too_old
     refused = _Refused()
-    groups, counts = _read_groups(run(groups_query(shape)), shape, aggregator.event_name, keep, refused)
+    unchanged = Unchanged() if side is not None else None
+    first = diff_query(shape, side) if side is not None else groups_query(shape)
+    groups, counts = _read_groups(run(first), shape, aggregator.event_name, keep, refused, unchanged, side)
     if refused and not shape.dialect.temp_tables:
         # Their rows are checked one by one through a temporary table (before anything is added).
         raise Unsupported(
@@ -187,6 +209,10 @@ def _aggregate(
     aggregator.add_groups(g[1:] for g in groups if g[0] == GOOD)
     aggregator.add_too_old_groups((g[1], g[2], g[3], g[5], g[6], g[7], g[8]) for g in groups if g[0] == OLD)
     aggregator.rows += sum(counts.values()) + sum(g[7] for g in groups)
+    if unchanged is not None:
+        aggregator.rows += unchanged.rows
+        aggregator.unchanged = unchanged
+        figures.unchanged = unchanged.groups()
     if counts.get(CHECK) or counts.get(FUTURE) or (counts.get(OLD) and not keep):
         if refused:
             figures.statements += _fill_refused(shared, shape.dialect.name == "sqlite", refused, placeholder)
@@ -221,10 +247,17 @@ class _Refused:
 
 
 def _read_groups(
-    rows: Iterable[Sequence[Any]], shape: Shape, event_name: str | None, keep: bool, refused: _Refused
+    rows: Iterable[Sequence[Any]],
+    shape: Shape,
+    event_name: str | None,
+    keep: bool,
+    refused: _Refused,
+    unchanged: Unchanged | None = None,
+    side: LedgerSide | None = None,
 ) -> tuple[list[Group], dict[int, int]]:
     """The kept groups, and per kind the rows only counted here (``CHECK`` ones include those of
-    a customer or event name Python refuses, noted in ``refused``)."""
+    a customer or event name Python refuses, noted in ``refused``); the summaries of the groups
+    the ledger holds (:mod:`.ledger_diff`) go to ``unchanged``."""
     groups: list[Group] = []
     counts: dict[int, int] = {}
     good: dict[Any, bool] = {}
@@ -247,7 +280,13 @@ def _read_groups(
         e = event_name if shape.fixed_event else rest.pop(0)
         c, day = rest[0], rest[1]
         part = rest[2] if shape.parts else None
-        total, n, latest = rest[-3], int(rest[-2]), rest[-1]
+        total, n, latest = rest[-3], rest[-2], rest[-1]
+        if kind >= UNCHANGED:
+            assert unchanged is not None
+            assert side is not None
+            _summary(unchanged, side, kind, e, day, total, n, latest, fixed=shape.fixed_event)
+            continue
+        n = int(n)
         if kind != CHECK and not (
             fine(("c", c), lambda v: validate_customer_id(v[1]), refused.customers)
             & (shape.fixed_event or fine(("e", e), lambda v: validate_event_name(v[1]), refused.events))
@@ -262,6 +301,31 @@ def _read_groups(
     refused.customers = {v for _, v in refused.customers}
     refused.events = {v for _, v in refused.events}
     return groups, counts
+
+
+def _summary(
+    unchanged: Unchanged,
+    side: LedgerSide,
+    kind: int,
+    e: Any,
+    day: Any,
+    total: Any,
+    n: Any,
+    count: Any,
+    *,
+    fixed: bool,
+) -> None:
+    """One summary row of :func:`.ledger_diff.diff_query` into ``unchanged``."""
+    if kind == UNCHANGED:
+        # The source's figure of a count meter's day is its rows; of a sum meter's, its sum.
+        value = int(n) if side.meters[e][1] else int(total)
+        unchanged.add_days(e, EPOCH + timedelta(days=int(day)), int(count), value, int(n))
+    elif kind == CUSTOMERS:
+        unchanged.customers[e] = int(n)
+        if fixed:
+            unchanged.all_customers = int(n)
+    elif kind == ALL_CUSTOMERS:
+        unchanged.all_customers = int(n)
 
 
 def _fill_refused(cur: Any, untyped: bool, refused: _Refused, placeholder: str) -> int:

@@ -222,6 +222,8 @@ class RedshiftDialect(PostgresDialect):
 
     conn_types = ("redshift",)
     name = "redshift"
+    #: Its SQL is PostgreSQL's, but its ledger is written row by row: not subtracted there.
+    ledger_diff = False
 
     def prepare(self, cur: Any) -> None:
         # work_mem and jit are PostgreSQL's settings: Redshift has neither.

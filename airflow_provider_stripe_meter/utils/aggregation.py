@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone, tzinfo
 from itertools import compress, repeat
 from operator import attrgetter, eq, itemgetter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from airflow_provider_stripe_meter.utils.days import EPOCH_ORDINAL, SECONDS_PER_DAY, day_numbered, iso_utc
 from airflow_provider_stripe_meter.utils.rules import (
@@ -43,6 +43,9 @@ from airflow_provider_stripe_meter.utils.rules import (
     validate_event_name,
     validate_value,
 )
+
+if TYPE_CHECKING:
+    from airflow_provider_stripe_meter.utils.unchanged import Unchanged
 
 #: Rows must be this much younger than Stripe's 35 days, so none expires between check and send.
 DEFAULT_SAFETY_MARGIN = timedelta(hours=1)
@@ -168,6 +171,8 @@ class UsageAggregator:
         #: With ``keep_too_old``: rows older than the window, and their aggregates (after finish()).
         self.too_old_rows = 0
         self.too_old: list[DailyAggregate] = []
+        #: Customer-days the database found the ledger already holds (``None``: not subtracted).
+        self.unchanged: Unchanged | None = None
         # Fast path, fixed event name: UTC day number -> customer -> [sum, latest naive-UTC
         # datetime, rows, latest value]; folded into _totals when the aggregates are read.
         self._fast_days: dict[int, dict[str, list[Any]]] = {}

@@ -74,8 +74,9 @@ class World:
         self.results: list[dict[str, Any]] = []
         #: Requests in flight at most (``None``: from the pace, several at once).
         self.concurrency: int | None = None
-        #: Where the source's rows are summed: ``"worker"`` (row by row in Python) or
-        #: ``"database"`` (the SQL the operator pushes down, run on an in-memory SQLite table).
+        #: Where the source's rows are summed: ``"worker"`` (row by row in Python),
+        #: ``"database"`` (the SQL the operator pushes down, run on an in-memory SQLite table) or
+        #: ``"ledger"`` (that SQL on a table beside the ledger, which the database subtracts).
         self.aggregate_in = "worker"
 
     def clock(self) -> float:
@@ -126,31 +127,37 @@ class World:
             keep_too_old=too_old == "bill_at_oldest",
             split=periods.split() if periods is not None else None,
         )
-        if self.aggregate_in == "database":
+        coverage = (
+            Coverage.between(since, until if until is not None else now + 1, now)
+            if covers == "query" and since is not None
+            else covers
+            if isinstance(covers, Coverage)
+            else NOTHING
+        )
+        if self.aggregate_in == "ledger" and not adopt:
+            self._aggregate_in_database(aggregator, since, end, subtract=coverage)
+        elif self.aggregate_in in ("database", "ledger"):
             self._aggregate_in_database(aggregator, since, end)
         else:
             aggregator.add_rows(rows)
         aggregates = aggregator.finish()
+        unchanged = aggregator.unchanged
         usage = Usage(
             aggregates,
             SourceFigures(
                 rows=aggregator.rows,
-                aggregates=len(aggregates),
+                aggregates=len(aggregates) + (unchanged.groups() if unchanged is not None else 0),
                 problems=dict(aggregator.problems.counts),
                 samples=dict(aggregator.problems.samples),
                 late_rows=aggregator.too_old_rows,
+                database=aggregator.database,
             ),
             tuple(aggregator.too_old),
             aggregator.oldest,
-            covers=(
-                Coverage.between(since, until if until is not None else now + 1, now)
-                if covers == "query" and since is not None
-                else covers
-                if isinstance(covers, Coverage)
-                else NOTHING
-            ),
+            covers=coverage,
             periods=periods,
             event_names=frozenset({EVENT}),
+            unchanged=unchanged,
         )
         settings = RunSettings(
             api=api,  # type: ignore[arg-type]
@@ -187,13 +194,36 @@ class World:
         self.results.append(result)
         return result
 
-    def _aggregate_in_database(self, aggregator: UsageAggregator, since: int | None, end: int) -> None:
+    def _aggregate_in_database(
+        self, aggregator: UsageAggregator, since: int | None, end: int, *, subtract: Coverage | None = None
+    ) -> None:
         """The rows of ``[since, end)`` summed by the operator's pushed-down SQL, from a table of
-        integer unix seconds (every row vouched for by the SQL: none is checked in Python)."""
+        integer unix seconds (every row vouched for by the SQL: none is checked in Python).
+
+        ``subtract``: the table lives beside the ledger, which the database subtracts (as the
+        operator does where ``ledger_conn_id`` is ``sql_conn_id``), except on the days of this
+        coverage, as the operator keeps its coverage's days apart.
+        """
         from airflow_provider_stripe_meter.pushdown.dialects import SqliteDialect
+        from airflow_provider_stripe_meter.pushdown.ledger_diff import LedgerSide
         from airflow_provider_stripe_meter.pushdown.source import aggregate_in_database
 
-        con = sqlite3.connect(":memory:")
+        side = None
+        if subtract is not None:
+            # The ledger's own connection (its table created on first use): the usage beside it.
+            store = self.store()
+            con = store.conn
+            con.execute("DROP TABLE IF EXISTS usage")
+            days = subtract.days
+            apart = (days[0].toordinal() - EPOCH, days[-1].toordinal() - EPOCH) if days else None
+            # As the run's subtractable(): a raw sum or count meter (a pre-aggregated one bills its
+            # newest event).
+            if self.formula in ("sum", "count") and self.meter.event_time_window is None:
+                meters = {EVENT: (self.meter.id, self.formula == "count")}
+                side = LedgerSide("stripe_meter_ledger", "platform", meters, apart)
+        else:
+            store = SqlLedger(lambda: sqlite3.connect(":memory:"), create=False)
+            con = store.conn
         try:
             con.execute("CREATE TABLE usage (customer_id TEXT, value INTEGER, used_at INTEGER)")
             con.executemany("INSERT INTO usage VALUES (?, ?, ?)", self.rows)
@@ -203,10 +233,14 @@ class World:
                 "SELECT customer_id, value, used_at FROM usage WHERE used_at >= ? AND used_at < ?",
                 (since if since is not None else -(2**62), end),
                 aggregator,
+                ledger=(lambda: side) if side is not None else None,
             )
             assert figures.rows_checked == 0, figures
+            aggregator.database = figures.as_dict()
+            #: What the last run's database left out, the ledger holding it (``None``: not subtracted).
+            self.unchanged = figures.unchanged
         finally:
-            con.close()
+            store.close()
 
     def run_confirmed(self, **kwargs: Any) -> dict[str, Any]:
         """A run with ``confirm="summaries"``: it reads back every customer it sent to."""
@@ -245,6 +279,9 @@ class World:
             return con.execute(
                 "SELECT customer_id, day, seq, value, state FROM stripe_meter_ledger ORDER BY 1, 2, 3"
             ).fetchall()
+
+
+EPOCH = date(1970, 1, 1).toordinal()
 
 
 def day_of(stamp: int) -> date:

@@ -64,3 +64,35 @@ def test_forced_into_a_database_that_cannot_fails_at_once_and_sends_nothing(secr
     assert task_states(dag_run)["bill"] == "failed"
     assert secret_server.stats["v1_meter_event"] == 0
     assert secret_server.ledger.totals() == {}
+
+
+def test_a_rerun_beside_its_ledger_leaves_the_billed_days_in_the_database(secret_server, usage_db):
+    # The ledger is in the usage's own database (no ledger_conn_id): a run after the worker's
+    # bills nothing, reads back only the days its coverage holds, and reports what a re-run on
+    # the worker reports.
+    _usage(usage_db)
+    first = xcoms(run_dag("t_batch_on_worker"), "bill")
+    before = dict(secret_server.stats)
+
+    database = xcoms(run_dag("t_batch_in_database"), "bill")
+
+    asked = {k: v - before.get(k, 0) for k, v in secret_server.stats.items() if v != before.get(k, 0)}
+    assert database["aggregated_in"] == "database"
+    left = database["database"]["unchanged"]
+    # Of the days before the one the run covers, every customer-day stayed in the database.
+    assert left > 0
+    assert database["database"]["groups"] + left == first["aggregates"]
+    assert (database["sent"], database["events_sent"]) == (0, 0)
+    assert database["already_recorded"] == first["sent"]
+    before = dict(secret_server.stats)
+    worker = xcoms(run_dag("t_batch_on_worker"), "bill")
+    # The same requests as a re-run on the worker (the meter read; no customer, no summary).
+    assert asked == {k: v - before.get(k, 0) for k, v in secret_server.stats.items() if v != before.get(k, 0)}
+    assert "v1_summaries" not in asked
+    assert _what(database) == _what(worker)
+
+
+def _what(xcom: dict) -> dict:
+    """What became of the usage: without how it was read, or seconds measured on the way."""
+    how = {"aggregated_in", "aggregated_because", "database", "seconds", "return_value"}
+    return {k: _what(v) if isinstance(v, dict) else v for k, v in xcom.items() if k not in how}
