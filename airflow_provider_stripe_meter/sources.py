@@ -214,6 +214,9 @@ def _in_database(
             f"{dialect.name} runs in the worker's process: its rows cross no network, and the worker "
             'sums them faster (aggregate_in="database" sums them in SQL)'
         )
+    # The ledger's side is read first (the meters, the ledger's table created): an error there
+    # (a meter that does not exist) is the run's own, not a statement the database refused.
+    side = ledger() if ledger is not None and dialect.ledger_diff else None
     with closing(hook.get_conn()) as conn:
         try:
             figures = aggregate_in_database(
@@ -227,7 +230,7 @@ def _in_database(
                 # PostgreSQL's results stream through a named cursor on the same session; a
                 # DuckDB cursor is a connection of its own (no temporary tables of the run).
                 cursor=(lambda c: streaming_cursor(c, conn_type)) if dialect.name == "postgresql" else None,
-                ledger=ledger,
+                ledger=(lambda: side) if side is not None else None,
             )
         except Unsupported:
             raise

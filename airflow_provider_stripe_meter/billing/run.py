@@ -223,7 +223,12 @@ class BillingRun:
         """
         out: dict[str, tuple[str, bool]] = {}
         for name in sorted(event_names):
-            spec = self.book.specs.get(name) or meter_spec(self.stripe.active_meter(name))
+            try:
+                spec = self.book.specs.get(name) or meter_spec(self.stripe.active_meter(name))
+            except MeterUnsupportedError:
+                # A meter the run cannot bill (another team's, say): not subtracted; a source
+                # row of it fails the run when its meters are read, as on the worker.
+                continue
             if spec.kind in (ADD, COUNT):
                 out[name] = (spec.meter_id, spec.kind == COUNT)
         return out

@@ -343,13 +343,15 @@ class StripeMeterEventBatchOperator(StripeUsageSourceOperator):
         (``ledger_conn_id`` is ``sql_conn_id``): only the customer-days that differ come back.
 
         Not on a recovery run (``adopt``), which asks Stripe about every customer-day of the
-        source; not with ``report_path``, whose table lists every customer-day; and not for the
-        days the run's coverage may declare (there a customer-day billed that has no rows any more
-        is a correction, found among every customer-day of the source).
+        source; not on a dry run or with ``report_path``, whose plan and table list every
+        customer-day; and not for the days the run's coverage may declare (there a customer-day
+        billed that has no rows any more is a correction, found among every customer-day of the
+        source).
         """
         from airflow_provider_stripe_meter.pushdown.ledger_diff import LedgerSide
 
-        if self.sql is None or self.ledger_conn_id != self.sql_conn_id or self.adopt or self.report_path:
+        every_day = self.adopt or self.plan_only or self.report_path
+        if self.sql is None or self.ledger_conn_id != self.sql_conn_id or every_day:
             return None
 
         def side() -> LedgerSide | None:

@@ -115,6 +115,14 @@ class SqlDialect:
         """The day number of a ledger's ``YYYY-MM-DD`` day (days since 1970-01-01)."""
         raise NotImplementedError
 
+    #: The database hashes text to 64 bits (:meth:`text_hash`): the ledger is compared day by
+    #: day through digests, not customer-day by customer-day (:mod:`.ledger_diff`).
+    hashes_text = False
+
+    def text_hash(self, x: ColumnElement[Any], seed: int) -> ColumnElement[Any]:
+        """A 64-bit hash of text ``x`` with ``seed`` (where :attr:`hashes_text`)."""
+        raise NotImplementedError
+
 
 class SqliteDialect(SqlDialect):
     """SQLite: a type per value (``typeof``); timestamps as ISO text or integer unix seconds."""
@@ -268,6 +276,13 @@ class PostgresDialect(SqlDialect):
     def iso_day_number(self, day: ColumnElement[Any]) -> ColumnElement[Any]:
         # date - date is an integer number of days in PostgreSQL.
         return cast(day, Date).op("-")(cast(literal("1970-01-01"), Date))
+
+    hashes_text = True
+
+    def text_hash(self, x: ColumnElement[Any], seed: int) -> ColumnElement[Any]:
+        # hashtextextended (PostgreSQL 11 and later): the 64-bit hash of hash indexes, seeded.
+        # https://www.postgresql.org/docs/current/functions-info.html
+        return func.hashtextextended(x, literal(seed))
 
 
 class DuckdbDialect(SqlDialect):

@@ -200,6 +200,45 @@ def test_sql_path_streams_from_postgres(secret_server, usage_pg):
     assert len(days) == outcome["aggregates"] == len(secret_server.ledger.accepted())
 
 
+@pytest.mark.postgres
+def test_a_rerun_on_postgres_leaves_the_days_its_ledger_holds_in_the_database(secret_server, usage_pg):
+    # The ledger lives beside the usage (no ledger_conn_id): PostgreSQL compares each day's
+    # figures and digests with the ledger's, and only the days that differ come back.
+    now = datetime.now(timezone.utc)
+    rows = [(f"cus_{n % 40:02d}", 1_000 + n, now - timedelta(hours=n % 240)) for n in range(3_000)]
+    with usage_pg.cursor() as cur:
+        cur.executemany("INSERT INTO usage VALUES (%s, %s, %s)", rows)
+    first = xcoms(run_dag("t_batch_postgres", logical_date=pendulum.now("UTC")), "bill")
+    assert first["success"] is True
+    assert first["database"]["unchanged"] == 0
+
+    again = xcoms(run_dag("t_batch_postgres", logical_date=pendulum.now("UTC")), "bill")
+
+    assert (again["events_sent"], again["success"]) == (0, True)
+    assert again["already_recorded"] == again["aggregates"] == first["aggregates"]
+    left = again["database"]["unchanged"]
+    assert left > 0
+    assert again["database"]["groups"] + left == first["aggregates"]
+    assert again["totals"] == {
+        **first["totals"],
+        "ai_tokens_used": {**first["totals"]["ai_tokens_used"], "to_send": 0},
+    }
+
+    # A late row on a day billed before: that day comes back, and the row is billed.
+    late = now - timedelta(hours=100)
+    with usage_pg.cursor() as cur:
+        cur.execute("INSERT INTO usage VALUES ('cus_07', 5, %s)", (late,))
+        cur.execute(
+            "SELECT customer_id, SUM(tokens) FROM usage WHERE used_at >= now() - interval '30 days' "
+            "GROUP BY customer_id"
+        )
+        expected = {customer: int(total) for customer, total in cur.fetchall()}
+    third = xcoms(run_dag("t_batch_postgres", logical_date=pendulum.now("UTC")), "bill")
+    assert (third["events_sent"], third["success"]) == (1, True)
+    assert third["database"]["unchanged"] < left
+    assert secret_server.ledger.totals() == expected
+
+
 def test_preflight_catches_an_unknown_event_name_before_anything_is_sent(secret_server):
     secret_server.ledger.add_meter("api_calls")
     rows = [["cus_a", 5, at(-1, 10), "ai_tokens_used"], ["cus_a", 2, at(-1, 20), "api_calls"]]

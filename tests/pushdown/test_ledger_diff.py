@@ -240,7 +240,14 @@ def _usage() -> list[tuple[str, int, int]]:
     ]
 
 
-def _subtract(connect: Callable[[], Any], dialect: Any, placeholder: str, counts: bool = False) -> Any:
+def _subtract(
+    connect: Callable[[], Any],
+    dialect: Any,
+    placeholder: str,
+    counts: bool = False,
+    ledger_rows: list[Any] | None = None,
+    usage: list[tuple[str, int, int]] | None = None,
+) -> Any:
     from airflow_provider_stripe_meter.ledger.store import SqlLedger
     from airflow_provider_stripe_meter.pushdown.ledger_diff import LedgerSide
     from airflow_provider_stripe_meter.pushdown.source import aggregate_in_database
@@ -252,10 +259,10 @@ def _subtract(connect: Callable[[], Any], dialect: Any, placeholder: str, counts
     )
     cur = conn.cursor()
     cur.execute(f"DROP TABLE IF EXISTS {ledger.table}")
-    ledger.insert(_ledger_rows())
+    ledger.insert(ledger_rows if ledger_rows is not None else _ledger_rows())
     cur.execute("DROP TABLE IF EXISTS diff_usage")
     cur.execute("CREATE TABLE diff_usage (customer_id VARCHAR(40), value BIGINT, secs BIGINT)")
-    for row in _usage():
+    for row in usage if usage is not None else _usage():
         cur.execute(f"INSERT INTO diff_usage VALUES ({placeholder}, {placeholder}, {placeholder})", row)
     conn.commit()
     aggregator = UsageAggregator(event_name="e", now=NOW, columns=("customer_id", "value", "secs"))
@@ -287,17 +294,11 @@ def _sqlite_connect(tmp_path: Any) -> Callable[[], Any]:
     return lambda: sqlite3.connect(tmp_path / "diff.db")
 
 
-@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
-def test_only_the_customer_days_the_ledger_holds_exactly_stay_in_the_database(
-    tmp_path: Any, database: str, request: pytest.FixtureRequest
-) -> None:
-    from airflow_provider_stripe_meter.pushdown.dialects import PostgresDialect, SqliteDialect
+def test_only_the_customer_days_the_ledger_holds_exactly_stay_in_the_database(tmp_path: Any) -> None:
+    from airflow_provider_stripe_meter.pushdown.dialects import SqliteDialect
 
-    if database == "sqlite":
-        figures, unchanged, back = _subtract(_sqlite_connect(tmp_path), SqliteDialect(), "?")
-    else:
-        connect = request.getfixturevalue("pg_dsn_connect")
-        figures, unchanged, back = _subtract(connect, PostgresDialect(), "%s")
+    # SQLite compares customer-day by customer-day.
+    figures, unchanged, back = _subtract(_sqlite_connect(tmp_path), SqliteDialect(), "?")
     # Left in the database: cus_same's two days (15 and 7, as the ledger holds them).
     assert unchanged.groups() == 2
     assert unchanged.value == {"e": 22}
@@ -320,3 +321,73 @@ def test_a_count_meter_compares_rows_with_events(tmp_path: Any) -> None:
     assert unchanged.groups() == 3
     assert unchanged.value == {"e": 4}
     assert ("cus_more", 1) not in back
+
+
+def _spread(
+    rows: list[Any], usage: list[tuple[str, int, int]]
+) -> tuple[list[Any], list[tuple[str, int, int]]]:
+    """The same situations, each on a day of its own (by its customer), as PostgreSQL compares
+    day by day: a day comes back whole or stays whole."""
+    from dataclasses import replace
+    from datetime import timedelta
+
+    customers = sorted({r[0] for r in usage} | {e.customer_id for e in rows})
+    back = {c: i for i, c in enumerate(customers)}
+    spread_rows = [
+        replace(
+            e,
+            day=e.day - timedelta(days=3 * back[e.customer_id]),
+            identifier=f"{e.identifier}-s",
+            part=e.part - 3 * back[e.customer_id] * DAY if e.part else 0,
+        )
+        for e in rows
+    ]
+    spread_usage = [(c, v, t - 3 * back[c] * DAY) for c, v, t in usage]
+    return spread_rows, spread_usage
+
+
+def test_postgresql_compares_day_by_day_through_digests(pg_dsn_connect: Callable[[], Any]) -> None:
+    from airflow_provider_stripe_meter.pushdown.dialects import PostgresDialect
+
+    rows, usage = _spread(_ledger_rows(), _usage())
+    figures, unchanged, back = _subtract(
+        pg_dsn_connect, PostgresDialect(), "%s", ledger_rows=rows, usage=usage
+    )
+    # cus_same's two days stay (it is first: its days are the original ones); every other
+    # situation's day comes back, as on SQLite.
+    assert unchanged.groups() == 2
+    assert unchanged.value == {"e": 22}
+    assert (unchanged.customers, unchanged.all_customers) == ({"e": 1}, 1)
+    assert [c for c, _ in back] == ["cus_gone", "cus_meter", "cus_more", "cus_new", "cus_open", "cus_split"]
+    assert (figures.groups, figures.unchanged) == (6, 2)
+
+
+@pytest.mark.parametrize("counts", [False, True], ids=["sum", "count"])
+def test_postgresql_digests_see_usage_moved_between_customers_of_one_day(
+    pg_dsn_connect: Callable[[], Any], counts: bool
+) -> None:
+    from dataclasses import replace
+
+    from airflow_provider_stripe_meter.pushdown.dialects import PostgresDialect
+
+    # The ledger billed cus_a 10 in one event and cus_b 5 in two; the source now holds two rows
+    # of cus_a (5 in all) and one of cus_b (10): the day's sum (15) and rows (3) are the same,
+    # its customers' figures are not.
+    template = _ledger_rows()[0]
+    rows = [
+        replace(template, customer_id=c, seq=seq, value=v, identifier=f"id-{c}-{seq}")
+        for c, seq, v in (("cus_a", 1, 10), ("cus_b", 1, 2), ("cus_b", 2, 3))
+    ]
+    at = (TODAY - 1) * DAY + 3 * HOUR
+    usage = [("cus_a", 3, at), ("cus_a", 2, at), ("cus_b", 10, at)]
+    _, unchanged, back = _subtract(
+        pg_dsn_connect, PostgresDialect(), "%s", counts=counts, ledger_rows=rows, usage=usage
+    )
+    assert unchanged.groups() == 0
+    assert back == [("cus_a", 1), ("cus_b", 1)]
+    # The same rows as billed stay.
+    same = [("cus_a", 10, at), ("cus_b", 2, at), ("cus_b", 3, at)]
+    _, unchanged, back = _subtract(
+        pg_dsn_connect, PostgresDialect(), "%s", counts=counts, ledger_rows=rows, usage=same
+    )
+    assert (unchanged.groups(), back) == (2, [])
