@@ -46,7 +46,7 @@ from datetime import date
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
-    BigInteger,
+    Numeric,
     and_,
     case,
     cast,
@@ -57,23 +57,29 @@ from sqlalchemy import (
     or_,
     select,
     table,
+    tuple_,
     union_all,
 )
 from sqlalchemy.sql.elements import quoted_name
 
 from airflow_provider_stripe_meter.ledger.entries import LIVE, OPEN
-from airflow_provider_stripe_meter.pushdown.queries import CHECK, GOOD, OLD, Shape, groups_query
+from airflow_provider_stripe_meter.pushdown.queries import (
+    CHECK,
+    GOOD,
+    OLD,
+    Shape,
+    _keys,
+    classified,
+    groups_query,
+)
 from airflow_provider_stripe_meter.utils.days import SECONDS_PER_DAY
 
 if TYPE_CHECKING:
     from sqlalchemy.sql.elements import ColumnElement
-    from sqlalchemy.sql.selectable import CTE, CompoundSelect
+    from sqlalchemy.sql.selectable import CTE, CompoundSelect, Select
 
 #: The kinds of the summary rows (beside :data:`~.queries.GOOD` and the others).
 UNCHANGED, CUSTOMERS, ALL_CUSTOMERS = 10, 11, 12
-#: The digests' moduli: two primes near 2^30, so a hash's part times a figure (each reduced
-#: modulo the prime) fits a 64-bit integer, and a day's sum of millions of them too.
-DIGESTS = (1_000_000_007, 998_244_353)
 
 
 @dataclass(frozen=True)
@@ -108,18 +114,11 @@ def diff_query(shape: Shape, side: LedgerSide) -> CompoundSelect:
         clean.append(g.part.is_(None))
     if side.apart is not None:
         clean.append(or_(g.day < side.apart[0], g.day > side.apart[1]))
-    if shape.dialect.hashes_text:
-        same_days = _same_days(shape, side, groups, tainted, meter_of).cte("stripe_meter_same_days")
-        s = same_days.c
-        on = [s.day == g.day] + ([] if fixed else [s.e == g.e])
-        source = source.outerjoin(same_days, and_(*on))
-        clean.append(s.day.isnot(None))
-    else:
-        held = _held_per_customer_day(shape, side).cte("stripe_meter_ledger_days")
-        h = held.c
-        on = [h.lc == g.c, h.ld == g.day] + ([] if fixed else [h.m == meter_of])
-        source = source.outerjoin(held, and_(*on))
-        clean += [h.lx == 0, _formula(side, fixed, g, lambda n: (h.lt, h.le))]
+    held = _held_per_customer_day(shape, side).cte("stripe_meter_ledger_days")
+    h = held.c
+    on = [h.lc == g.c, h.ld == g.day] + ([] if fixed else [h.m == meter_of])
+    source = source.outerjoin(held, and_(*on))
+    clean += [h.lx == 0, _formula(side, fixed, g, lambda n: (h.lt, h.le))]
     joined = (
         select(*groups.c, case((and_(*clean), literal(1)), else_=literal(0)).label("same"))
         .select_from(source)
@@ -288,99 +287,149 @@ def _tainted(shape: Shape, side: LedgerSide, groups: CTE, meter_of: Any) -> Any:
     return out
 
 
-def _same_days(shape: Shape, side: LedgerSide, groups: CTE, tainted: CTE, meter_of: Any) -> Any:
-    """The (event name, day)s whose untainted customers' figures the ledger holds exactly, by the
-    count, the sum and the digests of each side (see the module)."""
-    d, g = shape.dialect, groups.c
-    fixed = shape.fixed_event
-    counted = sorted(n for n, (_, counts) in side.meters.items() if counts)
-    summed = sorted(n for n in side.meters if n not in counted)
-    # The digests each formula needs: of the sums, of the counts (a fixed event name: one).
-    kinds = [k for k, names in (("v", summed), ("n", counted)) if names]
-    untainted = select(tainted.c.c).scalar_subquery()
+# -- the day figures first (PostgreSQL, a source without problem rows) ---------------------------
+#
+# Folding a day needs no customer-day grouping: a digest linear in the figures (the sum over rows
+# of hash(c) * v is the sum over customers of hash(c) * their day's sum) is folded straight from
+# the rows, on both sides; the days are compared in Python, and the groups statement then reads
+# only the days that differ: three passes over the rows, none over millions of customer-days.
+# The digests are exact (NUMERIC, no modulus): a change vanishes from them only where the
+# customers' 64-bit hashes happen to cancel it, odds of about one in 2^64.
 
-    # One hash per row, in a fenced subquery (PostgreSQL would otherwise compute it per digest).
-    t = _ledger_rows(shape, side, "stripe_meter_ledger_rows").c
-    rows = d.fence(
-        select(t.m, t.iso, t.live, t.x, t.v, d.text_hash(t.lc, 1).label("h")).where(~t.lc.in_(untainted))
-    ).subquery("stripe_meter_ledger_hashed")
+#: ``GROUPING()`` of a day-figures row: a day's (0), an event name's over all days (1), all (3).
+PER_DAY, PER_NAME, OVERALL = 0, 1, 3
+
+
+def day_figures_query(shape: Shape) -> Select[Any]:
+    """Per (kind, [event name,] day): rows, sum, split rows, customers and the digests of the
+    rows (of the sums, of the counts, of the customers present); per (kind, [event name]) and per
+    kind, the distinct customers (``GROUPING SETS``)."""
+    d, rows = shape.dialect, classified(shape)
+    keys, source = _keys(shape, rows)
     r = rows.c
-    ledger_days = (
-        select(
-            r.m,
-            r.iso,
-            func.sum(r.live * r.v).label("lt"),
-            func.sum(r.live).label("le"),
-            func.sum(r.x).label("lx"),
-            *(
-                func.sum(r.live * _term(r.h, r.v if k == "v" else literal(1), i)).label(f"l{k}{i}")
-                for k in kinds
-                for i in range(len(DIGESTS))
-            ),
-        )
-        .group_by(r.m, r.iso)
-        .subquery("stripe_meter_ledger_day_digests")
-    )
-    split = case((g.part.isnot(None), literal(1)), else_=literal(0)) if shape.parts else literal(0)
-    by_name = [] if fixed else [g.e]
-    meter = [] if meter_of is None else [meter_of.label("m")]
+    part = next((k for k in keys if k.name == "part"), None)
+    split = case((part.isnot(None), literal(1)), else_=literal(0)) if part is not None else literal(0)
     hashed = d.fence(
         select(
-            *by_name, *meter, g.day, g.total, g.n, split.label("sp"), d.text_hash(g.c, 1).label("h")
-        ).where(g.kind == GOOD, ~g.c.in_(untainted))
-    ).subquery("stripe_meter_groups_hashed")
-    h = hashed.c
-    source_days = (
-        select(
-            *([] if fixed else [h.e]),
-            *([] if meter_of is None else [h.m]),
-            h.day,
-            func.sum(h.total).label("st"),
-            func.sum(h.n).label("sn"),
-            func.sum(h.sp).label("sp"),
-            *(
-                func.sum(_term(h.h, h.total if k == "v" else h.n, i)).label(f"s{k}{i}")
-                for k in kinds
-                for i in range(len(DIGESTS))
-            ),
+            r.kind,
+            *([] if shape.fixed_event else [r.e]),
+            r.c,
+            r.v,
+            r.day,
+            split.label("sp"),
+            cast(d.text_hash(r.c, 1), Numeric).label("h"),
+        ).select_from(source)
+    ).subquery("stripe_meter_rows_hashed")
+    x = hashed.c
+    good = x.kind == GOOD
+    by_name = [] if shape.fixed_event else [x.e]
+    grouping = func.grouping(x.day, *by_name) if by_name else func.grouping(x.day)
+    return select(
+        x.kind,
+        *by_name,
+        x.day,
+        grouping.label("g"),
+        func.count().label("n"),
+        func.sum(case((good, x.v), else_=literal(0))).label("st"),
+        func.sum(x.sp).label("sp"),
+        func.count(func.distinct(x.c)).label("customers"),
+        func.sum(case((good, x.h * x.v), else_=literal(0))).label("dv"),
+        func.sum(case((good, x.h), else_=literal(0))).label("dn"),
+        func.sum(func.distinct(x.h)).label("dp"),
+    ).group_by(func.grouping_sets(tuple_(x.kind, *by_name, x.day), tuple_(x.kind, *by_name), tuple_(x.kind)))
+
+
+def ledger_day_figures_query(shape: Shape, side: LedgerSide) -> Select[Any]:
+    """Per (meter, day) of the window: the live events' sum and count, the rows that keep the day
+    apart (open, parts of a split day), and the digests of the live events (one hash per row)."""
+    d = shape.dialect
+    t = _ledger_rows(shape, side, "stripe_meter_ledger_rows").c
+    rows = d.fence(
+        select(t.m, t.iso, t.live, t.x, t.v, cast(d.text_hash(t.lc, 1), Numeric).label("h"))
+    ).subquery("stripe_meter_ledger_hashed")
+    r = rows.c
+    live = r.live == 1
+    return select(
+        r.m,
+        d.iso_day_number(r.iso).label("day"),
+        func.sum(r.live * r.v).label("lt"),
+        func.sum(r.live).label("le"),
+        func.sum(r.x).label("lx"),
+        func.sum(case((live, r.h * r.v), else_=literal(0))).label("dv"),
+        func.sum(case((live, r.h), else_=literal(0))).label("dn"),
+        func.sum(func.distinct(case((live, r.h), else_=None))).label("dp"),
+    ).group_by(r.m, r.iso)
+
+
+def covered_customers_query(shape: Shape, side: LedgerSide) -> Select[Any]:
+    """The (meter, customer, day number)s the ledger billed on the days of the coverage."""
+    assert side.apart is not None
+    t = _ledger_rows(shape, side, "stripe_meter_covered_rows", side.apart).c
+    return select(t.m, t.lc, shape.dialect.iso_day_number(t.iso)).where(t.live == 1).distinct()
+
+
+@dataclass
+class DayFigures:
+    """What :func:`day_figures_query` returned, read."""
+
+    #: Per (event name, day number): rows, sum, split rows, customer-days, digests (sums, counts,
+    #: customers present).
+    days: dict[tuple[Any, int], tuple[int, int, int, int, tuple[int, int, int]]]
+    #: Per event name, the customers of its good rows; and across names.
+    customers: dict[Any, int]
+    all_customers: int
+    #: Rows of a kind the SQL does not vouch for, or kept older than the window, anywhere.
+    problem_rows: int
+
+
+def read_day_figures(rows: Any, shape: Shape, event_name: str | None) -> DayFigures:
+    """Read :func:`day_figures_query`'s rows."""
+    out = DayFigures({}, {}, 0, 0)
+    problems = [CHECK, OLD] if shape.keep_too_old else [CHECK]
+    for row in rows:
+        kind, rest = int(row[0]), list(row[1:])
+        e = event_name if shape.fixed_event else rest.pop(0)
+        day, grouping, n, total, split, customers = rest[:6]
+        if grouping == OVERALL or (shape.fixed_event and grouping == PER_NAME):
+            if kind in problems:
+                out.problem_rows += int(n)
+            if kind == GOOD:
+                out.all_customers = int(customers)
+            if grouping == OVERALL and not shape.fixed_event:
+                continue
+        if kind != GOOD:
+            continue
+        if grouping == PER_NAME:
+            out.customers[e] = int(customers)
+        elif grouping == PER_DAY:
+            digests = (int(rest[6] or 0), int(rest[7] or 0), int(rest[8] or 0))
+            out.days[(e, int(day))] = (int(n), int(total or 0), int(split or 0), int(customers), digests)
+    return out
+
+
+def same_days(figures: DayFigures, ledger_rows: Any, side: LedgerSide) -> dict[Any, set[int]]:
+    """Per event name, the days outside the coverage whose figures and digests the ledger holds
+    exactly (by the meter's formula, with the same customers present) and that hold no open row
+    or split part."""
+    held: dict[tuple[str, int], tuple[int, int, int, tuple[int, int, int]]] = {}
+    for m, day, lt, le, lx, dv, dn, dp in ledger_rows:
+        held[(m, int(day))] = (
+            int(lt or 0),
+            int(le or 0),
+            int(lx or 0),
+            (int(dv or 0), int(dn or 0), int(dp or 0)),
         )
-        .group_by(*([] if fixed else [h.e]), *([] if meter_of is None else [h.m]), h.day)
-        .subquery("stripe_meter_source_day_digests")
-    )
-    sd, ld = source_days.c, ledger_days.c
-    on = [d.iso_day_number(ld.iso) == sd.day] + ([] if fixed else [ld.m == sd.m])
-
-    def digests(k: str) -> list[Any]:
-        return [_mod(sd[f"s{k}{i}"], p) == _mod(ld[f"l{k}{i}"], p) for i, p in enumerate(DIGESTS)]
-
-    by_sum = and_(ld.lt == sd.st, *digests("v")) if summed else None
-    by_count = and_(ld.le == sd.sn, *digests("n")) if counted else None
-    if fixed:
-        match = by_count if counted else by_sum
-    else:
-        match = or_(
-            *([and_(sd.e.in_(summed), by_sum)] if summed else []),
-            *([and_(sd.e.in_(counted), by_count)] if counted else []),
-        )
-    return (
-        select(*([] if fixed else [sd.e]), sd.day)
-        .select_from(source_days.join(ledger_days, and_(*on)))
-        .where(ld.lx == 0, sd.sp == 0, match)
-    )
-
-
-def _term(h: Any, figure: Any, i: int) -> Any:
-    """A customer's share of digest ``i``: its hash's part times its figure, modulo the prime.
-
-    Digest 0 takes the hash's value modulo its prime, digest 1 its upper 32 bits (two nearly
-    independent draws from one 64-bit hash); each factor is brought into ``[0, p)`` first, so
-    their product fits 64 bits.
-    """
-    prime = DIGESTS[i]
-    part = h if i == 0 else h.op("/")(literal(2**32))
-    return _mod(_mod(part, prime) * cast(_mod(figure, prime), BigInteger), prime)
-
-
-def _mod(x: Any, prime: int) -> Any:
-    """``x`` modulo ``prime`` in ``[0, prime)`` (SQL's ``%`` keeps the sign of ``x``)."""
-    return func.mod(func.mod(x, literal(prime)) + literal(prime), literal(prime))
+    out: dict[Any, set[int]] = {}
+    for (e, day), (n, total, split, _, (sv, sn, sp)) in figures.days.items():
+        meter = side.meters.get(e)
+        if meter is None or split or (side.apart is not None and side.apart[0] <= day <= side.apart[1]):
+            continue
+        theirs = held.get((meter[0], day))
+        if theirs is None or theirs[2]:
+            continue
+        lt, le, _, (lv, ln, lp) = theirs
+        # The same customers present (a customer of a zero total too), and the same figures.
+        equal = sp == lp and ((le == n and sn == ln) if meter[1] else (lt == total and sv == lv))
+        if equal:
+            out.setdefault(e, set()).add(day)
+    return out

@@ -21,6 +21,7 @@ split days travel in a temporary table, inserted with bound parameters.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -141,12 +142,16 @@ def _keys(shape: Shape, rows: CTE) -> tuple[list[Any], Any]:
     return keys, source
 
 
-def groups_query(shape: Shape) -> Select[Any]:
-    """Per kind and, for kept rows, per customer-day (part): sum, rows, latest second."""
+def groups_query(shape: Shape, skip: Mapping[str | None, Sequence[int]] | None = None) -> Select[Any]:
+    """Per kind and, for kept rows, per customer-day (part): sum, rows, latest second.
+
+    ``skip``: per event name (``None`` with a fixed one), UTC day numbers whose good rows are
+    left out (the ledger holds those days exactly: :mod:`.ledger_diff`).
+    """
     rows = classified(shape)
     keys, source = _keys(shape, rows)
     # The sum of a CHECK group is not read (its rows are checked one by one).
-    return (
+    statement = (
         select(
             *keys,
             func.sum(rows.c.v).label("total"),
@@ -156,6 +161,14 @@ def groups_query(shape: Shape) -> Select[Any]:
         .select_from(source)
         .group_by(*keys)
     )
+    left = []
+    for name, days in sorted((skip or {}).items(), key=lambda item: str(item[0])):
+        if days:
+            named = [] if name is None else [rows.c.e == literal(name)]
+            left.append(and_(*named, rows.c.day.in_([literal(d) for d in sorted(days)])))
+    if left:
+        statement = statement.where(not_(and_(rows.c.kind == literal(GOOD), or_(*left))))
+    return statement
 
 
 def latest_values_query(shape: Shape) -> Select[Any]:
@@ -234,6 +247,16 @@ def render(statement: Select[Any], shape: Shape, sql: str) -> str:
         raise AssertionError(f"the generated SQL reads {SOURCE} {len(found)} times")
     query = _strip(sql)
     return _FROM_SOURCE.sub(lambda _: f"FROM (\n{query}\n) AS {SOURCE}", compiled)
+
+
+def render_own(statement: Select[Any], shape: Shape) -> str:
+    """A statement that does not read the team's query (the ledger's own), in the dialect's SQL."""
+    compiled = str(
+        statement.compile(dialect=shape.dialect.sqlalchemy(), compile_kwargs={"literal_binds": True})
+    )
+    if _FROM_SOURCE.search(compiled):
+        raise AssertionError(f"a statement of the ledger's own reads {SOURCE}")
+    return compiled
 
 
 _FROM_SOURCE = re.compile(rf"FROM {SOURCE}(?![.\w])")

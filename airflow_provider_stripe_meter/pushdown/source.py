@@ -35,7 +35,12 @@ from airflow_provider_stripe_meter.pushdown.ledger_diff import (
     CUSTOMERS,
     UNCHANGED,
     LedgerSide,
+    covered_customers_query,
+    day_figures_query,
     diff_query,
+    ledger_day_figures_query,
+    read_day_figures,
+    same_days,
 )
 from airflow_provider_stripe_meter.pushdown.queries import (
     CHECK,
@@ -49,6 +54,7 @@ from airflow_provider_stripe_meter.pushdown.queries import (
     latest_values_query,
     probe_sql,
     render,
+    render_own,
     rows_query,
 )
 from airflow_provider_stripe_meter.utils.days import SECONDS_PER_DAY
@@ -173,12 +179,13 @@ def _aggregate(
 ) -> None:
     """The statements of a run, their results fed to ``aggregator``."""
 
-    def run(statement: Any) -> Iterator[Sequence[Any]]:
+    def run(statement: Any, *, own: bool = False) -> Iterator[Sequence[Any]]:
+        """Run a statement over the team's query (``own``: one of the ledger's alone)."""
         figures.statements += 1
-        text = render(statement, shape, sql)
+        text = render_own(statement, shape) if own else render(statement, shape, sql)
         cur = cursor(conn) if cursor is not None else shared
         try:
-            if parameters:
+            if parameters and not own:
                 cur.execute(text, parameters)
             else:
                 cur.execute(text)
@@ -191,8 +198,16 @@ def _aggregate(
     keep = aggregator.keep_too_old
     refused = _Refused()
     unchanged = Unchanged() if side is not None else None
-    first = diff_query(shape, side) if side is not None else groups_query(shape)
-    groups, counts = _read_groups(run(first), shape, aggregator.event_name, keep, refused, unchanged, side)
+    by_day = None
+    if side is not None and shape.dialect.hashes_text:
+        by_day = _by_day(run, shape, side, aggregator.event_name, keep)
+    if by_day is not None:
+        groups, counts, unchanged = by_day
+    else:
+        first = diff_query(shape, side) if side is not None else groups_query(shape)
+        groups, counts = _read_groups(
+            run(first), shape, aggregator.event_name, keep, refused, unchanged, side
+        )
     if refused and not shape.dialect.temp_tables:
         # Their rows are checked one by one through a temporary table (before anything is added).
         raise Unsupported(
@@ -229,6 +244,51 @@ def _aggregate(
             rest = counts.get(kind, 0) - handed.get(kind, 0)
             if rest > 0:
                 aggregator.problems.counts[problem] += rest
+
+
+def _by_day(
+    run: Callable[..., Iterator[Sequence[Any]]],
+    shape: Shape,
+    side: LedgerSide,
+    event_name: str | None,
+    keep: bool,
+) -> tuple[list[Group], dict[int, int], Unchanged] | None:
+    """The groups of the days the ledger does not hold exactly, the days compared a day at a
+    time from the rows (:func:`.ledger_diff.day_figures_query`); ``None`` where the customer-level
+    statement must decide (:func:`.ledger_diff.diff_query`): rows the SQL cannot vouch for, or
+    kept from before the window (their customers' days all come back), a customer or event name
+    Python refuses, or a customer-day of the coverage the ledger billed and the source lost."""
+    day_figures = read_day_figures(run(day_figures_query(shape)), shape, event_name)
+    if day_figures.problem_rows:
+        return None
+    same = same_days(day_figures, list(run(ledger_day_figures_query(shape, side), own=True)), side)
+    skip = {(None if shape.fixed_event else e): sorted(days) for e, days in same.items()}
+    refused = _Refused()
+    groups, counts = _read_groups(run(groups_query(shape, skip)), shape, event_name, keep, refused)
+    if refused:
+        return None
+    if side.apart is not None:
+        lo, hi = side.apart
+        seen = {(side.meters[g[1]][0], g[2], g[3]) for g in groups if g[0] == GOOD and g[1] in side.meters}
+        billed = run(covered_customers_query(shape, side), own=True)
+        if any((m, c, int(day)) not in seen for m, c, day in billed if lo <= int(day) <= hi):
+            return None
+    unchanged = Unchanged()
+    for e, days in same.items():
+        counts_rows = side.meters[e][1]
+        for day in sorted(days):
+            n, total, _, customer_days, _ = day_figures.days[(e, day)]
+            unchanged.add_days(e, EPOCH + timedelta(days=day), customer_days, n if counts_rows else total, n)
+    # The customers all of whose days stayed in the database: those of the source's good rows
+    # the groups read back do not name.
+    back: dict[Any, set[Any]] = {}
+    for g in groups:
+        if g[0] == GOOD:
+            back.setdefault(g[1], set()).add(g[2])
+    for e, customers in day_figures.customers.items():
+        unchanged.customers[e] = customers - len(back.get(e, ()))
+    unchanged.all_customers = day_figures.all_customers - len(set().union(*back.values()) if back else set())
+    return groups, counts, unchanged
 
 
 #: A group as read: (kind, event name, customer, day number, part or None, sum, latest, rows, last).

@@ -273,6 +273,7 @@ def _subtract(
         "SELECT customer_id, value, secs FROM diff_usage",
         None,
         aggregator,
+        placeholder=placeholder,
         ledger=lambda: side,
     )
     conn.close()
@@ -391,3 +392,66 @@ def test_postgresql_digests_see_usage_moved_between_customers_of_one_day(
         pg_dsn_connect, PostgresDialect(), "%s", counts=counts, ledger_rows=rows, usage=same
     )
     assert (unchanged.groups(), back) == (2, [])
+
+
+def _day_rows(values: list[tuple[str, int]]) -> list[Any]:
+    template = _ledger_rows()[0]
+    from dataclasses import replace
+
+    return [replace(template, customer_id=c, seq=1, value=v, identifier=f"id-{c}") for c, v in values]
+
+
+@pytest.mark.parametrize(
+    ("billed", "now"),
+    [
+        # A customer of a day total of 0 the ledger has no event of: the same sum, the same
+        # digests of the figures; the customers present differ, so the day comes back.
+        ([("cus_a", 10)], [("cus_a", 10), ("cus_z", 0)]),
+        # Figures swapped between two customers by a multiple of a large prime: a digest taken
+        # modulo that prime would not see it; the exact digest does.
+        ([("cus_433", 1_000_000_008), ("cus_167771", 1)], [("cus_433", 1), ("cus_167771", 1_000_000_008)]),
+        # Moved by a multiple of the product of two primes near 2^30 (the day's totals over 15
+        # digits, reported by the worker).
+        (
+            [("cus_a", 5), ("cus_b", 3)],
+            [("cus_a", 5 + 998_244_359_987_710_471), ("cus_b", 3 - 998_244_359_987_710_471)],
+        ),
+    ],
+    ids=["customer-of-zero", "swap-by-a-prime", "swap-by-two-primes"],
+)
+def test_postgresql_days_that_differ_only_where_a_modulus_would_hide_it_come_back(
+    pg_dsn_connect: Callable[[], Any], billed: list[tuple[str, int]], now: list[tuple[str, int]]
+) -> None:
+    at = (TODAY - 1) * DAY + 3 * HOUR
+    from airflow_provider_stripe_meter.pushdown.dialects import PostgresDialect
+
+    figures, unchanged, _ = _subtract(
+        pg_dsn_connect,
+        PostgresDialect(),
+        "%s",
+        ledger_rows=_day_rows(billed),
+        usage=[(c, v, at) for c, v in now],
+    )
+    # Compared a day at a time: the day figures, the ledger's, the groups of the days that differ
+    # (and the latest values, looked up for every event name here).
+    assert figures.statements == 4
+    assert unchanged.groups() == 0
+    assert figures.groups == len(now)
+
+
+def test_postgresql_a_customer_python_refuses_is_checked_whatever_its_total(
+    pg_dsn_connect: Callable[[], Any],
+) -> None:
+    from airflow_provider_stripe_meter.pushdown.dialects import PostgresDialect
+
+    # "user_42" is not a Stripe customer id: the day comes back, Python refuses the id, and the
+    # customer-day level decides the rest (cus_a, as billed, stays); the row is reported.
+    at = (TODAY - 1) * DAY + 3 * HOUR
+    figures, unchanged, back = _subtract(
+        pg_dsn_connect,
+        PostgresDialect(),
+        "%s",
+        ledger_rows=_day_rows([("cus_a", 10)]),
+        usage=[("cus_a", 10, at), ("user_42", 0, at)],
+    )
+    assert (unchanged.groups(), back, figures.rows_checked) == (1, [], 1)
