@@ -21,15 +21,19 @@ corrects them only when it sees the customer). The days of the coverage all come
 
 How the figures are compared depends on the database:
 
-* **per day** (PostgreSQL): each (meter, day) of the ledger is folded into its count, its sum,
-  and two digests, sums modulo a prime of a 64-bit hash of the customer id (``hashtextextended``)
-  times the customer's figure; the source's groups of a day are folded the same way. Equal
-  digests mean every customer's figure is equal but with odds of about one in 10^18 per day that
-  changed, so a day whose digests are equal is left in the database whole, and a day that
-  differs comes back whole. Folding a day costs one pass over its rows, not a join of millions
-  of customer-days (docs/benchmarks.md);
-* **per customer-day** (SQLite, which has no hash function of its own): each group is joined to
-  the ledger's figure of its customer-day.
+* **per day** (PostgreSQL, a source whose rows the SQL vouches for): before any customer-day is
+  grouped, :func:`day_figures_query` folds the source's rows of each (event name, day) into a
+  count, a sum, and exact digests (sums, in ``NUMERIC``, of a 64-bit hash of the customer id,
+  ``hashtextextended``, times the row's figure, and of the distinct hashes of the customers
+  present); :func:`ledger_day_figures_query` does the same with the ledger's live events. A day
+  whose figures and digests are all equal stays in the database whole; only the days that differ
+  are grouped per customer and read back (:func:`~.queries.groups_query` with ``skip``). A change
+  vanishes from the digests only where the customers' hashes happen to cancel it exactly (odds
+  of about one in 2^64). A night with rows the SQL cannot vouch for, a customer id Python
+  refuses, or a day of the coverage the ledger billed and the source lost is compared per
+  customer-day instead;
+* **per customer-day** (SQLite, and those nights): :func:`diff_query` joins each group to the
+  ledger's figure of its customer-day.
 
 The values written into the SQL are the package's own (the ledger's account, meter ids and
 event names read from Stripe, day numbers, primes), rendered as literals by SQLAlchemy.
@@ -46,7 +50,7 @@ from datetime import date
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
-    Numeric,
+    BigInteger,
     and_,
     case,
     cast,
@@ -317,7 +321,7 @@ def day_figures_query(shape: Shape) -> Select[Any]:
             r.v,
             r.day,
             split.label("sp"),
-            cast(d.text_hash(r.c, 1), Numeric).label("h"),
+            d.text_hash(r.c, 1).label("h"),
         ).select_from(source)
     ).subquery("stripe_meter_rows_hashed")
     x = hashed.c
@@ -332,8 +336,12 @@ def day_figures_query(shape: Shape) -> Select[Any]:
         func.count().label("n"),
         func.sum(case((good, x.v), else_=literal(0))).label("st"),
         func.sum(x.sp).label("sp"),
-        func.count(func.distinct(x.c)).label("customers"),
-        func.sum(case((good, x.h * x.v), else_=literal(0))).label("dv"),
+        # Customers told apart by their 64-bit hashes (a sort of integers, not of text).
+        func.count(func.distinct(x.h)).label("customers"),
+        *(
+            func.sum(case((good, p), else_=literal(0))).label(f"dv{i}")
+            for i, p in enumerate(_products(x))
+        ),
         func.sum(case((good, x.h), else_=literal(0))).label("dn"),
         func.sum(func.distinct(x.h)).label("dp"),
     ).group_by(func.grouping_sets(tuple_(x.kind, *by_name, x.day), tuple_(x.kind, *by_name), tuple_(x.kind)))
@@ -344,9 +352,9 @@ def ledger_day_figures_query(shape: Shape, side: LedgerSide) -> Select[Any]:
     apart (open, parts of a split day), and the digests of the live events (one hash per row)."""
     d = shape.dialect
     t = _ledger_rows(shape, side, "stripe_meter_ledger_rows").c
-    rows = d.fence(
-        select(t.m, t.iso, t.live, t.x, t.v, cast(d.text_hash(t.lc, 1), Numeric).label("h"))
-    ).subquery("stripe_meter_ledger_hashed")
+    rows = d.fence(select(t.m, t.iso, t.live, t.x, t.v, d.text_hash(t.lc, 1).label("h"))).subquery(
+        "stripe_meter_ledger_hashed"
+    )
     r = rows.c
     live = r.live == 1
     return select(
@@ -355,10 +363,29 @@ def ledger_day_figures_query(shape: Shape, side: LedgerSide) -> Select[Any]:
         func.sum(r.live * r.v).label("lt"),
         func.sum(r.live).label("le"),
         func.sum(r.x).label("lx"),
-        func.sum(case((live, r.h * r.v), else_=literal(0))).label("dv"),
+        *(
+            func.sum(case((live, p), else_=literal(0))).label(f"dv{i}")
+            for i, p in enumerate(_products(r))
+        ),
         func.sum(case((live, r.h), else_=literal(0))).label("dn"),
         func.sum(func.distinct(case((live, r.h), else_=None))).label("dp"),
     ).group_by(r.m, r.iso)
+
+
+def _products(x: Any) -> list[Any]:
+    """The four products whose sums make up the exact digest of each row's hash ``x.h`` times
+    its figure ``x.v``.
+
+    The sum of ``h * v`` over millions of rows needs more than 64 bits, and in ``NUMERIC`` it
+    costs seconds. Split into 32-bit halves of the hash and 30-bit halves of the figure (two's
+    complement: ``x = (x >> k) * 2^k + (x & (2^k - 1))`` whatever its sign), each product fits 64
+    bits for figures under 2^60 (a day's holds at most 15 digits), and each sum is PostgreSQL's
+    exact ``sum(bigint)``. Equal component sums make equal digests.
+    """
+    h, figure = x.h, cast(x.v, BigInteger)
+    halves_h = (h.op(">>")(literal(32)), h.op("&")(literal(0xFFFFFFFF)))
+    halves_v = (figure.op(">>")(literal(30)), figure.op("&")(literal(0x3FFFFFFF)))
+    return [a * b for a in halves_h for b in halves_v]
 
 
 def covered_customers_query(shape: Shape, side: LedgerSide) -> Select[Any]:
@@ -372,9 +399,9 @@ def covered_customers_query(shape: Shape, side: LedgerSide) -> Select[Any]:
 class DayFigures:
     """What :func:`day_figures_query` returned, read."""
 
-    #: Per (event name, day number): rows, sum, split rows, customer-days, digests (sums, counts,
-    #: customers present).
-    days: dict[tuple[Any, int], tuple[int, int, int, int, tuple[int, int, int]]]
+    #: Per (event name, day number): rows, sum, split rows, customer-days, digests (the four
+    #: parts of the sums', the counts', the customers present).
+    days: dict[tuple[Any, int], tuple[int, int, int, int, tuple[int, ...]]]
     #: Per event name, the customers of its good rows; and across names.
     customers: dict[Any, int]
     all_customers: int
@@ -402,7 +429,7 @@ def read_day_figures(rows: Any, shape: Shape, event_name: str | None) -> DayFigu
         if grouping == PER_NAME:
             out.customers[e] = int(customers)
         elif grouping == PER_DAY:
-            digests = (int(rest[6] or 0), int(rest[7] or 0), int(rest[8] or 0))
+            digests = tuple(int(v or 0) for v in rest[6:12])
             out.days[(e, int(day))] = (int(n), int(total or 0), int(split or 0), int(customers), digests)
     return out
 
@@ -411,23 +438,20 @@ def same_days(figures: DayFigures, ledger_rows: Any, side: LedgerSide) -> dict[A
     """Per event name, the days outside the coverage whose figures and digests the ledger holds
     exactly (by the meter's formula, with the same customers present) and that hold no open row
     or split part."""
-    held: dict[tuple[str, int], tuple[int, int, int, tuple[int, int, int]]] = {}
-    for m, day, lt, le, lx, dv, dn, dp in ledger_rows:
-        held[(m, int(day))] = (
-            int(lt or 0),
-            int(le or 0),
-            int(lx or 0),
-            (int(dv or 0), int(dn or 0), int(dp or 0)),
-        )
+    held: dict[tuple[str, int], tuple[int, int, int, tuple[int, ...]]] = {}
+    for m, day, lt, le, lx, *digests in ledger_rows:
+        held[(m, int(day))] = (int(lt or 0), int(le or 0), int(lx or 0), tuple(int(v or 0) for v in digests))
     out: dict[Any, set[int]] = {}
-    for (e, day), (n, total, split, _, (sv, sn, sp)) in figures.days.items():
+    for (e, day), (n, total, split, _, mine) in figures.days.items():
+        sv, sn, sp = mine[:4], mine[4], mine[5]
         meter = side.meters.get(e)
         if meter is None or split or (side.apart is not None and side.apart[0] <= day <= side.apart[1]):
             continue
         theirs = held.get((meter[0], day))
         if theirs is None or theirs[2]:
             continue
-        lt, le, _, (lv, ln, lp) = theirs
+        lt, le, _, digests = theirs
+        lv, ln, lp = digests[:4], digests[4], digests[5]
         # The same customers present (a customer of a zero total too), and the same figures.
         equal = sp == lp and ((le == n and sn == ln) if meter[1] else (lt == total and sv == lv))
         if equal:
