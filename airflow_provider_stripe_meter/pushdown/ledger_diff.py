@@ -338,10 +338,7 @@ def day_figures_query(shape: Shape) -> Select[Any]:
         func.sum(x.sp).label("sp"),
         # Customers told apart by their 64-bit hashes (a sort of integers, not of text).
         func.count(func.distinct(x.h)).label("customers"),
-        *(
-            func.sum(case((good, p), else_=literal(0))).label(f"dv{i}")
-            for i, p in enumerate(_products(x))
-        ),
+        *(func.sum(case((good, p), else_=literal(0))).label(f"dv{i}") for i, p in enumerate(_products(x))),
         func.sum(case((good, x.h), else_=literal(0))).label("dn"),
         func.sum(func.distinct(x.h)).label("dp"),
     ).group_by(func.grouping_sets(tuple_(x.kind, *by_name, x.day), tuple_(x.kind, *by_name), tuple_(x.kind)))
@@ -363,10 +360,7 @@ def ledger_day_figures_query(shape: Shape, side: LedgerSide) -> Select[Any]:
         func.sum(r.live * r.v).label("lt"),
         func.sum(r.live).label("le"),
         func.sum(r.x).label("lx"),
-        *(
-            func.sum(case((live, p), else_=literal(0))).label(f"dv{i}")
-            for i, p in enumerate(_products(r))
-        ),
+        *(func.sum(case((live, p), else_=literal(0))).label(f"dv{i}") for i, p in enumerate(_products(r))),
         func.sum(case((live, r.h), else_=literal(0))).label("dn"),
         func.sum(func.distinct(case((live, r.h), else_=None))).label("dp"),
     ).group_by(r.m, r.iso)
