@@ -23,7 +23,7 @@ How the figures are compared depends on the database:
 
 * **per day** (PostgreSQL, a source whose rows the SQL vouches for): before any customer-day is
   grouped, :func:`day_figures_query` folds the source's rows of each (event name, day) into a
-  count, a sum, and exact digests (sums, in ``NUMERIC``, of a 64-bit hash of the customer id,
+  count, a sum, and exact digests (sums, with no modulus, of a 64-bit hash of the customer id,
   ``hashtextextended``, times the row's figure, and of the distinct hashes of the customers
   present); :func:`ledger_day_figures_query` does the same with the ledger's live events. A day
   whose figures and digests are all equal stays in the database whole; only the days that differ
@@ -297,7 +297,7 @@ def _tainted(shape: Shape, side: LedgerSide, groups: CTE, meter_of: Any) -> Any:
 # of hash(c) * v is the sum over customers of hash(c) * their day's sum) is folded straight from
 # the rows, on both sides; the days are compared in Python, and the groups statement then reads
 # only the days that differ: three passes over the rows, none over millions of customer-days.
-# The digests are exact (NUMERIC, no modulus): a change vanishes from them only where the
+# The digests are exact (no modulus, :func:`_products`): a change vanishes from them only where the
 # customers' 64-bit hashes happen to cancel it, odds of about one in 2^64.
 
 #: ``GROUPING()`` of a day-figures row: a day's (0), an event name's over all days (1), all (3).
