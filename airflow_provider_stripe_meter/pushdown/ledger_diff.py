@@ -122,7 +122,7 @@ def diff_query(shape: Shape, side: LedgerSide) -> CompoundSelect:
     h = held.c
     on = [h.lc == g.c, h.ld == g.day] + ([] if fixed else [h.m == meter_of])
     source = source.outerjoin(held, and_(*on))
-    clean += [h.lx == 0, _formula(side, fixed, g, lambda n: (h.lt, h.le))]
+    clean += [h.lx == 0, _formula(side, fixed, g, h.lt, h.le)]
     joined = (
         select(*groups.c, case((and_(*clean), literal(1)), else_=literal(0)).label("same"))
         .select_from(source)
@@ -190,9 +190,8 @@ def _meter_of(g: Any, side: LedgerSide, fixed: bool) -> ColumnElement[Any] | Non
     return case(*((g.e == literal(n), literal(m)) for n, (m, _) in sorted(side.meters.items())))
 
 
-def _formula(side: LedgerSide, fixed: bool, g: Any, figures: Any) -> ColumnElement[Any]:
-    """True where the ledger's figure (sum, count) equals the group's by its meter's formula."""
-    total, count = figures(None)
+def _formula(side: LedgerSide, fixed: bool, g: Any, total: Any, count: Any) -> ColumnElement[Any]:
+    """True where the ledger's figure (``total``, ``count``) equals the group's by its meter's formula."""
     counted = sorted(n for n, (_, counts) in side.meters.items() if counts)
     summed = sorted(n for n, (_, counts) in side.meters.items() if not counts)
     if fixed:
