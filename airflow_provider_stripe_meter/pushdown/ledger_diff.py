@@ -327,6 +327,9 @@ def day_figures_query(shape: Shape) -> Select[Any]:
     good = x.kind == GOOD
     by_name = [] if shape.fixed_event else [x.e]
     grouping = func.grouping(x.day, *by_name) if by_name else func.grouping(x.day)
+    # Per day, per event name, overall (with a fixed event name the last two are one: each set
+    # with a distinct count is a sort of every row).
+    sets = [tuple_(x.kind, *by_name, x.day), tuple_(x.kind, *by_name)] + ([tuple_(x.kind)] if by_name else [])
     return select(
         x.kind,
         *by_name,
@@ -340,7 +343,7 @@ def day_figures_query(shape: Shape) -> Select[Any]:
         *(func.sum(case((good, p), else_=literal(0))).label(f"dv{i}") for i, p in enumerate(_products(x))),
         func.sum(case((good, x.h), else_=literal(0))).label("dn"),
         func.sum(func.distinct(x.h)).label("dp"),
-    ).group_by(func.grouping_sets(tuple_(x.kind, *by_name, x.day), tuple_(x.kind, *by_name), tuple_(x.kind)))
+    ).group_by(func.grouping_sets(*sets))
 
 
 def ledger_day_figures_query(shape: Shape, side: LedgerSide) -> Select[Any]:
